@@ -1,0 +1,67 @@
+# Titan Plugin Manager. A new user types `make up`, then `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CLI := $(PY) titan-plugins.py
+RUN_DIR ?= run
+FILES_DIR ?= /srv/titan/files
+export TITAN_RUN_DIR ?= $(CURDIR)/$(RUN_DIR)
+
+.PHONY: up down deps services image plugins-up plugins-down plugins-list plugins-reload \
+        plugins-logs status flower test unit lint bench
+
+up: deps services image ## install what is missing, start Redis, Docker, manager and workers
+	@mkdir -p $(FILES_DIR)
+	@bash scripts/stack.sh start
+
+down: plugins-down ## stop everything `make up` started
+	@bash scripts/services.sh stop
+
+deps:
+	@bash scripts/bootstrap.sh
+
+services: deps
+	@bash scripts/services.sh start
+
+image: services
+	@bash scripts/image.sh
+
+plugins-up: ## start the manager and two workers (Redis and Docker must answer)
+	@bash scripts/stack.sh start
+
+plugins-down:
+	@bash scripts/stack.sh stop
+
+plugins-list:
+	@$(CLI) list
+
+plugins-reload:
+	@$(CLI) reload
+
+plugins-logs:
+	@tail -n 50 -F $(RUN_DIR)/manager.log $(RUN_DIR)/worker*.log
+
+status:
+	@bash scripts/stack.sh status
+	@$(CLI) health || true
+
+flower: deps ## Celery Flower on :5555 (foreground)
+	@$(PY) -c "import flower" 2>/dev/null || $(PY) -m pip install -q 'flower>=2.0'
+	@$(VENV)/bin/celery -A workers.celery_app flower --port=5555 --address=127.0.0.1
+
+lint: deps
+	@$(VENV)/bin/ruff check .
+
+test: deps ## every test: unit, then integration with real Redis, Celery and Docker
+	@bash scripts/services.sh docker
+	@bash scripts/image.sh
+	@$(VENV)/bin/ruff check .
+	@$(PY) -m pytest -q --timeout 600 $(PYTEST_ARGS)
+
+unit: deps
+	@$(PY) -m pytest -q -m "not integration" $(PYTEST_ARGS)
+
+bench: deps ## end-to-end latency and throughput vs. bare Docker runs
+	@bash scripts/services.sh docker
+	@bash scripts/image.sh
+	@$(PY) bench/bench.py $(BENCH_ARGS)

@@ -1,0 +1,74 @@
+"""One error tree for the project; every error carries the context to act on it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class TitanError(Exception):
+    """Base class. `code` is stable and machine-readable; `details` names the culprit."""
+
+    code = "titan_error"
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "details": self.details}
+
+
+class EventError(TitanError):
+    """An event broke SPEC §2; `details["field"]` names the field."""
+
+    code = "invalid_event"
+
+
+class ManifestError(TitanError):
+    """A plugin.yaml broke SPEC §3; `details["errors"]` lists each field's problem."""
+
+    code = "invalid_manifest"
+
+    def __init__(self, message: str, path: str, errors: list[str]) -> None:
+        super().__init__(message, path=path, errors=errors)
+        self.path = path
+        self.errors = errors
+
+
+class PluginNotFound(TitanError):
+    code = "plugin_not_found"
+
+
+class PluginUnavailable(TitanError):
+    """The plugin exists but cannot run (invalid, or its bundle is missing)."""
+
+    code = "plugin_unavailable"
+
+
+class PermissionDenied(TitanError):
+    """An event asked for a host path the plugin may not read."""
+
+    code = "permission_denied"
+
+
+class SandboxUnavailable(TitanError):
+    """The Docker engine or the runtime image cannot be used; the run may be retried."""
+
+    code = "sandbox_unavailable"
+
+
+class BundleError(TitanError):
+    """A plugin bundle is missing or does not match its digest."""
+
+    code = "bundle_error"
+
+
+class DependencyError(TitanError):
+    """A plugin's requirements.txt could not be installed."""
+
+    code = "requirements_failed"
+
+
+class InvocationNotFound(TitanError):
+    code = "invocation_not_found"

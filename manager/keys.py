@@ -1,0 +1,45 @@
+"""Every Redis key the project uses, built in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key builder bound to a prefix, so tests can run beside a user's data."""
+
+    prefix: str = "titan"
+
+    @property
+    def registry(self) -> str:
+        """Hash: plugin name -> JSON of its registry entry."""
+        return f"{self.prefix}:registry"
+
+    @property
+    def registry_version(self) -> str:
+        """Counter bumped on every registry change; readers reload when it moves."""
+        return f"{self.prefix}:registry:version"
+
+    def bundle(self, digest: str) -> str:
+        """String: the tar.gz of a plugin directory, by content digest."""
+        return f"{self.prefix}:bundle:{digest}"
+
+    def invocation(self, invocation_id: str) -> str:
+        """String: JSON of one invocation record."""
+        return f"{self.prefix}:inv:{invocation_id}"
+
+    def plugin_invocations(self, plugin: str) -> str:
+        """Sorted set: invocation ids of a plugin, scored by creation time."""
+        return f"{self.prefix}:plugin:{plugin}:invocations"
+
+    def dispatched(self, event_id: str, plugin: str) -> str:
+        """String: the invocation id an (event, plugin) pair was dispatched as."""
+        return f"{self.prefix}:dispatched:{event_id}:{plugin}"
+
+    def worker_heartbeat(self, worker: str) -> str:
+        return f"{self.prefix}:worker:{worker}"
+
+    @property
+    def worker_pattern(self) -> str:
+        return f"{self.prefix}:worker:*"

@@ -1,0 +1,143 @@
+"""The bus listener: stream entry -> validated event -> matched plugins -> dispatched tasks.
+
+Reads `titan:events` through a consumer group and acknowledges an entry only after its
+tasks are enqueued (or it was dead-lettered), so a crash never loses an event; entries
+left pending by a dead consumer are reclaimed with XAUTOCLAIM.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+
+import redis
+
+from manager import metrics
+from manager.config import Settings
+from manager.dispatch import Dispatcher
+from manager.errors import EventError
+from manager.events import Event, Limits
+from manager.matching import match
+from manager.registry import Registry
+
+log = logging.getLogger(__name__)
+RECLAIM_EVERY_S = 15.0
+
+
+def ensure_group(conn: redis.Redis, settings: Settings) -> None:
+    """Creates the consumer group (and the stream) if missing."""
+    try:
+        conn.xgroup_create(settings.event_stream, settings.consumer_group, id="0", mkstream=True)
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+def dead_letter(conn: redis.Redis, settings: Settings, raw: bytes | str, reason: str,
+                detail: str, entry_id: str = "") -> None:
+    """Keeps a rejected event with its reason; nothing is silently dropped."""
+    conn.xadd(settings.dead_stream,
+              {"event": raw, "reason": reason, "detail": detail[:2000], "entry_id": entry_id,
+               "time": f"{time.time():.3f}"},
+              maxlen=settings.stream_maxlen, approximate=True)
+    metrics.EVENTS_REJECTED.labels(reason=reason).inc()
+
+
+class Listener:
+    """One consumer of the group; several may run (on several hosts) side by side."""
+
+    def __init__(self, conn: redis.Redis, settings: Settings, registry: Registry,
+                 dispatcher: Dispatcher, consumer: str | None = None) -> None:
+        self.conn = conn
+        self.settings = settings
+        self.registry = registry
+        self.dispatcher = dispatcher
+        self.consumer = consumer or f"{settings.worker_name}-{id(self):x}"
+        self.limits = Limits(settings.max_event_bytes, settings.max_event_depth)
+        self.stopping = threading.Event()
+        self._last_reclaim = 0.0
+
+    def run(self) -> None:
+        """Loops until stop(); survives Redis outages by reconnecting with backoff."""
+        backoff = 0.5
+        while not self.stopping.is_set():
+            try:
+                ensure_group(self.conn, self.settings)
+                self.poll()
+                backoff = 0.5
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("listener: Redis unavailable (%s); retrying in %.1fs", exc, backoff)
+                self.stopping.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+            except Exception:
+                # The entry stays pending and is reclaimed later; keep serving the others.
+                log.exception("listener: unexpected error; retrying in %.1fs", backoff)
+                self.stopping.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def poll(self) -> int:
+        """Handles one batch: reclaimed entries first, then new ones. Returns entries done."""
+        done = 0
+        if time.monotonic() - self._last_reclaim > RECLAIM_EVERY_S:
+            self._last_reclaim = time.monotonic()
+            done += self.reclaim()
+        reply = self.conn.xreadgroup(self.settings.consumer_group, self.consumer,
+                                     {self.settings.event_stream: ">"}, count=64,
+                                     block=self.settings.read_block_ms)
+        for _stream, entries in reply or []:
+            for entry_id, fields in entries:
+                self.handle(entry_id.decode(), fields)
+                done += 1
+        return done
+
+    def reclaim(self) -> int:
+        """Takes over entries another consumer read but never acknowledged."""
+        done, start = 0, "0-0"
+        while True:
+            start, entries, *_ = self.conn.xautoclaim(
+                self.settings.event_stream, self.settings.consumer_group, self.consumer,
+                min_idle_time=self.settings.reclaim_idle_ms, start_id=start, count=64)
+            for entry_id, fields in entries:
+                if fields:  # deleted entries come back empty
+                    self.handle(entry_id.decode(), fields)
+                else:
+                    self.ack(entry_id.decode())
+                done += 1
+            if start in (b"0-0", "0-0"):
+                return done
+
+    def handle(self, entry_id: str, fields: dict[bytes, bytes]) -> None:
+        """Validates, matches and dispatches one entry, then acknowledges it."""
+        raw = fields.get(b"event")
+        if raw is None:
+            dead_letter(self.conn, self.settings, json.dumps({k.decode(errors="replace"):
+                        v.decode(errors="replace") for k, v in fields.items()}),
+                        "invalid_event", "stream entry has no 'event' field", entry_id)
+            self.ack(entry_id)
+            return
+        try:
+            event = Event.decode(raw, self.limits)
+        except EventError as exc:
+            dead_letter(self.conn, self.settings, raw, exc.details.get("reason", "invalid_event"),
+                        exc.message, entry_id)
+            self.ack(entry_id)
+            return
+        metrics.EVENTS_RECEIVED.labels(topic=event.topic).inc()
+        if event.hops > self.settings.max_hops:
+            dead_letter(self.conn, self.settings, raw, "hops_exceeded",
+                        f"hops {event.hops} is over the limit {self.settings.max_hops}", entry_id)
+            self.ack(entry_id)
+            return
+        for plugin in match(event, self.registry.entries().values()):
+            _, sent = self.dispatcher.dispatch(event, plugin)
+            if sent:
+                metrics.TASKS_DISPATCHED.labels(plugin=plugin.name).inc()
+        self.ack(entry_id)
+
+    def ack(self, entry_id: str) -> None:
+        self.conn.xack(self.settings.event_stream, self.settings.consumer_group, entry_id)

@@ -1,0 +1,236 @@
+"""plugin.yaml -> a frozen, validated Manifest (SPEC §3 and the load-time rules of §4)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from manager.errors import ManifestError
+
+NAME_RE = r"^[a-z][a-z0-9_]{0,63}$"
+SEMVER_RE = r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$"
+GLOB_PART_RE = re.compile(r"^[A-Za-z0-9._*?\[\]-]*$")
+PATTERN_RE = r"^[A-Za-z0-9._*?\[\]-]{1,128}$"
+SYSTEM_PATHS = ("/etc", "/proc", "/sys", "/dev", "/boot", "/usr", "/var/run", "/run",
+                "/bin", "/sbin", "/lib", "/lib64", "/root", "/var/lib/docker")
+MEMORY_RE = re.compile(r"^(\d+(?:\.\d+)?)(Ki|Mi|Gi|K|M|G)?$")
+MEMORY_UNITS = {None: 1, "K": 1000, "M": 1000**2, "G": 1000**3,
+                "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3}
+MANIFEST_NAME = "plugin.yaml"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class Trigger(_Model):
+    topic: Annotated[str, Field(pattern=PATTERN_RE)]
+    event_type: Annotated[str, Field(pattern=PATTERN_RE)]
+
+
+class Resources(_Model):
+    cpu: str = "500m"
+    memory: str = "256Mi"
+
+    @field_validator("cpu")
+    @classmethod
+    def _cpu(cls, value: str) -> str:
+        parse_cpu(value)
+        return value
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, value: str) -> str:
+        parse_memory(value)
+        return value
+
+
+class FsPermissions(_Model):
+    allow: tuple[str, ...] = ()
+
+    @field_validator("allow")
+    @classmethod
+    def _globs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for glob in value:
+            check_glob(glob)
+        return value
+
+
+class Permissions(_Model):
+    fs: FsPermissions = FsPermissions()
+
+
+class Manifest(_Model):
+    name: Annotated[str, Field(pattern=NAME_RE)]
+    version: Annotated[str, Field(pattern=SEMVER_RE)]
+    description: Annotated[str, Field(max_length=1000)] = ""
+    triggers: Annotated[tuple[Trigger, ...], Field(min_length=1, max_length=64)]
+    entrypoint: Annotated[str, Field(min_length=1, max_length=1000)]
+    image: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}$")]
+    timeout: Annotated[int, Field(gt=0)] = 30
+    resources: Resources = Resources()
+    permissions: Permissions = Permissions()
+
+    @field_validator("entrypoint")
+    @classmethod
+    def _entrypoint(cls, value: str) -> str:
+        entrypoint_argv(value)
+        return value
+
+    @property
+    def argv(self) -> list[str]:
+        return entrypoint_argv(self.entrypoint)
+
+    @property
+    def memory_bytes(self) -> int:
+        return parse_memory(self.resources.memory)
+
+    @property
+    def cpu_millis(self) -> int:
+        return parse_cpu(self.resources.cpu)
+
+    @property
+    def allowed_globs(self) -> tuple[str, ...]:
+        return self.permissions.fs.allow
+
+
+def entrypoint_argv(entrypoint: str) -> list[str]:
+    """Splits like a shell, refuses what only a shell would make sense of."""
+    try:
+        argv = shlex.split(entrypoint)
+    except ValueError as exc:
+        raise ValueError(f"cannot split entrypoint: {exc}") from exc
+    if not argv:
+        raise ValueError("entrypoint is empty")
+    for arg in argv:
+        if "\x00" in arg:
+            raise ValueError("entrypoint contains a NUL byte")
+        path = PurePosixPath(arg)
+        if ".." in path.parts or (path.is_absolute() and arg != argv[0]):
+            raise ValueError(f"entrypoint argument {arg!r} points outside the plugin directory")
+    return argv
+
+
+def parse_cpu(value: str) -> int:
+    """'100m' -> 100 millicores, '0.5' -> 500."""
+    match = re.fullmatch(r"(\d+)m|(\d+(?:\.\d+)?)", value.strip())
+    if not match:
+        raise ValueError(f"cpu must look like '100m' or '0.5', got {value!r}")
+    millis = int(match[1]) if match[1] else int(float(match[2]) * 1000)
+    if millis <= 0:
+        raise ValueError("cpu must be above zero")
+    return millis
+
+
+def parse_memory(value: str) -> int:
+    """'256Mi' -> bytes; accepts Ki/Mi/Gi and K/M/G."""
+    match = MEMORY_RE.fullmatch(value.strip())
+    if not match:
+        raise ValueError(f"memory must look like '256Mi' or '1G', got {value!r}")
+    size = int(float(match[1]) * MEMORY_UNITS[match[2]])
+    if size < 6 * 1024**2:
+        raise ValueError("memory must be at least 6Mi (Docker's minimum)")
+    return size
+
+
+def glob_base(glob: str) -> str:
+    """The directory part of a glob before its first wildcard: what gets bind-mounted."""
+    parts: list[str] = []
+    for part in PurePosixPath(glob).parts[1:]:
+        if any(c in part for c in "*?["):
+            break
+        parts.append(part)
+    return "/" + "/".join(parts)
+
+
+def check_glob(glob: str) -> None:
+    """Refuses relative globs, '..', and globs reaching system paths (SPEC §4)."""
+    if not glob.startswith("/"):
+        raise ValueError(f"fs glob {glob!r} must be an absolute path")
+    parts = PurePosixPath(glob).parts[1:]
+    if any(p in ("..", ".") for p in parts) or "//" in glob:
+        raise ValueError(f"fs glob {glob!r} must not contain '..', '.' or '//'")
+    if not all(GLOB_PART_RE.match(p) for p in parts):
+        raise ValueError(f"fs glob {glob!r} has characters outside [A-Za-z0-9._*?[]-]")
+    base = glob_base(glob)
+    if base == "/":
+        raise ValueError(f"fs glob {glob!r} reaches the root filesystem")
+    for system in SYSTEM_PATHS:
+        if base == system or base.startswith(system + "/"):
+            raise ValueError(f"fs glob {glob!r} reaches the system path {system}")
+    if "docker.sock" in glob:
+        raise ValueError(f"fs glob {glob!r} names the Docker socket")
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """Safe loader that also refuses anchors/aliases (no billion-laughs expansion)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.YAMLError(f"YAML aliases are not allowed (line {event.start_mark.line + 1})")
+        return super().compose_node(parent, index)
+
+
+def parse_manifest(text: bytes, path: str, max_bytes: int) -> Manifest:
+    """Validates plugin.yaml bytes; raises ManifestError listing every field at fault."""
+    if len(text) > max_bytes:
+        raise ManifestError(f"{path}: plugin.yaml is {len(text)} bytes, over {max_bytes}", path,
+                            [f"file: larger than {max_bytes} bytes"])
+    try:
+        data = yaml.load(text, Loader=_NoAliasLoader)
+    except yaml.YAMLError as exc:
+        raise ManifestError(f"{path}: invalid YAML: {exc}", path, [f"yaml: {exc}"]) from exc
+    if not isinstance(data, dict):
+        raise ManifestError(f"{path}: plugin.yaml must be a mapping", path,
+                            ["file: not a YAML mapping"])
+    try:
+        # JSON mode keeps strict typing ("30" is not a number) while accepting YAML lists.
+        return Manifest.model_validate_json(json.dumps(data, default=str))
+    except ValidationError as exc:
+        errors = [_format_error(err) for err in exc.errors()]
+        raise ManifestError(f"{path}: " + "; ".join(errors), path, errors) from exc
+
+
+def _format_error(err: Any) -> str:
+    loc = ".".join(str(p) for p in err["loc"]) or "file"
+    if err["type"] == "extra_forbidden":
+        return f"{loc}: unknown key (not allowed)"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{loc}: {msg}"
+
+
+def load_manifest(plugin_dir: Path, max_bytes: int = 64 * 1024,
+                  expected_name: str | None = None) -> Manifest:
+    """Reads and validates `plugin_dir/plugin.yaml`; its name must equal `expected_name`
+    (by default the directory's name)."""
+    path = plugin_dir / MANIFEST_NAME
+    try:
+        with path.open("rb") as fh:
+            text = fh.read(max_bytes + 1)
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read: {exc.strerror}", str(path),
+                            [f"file: {exc.strerror}"]) from exc
+    manifest = parse_manifest(text, str(path), max_bytes)
+    errors = []
+    expected = expected_name or plugin_dir.name
+    if manifest.name != expected:
+        errors.append(f"name: {manifest.name!r} must equal the directory name {expected!r}")
+    program = manifest.argv[0]
+    script = next((a for a in manifest.argv[1:] if not a.startswith("-")), None)
+    for arg in (program, script):
+        if arg and not arg.startswith("/") and ("/" in arg or arg.endswith((".py", ".sh"))):
+            target = (plugin_dir / arg).resolve()
+            if not target.is_relative_to(plugin_dir.resolve()):
+                errors.append(f"entrypoint: {arg!r} points outside the plugin directory")
+            elif not target.is_file():
+                errors.append(f"entrypoint: {arg!r} does not exist in the plugin directory")
+    if errors:
+        raise ManifestError(f"{path}: " + "; ".join(errors), str(path), errors)
+    return manifest

@@ -1,0 +1,60 @@
+"""Prometheus metrics (SPEC §6). Worker processes write to PROMETHEUS_MULTIPROC_DIR when
+it is set, and the manager's /metrics endpoint on port 8004 aggregates all of them."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+EVENTS_RECEIVED = Counter("titan_events_received_total", "Valid events read from the bus",
+                          ["topic"])
+EVENTS_REJECTED = Counter("titan_events_rejected_total", "Events dead-lettered", ["reason"])
+TASKS_DISPATCHED = Counter("titan_tasks_dispatched_total", "Plugin runs enqueued", ["plugin"])
+INVOCATIONS = Counter("titan_invocations_total", "Finished plugin runs", ["plugin", "status"])
+RELOADS = Counter("titan_reloads_total", "Registry reloads", ["result"])
+DURATION = Histogram("titan_invocation_duration_seconds", "Plugin run wall time", ["plugin"],
+                     buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600))
+CONTAINER_START = Histogram("titan_container_start_seconds", "Container create+start time",
+                            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+
+
+class StateCollector(Collector):
+    """Gauges computed at scrape time from Redis: plugins by status, queue depths."""
+
+    def __init__(self, plugin_counts: Callable[[], dict[str, int]],
+                 queue_depths: Callable[[], dict[str, int]]) -> None:
+        self.plugin_counts = plugin_counts
+        self.queue_depths = queue_depths
+
+    def collect(self) -> Iterator[Any]:
+        plugins = GaugeMetricFamily("titan_plugins", "Plugins in the registry", labels=["status"])
+        queues = GaugeMetricFamily("titan_queue_depth", "Entries waiting", labels=["queue"])
+        try:
+            for status, n in self.plugin_counts().items():
+                plugins.add_metric([status], n)
+            for queue, n in self.queue_depths().items():
+                queues.add_metric([queue], n)
+        except Exception:  # a scrape during a Redis outage still serves the counters
+            pass
+        yield plugins
+        yield queues
+
+
+def serve(port: int, host: str, state: StateCollector) -> None:
+    """Starts the /metrics HTTP server in a daemon thread."""
+    registry = CollectorRegistry()
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        from prometheus_client import REGISTRY
+
+        registry = REGISTRY
+    registry.register(state)
+    start_http_server(port, addr=host, registry=registry)

@@ -1,0 +1,93 @@
+"""The manager process: registry load, bus listener, REST API and /metrics in one process.
+
+SIGHUP reloads the plugins; SIGTERM/SIGINT stop the listener between entries (an entry
+being handled is finished and acknowledged, or left pending for another listener)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Any
+
+import redis
+from werkzeug.serving import make_server
+
+from manager import metrics
+from manager.api import create_app
+from manager.config import Settings
+from manager.dispatch import Dispatcher, make_celery
+from manager.listener import Listener
+from manager.registry import PluginStatus, Registry
+
+log = logging.getLogger("titan.manager")
+
+
+def connect_redis(settings: Settings) -> redis.Redis:
+    return redis.Redis.from_url(settings.redis_url, health_check_interval=30,
+                                socket_keepalive=True, socket_connect_timeout=5)
+
+
+class Manager:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.conn = connect_redis(settings)
+        self.registry = Registry(self.conn, settings)
+        self.dispatcher = Dispatcher(self.conn, settings, make_celery(settings))
+        self.listener = Listener(connect_redis(settings), settings, Registry(
+            connect_redis(settings), settings), self.dispatcher)
+        self.app = create_app(settings, self.conn, self.registry, self.dispatcher)
+        self.server: Any = None
+
+    def reload(self) -> dict[str, Any]:
+        changes = self.registry.reload()
+        metrics.RELOADS.labels(result="ok").inc()
+        log.info("plugins reloaded: %s", {k: len(v) for k, v in changes.items()})
+        for item in changes["rejected"]:
+            log.warning("plugin %s rejected: %s", item["name"], "; ".join(item["errors"]))
+        return changes
+
+    def plugin_counts(self) -> dict[str, int]:
+        counts = dict.fromkeys((s.value for s in PluginStatus), 0)
+        for entry in self.registry.entries().values():
+            counts[entry.status.value] += 1
+        return counts
+
+    def queue_depths(self) -> dict[str, int]:
+        s = self.settings
+        pending = self.conn.xpending(s.event_stream, s.consumer_group)
+        return {s.task_queue: self.conn.llen(s.task_queue),
+                "events_pending": int(pending["pending"]) if pending else 0,
+                "dead_letters": self.conn.xlen(s.dead_stream)}
+
+    def serve(self) -> None:
+        """Runs until SIGTERM/SIGINT."""
+        self.reload()
+        metrics.serve(self.settings.metrics_port, self.settings.api_host,
+                      metrics.StateCollector(self.plugin_counts, self.queue_depths))
+        listener = threading.Thread(target=self.listener.run, name="listener", daemon=True)
+        listener.start()
+        self.server = make_server(self.settings.api_host, self.settings.api_port, self.app,
+                                  threaded=True)
+        signal.signal(signal.SIGHUP, lambda *_: self._safe_reload())
+        signal.signal(signal.SIGTERM, lambda *_: self.shutdown())
+        signal.signal(signal.SIGINT, lambda *_: self.shutdown())
+        log.info("API on http://%s:%d, metrics on :%d, listening to %s",
+                 self.settings.api_host, self.settings.api_port, self.settings.metrics_port,
+                 self.settings.event_stream)
+        self.server.serve_forever()
+        listener.join(timeout=self.settings.read_block_ms / 1000 + 5)
+        log.info("manager stopped")
+
+    def _safe_reload(self) -> None:
+        try:
+            self.reload()
+        except Exception:
+            metrics.RELOADS.labels(result="error").inc()
+            log.exception("reload on SIGHUP failed")
+
+    def shutdown(self) -> None:
+        log.info("stopping: listener first, then the API")
+        self.listener.stop()
+        if self.server is not None:
+            threading.Thread(target=self.server.shutdown, daemon=True).start()

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs what the project needs on a fresh Debian/Ubuntu machine: system packages that
+# are missing, and a virtualenv with this package (and its test tools) from setup.cfg.
+source "$(dirname "$0")/common.sh"
+
+need=()
+command -v dockerd >/dev/null || need+=(docker.io)
+command -v redis-server >/dev/null || need+=(redis-server)
+command -v debootstrap >/dev/null || need+=(debootstrap)
+command -v curl >/dev/null || need+=(curl)
+python3 -m venv --help >/dev/null 2>&1 || need+=(python3-venv)
+if [ ${#need[@]} -gt 0 ]; then
+  [ "$(id -u)" = 0 ] || die "missing system packages: ${need[*]} (install them as root)"
+  say "installing system packages: ${need[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+stamp="$VENV/.titan-installed"
+want="$(cat "$ROOT/setup.cfg" | sha256sum | cut -c1-16)"
+if [ ! -x "$PY" ]; then
+  say "creating virtualenv $VENV"
+  python3 -m venv "$VENV"
+fi
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  say "installing titan-plugin-manager into $VENV"
+  "$PY" -m pip install -q --disable-pip-version-check --upgrade pip
+  "$PY" -m pip install -q --disable-pip-version-check -e "$ROOT[dev]"
+  echo "$want" >"$stamp"
+fi

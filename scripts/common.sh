@@ -1,0 +1,30 @@
+# Shared settings and helpers for the project's shell scripts (sourced, not run).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+RUN_DIR="${TITAN_RUN_DIR:-$ROOT/run}"
+VENV="${TITAN_VENV:-$ROOT/.venv}"
+PY="$VENV/bin/python"
+RUNTIME_IMAGE="${TITAN_RUNTIME_IMAGE:-titan-runtime:py3.11}"
+REDIS_URL="${TITAN_REDIS_URL:-redis://127.0.0.1:6379/0}"
+export TITAN_RUN_DIR="$RUN_DIR"
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# True when the process whose pid is stored in FILE is alive.
+pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+# Waits up to $2 seconds for command "$1" to succeed.
+wait_for() {
+  local cmd="$1" secs="$2" i
+  for ((i = 0; i < secs * 5; i++)); do
+    eval "$cmd" >/dev/null 2>&1 && return 0
+    sleep 0.2
+  done
+  return 1
+}
+
+docker_ok() { docker info >/dev/null 2>&1; }
+redis_port() { local hp="${REDIS_URL#*://}"; hp="${hp##*@}"; hp="${hp%%/*}"; echo "${hp##*:}"; }
+redis_ok() { redis-cli -p "$(redis_port)" ping 2>/dev/null | grep -q PONG; }

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# start|stop|status the manager (API, bus listener, metrics) and the Celery workers, in
+# the background, with logs and pid files in the run directory.
+source "$(dirname "$0")/common.sh"
+WORKERS="${TITAN_WORKERS:-2}"
+CONCURRENCY="${TITAN_WORKER_CONCURRENCY:-1}"
+export PROMETHEUS_MULTIPROC_DIR="$RUN_DIR/metrics"
+API="http://${TITAN_API_HOST:-127.0.0.1}:${TITAN_API_PORT:-8003}"
+
+launch() {  # name, command...
+  local name="$1"; shift
+  if pid_alive "$RUN_DIR/$name.pid"; then say "$name is running (pid $(cat "$RUN_DIR/$name.pid"))"; return; fi
+  (cd "$ROOT"; nohup "$@" >>"$RUN_DIR/$name.log" 2>&1 </dev/null & echo $! >"$RUN_DIR/$name.pid")
+  say "started $name (pid $(cat "$RUN_DIR/$name.pid"), log $RUN_DIR/$name.log)"
+}
+
+start() {
+  [ -x "$PY" ] || die "no virtualenv; run: make up"
+  redis_ok || die "Redis does not answer on port $(redis_port); run: make up"
+  mkdir -p "$RUN_DIR" "$PROMETHEUS_MULTIPROC_DIR"
+  local any_running=0 i
+  for f in "$RUN_DIR"/manager.pid "$RUN_DIR"/worker*.pid; do pid_alive "$f" && any_running=1; done
+  [ $any_running = 1 ] || rm -f "$PROMETHEUS_MULTIPROC_DIR"/*.db
+  launch manager "$PY" -m manager
+  for ((i = 1; i <= WORKERS; i++)); do
+    launch "worker$i" "$VENV/bin/celery" -A workers.celery_app worker -Q "${TITAN_TASK_QUEUE:-titan.plugins}" \
+      -n "worker$i@%h" -c "$CONCURRENCY" -P prefork --loglevel INFO --without-gossip --without-mingle
+  done
+  wait_for "curl -fsS $API/openapi.json" 30 || die "the API did not come up; see $RUN_DIR/manager.log"
+  wait_for "curl -fsS $API/health" 40 || { curl -sS "$API/health" >&2; die "not healthy; see $RUN_DIR/*.log"; }
+  say "Titan Plugin Manager is up: API $API (docs $API/docs), metrics :${TITAN_METRICS_PORT:-8004}/metrics"
+}
+
+stop() {
+  local f name
+  for f in "$RUN_DIR"/worker*.pid "$RUN_DIR"/manager.pid; do
+    [ -f "$f" ] || continue
+    name="$(basename "$f" .pid)"
+    if pid_alive "$f"; then
+      say "stopping $name (runs in flight finish first)"
+      kill -TERM "$(cat "$f")"
+      wait_for "! kill -0 $(cat "$f")" 90 || { say "$name did not stop; killing it"; kill -9 "$(cat "$f")" || true; }
+    fi
+    rm -f "$f"
+  done
+}
+
+status() {
+  local f
+  for f in "$RUN_DIR"/manager.pid "$RUN_DIR"/worker*.pid; do
+    [ -f "$f" ] || continue
+    if pid_alive "$f"; then echo "$(basename "$f" .pid): running (pid $(cat "$f"))"; else echo "$(basename "$f" .pid): dead"; fi
+  done
+}
+
+case "${1:-start}" in
+  start) start ;;
+  stop) stop ;;
+  status) status ;;
+  *) die "usage: $0 start|stop|status" ;;
+esac

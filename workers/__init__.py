@@ -1,0 +1,1 @@
+"""Celery workers: each run is one fresh, locked-down Docker container."""
