@@ -12,6 +12,8 @@ TEXT_TYPES = {"text/plain": "text", "text/markdown": "markdown", "text/x-markdow
               "application/pdf": "pdf"}
 EXTENSIONS = {".txt": "text", ".text": "text", ".log": "text", ".csv": "text",
               ".md": "markdown", ".markdown": "markdown", ".pdf": "pdf"}
+PREFERRED = ["utf_8", "cp1252", "latin_1", "iso8859_15", "utf_16", "cp1251", "shift_jis",
+             "gb18030", "euc_kr", "cp1250"]
 MIME_OF = {"text": "text/plain", "markdown": "text/markdown", "pdf": "application/pdf"}
 
 
@@ -46,9 +48,13 @@ def read_text(path: str) -> tuple[str, bool, str]:
         return data.decode("utf-8"), cut, "utf-8"
     except UnicodeDecodeError:
         pass
-    best = from_bytes(data[:1024 * 1024]).best()
-    if best is None:
+    matches = list(from_bytes(data[:1024 * 1024]))
+    if not matches:
         fail("file is not text in any common encoding")
+    # Equal scores are common for Western text; then the more common encoding wins.
+    best = min(matches, key=lambda m: (round(m.chaos, 3), -round(m.coherence, 3),
+                                       PREFERRED.index(m.encoding) if m.encoding in PREFERRED
+                                       else len(PREFERRED)))
     return data.decode(best.encoding, errors="replace"), cut, best.encoding
 
 
