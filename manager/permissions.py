@@ -75,7 +75,13 @@ def check_payload_path(payload: dict[str, Any], globs: Iterable[str]) -> str | N
         raise PermissionDenied("payload.path must be a non-empty string", path=str(path)[:200])
     if not os.path.isabs(path):
         raise PermissionDenied(f"payload.path {path!r} must be absolute", path=path)
-    real = os.path.realpath(path)
+    try:
+        real = os.path.realpath(path, strict=True)
+    except FileNotFoundError:
+        real = os.path.realpath(path)
+    except OSError as exc:  # a symlink loop, among others
+        raise PermissionDenied(f"payload.path {path!r} cannot be resolved: {exc.strerror}",
+                               path=path) from None
     allowed = [g for g in (resolved_glob(g) for g in globs) if g]
     if not any(glob_matches(real, g) for g in allowed):
         raise PermissionDenied(f"payload.path {path!r} (resolves to {real!r}) is outside the "

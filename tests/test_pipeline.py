@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import Bus, new_id
+
 from manager.records import RecordStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("stack")]

@@ -30,11 +30,13 @@ def can_connect(host, port):
         return False
 
 
+EVENT = json.loads(os.environ["EVENT_DATA"])
 status = dict(line.split(":\t", 1) for line in read("/proc/self/status").splitlines()
               if ":\t" in line)
 report = {
     "uid": os.getuid(), "gid": os.getgid(), "cwd": os.getcwd(),
-    "cap_eff": status.get("CapEff", "").strip(), "no_new_privs": status.get("NoNewPrivs", "").strip(),
+    "cap_eff": status.get("CapEff", "").strip(),
+    "no_new_privs": status.get("NoNewPrivs", "").strip(),
     "pids_max": read("/sys/fs/cgroup/pids/pids.max") if os.path.exists("/sys/fs/cgroup/pids")
     else read("/sys/fs/cgroup/pids.max"),
     "memory_limit": read("/sys/fs/cgroup/memory/memory.limit_in_bytes")
@@ -50,7 +52,7 @@ report = {
     "write_etc": can_write("/etc/passwd"), "write_tmp": can_write("/tmp/ok"),
     "tmp_mount": [ln for ln in read("/proc/mounts").splitlines() if " /tmp " in ln],
     "interfaces": sorted(os.listdir("/sys/class/net")),
-    "connect_redis": can_connect("127.0.0.1", int(os.environ.get("PROBE_PORT", "6379"))),
+    "connect_redis": can_connect("127.0.0.1", int(EVENT["payload"].get("port", 6379))),
     "env": sorted(os.environ),
     "docker_sock": os.path.exists("/var/run/docker.sock"),
 }

@@ -1,0 +1,153 @@
+"""The REST API and the CLI, against the real pipeline (Redis, Celery worker, Docker)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+
+import pytest
+from werkzeug.serving import make_server
+
+from conftest import Bus, free_port, new_id
+from manager.api import create_app
+from manager.config import ROOT
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("stack")]
+
+
+@pytest.fixture(scope="module")
+def app(settings, conn, registry, dispatcher):
+    return create_app(settings, conn, registry, dispatcher)
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture(scope="module")
+def api_url(app) -> Iterator[str]:
+    port = free_port()
+    server = make_server("127.0.0.1", port, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{port}"
+    server.shutdown()
+
+
+def cli(api_url: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TITAN_API_URL": api_url}
+    return subprocess.run([sys.executable, str(ROOT / "titan-plugins.py"), *args], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_health_reports_each_part(client) -> None:
+    resp = client.get("/health")
+    assert resp.status_code == 200, resp.json
+    assert resp.json["redis"]["ok"] and resp.json["docker"]["ok"] and resp.json["workers"]["ok"]
+    assert resp.json["workers"]["count"] >= 1
+
+
+def test_plugins_listing_and_detail(client) -> None:
+    names = {p["name"]: p for p in client.get("/plugins").json["plugins"]}
+    assert names["shell_runner"]["status"] == "loaded"
+    assert names["shell_runner"]["digest"].startswith("sha256:")
+    detail = client.get("/plugins/file_watcher").json
+    assert detail["triggers"] == [{"topic": "fs.v1", "event_type": "file_created"}]
+    missing = client.get("/plugins/nope")
+    assert missing.status_code == 404 and missing.json["error"]["code"] == "plugin_not_found"
+
+
+def test_trigger_with_wait_returns_finished_record(client, conn, settings) -> None:
+    event = {"event_id": new_id(), "topic": "any.v1", "event_type": "whatever",
+             "payload": {"command": "echo hello titan"}}
+    resp = client.post("/plugins/shell_runner/trigger?wait=60", json=event)
+    assert resp.status_code == 200, resp.json
+    record = resp.json
+    assert record["status"] == "succeeded" and record["origin"] == "api"
+    assert json.loads(record["stdout"])["payload"]["stdout"] == "hello titan\n"
+    again = client.get(f"/invocations/{record['invocation_id']}").json
+    assert again["result_event_ids"] == record["result_event_ids"]
+    runs = client.get("/plugins/shell_runner/invocations?limit=5").json["invocations"]
+    assert record["invocation_id"] in [r["invocation_id"] for r in runs]
+
+
+def test_trigger_twice_with_same_event_runs_twice(client) -> None:
+    event = {"event_id": new_id(), "topic": "test.v1", "event_type": "ping"}
+    first = client.post("/plugins/echo/trigger?wait=60", json=event).json
+    second = client.post("/plugins/echo/trigger?wait=60", json=event).json
+    assert first["invocation_id"] != second["invocation_id"]
+    assert first["status"] == second["status"] == "succeeded"
+
+
+def test_trigger_without_wait_is_accepted(client, bus: Bus) -> None:
+    event_id = new_id()
+    resp = client.post("/plugins/echo/trigger", json={"event_id": event_id, "topic": "x",
+                                                      "event_type": "y"})
+    assert resp.status_code == 202 and resp.json["invocation_id"]
+    assert bus.result_of(event_id)["event_type"] == "pong"
+
+
+def test_post_events_publishes_to_the_bus(client, bus: Bus) -> None:
+    event_id = new_id()
+    resp = client.post("/events", json={"event_id": event_id, "topic": "test.v1",
+                                        "event_type": "ping"})
+    assert resp.status_code == 202 and resp.json["event_id"] == event_id
+    assert bus.result_of(event_id)["payload"]["plugin"] == "echo"
+
+
+def test_bad_requests_get_json_errors_naming_the_problem(client) -> None:
+    resp = client.post("/events", data=b'{"event_id": "x", "topic": "a"}')
+    assert resp.status_code == 400
+    assert resp.json["error"]["code"] == "invalid_event"
+    assert resp.json["error"]["details"]["field"] == "event_type"
+    assert client.get("/invocations/nope").status_code == 404
+    assert client.get("/nowhere").json["error"]["code"] == "not_found"
+
+
+def test_token_protects_everything_but_health(settings, conn, registry, dispatcher) -> None:
+    app = create_app(settings.with_(api_token="s3cret"), conn, registry, dispatcher)
+    client = app.test_client()
+    assert client.get("/plugins").status_code == 401
+    assert client.get("/plugins", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.get("/plugins", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert client.get("/health").status_code == 200
+
+
+def test_docs_are_served_offline(client) -> None:
+    assert b"swagger-ui-bundle.js" in client.get("/docs").data
+    assert client.get("/docs/static/swagger-ui-bundle.js").status_code == 200
+    assert "/plugins/{name}/trigger" in client.get("/openapi.json").json["paths"]
+
+
+def test_cli_list_trigger_show_health(api_url: str) -> None:
+    listed = cli(api_url, "list")
+    assert listed.returncode == 0, listed.stderr
+    assert "shell_runner" in listed.stdout and "loaded" in listed.stdout
+    event = json.dumps({"event_id": new_id(), "topic": "system.v1", "event_type": "run_cmd",
+                        "payload": {"command": "whoami"}})
+    ran = cli(api_url, "--json", "trigger", "shell_runner", "-e", event, "--wait")
+    assert ran.returncode == 0, ran.stderr
+    record = json.loads(ran.stdout)
+    assert json.loads(record["stdout"])["payload"]["stdout"] == "nobody\n"
+    shown = cli(api_url, "show", record["invocation_id"])
+    assert "status succeeded" in shown.stdout
+    assert cli(api_url, "health").returncode == 0
+
+
+def test_cli_failures_exit_non_zero_with_a_reason(api_url: str, tmp_path) -> None:
+    bad = cli(api_url, "trigger", "shell_runner", "-e", '{"event_id": "x"}')
+    assert bad.returncode != 0 and "topic is required" in bad.stderr
+    failed = cli(api_url, "trigger", "failing", "-e",
+                 json.dumps({"event_id": new_id(), "topic": "t", "event_type": "e"}), "--wait")
+    assert failed.returncode == 1 and "status failed" in failed.stdout
+    event_file = tmp_path / "event.json"
+    event_file.write_text(json.dumps({"event_id": new_id(), "topic": "t", "event_type": "e"}))
+    published = cli(api_url, "publish", "-e", f"@{event_file}")
+    assert published.returncode == 0 and "published" in published.stdout
+    unreachable = cli("http://127.0.0.1:1", "list")
+    assert unreachable.returncode == 1 and "cannot reach the API" in unreachable.stderr

@@ -1,0 +1,69 @@
+"""Unit tests: the Event model (SPEC §2)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from manager.errors import EventError
+from manager.events import Event, Limits
+
+GOOD = {"event_id": "test-001", "topic": "fs.v1", "event_type": "file_created",
+        "payload": {"path": "/srv/titan/files/a.pdf"}}
+
+
+def reason(raw: bytes | str, limits: Limits | None = None) -> tuple[str, str]:
+    with pytest.raises(EventError) as info:
+        Event.decode(raw, limits)
+    return info.value.details["reason"], info.value.details["field"]
+
+
+def test_decode_encode_roundtrip() -> None:
+    event = Event.decode(json.dumps({**GOOD, "hops": 2, "time": "2026-01-01T00:00:00Z"}))
+    assert event.payload == GOOD["payload"] and event.hops == 2
+    assert Event.decode(event.encode()) == event
+
+
+def test_payload_defaults_to_empty_object() -> None:
+    event = Event.decode(json.dumps({k: v for k, v in GOOD.items() if k != "payload"}))
+    assert event.payload == {} and event.hops == 0
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    ({"event_id": ""}, "event_id"), ({"event_id": "a b"}, "event_id"),
+    ({"event_id": "x" * 129}, "event_id"), ({"topic": "fs/v1"}, "topic"),
+    ({"event_type": 5}, "event_type"), ({"payload": []}, "payload"),
+    ({"hops": -1}, "hops"), ({"hops": True}, "hops"), ({"hops": "1"}, "hops"),
+    ({"time": "yesterday"}, "time"), ({"source": 3}, "source"), ({"extra": 1}, "extra"),
+])
+def test_invalid_fields_are_named(change: dict, field: str) -> None:
+    assert reason(json.dumps({**GOOD, **change}))[1] == field
+
+
+def test_missing_required_field() -> None:
+    assert reason(json.dumps({"event_id": "a", "topic": "b"})) == ("missing_field", "event_type")
+
+
+def test_size_depth_encoding_and_shape_limits() -> None:
+    assert reason(json.dumps({**GOOD, "payload": {"x": "a" * 2_000_000}}))[0] == "too_large"
+    deep = {**GOOD, "payload": json.loads("[" * 1000 + "]" * 1000 and "{}")}
+    deep_raw = json.dumps(GOOD)[:-1] + ', "x": ' + "[" * 1000 + "]" * 1000 + "}"
+    assert deep["payload"] == {}
+    assert reason(deep_raw)[0] == "too_deep"
+    assert reason(b'{"event_id": "\xff"}')[0] == "invalid_utf8"
+    assert reason("[1, 2]")[0] == "not_an_object"
+    assert reason('{"event_id": NaN}')[0] == "invalid_json"
+    assert reason("not json")[0] == "invalid_json"
+
+
+def test_depth_counts_only_structure_not_brackets_in_strings() -> None:
+    raw = json.dumps({**GOOD, "payload": {"text": "[" * 500}})
+    assert Event.decode(raw, Limits(max_depth=3)).payload["text"] == "[" * 500
+
+
+def test_event_just_under_the_size_limit_is_accepted() -> None:
+    base = len(json.dumps({**GOOD, "payload": {"x": ""}}))
+    raw = json.dumps({**GOOD, "payload": {"x": "a" * (1024 * 1024 - base)}})
+    assert len(raw) == 1024 * 1024
+    assert len(Event.decode(raw).payload["x"]) == 1024 * 1024 - base

@@ -1,0 +1,109 @@
+"""Unit tests: plugin.yaml validation and plugin discovery (SPEC §3, §4)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from manager.config import Settings
+from manager.errors import ManifestError
+from manager.manifest import parse_manifest
+from manager.registry import PluginStatus, build_bundle, discover
+
+GOOD = """\
+name: demo
+version: 0.1.0
+triggers:
+  - topic: chat.v1
+    event_type: user_message
+entrypoint: python main.py
+image: titan-runtime:py3.11
+resources: {cpu: "100m", memory: "256Mi"}
+permissions: {fs: {allow: ["/srv/data/**"]}}
+"""
+
+
+def errors_of(text: str) -> list[str]:
+    with pytest.raises(ManifestError) as info:
+        parse_manifest(text.encode(), "plugin.yaml", 64 * 1024)
+    return info.value.errors
+
+
+def test_good_manifest() -> None:
+    m = parse_manifest(GOOD.encode(), "plugin.yaml", 64 * 1024)
+    assert m.name == "demo" and m.argv == ["python", "main.py"]
+    assert m.cpu_millis == 100 and m.memory_bytes == 256 * 1024**2 and m.timeout == 30
+
+
+@pytest.mark.parametrize("key", ["privileged: true", "cap_add: [SYS_ADMIN]", "devices: [/dev/sda]",
+                                 "network: host", "user: root", "volumes: [/:/host]",
+                                 "timeuot: 5"])
+def test_unknown_keys_are_rejected(key: str) -> None:
+    assert any("unknown key" in e for e in errors_of(GOOD + key + "\n"))
+
+
+@pytest.mark.parametrize("glob", ["/", "/**", "/etc/**", "/proc", "/var/run/docker.sock",
+                                  "relative/**", "/srv/../etc/**", "/usr/lib/*", "/sys/*"])
+def test_dangerous_globs_are_rejected(glob: str) -> None:
+    errs = errors_of(GOOD.replace("/srv/data/**", glob))
+    assert any("permissions.fs.allow" in e for e in errs), errs
+
+
+@pytest.mark.parametrize(("old", "new", "field"), [
+    ("name: demo", "name: Demo/x", "name"), ("name: demo", "name: ../x", "name"),
+    ("version: 0.1.0", "version: one", "version"), ('cpu: "100m"', 'cpu: "lots"', "cpu"),
+    ('memory: "256Mi"', 'memory: "1 TB"', "memory"),
+    ("entrypoint: python main.py", "entrypoint: python ../evil.py", "entrypoint"),
+    ("entrypoint: python main.py", "entrypoint: python /etc/x.py", "entrypoint"),
+    ("entrypoint: python main.py", "entrypoint: 'python \"main.py'", "entrypoint"),
+])
+def test_bad_values_name_their_field(old: str, new: str, field: str) -> None:
+    assert any(field in e for e in errors_of(GOOD.replace(old, new)))
+
+
+def test_strict_types_no_silent_coercion() -> None:
+    assert any(e.startswith("timeout") for e in errors_of(GOOD + 'timeout: "30"\n'))
+
+
+def test_unsafe_yaml_is_refused() -> None:
+    assert "constructor" in errors_of(GOOD + "x: !!python/object/apply:os.system [id]\n")[0]
+    laughs = 'a: &a ["x","x"]\nb: &b [*a,*a]\nc: &c [*b,*b]\n'
+    assert "aliases are not allowed" in errors_of(laughs)[0]
+    with pytest.raises(ManifestError, match="over"):
+        parse_manifest(b"#" * (10 * 1024 * 1024), "plugin.yaml", 64 * 1024)
+
+
+def _plugin(root: Path, name: str, text: str, code: str = "print()") -> Path:
+    d = root / name
+    d.mkdir()
+    (d / "plugin.yaml").write_text(text)
+    (d / "main.py").write_text(code)
+    return d
+
+
+def test_discover_lists_invalid_plugins_and_loads_the_others(tmp_path: Path) -> None:
+    settings = Settings.from_env(max_timeout=60)
+    _plugin(tmp_path, "demo", GOOD)
+    _plugin(tmp_path, "broken", GOOD.replace("name: demo", "name: broken") + "privileged: true\n")
+    _plugin(tmp_path, "greedy", GOOD.replace("name: demo", "name: greedy") + "timeout: 3600\n")
+    _plugin(tmp_path, "misnamed", GOOD)
+    (tmp_path / "nomain").mkdir()
+    (tmp_path / "nomain" / "plugin.yaml").write_text(GOOD.replace("name: demo", "name: nomain"))
+    found = {name: entry for name, (entry, _) in discover(tmp_path, settings).items()}
+    assert found["demo"].status is PluginStatus.LOADED and found["demo"].digest
+    assert "privileged: unknown key (not allowed)" in found["broken"].errors
+    assert any("above the maximum" in e for e in found["greedy"].errors)
+    assert any("must equal the directory name" in e for e in found["misnamed"].errors)
+    assert any("does not exist" in e for e in found["nomain"].errors)
+
+
+def test_digest_follows_content_and_refuses_symlinks(tmp_path: Path) -> None:
+    d = _plugin(tmp_path, "demo", GOOD)
+    first, _ = build_bundle(d, 1024 * 1024)
+    assert build_bundle(d, 1024 * 1024)[0] == first
+    (d / "main.py").write_text("print('changed')")
+    assert build_bundle(d, 1024 * 1024)[0] != first
+    (d / "link").symlink_to("/etc/passwd")
+    with pytest.raises(ValueError, match="symlink"):
+        build_bundle(d, 1024 * 1024)

@@ -1,0 +1,95 @@
+"""Unit tests: trigger matching, host path permissions, plugin output parsing."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from manager.errors import PermissionDenied
+from manager.events import Event
+from manager.manifest import Manifest
+from manager.matching import match
+from manager.permissions import check_payload_path, glob_matches, mount_sources
+from manager.registry import PluginEntry, PluginStatus
+from workers.results import OutputError, parse_output
+
+
+def entry(name: str, *triggers: tuple[str, str], status=PluginStatus.LOADED) -> PluginEntry:
+    manifest = Manifest.model_validate_json(json.dumps({
+        "name": name, "version": "1.0.0", "entrypoint": "python main.py", "image": "x",
+        "triggers": [{"topic": t, "event_type": e} for t, e in triggers]}))
+    return PluginEntry(name, status, "/p", "1.0.0", "sha256:x", (), manifest)
+
+
+def ev(topic: str, event_type: str) -> Event:
+    return Event("e1", topic, event_type)
+
+
+def test_exact_and_glob_triggers() -> None:
+    plugins = [entry("exact", ("fs.v1", "file_created")), entry("glob", ("fs.*", "*")),
+               entry("all", ("*", "*")), entry("other", ("chat.v1", "user_message"))]
+    assert [p.name for p in match(ev("fs.v1", "file_created"), plugins)] == ["all", "exact", "glob"]
+    assert [p.name for p in match(ev("fs.v2", "deleted"), plugins)] == ["all", "glob"]
+    assert [p.name for p in match(ev("FS.v1", "file_created"), plugins)] == ["all"]
+
+
+def test_invalid_plugins_never_match() -> None:
+    bad = PluginEntry("bad", PluginStatus.INVALID, "/p", errors=("x",))
+    assert match(ev("a", "b"), [bad]) == []
+
+
+def test_glob_semantics() -> None:
+    assert glob_matches("/srv/a/b/c.pdf", "/srv/a/**")
+    assert glob_matches("/srv/a/c.pdf", "/srv/a/*.pdf")
+    assert not glob_matches("/srv/a/b/c.pdf", "/srv/a/*.pdf")
+    assert not glob_matches("/srv/ab/c", "/srv/a/**")
+
+
+def test_payload_paths_are_resolved_before_checking(tmp_path: Path) -> None:
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "ok.txt").write_text("ok")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("secret")
+    (allowed / "link").symlink_to(secret)
+    (allowed / "chain1").symlink_to(allowed / "chain2")
+    (allowed / "chain2").symlink_to(secret)
+    (allowed / "loop").symlink_to(allowed / "loop")
+    os.link(secret, allowed / "hard.txt")
+    globs = [f"{allowed}/**"]
+    assert check_payload_path({"path": str(allowed / "ok.txt")}, globs) == str(allowed / "ok.txt")
+    assert check_payload_path({}, globs) is None
+    for bad in [allowed / ".." / "secret.txt", allowed / "link", allowed / "chain1",
+                allowed / "loop", allowed / "hard.txt", Path("/etc/shadow"), "relative.txt"]:
+        with pytest.raises(PermissionDenied):
+            check_payload_path({"path": str(bad)}, globs)
+
+
+def test_mount_sources_skip_missing_and_nested(tmp_path: Path) -> None:
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    globs = [f"{tmp_path}/a/**", f"{tmp_path}/a/b/*.txt", "/nonexistent-titan/**"]
+    assert mount_sources(globs) == [f"{tmp_path}/a"]
+
+
+@pytest.mark.parametrize(("stdout", "count"), [
+    (b"", 0), (b"  \n", 0),
+    (b'{"topic": "a", "event_type": "b", "payload": {}}', 1),
+    (b'{"topic": "a", "event_type": "b", "payload": {}}\n{"topic": "a", "event_type": "c", '
+     b'"payload": {"x": 1}}\n', 2),
+])
+def test_output_forms(stdout: bytes, count: int) -> None:
+    assert len(parse_output(stdout, 100)) == count
+
+
+@pytest.mark.parametrize(("stdout", "message"), [
+    (b"hello", "not JSON"), (b'{"topic": "a"', "not JSON"), (b"\xff\xfe", "not UTF-8"),
+    (b'{"topic": "a", "event_type": "b", "payload": NaN}', "NaN is not valid JSON"),
+    (b'{"topic": "a"}', "lacks event_type, payload"), (b"[1]", "not a JSON object"),
+    (b'{"topic": "a", "event_type": "b", "payload": {}}\n' * 101, "more than the limit"),
+])
+def test_bad_output_is_refused_with_reason(stdout: bytes, message: str) -> None:
+    with pytest.raises(OutputError, match=message):
+        parse_output(stdout, 100)

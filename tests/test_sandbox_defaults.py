@@ -1,0 +1,58 @@
+"""The SPEC §4 defaults, read from inside a real container by the probe plugin."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import Bus, new_id
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("stack")]
+
+DOCUMENTED_ENV = {"EVENT_DATA", "EVENT_FILE", "PLUGIN_NAME", "PLUGIN_VERSION", "INVOCATION_ID"}
+
+
+@pytest.fixture(scope="module")
+def report(conn, settings) -> dict:
+    bus = Bus(conn, settings)
+    event_id = new_id()
+    bus.publish({"event_id": event_id, "topic": "test.v1", "event_type": "probe",
+                 "payload": {"port": settings.redis_url.rsplit(":", 1)[1].split("/")[0]}})
+    result = bus.result_of(event_id)
+    assert result["event_type"] == "probe_report", result
+    return result["payload"]
+
+
+def test_runs_as_non_root_without_capabilities(report: dict) -> None:
+    assert report["uid"] == 65534 and report["gid"] == 65534
+    assert int(report["cap_eff"], 16) == 0
+    assert report["no_new_privs"] == "1"
+
+
+def test_limits_are_in_force_inside_the_container(report: dict, settings) -> None:
+    assert report["pids_max"] == str(settings.pids_limit)
+    assert int(report["memory_limit"]) == 96 * 1024**2
+    if not report["memsw_limit"].startswith("error"):
+        assert int(report["memsw_limit"]) == 96 * 1024**2  # no swap beyond memory
+    assert report["cpu_quota"].split()[0] in ("25000", "25000 100000")
+    assert report["nofile"] == settings.nofile_limit
+    assert report["fsize"] == settings.fsize_bytes
+    assert report["core"] == 0
+    assert "docker-init" in report["pid1"] or "tini" in report["pid1"]
+
+
+def test_filesystem_is_read_only_but_tmp(report: dict, settings) -> None:
+    assert not report["write_root"] and not report["write_code"] and not report["write_etc"]
+    assert report["write_tmp"]
+    (tmp,) = report["tmp_mount"]
+    for flag in ("noexec", "nosuid", "nodev", f"size={settings.tmpfs_bytes // 1024}k"):
+        assert flag in tmp, tmp
+    assert report["cwd"] == "/plugin"
+
+
+def test_no_network_no_docker_socket_no_leaked_environment(report: dict) -> None:
+    assert report["interfaces"] == ["lo"]
+    assert report["connect_redis"] is False
+    assert report["docker_sock"] is False
+    leaked = [k for k in report["env"] if k.startswith(("TITAN", "CELERY", "REDIS", "DOCKER"))]
+    assert not leaked
+    assert DOCUMENTED_ENV <= set(report["env"])
