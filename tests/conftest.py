@@ -4,24 +4,17 @@ the machine's Docker engine under this session's own instance label and are remo
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
-import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import docker
 import pytest
 import redis
 import yaml
+from harness import Bus, RedisServer, WorkerProcess, private_settings
 
 from manager.config import ROOT, Settings
 from manager.dispatch import Dispatcher, make_celery
@@ -29,46 +22,13 @@ from manager.listener import Listener
 from manager.registry import Registry
 
 TEST_PLUGINS = Path(__file__).parent / "plugins"
-WORKER_START_S = 60
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    port = free_port()
-    workdir = tempfile.mkdtemp(prefix="titan-redis-")
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                             "--save", "", "--appendonly", "no", "--dir", workdir],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    url = f"redis://127.0.0.1:{port}/0"
-    conn = redis.Redis.from_url(url)
-
-    def up() -> bool:
-        try:
-            return bool(conn.ping())
-        except redis.ConnectionError:
-            return False
-
-    wait_until(up, 20, "redis-server")
-    yield url
-    proc.terminate()
-    proc.wait(10)
-    shutil.rmtree(workdir, ignore_errors=True)
+    server = RedisServer()
+    yield server.url
+    server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -98,29 +58,7 @@ def plugins_dir(files_dir: Path) -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def settings(redis_url: str, plugins_dir: Path, tmp_path_factory: pytest.TempPathFactory
              ) -> Settings:
-    uid = uuid.uuid4().hex[:8]
-    run_dir = tmp_path_factory.mktemp("run")
-    prefix = f"titantest{uid}"
-    return Settings.from_env(
-        redis_url=redis_url, key_prefix=prefix, event_stream=f"{prefix}:events",
-        dead_stream=f"{prefix}:events:dead", task_queue=f"{prefix}.plugins",
-        instance=f"test-{uid}", plugins_dir=plugins_dir, run_dir=run_dir,
-        cache_dir=Path(tempfile.mkdtemp(prefix="titan-test-cache-", dir="/var/tmp")),
-        worker_name=f"testhost-{uid}", api_token="", reclaim_idle_ms=60_000,
-    )
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The environment a worker process needs to share this test's private names."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TITAN_", "PROMETHEUS"))}
-    env.update({
-        "TITAN_REDIS_URL": settings.redis_url, "TITAN_KEY_PREFIX": settings.key_prefix,
-        "TITAN_EVENT_STREAM": settings.event_stream, "TITAN_DEAD_STREAM": settings.dead_stream,
-        "TITAN_TASK_QUEUE": settings.task_queue, "TITAN_INSTANCE": settings.instance,
-        "TITAN_PLUGINS_DIR": str(settings.plugins_dir), "TITAN_RUN_DIR": str(settings.run_dir),
-        "TITAN_CACHE_DIR": str(settings.cache_dir), "TITAN_WORKER_NAME": settings.worker_name,
-    })
-    return env
+    return private_settings(redis_url, plugins_dir, tmp_path_factory.mktemp("run"))
 
 
 @pytest.fixture(scope="session")
@@ -143,39 +81,6 @@ def registry(conn: redis.Redis, settings: Settings) -> Registry:
 @pytest.fixture(scope="session")
 def dispatcher(conn: redis.Redis, settings: Settings) -> Dispatcher:
     return Dispatcher(conn, settings, make_celery(settings))
-
-
-class WorkerProcess:
-    """A real `celery worker` process on the test's private queue."""
-
-    def __init__(self, settings: Settings, name: str, concurrency: int = 2) -> None:
-        self.settings = settings
-        self.name = name
-        self.log = settings.run_dir / f"{name}.log"
-        cmd = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
-               "-Q", settings.task_queue, "-n", f"{name}@%h", "-c", str(concurrency),
-               "-P", "prefork", "--loglevel", "INFO", "--without-gossip", "--without-mingle"]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=settings_env(settings),
-                                     stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-
-    def wait_ready(self, conn: redis.Redis) -> None:
-        key = f"{self.settings.key_prefix}:worker:{self.name}@{socket.gethostname()}"
-
-        def ready() -> bool:
-            assert self.proc.poll() is None, f"worker died:\n{self.log.read_text()[-3000:]}"
-            return bool(conn.exists(key))
-
-        wait_until(ready, WORKER_START_S, f"worker {self.name}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
 
 
 @pytest.fixture(scope="session")
@@ -209,52 +114,6 @@ def stack(worker: WorkerProcess, listener: Listener) -> None:
     """The whole pipeline: listener + worker processes on real Redis and Docker."""
 
 
-class Bus:
-    """Publishes to and reads from the test's private stream."""
-
-    def __init__(self, conn: redis.Redis, settings: Settings) -> None:
-        self.conn = conn
-        self.settings = settings
-
-    def publish(self, event: dict[str, Any] | str | bytes) -> str:
-        raw = event if isinstance(event, (str, bytes)) else json.dumps(event)
-        return self.conn.xadd(self.settings.event_stream, {"event": raw}).decode()
-
-    def wait_event(self, match: Callable[[dict[str, Any]], bool], timeout: float = 60,
-                   stream: str | None = None, after: str = "0-0") -> dict[str, Any]:
-        """Reads the stream (blocking, no sleeps) until an event satisfies `match`."""
-        stream = stream or self.settings.event_stream
-        deadline = time.monotonic() + timeout
-        last = after
-        while time.monotonic() < deadline:
-            reply = self.conn.xread({stream: last}, count=100, block=500)
-            for _, entries in reply or []:
-                for entry_id, fields in entries:
-                    last = entry_id
-                    item = {k.decode(): v.decode("utf-8", "replace") for k, v in fields.items()}
-                    try:
-                        event = json.loads(item.get("event", "null"))
-                    except ValueError:
-                        event = None
-                    data = {**item, "event": event}
-                    if match(data):
-                        return data
-        raise AssertionError(f"no matching entry on {stream} within {timeout}s")
-
-    def result_of(self, event_id: str, timeout: float = 60) -> dict[str, Any]:
-        """The first event caused by `event_id` (a result or a failure event)."""
-        return self.wait_event(lambda d: isinstance(d["event"], dict)
-                               and d["event"].get("causation_id") == event_id, timeout)["event"]
-
-    def dead_letter(self, entry_id: str, timeout: float = 30) -> dict[str, Any]:
-        return self.wait_event(lambda d: d.get("entry_id") == entry_id, timeout,
-                               stream=self.settings.dead_stream)
-
-
 @pytest.fixture
 def bus(conn: redis.Redis, settings: Settings) -> Bus:
     return Bus(conn, settings)
-
-
-def new_id(prefix: str = "t") -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:12]}"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import Bus, new_id
+from harness import Bus, new_id
 
 from manager.records import RecordStore
 

@@ -1,0 +1,170 @@
+"""A private Titan stack for tests and benchmarks: redis-server on a free port, real
+Celery worker processes on a private queue, and a reader of the private stream."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from manager.config import ROOT, Settings
+
+WORKER_START_S = 60
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def new_id(prefix: str = "t") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+class RedisServer:
+    """A throwaway redis-server on a free loopback port."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.workdir = tempfile.mkdtemp(prefix="titan-redis-")
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.workdir],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        conn = redis.Redis.from_url(self.url)
+
+        def up() -> bool:
+            try:
+                return bool(conn.ping())
+            except redis.ConnectionError:
+                return False
+
+        wait_until(up, 20, "redis-server")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def private_settings(redis_url: str, plugins_dir: Path, run_dir: Path, **extra: Any) -> Settings:
+    """Settings whose keys, stream, queue and container labels belong to this run only."""
+    uid = uuid.uuid4().hex[:8]
+    prefix = f"titantest{uid}"
+    return Settings.from_env(
+        redis_url=redis_url, key_prefix=prefix, event_stream=f"{prefix}:events",
+        dead_stream=f"{prefix}:events:dead", task_queue=f"{prefix}.plugins",
+        instance=f"test-{uid}", plugins_dir=plugins_dir, run_dir=run_dir,
+        cache_dir=Path(tempfile.mkdtemp(prefix="titan-test-cache-", dir="/var/tmp")),
+        worker_name=f"testhost-{uid}", api_token="", **extra)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment a worker process needs to share this test's private names."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TITAN_", "PROMETHEUS"))}
+    env.update({
+        "TITAN_REDIS_URL": settings.redis_url, "TITAN_KEY_PREFIX": settings.key_prefix,
+        "TITAN_EVENT_STREAM": settings.event_stream, "TITAN_DEAD_STREAM": settings.dead_stream,
+        "TITAN_TASK_QUEUE": settings.task_queue, "TITAN_INSTANCE": settings.instance,
+        "TITAN_PLUGINS_DIR": str(settings.plugins_dir), "TITAN_RUN_DIR": str(settings.run_dir),
+        "TITAN_CACHE_DIR": str(settings.cache_dir), "TITAN_WORKER_NAME": settings.worker_name,
+    })
+    return env
+
+
+class WorkerProcess:
+    """A real `celery worker` process on the test's private queue."""
+
+    def __init__(self, settings: Settings, name: str, concurrency: int = 2) -> None:
+        self.settings = settings
+        self.name = name
+        self.log = settings.run_dir / f"{name}.log"
+        cmd = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
+               "-Q", settings.task_queue, "-n", f"{name}@%h", "-c", str(concurrency),
+               "-P", "prefork", "--loglevel", "INFO", "--without-gossip", "--without-mingle"]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=settings_env(settings),
+                                     stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def wait_ready(self, conn: redis.Redis) -> None:
+        key = f"{self.settings.key_prefix}:worker:{self.name}@{socket.gethostname()}"
+
+        def ready() -> bool:
+            assert self.proc.poll() is None, f"worker died:\n{self.log.read_text()[-3000:]}"
+            return bool(conn.exists(key))
+
+        wait_until(ready, WORKER_START_S, f"worker {self.name}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+class Bus:
+    """Publishes to and reads from the test's private stream."""
+
+    def __init__(self, conn: redis.Redis, settings: Settings) -> None:
+        self.conn = conn
+        self.settings = settings
+
+    def publish(self, event: dict[str, Any] | str | bytes) -> str:
+        raw = event if isinstance(event, (str, bytes)) else json.dumps(event)
+        return self.conn.xadd(self.settings.event_stream, {"event": raw}).decode()
+
+    def wait_event(self, match: Callable[[dict[str, Any]], bool], timeout: float = 60,
+                   stream: str | None = None, after: str = "0-0") -> dict[str, Any]:
+        """Reads the stream (blocking, no sleeps) until an event satisfies `match`."""
+        stream = stream or self.settings.event_stream
+        deadline = time.monotonic() + timeout
+        last = after
+        while time.monotonic() < deadline:
+            reply = self.conn.xread({stream: last}, count=100, block=500)
+            for _, entries in reply or []:
+                for entry_id, fields in entries:
+                    last = entry_id
+                    item = {k.decode(): v.decode("utf-8", "replace") for k, v in fields.items()}
+                    try:
+                        event = json.loads(item.get("event", "null"))
+                    except ValueError:
+                        event = None
+                    data = {**item, "event": event}
+                    if match(data):
+                        return data
+        raise AssertionError(f"no matching entry on {stream} within {timeout}s")
+
+    def result_of(self, event_id: str, timeout: float = 60) -> dict[str, Any]:
+        """The first event caused by `event_id` (a result or a failure event)."""
+        return self.wait_event(lambda d: isinstance(d["event"], dict)
+                               and d["event"].get("causation_id") == event_id, timeout)["event"]
+
+    def dead_letter(self, entry_id: str, timeout: float = 30) -> dict[str, Any]:
+        return self.wait_event(lambda d: d.get("entry_id") == entry_id, timeout,
+                               stream=self.settings.dead_stream)
