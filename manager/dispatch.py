@@ -45,12 +45,11 @@ class Dispatcher:
         if origin == "bus":
             key = self.keys.dispatched(event.event_id, plugin.name)
             if not self.conn.set(key, invocation_id, nx=True, ex=self.settings.dedup_ttl):
-                existing = (self.conn.get(key) or b"").decode()
+                existing = (self.conn.get(key) or b"").decode() or invocation_id
                 record = self.records.get(existing)
-                if record and (Status(record["status"]).terminal
-                               or record.get("status") != Status.QUEUED):
-                    return existing, False
-                invocation_id = existing or invocation_id
+                if record and record["status"] != Status.QUEUED:
+                    return existing, False  # already running or done
+                invocation_id = existing  # recorded but maybe never sent: send it again
         self.records.create(self._record(invocation_id, event, plugin, origin))
         self.send(invocation_id, event, plugin)
         return invocation_id, True

@@ -65,7 +65,13 @@ class Event:
         except (ValueError, RecursionError) as exc:
             raise EventError(f"event is not valid JSON: {exc}", field="event",
                              reason="invalid_json") from exc
-        return cls.from_dict(data)
+        event = cls.from_dict(data)
+        try:
+            event.encode().encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise EventError("event holds a lone surrogate (\\ud800-\\udfff escape); not valid "
+                             "Unicode", field="event", reason="invalid_unicode") from exc
+        return event
 
     @classmethod
     def from_dict(cls, data: Any) -> Event:

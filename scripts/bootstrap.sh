@@ -17,7 +17,7 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 stamp="$VENV/.titan-installed"
-want="$(cat "$ROOT/setup.cfg" | sha256sum | cut -c1-16)"
+want="$(cat "$ROOT/setup.cfg" "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)"
 if [ ! -x "$PY" ]; then
   say "creating virtualenv $VENV"
   python3 -m venv "$VENV"
@@ -25,6 +25,6 @@ fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   say "installing titan-plugin-manager into $VENV"
   "$PY" -m pip install -q --disable-pip-version-check --upgrade pip
-  "$PY" -m pip install -q --disable-pip-version-check -e "$ROOT[dev]"
+  "$PY" -m pip install -q --disable-pip-version-check --config-settings editable_mode=compat -e "$ROOT[dev]"
   echo "$want" >"$stamp"
 fi

@@ -67,3 +67,8 @@ def test_event_just_under_the_size_limit_is_accepted() -> None:
     raw = json.dumps({**GOOD, "payload": {"x": "a" * (1024 * 1024 - base)}})
     assert len(raw) == 1024 * 1024
     assert len(Event.decode(raw).payload["x"]) == 1024 * 1024 - base
+
+
+def test_lone_surrogates_are_refused() -> None:
+    raw = json.dumps({**GOOD, "payload": {"x": "\ud800"}})
+    assert reason(raw)[0] == "invalid_unicode"

@@ -216,7 +216,9 @@ class Sandbox:
             if not ok:
                 over = True
                 result.extra["output_limit"] = True
-                self._kill(container)
+                # Killed from another thread: the engine answers the kill only once the
+                # output in flight is drained, which this loop keeps doing.
+                threading.Thread(target=self._kill, args=(container,), daemon=True).start()
 
     def _wait(self, container: Any) -> dict[str, Any]:
         try:

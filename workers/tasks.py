@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from typing import Any
 
@@ -14,6 +15,7 @@ from workers.celery_app import app, runner
 from workers.runner import invocation_from_task
 
 SANDBOX_RETRIES = 5
+log = logging.getLogger(__name__)
 
 
 def backoff(retries: int) -> float:
@@ -39,3 +41,8 @@ def run_plugin(self: Task, invocation_id: str, plugin: str, version: str, digest
             return run.fail(inv, Status.FAILED, reason)["status"]
         run.records.update(invocation_id, status=Status.RETRYING.value, reason=reason)
         raise self.retry(exc=exc, countdown=backoff(self.request.retries)) from exc
+    except Exception as exc:
+        # A fault of ours, not the plugin's: still a record and a failure event.
+        log.exception("invocation %s failed inside the worker", invocation_id)
+        return run.fail(inv, Status.FAILED, f"internal error: {type(exc).__name__}: {exc}")[
+            "status"]
