@@ -26,7 +26,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from harness import Bus, RedisServer, WorkerProcess, new_id, private_settings  # noqa: E402
-
 from manager.dispatch import Dispatcher, make_celery  # noqa: E402
 from manager.listener import Listener  # noqa: E402
 from manager.manifest import load_manifest  # noqa: E402

@@ -14,8 +14,8 @@ import docker
 import pytest
 import redis
 import yaml
-from harness import Bus, RedisServer, WorkerProcess, private_settings
 
+from harness import Bus, RedisServer, WorkerProcess, private_settings
 from manager.config import ROOT, Settings
 from manager.dispatch import Dispatcher, make_celery
 from manager.listener import Listener

@@ -10,9 +10,9 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from harness import Bus, free_port, new_id
 from werkzeug.serving import make_server
 
+from harness import Bus, free_port, new_id
 from manager.api import create_app
 from manager.config import ROOT
 

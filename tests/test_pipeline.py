@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from harness import Bus, new_id
 
+from harness import Bus, new_id
 from manager.records import RecordStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("stack")]

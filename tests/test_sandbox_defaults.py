@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from harness import Bus, new_id
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("stack")]

@@ -285,7 +285,7 @@ class Sandbox:
             pid = int(c.labels.get(LABEL_PID, "0") or 0)
             if live_pids is not None and pid in live_pids:
                 continue
-            if live_pids is None and pid and _pid_alive(pid):
+            if live_pids is None and pid and pid != os.getpid() and _pid_alive(pid):
                 continue
             self._remove(c)
             reaped.append(c.labels.get(LABEL_INVOCATION, c.id[:12]))
@@ -301,13 +301,13 @@ def _last_line(data: bytes, limit: int = 300) -> str:
 
 
 def _pid_alive(pid: int) -> bool:
+    """True for a running process; a zombie (killed, not yet reaped) counts as dead."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            state = fh.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
         return False
-    except PermissionError:
-        return True
-    return True
+    return state != b"Z"
 
 
 __all__ = ["APIError", "RunResult", "RunSpec", "Sandbox", "connect_docker"]

@@ -1,0 +1,41 @@
+"""A worker killed with SIGKILL while its container runs: the next worker started on that
+host kills and removes the orphan."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from harness import WorkerProcess, new_id, wait_until
+from manager.dispatch import Dispatcher, make_celery
+from manager.events import Event
+
+pytestmark = pytest.mark.integration
+
+
+def test_restarted_worker_reaps_the_orphan_container(settings, conn, registry,
+                                                     docker_client) -> None:
+    own = settings.with_(task_queue=f"{settings.task_queue}.orphans")
+    labels = {"label": [f"titan.instance={own.instance}", "titan.plugin=slow"]}
+    worker = WorkerProcess(own, "orphans", concurrency=1)
+    try:
+        worker.wait_ready(conn)
+        dispatcher = Dispatcher(conn, own, make_celery(own))
+        dispatcher.dispatch(Event(new_id(), "test.v1", "slow"), registry.get("slow"), "api")
+        (container,) = wait_until(lambda: docker_client.containers.list(filters=labels), 60,
+                                  "the plugin's container")
+        os.killpg(worker.proc.pid, signal.SIGKILL)
+        worker.proc.wait(10)
+        container.reload()
+        assert container.status == "running"  # orphaned: nobody will stop it now
+    finally:
+        worker.stop()
+    again = WorkerProcess(own, "orphans2", concurrency=1)
+    try:
+        again.wait_ready(conn)
+        wait_until(lambda: not docker_client.containers.list(all=True, filters=labels), 30,
+                   "the orphan to be reaped")
+    finally:
+        again.stop()
