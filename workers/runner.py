@@ -54,15 +54,15 @@ class Runner:
             code_dir = self.cache.code_dir(digest)
             manifest = load_manifest(code_dir, self.settings.max_manifest_bytes, inv.plugin)
         except (BundleError, ManifestError) as exc:
-            return self._end(inv, Status.FAILED, f"plugin content unusable: {exc.message}")
+            return self.fail(inv, Status.FAILED, f"plugin content unusable: {exc.message}")
         try:
             check_payload_path(inv.event.payload, manifest.allowed_globs)
         except PermissionDenied as exc:
-            return self._end(inv, Status.REJECTED, exc.message)
+            return self.fail(inv, Status.REJECTED, exc.message)
         try:
             deps = self.cache.deps_dir(code_dir)
         except DependencyError as exc:
-            return self._end(inv, Status.FAILED, exc.message)
+            return self.fail(inv, Status.FAILED, exc.message)
         event_json = inv.event.encode()
         event_file = self._write_event_file(inv.invocation_id, event_json)
         try:
@@ -83,13 +83,10 @@ class Runner:
         metrics.INVOCATIONS.labels(plugin=inv.plugin, status=record["status"]).inc()
         return record
 
-    def _end(self, inv: Invocation, status: Status, reason: str) -> dict[str, Any]:
+    def fail(self, inv: Invocation, status: Status, reason: str) -> dict[str, Any]:
+        """A terminal outcome decided without a container run (rejected, retries spent)."""
         metrics.INVOCATIONS.labels(plugin=inv.plugin, status=status.value).inc()
         return self.publisher.complete(inv, status, reason)
-
-    def fail(self, inv: Invocation, status: Status, reason: str) -> dict[str, Any]:
-        """A terminal failure decided outside the run (e.g. retries exhausted)."""
-        return self._end(inv, status, reason)
 
     def _write_event_file(self, invocation_id: str, event_json: str) -> Path:
         directory = self.settings.cache_dir / "events"

@@ -16,7 +16,7 @@ from typing import Any
 
 import docker
 import requests
-from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+from docker.errors import DockerException, ImageNotFound, NotFound
 from docker.types import Mount, Ulimit
 
 from manager.config import Settings
@@ -310,4 +310,3 @@ def _pid_alive(pid: int) -> bool:
     return state != b"Z"
 
 
-__all__ = ["APIError", "RunResult", "RunSpec", "Sandbox", "connect_docker"]
