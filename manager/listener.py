@@ -112,25 +112,23 @@ class Listener:
                 return done
 
     def handle(self, entry_id: str, fields: dict[bytes, bytes]) -> None:
-        """Validates, matches and dispatches one entry, then acknowledges it."""
-        raw = fields.get(b"event")
-        if raw is None:
-            dead_letter(self.conn, self.settings, json.dumps({k.decode(errors="replace"):
-                        v.decode(errors="replace") for k, v in fields.items()}),
-                        "invalid_event", "stream entry has no 'event' field", entry_id)
-            self.ack(entry_id)
-            return
+        """Validates, matches and dispatches one entry, then acknowledges it; a rejected
+        entry is dead-lettered first. A failed dispatch leaves it pending for reclaim."""
+        raw: bytes | str | None = fields.get(b"event")
         try:
+            if raw is None:
+                raw = json.dumps({k.decode(errors="replace"): v.decode(errors="replace")
+                                  for k, v in fields.items()})
+                raise EventError("stream entry has no 'event' field", field="event",
+                                 reason="invalid_event")
             event = Event.decode(raw, self.limits)
+            metrics.EVENTS_RECEIVED.labels(topic=event.topic).inc()
+            if event.hops > self.settings.max_hops:
+                raise EventError(f"hops {event.hops} is over the limit {self.settings.max_hops}",
+                                 field="hops", reason="hops_exceeded")
         except EventError as exc:
             dead_letter(self.conn, self.settings, raw, exc.details.get("reason", "invalid_event"),
                         exc.message, entry_id)
-            self.ack(entry_id)
-            return
-        metrics.EVENTS_RECEIVED.labels(topic=event.topic).inc()
-        if event.hops > self.settings.max_hops:
-            dead_letter(self.conn, self.settings, raw, "hops_exceeded",
-                        f"hops {event.hops} is over the limit {self.settings.max_hops}", entry_id)
             self.ack(entry_id)
             return
         for plugin in match(event, self.registry.entries().values()):
