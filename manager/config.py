@@ -57,10 +57,11 @@ class Settings:
     default_memory_bytes: int = 256 * 1024**2
     default_cpu_millis: int = 500
     output_cap_bytes: int = 1024 * 1024
-    tmpfs_bytes: int = 64 * 1024**2
+    tmpfs_bytes: int = 64 * 1024**2  # at most half the plugin's memory (tmpfs is memory)
+    tmpfs_inodes: int = 4096
     pids_limit: int = 64
     nofile_limit: int = 256
-    fsize_bytes: int = 64 * 1024**2
+    fsize_bytes: int = 32 * 1024**2  # below the tmpfs size, so one file cannot fill /tmp
     max_results: int = 1000
     max_manifest_bytes: int = 64 * 1024
     max_bundle_bytes: int = 32 * 1024**2

@@ -22,6 +22,7 @@ from manager.listener import Listener
 from manager.registry import Registry
 
 TEST_PLUGINS = Path(__file__).parent / "plugins"
+HOSTILE_PLUGINS = Path(__file__).parent / "hostile"
 
 
 @pytest.fixture(scope="session")
@@ -44,21 +45,25 @@ def files_dir() -> Iterator[Path]:
 def plugins_dir(files_dir: Path) -> Iterator[Path]:
     """The built-in plugins plus tests/plugins; file_watcher may read files_dir."""
     path = Path(tempfile.mkdtemp(prefix="titan-test-plugins-"))
-    for src in [*sorted((ROOT / "plugins").iterdir()), *sorted(TEST_PLUGINS.iterdir())]:
+    for src in [*sorted((ROOT / "plugins").iterdir()), *sorted(TEST_PLUGINS.iterdir()),
+                *sorted(HOSTILE_PLUGINS.iterdir())]:
         if src.is_dir():
             shutil.copytree(src, path / src.name, ignore=shutil.ignore_patterns("__pycache__"))
-    manifest = path / "file_watcher" / "plugin.yaml"
-    data = yaml.safe_load(manifest.read_text())
-    data["permissions"]["fs"]["allow"] = [f"{files_dir}/**"]
-    manifest.write_text(yaml.safe_dump(data))
+    for name in ("file_watcher", "hostile"):
+        manifest = path / name / "plugin.yaml"
+        data = yaml.safe_load(manifest.read_text())
+        data["permissions"]["fs"]["allow"] = [f"{files_dir}/**"]
+        manifest.write_text(yaml.safe_dump(data))
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
 def settings(redis_url: str, plugins_dir: Path, tmp_path_factory: pytest.TempPathFactory
-             ) -> Settings:
-    return private_settings(redis_url, plugins_dir, tmp_path_factory.mktemp("run"))
+             ) -> Iterator[Settings]:
+    settings = private_settings(redis_url, plugins_dir, tmp_path_factory.mktemp("run"))
+    yield settings
+    shutil.rmtree(settings.cache_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -153,7 +153,7 @@ class Bus:
                     item = {k.decode(): v.decode("utf-8", "replace") for k, v in fields.items()}
                     try:
                         event = json.loads(item.get("event", "null"))
-                    except ValueError:
+                    except (ValueError, RecursionError):  # hostile entries are on the stream too
                         event = None
                     data = {**item, "event": event}
                     if match(data):

@@ -90,7 +90,19 @@ def test_discover_lists_invalid_plugins_and_loads_the_others(tmp_path: Path) -> 
     _plugin(tmp_path, "misnamed", GOOD)
     (tmp_path / "nomain").mkdir()
     (tmp_path / "nomain" / "plugin.yaml").write_text(GOOD.replace("name: demo", "name: nomain"))
+    _plugin(tmp_path, "huge", "# " + "x" * (10 * 1024 * 1024))
+    _plugin(tmp_path, "pickled", "!!python/object/apply:os.system ['touch /tmp/pwned']\n")
+    _plugin(tmp_path, "laughs", 'a: &a ["x","x"]\nb: &b [*a,*a]\n')
+    _plugin(tmp_path, "escape", GOOD.replace("name: demo", "name: escape").replace(
+        "python main.py", "python ../demo/main.py"))
+    _plugin(tmp_path, "dotted", GOOD.replace("name: demo", "name: ../demo"))
+    (tmp_path / "Bad-Name").mkdir()
     found = {name: entry for name, (entry, _) in discover(tmp_path, settings).items()}
+    assert found["demo"].runnable
+    for name in ("huge", "pickled", "laughs", "escape", "dotted", "Bad-Name"):
+        assert not found[name].runnable and found[name].errors, name
+    assert "larger than" in found["huge"].errors[0]
+    assert not Path("/tmp/pwned").exists()
     assert found["demo"].status is PluginStatus.LOADED and found["demo"].digest
     assert "privileged: unknown key (not allowed)" in found["broken"].errors
     assert any("above the maximum" in e for e in found["greedy"].errors)

@@ -44,7 +44,9 @@ def test_filesystem_is_read_only_but_tmp(report: dict, settings) -> None:
     assert not report["write_root"] and not report["write_code"] and not report["write_etc"]
     assert report["write_tmp"]
     (tmp,) = report["tmp_mount"]
-    for flag in ("noexec", "nosuid", "nodev", f"size={settings.tmpfs_bytes // 1024}k"):
+    size = min(settings.tmpfs_bytes, 96 * 1024**2 // 2)  # half the probe's 96Mi memory
+    for flag in ("noexec", "nosuid", "nodev", f"size={size // 1024}k",
+                 f"nr_inodes={settings.tmpfs_inodes}"):
         assert flag in tmp, tmp
     assert report["cwd"] == "/plugin"
 

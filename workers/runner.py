@@ -56,7 +56,7 @@ class Runner:
         except (BundleError, ManifestError) as exc:
             return self.fail(inv, Status.FAILED, f"plugin content unusable: {exc.message}")
         try:
-            check_payload_path(inv.event.payload, manifest.allowed_globs)
+            allowed_path = check_payload_path(inv.event.payload, manifest.allowed_globs)
         except PermissionDenied as exc:
             return self.fail(inv, Status.REJECTED, exc.message)
         try:
@@ -73,7 +73,7 @@ class Runner:
                 timeout=min(manifest.timeout, self.settings.max_timeout),
                 memory_bytes=manifest.memory_bytes, cpu_millis=manifest.cpu_millis,
                 deps_dir=str(deps) if deps else None,
-                read_only_dirs=tuple(mount_sources(manifest.allowed_globs)))
+                read_only_dirs=self._mounts(allowed_path, manifest.allowed_globs))
             result = self.sandbox.run(spec)
         finally:
             event_file.unlink(missing_ok=True)
@@ -82,6 +82,14 @@ class Runner:
         record = self.publisher.finish(inv, result)
         metrics.INVOCATIONS.labels(plugin=inv.plugin, status=record["status"]).inc()
         return record
+
+    @staticmethod
+    def _mounts(allowed_path: str | None, globs: tuple[str, ...]) -> tuple[str, ...]:
+        """An event naming a path gets exactly that (checked) path; otherwise the plugin
+        sees the directories its globs name. A missing path mounts nothing (ENOENT)."""
+        if allowed_path is not None:
+            return (allowed_path,) if os.path.exists(allowed_path) else ()
+        return tuple(mount_sources(globs))
 
     def fail(self, inv: Invocation, status: Status, reason: str) -> dict[str, Any]:
         """A terminal outcome decided without a container run (rejected, retries spent)."""

@@ -16,7 +16,7 @@ from typing import Any
 
 import docker
 import requests
-from docker.errors import DockerException, ImageNotFound, NotFound
+from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.types import Mount, Ulimit
 
 from manager.config import Settings
@@ -130,6 +130,11 @@ class Sandbox:
             self._client = connect_docker()
         return self._client
 
+    def tmpfs_size(self, spec: RunSpec) -> int:
+        """tmpfs pages are charged to the container's memory: filling /tmp must end in
+        ENOSPC, not in an OOM kill, so it gets at most half of the memory limit."""
+        return min(self.settings.tmpfs_bytes, spec.memory_bytes // 2)
+
     def container_options(self, spec: RunSpec) -> dict[str, Any]:
         """The SPEC §4 protections; a manifest has no way to loosen any of them."""
         s = self.settings
@@ -148,7 +153,8 @@ class Sandbox:
             "image": spec.image, "command": spec.argv, "environment": env,
             "working_dir": CODE_DIR, "user": SANDBOX_USER, "network_mode": "none",
             "read_only": True, "mounts": mounts,
-            "tmpfs": {"/tmp": f"rw,noexec,nosuid,nodev,size={s.tmpfs_bytes},mode=1777"},
+            "tmpfs": {"/tmp": f"rw,noexec,nosuid,nodev,size={self.tmpfs_size(spec)},"
+                              f"nr_inodes={s.tmpfs_inodes},mode=1777"},
             "cap_drop": ["ALL"], "security_opt": ["no-new-privileges"],
             "pids_limit": max(1, s.pids_limit), "mem_limit": spec.memory_bytes,
             "memswap_limit": spec.memory_bytes, "nano_cpus": spec.cpu_millis * 1_000_000,
@@ -170,6 +176,12 @@ class Sandbox:
         except ImageNotFound as exc:
             raise SandboxUnavailable(f"runtime image {spec.image!r} is not present on this "
                                      "worker's Docker engine", image=spec.image) from exc
+        except APIError as exc:
+            if exc.is_client_error():  # the engine refused this container: retrying won't help
+                return RunResult(Status.FAILED, started_at=t0, finished_at=time.time(),
+                                 reason=f"the Docker engine refused the container: "
+                                        f"{exc.explanation or exc}")
+            raise SandboxUnavailable(f"cannot create container: {exc}") from exc
         except (DockerException, requests.RequestException) as exc:
             raise SandboxUnavailable(f"cannot create container: {exc}") from exc
         try:

@@ -60,7 +60,7 @@ def read_text(path: str) -> tuple[str, bool, str]:
 
 def read_pdf(path: str) -> tuple[str, bool, int]:
     from pypdf import PdfReader
-    from pypdf.errors import PdfReadError
+    from pypdf.errors import PyPdfError
 
     try:
         reader = PdfReader(path)
@@ -72,8 +72,8 @@ def read_pdf(path: str) -> tuple[str, bool, int]:
             size += len(text)
             if size > MAX_CHARS:
                 break
-    except (PdfReadError, ValueError, KeyError, TypeError) as exc:
-        fail(f"malformed PDF: {exc}")
+    except (PyPdfError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        fail(f"malformed or oversized PDF: {type(exc).__name__}: {exc}")
     return "\n".join(parts), pages > MAX_PDF_PAGES, pages
 
 

@@ -1,0 +1,202 @@
+"""A hostile plugin: each attack tries to break one SPEC §4 protection. Attacks that the
+sandbox stops by killing the run never print; the others report what they achieved."""
+
+import errno
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+with open(os.environ["EVENT_FILE"], encoding="utf-8") as _fh:
+    EVENT = json.load(_fh)
+ARGS = EVENT["payload"]
+
+
+def report(**payload):
+    print(json.dumps({"topic": "hostile.v1", "event_type": "report", "payload": payload}))
+    sys.exit(0)
+
+
+def err(exc):
+    return errno.errorcode.get(getattr(exc, "errno", 0) or 0, type(exc).__name__)
+
+
+def fork_bomb():
+    children = 0
+    try:
+        while True:
+            if os.fork() == 0:
+                time.sleep(60)
+                os._exit(0)
+            children += 1
+    except OSError as exc:
+        report(children=children, error=err(exc))
+
+
+def cpu_spin():
+    while True:
+        pass
+
+
+def giant_line():
+    chunk = "x" * 65536
+    while True:
+        sys.stdout.write(chunk)
+
+
+def binary_flood():
+    while True:
+        sys.stdout.buffer.write(os.urandom(65536))
+
+
+def stderr_flood():
+    while True:
+        sys.stderr.write("e" * 4095 + "\n")
+
+
+def binary_small():
+    sys.stdout.buffer.write(b"\xff\xfe\x00garbage")
+
+
+def fill_tmp():
+    written = 0
+    try:
+        with open("/tmp/fill", "wb") as fh:
+            while True:
+                fh.write(b"\0" * 1048576)
+                fh.flush()
+                written += 1048576
+    except OSError as exc:
+        report(written=written, error=err(exc))
+
+
+def many_files():
+    n = 0
+    try:
+        while n < 2_000_000:
+            with open(f"/tmp/f{n}", "wb") as fh:
+                fh.write(b"x" * 4096)
+            n += 1
+    except OSError as exc:
+        report(files=n, error=err(exc))
+    report(files=n, error=None)
+
+
+def tmp_listing():
+    report(tmp=sorted(os.listdir("/tmp")))
+
+
+def open_files():
+    handles = []
+    try:
+        while True:
+            handles.append(open("/dev/null"))  # noqa: SIM115 - kept open on purpose
+    except OSError as exc:
+        report(opened=len(handles), error=err(exc))
+
+
+def huge_file():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    written = 0
+    try:
+        with open("/tmp/huge", "wb") as fh:
+            while True:
+                fh.write(b"\0" * 1048576)
+                fh.flush()
+                written += 1048576
+    except OSError as exc:
+        report(written=written, error=err(exc))
+
+
+def connect(host, port):
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+        return "connected"
+    except OSError as exc:
+        return err(exc)
+
+
+def network():
+    report(hostname=connect(ARGS["hostname"], 80), ip=connect(ARGS["ip"], ARGS["port"]),
+           redis=connect("127.0.0.1", ARGS["redis_port"]),
+           gateway=connect(ARGS["gateway"], ARGS["redis_port"]))
+
+
+def try_(fn):
+    try:
+        fn()
+        return "ok"
+    except OSError as exc:
+        return err(exc)
+    except subprocess.CalledProcessError as exc:
+        return f"exit {exc.returncode}"
+
+
+def host():
+    def write(path):
+        with open(path, "w") as fh:
+            fh.write("pwned")
+
+    su = subprocess.run(["su", "-c", "id -u", "root"], capture_output=True, text=True,
+                        stdin=subprocess.DEVNULL, timeout=3, check=False)
+    report(
+        write_root=try_(lambda: write("/pwned")), write_code=try_(lambda: write("main.py")),
+        write_etc=try_(lambda: write("/etc/passwd")),
+        date_set=try_(lambda: subprocess.run(["date", "-s", "2020-01-01"], check=True,
+                                             capture_output=True)),
+        mount=try_(lambda: subprocess.run(["mount", "-t", "tmpfs", "none", "/tmp"], check=True,
+                                          capture_output=True)),
+        mknod=try_(lambda: os.mknod("/tmp/sda", 0o600 | 0o060000, os.makedev(8, 0))),
+        raw_socket=try_(lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, 1).close()),
+        su_stdout=su.stdout.strip(), su_code=su.returncode, uid=os.getuid(), euid=os.geteuid(),
+        setuid_files=sorted(p for d in ("/usr/bin", "/bin") for p in
+                            (os.path.join(d, f) for f in os.listdir(d))
+                            if os.path.isfile(p) and os.stat(p).st_mode & 0o4000),
+        environ=sorted(os.environ), plugin_files=sorted(os.listdir(".")),
+        docker_sock=os.path.exists("/var/run/docker.sock") or os.path.exists("/run/docker.sock"),
+    )
+
+
+def read_paths():
+    results = {}
+    for path in ARGS["paths"]:
+        try:
+            with open(path, "rb") as fh:
+                results[path] = "read:" + fh.read(100).decode("utf-8", "replace")
+        except OSError as exc:
+            results[path] = err(exc)
+    report(results=results)
+
+
+def event_size():
+    with open(os.environ["EVENT_FILE"], "rb") as fh:
+        data = fh.read()
+    report(size=len(data), sha256=hashlib.sha256(data).hexdigest(),
+           env_has_event_data="EVENT_DATA" in os.environ)
+
+
+def bad_output():
+    kind = ARGS["kind"]
+    if kind == "not_json":
+        print("hello, world")
+    elif kind == "truncated":
+        print('{"topic": "a", "event_type": "b", "payload": {"x": ')
+    elif kind == "nan":
+        print('{"topic": "a", "event_type": "b", "payload": {"x": NaN}}')
+    elif kind == "surrogate":
+        print('{"topic": "a", "event_type": "b", "payload": {"x": "\\ud800"}}')
+    elif kind == "missing_keys":
+        print('{"payload": {}}')
+    elif kind == "many_lines":
+        line = '{"topic": "a", "event_type": "b", "payload": {}}\n'
+        sys.stdout.write(line * 10_000)
+
+
+ATTACKS = {f.__name__: f for f in (fork_bomb, cpu_spin, giant_line, binary_flood, stderr_flood,
+                                   binary_small, fill_tmp, many_files, tmp_listing, open_files,
+                                   huge_file, network, host, read_paths, event_size, bad_output)}
+ATTACKS[ARGS["attack"]]()

@@ -1,0 +1,229 @@
+"""SPEC §4 against hostile code: each attack goes through the real path (event on the bus
+-> listener -> Celery worker -> Docker) and must end with the right status and a reason a
+person understands, the worker alive, no container left and the host untouched."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness import Bus, new_id
+from manager.events import Event
+from manager.records import RecordStore
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("stack")]
+
+
+@pytest.fixture
+def attack(bus: Bus, conn, settings, worker, docker_client):
+    """Runs one attack; returns (record, the event it caused)."""
+
+    def run(name: str, timeout: float = 60, **payload: Any) -> tuple[dict, dict]:
+        event_id = new_id(name.replace("_", "-"))
+        bus.publish({"event_id": event_id, "topic": "hostile.v1", "event_type": "attack",
+                     "payload": {"attack": name, **payload}})
+        caused = bus.result_of(event_id, timeout=timeout)
+        record = next(r for r in RecordStore(conn, settings).for_plugin("hostile", 50)
+                      if r["event_id"] == event_id)
+        assert worker.proc.poll() is None, "the worker died"
+        left = docker_client.containers.list(
+            all=True, filters={"label": f"titan.invocation={record['invocation_id']}"})
+        assert not left, "the container was left behind"
+        return record, caused
+
+    return run
+
+
+def report(result: tuple[dict, dict]) -> dict:
+    record, caused = result
+    assert record["status"] == "succeeded", record
+    return caused["payload"]
+
+
+# Resources
+
+def test_fork_bomb_hits_the_pids_limit(attack, settings) -> None:
+    got = report(attack("fork_bomb"))
+    assert got["error"] == "EAGAIN" and got["children"] < settings.pids_limit
+
+
+def test_cpu_spin_times_out(attack) -> None:
+    record, failure = attack("cpu_spin")
+    assert record["status"] == "timeout" and record["reason"] == "timed out after 5s"
+    assert failure["payload"]["status"] == "timeout"
+    assert record["duration_s"] < 5 + 5
+
+
+@pytest.mark.parametrize(("name", "stream"), [("giant_line", "stdout"),
+                                              ("binary_flood", "stdout"),
+                                              ("stderr_flood", "stderr")])
+def test_output_floods_stop_at_the_cap(attack, settings, name: str, stream: str) -> None:
+    record, _ = attack(name)
+    assert record["status"] == "output_limit", record
+    assert record["reason"] == f"{stream} exceeded {settings.output_cap_bytes} bytes"
+    assert record[f"{stream}_truncated"] is True
+    assert len(record[stream].encode("utf-8", "surrogateescape")) >= settings.output_cap_bytes
+
+
+def test_binary_stdout_fails_with_reason(attack) -> None:
+    record, _ = attack("binary_small")
+    assert record["status"] == "failed"
+    assert record["reason"].startswith("invalid output: stdout is not UTF-8 text")
+
+
+def test_filling_tmp_stops_at_its_size_and_nothing_persists(attack, settings) -> None:
+    got = report(attack("fill_tmp"))
+    assert got["error"] in ("ENOSPC", "EFBIG")
+    assert got["written"] <= settings.tmpfs_bytes
+    files = report(attack("many_files", timeout=120))
+    assert files["error"] == "ENOSPC"
+    assert report(attack("tmp_listing"))["tmp"] == []
+
+
+def test_open_files_hit_nofile(attack, settings) -> None:
+    got = report(attack("open_files"))
+    assert got["error"] == "EMFILE" and got["opened"] < settings.nofile_limit
+
+
+def test_one_huge_file_hits_fsize(attack, settings) -> None:
+    got = report(attack("huge_file"))
+    assert got["error"] == "EFBIG" and got["written"] == settings.fsize_bytes
+
+
+# Network
+
+def test_no_egress_at_all(attack, settings, docker_client) -> None:
+    gateway = docker_client.networks.get("bridge").attrs["IPAM"]["Config"][0]["Gateway"]
+    redis_port = int(settings.redis_url.rsplit(":", 1)[1].split("/")[0])
+    got = report(attack("network", hostname="pypi.org", ip=gateway, port=redis_port,
+                        redis_port=redis_port, gateway=gateway))
+    assert all(v != "connected" for v in got.values()), got
+    assert got["hostname"] in ("gaierror", "EAI_AGAIN", "ENETUNREACH") or "gai" in got["hostname"]
+
+
+# Host
+
+def test_host_is_out_of_reach(attack) -> None:
+    got = report(attack("host"))
+    for key in ("write_root", "write_code", "write_etc"):
+        assert got[key] in ("EROFS", "EACCES"), (key, got[key])
+    assert got["date_set"] == "exit 1" and got["mount"] != "ok"
+    assert got["mknod"] == "EPERM" and got["raw_socket"] == "EPERM"
+    assert got["setuid_files"], "the image should hold setuid binaries for this test to mean much"
+    assert got["su_stdout"] != "0" and got["su_code"] != 0
+    assert got["uid"] == got["euid"] == 65534
+    assert set(got["environ"]) <= {"EVENT_DATA", "EVENT_FILE", "PLUGIN_NAME", "PLUGIN_VERSION",
+                                   "INVOCATION_ID", "HOME", "PATH", "LANG", "HOSTNAME",
+                                   "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED"}
+    assert got["plugin_files"] == ["main.py", "plugin.yaml"]
+    assert got["docker_sock"] is False
+    assert not Path("/pwned").exists()
+
+
+# Paths
+
+@pytest.fixture
+def planted(files_dir: Path) -> dict[str, Path]:
+    """A secret outside the allowed directory, and ways to reach it planted inside."""
+    secret_dir = Path(os.path.dirname(files_dir)) / f"titan-secret-{new_id()}"
+    secret_dir.mkdir()
+    secret = secret_dir / "secret.txt"
+    secret.write_text("TOP-SECRET")
+    inside = files_dir / new_id("plant")
+    inside.mkdir()
+    (inside / "ok.txt").write_text("fine")
+    (inside / "abs").symlink_to(secret)
+    (inside / "rel").symlink_to(os.path.relpath(secret, inside))
+    (inside / "chain").symlink_to(inside / "abs")
+    (inside / "loop").symlink_to(inside / "loop")
+    yield {"secret": secret, "inside": inside}
+    for p in inside.iterdir():
+        p.unlink()
+    inside.rmdir()
+    secret.unlink()
+    secret_dir.rmdir()
+
+
+def test_plugin_cannot_read_outside_its_globs(attack, planted) -> None:
+    inside, secret = planted["inside"], planted["secret"]
+    paths = [str(inside / n) for n in ("ok.txt", "abs", "rel", "chain", "loop")]
+    paths += [f"{inside}/../../{secret.parent.name}/secret.txt", str(secret), "/etc/shadow"]
+    got = report(attack("read_paths", paths=paths))["results"]
+    assert got[paths[0]] == "read:fine"
+    assert not any("TOP-SECRET" in v for v in got.values()), got
+
+
+@pytest.mark.parametrize("how", ["dotdot", "abs", "rel", "chain", "loop", "hardlink"])
+def test_payload_path_escapes_are_rejected_before_any_container(attack, planted,
+                                                                how: str) -> None:
+    inside, secret = planted["inside"], planted["secret"]
+    if how == "hardlink":
+        os.link(secret, inside / "hard")
+        path = str(inside / "hard")
+    elif how == "dotdot":
+        path = f"{inside}/../../{secret.parent.name}/secret.txt"
+    else:
+        path = str(inside / how)
+    record, failure = attack("read_paths", paths=[path], path=path)
+    assert record["status"] == "rejected", record
+    assert record.get("exit_code") is None and record.get("container_start_s") is None
+    assert failure["payload"]["status"] == "rejected"
+    assert path in failure["payload"]["reason"]
+
+
+def test_payload_path_mounts_only_that_file(attack, planted) -> None:
+    inside = planted["inside"]
+    ok = str(inside / "ok.txt")
+    other = inside / "other.txt"
+    other.write_text("not named by the event")
+    try:
+        got = report(attack("read_paths", paths=[ok, str(other)], path=ok))["results"]
+    finally:
+        other.unlink()
+    assert got == {ok: "read:fine", str(other): "ENOENT"}
+
+
+# Events
+
+def test_oversized_deep_and_malformed_events_are_dead_lettered(bus: Bus) -> None:
+    base = {"event_id": new_id(), "topic": "hostile.v1", "event_type": "attack"}
+    cases = [
+        (json.dumps({**base, "payload": {"x": "a" * 2 * 1024 * 1024}}), "too_large"),
+        (json.dumps(base)[:-1] + ', "payload": {"x": ' + "[" * 1000 + "]" * 1000 + "}}",
+         "too_deep"),
+        (b'{"event_id": "\xc3\x28", "topic": "a", "event_type": "b"}', "invalid_utf8"),
+        ('"just a string"', "not_an_object"),
+    ]
+    for raw, reason in cases:
+        dead = bus.dead_letter(bus.publish(raw))
+        assert dead["reason"] == reason and dead["detail"]
+
+
+def test_event_just_under_the_limit_reaches_the_plugin_whole(attack, settings) -> None:
+    base = Event(new_id("size"), "hostile.v1", "attack",
+                 {"attack": "event_size", "fill": ""}).encode()
+    fill = "z" * (settings.max_event_bytes - len(base.encode()) - 64)
+    record, caused = attack("event_size", fill=fill)
+    got = caused["payload"]
+    assert record["status"] == "succeeded", record
+    assert settings.max_event_bytes - 200 < got["size"] <= settings.max_event_bytes
+    assert got["env_has_event_data"] is False  # too big for one environment variable
+
+
+# Output
+
+@pytest.mark.parametrize(("kind", "reason"), [
+    ("not_json", "is not JSON"), ("truncated", "is not JSON"),
+    ("nan", "NaN is not valid JSON"), ("surrogate", "lone surrogate"),
+    ("missing_keys", "lacks topic, event_type"), ("many_lines", "more than the limit of 1000"),
+])
+def test_bad_output_fails_with_reason(attack, kind: str, reason: str) -> None:
+    record, failure = attack("bad_output", kind=kind)
+    assert record["status"] == "failed" and reason in record["reason"], record
+    assert failure["payload"]["reason"] == record["reason"]
+
+
