@@ -168,3 +168,26 @@ class Bus:
     def dead_letter(self, entry_id: str, timeout: float = 30) -> dict[str, Any]:
         return self.wait_event(lambda d: d.get("entry_id") == entry_id, timeout,
                                stream=self.settings.dead_stream)
+
+
+def build_pdf(content: bytes, filters: str | None = None) -> bytes:
+    """A minimal one-page PDF with `content` as its page's content stream (offsets computed),
+    optionally declared as encoded with `filters` (e.g. "/FlateDecode")."""
+    declared = b" /Filter " + filters.encode() if filters else b""
+    objects = [b"<< /Type /Catalog /Pages 2 0 R >>",
+               b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+               b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
+               b"/Resources << /Font << /F1 5 0 R >> >> >>",
+               b"<< /Length %d%s >>\nstream\n" % (len(content), declared) + content
+               + b"\nendstream",
+               b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
+    out, offsets = bytearray(b"%PDF-1.4\n"), []
+    for n, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % n + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (
+        len(objects) + 1, xref)
+    return bytes(out)

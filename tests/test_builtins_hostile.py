@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import Bus, new_id
+from harness import Bus, build_pdf, new_id
 from manager.records import RecordStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("stack")]
@@ -57,32 +57,12 @@ def test_shell_runner_runs_allowed_commands_in_the_sandbox(bus, conn, settings, 
         assert expect in payload["stdout"]
 
 
-def _pdf(stream: bytes, filters: str = "/FlateDecode") -> bytes:
-    objects = [b"<< /Type /Catalog /Pages 2 0 R >>",
-               b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-               b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
-               b"/Resources << /Font << /F1 5 0 R >> >> >>",
-               b"<< /Length %d /Filter %s >>\nstream\n" % (len(stream), filters.encode())
-               + stream + b"\nendstream",
-               b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
-    out, offsets = bytearray(b"%PDF-1.4\n"), []
-    for n, body in enumerate(objects, 1):
-        offsets.append(len(out))
-        out += b"%d 0 obj\n" % n + body + b"\nendobj\n"
-    xref = len(out)
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
-    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
-    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (
-        len(objects) + 1, xref)
-    return bytes(out)
-
-
 def test_pdf_decompression_bomb_fails_within_limits(bus, conn, settings, files_dir: Path) -> None:
     compressor = zlib.compressobj(9)
     chunk = b"BT /F1 12 Tf (A) Tj ET\n" * 50_000  # about 1 MB of content, repeated to 1 GB
     bomb = b"".join(compressor.compress(chunk) for _ in range(1000)) + compressor.flush()
     path = files_dir / "bomb.pdf"
-    path.write_bytes(_pdf(bomb))
+    path.write_bytes(build_pdf(bomb, "/FlateDecode"))
     record, failure = run(bus, conn, settings, "file_watcher", "fs.v1", "file_created",
                           {"path": str(path), "mime_type": "application/pdf"}, timeout=180)
     assert record["status"] in ("failed", "oom"), record

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from harness import Bus, new_id
+from harness import Bus, build_pdf, new_id
 from manager.records import RecordStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("stack")]
@@ -62,30 +62,9 @@ def test_file_watcher_extracts_markdown_in_latin1(bus: Bus, files_dir) -> None:
     assert result["payload"]["chars"] == len(text)
 
 
-def _pdf_with_text(text: str) -> bytes:
-    """A minimal one-page PDF showing `text` (built by hand; offsets computed)."""
-    content = f"BT /F1 24 Tf 72 720 Td ({text}) Tj ET".encode()
-    objects = [b"<< /Type /Catalog /Pages 2 0 R >>",
-               b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-               b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
-               b"/Resources << /Font << /F1 5 0 R >> >> >>",
-               b"<< /Length %d >>\nstream\n" % len(content) + content + b"\nendstream",
-               b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
-    out, offsets = bytearray(b"%PDF-1.4\n"), []
-    for n, body in enumerate(objects, 1):
-        offsets.append(len(out))
-        out += b"%d 0 obj\n" % n + body + b"\nendobj\n"
-    xref = len(out)
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
-    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
-    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (
-        len(objects) + 1, xref)
-    return bytes(out)
-
-
 def test_file_watcher_extracts_pdf(bus: Bus, files_dir) -> None:
     path = files_dir / "report.pdf"
-    path.write_bytes(_pdf_with_text("Quarterly report for Titan"))
+    path.write_bytes(build_pdf(b"BT /F1 24 Tf 72 720 Td (Quarterly report for Titan) Tj ET"))
     event_id = new_id()
     bus.publish({"event_id": event_id, "topic": "fs.v1", "event_type": "file_created",
                  "payload": {"path": str(path), "mime_type": "application/pdf"}})

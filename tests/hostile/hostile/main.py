@@ -62,16 +62,21 @@ def binary_small():
     sys.stdout.buffer.write(b"\xff\xfe\x00garbage")
 
 
-def fill_tmp():
+def write_until_error(path):
+    """Appends 1 MiB at a time until the kernel says no; reports how far it got."""
     written = 0
     try:
-        with open("/tmp/fill", "wb") as fh:
+        with open(path, "wb") as fh:
             while True:
                 fh.write(b"\0" * 1048576)
                 fh.flush()
                 written += 1048576
     except OSError as exc:
         report(written=written, error=err(exc))
+
+
+def fill_tmp():
+    write_until_error("/tmp/fill")
 
 
 def many_files():
@@ -101,15 +106,7 @@ def open_files():
 
 def huge_file():
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    written = 0
-    try:
-        with open("/tmp/huge", "wb") as fh:
-            while True:
-                fh.write(b"\0" * 1048576)
-                fh.flush()
-                written += 1048576
-    except OSError as exc:
-        report(written=written, error=err(exc))
+    write_until_error("/tmp/huge")
 
 
 def connect(host, port):
