@@ -17,7 +17,7 @@ task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
 # Unacknowledged tasks come back after this long: longer than the longest allowed run.
 broker_transport_options = {
-    "visibility_timeout": _settings.max_timeout + 300,
+    "visibility_timeout": _settings.effective_visibility_timeout,
     "socket_keepalive": True,
     "retry_on_timeout": True,
 }

@@ -68,9 +68,15 @@ class Settings:
     # Retention.
     record_ttl: int = 7 * 24 * 3600
     stream_maxlen: int = 100_000
+    stream_max_age: int = 7 * 24 * 3600  # seconds; older stream entries are trimmed
     dedup_ttl: int = 24 * 3600
+    # Delivery: unacknowledged tasks come back after visibility_timeout (0: max_timeout + 300).
+    visibility_timeout: int = 0
+    sandbox_retries: int = 5
+    retry_backoff_max: int = 60
     # Listener.
     reclaim_idle_ms: int = 60_000
+    housekeeping_s: int = 15  # how often the listener reclaims and trims
     read_block_ms: int = 1000
     worker_name: str = field(default_factory=socket.gethostname)
 
@@ -103,6 +109,10 @@ class Settings:
                 values[f.name] = _int(env, f.default)  # type: ignore[arg-type]
         values.update(overrides)
         return cls(**values)
+
+    @property
+    def effective_visibility_timeout(self) -> int:
+        return self.visibility_timeout or self.max_timeout + 300
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)

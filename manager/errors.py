@@ -72,3 +72,15 @@ class DependencyError(TitanError):
 
 class InvocationNotFound(TitanError):
     code = "invocation_not_found"
+
+
+class Throttled(TitanError):
+    """The plugin already runs `concurrency` times; the task waits its turn."""
+
+    code = "throttled"
+
+
+class RetryRun(TitanError):
+    """The plugin failed but its manifest asks for another attempt."""
+
+    code = "retry_run"

@@ -33,6 +33,10 @@ class Keys:
         """Sorted set: invocation ids of a plugin, scored by creation time."""
         return f"{self.prefix}:plugin:{plugin}:invocations"
 
+    def plugin_slots(self, plugin: str) -> str:
+        """Sorted set: invocations holding one of a plugin's concurrency slots."""
+        return f"{self.prefix}:plugin:{plugin}:slots"
+
     def dispatched(self, event_id: str, plugin: str) -> str:
         """String: the invocation id an (event, plugin) pair was dispatched as."""
         return f"{self.prefix}:dispatched:{event_id}:{plugin}"

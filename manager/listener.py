@@ -23,7 +23,6 @@ from manager.matching import match
 from manager.registry import Registry
 
 log = logging.getLogger(__name__)
-RECLAIM_EVERY_S = 15.0
 
 
 def ensure_group(conn: redis.Redis, settings: Settings) -> None:
@@ -83,8 +82,9 @@ class Listener:
     def poll(self) -> int:
         """Handles one batch: reclaimed entries first, then new ones. Returns entries done."""
         done = 0
-        if time.monotonic() - self._last_reclaim > RECLAIM_EVERY_S:
+        if time.monotonic() - self._last_reclaim > self.settings.housekeeping_s:
             self._last_reclaim = time.monotonic()
+            self.trim()
             done += self.reclaim()
         reply = self.conn.xreadgroup(self.settings.consumer_group, self.consumer,
                                      {self.settings.event_stream: ">"}, count=64,
@@ -94,6 +94,12 @@ class Listener:
                 self.handle(entry_id.decode(), fields)
                 done += 1
         return done
+
+    def trim(self) -> None:
+        """Retention by age (by length, XADD's MAXLEN already trims as entries arrive)."""
+        min_id = int((time.time() - self.settings.stream_max_age) * 1000)
+        for stream in (self.settings.event_stream, self.settings.dead_stream):
+            self.conn.xtrim(stream, minid=min_id)
 
     def reclaim(self) -> int:
         """Takes over entries another consumer read but never acknowledged."""

@@ -74,6 +74,8 @@ class Manifest(_Model):
     entrypoint: Annotated[str, Field(min_length=1, max_length=1000)]
     image: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}$")]
     timeout: Annotated[int, Field(gt=0)] = 30
+    retries: Annotated[int, Field(ge=0, le=10)] = 0  # re-runs after failed/timeout/oom
+    concurrency: Annotated[int, Field(ge=1, le=1000)] | None = None  # across all workers
     resources: Resources = Resources()
     permissions: Permissions = Permissions()
 

@@ -13,17 +13,27 @@ import redis
 
 from manager import metrics
 from manager.config import Settings
-from manager.errors import BundleError, DependencyError, ManifestError, PermissionDenied
+from manager.errors import (
+    BundleError,
+    DependencyError,
+    ManifestError,
+    PermissionDenied,
+    RetryRun,
+    Throttled,
+)
 from manager.events import Event
-from manager.manifest import load_manifest
+from manager.keys import Keys
+from manager.manifest import Manifest, load_manifest
 from manager.permissions import check_payload_path, mount_sources
 from manager.records import RecordStore, Status
 from manager.registry import Registry
 from workers.plugin_cache import PluginCache
 from workers.results import Invocation, Publisher
 from workers.sandbox import RunSpec, Sandbox
+from workers.slots import Slots
 
 log = logging.getLogger(__name__)
+RETRYABLE = {Status.FAILED, Status.TIMEOUT, Status.OOM}  # only with `retries:` in the manifest
 
 
 class Runner:
@@ -36,25 +46,40 @@ class Runner:
         self.records = RecordStore(conn, settings)
         self.publisher = Publisher(conn, settings)
         self.cache = PluginCache(Registry(conn, settings), settings)
+        self.slots = Slots(conn, Keys(settings.key_prefix))
 
-    def start(self, invocation_id: str, attempt: int,
-              worker: str | None = None) -> dict[str, Any] | None:
-        """Marks the record running; None when it already finished (a duplicate delivery)."""
-        record = self.records.get(invocation_id)
-        if record and Status(record["status"]).terminal:
+    def start(self, invocation_id: str, worker: str | None = None) -> dict[str, Any] | None:
+        """Marks the record running and counts the attempt (redeliveries included); None
+        when the invocation already finished (a duplicate delivery)."""
+        record = self.records.get(invocation_id) or {}
+        if record.get("status") and Status(record["status"]).terminal:
             log.info("invocation %s already %s; skipping", invocation_id, record["status"])
             return None
         return self.records.update(invocation_id, status=Status.RUNNING.value,
-                                   attempts=attempt, worker=worker or self.settings.worker_name,
+                                   attempts=int(record.get("attempts") or 0) + 1,
+                                   worker=worker or self.settings.worker_name,
                                    worker_pid=os.getpid(), started_at=time.time())
 
-    def run(self, inv: Invocation, digest: str) -> dict[str, Any]:
-        """Runs the exact content `digest`; SandboxUnavailable propagates for a retry."""
+    def run(self, inv: Invocation, digest: str, attempt: int = 1) -> dict[str, Any]:
+        """Runs the exact content `digest`. Raises SandboxUnavailable (engine unusable),
+        Throttled (no concurrency slot) or RetryRun (the manifest asks for a re-run)."""
         try:
             code_dir = self.cache.code_dir(digest)
             manifest = load_manifest(code_dir, self.settings.max_manifest_bytes, inv.plugin)
         except (BundleError, ManifestError) as exc:
             return self.fail(inv, Status.FAILED, f"plugin content unusable: {exc.message}")
+        if manifest.concurrency is None:
+            return self._run(inv, manifest, code_dir, attempt)
+        lease = manifest.timeout + 120
+        if not self.slots.acquire(inv.plugin, inv.invocation_id, manifest.concurrency, lease):
+            raise Throttled(f"{inv.plugin} already runs {manifest.concurrency} time(s)")
+        try:
+            return self._run(inv, manifest, code_dir, attempt)
+        finally:
+            self.slots.release(inv.plugin, inv.invocation_id)
+
+    def _run(self, inv: Invocation, manifest: Manifest, code_dir: Path,
+             attempt: int) -> dict[str, Any]:
         try:
             allowed_path = check_payload_path(inv.event.payload, manifest.allowed_globs)
         except PermissionDenied as exc:
@@ -79,6 +104,12 @@ class Runner:
             event_file.unlink(missing_ok=True)
         metrics.CONTAINER_START.observe(result.container_start_s)
         metrics.DURATION.labels(plugin=inv.plugin).observe(result.duration_s)
+        if result.status in RETRYABLE and attempt <= manifest.retries:
+            self.records.update(inv.invocation_id, status=Status.RETRYING.value,
+                                reason=f"{result.status.value}: {result.reason}",
+                                exit_code=result.exit_code)
+            raise RetryRun(f"attempt {attempt} {result.status.value}; "
+                           f"{manifest.retries - attempt + 1} retry(ies) left")
         record = self.publisher.finish(inv, result)
         metrics.INVOCATIONS.labels(plugin=inv.plugin, status=record["status"]).inc()
         return record
