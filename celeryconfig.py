@@ -16,8 +16,12 @@ task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
 # Unacknowledged tasks come back after this long: longer than the longest allowed run.
+_restore_every = max(1, min(10, _settings.restore_interval))
 broker_transport_options = {
     "visibility_timeout": _settings.effective_visibility_timeout,
+    # kombu scans for unacknowledged tasks about every interval * throttle seconds.
+    "unacked_restore_interval": _restore_every,
+    "unacked_restore_throttle": max(1, _settings.restore_interval // _restore_every),
     "socket_keepalive": True,
     "retry_on_timeout": True,
 }

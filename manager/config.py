@@ -72,6 +72,7 @@ class Settings:
     dedup_ttl: int = 24 * 3600
     # Delivery: unacknowledged tasks come back after visibility_timeout (0: max_timeout + 300).
     visibility_timeout: int = 0
+    restore_interval: int = 60  # how often workers look for tasks whose worker died
     sandbox_retries: int = 5
     retry_backoff_max: int = 60
     # Listener.

@@ -3,6 +3,7 @@ Celery worker processes on a private queue, and a reader of the private stream."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -10,9 +11,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
@@ -46,14 +49,18 @@ def new_id(prefix: str = "t") -> str:
 class RedisServer:
     """A throwaway redis-server on a free loopback port."""
 
-    def __init__(self) -> None:
+    def __init__(self, persist: bool = False) -> None:
         self.port = free_port()
+        self.persist = persist
         self.workdir = tempfile.mkdtemp(prefix="titan-redis-")
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.start()
+
+    def start(self) -> None:
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.workdir],
+             "--appendonly", "yes" if self.persist else "no", "--dir", self.workdir],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        self.url = f"redis://127.0.0.1:{self.port}/0"
         conn = redis.Redis.from_url(self.url)
 
         def up() -> bool:
@@ -64,10 +71,66 @@ class RedisServer:
 
         wait_until(up, 20, "redis-server")
 
-    def stop(self) -> None:
+    def stop(self, keep_data: bool = False) -> None:
         self.proc.terminate()
         self.proc.wait(10)
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        if not keep_data:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class DockerProxy:
+    """A unix socket that forwards to the Docker engine and can be cut and restored:
+    to a worker pointed at it (DOCKER_HOST), the engine goes down and comes back."""
+
+    def __init__(self, target: str = "/var/run/docker.sock") -> None:
+        self.target = target
+        self.path = os.path.join(tempfile.mkdtemp(prefix="titan-dproxy-"), "docker.sock")
+        self.url = f"unix://{self.path}"
+        self.server: socket.socket | None = None
+        self.conns: list[socket.socket] = []
+
+    def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        self.server = socket.socket(socket.AF_UNIX)
+        self.server.bind(self.path)
+        self.server.listen(64)
+        threading.Thread(target=self._accept, args=(self.server,), daemon=True).start()
+
+    def _accept(self, server: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = server.accept()
+            except OSError:
+                return
+            upstream = socket.socket(socket.AF_UNIX)
+            upstream.connect(self.target)
+            self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+
+    def stop(self) -> None:
+        """The engine 'goes down': no new connections, and open ones are cut."""
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        for c in self.conns:
+            with contextlib.suppress(OSError):
+                c.close()
+        self.conns.clear()
 
 
 def private_settings(redis_url: str, plugins_dir: Path, run_dir: Path, **extra: Any) -> Settings:
@@ -82,8 +145,8 @@ def private_settings(redis_url: str, plugins_dir: Path, run_dir: Path, **extra: 
         worker_name=f"testhost-{uid}", api_token="", **extra)
 
 
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The environment a worker process needs to share this test's private names."""
+def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment a process needs to share this test's private names and limits."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TITAN_", "PROMETHEUS"))}
     env.update({
         "TITAN_REDIS_URL": settings.redis_url, "TITAN_KEY_PREFIX": settings.key_prefix,
@@ -92,20 +155,26 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "TITAN_PLUGINS_DIR": str(settings.plugins_dir), "TITAN_RUN_DIR": str(settings.run_dir),
         "TITAN_CACHE_DIR": str(settings.cache_dir), "TITAN_WORKER_NAME": settings.worker_name,
     })
+    for f in dataclass_fields(Settings):
+        value = getattr(settings, f.name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            env[f"TITAN_{f.name.upper()}"] = str(value)
+    env.update(extra)
     return env
 
 
 class WorkerProcess:
     """A real `celery worker` process on the test's private queue."""
 
-    def __init__(self, settings: Settings, name: str, concurrency: int = 2) -> None:
+    def __init__(self, settings: Settings, name: str, concurrency: int = 2,
+                 **extra_env: str) -> None:
         self.settings = settings
         self.name = name
         self.log = settings.run_dir / f"{name}.log"
         cmd = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
                "-Q", settings.task_queue, "-n", f"{name}@%h", "-c", str(concurrency),
                "-P", "prefork", "--loglevel", "INFO", "--without-gossip", "--without-mingle"]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=settings_env(settings),
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=settings_env(settings, **extra_env),
                                      stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
                                      start_new_session=True)
 

@@ -1,0 +1,4 @@
+import sys
+
+print("flaky failure", file=sys.stderr)
+sys.exit(1)

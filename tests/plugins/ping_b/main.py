@@ -1,0 +1,3 @@
+import json
+
+print(json.dumps({"topic": "loop.v1", "event_type": "a", "payload": {}}))
