@@ -268,6 +268,6 @@ def test_retention_trims_by_age_and_length_and_records_expire(settings, conn) ->
     assert all(int(e[0].split(b"-")[0]) > old_ms + 10 for e in entries)
     assert len(entries) <= mine.stream_maxlen + 100  # MAXLEN ~ trims whole nodes
     store = RecordStore(conn, mine)
-    store.create({"invocation_id": "ret-1", "plugin": "echo", "status": "queued"})
+    store.create({"invocation_id": "ret-1", "plugin": "retention_probe", "status": "queued"})
     assert store.get("ret-1")["status"] == "queued"
     assert 0 < conn.ttl(f"{settings.key_prefix}:inv:ret-1") <= 120
