@@ -8,7 +8,7 @@ FILES_DIR ?= /srv/titan/files
 export TITAN_RUN_DIR ?= $(CURDIR)/$(RUN_DIR)
 
 .PHONY: up down deps services image plugins-up plugins-down plugins-list plugins-reload \
-        plugins-logs status flower test unit lint bench
+        plugins-logs status flower test unit lint bench soak
 
 up: deps services image ## install what is missing, start Redis, Docker, manager and workers
 	@mkdir -p $(FILES_DIR)
@@ -65,3 +65,8 @@ bench: deps ## end-to-end latency and throughput vs. bare Docker runs
 	@bash scripts/services.sh docker
 	@bash scripts/image.sh
 	@$(PY) bench/bench.py $(BENCH_ARGS)
+
+soak: deps ## 2,000 events, 3 plugins, 2 workers, a worker SIGKILLed twice: nothing lost or doubled
+	@bash scripts/services.sh docker
+	@bash scripts/image.sh
+	@$(PY) bench/soak.py $(SOAK_ARGS)

@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""`make soak`: many events across 3 plugins and two workers, with a worker killed
+(SIGKILL) and restarted twice while they run. Every (event, matching plugin) must end with
+exactly one terminal record and one result event. Prints the tally; exits non-zero if
+anything was lost or duplicated."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from harness import RedisServer, WorkerProcess, private_settings  # noqa: E402
+from manager.dispatch import Dispatcher, make_celery  # noqa: E402
+from manager.listener import Listener  # noqa: E402
+from manager.records import RecordStore, Status  # noqa: E402
+from manager.registry import Registry  # noqa: E402
+
+PLUGINS = ROOT / "bench" / "soak_plugins"
+MATCHES = {"x": ("soak_a", "soak_b"), "y": ("soak_a", "soak_c")}
+
+
+def terminal_pairs(store: RecordStore) -> Counter:
+    """(event_id, plugin) -> number of terminal records."""
+    counts: Counter = Counter()
+    for plugin in ("soak_a", "soak_b", "soak_c"):
+        for rec in store.for_plugin(plugin, 100_000):
+            if Status(rec["status"]).terminal:
+                counts[(rec["event_id"], plugin)] += 1
+    return counts
+
+
+def result_pairs(conn: redis.Redis, stream: str) -> Counter:
+    counts: Counter = Counter()
+    for _, fields in conn.xrange(stream):
+        event = json.loads(fields[b"event"])
+        if event.get("event_type") == "done":
+            plugin = event["source"].split(":", 1)[1].split("@")[0]
+            counts[(event["causation_id"], plugin)] += 1
+    return counts
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--events", type=int, default=2000)
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds for the whole run")
+    args = parser.parse_args()
+    server = RedisServer()
+    settings = private_settings(server.url, PLUGINS, Path(tempfile.mkdtemp(prefix="titan-soak-")),
+                                visibility_timeout=10, restore_interval=2, reclaim_idle_ms=5000,
+                                housekeeping_s=2, stream_maxlen=1_000_000)
+    conn = redis.Redis.from_url(settings.redis_url)
+    Registry(conn, settings).reload()
+    listener = Listener(redis.Redis.from_url(settings.redis_url), settings,
+                        Registry(redis.Redis.from_url(settings.redis_url), settings),
+                        Dispatcher(conn, settings, make_celery(settings)))
+    workers = [WorkerProcess(settings, f"soak{i}", concurrency=1) for i in (1, 2)]
+    store = RecordStore(conn, settings)
+    expected = {(f"soak-{n}", p) for n in range(args.events)
+                for p in MATCHES["x" if n % 2 else "y"]}
+    try:
+        for w in workers:
+            w.wait_ready(conn)
+        threading.Thread(target=listener.run, daemon=True).start()
+        t0 = time.monotonic()
+        for n in range(args.events):
+            conn.xadd(settings.event_stream, {"event": json.dumps(
+                {"event_id": f"soak-{n}", "topic": "soak.v1",
+                 "event_type": "x" if n % 2 else "y"})})
+        print(f"published {args.events} events ({len(expected)} runs expected)")
+        kills = [len(expected) // 4, len(expected) * 3 // 5]
+        done = 0
+        while time.monotonic() - t0 < args.timeout:
+            done = sum(1 for pair in terminal_pairs(store) if pair in expected)
+            if kills and done >= kills[0]:
+                kills.pop(0)
+                victim = workers[0]
+                os.killpg(victim.proc.pid, signal.SIGKILL)
+                victim.proc.wait(10)
+                print(f"  killed {victim.name} (SIGKILL) at {done} runs done; restarting it")
+                workers[0] = WorkerProcess(settings, victim.name, concurrency=1)
+                workers[0].wait_ready(conn)
+            if done >= len(expected):
+                break
+            time.sleep(2)
+        elapsed = time.monotonic() - t0
+        time.sleep(3)  # let the last result events land
+        terminal, results = terminal_pairs(store), result_pairs(conn, settings.event_stream)
+    finally:
+        listener.stop()
+        for w in workers:
+            w.stop()
+        server.stop()
+    statuses: Counter = Counter()
+    lost = [p for p in expected if terminal[p] == 0]
+    duplicated = [p for p in expected if terminal[p] > 1 or results[p] > 1]
+    succeeded = sum(1 for p in expected if terminal[p] == 1 and results[p] == 1)
+    failed = len(expected) - succeeded - len(lost) - len(duplicated)
+    statuses.update(expected=len(expected), succeeded=succeeded, failed=failed, lost=len(lost),
+                    duplicated=len(duplicated))
+    print(f"soak: {elapsed:.0f}s, {len(expected) / elapsed:.1f} runs/s")
+    print("  " + "  ".join(f"{k} {statuses[k]}" for k in
+                           ("expected", "succeeded", "failed", "lost", "duplicated")))
+    for label, pairs in (("lost", lost), ("duplicated", duplicated)):
+        if pairs:
+            print(f"  {label} (first 10): {sorted(pairs)[:10]}")
+    return 1 if lost or duplicated else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
