@@ -188,15 +188,18 @@ def test_plugins_triggering_each_other_stop_at_the_hops_limit(settings, conn,
     assert dead["detail"] == f"hops {settings.max_hops + 1} is over the limit {settings.max_hops}"
 
 
-def test_concurrency_caps_parallel_runs_across_workers(settings, conn, registry,
-                                                       worker) -> None:
+def test_concurrency_caps_parallel_runs_and_others_are_not_starved(settings, conn, registry,
+                                                                   worker) -> None:
     invs = [dispatch(conn, settings, registry, "limited", "test.v1", "limited")[0]
-            for _ in range(3)]
+            for _ in range(4)]
+    other, _ = dispatch(conn, settings, registry, "echo", "test.v1", "ping")
+    other_done = finished(conn, settings, other, timeout=120)
     runs = sorted((finished(conn, settings, i, timeout=120) for i in invs),
                   key=lambda r: r["started_at"])
     assert all(r["status"] == "succeeded" for r in runs), runs
     for earlier, later in itertools.pairwise(runs):
         assert later["started_at"] >= earlier["finished_at"], (earlier, later)
+    assert other_done["finished_at"] < runs[-1]["finished_at"]  # not stuck behind the flood
     assert conn.zcard(f"{settings.key_prefix}:plugin:limited:slots") == 0
 
 
