@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 
 from manager.config import Settings
@@ -9,9 +10,13 @@ from manager.service import Manager
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m manager", description=__doc__)
+    parser.add_argument("--watch", action="store_true",
+                        help="reload plugins when files under the plugins directory change")
+    args = parser.parse_args()
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    Manager(Settings.from_env()).serve()
+    Manager(Settings.from_env()).serve(watch=args.watch)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from manager.errors import (
     PluginNotFound,
     PluginUnavailable,
     TitanError,
+    VersionNotFound,
 )
 from manager.events import Event, Limits
 from manager.keys import Keys
@@ -31,6 +32,7 @@ from manager.records import RecordStore, Status
 from manager.registry import Registry
 
 STATUS_CODES = {EventError: 400, PluginNotFound: 404, InvocationNotFound: 404,
+                VersionNotFound: 404,
                 PluginUnavailable: 409, PermissionDenied: 403}
 MAX_WAIT_S = 600.0
 DOCS_HTML = """<!doctype html><html><head><meta charset="utf-8">
@@ -128,7 +130,17 @@ def create_app(settings: Settings, conn: redis.Redis, registry: Registry,
 
     @app.get("/plugins/<name>")
     def get_plugin(name: str) -> Any:
-        return jsonify(plugin_or_404(name).public())
+        data = plugin_or_404(name).public()
+        data["versions"] = [{**e.ref(), "loaded_at": e.loaded_at,
+                             "serving": e.digest == data["digest"]}
+                            for e in registry.versions(name)]
+        return jsonify(data)
+
+    @app.post("/plugins/<name>/rollback")
+    def rollback(name: str) -> Any:
+        body = request.get_json(silent=True) or {}
+        version = body.get("version") or request.args.get("version")
+        return jsonify(registry.rollback(name, version))
 
     @app.post("/plugins/reload")
     def reload_plugins() -> Any:

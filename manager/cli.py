@@ -141,6 +141,18 @@ def reload(ctx: click.Context) -> None:
 
 
 @cli.command()
+@click.argument("name")
+@click.argument("version", required=False)
+@click.pass_context
+def rollback(ctx: click.Context, name: str, version: str | None) -> None:
+    """Put VERSION (a version or digest; default: the previous one) of NAME back in service."""
+    body = json.dumps({"version": version} if version else {}).encode()
+    _, data = ctx.obj["api"].call("POST", f"/plugins/{name}/rollback", body)
+    out(ctx, data, f"{name}: {data['from']['version']} ({data['from']['digest'][7:19]}) -> "
+                   f"{data['to']['version']} ({data['to']['digest'][7:19]})")
+
+
+@cli.command()
 @click.argument("invocation_id")
 @click.pass_context
 def show(ctx: click.Context, invocation_id: str) -> None:

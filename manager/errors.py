@@ -40,6 +40,10 @@ class PluginNotFound(TitanError):
     code = "plugin_not_found"
 
 
+class VersionNotFound(TitanError):
+    code = "version_not_found"
+
+
 class PluginUnavailable(TitanError):
     """The plugin exists but cannot run (invalid, or its bundle is missing)."""
 

@@ -33,6 +33,10 @@ class Keys:
         """Sorted set: invocation ids of a plugin, scored by creation time."""
         return f"{self.prefix}:plugin:{plugin}:invocations"
 
+    def plugin_versions(self, plugin: str) -> str:
+        """List: the kept versions of a plugin (registry entries as JSON), newest first."""
+        return f"{self.prefix}:plugin:{plugin}:versions"
+
     def plugin_slots(self, plugin: str) -> str:
         """Sorted set: invocations holding one of a plugin's concurrency slots."""
         return f"{self.prefix}:plugin:{plugin}:slots"

@@ -41,6 +41,12 @@ SPEC: dict[str, Any] = {
                                         {"200": _ok("what changed"), "401": _ERR})},
         "/plugins/{name}": {"get": _op("One plugin", {"200": _ok("plugin"), "404": _ERR},
                                        parameters=[_name()])},
+        "/plugins/{name}/rollback": {"post": _op(
+            "Put a kept version back in service (default: the one before the current)",
+            {"200": _ok("from and to"), "404": _ERR}, parameters=[_name()],
+            requestBody={"required": False, "content": {"application/json": {"schema": {
+                "type": "object", "properties": {"version": {
+                    "type": "string", "description": "a version or digest"}}}}}})},
         "/plugins/{name}/trigger": {"post": _op(
             "Run this plugin on an event, regardless of its triggers",
             {"202": _ok("queued"), "200": _ok("finished (with ?wait)", "Invocation"),

@@ -15,7 +15,7 @@ import json
 import re
 import tarfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,8 @@ from typing import Any
 import redis
 
 from manager.config import Settings
-from manager.errors import ManifestError
+from manager.deps import install_requirements
+from manager.errors import DependencyError, ManifestError, PluginNotFound, VersionNotFound
 from manager.keys import Keys
 from manager.manifest import NAME_RE, Manifest, load_manifest
 
@@ -47,6 +48,8 @@ class PluginEntry:
     errors: tuple[str, ...] = ()
     manifest: Manifest | None = None
     loaded_at: float = field(default_factory=time.time)
+    # Set after a rollback: the directory's digest that reloads must not put back.
+    rolled_back_from: str | None = None
 
     @property
     def runnable(self) -> bool:
@@ -66,6 +69,7 @@ class PluginEntry:
             name=data["name"], status=PluginStatus(data["status"]), path=data["path"],
             version=data.get("version"), digest=data.get("digest"),
             errors=tuple(data.get("errors") or ()), loaded_at=data.get("loaded_at", 0.0),
+            rolled_back_from=data.get("rolled_back_from"),
             manifest=Manifest.model_validate_json(json.dumps(manifest)) if manifest else None,
         )
 
@@ -80,8 +84,11 @@ class PluginEntry:
             "image": m.image if m else None, "timeout": m.timeout if m else None,
             "resources": m.resources.model_dump() if m else None,
             "permissions": m.permissions.model_dump(mode="json") if m else None,
-            "loaded_at": self.loaded_at,
+            "loaded_at": self.loaded_at, "rolled_back_from": self.rolled_back_from,
         }
+
+    def ref(self) -> dict[str, Any]:
+        return {"version": self.version, "digest": self.digest}
 
 
 def _plugin_files(plugin_dir: Path) -> list[Path]:
@@ -172,7 +179,13 @@ def discover(plugins_dir: Path, settings: Settings) -> dict[str, tuple[PluginEnt
 
 
 class Registry:
-    """The shared registry in Redis; takes its connection as a parameter."""
+    """The shared registry in Redis; takes its connection as a parameter.
+
+    A reload publishes every change in one MULTI, so readers switch atomically. A broken
+    new version never replaces a working one: the old one keeps serving, with the new
+    one's errors shown. The last HISTORY versions of each plugin stay in the store."""
+
+    HISTORY = 5
 
     def __init__(self, conn: redis.Redis, settings: Settings) -> None:
         self.conn = conn
@@ -184,17 +197,81 @@ class Registry:
         """Discovers plugins and publishes them; returns what changed."""
         found = discover(plugins_dir or self.settings.plugins_dir, self.settings)
         old = self.entries(fresh=True)
+        changes: dict[str, list[Any]] = {"added": [], "updated": [], "removed": [],
+                                         "rejected": []}
         pipe = self.conn.pipeline()
-        for entry, bundle in found.values():
-            if bundle is not None and entry.digest:
-                pipe.set(self.keys.bundle(entry.digest), bundle, nx=True)
-            pipe.hset(self.keys.registry, entry.name, json.dumps(entry.to_dict()))
-        removed = sorted(set(old) - set(found))
-        if removed:
-            pipe.hdel(self.keys.registry, *removed)
+        for name, (entry, bundle) in found.items():
+            entry = self._requirements_checked(entry)
+            before = old.get(name)
+            if not entry.runnable:
+                kept = before if before and before.runnable else None
+                changes["rejected"].append({"name": name, "errors": list(entry.errors),
+                                            "serving": kept.ref() if kept else None})
+                entry = replace(kept, errors=entry.errors) if kept else entry
+            elif before and before.rolled_back_from == entry.digest:
+                entry = replace(before, errors=())  # stays rolled back until the dir changes
+            else:
+                if before is None or not before.runnable:
+                    changes["added"].append({"name": name, **entry.ref()})
+                elif before.digest != entry.digest:
+                    changes["updated"].append({"name": name, "from": before.ref(),
+                                               "to": entry.ref()})
+                if bundle is not None and entry.digest:
+                    pipe.set(self.keys.bundle(entry.digest), bundle, nx=True)
+                if before is None or before.digest != entry.digest:
+                    self._remember(pipe, entry)
+            pipe.hset(self.keys.registry, name, json.dumps(entry.to_dict()))
+        changes["removed"] = sorted(set(old) - set(found))
+        if changes["removed"]:
+            pipe.hdel(self.keys.registry, *changes["removed"])
         pipe.incr(self.keys.registry_version)
         pipe.execute()
-        return _diff(old, {name: entry for name, (entry, _) in found.items()}, removed)
+        return changes
+
+    def _requirements_checked(self, entry: PluginEntry) -> PluginEntry:
+        """A requirements.txt that does not install rejects the plugin at load."""
+        req = Path(entry.path) / "requirements.txt"
+        if not entry.runnable or not req.is_file():
+            return entry
+        try:
+            install_requirements(req, self.settings.cache_dir, self.settings.runtime_python)
+        except DependencyError as exc:
+            return replace(entry, status=PluginStatus.INVALID, digest=None, manifest=None,
+                           errors=(f"requirements.txt: {exc.message}",))
+        return entry
+
+    def _remember(self, pipe: Any, entry: PluginEntry) -> None:
+        """Puts a version at the head of the plugin's history (one per digest)."""
+        kept = [e for e in self.versions(entry.name) if e.digest != entry.digest]
+        key = self.keys.plugin_versions(entry.name)
+        pipe.delete(key)
+        pipe.rpush(key, *(json.dumps(e.to_dict()) for e in [entry, *kept][:self.HISTORY]))
+
+    def versions(self, name: str) -> list[PluginEntry]:
+        """Kept versions of a plugin, newest first."""
+        return [PluginEntry.from_dict(json.loads(raw))
+                for raw in self.conn.lrange(self.keys.plugin_versions(name), 0, -1)]
+
+    def rollback(self, name: str, version: str | None = None) -> dict[str, Any]:
+        """Puts a kept version back in service (by default the one before the current)."""
+        current = self.get(name)
+        if current is None:
+            raise PluginNotFound(f"no plugin named {name!r}", plugin=name)
+        kept = self.versions(name)
+        candidates = [e for e in kept if e.digest != current.digest and
+                      (version is None or version in (e.version, e.digest))]
+        if not candidates:
+            raise VersionNotFound(
+                f"no kept version {version!r} of {name!r}" if version else
+                f"{name!r} has no earlier version to roll back to", plugin=name,
+                kept=[e.ref() for e in kept])
+        target = replace(candidates[0], errors=(), loaded_at=time.time(),
+                         rolled_back_from=current.rolled_back_from or current.digest)
+        pipe = self.conn.pipeline()
+        pipe.hset(self.keys.registry, name, json.dumps(target.to_dict()))
+        pipe.incr(self.keys.registry_version)
+        pipe.execute()
+        return {"name": name, "from": current.ref(), "to": target.ref()}
 
     def version(self) -> int:
         return int(self.conn.get(self.keys.registry_version) or 0)
@@ -214,20 +291,3 @@ class Registry:
 
     def bundle(self, digest: str) -> bytes | None:
         return self.conn.get(self.keys.bundle(digest))
-
-
-def _diff(old: dict[str, PluginEntry], new: dict[str, PluginEntry],
-          removed: list[str]) -> dict[str, list[Any]]:
-    added, updated, rejected = [], [], []
-    for name, entry in new.items():
-        if not entry.runnable:
-            rejected.append({"name": name, "errors": list(entry.errors)})
-            continue
-        before = old.get(name)
-        if before is None or not before.runnable:
-            added.append({"name": name, "version": entry.version, "digest": entry.digest})
-        elif before.digest != entry.digest:
-            updated.append({"name": name, "from": {"version": before.version,
-                                                   "digest": before.digest},
-                            "to": {"version": entry.version, "digest": entry.digest}})
-    return {"added": added, "updated": updated, "removed": removed, "rejected": rejected}

@@ -19,6 +19,7 @@ from manager.config import Settings
 from manager.dispatch import Dispatcher, make_celery
 from manager.listener import Listener
 from manager.registry import PluginStatus, Registry
+from manager.watch import PluginWatcher
 
 log = logging.getLogger("titan.manager")
 
@@ -60,9 +61,11 @@ class Manager:
                 "events_pending": int(pending["pending"]) if pending else 0,
                 "dead_letters": self.conn.xlen(s.dead_stream)}
 
-    def serve(self) -> None:
-        """Runs until SIGTERM/SIGINT."""
+    def serve(self, watch: bool = False) -> None:
+        """Runs until SIGTERM/SIGINT; with `watch`, reloads when plugin files change."""
         self.reload()
+        if watch:
+            PluginWatcher(self.settings.plugins_dir, self._safe_reload).start()
         metrics.serve(self.settings.metrics_port, self.settings.api_host,
                       metrics.StateCollector(self.plugin_counts, self.queue_depths))
         listener = threading.Thread(target=self.listener.run, name="listener", daemon=True)

@@ -21,7 +21,7 @@ start() {
   local any_running=0 i
   for f in "$RUN_DIR"/manager.pid "$RUN_DIR"/worker*.pid; do pid_alive "$f" && any_running=1; done
   [ $any_running = 1 ] || rm -f "$PROMETHEUS_MULTIPROC_DIR"/*.db
-  launch manager "$PY" -m manager
+  launch manager "$PY" -m manager ${TITAN_WATCH:+--watch}
   for ((i = 1; i <= WORKERS; i++)); do
     launch "worker$i" "$VENV/bin/celery" -A workers.celery_app worker -Q "${TITAN_TASK_QUEUE:-titan.plugins}" \
       -n "worker$i@%h" -c "$CONCURRENCY" -P prefork --loglevel INFO --without-gossip --without-mingle
