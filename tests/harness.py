@@ -167,14 +167,14 @@ class WorkerProcess:
     """A real `celery worker` process on the test's private queue."""
 
     def __init__(self, settings: Settings, name: str, concurrency: int = 2,
-                 **extra_env: str) -> None:
+                 cwd: Path = ROOT, **extra_env: str) -> None:
         self.settings = settings
         self.name = name
         self.log = settings.run_dir / f"{name}.log"
         cmd = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
                "-Q", settings.task_queue, "-n", f"{name}@%h", "-c", str(concurrency),
                "-P", "prefork", "--loglevel", "INFO", "--without-gossip", "--without-mingle"]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=settings_env(settings, **extra_env),
+        self.proc = subprocess.Popen(cmd, cwd=cwd, env=settings_env(settings, **extra_env),
                                      stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
                                      start_new_session=True)
 

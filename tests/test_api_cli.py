@@ -149,5 +149,7 @@ def test_cli_failures_exit_non_zero_with_a_reason(api_url: str, tmp_path) -> Non
     event_file.write_text(json.dumps({"event_id": new_id(), "topic": "t", "event_type": "e"}))
     published = cli(api_url, "publish", "-e", f"@{event_file}")
     assert published.returncode == 0 and "published" in published.stdout
+    no_history = cli(api_url, "rollback", "shell_runner")
+    assert no_history.returncode == 1 and "no earlier version" in no_history.stderr
     unreachable = cli("http://127.0.0.1:1", "list")
     assert unreachable.returncode == 1 and "cannot reach the API" in unreachable.stderr
