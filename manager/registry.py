@@ -219,7 +219,7 @@ class Registry:
                 if bundle is not None and entry.digest:
                     pipe.set(self.keys.bundle(entry.digest), bundle, nx=True)
                 if before is None or before.digest != entry.digest:
-                    self._remember(pipe, entry)
+                    self._remember(pipe, entry, before)
             pipe.hset(self.keys.registry, name, json.dumps(entry.to_dict()))
         changes["removed"] = sorted(set(old) - set(found))
         if changes["removed"]:
@@ -240,9 +240,13 @@ class Registry:
                            errors=(f"requirements.txt: {exc.message}",))
         return entry
 
-    def _remember(self, pipe: Any, entry: PluginEntry) -> None:
-        """Puts a version at the head of the plugin's history (one per digest)."""
-        kept = [e for e in self.versions(entry.name) if e.digest != entry.digest]
+    def _remember(self, pipe: Any, entry: PluginEntry, before: PluginEntry | None) -> None:
+        """Puts a version at the head of the plugin's history (one per digest); the version
+        it replaces is kept too, even if it was loaded before history was recorded."""
+        kept = self.versions(entry.name)
+        if before is not None and before.runnable and before.digest not in {e.digest for e in kept}:
+            kept.insert(0, replace(before, errors=()))
+        kept = [e for e in kept if e.digest != entry.digest]
         key = self.keys.plugin_versions(entry.name)
         pipe.delete(key)
         pipe.rpush(key, *(json.dumps(e.to_dict()) for e in [entry, *kept][:self.HISTORY]))

@@ -214,3 +214,14 @@ def test_watch_reloads_on_file_changes(stack: Stack) -> None:
         watcher.stop()
         shutil.rmtree(stack.plugins / "watched", ignore_errors=True)
         stack.registry.reload()
+
+
+def test_the_replaced_version_is_kept_even_if_loaded_before_history(stack: Stack) -> None:
+    write_plugin(stack.plugins, "versioned", "5.0.0")
+    stack.registry.reload()
+    old = stack.registry.get("versioned").digest
+    stack.conn.delete(f"{stack.settings.key_prefix}:plugin:versioned:versions")
+    write_plugin(stack.plugins, "versioned", "5.1.0")
+    stack.registry.reload()
+    assert [e.version for e in stack.registry.versions("versioned")] == ["5.1.0", "5.0.0"]
+    assert stack.registry.rollback("versioned")["to"]["digest"] == old
