@@ -100,7 +100,7 @@ def direct_parallel(bare: Bare, n: int, concurrency: int) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=40, help="sequential runs per side")
-    parser.add_argument("--burst", type=int, default=40, help="events in the throughput burst")
+    parser.add_argument("--burst", type=int, default=80, help="events in the throughput burst")
     args = parser.parse_args()
 
     server = RedisServer()

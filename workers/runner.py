@@ -47,6 +47,7 @@ class Runner:
         self.publisher = Publisher(conn, settings)
         self.cache = PluginCache(Registry(conn, settings), settings)
         self.slots = Slots(conn, Keys(settings.key_prefix))
+        self._manifests: dict[tuple[str, str], Manifest] = {}
 
     def start(self, invocation_id: str, worker: str | None = None) -> dict[str, Any] | None:
         """Marks the record running and counts the attempt (redeliveries included); None
@@ -65,7 +66,7 @@ class Runner:
         Throttled (no concurrency slot) or RetryRun (the manifest asks for a re-run)."""
         try:
             code_dir = self.cache.code_dir(digest)
-            manifest = load_manifest(code_dir, self.settings.max_manifest_bytes, inv.plugin)
+            manifest = self._manifest(code_dir, digest, inv.plugin)
         except (BundleError, ManifestError) as exc:
             return self.fail(inv, Status.FAILED, f"plugin content unusable: {exc.message}")
         if manifest.concurrency is None:
@@ -113,6 +114,14 @@ class Runner:
         record = self.publisher.finish(inv, result)
         metrics.INVOCATIONS.labels(plugin=inv.plugin, status=record["status"]).inc()
         return record
+
+    def _manifest(self, code_dir: Path, digest: str, plugin: str) -> Manifest:
+        """Parsed once per digest: the content behind a digest never changes."""
+        key = (digest, plugin)
+        if key not in self._manifests:
+            self._manifests[key] = load_manifest(code_dir, self.settings.max_manifest_bytes,
+                                                 plugin)
+        return self._manifests[key]
 
     @staticmethod
     def _mounts(allowed_path: str | None, globs: tuple[str, ...]) -> tuple[str, ...]:

@@ -233,8 +233,12 @@ class Sandbox:
                 threading.Thread(target=self._kill, args=(container,), daemon=True).start()
 
     def _wait(self, container: Any) -> dict[str, Any]:
+        """The container's final state; inspected only when it did not exit cleanly
+        (OOMKilled is only in the inspect data), sparing a round trip per good run."""
         try:
-            container.wait(timeout=self.settings.max_timeout + 60)
+            code = container.wait(timeout=self.settings.max_timeout + 60).get("StatusCode")
+            if code == 0:
+                return {"ExitCode": 0, "OOMKilled": False}
             container.reload()
             return container.attrs.get("State", {})
         except (DockerException, requests.RequestException) as exc:
