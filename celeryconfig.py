@@ -1,30 +1,21 @@
-"""Celery's configuration. The broker URL and queue come from manager.config.Settings."""
+"""Celery's own configuration. The broker URL, queue and visibility timeout come from
+manager.config.Settings, added by manager.dispatch.make_celery (nothing is read here)."""
 
-from manager.config import Settings
-
-_settings = Settings.from_env()
-
-broker_url = _settings.redis_url
-task_default_queue = _settings.task_queue
 task_serializer = "json"
 accept_content = ["json"]
 task_ignore_result = True
 result_backend = None
 
-# A run is acknowledged only after it finished; a worker that dies mid-run gives it back.
+# A run is acknowledged only after its outcome is stored. The task never lets a Redis
+# error count as "finished": it keeps the outcome and retries until Redis answers, and
+# past its budget it rejects the message with requeue, so the run comes back.
 task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
-# Unacknowledged tasks come back after this long: longer than the longest allowed run.
-_restore_every = max(1, min(10, _settings.restore_interval))
-broker_transport_options = {
-    "visibility_timeout": _settings.effective_visibility_timeout,
-    # kombu scans for unacknowledged tasks about every interval * throttle seconds.
-    "unacked_restore_interval": _restore_every,
-    "unacked_restore_throttle": max(1, _settings.restore_interval // _restore_every),
-    "socket_keepalive": True,
-    "retry_on_timeout": True,
-}
+# Runs in flight finish when the broker connection drops; their outcome is stored when
+# Redis is back, and an acknowledgement lost with the old connection only costs a
+# redelivery that finds the run finished.
+worker_cancel_long_running_tasks_on_connection_loss = False
 broker_connection_retry_on_startup = True
 broker_connection_max_retries = None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from manager.config import Settings
+from manager.config import current
 from manager.service import Manager
 
 
@@ -16,7 +16,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    Manager(Settings.from_env()).serve(watch=args.watch)
+    Manager(current()).serve(watch=args.watch)
 
 
 if __name__ == "__main__":

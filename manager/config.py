@@ -1,4 +1,4 @@
-"""Every setting, read from the environment in one place."""
+"""Every setting, read from the environment in one place, once per process."""
 
 from __future__ import annotations
 
@@ -25,6 +25,10 @@ def _str(name: str, default: str) -> str:
     return os.environ.get(name) or default
 
 
+def _paths(raw: str) -> tuple[Path, ...]:
+    return tuple(Path(p) for p in raw.replace(",", ":").split(":") if p.strip())
+
+
 @dataclass(frozen=True)
 class Settings:
     """Typed settings; `Settings.from_env()` is the only reader of TITAN_* variables."""
@@ -45,26 +49,32 @@ class Settings:
     api_token: str = ""
     metrics_port: int = 8004
     task_queue: str = "titan.plugins"
+    # Host roots that plugins may be granted (SPEC §4); system and project paths never are.
+    allowed_roots: tuple[Path, ...] = (Path("/srv/titan"),)
+    # The one package index requirements.txt is installed from (wheels only).
+    pip_index_url: str = "https://pypi.org/simple"
     # Event limits (SPEC §2).
     max_event_bytes: int = 1024 * 1024
     max_event_depth: int = 64
     max_hops: int = 8
-    # Operator maxima and sandbox defaults (SPEC §4).
-    default_timeout: int = 30
+    fanout_budget: int = 100  # runs per correlation_id
+    fanout_ttl: int = 24 * 3600
+    # Operator maxima and sandbox settings (SPEC §4).
     max_timeout: int = 600
     max_memory_bytes: int = 2 * 1024**3
     max_cpu_millis: int = 2000
-    default_memory_bytes: int = 256 * 1024**2
-    default_cpu_millis: int = 500
     output_cap_bytes: int = 1024 * 1024
     tmpfs_bytes: int = 64 * 1024**2  # at most half the plugin's memory (tmpfs is memory)
     tmpfs_inodes: int = 4096
+    shm_bytes: int = 8 * 1024**2  # /dev/shm, a second capped tmpfs
     pids_limit: int = 64
     nofile_limit: int = 256
     fsize_bytes: int = 32 * 1024**2  # below the tmpfs size, so one file cannot fill /tmp
-    max_results: int = 1000
+    max_results: int = 100
+    max_payload_bytes: int = 1024**3  # a payload file is copied for its run
     max_manifest_bytes: int = 64 * 1024
     max_bundle_bytes: int = 32 * 1024**2
+    max_plugin_files: int = 2000
     # Retention.
     record_ttl: int = 7 * 24 * 3600
     stream_maxlen: int = 100_000
@@ -75,9 +85,14 @@ class Settings:
     restore_interval: int = 60  # how often workers look for tasks whose worker died
     sandbox_retries: int = 5
     retry_backoff_max: int = 60
+    throttle_backoff_max: int = 30
+    finish_budget_s: int = 3600  # how long a finished run waits for Redis to come back
+    sweep_grace_s: int = 30  # a run must look abandoned this long before it is swept
+    max_requeues: int = 3  # sweeper re-queues per run before it is marked lost
     # Listener.
     reclaim_idle_ms: int = 60_000
-    housekeeping_s: int = 15  # how often the listener reclaims and trims
+    max_deliveries: int = 5  # a stream entry that fails this often is dead-lettered
+    housekeeping_s: int = 15  # how often the manager reclaims, trims and sweeps
     read_block_ms: int = 1000
     worker_name: str = field(default_factory=socket.gethostname)
 
@@ -86,28 +101,20 @@ class Settings:
         """Builds settings from TITAN_* variables; keyword overrides win (tests use them)."""
         run_dir = Path(_str("TITAN_RUN_DIR", str(ROOT / "run")))
         values: dict[str, Any] = {
-            "redis_url": _str("TITAN_REDIS_URL", cls.redis_url),
-            "event_stream": _str("TITAN_EVENT_STREAM", cls.event_stream),
-            "dead_stream": _str("TITAN_DEAD_STREAM", cls.dead_stream),
-            "consumer_group": _str("TITAN_CONSUMER_GROUP", cls.consumer_group),
-            "key_prefix": _str("TITAN_KEY_PREFIX", cls.key_prefix),
             "plugins_dir": Path(_str("TITAN_PLUGINS_DIR", str(ROOT / "plugins"))),
             "run_dir": run_dir,
             "cache_dir": Path(_str("TITAN_CACHE_DIR", str(run_dir / "cache"))),
-            "runtime_image": _str("TITAN_RUNTIME_IMAGE", cls.runtime_image),
-            "runtime_python": _str("TITAN_RUNTIME_PYTHON", cls.runtime_python),
-            "instance": _str("TITAN_INSTANCE", cls.instance),
-            "api_host": _str("TITAN_API_HOST", cls.api_host),
-            "api_port": _int("TITAN_API_PORT", cls.api_port),
-            "api_token": _str("TITAN_API_TOKEN", ""),
-            "metrics_port": _int("TITAN_METRICS_PORT", cls.metrics_port),
-            "task_queue": _str("TITAN_TASK_QUEUE", cls.task_queue),
+            "allowed_roots": _paths(_str("TITAN_ALLOWED_ROOTS", "/srv/titan")),
             "worker_name": _str("TITAN_WORKER_NAME", socket.gethostname()),
         }
         for f in fields(cls):
             env = "TITAN_" + f.name.upper()
-            if f.type in ("int", int) and f.name not in values:
+            if f.name in values:
+                continue
+            if f.type in ("int", int):
                 values[f.name] = _int(env, f.default)  # type: ignore[arg-type]
+            elif f.type in ("str", str):
+                values[f.name] = _str(env, f.default)  # type: ignore[arg-type]
         values.update(overrides)
         return cls(**values)
 
@@ -117,3 +124,14 @@ class Settings:
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)
+
+
+_current: Settings | None = None
+
+
+def current() -> Settings:
+    """This process's settings: read from the environment once, on first use."""
+    global _current
+    if _current is None:
+        _current = Settings.from_env()
+    return _current

@@ -1,13 +1,19 @@
-"""requirements.txt -> an installed directory, once per distinct content (and runtime
-Python), shared by every process of a host. pip runs outside the container; the result
-is mounted read-only into it. The manager installs at reload (a broken requirements.txt
-rejects the update), workers on other hosts install on first use."""
+"""Validated requirements -> an installed directory, once per distinct content, shared by
+every process of a host, mounted read-only into the plugin's container.
+
+Installing never runs plugin-chosen code on the host: pip gets only the canonical lines
+that `manager.requirements` accepted, installs wheels only (`--only-binary=:all:`: no
+setup.py is ever executed) from the one index the operator configures, ignores pip's own
+configuration and environment (`--isolated`), and its output is cut down to the line that
+names the failing requirement. The manager installs at reload, workers on first use.
+"""
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,9 +22,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from manager.config import Settings
 from manager.errors import DependencyError
+from manager.requirements import Requirements
+from manager.safefs import readable_tree
 
 PIP_TIMEOUT_S = 600
+PASS_ENV = ("PATH", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy",
+            "no_proxy", "SSL_CERT_FILE", "SSL_CERT_DIR")
+NO_WHEEL_RE = re.compile(r"No matching distribution found for (\S+)")
 
 
 @contextmanager
@@ -33,57 +45,79 @@ def locked(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def readable_tree(root: Path) -> None:
-    """The sandbox user (not root) must be able to read what is mounted."""
-    for dirpath, _dirs, filenames in os.walk(root):
-        os.chmod(dirpath, 0o755)
-        for name in filenames:
-            p = os.path.join(dirpath, name)
-            os.chmod(p, 0o755 if os.stat(p).st_mode & 0o111 else 0o644)
+def mkdirs(path: Path, mode: int = 0o755) -> Path:
+    path.mkdir(parents=True, exist_ok=True, mode=mode)
+    return path
 
 
-def install_requirements(req: Path, root: Path, runtime_python: str) -> Path:
-    """Installs `req` under `root/deps/<content key>` unless already there."""
-    key = hashlib.sha256(req.read_bytes() + runtime_python.encode()).hexdigest()[:32]
+def private_root(cache_dir: Path) -> Path:
+    """The cache root is root's alone: host users cannot reach event files or code in it."""
+    mkdirs(cache_dir, 0o700)
+    os.chmod(cache_dir, 0o700)
+    return cache_dir
+
+
+def deps_key(reqs: Requirements, settings: Settings) -> str:
+    material = "\n".join([reqs.text(), settings.runtime_python, settings.pip_index_url])
+    return hashlib.sha256(material.encode()).hexdigest()[:32]
+
+
+def install_requirements(reqs: Requirements, settings: Settings) -> Path:
+    """Installs `reqs` under `cache/deps/<key>` unless already there (a cache hit costs one
+    stat)."""
+    key = deps_key(reqs, settings)
+    root = private_root(settings.cache_dir)
     target = root / "deps" / key
     if (target / ".complete").exists():
         return target
     with locked(root / "locks" / f"deps-{key}.lock"):
         if (target / ".complete").exists():
             return target
-        tmp = Path(tempfile.mkdtemp(dir=mkdirs(target.parent)))
+        work = Path(tempfile.mkdtemp(dir=mkdirs(root / "deps")))
         try:
-            _pip_install(req, tmp, runtime_python)
-            readable_tree(tmp)
-            (tmp / ".complete").write_text(key)
+            (work / "requirements.txt").write_text(reqs.text())
+            site = work / "site"
+            _pip_install(work / "requirements.txt", site, settings)
+            readable_tree(str(site))
+            (site / ".complete").write_text(key)
             if target.exists():
                 shutil.rmtree(target)
-            os.rename(tmp, target)
+            os.rename(site, target)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(work, ignore_errors=True)
     return target
 
 
-def _pip_install(req: Path, target: Path, runtime_python: str) -> None:
-    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-           "--no-input", "--no-warn-script-location", "--target", str(target),
-           "-r", str(req)]
-    host = f"{sys.version_info.major}.{sys.version_info.minor}"
-    if host != runtime_python:
-        # Wheels for the runtime image's Python, not the worker's.
-        cmd += ["--python-version", runtime_python, "--only-binary=:all:",
-                "--implementation", "cp"]
+def pip_command(req_file: Path, target: Path, settings: Settings) -> list[str]:
+    return [sys.executable, "-m", "pip", "install", "--isolated", "--no-input", "--quiet",
+            "--disable-pip-version-check", "--no-warn-script-location",
+            "--only-binary=:all:", "--index-url", settings.pip_index_url,
+            "--python-version", settings.runtime_python, "--implementation", "cp",
+            "--target", str(target), "-r", str(req_file)]
+
+
+def _pip_install(req_file: Path, target: Path, settings: Settings) -> None:
+    env = {k: v for k, v in os.environ.items() if k in PASS_ENV}
+    env["HOME"] = str(req_file.parent)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S,
-                              check=False)
+        proc = subprocess.run(pip_command(req_file, target, settings), capture_output=True,
+                              text=True, timeout=PIP_TIMEOUT_S, check=False, env=env,
+                              cwd=req_file.parent)
     except subprocess.TimeoutExpired as exc:
         raise DependencyError(f"pip install timed out after {PIP_TIMEOUT_S}s") from exc
     if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip()[-2000:]
-        raise DependencyError(f"requirements.txt did not install: {tail}",
+        raise DependencyError(pip_failure(proc.stderr + proc.stdout, settings),
                               exit_code=proc.returncode)
 
 
-def mkdirs(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def pip_failure(output: str, settings: Settings) -> str:
+    """The one line of pip's output that names the failing requirement, made actionable."""
+    missing = NO_WHEEL_RE.search(output)
+    if missing:
+        name = missing.group(1)[:100]
+        return (f"requirements.txt: no wheel of {name} for Python {settings.runtime_python} "
+                f"on {settings.pip_index_url} (sdists are never built on the host): pin a "
+                "version that ships wheels, or vendor the pure-Python code into the plugin")
+    errors = [ln.strip() for ln in output.splitlines() if ln.startswith("ERROR:")]
+    last = errors[-1] if errors else "pip install failed"
+    return f"requirements.txt did not install: {last[:300]}"

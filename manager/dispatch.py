@@ -12,23 +12,63 @@ from celery import Celery
 from manager.config import Settings
 from manager.events import Event
 from manager.keys import Keys
-from manager.records import RecordStore, Status
+from manager.records import InvocationRecord, RecordStore, Status
 from manager.registry import PluginEntry
+from manager.runs import RunRequest
 
 RUN_TASK = "titan.run_plugin"
+PENDING_GRACE_S = 60  # a record still pending this long was never sent: send it again
+QUEUED_GRACE_S = 120  # how often the sweeper looks at a queued run's message
+
+
+def celery_settings(settings: Settings) -> dict[str, Any]:
+    """The part of Celery's configuration that comes from Settings (celeryconfig.py holds
+    the rest)."""
+    restore_every = max(1, min(10, settings.restore_interval))
+    return {
+        "broker_url": settings.redis_url,
+        "task_default_queue": settings.task_queue,
+        "broker_transport_options": {
+            # Unacknowledged tasks come back after this long: longer than any run.
+            "visibility_timeout": settings.effective_visibility_timeout,
+            # kombu scans for unacknowledged tasks about every interval * throttle seconds.
+            "unacked_restore_interval": restore_every,
+            "unacked_restore_throttle": max(1, settings.restore_interval // restore_every),
+            "socket_keepalive": True,
+            "retry_on_timeout": True,
+        },
+    }
 
 
 def make_celery(settings: Settings, name: str = "titan") -> Celery:
-    """A Celery app configured from celeryconfig, pointed at the settings' Redis."""
+    """A Celery app configured from celeryconfig plus these settings."""
     app = Celery(name)
     app.config_from_object("celeryconfig")
-    app.conf.broker_url = settings.redis_url
-    app.conf.task_default_queue = settings.task_queue
+    app.conf.update(celery_settings(settings))
     return app
 
 
+class FanoutBudget:
+    """Runs per correlation id, counted atomically with a TTL: one event can never turn
+    into more than `fanout_budget` runs, however its results fan out."""
+
+    def __init__(self, conn: redis.Redis, settings: Settings) -> None:
+        self.conn = conn
+        self.settings = settings
+        self.keys = Keys(settings.key_prefix)
+
+    def charge(self, event: Event, runs: int) -> bool:
+        """Counts `runs` more for the event's correlation; False when over the budget."""
+        key = self.keys.budget(event.correlation)
+        pipe = self.conn.pipeline()
+        pipe.incrby(key, runs)
+        pipe.expire(key, self.settings.fanout_ttl, nx=True)
+        used, _ = pipe.execute()
+        return int(used) <= self.settings.fanout_budget
+
+
 class Dispatcher:
-    """Creates the invocation record, then enqueues the run; idempotent per (event, plugin)."""
+    """Records the run, then enqueues it; idempotent per (event, plugin) for bus events."""
 
     def __init__(self, conn: redis.Redis, settings: Settings, celery: Celery) -> None:
         self.conn = conn
@@ -39,40 +79,35 @@ class Dispatcher:
 
     def dispatch(self, event: Event, plugin: PluginEntry, origin: str = "bus") -> tuple[str, bool]:
         """Returns (invocation_id, sent). A bus event already dispatched to this plugin is
-        not sent again unless its record never reached a terminal state (a crash between
-        recording and sending); API triggers always make a new run."""
-        invocation_id = uuid.uuid4().hex
-        if origin == "bus":
-            key = self.keys.dispatched(event.event_id, plugin.name)
-            if not self.conn.set(key, invocation_id, nx=True, ex=self.settings.dedup_ttl):
-                existing = (self.conn.get(key) or b"").decode() or invocation_id
-                record = self.records.get(existing)
-                if record and record["status"] != Status.QUEUED:
-                    return existing, False  # already running or done
-                invocation_id = existing  # recorded but maybe never sent: send it again
-        self.records.create(self._record(invocation_id, event, plugin, origin))
-        self.send(invocation_id, event, plugin)
+        sent again only if its record is still `pending` (a crash between recording and
+        sending); API triggers always make a new run."""
+        assert plugin.manifest is not None and plugin.digest and plugin.version
+        now = time.time()
+        request = RunRequest.build(uuid.uuid4().hex, plugin.name, plugin.version, plugin.digest,
+                                   plugin.manifest, event, self.settings, origin)
+        record = InvocationRecord(
+            invocation_id=request.invocation_id, plugin=plugin.name, version=plugin.version,
+            digest=plugin.digest, event_id=event.event_id, topic=event.topic,
+            event_type=event.event_type, origin=origin, status=Status.PENDING,
+            created_at=now, request=request.to_dict())
+        dedup = self.keys.dispatched(event.event_id, plugin.name) if origin == "bus" else None
+        invocation_id, created, found = self.records.create(record, now + PENDING_GRACE_S, dedup)
+        if not created:
+            existing = self.records.get(invocation_id) if found is Status.PENDING else None
+            if existing is None or existing.request is None:
+                return invocation_id, False  # already sent, running or done (or expired)
+            request = RunRequest.from_dict(existing.request)
+        self.send(request)
         return invocation_id, True
 
-    def send(self, invocation_id: str, event: Event, plugin: PluginEntry) -> None:
-        self.celery.send_task(
-            RUN_TASK,
-            kwargs={"invocation_id": invocation_id, "plugin": plugin.name,
-                    "version": plugin.version, "digest": plugin.digest,
-                    "event": event.to_dict()},
-            queue=self.settings.task_queue,
-            task_id=invocation_id,
-            shadow=f"plugin:{plugin.name}",
-        )
+    def enqueue(self, request: RunRequest) -> None:
+        self.celery.send_task(RUN_TASK, kwargs={"request": request.to_dict()},
+                              queue=self.settings.task_queue, task_id=request.invocation_id,
+                              shadow=f"plugin:{request.plugin}")
 
-    @staticmethod
-    def _record(invocation_id: str, event: Event, plugin: PluginEntry,
-                origin: str) -> dict[str, Any]:
-        return {
-            "invocation_id": invocation_id, "plugin": plugin.name, "version": plugin.version,
-            "digest": plugin.digest, "event_id": event.event_id, "topic": event.topic,
-            "event_type": event.event_type, "origin": origin, "status": Status.QUEUED.value,
-            "reason": None, "exit_code": None, "attempts": 0, "worker": None,
-            "created_at": time.time(), "started_at": None, "finished_at": None,
-            "duration_s": None, "stdout": "", "stderr": "", "result_event_ids": [],
-        }
+    def send(self, request: RunRequest) -> None:
+        """Hands the request to the broker, then marks the record queued (sent)."""
+        self.enqueue(request)
+        self.records.transition(request.invocation_id, Status.QUEUED,
+                                sources=frozenset({Status.PENDING}),
+                                deadline=time.time() + QUEUED_GRACE_S)

@@ -88,3 +88,10 @@ class RetryRun(TitanError):
     """The plugin failed but its manifest asks for another attempt."""
 
     code = "retry_run"
+
+
+class OutcomeNotStored(TitanError):
+    """A finished run's outcome could not be stored within the budget (Redis away); the
+    task message goes back so the run comes back."""
+
+    code = "outcome_not_stored"

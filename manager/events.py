@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from manager.errors import EventError
@@ -16,6 +15,8 @@ NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 OPTIONAL_STRINGS = ("source", "time", "correlation_id", "causation_id")
 KNOWN_FIELDS = {"event_id", "topic", "event_type", "payload", "hops", *OPTIONAL_STRINGS}
 MAX_OPTIONAL_LEN = 1024
+PLUGIN_SOURCE = "plugin:"
+FAILURE = ("plugins.v1", "invocation_failed")  # published by workers only
 
 
 @dataclass(frozen=True)
@@ -46,20 +47,9 @@ class Event:
     @classmethod
     def decode(cls, raw: bytes | str, limits: Limits | None = None) -> Event:
         """Parses and validates raw JSON; raises EventError naming the field at fault."""
-        limits = limits or Limits()
         if isinstance(raw, str):
             raw = raw.encode("utf-8", "surrogatepass")
-        if len(raw) > limits.max_bytes:
-            raise EventError(
-                f"event is {len(raw)} bytes, over the limit of {limits.max_bytes}",
-                field="event", reason="too_large",
-            )
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise EventError(f"event is not valid UTF-8: {exc}", field="event",
-                             reason="invalid_utf8") from exc
-        _check_depth(text, limits.max_depth)
+        text = check_limits(raw, limits or Limits())
         try:
             data = json.loads(text, parse_constant=_reject_constant)
         except (ValueError, RecursionError) as exc:
@@ -106,8 +96,56 @@ class Event:
         )
 
 
-def new_event_id() -> str:
-    return uuid.uuid4().hex
+    @classmethod
+    def trusted(cls, data: dict[str, Any]) -> Event:
+        """Rebuilds an event this system validated before (a run request), without
+        validating it a second time."""
+        return cls(**{k: v for k, v in data.items() if k in KNOWN_FIELDS})
+
+    def caused(self, event_id: str, topic: str, event_type: str, payload: Any,
+               source: str) -> Event:
+        """An event caused by this one (a result or a failure event), validated, with the
+        metadata of SPEC §3: causation, correlation, source, time and hops."""
+        return Event.from_dict({
+            "event_id": event_id, "topic": topic, "event_type": event_type,
+            "payload": payload, "source": source, "time": now_rfc3339(),
+            "correlation_id": self.correlation_id or self.event_id,
+            "causation_id": self.event_id, "hops": self.hops + 1,
+        })
+
+    @property
+    def correlation(self) -> str:
+        return self.correlation_id or self.event_id
+
+
+def from_outside(event: Event) -> Event:
+    """Provenance for events from external producers (the API): `source` defaults to
+    `api`, and a producer may not pose as a plugin."""
+    if event.source is None:
+        return Event(**{**asdict(event), "source": "api"})
+    if event.source.startswith(PLUGIN_SOURCE):
+        raise EventError(f"source {event.source!r:.80} is reserved for plugin results",
+                         field="source", reason="forged_source")
+    return event
+
+
+def check_limits(raw: bytes, limits: Limits) -> str:
+    """The size, UTF-8 and depth checks shared by the listener (incoming events) and the
+    worker (result events before they are published). Returns the text."""
+    if len(raw) > limits.max_bytes:
+        raise EventError(f"event is {len(raw)} bytes, over the limit of {limits.max_bytes}",
+                         field="event", reason="too_large")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise EventError(f"event is not valid UTF-8: {exc}", field="event",
+                         reason="invalid_utf8") from exc
+    _check_depth(text, limits.max_depth)
+    return text
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _check_str(data: dict[str, Any], name: str, pattern: re.Pattern[str], chars: str) -> None:

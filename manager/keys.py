@@ -26,7 +26,7 @@ class Keys:
         return f"{self.prefix}:bundle:{digest}"
 
     def invocation(self, invocation_id: str) -> str:
-        """String: JSON of one invocation record."""
+        """Hash: one invocation record, each field's value as JSON."""
         return f"{self.prefix}:inv:{invocation_id}"
 
     def plugin_invocations(self, plugin: str) -> str:
@@ -44,6 +44,25 @@ class Keys:
     def dispatched(self, event_id: str, plugin: str) -> str:
         """String: the invocation id an (event, plugin) pair was dispatched as."""
         return f"{self.prefix}:dispatched:{event_id}:{plugin}"
+
+    @property
+    def inflight(self) -> str:
+        """Sorted set: non-terminal invocations by the deadline the sweeper checks."""
+        return f"{self.prefix}:inflight"
+
+    @property
+    def sweep_lock(self) -> str:
+        """String: held by the one process sweeping abandoned runs."""
+        return f"{self.prefix}:sweep:lock"
+
+    @property
+    def sweep_suspects(self) -> str:
+        """Hash: invocation id -> when the sweeper first found it abandoned."""
+        return f"{self.prefix}:sweep:suspects"
+
+    def budget(self, correlation_id: str) -> str:
+        """Counter: runs dispatched for one correlation id (the fan-out budget)."""
+        return f"{self.prefix}:budget:{correlation_id}"
 
     def worker_heartbeat(self, worker: str) -> str:
         return f"{self.prefix}:worker:{worker}"

@@ -11,12 +11,13 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import redis
 
 from manager import metrics
 from manager.config import Settings
-from manager.dispatch import Dispatcher
+from manager.dispatch import Dispatcher, FanoutBudget
 from manager.errors import EventError
 from manager.events import Event, Limits
 from manager.matching import match
@@ -42,19 +43,27 @@ def dead_letter(conn: redis.Redis, settings: Settings, raw: bytes | str, reason:
                "time": f"{time.time():.3f}"},
               maxlen=settings.stream_maxlen, approximate=True)
     metrics.EVENTS_REJECTED.labels(reason=reason).inc()
+    log.warning("dead-lettered %s: %s: %s", entry_id or "an event", reason, detail[:300])
 
 
 class Listener:
-    """One consumer of the group; several may run (on several hosts) side by side."""
+    """One consumer of the group; several may run (on several hosts) side by side.
+
+    A failure handling one entry never delays the others of its batch: the entry stays
+    pending, comes back through XAUTOCLAIM, and after `max_deliveries` deliveries it is
+    dead-lettered as `unprocessable` with its last error."""
 
     def __init__(self, conn: redis.Redis, settings: Settings, registry: Registry,
-                 dispatcher: Dispatcher, consumer: str | None = None) -> None:
+                 dispatcher: Dispatcher, consumer: str | None = None,
+                 housekeeping: Callable[[], object] | None = None) -> None:
         self.conn = conn
         self.settings = settings
         self.registry = registry
         self.dispatcher = dispatcher
+        self.budget = FanoutBudget(conn, settings)
         self.consumer = consumer or f"{settings.worker_name}-{id(self):x}"
         self.limits = Limits(settings.max_event_bytes, settings.max_event_depth)
+        self.housekeeping = housekeeping
         self.stopping = threading.Event()
         self._last_reclaim = 0.0
 
@@ -71,7 +80,6 @@ class Listener:
                 self.stopping.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
             except Exception:
-                # The entry stays pending and is reclaimed later; keep serving the others.
                 log.exception("listener: unexpected error; retrying in %.1fs", backoff)
                 self.stopping.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
@@ -86,14 +94,47 @@ class Listener:
             self._last_reclaim = time.monotonic()
             self.trim()
             done += self.reclaim()
+            if self.housekeeping is not None:
+                self.housekeeping()
         reply = self.conn.xreadgroup(self.settings.consumer_group, self.consumer,
                                      {self.settings.event_stream: ">"}, count=64,
                                      block=self.settings.read_block_ms)
         for _stream, entries in reply or []:
-            for entry_id, fields in entries:
-                self.handle(entry_id.decode(), fields)
-                done += 1
+            done += self.handle_batch(entries)
         return done
+
+    def handle_batch(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> int:
+        for entry_id, fields in entries:
+            if fields:
+                self.handle_isolated(entry_id.decode(), fields)
+            else:  # a deleted entry comes back empty
+                self.ack(entry_id.decode())
+        return len(entries)
+
+    def handle_isolated(self, entry_id: str, fields: dict[bytes, bytes]) -> None:
+        """Handles one entry; its failure (other than Redis being down) stays its own."""
+        try:
+            self.handle(entry_id, fields)
+        except (redis.ConnectionError, redis.TimeoutError):
+            raise
+        except Exception as exc:
+            log.exception("listener: entry %s failed", entry_id)
+            self.give_up_if_exhausted(entry_id, fields, exc)
+
+    def give_up_if_exhausted(self, entry_id: str, fields: dict[bytes, bytes],
+                             exc: Exception) -> None:
+        pending = self.conn.xpending_range(self.settings.event_stream,
+                                           self.settings.consumer_group, min=entry_id,
+                                           max=entry_id, count=1)
+        deliveries = int(pending[0]["times_delivered"]) if pending else 1
+        if deliveries < self.settings.max_deliveries:
+            return  # stays pending; reclaimed after reclaim_idle_ms
+        error = f"{type(exc).__name__}: {exc}"
+        dead_letter(self.conn, self.settings, fields.get(b"event", b""), "unprocessable",
+                    f"failed {deliveries} times; last error: {error}", entry_id)
+        log.error("listener: entry %s dead-lettered after %d deliveries: %s", entry_id,
+                  deliveries, error)
+        self.ack(entry_id)
 
     def trim(self) -> None:
         """Retention by age (by length, XADD's MAXLEN already trims as entries arrive)."""
@@ -102,18 +143,13 @@ class Listener:
             self.conn.xtrim(stream, minid=min_id)
 
     def reclaim(self) -> int:
-        """Takes over entries another consumer read but never acknowledged."""
+        """Takes over entries another consumer (or a failed attempt) left unacknowledged."""
         done, start = 0, "0-0"
         while True:
             start, entries, *_ = self.conn.xautoclaim(
                 self.settings.event_stream, self.settings.consumer_group, self.consumer,
                 min_idle_time=self.settings.reclaim_idle_ms, start_id=start, count=64)
-            for entry_id, fields in entries:
-                if fields:  # deleted entries come back empty
-                    self.handle(entry_id.decode(), fields)
-                else:
-                    self.ack(entry_id.decode())
-                done += 1
+            done += self.handle_batch(entries)
             if start in (b"0-0", "0-0"):
                 return done
 
@@ -132,12 +168,17 @@ class Listener:
             if event.hops > self.settings.max_hops:
                 raise EventError(f"hops {event.hops} is over the limit {self.settings.max_hops}",
                                  field="hops", reason="hops_exceeded")
+            plugins = match(event, self.registry.entries().values())
+            if plugins and not self.budget.charge(event, len(plugins)):
+                raise EventError(f"correlation {event.correlation!r} used its budget of "
+                                 f"{self.settings.fanout_budget} runs", field="correlation_id",
+                                 reason="budget_exceeded")
         except EventError as exc:
             dead_letter(self.conn, self.settings, raw, exc.details.get("reason", "invalid_event"),
                         exc.message, entry_id)
             self.ack(entry_id)
             return
-        for plugin in match(event, self.registry.entries().values()):
+        for plugin in plugins:
             _, sent = self.dispatcher.dispatch(event, plugin)
             if sent:
                 metrics.TASKS_DISPATCHED.labels(plugin=plugin.name).inc()

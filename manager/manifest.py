@@ -170,14 +170,30 @@ def check_glob(glob: str) -> None:
         raise ValueError(f"fs glob {glob!r} names the Docker socket")
 
 
-class _NoAliasLoader(yaml.SafeLoader):
-    """Safe loader that also refuses anchors/aliases (no billion-laughs expansion)."""
+class _StrictLoader(yaml.SafeLoader):
+    """Safe loader that also refuses anchors/aliases (no billion-laughs expansion) and
+    duplicate keys (`timeout: 5` then `timeout: 600` must not silently keep the last)."""
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
             raise yaml.YAMLError(f"YAML aliases are not allowed (line {event.start_mark.line + 1})")
         return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:
+                continue  # an unhashable key; the base class reports it
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1})",
+                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def parse_manifest(text: bytes, path: str, max_bytes: int) -> Manifest:
@@ -186,7 +202,7 @@ def parse_manifest(text: bytes, path: str, max_bytes: int) -> Manifest:
         raise ManifestError(f"{path}: plugin.yaml is {len(text)} bytes, over {max_bytes}", path,
                             [f"file: larger than {max_bytes} bytes"])
     try:
-        data = yaml.load(text, Loader=_NoAliasLoader)
+        data = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as exc:
         raise ManifestError(f"{path}: invalid YAML: {exc}", path, [f"yaml: {exc}"]) from exc
     if not isinstance(data, dict):
@@ -210,8 +226,8 @@ def _format_error(err: Any) -> str:
 
 def load_manifest(plugin_dir: Path, max_bytes: int = 64 * 1024,
                   expected_name: str | None = None) -> Manifest:
-    """Reads and validates `plugin_dir/plugin.yaml`; its name must equal `expected_name`
-    (by default the directory's name)."""
+    """Reads and validates `plugin_dir/plugin.yaml` (for trusted, local directories such as
+    benchmarks; the registry reads plugins through `manager.safefs`)."""
     path = plugin_dir / MANIFEST_NAME
     try:
         with path.open("rb") as fh:
@@ -219,20 +235,25 @@ def load_manifest(plugin_dir: Path, max_bytes: int = 64 * 1024,
     except OSError as exc:
         raise ManifestError(f"{path}: cannot read: {exc.strerror}", str(path),
                             [f"file: {exc.strerror}"]) from exc
-    manifest = parse_manifest(text, str(path), max_bytes)
+    files = {str(p.relative_to(plugin_dir)) for p in plugin_dir.rglob("*") if p.is_file()}
+    return manifest_from_files(text, files, str(path), expected_name or plugin_dir.name,
+                               max_bytes)
+
+
+def manifest_from_files(text: bytes, files: set[str], where: str, expected_name: str,
+                        max_bytes: int) -> Manifest:
+    """Validates plugin.yaml and checks its entrypoint against the plugin's own files."""
+    manifest = parse_manifest(text, where, max_bytes)
     errors = []
-    expected = expected_name or plugin_dir.name
-    if manifest.name != expected:
-        errors.append(f"name: {manifest.name!r} must equal the directory name {expected!r}")
+    if manifest.name != expected_name:
+        errors.append(f"name: {manifest.name!r} must equal the directory name {expected_name!r}")
     program = manifest.argv[0]
     script = next((a for a in manifest.argv[1:] if not a.startswith("-")), None)
     for arg in (program, script):
         if arg and not arg.startswith("/") and ("/" in arg or arg.endswith((".py", ".sh"))):
-            target = (plugin_dir / arg).resolve()
-            if not target.is_relative_to(plugin_dir.resolve()):
-                errors.append(f"entrypoint: {arg!r} points outside the plugin directory")
-            elif not target.is_file():
+            rel = str(PurePosixPath(arg))
+            if rel not in files:
                 errors.append(f"entrypoint: {arg!r} does not exist in the plugin directory")
     if errors:
-        raise ManifestError(f"{path}: " + "; ".join(errors), str(path), errors)
+        raise ManifestError(f"{where}: " + "; ".join(errors), where, errors)
     return manifest

@@ -16,6 +16,10 @@ EVENTS_RECEIVED = Counter("titan_events_received_total", "Valid events read from
 EVENTS_REJECTED = Counter("titan_events_rejected_total", "Events dead-lettered", ["reason"])
 TASKS_DISPATCHED = Counter("titan_tasks_dispatched_total", "Plugin runs enqueued", ["plugin"])
 INVOCATIONS = Counter("titan_invocations_total", "Finished plugin runs", ["plugin", "status"])
+REQUEUED = Counter("titan_runs_requeued_total", "Abandoned runs the sweeper sent again",
+                   ["plugin"])
+THROTTLED = Counter("titan_throttle_waits_total", "Times a run waited for a concurrency slot",
+                    ["plugin"])
 RELOADS = Counter("titan_reloads_total", "Registry reloads", ["result"])
 DURATION = Histogram("titan_invocation_duration_seconds", "Plugin run wall time", ["plugin"],
                      buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600))

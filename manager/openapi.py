@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from manager import __version__
+from manager.records import field_schema
 
 _ERR = {"$ref": "#/components/responses/Error"}
 _EVENT_BODY = {"required": True, "content": {"application/json": {
@@ -80,16 +81,7 @@ SPEC: dict[str, Any] = {
                           "correlation_id": {"type": "string"},
                           "causation_id": {"type": "string"},
                           "hops": {"type": "integer", "minimum": 0}}},
-            "Invocation": {"type": "object", "properties": {
-                "invocation_id": {"type": "string"}, "plugin": {"type": "string"},
-                "status": {"type": "string", "enum": [
-                    "queued", "running", "succeeded", "failed", "timeout", "oom",
-                    "output_limit", "rejected", "retrying", "lost"]},
-                "reason": {"type": "string", "nullable": True},
-                "exit_code": {"type": "integer", "nullable": True},
-                "attempts": {"type": "integer"}, "worker": {"type": "string"},
-                "stdout": {"type": "string"}, "stderr": {"type": "string"},
-                "result_event_ids": {"type": "array", "items": {"type": "string"}}}},
+            "Invocation": field_schema(),
             "Health": {"type": "object", "properties": {
                 "status": {"type": "string"}, "redis": {"type": "object"},
                 "docker": {"type": "object"}, "workers": {"type": "object"}}},

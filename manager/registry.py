@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import re
 import tarfile
 import time
@@ -26,9 +27,12 @@ from manager.config import Settings
 from manager.deps import install_requirements
 from manager.errors import DependencyError, ManifestError, PluginNotFound, VersionNotFound
 from manager.keys import Keys
-from manager.manifest import NAME_RE, Manifest, load_manifest
+from manager.manifest import MANIFEST_NAME, NAME_RE, Manifest, manifest_from_files
+from manager.permissions import check_globs
+from manager.requirements import Requirements, parse_requirements
+from manager.safefs import O_DIR, TreeFile, TreeLimits, UnsafePath, fd, open_subdir, read_tree
 
-SKIP_NAMES = {"__pycache__", ".git", ".pytest_cache", ".mypy_cache"}
+REQUIREMENTS = "requirements.txt"
 
 
 class PluginStatus(StrEnum):
@@ -91,41 +95,18 @@ class PluginEntry:
         return {"version": self.version, "digest": self.digest}
 
 
-def _plugin_files(plugin_dir: Path) -> list[Path]:
-    """Files of a plugin in a stable order; symlinks are refused (they could leave the dir)."""
-    files = []
-    for path in sorted(plugin_dir.rglob("*")):
-        rel = path.relative_to(plugin_dir)
-        if any(part in SKIP_NAMES for part in rel.parts) or path.suffix == ".pyc":
-            continue
-        if path.is_symlink():
-            raise ValueError(f"{rel} is a symlink; plugins may not contain symlinks")
-        if path.is_file():
-            files.append(path)
-    return files
-
-
-def build_bundle(plugin_dir: Path, max_bytes: int) -> tuple[str, bytes]:
-    """Packs a plugin directory into a deterministic tar.gz; returns (digest, bundle)."""
+def build_bundle(files: list[TreeFile]) -> tuple[str, bytes]:
+    """Packs a plugin's files into a deterministic tar.gz; returns (digest, bundle)."""
     raw = io.BytesIO()
-    total = 0
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for path in _plugin_files(plugin_dir):
-            data = path.read_bytes()
-            total += len(data)
-            if total > max_bytes:
-                raise ValueError(f"plugin directory is larger than {max_bytes} bytes")
-            info = tarfile.TarInfo(str(path.relative_to(plugin_dir)))
-            info.size = len(data)
-            info.mode = 0o755 if path.stat().st_mode & 0o111 else 0o644
-            tar.addfile(info, io.BytesIO(data))
+        for f in files:
+            info = tarfile.TarInfo(f.path)
+            info.size = len(f.data)
+            info.mode = 0o755 if f.executable else 0o644
+            tar.addfile(info, io.BytesIO(f.data))
     tar_bytes = raw.getvalue()
     digest = "sha256:" + hashlib.sha256(tar_bytes).hexdigest()
     return digest, gzip.compress(tar_bytes, compresslevel=6, mtime=0)
-
-
-def bundle_digest(bundle: bytes) -> str:
-    return "sha256:" + hashlib.sha256(gzip.decompress(bundle)).hexdigest()
 
 
 def check_limits(manifest: Manifest, settings: Settings) -> list[str]:
@@ -142,39 +123,73 @@ def check_limits(manifest: Manifest, settings: Settings) -> list[str]:
     return errors
 
 
-def load_plugin(plugin_dir: Path, settings: Settings) -> tuple[PluginEntry, bytes | None]:
-    """Validates one plugin directory; never raises for a bad plugin."""
+def plugin_requirements(files: list[TreeFile]) -> Requirements | None:
+    """The plugin's own requirements.txt (read with its other files), validated."""
+    data = next((f.data for f in files if f.path == REQUIREMENTS), None)
+    return None if data is None else parse_requirements(data)
+
+
+def load_plugin(plugin_dir: Path, settings: Settings,
+                install: bool = True) -> tuple[PluginEntry, bytes | None]:
+    """Validates one plugin directory; never raises for a bad plugin. Files are read
+    through descriptors once (no symlinks, devices, hardlinks or sparse files); the
+    manifest, the requirements and the bundle all come from those same bytes."""
     name = plugin_dir.name
-    if not re.match(NAME_RE, name):
-        return PluginEntry(name, PluginStatus.INVALID, str(plugin_dir),
-                           errors=(f"directory name {name!r} is not a valid plugin name",)), None
-    try:
-        manifest = load_manifest(plugin_dir, settings.max_manifest_bytes)
-    except ManifestError as exc:
-        return PluginEntry(name, PluginStatus.INVALID, str(plugin_dir),
-                           errors=tuple(exc.errors)), None
-    errors = check_limits(manifest, settings)
-    digest, bundle = None, None
-    try:
-        digest, bundle = build_bundle(plugin_dir, settings.max_bundle_bytes)
-    except (OSError, ValueError) as exc:
-        errors.append(f"files: {exc}")
-    if errors:
-        return PluginEntry(name, PluginStatus.INVALID, str(plugin_dir), version=manifest.version,
+
+    def invalid(*errors: str, version: str | None = None) -> tuple[PluginEntry, None]:
+        return PluginEntry(name, PluginStatus.INVALID, str(plugin_dir), version=version,
                            errors=tuple(errors)), None
+
+    if not re.match(NAME_RE, name):
+        return invalid(f"directory name {name!r} is not a valid plugin name")
+    try:
+        with fd(os.open(plugin_dir.parent, O_DIR & ~os.O_NOFOLLOW)) as parent, \
+                fd(open_subdir(parent, name, name)) as handle:
+            files = read_tree(handle, TreeLimits(settings.max_bundle_bytes,
+                                                 settings.max_plugin_files))
+    except (UnsafePath, OSError) as exc:
+        return invalid(f"files: {exc}")
+    manifest_bytes = next((f.data for f in files if f.path == MANIFEST_NAME), None)
+    if manifest_bytes is None:
+        return invalid(f"file: {MANIFEST_NAME} is missing")
+    try:
+        manifest = manifest_from_files(manifest_bytes, {f.path for f in files},
+                                       f"{plugin_dir}/{MANIFEST_NAME}", name,
+                                       settings.max_manifest_bytes)
+    except ManifestError as exc:
+        return invalid(*exc.errors)
+    errors = check_limits(manifest, settings) + check_globs(manifest.allowed_globs, settings)
+    try:
+        reqs = plugin_requirements(files)
+        if reqs is not None and install:
+            install_requirements(reqs, settings)
+    except DependencyError as exc:
+        errors.append(exc.message)
+    if errors:
+        return invalid(*errors, version=manifest.version)
+    digest, bundle = build_bundle(files)
     entry = PluginEntry(name, PluginStatus.LOADED, str(plugin_dir), version=manifest.version,
                         digest=digest, manifest=manifest)
     return entry, bundle
 
 
 def discover(plugins_dir: Path, settings: Settings) -> dict[str, tuple[PluginEntry, bytes | None]]:
-    """Loads every plugin directory; one bad plugin never stops the others."""
+    """Loads every plugin directory; one bad plugin never stops the others. A symlink in
+    place of a plugin directory is reported, never followed."""
     found: dict[str, tuple[PluginEntry, bytes | None]] = {}
     if not plugins_dir.is_dir():
         return found
-    for path in sorted(plugins_dir.iterdir()):
-        if path.is_dir() and not path.name.startswith((".", "_")):
-            found[path.name] = load_plugin(path, settings)
+    with os.scandir(plugins_dir) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for item in entries:
+        if item.name.startswith((".", "_")):
+            continue
+        path = plugins_dir / item.name
+        if item.is_symlink() and item.is_dir():
+            found[item.name] = (PluginEntry(item.name, PluginStatus.INVALID, str(path), errors=(
+                "files: the plugin directory is a symlink; plugins may not be symlinks",)), None)
+        elif item.is_dir(follow_symlinks=False):
+            found[item.name] = load_plugin(path, settings)
     return found
 
 
@@ -201,7 +216,6 @@ class Registry:
                                          "rejected": []}
         pipe = self.conn.pipeline()
         for name, (entry, bundle) in found.items():
-            entry = self._requirements_checked(entry)
             before = old.get(name)
             if not entry.runnable:
                 kept = before if before and before.runnable else None
@@ -227,18 +241,6 @@ class Registry:
         pipe.incr(self.keys.registry_version)
         pipe.execute()
         return changes
-
-    def _requirements_checked(self, entry: PluginEntry) -> PluginEntry:
-        """A requirements.txt that does not install rejects the plugin at load."""
-        req = Path(entry.path) / "requirements.txt"
-        if not entry.runnable or not req.is_file():
-            return entry
-        try:
-            install_requirements(req, self.settings.cache_dir, self.settings.runtime_python)
-        except DependencyError as exc:
-            return replace(entry, status=PluginStatus.INVALID, digest=None, manifest=None,
-                           errors=(f"requirements.txt: {exc.message}",))
-        return entry
 
     def _remember(self, pipe: Any, entry: PluginEntry, before: PluginEntry | None) -> None:
         """Puts a version at the head of the plugin's history (one per digest); the version

@@ -10,35 +10,39 @@ import signal
 import threading
 from typing import Any
 
-import redis
 from werkzeug.serving import make_server
 
 from manager import metrics
 from manager.api import create_app
+from manager.clients import redis_client
 from manager.config import Settings
 from manager.dispatch import Dispatcher, make_celery
 from manager.listener import Listener
 from manager.registry import PluginStatus, Registry
+from manager.sweeper import Sweeper
 from manager.watch import PluginWatcher
 
 log = logging.getLogger("titan.manager")
 
 
-def connect_redis(settings: Settings) -> redis.Redis:
-    return redis.Redis.from_url(settings.redis_url, health_check_interval=30,
-                                socket_keepalive=True, socket_connect_timeout=5)
-
-
 class Manager:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.conn = connect_redis(settings)
+        self.conn = redis_client(settings)
         self.registry = Registry(self.conn, settings)
         self.dispatcher = Dispatcher(self.conn, settings, make_celery(settings))
-        self.listener = Listener(connect_redis(settings), settings, Registry(
-            connect_redis(settings), settings), self.dispatcher)
+        listener_conn = redis_client(settings)
+        self.sweeper = Sweeper(listener_conn, settings, self.dispatcher)
+        self.listener = Listener(listener_conn, settings, Registry(listener_conn, settings),
+                                 self.dispatcher, housekeeping=self.sweep)
         self.app = create_app(settings, self.conn, self.registry, self.dispatcher)
         self.server: Any = None
+
+    def sweep(self) -> None:
+        report = self.sweeper.sweep()
+        if report.requeued or report.lost:
+            log.warning("sweeper: re-queued %d, lost %d", len(report.requeued),
+                        len(report.lost))
 
     def reload(self) -> dict[str, Any]:
         changes = self.registry.reload()

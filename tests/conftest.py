@@ -59,9 +59,10 @@ def plugins_dir(files_dir: Path) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
-def settings(redis_url: str, plugins_dir: Path, tmp_path_factory: pytest.TempPathFactory
-             ) -> Iterator[Settings]:
-    settings = private_settings(redis_url, plugins_dir, tmp_path_factory.mktemp("run"))
+def settings(redis_url: str, plugins_dir: Path, files_dir: Path,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    settings = private_settings(redis_url, plugins_dir, tmp_path_factory.mktemp("run"),
+                                allowed_roots=(files_dir,))
     yield settings
     shutil.rmtree(settings.cache_dir, ignore_errors=True)
 

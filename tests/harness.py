@@ -4,10 +4,12 @@ Celery worker processes on a private queue, and a reader of the private stream."
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -22,8 +24,22 @@ from typing import Any
 import redis
 
 from manager.config import ROOT, Settings
+from manager.records import RecordStore
 
 WORKER_START_S = 60
+
+
+def bridge_gateway(client: Any) -> str:
+    """The default bridge's gateway address. A freshly started engine does not record it
+    in IPAM.Config (only the subnet), so it is read from the bridge interface itself."""
+    attrs = client.networks.get("bridge").attrs
+    for config in attrs.get("IPAM", {}).get("Config") or []:
+        if config.get("Gateway"):
+            return config["Gateway"]
+    name = attrs.get("Options", {}).get("com.docker.network.bridge.name", "docker0")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        packed = struct.pack("256s", name.encode()[:15])
+        return socket.inet_ntoa(fcntl.ioctl(s.fileno(), 0x8915, packed)[20:24])  # SIOCGIFADDR
 
 
 def free_port() -> int:
@@ -133,6 +149,17 @@ class DockerProxy:
         self.conns.clear()
 
 
+def records_of(conn: redis.Redis, settings: Settings, plugin: str,
+               limit: int = 200) -> list[dict[str, Any]]:
+    """A plugin's recent records, as the API shows them."""
+    return [r.public() for r in RecordStore(conn, settings).for_plugin(plugin, limit)]
+
+
+def record_of(conn: redis.Redis, settings: Settings, invocation_id: str) -> dict[str, Any]:
+    record = RecordStore(conn, settings).get(invocation_id)
+    return record.public() if record else {}
+
+
 def private_settings(redis_url: str, plugins_dir: Path, run_dir: Path, **extra: Any) -> Settings:
     """Settings whose keys, stream, queue and container labels belong to this run only."""
     uid = uuid.uuid4().hex[:8]
@@ -154,6 +181,8 @@ def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
         "TITAN_TASK_QUEUE": settings.task_queue, "TITAN_INSTANCE": settings.instance,
         "TITAN_PLUGINS_DIR": str(settings.plugins_dir), "TITAN_RUN_DIR": str(settings.run_dir),
         "TITAN_CACHE_DIR": str(settings.cache_dir), "TITAN_WORKER_NAME": settings.worker_name,
+        "TITAN_ALLOWED_ROOTS": ":".join(str(r) for r in settings.allowed_roots),
+        "TITAN_PIP_INDEX_URL": settings.pip_index_url,
     })
     for f in dataclass_fields(Settings):
         value = getattr(settings, f.name)

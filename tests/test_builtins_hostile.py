@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import Bus, build_pdf, new_id
-from manager.records import RecordStore
+from harness import Bus, build_pdf, new_id, records_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("stack")]
 
@@ -19,7 +18,7 @@ def run(bus: Bus, conn, settings, plugin: str, topic: str, event_type: str, payl
     bus.publish({"event_id": event_id, "topic": topic, "event_type": event_type,
                  "payload": payload})
     caused = bus.result_of(event_id, timeout=timeout)
-    record = next(r for r in RecordStore(conn, settings).for_plugin(plugin, 100)
+    record = next(r for r in records_of(conn, settings, plugin, 100)
                   if r["event_id"] == event_id)
     return record, caused
 

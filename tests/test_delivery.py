@@ -25,6 +25,8 @@ from harness import (
     WorkerProcess,
     new_id,
     private_settings,
+    record_of,
+    records_of,
     wait_until,
 )
 from manager.api import create_app
@@ -32,7 +34,7 @@ from manager.config import Settings
 from manager.dispatch import Dispatcher, make_celery
 from manager.events import Event
 from manager.listener import Listener, ensure_group
-from manager.records import RecordStore
+from manager.records import InvocationRecord, RecordStore, Status
 from manager.registry import Registry
 
 pytestmark = pytest.mark.integration
@@ -52,12 +54,12 @@ def dispatch(conn, settings: Settings, registry, plugin: str, topic: str, event_
 
 
 def record(conn, settings, invocation_id: str) -> dict:
-    return RecordStore(conn, settings).get(invocation_id) or {}
+    return record_of(conn, settings, invocation_id)
 
 
 def finished(conn, settings, invocation_id: str, timeout: float = 90) -> dict:
     return wait_until(lambda: (r := record(conn, settings, invocation_id)).get("status") not in
-                      (None, "queued", "running", "retrying") and r, timeout,
+                      (None, "pending", "queued", "throttled", "running", "retrying") and r, timeout,
                       f"invocation {invocation_id} to finish")
 
 
@@ -121,7 +123,7 @@ def test_pending_entries_of_a_dead_listener_are_reclaimed_without_duplicates(
     assert rescuer.reclaim() == 2
     assert conn.xpending(mine.event_stream, mine.consumer_group)["pending"] == 0
     for event in (crashed_before, crashed_after):
-        runs = [r for r in RecordStore(conn, settings).for_plugin("echo", 500)
+        runs = [r for r in records_of(conn, settings, "echo", 500)
                 if r["event_id"] == event["event_id"]]
         assert len(runs) == 1, runs
         assert finished(conn, settings, runs[0]["invocation_id"])["status"] == "succeeded"
@@ -271,6 +273,7 @@ def test_retention_trims_by_age_and_length_and_records_expire(settings, conn) ->
     assert all(int(e[0].split(b"-")[0]) > old_ms + 10 for e in entries)
     assert len(entries) <= mine.stream_maxlen + 100  # MAXLEN ~ trims whole nodes
     store = RecordStore(conn, mine)
-    store.create({"invocation_id": "ret-1", "plugin": "retention_probe", "status": "queued"})
-    assert store.get("ret-1")["status"] == "queued"
+    store.create(InvocationRecord("ret-1", "retention_probe", "1.0.0", "sha256:x", "e", "t",
+                                  "e", "api", Status.QUEUED, time.time()), time.time() + 60)
+    assert store.get("ret-1").status is Status.QUEUED
     assert 0 < conn.ttl(f"{settings.key_prefix}:inv:ret-1") <= 120

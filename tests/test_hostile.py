@@ -11,9 +11,8 @@ from typing import Any
 
 import pytest
 
-from harness import Bus, new_id
+from harness import Bus, bridge_gateway, new_id, records_of
 from manager.events import Event
-from manager.records import RecordStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("stack")]
 
@@ -27,7 +26,7 @@ def attack(bus: Bus, conn, settings, worker, docker_client):
         bus.publish({"event_id": event_id, "topic": "hostile.v1", "event_type": "attack",
                      "payload": {"attack": name, **payload}})
         caused = bus.result_of(event_id, timeout=timeout)
-        record = next(r for r in RecordStore(conn, settings).for_plugin("hostile", 50)
+        record = next(r for r in records_of(conn, settings, "hostile", 50)
                       if r["event_id"] == event_id)
         assert worker.proc.poll() is None, "the worker died"
         left = docker_client.containers.list(
@@ -97,7 +96,7 @@ def test_one_huge_file_hits_fsize(attack, settings) -> None:
 # Network
 
 def test_no_egress_at_all(attack, settings, docker_client) -> None:
-    gateway = docker_client.networks.get("bridge").attrs["IPAM"]["Config"][0]["Gateway"]
+    gateway = bridge_gateway(docker_client)
     redis_port = int(settings.redis_url.rsplit(":", 1)[1].split("/")[0])
     got = report(attack("network", hostname="pypi.org", ip=gateway, port=redis_port,
                         redis_port=redis_port, gateway=gateway))
@@ -219,7 +218,7 @@ def test_event_just_under_the_limit_reaches_the_plugin_whole(attack, settings) -
 @pytest.mark.parametrize(("kind", "reason"), [
     ("not_json", "is not JSON"), ("truncated", "is not JSON"),
     ("nan", "NaN is not valid JSON"), ("surrogate", "lone surrogate"),
-    ("missing_keys", "lacks topic, event_type"), ("many_lines", "more than the limit of 1000"),
+    ("missing_keys", "lacks topic, event_type"), ("many_lines", "more than the limit of 100"),
 ])
 def test_bad_output_fails_with_reason(attack, kind: str, reason: str) -> None:
     record, failure = attack("bad_output", kind=kind)

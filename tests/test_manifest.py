@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import pytest
 from manager.config import Settings
 from manager.errors import ManifestError
 from manager.manifest import parse_manifest
-from manager.registry import PluginStatus, build_bundle, discover
+from manager.registry import PluginEntry, PluginStatus, discover, load_plugin
 
 GOOD = """\
 name: demo
@@ -20,7 +21,7 @@ triggers:
 entrypoint: python main.py
 image: titan-runtime:py3.11
 resources: {cpu: "100m", memory: "256Mi"}
-permissions: {fs: {allow: ["/srv/data/**"]}}
+permissions: {fs: {allow: ["/srv/titan/data/**"]}}
 """
 
 
@@ -46,7 +47,7 @@ def test_unknown_keys_are_rejected(key: str) -> None:
 @pytest.mark.parametrize("glob", ["/", "/**", "/etc/**", "/proc", "/var/run/docker.sock",
                                   "relative/**", "/srv/../etc/**", "/usr/lib/*", "/sys/*"])
 def test_dangerous_globs_are_rejected(glob: str) -> None:
-    errs = errors_of(GOOD.replace("/srv/data/**", glob))
+    errs = errors_of(GOOD.replace("/srv/titan/data/**", glob))
     assert any("permissions.fs.allow" in e for e in errs), errs
 
 
@@ -110,12 +111,60 @@ def test_discover_lists_invalid_plugins_and_loads_the_others(tmp_path: Path) -> 
     assert any("does not exist" in e for e in found["nomain"].errors)
 
 
+def _digest(d: Path) -> str | None:
+    entry, _ = load_plugin(d, Settings.from_env())
+    return entry.digest
+
+
 def test_digest_follows_content_and_refuses_symlinks(tmp_path: Path) -> None:
     d = _plugin(tmp_path, "demo", GOOD)
-    first, _ = build_bundle(d, 1024 * 1024)
-    assert build_bundle(d, 1024 * 1024)[0] == first
+    first = _digest(d)
+    assert first and _digest(d) == first
     (d / "main.py").write_text("print('changed')")
-    assert build_bundle(d, 1024 * 1024)[0] != first
+    assert _digest(d) not in (None, first)
     (d / "link").symlink_to("/etc/passwd")
-    with pytest.raises(ValueError, match="symlink"):
-        build_bundle(d, 1024 * 1024)
+    entry, bundle = load_plugin(d, Settings.from_env())
+    assert not entry.runnable and bundle is None
+    assert entry.errors == ("files: link: is a symlink; plugins may not contain symlinks",)
+
+
+def test_duplicate_keys_are_refused() -> None:
+    errs = errors_of(GOOD + "timeout: 5\ntimeout: 600\n")
+    assert any("duplicate key 'timeout'" in e for e in errs), errs
+
+
+def _load_with_glob(tmp_path: Path, glob: str, settings: Settings) -> PluginEntry:
+    d = tmp_path / "plugins" / "demo"
+    shutil.rmtree(d, ignore_errors=True)
+    d.parent.mkdir(exist_ok=True)
+    _plugin(d.parent, "demo", GOOD.replace("/srv/titan/data/**", glob))
+    return load_plugin(d, settings)[0]
+
+
+@pytest.mark.parametrize("glob", ["/work/**", "/var/**", "/home/**", "/tmp/**", "/opt/**",
+                                  "/var/lib/dock[e]r/**", "/srv/**", "RUN_DIR/**",
+                                  "CACHE_DIR/x/**"])
+def test_globs_outside_the_allowed_roots_are_rejected_at_load(tmp_path: Path, glob: str) -> None:
+    run_dir = Path("/srv/titan/run-" + tmp_path.name)
+    settings = Settings.from_env(allowed_roots=(Path("/srv/titan"),), run_dir=run_dir,
+                                 cache_dir=run_dir / "cache")
+    glob = glob.replace("RUN_DIR", str(run_dir)).replace("CACHE_DIR", str(run_dir / "cache"))
+    entry = _load_with_glob(tmp_path, glob, settings)
+    assert not entry.runnable
+    assert any(("outside the allowed roots (/srv/titan" in e or "never granted" in e)
+               and "permissions.fs.allow" in e for e in entry.errors), entry.errors
+
+
+def test_a_glob_inside_the_roots_loads(tmp_path: Path) -> None:
+    settings = Settings.from_env(allowed_roots=(tmp_path / "data",))
+    (tmp_path / "data" / "in").mkdir(parents=True)
+    assert _load_with_glob(tmp_path, f"{tmp_path}/data/in/**", settings).runnable
+
+
+def test_a_glob_whose_base_is_a_symlink_into_etc_is_rejected_at_load(tmp_path: Path) -> None:
+    settings = Settings.from_env(allowed_roots=(tmp_path / "data",))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "link").symlink_to("/etc")
+    entry = _load_with_glob(tmp_path, f"{tmp_path}/data/link/**", settings)
+    assert not entry.runnable
+    assert any("resolves to /etc" in e for e in entry.errors), entry.errors

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from manager.config import Settings
 from manager.errors import PermissionDenied
 from manager.events import Event
 from manager.manifest import Manifest
 from manager.matching import match
-from manager.permissions import check_payload_path, glob_matches, mount_sources
+from manager.permissions import glob_matches, mount_sources, open_payload_path
 from manager.registry import PluginEntry, PluginStatus
 from workers.results import OutputError, parse_output
 
@@ -48,10 +49,20 @@ def test_glob_semantics() -> None:
     assert not glob_matches("/srv/ab/c", "/srv/a/**")
 
 
+def _open(path: str | None, globs: list[str], settings: Settings) -> str | None:
+    checked = open_payload_path({} if path is None else {"path": path}, globs, settings)
+    if checked is None:
+        return None
+    checked.close()
+    return checked.path
+
+
 def test_payload_paths_are_resolved_before_checking(tmp_path: Path) -> None:
+    settings = Settings.from_env(allowed_roots=(tmp_path,))
     allowed = tmp_path / "allowed"
     allowed.mkdir()
     (allowed / "ok.txt").write_text("ok")
+    (allowed / "sub").mkdir()
     secret = tmp_path / "secret.txt"
     secret.write_text("secret")
     (allowed / "link").symlink_to(secret)
@@ -60,18 +71,35 @@ def test_payload_paths_are_resolved_before_checking(tmp_path: Path) -> None:
     (allowed / "loop").symlink_to(allowed / "loop")
     os.link(secret, allowed / "hard.txt")
     globs = [f"{allowed}/**"]
-    assert check_payload_path({"path": str(allowed / "ok.txt")}, globs) == str(allowed / "ok.txt")
-    assert check_payload_path({}, globs) is None
+    assert _open(str(allowed / "ok.txt"), globs, settings) == str(allowed / "ok.txt")
+    assert _open(None, globs, settings) is None
     for bad in [allowed / ".." / "secret.txt", allowed / "link", allowed / "chain1",
-                allowed / "loop", allowed / "hard.txt", Path("/etc/shadow"), "relative.txt"]:
+                allowed / "loop", allowed / "hard.txt", allowed / "sub", Path("/etc/shadow"),
+                "relative.txt"]:
         with pytest.raises(PermissionDenied):
-            check_payload_path({"path": str(bad)}, globs)
+            _open(str(bad), globs, settings)
+
+
+def test_payload_path_outside_the_allowed_roots_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("a")
+    settings = Settings.from_env(allowed_roots=(Path("/srv/titan"),))
+    with pytest.raises(PermissionDenied, match="outside the plugin's allowed paths"):
+        _open(str(tmp_path / "a.txt"), [f"{tmp_path}/**"], settings)
 
 
 def test_mount_sources_skip_missing_and_nested(tmp_path: Path) -> None:
+    settings = Settings.from_env(allowed_roots=(tmp_path,))
     (tmp_path / "a" / "b").mkdir(parents=True)
     globs = [f"{tmp_path}/a/**", f"{tmp_path}/a/b/*.txt", "/nonexistent-titan/**"]
-    assert mount_sources(globs) == [f"{tmp_path}/a"]
+    assert mount_sources(globs, settings) == [f"{tmp_path}/a"]
+
+
+def test_mount_sources_refuse_a_directory_others_could_swap(tmp_path: Path) -> None:
+    settings = Settings.from_env(allowed_roots=(tmp_path,))
+    (tmp_path / "open" / "data").mkdir(parents=True)
+    (tmp_path / "open").chmod(0o777)  # anyone could rename data/ and plant a symlink
+    with pytest.raises(PermissionDenied, match="could be swapped"):
+        mount_sources([f"{tmp_path}/open/data/**"], settings)
 
 
 @pytest.mark.parametrize(("stdout", "count"), [
@@ -89,6 +117,8 @@ def test_output_forms(stdout: bytes, count: int) -> None:
     (b'{"topic": "a", "event_type": "b", "payload": NaN}', "NaN is not valid JSON"),
     (b'{"topic": "a"}', "lacks event_type, payload"), (b"[1]", "not a JSON object"),
     (b'{"topic": "a", "event_type": "b", "payload": {}}\n' * 101, "more than the limit"),
+    (b'{"topic": "plugins.v1", "event_type": "invocation_failed", "payload": {}}',
+     "only the worker publishes"),
 ])
 def test_bad_output_is_refused_with_reason(stdout: bytes, message: str) -> None:
     with pytest.raises(OutputError, match=message):

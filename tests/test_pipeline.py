@@ -7,14 +7,13 @@ import json
 
 import pytest
 
-from harness import Bus, build_pdf, new_id
-from manager.records import RecordStore
+from harness import Bus, build_pdf, new_id, records_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("stack")]
 
 
 def record_for(conn, settings, plugin: str, event_id: str) -> dict:
-    records = RecordStore(conn, settings).for_plugin(plugin, 200)
+    records = records_of(conn, settings, plugin, 200)
     return next(r for r in records if r["event_id"] == event_id)
 
 
@@ -142,7 +141,7 @@ def test_one_event_runs_every_matching_plugin_once(bus: Bus, conn, settings) -> 
     second = bus.publish({"event_id": new_id(), "topic": "test.v1", "event_type": "ping"})
     bus.wait_event(lambda d: d.get("event") and d["event"].get("causation_id") is not None
                    and d["event"]["event_type"] == "pong", after=second)
-    runs = [r for r in RecordStore(conn, settings).for_plugin("echo", 500)
+    runs = [r for r in records_of(conn, settings, "echo", 500)
             if r["event_id"] == event_id]
     assert len(runs) == 1
 

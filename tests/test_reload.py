@@ -14,12 +14,11 @@ from pathlib import Path
 import pytest
 import redis
 
-from harness import Bus, WorkerProcess, new_id, private_settings, wait_until
+from harness import Bus, WorkerProcess, new_id, private_settings, records_of, wait_until
 from manager.api import create_app
 from manager.config import Settings
 from manager.dispatch import Dispatcher, make_celery
 from manager.listener import Listener
-from manager.records import RecordStore
 from manager.registry import Registry
 from manager.watch import PluginWatcher
 
@@ -126,8 +125,7 @@ def test_reload_mid_stream_runs_each_event_on_one_whole_version(stack: Stack) ->
                            "event_type": "versioned"})
     answers = {event_id: stack.bus.result_of(event_id)["payload"] for event_id in before + after}
     digests = {e.version: e.digest for e in stack.registry.versions("versioned")}
-    records = {r["event_id"]: r for r in
-               RecordStore(stack.conn, stack.settings).for_plugin("versioned", 500)}
+    records = {r["event_id"]: r for r in records_of(stack.conn, stack.settings, "versioned", 500)}
     for event_id, payload in answers.items():
         assert payload["code"] == payload["env"] in ("1.0.0", "2.0.0")  # never a mix
         assert records[event_id]["digest"] == digests[payload["code"]]
@@ -197,7 +195,7 @@ def test_removing_a_plugin_stops_new_dispatch(stack: Stack) -> None:
                                            stack.settings.consumer_group)["pending"] == 0
                and stack.conn.xinfo_groups(stack.settings.event_stream)[0]
                ["last-delivered-id"].decode() >= entry, 30, "the listener to pass the event")
-    runs = RecordStore(stack.conn, stack.settings).for_plugin("doomed", 50)
+    runs = records_of(stack.conn, stack.settings, "doomed", 50)
     assert all(r["event_id"] != event_id for r in runs)
 
 

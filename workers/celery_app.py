@@ -1,6 +1,9 @@
 """The worker's Celery app and per-process state (one Redis and one Docker client each).
 
 Run with: celery -A workers.celery_app worker -Q titan.plugins
+
+Nothing is connected or read at import: the settings are read once per process, on first
+use, and the Celery configuration derived from them is evaluated lazily.
 """
 
 from __future__ import annotations
@@ -9,11 +12,11 @@ import logging
 import os
 from dataclasses import dataclass
 
-import redis
-from celery import signals
+from celery import Celery, signals
 
-from manager.config import Settings
-from manager.dispatch import make_celery
+from manager.clients import redis_client
+from manager.config import current
+from manager.dispatch import celery_settings
 from manager.errors import SandboxUnavailable
 from workers.heartbeat import Heartbeat
 from workers.runner import Runner
@@ -21,8 +24,9 @@ from workers.sandbox import Sandbox
 
 log = logging.getLogger(__name__)
 
-app = make_celery(Settings.from_env(), "titan-worker")
-app.conf.include = ["workers.tasks"]
+app = Celery("titan-worker", include=["workers.tasks"])
+app.config_from_object("celeryconfig")
+app.add_defaults(lambda: celery_settings(current()))
 
 
 @dataclass
@@ -32,16 +36,16 @@ class _ProcessState:
 
 
 _state: _ProcessState | None = None
+_heartbeat: Heartbeat | None = None
 
 
 def runner() -> Runner:
     """This process's Runner, built on first use (after fork, never at import)."""
     global _state
     if _state is None or _state.pid != os.getpid():
-        settings = Settings.from_env()
-        conn = redis.Redis.from_url(settings.redis_url, health_check_interval=30,
-                                    socket_keepalive=True)
-        _state = _ProcessState(os.getpid(), Runner(conn, settings, Sandbox(settings)))
+        settings = current()
+        _state = _ProcessState(os.getpid(),
+                               Runner(redis_client(settings), settings, Sandbox(settings)))
     return _state.runner
 
 
@@ -53,23 +57,16 @@ def _init_process(**_: object) -> None:
         log.warning("worker process starts without a Docker engine: %s", exc)
 
 
-_heartbeat: Heartbeat | None = None
-
-
 @signals.worker_ready.connect
 def _on_ready(sender: object = None, **_: object) -> None:
-    """Starts the heartbeat, then reaps what a killed worker on this host left behind."""
+    """Starts the heartbeat, which also reaps what this host's dead workers left behind
+    and, on every beat, what this worker's own processes no longer use."""
     global _heartbeat
-    settings = Settings.from_env()
+    settings = current()
     name = getattr(sender, "hostname", None) or f"{settings.worker_name}-{os.getpid()}"
-    _heartbeat = Heartbeat(redis.Redis.from_url(settings.redis_url), settings, name)
+    _heartbeat = Heartbeat(redis_client(settings), settings, name, Sandbox(settings))
+    _heartbeat.reap_at_start()
     _heartbeat.start()
-    try:
-        reaped = Sandbox(settings).reap_orphans()
-        if reaped:
-            log.warning("reaped %d orphaned container(s): %s", len(reaped), ", ".join(reaped))
-    except Exception as exc:
-        log.warning("could not reap orphaned containers: %s", exc)
 
 
 @signals.worker_shutdown.connect

@@ -1,53 +1,102 @@
-"""Worker heartbeat: liveness and the Docker engine's state, for /health on any host."""
+"""Worker heartbeat, in the worker's main process: liveness, the Docker engine's state and
+the runs this worker holds (for /health, for a second delivery's takeover decision and
+for the sweeper), and self-healing: every beat it removes this worker's containers that
+no run of its processes is using, so what an engine restart left behind is gone within
+one interval, without restarting the worker."""
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 
 import redis
+from celery.worker import state as worker_state
 
 from manager.config import Settings
 from manager.errors import SandboxUnavailable
 from manager.keys import Keys
-from workers.sandbox import connect_docker
+from workers.sandbox import Sandbox
 
 log = logging.getLogger(__name__)
 INTERVAL_S = 3.0
 TTL_S = 10
+RUN_DIR_MAX_AGE_S = 3600
+
+
+def held_runs() -> set[str]:
+    """Invocation ids this worker has accepted (active) or prefetched (reserved)."""
+    for _ in range(5):
+        try:
+            return {r.id for r in (*worker_state.active_requests,
+                                   *worker_state.reserved_requests)}
+        except RuntimeError:  # the sets changed while being read
+            continue
+    return set()
+
+
+def child_pids() -> set[int]:
+    """This process's children (the worker's pool processes)."""
+    pids: set[int] = set()
+    for path in glob.glob(f"/proc/{os.getpid()}/task/*/children"):
+        with contextlib.suppress(OSError), open(path) as fh:
+            pids.update(int(p) for p in fh.read().split())
+    return pids
 
 
 class Heartbeat(threading.Thread):
-    def __init__(self, conn: redis.Redis, settings: Settings, name: str) -> None:
+    def __init__(self, conn: redis.Redis, settings: Settings, name: str,
+                 sandbox: Sandbox) -> None:
         super().__init__(name="titan-heartbeat", daemon=True)
         self.conn = conn
+        self.settings = settings
+        self.sandbox = sandbox
         self.key = Keys(settings.key_prefix).worker_heartbeat(name)
         self.name_ = name
         self.stopping = threading.Event()
-        self._docker = None
+        self._docker_ok = False
 
     def docker_state(self) -> dict[str, object]:
         try:
-            if self._docker is None:
-                self._docker = connect_docker()
-            else:
-                self._docker.ping()
+            self.sandbox.ping()
+            self._docker_ok = True
             return {"ok": True}
         except SandboxUnavailable as exc:
-            self._docker = None
+            self._docker_ok = False
             return {"ok": False, "error": exc.message[:300]}
-        except Exception as exc:
-            self._docker = None
-            return {"ok": False, "error": f"Docker engine unreachable: {exc}"[:300]}
 
     def beat(self) -> None:
+        docker = self.docker_state()
+        # Containers are listed before the held runs are read: a container created after
+        # the snapshot belongs to a run accepted before it, so it is never taken for waste.
+        if self._docker_ok:
+            reaped = self.sandbox.reap(child_pids(), held_runs)
+            if reaped:
+                log.warning("reaped %d container(s) no run uses: %s", len(reaped),
+                            ", ".join(reaped))
         state = {"name": self.name_, "pid": os.getpid(), "time": time.time(),
-                 "docker": self.docker_state()}
+                 "docker": docker, "held": sorted(held_runs())}
         self.conn.set(self.key, json.dumps(state), ex=TTL_S)
+
+    def reap_at_start(self) -> None:
+        """What killed workers on this host left: containers and per-run directories."""
+        try:
+            reaped = self.sandbox.reap()
+            if reaped:
+                log.warning("reaped %d orphaned container(s): %s", len(reaped),
+                            ", ".join(reaped))
+        except Exception as exc:
+            log.warning("could not reap orphaned containers: %s", exc)
+        cutoff = time.time() - max(RUN_DIR_MAX_AGE_S, self.settings.max_timeout * 2)
+        for path in glob.glob(str(self.settings.cache_dir / "runs" / "*")):
+            with contextlib.suppress(OSError):
+                if os.lstat(path).st_mtime < cutoff:
+                    shutil.rmtree(path, ignore_errors=True)
 
     def run(self) -> None:
         while not self.stopping.is_set():
@@ -55,6 +104,8 @@ class Heartbeat(threading.Thread):
                 self.beat()
             except redis.RedisError as exc:
                 log.warning("heartbeat: Redis unavailable: %s", exc)
+            except Exception:
+                log.exception("heartbeat failed")
             self.stopping.wait(INTERVAL_S)
 
     def stop(self) -> None:

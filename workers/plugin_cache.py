@@ -1,33 +1,59 @@
 """A worker host's local copies: plugin code by digest, requirements by content.
 
-Code comes from the bundle in Redis (no shared filesystem with the manager), is checked
-against its digest, and is unpacked once per host; requirements.txt is installed once per
-distinct content with pip outside the container, then mounted read-only into it.
+Code comes from the bundle in Redis (no shared filesystem with the manager). The bundle
+is trusted for nothing: the digest is validated before any path is built, the bundle is
+unpacked with a size bound and checked against the digest, and only regular files and
+directories with plain relative names are written, each created with O_EXCL/O_NOFOLLOW
+under a fresh private directory. requirements.txt goes through the same rules as reload.
 """
 
 from __future__ import annotations
 
-import io
+import hashlib
 import os
+import re
+import shutil
 import tarfile
 import tempfile
+import zlib
 from pathlib import Path
 
 from manager.config import Settings
-from manager.deps import install_requirements, locked, mkdirs, readable_tree
+from manager.deps import install_requirements, locked, mkdirs, private_root
 from manager.errors import BundleError
-from manager.registry import Registry, bundle_digest
+from manager.registry import REQUIREMENTS, Registry
+from manager.requirements import parse_requirements
+from manager.safefs import (
+    O_DIR,
+    UnsafePath,
+    bundle_members,
+    fd,
+    gunzip_bounded,
+    read_regular,
+    write_tree,
+)
+
+DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+def check_digest(digest: str) -> str:
+    if not isinstance(digest, str) or not DIGEST_RE.match(digest):
+        raise BundleError(f"invalid digest {str(digest)[:80]!r}", digest=str(digest)[:80])
+    return digest
 
 
 class PluginCache:
     def __init__(self, registry: Registry, settings: Settings) -> None:
         self.registry = registry
-        self.root = settings.cache_dir
-        self.runtime_python = settings.runtime_python
+        self.settings = settings
+
+    @property
+    def root(self) -> Path:
+        return private_root(self.settings.cache_dir)
 
     def code_dir(self, digest: str) -> Path:
         """The unpacked plugin for a digest, fetched from Redis when absent here."""
-        target = self.root / "plugins" / digest.replace(":", "-")
+        target = self.root / "plugins" / check_digest(digest).replace(":", "-")
         if target.is_dir():
             return target
         with locked(self.root / "locks" / f"{target.name}.lock"):
@@ -36,19 +62,37 @@ class PluginCache:
             bundle = self.registry.bundle(digest)
             if bundle is None:
                 raise BundleError(f"bundle {digest} is not in the store", digest=digest)
-            actual = bundle_digest(bundle)
+            self._unpack(bundle, digest, target)
+        return target
+
+    def _unpack(self, bundle: bytes, digest: str, target: Path) -> None:
+        limit = self.settings.max_bundle_bytes * 2  # tar headers add to the files' size
+        try:
+            tar_bytes = gunzip_bounded(bundle, limit)
+            actual = "sha256:" + hashlib.sha256(tar_bytes).hexdigest()
             if actual != digest:
                 raise BundleError(f"bundle content {actual} does not match {digest}",
                                   digest=digest)
-            tmp = Path(tempfile.mkdtemp(dir=mkdirs(target.parent)))
-            with tarfile.open(fileobj=io.BytesIO(bundle), mode="r:gz") as tar:
-                tar.extractall(tmp, filter="data")
-            readable_tree(tmp)
-            os.rename(tmp, target)
-        return target
+            tmp = Path(tempfile.mkdtemp(dir=mkdirs(target.parent, 0o700)))
+            try:
+                with fd(os.open(tmp, O_DIR)) as root:
+                    write_tree(root, bundle_members(tar_bytes, self.settings.max_bundle_bytes))
+                os.chmod(tmp, 0o755)
+                os.rename(tmp, target)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        except (UnsafePath, OSError, EOFError, tarfile.TarError, zlib.error) as exc:
+            raise BundleError(f"bundle {digest} refused: {exc}", digest=digest) from None
 
     def deps_dir(self, code_dir: Path) -> Path | None:
-        """Installs requirements.txt (if any) into a directory keyed by its content."""
-        req = code_dir / "requirements.txt"
-        return install_requirements(req, self.root, self.runtime_python) if req.is_file() \
-            else None
+        """Installs requirements.txt (if any) by the same rules as reload."""
+        try:
+            with fd(os.open(code_dir, O_DIR)) as handle:
+                data, _ = read_regular(handle, REQUIREMENTS, self.settings.max_bundle_bytes,
+                                       REQUIREMENTS)
+        except FileNotFoundError:
+            return None
+        except UnsafePath as exc:
+            raise BundleError(f"{REQUIREMENTS}: {exc.reason}") from None
+        return install_requirements(parse_requirements(data), self.settings)

@@ -1,31 +1,34 @@
-"""RunResult -> result events on the bus, a failure event when it failed, and the record."""
+"""RunResult -> result events, a failure event when it failed, and the terminal record.
+
+The outcome of a finished run is never thrown away because Redis blinked: storing it is
+retried with backoff until Redis answers (within `finish_budget_s`), and it is stored
+with its events in one atomic step, at most once (event ids derive from the invocation).
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import redis
 
+from manager import metrics
 from manager.config import Settings
-from manager.errors import EventError
-from manager.events import Event, new_event_id
-from manager.records import RecordStore, Status
+from manager.errors import EventError, OutcomeNotStored
+from manager.events import FAILURE, Limits, check_limits
+from manager.records import Outcome, RecordStore, Status
+from manager.runs import RunRequest
 from workers.sandbox import RunResult
+
+log = logging.getLogger(__name__)
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 
 
 class OutputError(ValueError):
     """The plugin's stdout broke the I/O contract (SPEC §3)."""
-
-
-@dataclass(frozen=True)
-class Invocation:
-    invocation_id: str
-    plugin: str
-    version: str
-    event: Event
 
 
 def _reject_constant(name: str) -> Any:
@@ -55,103 +58,113 @@ def parse_output(stdout: bytes, max_results: int) -> list[dict[str, Any]]:
             except json.JSONDecodeError as exc:
                 raise OutputError(f"stdout line {n} is not JSON: {exc.msg} "
                                   f"(starts {line[:60]!r})") from None
+            except RecursionError:
+                raise OutputError(f"stdout line {n} nests too deeply") from None
+    except RecursionError:
+        raise OutputError("stdout nests too deeply") from None
     for n, obj in enumerate(objects, 1):
         if not isinstance(obj, dict):
             raise OutputError(f"result {n} is not a JSON object")
         missing = [k for k in ("topic", "event_type", "payload") if k not in obj]
         if missing:
             raise OutputError(f"result {n} lacks {', '.join(missing)}")
+        if (obj["topic"], obj["event_type"]) == FAILURE:
+            raise OutputError(f"result {n} is {FAILURE[0]}/{FAILURE[1]}, which only the "
+                              "worker publishes")
     return objects
 
 
-def result_events(inv: Invocation, objects: list[dict[str, Any]],
-                  settings: Settings) -> list[Event]:
-    """Result events carry causation, correlation, source and hops (SPEC §3)."""
-    now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    trigger = inv.event
-    events = []
+def result_events(req: RunRequest, objects: list[dict[str, Any]], limits: Limits) -> list[str]:
+    """Encoded result events, each checked by the listener's own limits (size, depth), so
+    what is published is never dead-lettered for its shape."""
+    encoded = []
     for n, obj in enumerate(objects, 1):
         try:
-            event = Event.from_dict({
-                "event_id": new_event_id(), "topic": obj["topic"],
-                "event_type": obj["event_type"], "payload": obj["payload"],
-                "source": f"plugin:{inv.plugin}@{inv.version}", "time": now,
-                "correlation_id": trigger.correlation_id or trigger.event_id,
-                "causation_id": trigger.event_id, "hops": trigger.hops + 1,
-            })
-            encoded = event.encode().encode("utf-8")
+            text = req.result_event(n, obj).encode()
+            check_limits(text.encode("utf-8"), limits)
         except EventError as exc:
             raise OutputError(f"result {n}: {exc.message}") from None
         except UnicodeEncodeError:
             raise OutputError(f"result {n} holds a lone surrogate (not valid Unicode)") from None
-        if len(encoded) > settings.max_event_bytes:
-            raise OutputError(f"result {n} is {len(encoded)} bytes, over the event limit")
-        events.append(event)
-    return events
+        encoded.append(text)
+    return encoded
 
 
-class Publisher:
-    """Writes outcomes to the bus and the record store; takes its Redis connection."""
+@dataclass(frozen=True)
+class Decided:
+    """An outcome ready to store: status, reason, record fields and encoded events."""
+
+    status: Status
+    reason: str | None
+    events: list[str]
+    fields: dict[str, Any]
+
+
+class Outcomes:
+    """Decides and stores outcomes; takes its Redis connection as a parameter."""
 
     def __init__(self, conn: redis.Redis, settings: Settings) -> None:
-        self.conn = conn
         self.settings = settings
         self.records = RecordStore(conn, settings)
+        self.limits = Limits(settings.max_event_bytes, settings.max_event_depth)
 
-    def publish(self, events: list[Event]) -> list[str]:
-        pipe = self.conn.pipeline()
-        for event in events:
-            pipe.xadd(self.settings.event_stream, {"event": event.encode()},
-                      maxlen=self.settings.stream_maxlen, approximate=True)
-        pipe.execute()
-        return [e.event_id for e in events]
-
-    def finish(self, inv: Invocation, result: RunResult) -> dict[str, Any]:
-        """Turns a finished container run into events and the final record."""
+    def decide(self, req: RunRequest, result: RunResult) -> Decided:
+        """A finished container run -> its outcome (bad output fails the run)."""
         status, reason, events = result.status, result.reason, []
         if status is Status.SUCCEEDED:
             try:
                 events = result_events(
-                    inv, parse_output(result.stdout, self.settings.max_results), self.settings)
+                    req, parse_output(result.stdout, self.settings.max_results), self.limits)
             except OutputError as exc:
                 status, reason = Status.FAILED, f"invalid output: {exc}"
-        return self.complete(inv, status, reason, result=result, events=events)
+        fields = {
+            "exit_code": result.exit_code, "started_at": result.started_at,
+            "finished_at": result.finished_at, "duration_s": round(result.duration_s, 4),
+            "container_start_s": round(result.container_start_s, 4),
+            "stdout": result.stdout.decode("utf-8", "replace"),
+            "stderr": result.stderr.decode("utf-8", "replace"),
+            "stdout_truncated": result.stdout_truncated,
+            "stderr_truncated": result.stderr_truncated,
+            "result_event_ids": [f"{req.invocation_id}-r{n}" for n in range(1, len(events) + 1)],
+        }
+        return Decided(status, reason, events, fields)
 
-    def complete(self, inv: Invocation, status: Status, reason: str | None,
-                 result: RunResult | None = None, events: list[Event] | None = None,
-                 **extra: Any) -> dict[str, Any]:
-        """Stores the terminal record, then publishes its result events (or a failure
-        event), so whoever reads an event can already read the finished record."""
-        events = list(events or [])
-        fields: dict[str, Any] = {"status": status.value, "reason": reason,
-                                  "result_event_ids": [e.event_id for e in events], **extra}
-        if result is not None:
-            fields.update(
-                exit_code=result.exit_code, started_at=result.started_at,
-                finished_at=result.finished_at, duration_s=round(result.duration_s, 4),
-                container_start_s=round(result.container_start_s, 4),
-                stdout=result.stdout.decode("utf-8", "replace"),
-                stderr=result.stderr.decode("utf-8", "replace"),
-                stdout_truncated=result.stdout_truncated,
-                stderr_truncated=result.stderr_truncated)
+    def without_run(self, status: Status, reason: str) -> Decided:
+        """An outcome decided without a container run (rejected, unusable, retries spent)."""
+        return Decided(status, reason, [], {"result_event_ids": []})
+
+    def store(self, req: RunRequest, decided: Decided) -> Outcome:
+        """Stores the terminal record with its events (or its failure event), retrying
+        while Redis is unreachable; raises OutcomeNotStored past the budget."""
+        events = list(decided.events)
+        fields = dict(decided.fields, reason=decided.reason)
+        if decided.status is not Status.SUCCEEDED:
+            events.append(req.failure_event(decided.status.value, decided.reason).encode())
+            fields["failure_event_id"] = f"{req.invocation_id}-failed"
+        outcome = persist(lambda: self.records.finish(req.invocation_id, decided.status,
+                                                      events, **fields),
+                          self.settings.finish_budget_s, req.invocation_id)
+        if outcome.applied:
+            metrics.INVOCATIONS.labels(plugin=req.plugin, status=decided.status.value).inc()
         else:
-            fields.setdefault("finished_at", datetime.now(UTC).timestamp())
-        if status is not Status.SUCCEEDED and status.terminal:
-            failure = self.failure_event(inv, status, reason)
-            fields["failure_event_id"] = failure.event_id
-            events.append(failure)
-        record = self.records.update(inv.invocation_id, **fields)
-        if events:
-            self.publish(events)
-        return record
+            log.warning("invocation %s was already %s; outcome %s not stored again",
+                        req.invocation_id, outcome.found, decided.status)
+        return outcome
 
-    def failure_event(self, inv: Invocation, status: Status, reason: str | None) -> Event:
-        return Event(
-            event_id=new_event_id(), topic="plugins.v1", event_type="invocation_failed",
-            payload={"plugin": inv.plugin, "invocation_id": inv.invocation_id,
-                     "event_id": inv.event.event_id, "status": status.value,
-                     "reason": reason or status.value},
-            source=f"plugin:{inv.plugin}@{inv.version}",
-            correlation_id=inv.event.correlation_id or inv.event.event_id,
-            causation_id=inv.event.event_id, hops=inv.event.hops + 1,
-        )
+
+def persist(write: Any, budget_s: float, what: str) -> Any:
+    """Runs `write` until Redis answers, with capped exponential backoff, for at most
+    `budget_s` seconds; a finished run's outcome is kept in memory meanwhile."""
+    deadline = time.monotonic() + budget_s
+    delay = 0.2
+    while True:
+        try:
+            return write()
+        except REDIS_DOWN as exc:
+            if time.monotonic() + delay > deadline:
+                raise OutcomeNotStored(f"Redis unreachable for {budget_s}s while storing the "
+                                       f"outcome of {what}: {exc}", invocation_id=what) from exc
+            log.warning("storing the outcome of %s: Redis unreachable (%s); retrying in "
+                        "%.1fs", what, exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)

@@ -1,39 +1,52 @@
-"""One invocation from task to record: code, permissions, requirements, sandbox, results."""
+"""One invocation from task to record: claim, concurrency slot, code, permissions,
+requirements, sandbox, outcome. Returns what the task should do next; every record
+change goes through RecordStore's transitions."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import tempfile
+import random
+import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import redis
 
 from manager import metrics
 from manager.config import Settings
-from manager.errors import (
-    BundleError,
-    DependencyError,
-    ManifestError,
-    PermissionDenied,
-    RetryRun,
-    Throttled,
-)
-from manager.events import Event
+from manager.deps import mkdirs
+from manager.errors import BundleError, DependencyError, PermissionDenied, SandboxUnavailable
 from manager.keys import Keys
-from manager.manifest import Manifest, load_manifest
-from manager.permissions import check_payload_path, mount_sources
-from manager.records import RecordStore, Status
+from manager.permissions import PayloadFile, mount_sources, open_payload_path
+from manager.records import InvocationRecord, RecordStore, Status
 from manager.registry import Registry
+from manager.runs import RunRequest
 from workers.plugin_cache import PluginCache
-from workers.results import Invocation, Publisher
-from workers.sandbox import RunSpec, Sandbox
+from workers.results import Decided, Outcomes, persist
+from workers.sandbox import STOP_GRACE_S, RunResult, RunSpec, Sandbox
 from workers.slots import Slots
 
 log = logging.getLogger(__name__)
 RETRYABLE = {Status.FAILED, Status.TIMEOUT, Status.OOM}  # only with `retries:` in the manifest
+RUNNING_GRACE_S = 60  # beyond timeout + stop grace, before the sweeper looks at a run
+HOLDER_RECHECK_S = 10  # a second delivery waits this long while the first holder lives
+CLAIMABLE = frozenset({Status.PENDING, Status.QUEUED, Status.THROTTLED, Status.RETRYING})
+
+
+@dataclass(frozen=True)
+class Later:
+    """Send `request` again in `countdown` seconds (a new task message)."""
+
+    request: RunRequest
+    countdown: float
+
+
+def backoff(retries: int, cap: float) -> float:
+    """Exponential backoff with jitter: about 1, 2, 4 ... `cap` seconds at most."""
+    return random.uniform(0.5, 1.0) * min(cap, 2.0 ** min(retries, 16))
 
 
 class Runner:
@@ -43,109 +56,146 @@ class Runner:
         self.conn = conn
         self.settings = settings
         self.sandbox = sandbox
+        self.keys = Keys(settings.key_prefix)
         self.records = RecordStore(conn, settings)
-        self.publisher = Publisher(conn, settings)
+        self.outcomes = Outcomes(conn, settings)
         self.cache = PluginCache(Registry(conn, settings), settings)
-        self.slots = Slots(conn, Keys(settings.key_prefix))
-        self._manifests: dict[tuple[str, str], Manifest] = {}
+        self.slots = Slots(conn, self.keys)
 
-    def start(self, invocation_id: str, worker: str | None = None) -> dict[str, Any] | None:
-        """Marks the record running and counts the attempt (redeliveries included); None
-        when the invocation already finished (a duplicate delivery)."""
-        record = self.records.get(invocation_id) or {}
-        if record.get("status") and Status(record["status"]).terminal:
-            log.info("invocation %s already %s; skipping", invocation_id, record["status"])
-            return None
-        return self.records.update(invocation_id, status=Status.RUNNING.value,
-                                   attempts=int(record.get("attempts") or 0) + 1,
-                                   worker=worker or self.settings.worker_name,
-                                   worker_pid=os.getpid(), started_at=time.time())
-
-    def run(self, inv: Invocation, digest: str, attempt: int = 1) -> dict[str, Any]:
-        """Runs the exact content `digest`. Raises SandboxUnavailable (engine unusable),
-        Throttled (no concurrency slot) or RetryRun (the manifest asks for a re-run)."""
+    def execute(self, req: RunRequest, worker: str) -> str | Later:
+        """Runs one delivery of a request. Returns the final status (or "duplicate"), or
+        Later when the run must wait (throttled, engine unusable, manifest retries, or a
+        second delivery while the first holder still lives)."""
+        record = self.records.get(req.invocation_id)
+        if record is None:
+            log.warning("invocation %s has no record (expired?); dropping", req.invocation_id)
+            return "unknown"
+        if record.status.terminal:
+            return "duplicate"
+        takeover = ""
+        if record.status is Status.RUNNING:
+            if self.holder_alive(record):
+                return Later(req, HOLDER_RECHECK_S)
+            takeover = record.worker or "?"
+        if req.concurrency and not self.slots.acquire(
+                req.plugin, req.invocation_id, req.concurrency, req.limits.timeout + 120):
+            return self.throttle(req, record)
         try:
-            code_dir = self.cache.code_dir(digest)
-            manifest = self._manifest(code_dir, digest, inv.plugin)
-        except (BundleError, ManifestError) as exc:
-            return self.fail(inv, Status.FAILED, f"plugin content unusable: {exc.message}")
-        if manifest.concurrency is None:
-            return self._run(inv, manifest, code_dir, attempt)
-        lease = manifest.timeout + 120
-        if not self.slots.acquire(inv.plugin, inv.invocation_id, manifest.concurrency, lease):
-            raise Throttled(f"{inv.plugin} already runs {manifest.concurrency} time(s)")
-        try:
-            return self._run(inv, manifest, code_dir, attempt)
+            attempt = self.claim(req, record, worker, takeover)
+            if attempt is None:
+                return "duplicate"
+            return self.run_claimed(req, attempt)
         finally:
-            self.slots.release(inv.plugin, inv.invocation_id)
+            if req.concurrency:
+                self.release_slot(req)
 
-    def _run(self, inv: Invocation, manifest: Manifest, code_dir: Path,
-             attempt: int) -> dict[str, Any]:
+    def holder_alive(self, record: InvocationRecord) -> bool:
+        """True while the worker that claimed the run reports it as active."""
+        raw = self.conn.get(self.keys.worker_heartbeat(record.worker or ""))
+        return bool(raw) and record.invocation_id in json.loads(raw).get("held", ())
+
+    def claim(self, req: RunRequest, record: InvocationRecord, worker: str,
+              takeover: str) -> int | None:
+        """Marks the run running and counts the attempt, atomically; None when another
+        delivery got there first."""
+        deadline = time.time() + req.limits.timeout + STOP_GRACE_S + RUNNING_GRACE_S
+        outcome = self.records.transition(
+            req.invocation_id, Status.RUNNING,
+            sources=frozenset({Status.RUNNING}) if takeover else CLAIMABLE,
+            owner=takeover, deadline=deadline, increment="attempts", worker=worker,
+            worker_pid=os.getpid(), started_at=time.time(), reason=None)
+        if not outcome.applied:
+            return None
+        if takeover:
+            log.warning("invocation %s taken over from %s", req.invocation_id, takeover)
+        return record.attempts + 1
+
+    def throttle(self, req: RunRequest, record: InvocationRecord) -> Later:
+        countdown = backoff(record.waits, self.settings.throttle_backoff_max)
+        self.records.transition(req.invocation_id, Status.THROTTLED, increment="waits",
+                                deadline=time.time() + countdown + RUNNING_GRACE_S,
+                                reason=f"waiting for a concurrency slot ({req.concurrency})")
+        metrics.THROTTLED.labels(plugin=req.plugin).inc()
+        return Later(req, countdown)
+
+    def release_slot(self, req: RunRequest) -> None:
         try:
-            allowed_path = check_payload_path(inv.event.payload, manifest.allowed_globs)
+            self.slots.release(req.plugin, req.invocation_id)
+        except redis.RedisError as exc:  # the lease expires by itself
+            log.warning("could not release %s's slot: %s", req.invocation_id, exc)
+
+    def run_claimed(self, req: RunRequest, attempt: int) -> str | Later:
+        try:
+            code_dir = self.cache.code_dir(req.digest)
+        except BundleError as exc:
+            return self.conclude(req, Status.FAILED, f"plugin content unusable: {exc.message}")
+        try:
+            payload = open_payload_path(req.event.payload, req.allowed_globs, self.settings,
+                                        [self.sandbox.docker_root])
+            mounts = () if payload else tuple(mount_sources(
+                req.allowed_globs, self.settings, [self.sandbox.docker_root]))
         except PermissionDenied as exc:
-            return self.fail(inv, Status.REJECTED, exc.message)
+            return self.conclude(req, Status.REJECTED, exc.message)
         try:
             deps = self.cache.deps_dir(code_dir)
-        except DependencyError as exc:
-            return self.fail(inv, Status.FAILED, exc.message)
-        event_json = inv.event.encode()
-        event_file = self._write_event_file(inv.invocation_id, event_json)
-        try:
-            spec = RunSpec(
-                invocation_id=inv.invocation_id, plugin=inv.plugin, version=inv.version,
-                image=manifest.image, argv=manifest.argv, code_dir=str(code_dir),
-                event_json=event_json, event_file=str(event_file),
-                timeout=min(manifest.timeout, self.settings.max_timeout),
-                memory_bytes=manifest.memory_bytes, cpu_millis=manifest.cpu_millis,
-                deps_dir=str(deps) if deps else None,
-                read_only_dirs=self._mounts(allowed_path, manifest.allowed_globs))
-            result = self.sandbox.run(spec)
+            result = self.run_container(req, code_dir, deps, payload, mounts)
+        except (DependencyError, BundleError) as exc:
+            return self.conclude(req, Status.FAILED, exc.message)
+        except SandboxUnavailable as exc:
+            return self.engine_unavailable(req, attempt, exc)
         finally:
-            event_file.unlink(missing_ok=True)
+            if payload:
+                payload.close()
         metrics.CONTAINER_START.observe(result.container_start_s)
-        metrics.DURATION.labels(plugin=inv.plugin).observe(result.duration_s)
-        if result.status in RETRYABLE and attempt <= manifest.retries:
-            self.records.update(inv.invocation_id, status=Status.RETRYING.value,
-                                reason=f"{result.status.value}: {result.reason}",
-                                exit_code=result.exit_code)
-            raise RetryRun(f"attempt {attempt} {result.status.value}; "
-                           f"{manifest.retries - attempt + 1} retry(ies) left")
-        record = self.publisher.finish(inv, result)
-        metrics.INVOCATIONS.labels(plugin=inv.plugin, status=record["status"]).inc()
-        return record
+        metrics.DURATION.labels(plugin=req.plugin).observe(result.duration_s)
+        if result.status in RETRYABLE and attempt <= req.retries:
+            return self.again(req, attempt, f"{result.status.value}: {result.reason}",
+                              exit_code=result.exit_code)
+        decided = self.outcomes.decide(req, result)
+        self.outcomes.store(req, decided)
+        return decided.status.value
 
-    def _manifest(self, code_dir: Path, digest: str, plugin: str) -> Manifest:
-        """Parsed once per digest: the content behind a digest never changes."""
-        key = (digest, plugin)
-        if key not in self._manifests:
-            self._manifests[key] = load_manifest(code_dir, self.settings.max_manifest_bytes,
-                                                 plugin)
-        return self._manifests[key]
+    def run_container(self, req: RunRequest, code_dir: Path, deps: Path | None,
+                      payload: PayloadFile | None, mounts: tuple[str, ...]) -> RunResult:
+        """One container in a private per-run directory (event file, payload copy),
+        removed afterwards whatever happened."""
+        run_dir = mkdirs(self.cache.root / "runs", 0o700) / f"{req.invocation_id}-{os.getpid()}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(mode=0o700)
+        try:
+            event_json = req.event.encode()
+            event_file = run_dir / "event.json"
+            event_file.write_text(event_json, encoding="utf-8")
+            event_file.chmod(0o444)
+            staged = payload.stage(run_dir) if payload else None
+            spec = RunSpec(
+                invocation_id=req.invocation_id, plugin=req.plugin, version=req.version,
+                image=req.image, argv=req.argv, code_dir=str(code_dir), event_json=event_json,
+                event_file=str(event_file), limits=req.limits.clamped(self.settings),
+                deps_dir=str(deps) if deps else None, read_only_dirs=mounts,
+                payload=(staged, payload.path) if staged and payload else None)
+            return self.sandbox.run(spec)
+        finally:
+            shutil.rmtree(run_dir, ignore_errors=True)
 
-    @staticmethod
-    def _mounts(allowed_path: str | None, globs: tuple[str, ...]) -> tuple[str, ...]:
-        """An event naming a path gets exactly that (checked) path; otherwise the plugin
-        sees the directories its globs name. A missing path mounts nothing (ENOENT)."""
-        if allowed_path is not None:
-            return (allowed_path,) if os.path.exists(allowed_path) else ()
-        return tuple(mount_sources(globs))
+    def engine_unavailable(self, req: RunRequest, attempt: int,
+                           exc: SandboxUnavailable) -> str | Later:
+        reason = f"sandbox_unavailable: {exc.message}"
+        if attempt > self.settings.sandbox_retries:
+            return self.conclude(req, Status.FAILED, reason)
+        return self.again(req, attempt, reason)
 
-    def fail(self, inv: Invocation, status: Status, reason: str) -> dict[str, Any]:
-        """A terminal outcome decided without a container run (rejected, retries spent)."""
-        metrics.INVOCATIONS.labels(plugin=inv.plugin, status=status.value).inc()
-        return self.publisher.complete(inv, status, reason)
+    def again(self, req: RunRequest, attempt: int, reason: str, **changes: object) -> Later:
+        """This attempt is over and another one follows (status retrying)."""
+        countdown = backoff(attempt - 1, self.settings.retry_backoff_max)
+        persist(lambda: self.records.transition(
+            req.invocation_id, Status.RETRYING, reason=reason,
+            deadline=time.time() + countdown + RUNNING_GRACE_S, **changes),
+            self.settings.finish_budget_s, req.invocation_id)
+        return Later(req.next_attempt(), countdown)
 
-    def _write_event_file(self, invocation_id: str, event_json: str) -> Path:
-        directory = self.settings.cache_dir / "events"
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f"{invocation_id}-", suffix=".json", dir=directory)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(event_json)
-        os.chmod(name, 0o644)
-        return Path(name)
-
-
-def invocation_from_task(kwargs: dict[str, Any]) -> Invocation:
-    return Invocation(kwargs["invocation_id"], kwargs["plugin"], kwargs["version"],
-                      Event.from_dict(kwargs["event"]))
+    def conclude(self, req: RunRequest, status: Status, reason: str) -> str:
+        """A terminal outcome decided without a container run (rejected, unusable, spent)."""
+        decided: Decided = self.outcomes.without_run(status, reason)
+        self.outcomes.store(req, decided)
+        return status.value

@@ -11,7 +11,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import docker
@@ -22,6 +24,7 @@ from docker.types import Mount, Ulimit
 from manager.config import Settings
 from manager.errors import SandboxUnavailable
 from manager.records import Status
+from manager.runs import RunLimits
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,7 @@ EVENT_PATH = "/titan/event.json"
 SANDBOX_USER = "65534:65534"
 STOP_GRACE_S = 2
 MAX_ENV_EVENT = 96 * 1024  # larger events are read from EVENT_FILE only
+DOCKER_TIMEOUT_S = 30
 
 
 @dataclass(frozen=True)
@@ -47,15 +51,22 @@ class RunSpec:
     plugin: str
     version: str
     image: str
-    argv: list[str]
+    argv: tuple[str, ...]
     code_dir: str
     event_json: str
     event_file: str
-    timeout: int
-    memory_bytes: int
-    cpu_millis: int
+    limits: RunLimits
     deps_dir: str | None = None
     read_only_dirs: tuple[str, ...] = ()
+    payload: tuple[str, str] | None = None  # (private host copy, path inside the container)
+
+    @property
+    def timeout(self) -> int:
+        return self.limits.timeout
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.limits.memory_bytes
 
 
 @dataclass
@@ -105,9 +116,10 @@ class _Capture:
 
 
 def connect_docker() -> docker.DockerClient:
-    """One client per worker process (DOCKER_HOST and friends honoured)."""
+    """The one factory for Docker clients: one per worker process (DOCKER_HOST and
+    friends honoured), with a timeout on every call."""
     try:
-        client = docker.from_env(timeout=30)
+        client = docker.from_env(timeout=DOCKER_TIMEOUT_S)
         client.ping()
         return client
     except (DockerException, requests.RequestException) as exc:
@@ -130,38 +142,51 @@ class Sandbox:
             self._client = connect_docker()
         return self._client
 
+    @cached_property
+    def docker_root(self) -> str:
+        """The engine's data directory: never mounted into a plugin, whatever is allowed."""
+        try:
+            return str(self.client.info().get("DockerRootDir") or "/var/lib/docker")
+        except (DockerException, requests.RequestException):
+            return "/var/lib/docker"
+
+    def shm_size(self, spec: RunSpec) -> int:
+        return min(self.settings.shm_bytes, spec.memory_bytes // 8)
+
     def tmpfs_size(self, spec: RunSpec) -> int:
-        """tmpfs pages are charged to the container's memory: filling /tmp must end in
-        ENOSPC, not in an OOM kill, so it gets at most half of the memory limit."""
+        """tmpfs pages are charged to the container's memory: filling /tmp (at most half
+        of it) and /dev/shm (at most an eighth) must end in ENOSPC, not in an OOM kill."""
         return min(self.settings.tmpfs_bytes, spec.memory_bytes // 2)
 
     def container_options(self, spec: RunSpec) -> dict[str, Any]:
         """The SPEC §4 protections; a manifest has no way to loosen any of them."""
-        s = self.settings
+        s, limits = self.settings, spec.limits
         env = {"EVENT_FILE": EVENT_PATH, "PLUGIN_NAME": spec.plugin,
                "PLUGIN_VERSION": spec.version, "INVOCATION_ID": spec.invocation_id,
                "HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
         if len(spec.event_json.encode()) <= MAX_ENV_EVENT:
             env["EVENT_DATA"] = spec.event_json
-        mounts = [Mount(CODE_DIR, spec.code_dir, type="bind", read_only=True),
-                  Mount(EVENT_PATH, spec.event_file, type="bind", read_only=True)]
+        mounts = [_bind(CODE_DIR, spec.code_dir), _bind(EVENT_PATH, spec.event_file)]
         if spec.deps_dir:
-            mounts.append(Mount(DEPS_DIR, spec.deps_dir, type="bind", read_only=True))
+            mounts.append(_bind(DEPS_DIR, spec.deps_dir))
             env["PYTHONPATH"] = DEPS_DIR
-        mounts += [Mount(d, d, type="bind", read_only=True) for d in spec.read_only_dirs]
+        mounts += [_bind(d, d) for d in spec.read_only_dirs]
+        if spec.payload:
+            mounts.append(_bind(spec.payload[1], spec.payload[0]))
+        tmp = "rw,noexec,nosuid,nodev,mode=1777"
         return {
-            "image": spec.image, "command": spec.argv, "environment": env,
+            "image": spec.image, "command": list(spec.argv), "environment": env,
             "working_dir": CODE_DIR, "user": SANDBOX_USER, "network_mode": "none",
             "read_only": True, "mounts": mounts,
-            "tmpfs": {"/tmp": f"rw,noexec,nosuid,nodev,size={self.tmpfs_size(spec)},"
-                              f"nr_inodes={s.tmpfs_inodes},mode=1777"},
+            "tmpfs": {"/tmp": f"{tmp},size={self.tmpfs_size(spec)},nr_inodes={s.tmpfs_inodes}",
+                      "/dev/shm": f"{tmp},size={self.shm_size(spec)},nr_inodes=256"},
             "cap_drop": ["ALL"], "security_opt": ["no-new-privileges"],
-            "pids_limit": max(1, s.pids_limit), "mem_limit": spec.memory_bytes,
-            "memswap_limit": spec.memory_bytes, "nano_cpus": spec.cpu_millis * 1_000_000,
+            "pids_limit": max(1, limits.pids), "mem_limit": limits.memory_bytes,
+            "memswap_limit": limits.memory_bytes, "nano_cpus": limits.cpu_millis * 1_000_000,
             "ulimits": [Ulimit(name="nofile", soft=s.nofile_limit, hard=s.nofile_limit),
                         Ulimit(name="fsize", soft=s.fsize_bytes, hard=s.fsize_bytes),
                         Ulimit(name="core", soft=0, hard=0)],
-            "init": True, "ipc_mode": "private", "log_config": {"type": "none", "config": {}},
+            "init": True, "ipc_mode": "none", "log_config": {"type": "none", "config": {}},
             "stdin_open": False, "tty": False, "hostname": "plugin",
             "labels": {**self.base_labels, LABEL_PID: str(os.getpid()),
                        LABEL_INVOCATION: spec.invocation_id, LABEL_PLUGIN: spec.plugin},
@@ -287,25 +312,50 @@ class Sandbox:
         except (DockerException, requests.RequestException) as exc:
             log.warning("could not remove container %s: %s", container.id[:12], exc)
 
-    def reap_orphans(self, live_pids: set[int] | None = None) -> list[str]:
-        """Kills and removes this host's containers whose worker process is gone."""
+    def ping(self) -> None:
+        """Raises SandboxUnavailable when the engine does not answer (and reconnects next
+        time)."""
+        try:
+            self.client.ping()
+        except SandboxUnavailable:
+            self._client = None
+            raise
+        except (DockerException, requests.RequestException) as exc:
+            self._client = None
+            raise SandboxUnavailable(f"Docker engine unreachable: {exc}") from exc
+
+    def reap(self, children: set[int] | None = None,
+             held: Callable[[], set[str]] | None = None) -> list[str]:
+        """Removes this host's containers that no run is using: those whose worker process
+        is gone, and those of `children` (this worker's processes) whose invocation is not
+        in `held()` (left over by a start or remove that failed while the engine was away).
+        `held` is read after the containers are listed, so a run accepted meanwhile is
+        never mistaken for waste."""
         filters = {"label": [f"{LABEL}=1", f"{LABEL_INSTANCE}={self.settings.instance}",
                              f"{LABEL_HOST}={self.settings.worker_name}"]}
-        reaped = []
         try:
             containers = self.client.containers.list(all=True, filters=filters)
         except (DockerException, requests.RequestException) as exc:
-            log.warning("cannot list containers to reap orphans: %s", exc)
-            return reaped
+            log.warning("cannot list containers to reap: %s", exc)
+            return []
+        in_use = held() if held else set()
+        reaped = []
         for c in containers:
             pid = int(c.labels.get(LABEL_PID, "0") or 0)
-            if live_pids is not None and pid in live_pids:
-                continue
-            if live_pids is None and pid and pid != os.getpid() and _pid_alive(pid):
+            invocation = c.labels.get(LABEL_INVOCATION, "")
+            mine = children is not None and pid in children
+            if _pid_alive(pid) and not (mine and invocation not in in_use):
                 continue
             self._remove(c)
-            reaped.append(c.labels.get(LABEL_INVOCATION, c.id[:12]))
+            reaped.append(invocation or c.id[:12])
         return reaped
+
+
+def _bind(target: str, source: str) -> Mount:
+    """A read-only bind mount that does not carry the mounts below its source along."""
+    mount = Mount(target, source, type="bind", read_only=True)
+    mount["BindOptions"] = {"NonRecursive": True}
+    return mount
 
 
 def _last_line(data: bytes, limit: int = 300) -> str:

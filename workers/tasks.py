@@ -1,58 +1,54 @@
-"""Celery tasks: thin wrappers around Runner."""
+"""Celery tasks: thin wrappers around Runner.
+
+A Redis error never counts as "task finished": the message is rejected with requeue (or,
+when Redis is down, stays unacknowledged and comes back after the visibility timeout).
+"""
 
 from __future__ import annotations
 
 import logging
-import random
 from typing import Any
 
+import redis
 from celery import Task
+from celery.exceptions import Reject, Retry
+from kombu.exceptions import OperationalError
 
-from manager.config import Settings
 from manager.dispatch import RUN_TASK
-from manager.errors import RetryRun, SandboxUnavailable, Throttled
+from manager.errors import OutcomeNotStored
 from manager.records import Status
+from manager.runs import RunRequest
 from workers.celery_app import app, runner
-from workers.runner import invocation_from_task
+from workers.runner import Later
 
 log = logging.getLogger(__name__)
-
-
-def backoff(retries: int, cap: float) -> float:
-    """Exponential backoff with jitter: about 1, 2, 4 ... `cap` seconds at most."""
-    return random.uniform(0.5, 1.0) * min(cap, 2.0**retries)
+BROKER_DOWN = (redis.ConnectionError, redis.TimeoutError, OperationalError, OutcomeNotStored)
 
 
 @app.task(name=RUN_TASK, bind=True, max_retries=None)
-def run_plugin(self: Task, invocation_id: str, plugin: str, version: str, digest: str,
-               event: dict[str, Any]) -> str:
-    """Runs one plugin on one event; returns the final status. An unusable Docker engine is
-    retried up to TITAN_SANDBOX_RETRIES times; a plugin's own failure only when its
-    manifest says `retries: N`; a plugin at its `concurrency` waits for a slot."""
-    inv = invocation_from_task({"invocation_id": invocation_id, "plugin": plugin,
-                                "version": version, "event": event})
+def run_plugin(self: Task, request: dict[str, Any]) -> str:
+    """Runs one plugin on one event; returns the final status."""
+    req = RunRequest.from_dict(request)
     run = runner()
-    settings: Settings = run.settings
-    started = run.start(invocation_id, self.request.hostname)
-    if started is None:
-        return "duplicate"
-    attempt = started["attempts"]
     try:
-        return run.run(inv, digest, attempt)["status"]
-    except Throttled:
-        run.records.update(invocation_id, status=Status.QUEUED.value,
-                           attempts=attempt - 1, reason="waiting for a concurrency slot")
-        raise self.retry(countdown=random.uniform(0.2, 1.0)) from None
-    except RetryRun as exc:
-        raise self.retry(countdown=backoff(attempt - 1, settings.retry_backoff_max)) from exc
-    except SandboxUnavailable as exc:
-        reason = f"sandbox_unavailable: {exc.message}"
-        if attempt > settings.sandbox_retries:
-            return run.fail(inv, Status.FAILED, reason)["status"]
-        run.records.update(invocation_id, status=Status.RETRYING.value, reason=reason)
-        raise self.retry(countdown=backoff(attempt - 1, settings.retry_backoff_max)) from exc
+        decision = run.execute(req, self.request.hostname or run.settings.worker_name)
+    except BROKER_DOWN as exc:
+        log.warning("invocation %s: Redis unavailable (%s); the message goes back",
+                    req.invocation_id, exc)
+        raise Reject(exc, requeue=True) from None
     except Exception as exc:
         # A fault of ours, not the plugin's: still a record and a failure event.
-        log.exception("invocation %s failed inside the worker", invocation_id)
-        return run.fail(inv, Status.FAILED, f"internal error: {type(exc).__name__}: {exc}")[
-            "status"]
+        log.exception("invocation %s failed inside the worker", req.invocation_id)
+        try:
+            return run.conclude(req, Status.FAILED, f"internal error: {type(exc).__name__}: {exc}")
+        except BROKER_DOWN:
+            raise Reject(exc, requeue=True) from None
+    if isinstance(decision, Later):
+        try:
+            raise self.retry(kwargs={"request": decision.request.to_dict()},
+                             countdown=decision.countdown)
+        except Retry:
+            raise
+        except BROKER_DOWN as exc:
+            raise Reject(exc, requeue=True) from None
+    return decision

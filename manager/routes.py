@@ -1,0 +1,179 @@
+"""The API's endpoints (SPEC §6), as a blueprint over the context `create_app` built."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+from flask import Blueprint, Response, current_app, jsonify, request, send_from_directory
+
+from manager import metrics
+from manager.api import ApiContext, publish_event
+from manager.errors import InvocationNotFound, PluginNotFound, PluginUnavailable
+from manager.events import Event, from_outside
+from manager.keys import Keys
+from manager.openapi import SPEC
+from manager.records import InvocationRecord, RecordStore, Status
+from manager.registry import PluginEntry
+
+MAX_WAIT_S = 600.0
+DOCS_HTML = """<!doctype html><html><head><meta charset="utf-8">
+<title>Titan Plugin Manager API</title>
+<link rel="stylesheet" href="/docs/static/swagger-ui.css"></head><body><div id="ui"></div>
+<script src="/docs/static/swagger-ui-bundle.js"></script><script>
+SwaggerUIBundle({url: "/openapi.json", dom_id: "#ui"});</script></body></html>"""
+
+routes = Blueprint("titan", __name__)
+
+
+def ctx() -> ApiContext:
+    return current_app.extensions["titan"]
+
+
+def read_event() -> Event:
+    """The request body as an event from outside: validated, with its provenance marked."""
+    return from_outside(Event.decode(request.get_data(cache=False), ctx().limits))
+
+
+def plugin_or_404(name: str) -> PluginEntry:
+    entry = ctx().registry.get(name)
+    if entry is None:
+        raise PluginNotFound(f"no plugin named {name!r}", plugin=name)
+    return entry
+
+
+def worker_health(conn: redis.Redis, keys: Keys) -> dict[str, Any]:
+    """Workers write a heartbeat (with their Docker engine's state) every few seconds."""
+    workers = {}
+    for key in conn.scan_iter(match=keys.worker_pattern, count=100):
+        raw = conn.get(key)
+        if raw:
+            beat = json.loads(raw)
+            workers[beat["name"]] = beat
+    return workers
+
+
+@routes.get("/health")
+def health() -> Any:
+    c = ctx()
+    state: dict[str, Any] = {}
+    try:
+        c.conn.ping()
+        state["redis"] = {"ok": True}
+        workers = worker_health(c.conn, Keys(c.settings.key_prefix))
+    except redis.RedisError as exc:
+        state["redis"] = {"ok": False, "error": str(exc)}
+        workers = {}
+    engines = [w for w in workers.values() if w.get("docker", {}).get("ok")]
+    state["docker"] = {"ok": bool(engines), "workers_reporting": len(engines),
+                       "errors": sorted({w["docker"]["error"] for w in workers.values()
+                                         if w.get("docker", {}).get("error")})}
+    state["workers"] = {"ok": bool(workers), "count": len(workers), "names": sorted(workers)}
+    ok = all(state[p]["ok"] for p in ("redis", "docker", "workers"))
+    return jsonify({"status": "ok" if ok else "unavailable", **state}), 200 if ok else 503
+
+
+@routes.get("/plugins")
+def list_plugins() -> Any:
+    return jsonify({"plugins": [e.public() for e in ctx().registry.entries().values()]})
+
+
+@routes.get("/plugins/<name>")
+def get_plugin(name: str) -> Any:
+    data = plugin_or_404(name).public()
+    data["versions"] = [{**e.ref(), "loaded_at": e.loaded_at,
+                         "serving": e.digest == data["digest"]}
+                        for e in ctx().registry.versions(name)]
+    return jsonify(data)
+
+
+@routes.post("/plugins/<name>/rollback")
+def rollback(name: str) -> Any:
+    body = request.get_json(silent=True) or {}
+    version = body.get("version") or request.args.get("version")
+    return jsonify(ctx().registry.rollback(name, version))
+
+
+@routes.post("/plugins/reload")
+def reload_plugins() -> Any:
+    try:
+        changes = ctx().registry.reload()
+    except Exception:
+        metrics.RELOADS.labels(result="error").inc()
+        raise
+    metrics.RELOADS.labels(result="ok").inc()
+    return jsonify(changes)
+
+
+@routes.post("/plugins/<name>/trigger")
+def trigger(name: str) -> Any:
+    entry = plugin_or_404(name)
+    if not entry.runnable:
+        raise PluginUnavailable(f"plugin {name!r} is {entry.status.value}", plugin=name,
+                                errors=list(entry.errors))
+    event = read_event()
+    wait = request.args.get("wait", type=float)
+    invocation_id, _ = ctx().dispatcher.dispatch(event, entry, origin="api")
+    metrics.TASKS_DISPATCHED.labels(plugin=name).inc()
+    if wait:
+        record = wait_for(ctx().records, invocation_id, min(wait, MAX_WAIT_S))
+        if record and record.status.terminal:
+            return jsonify(record.public()), 200
+    return jsonify({"invocation_id": invocation_id, "status": Status.QUEUED.value,
+                    "plugin": name, "event_id": event.event_id}), 202
+
+
+@routes.post("/events")
+def post_event() -> Any:
+    event = read_event()
+    entry_id = publish_event(ctx().conn, ctx().settings, event)
+    return jsonify({"event_id": event.event_id, "entry_id": entry_id}), 202
+
+
+@routes.get("/invocations/<invocation_id>")
+def get_invocation(invocation_id: str) -> Any:
+    record = ctx().records.get(invocation_id)
+    if record is None:
+        raise InvocationNotFound(f"no invocation {invocation_id!r} (unknown or expired)",
+                                 invocation_id=invocation_id)
+    return jsonify(record.public())
+
+
+@routes.get("/plugins/<name>/invocations")
+def plugin_invocations(name: str) -> Any:
+    plugin_or_404(name)
+    limit = max(1, min(request.args.get("limit", 20, type=int), 1000))
+    return jsonify({"plugin": name, "invocations": [
+        r.public() for r in ctx().records.for_plugin(name, limit)]})
+
+
+@routes.get("/openapi.json")
+def openapi() -> Any:
+    return jsonify(SPEC)
+
+
+@routes.get("/docs")
+def docs() -> Any:
+    return Response(DOCS_HTML, mimetype="text/html")
+
+
+@routes.get("/docs/static/<path:filename>")
+def docs_static(filename: str) -> Any:
+    import swagger_ui_bundle
+
+    return send_from_directory(Path(swagger_ui_bundle.swagger_ui_path), filename)
+
+
+def wait_for(records: RecordStore, invocation_id: str, seconds: float) -> InvocationRecord | None:
+    """Polls the record until it is terminal or time is up."""
+    deadline = time.monotonic() + seconds
+    delay = 0.01
+    while True:
+        record = records.get(invocation_id)
+        if (record and record.status.terminal) or time.monotonic() >= deadline:
+            return record
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.2)
