@@ -77,7 +77,7 @@ def install_requirements(reqs: Requirements, settings: Settings) -> Path:
         try:
             (work / "requirements.txt").write_text(reqs.text())
             site = work / "site"
-            _pip_install(work / "requirements.txt", site, settings)
+            _pip_install(work / "requirements.txt", site, settings, reqs)
             readable_tree(str(site))
             (site / ".complete").write_text(key)
             if target.exists():
@@ -96,7 +96,7 @@ def pip_command(req_file: Path, target: Path, settings: Settings) -> list[str]:
             "--target", str(target), "-r", str(req_file)]
 
 
-def _pip_install(req_file: Path, target: Path, settings: Settings) -> None:
+def _pip_install(req_file: Path, target: Path, settings: Settings, reqs: Requirements) -> None:
     env = {k: v for k, v in os.environ.items() if k in PASS_ENV}
     env["HOME"] = str(req_file.parent)
     try:
@@ -106,17 +106,21 @@ def _pip_install(req_file: Path, target: Path, settings: Settings) -> None:
     except subprocess.TimeoutExpired as exc:
         raise DependencyError(f"pip install timed out after {PIP_TIMEOUT_S}s") from exc
     if proc.returncode != 0:
-        raise DependencyError(pip_failure(proc.stderr + proc.stdout, settings),
+        raise DependencyError(pip_failure(proc.stderr + proc.stdout, settings, reqs),
                               exit_code=proc.returncode)
 
 
-def pip_failure(output: str, settings: Settings) -> str:
-    """The one line of pip's output that names the failing requirement, made actionable."""
+def pip_failure(output: str, settings: Settings, reqs: Requirements) -> str:
+    """The one line of pip's output that names the failing requirement, made actionable.
+    (pip only ever saw the canonical lines and the operator's index: nothing it prints
+    comes from a file the plugin does not own.)"""
     missing = NO_WHEEL_RE.search(output)
     if missing:
         name = missing.group(1)[:100]
-        return (f"requirements.txt: no wheel of {name} for Python {settings.runtime_python} "
-                f"on {settings.pip_index_url} (sdists are never built on the host): pin a "
+        line = reqs.line_of(name)
+        where = f"requirements.txt line {line}" if line else "requirements.txt"
+        return (f"{where}: no wheel of {name} for Python {settings.runtime_python} on "
+                f"{settings.pip_index_url} (sdists are never built on the host): pin a "
                 "version that ships wheels, or vendor the pure-Python code into the plugin")
     errors = [ln.strip() for ln in output.splitlines() if ln.startswith("ERROR:")]
     last = errors[-1] if errors else "pip install failed"

@@ -35,7 +35,10 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
             "unacked_restore_interval": restore_every,
             "unacked_restore_throttle": max(1, settings.restore_interval // restore_every),
             "socket_keepalive": True,
-            "retry_on_timeout": True,
+            # No `retry_on_timeout`: it makes redis-py retry a read in place after
+            # reconnecting, and kombu's pubsub read then blocks the worker's event loop
+            # forever (no shutdown, no consuming) after a Redis blink. Errors must reach
+            # kombu, which reconnects everything itself.
         },
     }
 

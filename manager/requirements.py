@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 
 from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
 
 from manager.errors import DependencyError
 
@@ -24,12 +25,24 @@ FILE = "requirements.txt"
 
 @dataclass(frozen=True)
 class Requirements:
-    """The validated requirements, in the form handed to pip."""
+    """The validated requirements, in the form handed to pip, with their line numbers."""
 
     lines: tuple[str, ...]
+    numbers: tuple[int, ...] = ()
 
     def text(self) -> str:
         return "".join(line + "\n" for line in self.lines)
+
+    def line_of(self, requirement: str) -> int | None:
+        """The line that asked for a package pip named (by canonical name)."""
+        try:
+            wanted = canonicalize_name(Requirement(requirement).name)
+        except InvalidRequirement:
+            return None
+        for number, line in zip(self.numbers, self.lines, strict=False):
+            if canonicalize_name(Requirement(line.split(" --hash")[0]).name) == wanted:
+                return number
+        return None
 
 
 def _refuse(line_no: int, problem: str) -> DependencyError:
@@ -99,4 +112,5 @@ def parse_requirements(data: bytes) -> Requirements:
     lines = _logical_lines(text)
     if len(lines) > MAX_LINES:
         raise DependencyError(f"{FILE} has more than {MAX_LINES} requirements", file=FILE)
-    return Requirements(tuple(parse_line(n, line) for n, line in lines))
+    return Requirements(tuple(parse_line(n, line) for n, line in lines),
+                        tuple(n for n, _ in lines))

@@ -4,6 +4,7 @@ Celery worker processes on a private queue, and a reader of the private stream."
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import json
 import os
@@ -42,6 +43,16 @@ def bridge_gateway(client: Any) -> str:
         return socket.inet_ntoa(fcntl.ioctl(s.fileno(), 0x8915, packed)[20:24])  # SIOCGIFADDR
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def exchange(a: str, b: str) -> None:
+    """Swaps two names atomically: renameat2(RENAME_EXCHANGE)."""
+    if _libc.renameat2(-100, a.encode(), -100, b.encode(), 2) != 0:  # AT_FDCWD, EXCHANGE
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), a)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -75,7 +86,8 @@ class RedisServer:
     def start(self) -> None:
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes" if self.persist else "no", "--dir", self.workdir],
+             "--appendonly", "yes" if self.persist else "no", "--appendfsync", "everysec",
+             "--dir", self.workdir],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         conn = redis.Redis.from_url(self.url)
 
@@ -93,23 +105,31 @@ class RedisServer:
         if not keep_data:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
+    def crash(self) -> None:
+        """SIGKILL: what a process crash or an OOM kill does to Redis."""
+        self.proc.kill()
+        self.proc.wait(10)
 
-class DockerProxy:
-    """A unix socket that forwards to the Docker engine and can be cut and restored:
-    to a worker pointed at it (DOCKER_HOST), the engine goes down and comes back."""
 
-    def __init__(self, target: str = "/var/run/docker.sock") -> None:
+class SocketProxy:
+    """A socket that forwards to a server and can be cut and restored: to a process
+    pointed at it, the server goes down and comes back."""
+
+    family = socket.AF_UNIX
+
+    def __init__(self, listen_at: Any, target: Any) -> None:
+        self.listen_at = listen_at
         self.target = target
-        self.path = os.path.join(tempfile.mkdtemp(prefix="titan-dproxy-"), "docker.sock")
-        self.url = f"unix://{self.path}"
         self.server: socket.socket | None = None
         self.conns: list[socket.socket] = []
 
     def start(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-        self.server = socket.socket(socket.AF_UNIX)
-        self.server.bind(self.path)
+        if self.family == socket.AF_UNIX:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.listen_at)
+        self.server = socket.socket(self.family)
+        self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.server.bind(self.listen_at)
         self.server.listen(64)
         threading.Thread(target=self._accept, args=(self.server,), daemon=True).start()
 
@@ -119,8 +139,12 @@ class DockerProxy:
                 client, _ = server.accept()
             except OSError:
                 return
-            upstream = socket.socket(socket.AF_UNIX)
-            upstream.connect(self.target)
+            upstream = socket.socket(self.family)
+            try:
+                upstream.connect(self.target)
+            except OSError:
+                client.close()
+                continue
             self.conns += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
@@ -137,16 +161,39 @@ class DockerProxy:
                 dst.shutdown(socket.SHUT_WR)
 
     def stop(self) -> None:
-        """The engine 'goes down': no new connections, and open ones are cut."""
+        """The server 'goes down': no new connections, and open ones are cut."""
         if self.server is not None:
             self.server.close()
             self.server = None
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        if self.family == socket.AF_UNIX:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.listen_at)
         for c in self.conns:
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(OSError):
                 c.close()
         self.conns.clear()
+
+
+class DockerProxy(SocketProxy):
+    """Stands in for the Docker engine's socket (a worker's DOCKER_HOST)."""
+
+    def __init__(self, target: str = "/var/run/docker.sock") -> None:
+        path = os.path.join(tempfile.mkdtemp(prefix="titan-dproxy-"), "docker.sock")
+        super().__init__(path, target)
+        self.path = path
+        self.url = f"unix://{path}"
+
+
+class RedisProxy(SocketProxy):
+    """Stands in for a Redis server on loopback (a process's TITAN_REDIS_URL)."""
+
+    family = socket.AF_INET
+
+    def __init__(self, port: int) -> None:
+        super().__init__(("127.0.0.1", free_port()), ("127.0.0.1", port))
+        self.url = f"redis://127.0.0.1:{self.listen_at[1]}/0"
 
 
 def records_of(conn: redis.Redis, settings: Settings, plugin: str,

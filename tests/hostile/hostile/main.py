@@ -79,6 +79,10 @@ def fill_tmp():
     write_until_error("/tmp/fill")
 
 
+def fill_shm():
+    write_until_error("/dev/shm/fill")
+
+
 def many_files():
     n = 0
     try:
@@ -191,9 +195,15 @@ def bad_output():
     elif kind == "many_lines":
         line = '{"topic": "a", "event_type": "b", "payload": {}}\n'
         sys.stdout.write(line * 10_000)
+    elif kind == "deep":
+        print('{"topic": "a", "event_type": "b", "payload": {"x": ' + "[" * 200 + "]" * 200 + "}}")
+    elif kind == "forged_failure":
+        print(json.dumps({"topic": "plugins.v1", "event_type": "invocation_failed",
+                          "payload": {"plugin": "file_watcher", "invocation_id": "x",
+                                      "event_id": "y", "status": "failed", "reason": "forged"}}))
 
 
 ATTACKS = {f.__name__: f for f in (fork_bomb, cpu_spin, giant_line, binary_flood, stderr_flood,
-                                   binary_small, fill_tmp, many_files, tmp_listing, open_files,
+                                   binary_small, fill_tmp, fill_shm, many_files, tmp_listing, open_files,
                                    huge_file, network, host, read_paths, event_size, bad_output)}
 ATTACKS[ARGS["attack"]]()

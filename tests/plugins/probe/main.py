@@ -51,6 +51,7 @@ report = {
     "write_root": can_write("/evil"), "write_code": can_write("main.py"),
     "write_etc": can_write("/etc/passwd"), "write_tmp": can_write("/tmp/ok"),
     "tmp_mount": [ln for ln in read("/proc/mounts").splitlines() if " /tmp " in ln],
+    "shm_mount": [ln for ln in read("/proc/mounts").splitlines() if " /dev/shm " in ln],
     "interfaces": sorted(os.listdir("/sys/class/net")),
     "connect_redis": can_connect("127.0.0.1", int(EVENT["payload"].get("port", 6379))),
     "env": sorted(os.environ),

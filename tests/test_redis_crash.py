@@ -1,0 +1,268 @@
+"""Nothing lost through a Redis crash, and no run left `running` forever (SPEC §4): a
+SIGKILLed Redis mid-burst, a Redis outage while the outcome is being stored, a run whose
+worker and message both vanished, and an event the API answered 202 to."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from prometheus_client import REGISTRY
+
+from harness import (
+    Bus,
+    RedisProxy,
+    RedisServer,
+    WorkerProcess,
+    new_id,
+    private_settings,
+    record_of,
+    records_of,
+    wait_until,
+)
+from manager.api import create_app
+from manager.config import Settings
+from manager.dispatch import Dispatcher, make_celery
+from manager.events import Event
+from manager.listener import Listener
+from manager.registry import Registry
+from manager.sweeper import UNACKED_KEY, Sweeper
+
+pytestmark = pytest.mark.integration
+ACTIVE = ("pending", "queued", "throttled", "running", "retrying")
+
+
+class CrashStack:
+    """A private Redis with AOF on a persistent dir, a listener that also sweeps, and
+    worker processes: what `make up` runs, at test scale."""
+
+    def __init__(self, plugins_dir: Path, files_dir: Path, run_dir: Path,
+                 workers: int = 1, **changes: object) -> None:
+        self.server = RedisServer(persist=True)
+        self.settings = private_settings(
+            self.server.url, plugins_dir, run_dir, allowed_roots=(files_dir,),
+            visibility_timeout=10, restore_interval=2, reclaim_idle_ms=2000, housekeeping_s=2,
+            sweep_grace_s=5, **changes)
+        self.conn = redis.Redis.from_url(self.server.url)
+        self.registry = Registry(self.conn, self.settings)
+        self.registry.reload()
+        self.dispatcher = Dispatcher(self.conn, self.settings, make_celery(self.settings))
+        listener_conn = redis.Redis.from_url(self.server.url)
+        self.sweeper = Sweeper(listener_conn, self.settings, self.dispatcher)
+        self.listener = Listener(listener_conn, self.settings,
+                                 Registry(listener_conn, self.settings), self.dispatcher,
+                                 housekeeping=self.sweeper.sweep)
+        self.workers = [WorkerProcess(self.settings, f"crash{n}", concurrency=1)
+                        for n in range(workers)]
+        self.bus = Bus(self.conn, self.settings)
+        for w in self.workers:
+            w.wait_ready(self.conn)
+        threading.Thread(target=self.listener.run, daemon=True).start()
+
+    def close(self) -> None:
+        self.listener.stop()
+        for w in self.workers:
+            w.stop()
+        self.server.stop()
+        shutil.rmtree(self.settings.cache_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def crash_stack(plugins_dir, files_dir, tmp_path) -> Iterator[CrashStack]:
+    stack = CrashStack(plugins_dir, files_dir, tmp_path, workers=2)
+    yield stack
+    stack.close()
+
+
+def results_by_cause(conn: redis.Redis, settings: Settings) -> Counter:
+    counts: Counter = Counter()
+    for _, fields in conn.xrange(settings.event_stream):
+        event = json.loads(fields[b"event"])
+        if event.get("causation_id"):
+            counts[event["causation_id"]] += 1
+    return counts
+
+
+def test_a_redis_crash_mid_burst_loses_nothing_and_doubles_nothing(crash_stack) -> None:
+    s = crash_stack
+    events = [new_id("burst") for _ in range(30)]
+    for event_id in events:
+        s.bus.publish({"event_id": event_id, "topic": "test.v1", "event_type": "ping"})
+    wait_until(lambda: any(r["status"] == "running" for r in records_of(s.conn, s.settings,
+                                                                        "echo")), 30,
+               "runs in flight")
+    s.server.crash()
+    time.sleep(1.0)
+    s.server.start()  # same port, same AOF directory, as `make up` starts it
+
+    def settled() -> bool:
+        records = records_of(s.conn, s.settings, "echo", 500)
+        done = [r for r in records if r["event_id"] in events and r["status"] not in ACTIVE]
+        return len(done) >= len(events)
+
+    wait_until(settled, 240, "every event to reach a terminal record")
+    time.sleep(3)  # a late duplicate would show up by now
+    records = [r for r in records_of(s.conn, s.settings, "echo", 500) if r["event_id"] in events]
+    per_event = Counter(r["event_id"] for r in records)
+    assert all(per_event[e] == 1 for e in events), per_event
+    assert {r["status"] for r in records} == {"succeeded"}, [
+        (r["status"], r["reason"]) for r in records if r["status"] != "succeeded"]
+    results = results_by_cause(s.conn, s.settings)
+    assert all(results[e] == 1 for e in events), {e: results[e] for e in events}
+
+
+def test_a_redis_outage_while_the_outcome_is_stored_ends_in_one_record_and_one_event(
+        plugins_dir, files_dir, tmp_path) -> None:
+    server = RedisServer(persist=True)
+    proxy = RedisProxy(server.port)
+    proxy.start()
+    settings = private_settings(server.url, plugins_dir, tmp_path, allowed_roots=(files_dir,),
+                                visibility_timeout=5, restore_interval=1)
+    conn = redis.Redis.from_url(server.url)
+    registry = Registry(conn, settings)
+    registry.reload()
+    worker = WorkerProcess(settings.with_(redis_url=proxy.url), "outage", concurrency=1)
+    try:
+        worker.wait_ready(conn)
+        event = Event(new_id("outage"), "test.v1", "sleep", {"seconds": 2})
+        inv, _ = Dispatcher(conn, settings, make_celery(settings)).dispatch(
+            event, registry.get("sleeper"), "api")
+        wait_until(lambda: record_of(conn, settings, inv).get("status") == "running", 60,
+                   "the run to start")
+        proxy.stop()  # Redis vanishes for the worker while its container runs and finishes
+        time.sleep(5)
+        assert record_of(conn, settings, inv)["status"] == "running"
+        proxy.start()
+        done = wait_until(lambda: (r := record_of(conn, settings, inv))["status"] not in ACTIVE
+                          and r, 90, "the outcome to be stored")
+        time.sleep(8)  # past the visibility timeout: a lost ack brings the message back
+        assert done["status"] == "succeeded" and done["attempts"] == 1, done
+        assert record_of(conn, settings, inv)["attempts"] == 1
+        assert results_by_cause(conn, settings)[event.event_id] == 1
+        assert done["result_event_ids"] == [f"{inv}-r1"]
+        log = worker.log.read_text()
+        assert "Redis unreachable" in log and "retrying in" in log
+    finally:
+        worker.stop()
+        proxy.stop()
+        server.stop()
+        shutil.rmtree(settings.cache_dir, ignore_errors=True)
+
+
+def isolated(settings: Settings, conn: redis.Redis, **changes: object
+             ) -> tuple[Settings, Registry]:
+    """The session's Redis with keys, stream and queue of this test's own (the sweeper
+    must see only this test's runs)."""
+    uid = uuid.uuid4().hex[:6]
+    mine = settings.with_(key_prefix=f"{settings.key_prefix}x{uid}",
+                          event_stream=f"{settings.event_stream}.{uid}",
+                          task_queue=f"{settings.task_queue}.{uid}", **changes)
+    registry = Registry(conn, mine)
+    registry.reload()
+    return mine, registry
+
+
+def _drop_message(conn: redis.Redis, invocation_id: str) -> None:
+    """The task message vanishes: removed from kombu's unacknowledged set."""
+    for tag, raw in conn.hgetall(UNACKED_KEY).items():
+        if json.loads(raw)[0]["headers"]["id"] == invocation_id:
+            conn.hdel(UNACKED_KEY, tag)
+            conn.zrem(f"{UNACKED_KEY}_index", tag)
+            return
+    raise AssertionError("no unacknowledged message for the run")
+
+
+def test_a_run_whose_worker_and_message_vanished_is_swept_to_lost(
+        settings, conn, docker_client) -> None:
+    mine, registry = isolated(settings, conn, sweep_grace_s=1, visibility_timeout=3600)
+    worker = WorkerProcess(mine, "vanishing", concurrency=1)
+    sweeper = Sweeper(conn, mine, Dispatcher(conn, mine, make_celery(mine)))
+    before = REGISTRY.get_sample_value("titan_invocations_total",
+                                       {"plugin": "sleeper", "status": "lost"}) or 0
+    try:
+        worker.wait_ready(conn)
+        event = Event(new_id("vanish"), "test.v1", "sleep", {"seconds": 30})
+        inv, _ = Dispatcher(conn, mine, make_celery(mine)).dispatch(
+            event, registry.get("sleeper"), "api")
+        wait_until(lambda: record_of(conn, mine, inv).get("status") == "running", 60, "running")
+        os.killpg(worker.proc.pid, signal.SIGKILL)
+        worker.proc.wait(10)
+        _drop_message(conn, inv)
+        assert sweeper.sweep().lost == []  # its deadline has not passed yet
+        conn.zadd(f"{mine.key_prefix}:inflight", {inv: 0})  # ... and now it has
+        heartbeat = f"{mine.key_prefix}:worker:vanishing@{os.uname().nodename}"
+        wait_until(lambda: not conn.exists(heartbeat), 20, "the dead worker's heartbeat to end")
+        assert sweeper.sweep().suspected == [inv]
+        time.sleep(1.2)
+        report = sweeper.sweep()
+    finally:
+        worker.stop()
+        for c in docker_client.containers.list(
+                all=True, filters={"label": f"titan.invocation={inv}"}):
+            c.remove(force=True)
+    assert report.lost == [inv]
+    lost = record_of(conn, mine, inv)
+    assert lost["status"] == "lost" and "vanishing@" in lost["reason"], lost
+    failure = Bus(conn, mine).result_of(event.event_id)
+    assert failure["event_type"] == "invocation_failed"
+    assert failure["payload"]["status"] == "lost" and failure["payload"]["reason"] == lost["reason"]
+    assert REGISTRY.get_sample_value("titan_invocations_total",
+                                     {"plugin": "sleeper", "status": "lost"}) == before + 1
+    assert sweeper.sweep().lost == []  # terminal: never swept twice
+
+
+def test_a_pending_run_whose_message_never_reached_the_broker_is_sent_again(
+        settings, conn) -> None:
+    from manager.records import InvocationRecord, Status
+    from manager.runs import RunRequest
+
+    mine, registry = isolated(settings, conn, sweep_grace_s=0)
+    dispatcher = Dispatcher(conn, mine, make_celery(mine))
+    req = RunRequest.build("vanished" + new_id(), "echo", "0.1.0", registry.get("echo").digest,
+                           registry.get("echo").manifest, Event(new_id(), "test.v1", "ping"),
+                           mine, "api")
+    dispatcher.records.create(InvocationRecord(
+        req.invocation_id, "echo", "0.1.0", req.digest, req.event.event_id, "test.v1", "ping",
+        "api", Status.PENDING, time.time(), request=req.to_dict()), 0)
+    sweeper = Sweeper(conn, mine, dispatcher)
+    assert sweeper.sweep().suspected == [req.invocation_id]
+    assert sweeper.sweep().requeued == [req.invocation_id]
+    worker = WorkerProcess(mine, "resend", concurrency=1)
+    try:
+        worker.wait_ready(conn)
+        again = wait_until(lambda: (r := record_of(conn, mine, req.invocation_id))["status"]
+                           not in ACTIVE and r, 60, "the re-queued run")
+    finally:
+        worker.stop()
+    assert again["status"] == "succeeded" and again["requeues"] == 1 and again["attempts"] == 1
+
+
+def test_an_event_answered_202_survives_a_redis_crash(plugins_dir, tmp_path) -> None:
+    server = RedisServer(persist=True)
+    try:
+        settings = private_settings(server.url, plugins_dir, tmp_path)
+        conn = redis.Redis.from_url(server.url)
+        registry = Registry(conn, settings)
+        client = create_app(settings, conn, registry,
+                            Dispatcher(conn, settings, make_celery(settings))).test_client()
+        event_id = new_id("durable")
+        resp = client.post("/events", json={"event_id": event_id, "topic": "t", "event_type": "e"})
+        assert resp.status_code == 202
+        server.crash()  # at once: Redis writes its AOF before it answers
+        server.start()
+        conn = redis.Redis.from_url(server.url)
+        stored = [json.loads(f[b"event"])["event_id"] for _, f in
+                  conn.xrange(settings.event_stream)]
+        assert stored == [event_id]
+    finally:
+        server.stop()
