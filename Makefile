@@ -6,6 +6,8 @@ CLI := $(PY) titan-plugins.py
 RUN_DIR ?= run
 FILES_DIR ?= /srv/titan/files
 export TITAN_RUN_DIR ?= $(CURDIR)/$(RUN_DIR)
+# The Redis URL (with its password) that `make up` generated, for Flower and the CLI tools.
+export TITAN_REDIS_URL ?= $(shell cat $(RUN_DIR)/redis.url 2>/dev/null)
 
 .PHONY: up down deps services image plugins-up plugins-down plugins-list plugins-reload \
         plugins-logs status flower test unit lint bench soak

@@ -30,6 +30,7 @@ from manager.dispatch import Dispatcher, make_celery  # noqa: E402
 from manager.listener import Listener  # noqa: E402
 from manager.manifest import load_manifest  # noqa: E402
 from manager.registry import Registry  # noqa: E402
+from manager.runs import RunLimits  # noqa: E402
 from workers.sandbox import RunSpec, Sandbox  # noqa: E402
 
 PLUGIN_DIR = ROOT / "bench" / "plugins"
@@ -50,9 +51,9 @@ class Bare:
         event_file = Path(tempfile.mkstemp(suffix=".json", dir="/var/tmp")[1])
         event_file.write_text("{}")
         event_file.chmod(0o644)
-        spec = RunSpec("bench", "noop", "1.0.0", manifest.image, manifest.argv,
-                       str(PLUGIN_DIR / "noop"), "{}", str(event_file), 30,
-                       manifest.memory_bytes, manifest.cpu_millis)
+        spec = RunSpec("bench", "noop", "1.0.0", manifest.image, tuple(manifest.argv),
+                       str(PLUGIN_DIR / "noop"), "{}", str(event_file),
+                       RunLimits.of(manifest, settings))
         self.options = Sandbox(settings, client).container_options(spec)
         self.options.pop("log_config")  # a plain `docker run` keeps the default log driver
         self.client = client

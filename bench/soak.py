@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """`make soak`: many events across 3 plugins and two workers, with a worker killed
-(SIGKILL) and restarted twice while they run. Every (event, matching plugin) must end with
+(SIGKILL) and restarted twice, and Redis itself SIGKILLed once and started again on the
+same port and AOF directory, while they run. Every (event, matching plugin) must end with
 exactly one terminal record and one result event. Prints the tally; exits non-zero if
 anything was lost or duplicated."""
 
@@ -25,8 +26,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from harness import RedisServer, WorkerProcess, private_settings  # noqa: E402
 from manager.dispatch import Dispatcher, make_celery  # noqa: E402
 from manager.listener import Listener  # noqa: E402
-from manager.records import RecordStore, Status  # noqa: E402
+from manager.records import RecordStore  # noqa: E402
 from manager.registry import Registry  # noqa: E402
+from manager.sweeper import Sweeper  # noqa: E402
 
 PLUGINS = ROOT / "bench" / "soak_plugins"
 MATCHES = {"x": ("soak_a", "soak_b"), "y": ("soak_a", "soak_c")}
@@ -37,8 +39,8 @@ def terminal_pairs(store: RecordStore) -> Counter:
     counts: Counter = Counter()
     for plugin in ("soak_a", "soak_b", "soak_c"):
         for rec in store.for_plugin(plugin, 100_000):
-            if Status(rec["status"]).terminal:
-                counts[(rec["event_id"], plugin)] += 1
+            if rec.status.terminal:
+                counts[(rec.event_id, plugin)] += 1
     return counts
 
 
@@ -57,15 +59,16 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=2000)
     parser.add_argument("--timeout", type=float, default=1800, help="seconds for the whole run")
     args = parser.parse_args()
-    server = RedisServer()
+    server = RedisServer(persist=True)
     settings = private_settings(server.url, PLUGINS, Path(tempfile.mkdtemp(prefix="titan-soak-")),
                                 visibility_timeout=10, restore_interval=2, reclaim_idle_ms=5000,
-                                housekeeping_s=2, stream_maxlen=1_000_000)
+                                housekeeping_s=2, sweep_grace_s=10, stream_maxlen=1_000_000)
     conn = redis.Redis.from_url(settings.redis_url)
     Registry(conn, settings).reload()
-    listener = Listener(redis.Redis.from_url(settings.redis_url), settings,
-                        Registry(redis.Redis.from_url(settings.redis_url), settings),
-                        Dispatcher(conn, settings, make_celery(settings)))
+    listener_conn = redis.Redis.from_url(settings.redis_url)
+    dispatcher = Dispatcher(conn, settings, make_celery(settings))
+    listener = Listener(listener_conn, settings, Registry(listener_conn, settings), dispatcher,
+                        housekeeping=Sweeper(listener_conn, settings, dispatcher).sweep)
     workers = [WorkerProcess(settings, f"soak{i}", concurrency=1) for i in (1, 2)]
     store = RecordStore(conn, settings)
     expected = {(f"soak-{n}", p) for n in range(args.events)
@@ -81,9 +84,20 @@ def main() -> int:
                  "event_type": "x" if n % 2 else "y"})})
         print(f"published {args.events} events ({len(expected)} runs expected)")
         kills = [len(expected) // 4, len(expected) * 3 // 5]
+        redis_crash = len(expected) * 2 // 5
         done = 0
         while time.monotonic() - t0 < args.timeout:
-            done = sum(1 for pair in terminal_pairs(store) if pair in expected)
+            try:
+                done = sum(1 for pair in terminal_pairs(store) if pair in expected)
+            except redis.ConnectionError:
+                time.sleep(1)
+                continue
+            if redis_crash and done >= redis_crash:
+                redis_crash = 0
+                server.crash()
+                print(f"  killed Redis (SIGKILL) at {done} runs done; starting it again")
+                time.sleep(1)
+                server.start()
             if kills and done >= kills[0]:
                 kills.pop(0)
                 victim = workers[0]

@@ -48,6 +48,7 @@ OUTCOMES = TERMINAL - {Status.LOST}  # what a run can end as
 
 # target -> the states it may be entered from. A terminal state is never left.
 TRANSITIONS: dict[Status, frozenset[Status]] = {
+    Status.PENDING: frozenset(),  # only ever created, never entered
     Status.QUEUED: ACTIVE,  # sent (from pending), or re-queued by the sweeper
     Status.THROTTLED: frozenset({Status.PENDING, Status.QUEUED, Status.THROTTLED,
                                  Status.RETRYING}),
@@ -262,6 +263,8 @@ class RecordStore:
         assert not target.terminal, "a terminal status is set with its events: use finish()"
         sources = TRANSITIONS[target] if sources is None else sources
         assert sources <= TRANSITIONS[target], (sources, target)
+        if not owner:  # running -> running is a takeover, only ever a compare-and-set
+            sources = sources - {Status.RUNNING} if target is Status.RUNNING else sources
         reply = self._transition(
             keys=[self.keys.invocation(invocation_id), self.keys.inflight],
             args=[_states(sources), invocation_id, "" if deadline is None else deadline,

@@ -6,6 +6,12 @@ RUN_DIR="${TITAN_RUN_DIR:-$ROOT/run}"
 VENV="${TITAN_VENV:-$ROOT/.venv}"
 PY="$VENV/bin/python"
 RUNTIME_IMAGE="${TITAN_RUNTIME_IMAGE:-titan-runtime:py3.11}"
+# The Redis URL: the environment's, else the one `make up` wrote (with the password it
+# generated), else the default.
+REDIS_URL_FILE="$RUN_DIR/redis.url"
+if [ -z "${TITAN_REDIS_URL:-}" ] && [ -f "$REDIS_URL_FILE" ]; then
+  TITAN_REDIS_URL="$(cat "$REDIS_URL_FILE")"
+fi
 REDIS_URL="${TITAN_REDIS_URL:-redis://127.0.0.1:6379/0}"
 export TITAN_RUN_DIR="$RUN_DIR"
 
@@ -27,4 +33,4 @@ wait_for() {
 
 docker_ok() { docker info >/dev/null 2>&1; }
 redis_port() { local hp="${REDIS_URL#*://}"; hp="${hp##*@}"; hp="${hp%%/*}"; echo "${hp##*:}"; }
-redis_ok() { redis-cli -p "$(redis_port)" ping 2>/dev/null | grep -q PONG; }
+redis_ok() { redis-cli --no-auth-warning -u "$REDIS_URL" ping 2>/dev/null | grep -q PONG; }

@@ -13,14 +13,31 @@ start_docker() {
   wait_for docker_ok 60 || die "the Docker engine did not start; see $RUN_DIR/dockerd.log"
 }
 
+# Redis runs with a password (anyone who can write to Redis can queue runs and forge
+# bundles) and with AOF. appendfsync everysec loses at most about one second of writes on
+# a power loss or kernel crash, and nothing on a process crash; `always` loses nothing.
 start_redis() {
   if redis_ok; then say "Redis answers on port $(redis_port)"; return; fi
   command -v redis-server >/dev/null || die "redis-server is missing (run: make up)"
-  say "starting Redis on 127.0.0.1:$(redis_port) (log: $RUN_DIR/redis.log)"
+  local port fsync="${TITAN_REDIS_APPENDFSYNC:-everysec}" secret
+  port="$(redis_port)"
+  case "$fsync" in always|everysec|no) ;; *) die "TITAN_REDIS_APPENDFSYNC must be always, everysec or no" ;; esac
+  if [ -z "${TITAN_REDIS_URL:-}" ]; then  # our own Redis: generate its password once
+    secret="$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+    REDIS_URL="redis://:${secret}@127.0.0.1:${port}/0"
+    (umask 077 && echo "$REDIS_URL" >"$REDIS_URL_FILE")
+  fi
+  secret="${REDIS_URL#*://}"; secret="${secret%%@*}"; secret="${secret#*:}"
+  [ "$secret" = "${REDIS_URL#*://}" ] && secret=""
+  say "starting Redis on 127.0.0.1:$port, AOF appendfsync $fsync (log: $RUN_DIR/redis.log)"
   mkdir -p "$RUN_DIR/redis"
-  redis-server --port "$(redis_port)" --bind 127.0.0.1 --daemonize yes \
-    --pidfile "$RUN_DIR/redis.pid" --logfile "$RUN_DIR/redis.log" --dir "$RUN_DIR/redis" \
-    --appendonly yes --appendfsync everysec --save "" >/dev/null
+  { printf 'port %s\nbind 127.0.0.1\ndaemonize yes\npidfile %s\nlogfile %s\ndir %s\n' \
+      "$port" "$RUN_DIR/redis.pid" "$RUN_DIR/redis.log" "$RUN_DIR/redis"
+    printf 'appendonly yes\nappendfsync %s\nsave ""\n' "$fsync"
+    [ -n "$secret" ] && printf 'requirepass %s\n' "$secret"
+  } >"$RUN_DIR/redis.conf"
+  chmod 600 "$RUN_DIR/redis.conf"
+  redis-server "$RUN_DIR/redis.conf" >/dev/null
   wait_for redis_ok 20 || die "Redis did not start; see $RUN_DIR/redis.log"
 }
 

@@ -5,6 +5,7 @@ source "$(dirname "$0")/common.sh"
 WORKERS="${TITAN_WORKERS:-2}"
 CONCURRENCY="${TITAN_WORKER_CONCURRENCY:-1}"
 export PROMETHEUS_MULTIPROC_DIR="$RUN_DIR/metrics"
+export TITAN_REDIS_URL="$REDIS_URL"
 API="http://${TITAN_API_HOST:-127.0.0.1}:${TITAN_API_PORT:-8003}"
 
 launch() {  # name, command...
@@ -16,7 +17,7 @@ launch() {  # name, command...
 
 start() {
   [ -x "$PY" ] || die "no virtualenv; run: make up"
-  redis_ok || die "Redis does not answer on port $(redis_port); run: make up"
+  redis_ok || die "Redis does not answer on port $(redis_port) (or refuses the password in $REDIS_URL_FILE); run: make up"
   mkdir -p "$RUN_DIR" "$PROMETHEUS_MULTIPROC_DIR"
   local any_running=0 i
   for f in "$RUN_DIR"/manager.pid "$RUN_DIR"/worker*.pid; do pid_alive "$f" && any_running=1; done

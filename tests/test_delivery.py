@@ -57,10 +57,12 @@ def record(conn, settings, invocation_id: str) -> dict:
     return record_of(conn, settings, invocation_id)
 
 
+ACTIVE = (None, "pending", "queued", "throttled", "running", "retrying")
+
+
 def finished(conn, settings, invocation_id: str, timeout: float = 90) -> dict:
-    return wait_until(lambda: (r := record(conn, settings, invocation_id)).get("status") not in
-                      (None, "pending", "queued", "throttled", "running", "retrying") and r, timeout,
-                      f"invocation {invocation_id} to finish")
+    return wait_until(lambda: (r := record(conn, settings, invocation_id)).get("status")
+                      not in ACTIVE and r, timeout, f"invocation {invocation_id} to finish")
 
 
 def caused_by(conn, settings, event_id: str) -> list[dict]:

@@ -204,6 +204,7 @@ def bad_output():
 
 
 ATTACKS = {f.__name__: f for f in (fork_bomb, cpu_spin, giant_line, binary_flood, stderr_flood,
-                                   binary_small, fill_tmp, fill_shm, many_files, tmp_listing, open_files,
-                                   huge_file, network, host, read_paths, event_size, bad_output)}
+                                   binary_small, fill_tmp, fill_shm, many_files, tmp_listing,
+                                   open_files, huge_file, network, host, read_paths, event_size,
+                                   bad_output)}
 ATTACKS[ARGS["attack"]]()

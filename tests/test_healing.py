@@ -1,0 +1,108 @@
+"""Workers heal themselves after an engine outage, and the listener keeps one bad stream
+entry from delaying the others."""
+
+from __future__ import annotations
+
+import glob
+import json
+import time
+import uuid
+
+import pytest
+
+from harness import DockerProxy, WorkerProcess, new_id, record_of, records_of, wait_until
+from manager.dispatch import Dispatcher, make_celery
+from manager.events import Event
+from manager.listener import Listener, ensure_group
+from manager.registry import PluginEntry
+
+pytestmark = pytest.mark.integration
+ACTIVE = ("pending", "queued", "throttled", "running", "retrying")
+
+
+def pool_children(pid: int) -> list[int]:
+    children: list[int] = []
+    for path in glob.glob(f"/proc/{pid}/task/*/children"):
+        with open(path) as fh:
+            children += [int(p) for p in fh.read().split()]
+    return children
+
+
+def test_containers_left_by_an_engine_outage_are_reaped_without_a_restart(
+        settings, conn, registry, docker_client) -> None:
+    mine = settings.with_(task_queue=f"{settings.task_queue}.heal", sandbox_retries=8,
+                          retry_backoff_max=1)
+    labelled = {"label": [f"titan.instance={mine.instance}", f"titan.host={mine.worker_name}"]}
+    proxy = DockerProxy()
+    proxy.start()
+    worker = WorkerProcess(mine, "healing", concurrency=2, DOCKER_HOST=proxy.url)
+    try:
+        worker.wait_ready(conn)
+        pid = worker.proc.pid
+        dispatcher = Dispatcher(conn, mine, make_celery(mine))
+        invs = [dispatcher.dispatch(Event(new_id("heal"), "test.v1", "ping"),
+                                    registry.get("echo"), "api")[0] for _ in range(12)]
+        time.sleep(0.8)
+        proxy.stop()  # the engine goes away mid-burst ...
+        time.sleep(2)
+        proxy.start()  # ... and comes back
+        for inv in invs:
+            wait_until(lambda inv=inv: record_of(conn, mine, inv)["status"] not in ACTIVE, 120,
+                       "the burst to finish")
+        assert {record_of(conn, mine, i)["status"] for i in invs} == {"succeeded"}
+        # What a create that reached the engine while its answer was lost leaves behind:
+        # a container of one of this worker's processes that no run uses.
+        child = pool_children(pid)[0]
+        docker_client.containers.create(mine.runtime_image, ["sleep", "60"], labels={
+            "titan.managed": "1", "titan.instance": mine.instance,
+            "titan.host": mine.worker_name, "titan.worker_pid": str(child),
+            "titan.invocation": f"leaked-{uuid.uuid4().hex[:6]}"})
+        wait_until(lambda: not docker_client.containers.list(all=True, filters=labelled), 15,
+                   "every leftover container to be reaped")
+        assert worker.proc.poll() is None and worker.proc.pid == pid  # never restarted
+        assert "reaped 1 container(s) no run uses" in worker.log.read_text()
+    finally:
+        worker.stop()
+        proxy.stop()
+        for c in docker_client.containers.list(all=True, filters=labelled):
+            c.remove(force=True)
+
+
+class PoisonedDispatcher(Dispatcher):
+    """Fails for one event, as a bug or a broken dependency would."""
+
+    poison = ""
+
+    def dispatch(self, event: Event, plugin: PluginEntry, origin: str = "bus") -> tuple[str, bool]:
+        if event.event_id == self.poison:
+            raise RuntimeError("poison pill")
+        return super().dispatch(event, plugin, origin)
+
+
+def test_a_poisoned_entry_delays_none_of_its_batch_and_is_dead_lettered(settings, conn,
+                                                                        registry) -> None:
+    uid = uuid.uuid4().hex[:6]
+    mine = settings.with_(event_stream=f"{settings.event_stream}.{uid}",
+                          dead_stream=f"{settings.dead_stream}.{uid}",
+                          task_queue=f"{settings.task_queue}.{uid}", max_deliveries=3,
+                          reclaim_idle_ms=0)
+    ensure_group(conn, mine)
+    dispatcher = PoisonedDispatcher(conn, mine, make_celery(mine))
+    events = [new_id("batch") for _ in range(10)]
+    dispatcher.poison = events[4]
+    for event_id in events:
+        conn.xadd(mine.event_stream, {"event": json.dumps(
+            {"event_id": event_id, "topic": "test.v1", "event_type": "ping"})})
+    listener = Listener(conn, mine, registry, dispatcher, consumer="c1")
+    assert listener.poll() == 10  # one batch: nine dispatched, the poisoned one pending
+    dispatched = {r["event_id"] for r in records_of(conn, mine, "echo", 1000)}
+    assert set(events) - dispatched == {events[4]}
+    assert conn.xpending(mine.event_stream, mine.consumer_group)["pending"] == 1
+    assert listener.reclaim() == 1  # second delivery: still pending
+    assert conn.xlen(mine.dead_stream) == 0
+    assert listener.reclaim() == 1  # third: dead-lettered
+    (_, dead), = conn.xrange(mine.dead_stream)
+    assert dead[b"reason"] == b"unprocessable"
+    assert dead[b"detail"] == b"failed 3 times; last error: RuntimeError: poison pill"
+    assert json.loads(dead[b"event"])["event_id"] == events[4]
+    assert conn.xpending(mine.event_stream, mine.consumer_group)["pending"] == 0

@@ -1,0 +1,110 @@
+"""The invocation record's transition table, and its enforcement by the Lua scripts on a
+real Redis: every allowed and every refused transition, terminal states never left, the
+finishing step atomic and idempotent."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+import uuid
+
+import pytest
+
+from manager.records import (
+    ACTIVE,
+    TERMINAL,
+    InvocationRecord,
+    RecordStore,
+    Status,
+    allowed,
+    field_schema,
+)
+
+S = Status
+EXPECTED = {  # (from, to) pairs that are allowed; every other pair is refused
+    *((a, S.QUEUED) for a in ACTIVE),
+    *((a, S.THROTTLED) for a in (S.PENDING, S.QUEUED, S.THROTTLED, S.RETRYING)),
+    *((a, S.RUNNING) for a in (S.PENDING, S.QUEUED, S.THROTTLED, S.RETRYING, S.RUNNING)),
+    (S.RUNNING, S.RETRYING),
+    *((S.RUNNING, t) for t in (S.SUCCEEDED, S.FAILED, S.TIMEOUT, S.OOM, S.OUTPUT_LIMIT,
+                               S.REJECTED)),
+    *((a, S.LOST) for a in ACTIVE),
+}
+
+
+@pytest.mark.parametrize(("source", "target"), list(itertools.product(Status, Status)))
+def test_transition_table(source: Status, target: Status) -> None:
+    assert allowed(source, target) == ((source, target) in EXPECTED)
+
+
+def test_terminal_states_are_never_left() -> None:
+    assert all(not allowed(t, target) for t in TERMINAL for target in Status)
+
+
+def test_the_api_schema_comes_from_the_record() -> None:
+    schema = field_schema()
+    assert schema["properties"]["status"]["enum"] == [s.value for s in Status]
+    assert schema["properties"]["exit_code"] == {"type": "integer", "nullable": True}
+    assert schema["properties"]["result_event_ids"]["type"] == "array"
+    assert "request" not in schema["properties"]
+
+
+def _new(store: RecordStore, status: Status = Status.PENDING) -> str:
+    inv = uuid.uuid4().hex
+    store.create(InvocationRecord(inv, "p", "1.0.0", "sha256:x", "e1", "t", "e", "api", status,
+                                  time.time()), time.time() + 60)
+    return inv
+
+
+def _force(store: RecordStore, inv: str, status: Status) -> None:
+    store.conn.hset(store.keys.invocation(inv), "status", json.dumps(status.value))
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("source", list(Status))
+def test_redis_enforces_the_table(conn, settings, source: Status) -> None:
+    store = RecordStore(conn, settings.with_(event_stream=f"{settings.event_stream}.records"))
+    for target in Status:
+        inv = _new(store)
+        _force(store, inv, source)
+        if target.terminal:
+            outcome = store.finish(inv, target, [json.dumps({"x": 1})])
+        else:
+            outcome = store.transition(inv, target)
+        expected = allowed(source, target) and not (target is S.RUNNING and source is S.RUNNING)
+        assert outcome.applied == expected, (source, target)  # running->running: takeover only
+        assert outcome.found is source
+        assert store.get(inv).status is (target if expected else source)
+
+
+@pytest.mark.integration
+def test_finishing_is_atomic_and_happens_once(conn, settings) -> None:
+    mine = settings.with_(event_stream=f"{settings.event_stream}.finish")
+    store = RecordStore(conn, mine)
+    inv = _new(store)
+    assert store.transition(inv, Status.RUNNING, increment="attempts", worker="w1").applied
+    events = [json.dumps({"event_id": f"{inv}-r1"}), json.dumps({"event_id": f"{inv}-r2"})]
+    first = store.finish(inv, Status.SUCCEEDED, events, result_event_ids=[f"{inv}-r1"])
+    again = store.finish(inv, Status.SUCCEEDED, events, result_event_ids=[f"{inv}-r1"])
+    assert first.applied and not again.applied and again.found is Status.SUCCEEDED
+    assert conn.xlen(mine.event_stream) == 2
+    record = store.get(inv)
+    assert record.published and record.attempts == 1 and record.worker == "w1"
+    assert conn.zscore(store.keys.inflight, inv) is None
+
+
+@pytest.mark.integration
+def test_a_takeover_is_a_compare_and_set_on_the_owner(conn, settings) -> None:
+    store = RecordStore(conn, settings)
+    inv = _new(store)
+    store.transition(inv, Status.RUNNING, increment="attempts", worker="dead@host")
+    running = frozenset({Status.RUNNING})
+    assert not store.transition(inv, Status.RUNNING, sources=running, owner="other@host",
+                                worker="me@host").applied
+    assert store.transition(inv, Status.RUNNING, sources=running, owner="dead@host",
+                            increment="attempts", worker="me@host").applied
+    assert not store.transition(inv, Status.RUNNING, sources=running, owner="dead@host",
+                                worker="third@host").applied  # only one rescuer wins
+    record = store.get(inv)
+    assert record.worker == "me@host" and record.attempts == 2

@@ -1,0 +1,177 @@
+"""The Runner's branches, driven with a fake Sandbox on a real Redis (no Docker): throttled,
+engine unavailable, the manifest's retries, duplicate and second deliveries, takeover."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+import redis
+from prometheus_client import REGISTRY
+
+from manager.config import Settings
+from manager.errors import SandboxUnavailable
+from manager.events import Event
+from manager.records import InvocationRecord, Status
+from manager.registry import Registry
+from manager.runs import RunRequest
+from workers.runner import HOLDER_RECHECK_S, Later, Runner
+from workers.sandbox import RunResult, RunSpec
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class FakeSandbox:
+    """Plays back outcomes instead of running containers."""
+
+    outcomes: list[RunResult | Exception] = field(default_factory=list)
+    specs: list[RunSpec] = field(default_factory=list)
+    docker_root: str = "/var/lib/docker"
+
+    def run(self, spec: RunSpec) -> RunResult:
+        self.specs.append(spec)
+        outcome = self.outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+
+def ok(stdout: bytes = b'{"topic": "t", "event_type": "done", "payload": {}}') -> RunResult:
+    now = time.time()
+    return RunResult(Status.SUCCEEDED, exit_code=0, stdout=stdout, started_at=now,
+                     finished_at=now + 0.1)
+
+
+def failed() -> RunResult:
+    now = time.time()
+    return RunResult(Status.FAILED, reason="exited with code 1", exit_code=1, started_at=now,
+                     finished_at=now)
+
+
+@dataclass
+class Rig:
+    conn: redis.Redis
+    settings: Settings
+    registry: Registry
+    sandbox: FakeSandbox
+    runner: Runner
+
+    def request(self, plugin: str) -> RunRequest:
+        entry = self.registry.get(plugin)
+        req = RunRequest.build(uuid.uuid4().hex, plugin, entry.version, entry.digest,
+                               entry.manifest, Event(uuid.uuid4().hex, "test.v1", "x"),
+                               self.settings, "api")
+        self.runner.records.create(InvocationRecord(
+            req.invocation_id, plugin, req.version, req.digest, req.event.event_id, "test.v1",
+            "x", "api", Status.QUEUED, time.time(), request=req.to_dict()), time.time() + 60)
+        return req
+
+    def record(self, req: RunRequest) -> InvocationRecord:
+        return self.runner.records.get(req.invocation_id)
+
+    def events(self, req: RunRequest) -> list[dict]:
+        return [e for e in (json.loads(f[b"event"]) for _, f in
+                            self.conn.xrange(self.settings.event_stream))
+                if e.get("causation_id") == req.event.event_id]
+
+
+@pytest.fixture
+def rig(conn, settings) -> Iterator[Rig]:
+    uid = uuid.uuid4().hex[:6]
+    mine = settings.with_(key_prefix=f"{settings.key_prefix}r{uid}",
+                          event_stream=f"{settings.event_stream}.r{uid}", sandbox_retries=2)
+    registry = Registry(conn, mine)
+    registry.reload()
+    sandbox = FakeSandbox()
+    yield Rig(conn, mine, registry, sandbox, Runner(conn, mine, sandbox))  # type: ignore[arg-type]
+
+
+def test_a_run_succeeds_and_a_second_delivery_is_a_duplicate(rig: Rig) -> None:
+    rig.sandbox.outcomes = [ok()]
+    req = rig.request("echo")
+    assert rig.runner.execute(req, "w1@h") == "succeeded"
+    assert rig.runner.execute(req, "w2@h") == "duplicate"
+    record = rig.record(req)
+    assert record.attempts == 1 and record.worker == "w1@h" and record.published
+    assert [e["event_id"] for e in rig.events(req)] == [f"{req.invocation_id}-r1"]
+    assert record.result_event_ids == (f"{req.invocation_id}-r1",)
+
+
+def test_throttled_runs_wait_without_being_marked_running(rig: Rig) -> None:
+    req = rig.request("limited")  # concurrency: 1
+    before = REGISTRY.get_sample_value("titan_throttle_waits_total", {"plugin": "limited"}) or 0
+    assert rig.runner.slots.acquire("limited", "someone-else", 1, 60)
+    first = rig.runner.execute(req, "w@h")
+    second = rig.runner.execute(req, "w@h")
+    assert isinstance(first, Later) and isinstance(second, Later)
+    record = rig.record(req)
+    assert record.status is Status.THROTTLED and record.attempts == 0 and record.waits == 2
+    assert "waiting for a concurrency slot" in record.reason
+    assert REGISTRY.get_sample_value("titan_throttle_waits_total",
+                                     {"plugin": "limited"}) == before + 2
+    rig.runner.slots.release("limited", "someone-else")
+    rig.sandbox.outcomes = [ok()]
+    assert rig.runner.execute(req, "w@h") == "succeeded"
+    assert rig.record(req).attempts == 1
+    assert rig.conn.zcard(rig.runner.keys.plugin_slots("limited")) == 0
+
+
+def test_an_unusable_engine_is_retried_then_fails_visibly(rig: Rig) -> None:
+    req = rig.request("echo")
+    rig.sandbox.outcomes = [SandboxUnavailable("engine away")] * 3
+    for attempt in (1, 2):
+        later = rig.runner.execute(req, "w@h")
+        assert isinstance(later, Later) and later.request.attempt == attempt + 1
+        record = rig.record(req)
+        assert record.status is Status.RETRYING and record.attempts == attempt
+        assert record.reason == "sandbox_unavailable: engine away"
+        req = later.request
+    assert rig.runner.execute(req, "w@h") == "failed"  # sandbox_retries: 2
+    (failure,) = rig.events(req)
+    assert failure["payload"]["reason"] == "sandbox_unavailable: engine away"
+    assert rig.record(req).attempts == 3
+
+
+def test_plugin_failures_are_retried_only_as_the_manifest_says(rig: Rig) -> None:
+    req = rig.request("flaky")  # retries: 2
+    rig.sandbox.outcomes = [failed(), failed(), failed()]
+    outcome = rig.runner.execute(req, "w@h")
+    while isinstance(outcome, Later):
+        assert rig.record(req).status is Status.RETRYING
+        outcome = rig.runner.execute(outcome.request, "w@h")
+    assert outcome == "failed" and rig.record(req).attempts == 3
+    assert len(rig.events(req)) == 1  # one failure event, at the end
+    req = rig.request("failing")  # no retries
+    rig.sandbox.outcomes = [failed()]
+    assert rig.runner.execute(req, "w@h") == "failed" and rig.record(req).attempts == 1
+
+
+def test_a_second_delivery_waits_while_the_holder_lives_then_takes_over(rig: Rig) -> None:
+    req = rig.request("echo")
+    records = rig.runner.records
+    assert records.transition(req.invocation_id, Status.RUNNING, increment="attempts",
+                              worker="holder@h").applied
+    beat = rig.runner.keys.worker_heartbeat("holder@h")
+    rig.conn.set(beat, json.dumps({"name": "holder@h", "held": [req.invocation_id]}))
+    later = rig.runner.execute(req, "second@h")
+    assert isinstance(later, Later) and later.countdown == HOLDER_RECHECK_S
+    assert rig.sandbox.specs == []
+    rig.conn.delete(beat)  # the holder died
+    rig.sandbox.outcomes = [ok()]
+    assert rig.runner.execute(req, "second@h") == "succeeded"
+    record = rig.record(req)
+    assert record.worker == "second@h" and record.attempts == 2
+
+
+def test_the_run_gets_the_requests_limits_clamped_by_this_worker(rig: Rig) -> None:
+    req = rig.request("probe")  # asks for 96Mi and 20 s
+    rig.runner.settings = rig.settings.with_(max_memory_bytes=32 * 1024**2, max_timeout=3)
+    rig.sandbox.outcomes = [ok()]
+    rig.runner.execute(req, "w@h")
+    (spec,) = rig.sandbox.specs
+    assert spec.limits.memory_bytes == 32 * 1024**2 and spec.limits.timeout == 3
