@@ -78,18 +78,6 @@ class InvocationNotFound(TitanError):
     code = "invocation_not_found"
 
 
-class Throttled(TitanError):
-    """The plugin already runs `concurrency` times; the task waits its turn."""
-
-    code = "throttled"
-
-
-class RetryRun(TitanError):
-    """The plugin failed but its manifest asks for another attempt."""
-
-    code = "retry_run"
-
-
 class OutcomeNotStored(TitanError):
     """A finished run's outcome could not be stored within the budget (Redis away); the
     task message goes back so the run comes back."""

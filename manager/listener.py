@@ -69,17 +69,21 @@ class Listener:
 
     def run(self) -> None:
         """Loops until stop(); survives Redis outages by reconnecting with backoff."""
-        backoff = 0.5
+        backoff, group_ok = 0.5, False
         while not self.stopping.is_set():
             try:
-                ensure_group(self.conn, self.settings)
+                if not group_ok:  # at start, and after an error (Redis may have lost it)
+                    ensure_group(self.conn, self.settings)
+                    group_ok = True
                 self.poll()
                 backoff = 0.5
             except (redis.ConnectionError, redis.TimeoutError) as exc:
+                group_ok = False
                 log.warning("listener: Redis unavailable (%s); retrying in %.1fs", exc, backoff)
                 self.stopping.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
             except Exception:
+                group_ok = False
                 log.exception("listener: unexpected error; retrying in %.1fs", backoff)
                 self.stopping.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
