@@ -1,7 +1,11 @@
 #!/usr/bin/env python3
-"""Titan Plugin Manager CLI (also installed as `titan-plugins`)."""
+"""Titan Plugin Manager CLI (also installed as `titan-plugins`). Works with any Python 3:
+it re-executes itself with the project's virtualenv when needed."""
 
-from manager.cli import main
+from manager.bootstrap import ensure_venv
 
 if __name__ == "__main__":
+    ensure_venv()
+    from manager.cli import main
+
     main()

@@ -68,7 +68,7 @@ def main() -> int:
     listener_conn = redis.Redis.from_url(settings.redis_url)
     dispatcher = Dispatcher(conn, settings, make_celery(settings))
     listener = Listener(listener_conn, settings, Registry(listener_conn, settings), dispatcher,
-                        housekeeping=Sweeper(listener_conn, settings, dispatcher).sweep)
+                        housekeeping=Sweeper(listener_conn, settings, dispatcher).maybe_sweep)
     workers = [WorkerProcess(settings, f"soak{i}", concurrency=1) for i in (1, 2)]
     store = RecordStore(conn, settings)
     expected = {(f"soak-{n}", p) for n in range(args.events)
@@ -112,6 +112,7 @@ def main() -> int:
         elapsed = time.monotonic() - t0
         time.sleep(3)  # let the last result events land
         terminal, results = terminal_pairs(store), result_pairs(conn, settings.event_stream)
+        chained = sum(len(store.for_plugin(p, 1_000_000)) for p in ("soak_a", "soak_b", "soak_c"))
     finally:
         listener.stop()
         for w in workers:
@@ -124,7 +125,8 @@ def main() -> int:
     failed = len(expected) - succeeded - len(lost) - len(duplicated)
     statuses.update(expected=len(expected), succeeded=succeeded, failed=failed, lost=len(lost),
                     duplicated=len(duplicated))
-    print(f"soak: {elapsed:.0f}s, {len(expected) / elapsed:.1f} runs/s")
+    print(f"soak: {elapsed:.0f}s, {len(expected) / elapsed:.1f} runs/s "
+          f"({chained} runs recorded: results trigger soak_a again, up to the hops limit)")
     print("  " + "  ".join(f"{k} {statuses[k]}" for k in
                            ("expected", "succeeded", "failed", "lost", "duplicated")))
     for label, pairs in (("lost", lost), ("duplicated", duplicated)):

@@ -13,6 +13,8 @@ from typing import Any
 
 import click
 
+from manager.cli_local import new, run_local, validate
+
 TERMINAL = {"succeeded", "failed", "timeout", "oom", "output_limit", "rejected", "lost"}
 
 
@@ -43,7 +45,9 @@ class Api:
 
 
 def read_event(value: str) -> bytes:
-    """-e takes JSON text or @file."""
+    """-e takes JSON text, @file, or @- (standard input)."""
+    if value == "@-":
+        return sys.stdin.buffer.read()
     if value.startswith("@"):
         try:
             return Path(value[1:]).read_bytes()
@@ -82,7 +86,8 @@ def describe(rec: dict[str, Any]) -> str:
 @click.pass_context
 def cli(ctx: click.Context, as_json: bool, api: str) -> None:
     """Titan Plugin Manager: list, trigger and inspect sandboxed plugins."""
-    ctx.obj = {"json": as_json, "api": Api(api, os.environ.get("TITAN_API_TOKEN"))}
+    ctx.obj = {"json": as_json, "api": Api(api, os.environ.get("TITAN_API_TOKEN")),
+               "out": lambda data, text: out(ctx, data, text)}
 
 
 @cli.command("list")
@@ -161,20 +166,32 @@ def show(ctx: click.Context, invocation_id: str) -> None:
     out(ctx, data, describe(data))
 
 
+def log_entry(rec: dict[str, Any]) -> str:
+    """One run as `logs` shows it: a status line, then the plugin's log (stderr)."""
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rec.get("created_at") or 0))
+    head = f"{when}  {rec['invocation_id']}  {rec['status']}"
+    if rec.get("duration_s") is not None:
+        head += f"  {rec['duration_s']}s"
+    if rec.get("reason"):
+        head += f"  {rec['reason']}"
+    stderr = (rec.get("stderr") or "").rstrip()
+    return head + ("\n  " + stderr[-4000:].replace("\n", "\n  ") if stderr else "")
+
+
 @cli.command()
 @click.argument("name")
 @click.option("-n", "limit", default=10, show_default=True, help="How many runs.")
 @click.option("-f", "follow", is_flag=True, help="Keep printing new runs.")
 @click.pass_context
 def logs(ctx: click.Context, name: str, limit: int, follow: bool) -> None:
-    """Recent runs of plugin NAME with their output, oldest first."""
+    """Recent runs of plugin NAME, oldest first: status line, then the plugin's stderr."""
     seen: set[str] = set()
     while True:
         _, data = ctx.obj["api"].call("GET", f"/plugins/{name}/invocations?limit={limit}")
         for rec in reversed(data["invocations"]):
             if rec["invocation_id"] not in seen and (not follow or rec["status"] in TERMINAL):
                 seen.add(rec["invocation_id"])
-                out(ctx, rec, describe(rec))
+                out(ctx, rec, log_entry(rec))
         if not follow:
             return
         time.sleep(1)
@@ -193,20 +210,9 @@ def health(ctx: click.Context) -> None:
         sys.exit(1)
 
 
-@cli.command()
-@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.pass_context
-def validate(ctx: click.Context, directory: Path) -> None:
-    """Check a plugin directory locally, as the manager would load it."""
-    from manager.config import Settings
-    from manager.registry import load_plugin
-
-    entry, _ = load_plugin(directory.resolve(), Settings.from_env())
-    data = entry.public()
-    out(ctx, data, f"{entry.name}: {entry.status.value} {entry.version or ''} "
-                   f"{entry.digest or ''}" + "".join(f"\n  {e}" for e in entry.errors))
-    if not entry.runnable:
-        sys.exit(1)
+cli.add_command(validate)
+cli.add_command(new)
+cli.add_command(run_local)
 
 
 def main() -> None:

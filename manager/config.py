@@ -87,6 +87,7 @@ class Settings:
     retry_backoff_max: int = 60
     throttle_backoff_max: int = 30
     finish_budget_s: int = 3600  # how long a finished run waits for Redis to come back
+    sweep_interval_s: int = 30  # how often the manager looks for abandoned runs
     sweep_grace_s: int = 30  # a run must look abandoned this long before it is swept
     max_requeues: int = 3  # sweeper re-queues per run before it is marked lost
     # Listener.

@@ -51,6 +51,7 @@ class PluginEntry:
     digest: str | None = None
     errors: tuple[str, ...] = ()
     manifest: Manifest | None = None
+    warnings: tuple[str, ...] = ()
     loaded_at: float = field(default_factory=time.time)
     # Set after a rollback: the directory's digest that reloads must not put back.
     rolled_back_from: str | None = None
@@ -63,6 +64,7 @@ class PluginEntry:
         data = asdict(self)
         data["status"] = self.status.value
         data["errors"] = list(self.errors)
+        data["warnings"] = list(self.warnings)
         data["manifest"] = self.manifest.model_dump(mode="json") if self.manifest else None
         return data
 
@@ -73,6 +75,7 @@ class PluginEntry:
             name=data["name"], status=PluginStatus(data["status"]), path=data["path"],
             version=data.get("version"), digest=data.get("digest"),
             errors=tuple(data.get("errors") or ()), loaded_at=data.get("loaded_at", 0.0),
+            warnings=tuple(data.get("warnings") or ()),
             rolled_back_from=data.get("rolled_back_from"),
             manifest=Manifest.model_validate_json(json.dumps(manifest)) if manifest else None,
         )
@@ -82,7 +85,8 @@ class PluginEntry:
         m = self.manifest
         return {
             "name": self.name, "status": self.status.value, "version": self.version,
-            "digest": self.digest, "errors": list(self.errors), "path": self.path,
+            "digest": self.digest, "errors": list(self.errors),
+            "warnings": list(self.warnings), "path": self.path,
             "description": m.description if m else None,
             "triggers": [t.model_dump() for t in m.triggers] if m else [],
             "image": m.image if m else None, "timeout": m.timeout if m else None,
@@ -173,6 +177,17 @@ def load_plugin(plugin_dir: Path, settings: Settings,
     return entry, bundle
 
 
+def image_warning(entry: PluginEntry, images: set[str] | None, settings: Settings,
+                  where: str = "any worker's Docker engine") -> str | None:
+    """Why runs of this plugin would fail for want of its image (None: fine, or unknown)."""
+    image = entry.manifest.image if entry.manifest else None
+    if not image or images is None or image in images or f"{image}:latest" in images:
+        return None
+    return (f"image: {image!r} is not present on {where}; runs will fail until it is. "
+            f"Use image: {settings.runtime_image} (built by make up), or build or load "
+            f"{image!r} on the workers")
+
+
 def discover(plugins_dir: Path, settings: Settings) -> dict[str, tuple[PluginEntry, bytes | None]]:
     """Loads every plugin directory; one bad plugin never stops the others. A symlink in
     place of a plugin directory is reported, never followed."""
@@ -212,10 +227,15 @@ class Registry:
         """Discovers plugins and publishes them; returns what changed."""
         found = discover(plugins_dir or self.settings.plugins_dir, self.settings)
         old = self.entries(fresh=True)
+        images = self.worker_images()
         changes: dict[str, list[Any]] = {"added": [], "updated": [], "removed": [],
-                                         "rejected": []}
+                                         "rejected": [], "warnings": []}
         pipe = self.conn.pipeline()
         for name, (entry, bundle) in found.items():
+            warning = image_warning(entry, images, self.settings)
+            if warning:
+                entry = replace(entry, warnings=(warning,))
+                changes["warnings"].append({"name": name, "warnings": [warning]})
             before = old.get(name)
             if not entry.runnable:
                 kept = before if before and before.runnable else None
@@ -241,6 +261,19 @@ class Registry:
         pipe.incr(self.keys.registry_version)
         pipe.execute()
         return changes
+
+    def worker_images(self) -> set[str] | None:
+        """Images on the engines of live workers (from their heartbeats); None when no
+        worker reports, so nothing can be said."""
+        images: set[str] = set()
+        reporting = False
+        for key in self.conn.scan_iter(match=self.keys.worker_pattern, count=100):
+            raw = self.conn.get(key)
+            beat = json.loads(raw) if raw else {}
+            if beat.get("docker", {}).get("ok") and "images" in beat:
+                reporting = True
+                images.update(beat["images"])
+        return images if reporting else None
 
     def _remember(self, pipe: Any, entry: PluginEntry, before: PluginEntry | None) -> None:
         """Puts a version at the head of the plugin's history (one per digest); the version

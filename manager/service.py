@@ -34,15 +34,10 @@ class Manager:
         listener_conn = redis_client(settings)
         self.sweeper = Sweeper(listener_conn, settings, self.dispatcher)
         self.listener = Listener(listener_conn, settings, Registry(listener_conn, settings),
-                                 self.dispatcher, housekeeping=self.sweep)
+                                 self.dispatcher, housekeeping=self.sweeper.maybe_sweep)
         self.app = create_app(settings, self.conn, self.registry, self.dispatcher)
         self.server: Any = None
 
-    def sweep(self) -> None:
-        report = self.sweeper.sweep()
-        if report.requeued or report.lost:
-            log.warning("sweeper: re-queued %d, lost %d", len(report.requeued),
-                        len(report.lost))
 
     def reload(self) -> dict[str, Any]:
         changes = self.registry.reload()

@@ -28,6 +28,7 @@ from manager.runs import RunRequest
 
 log = logging.getLogger(__name__)
 UNACKED_KEY = "unacked"  # kombu's Redis transport default (`unacked_key`)
+ALIVE_RECHECK_S = 300  # a run still held or queued is looked at again after this long
 
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -50,6 +51,17 @@ class Sweeper:
         self.records = RecordStore(conn, settings)
         self.keys = Keys(settings.key_prefix)
         self._release = conn.register_script(_RELEASE)
+        self._last = 0.0
+
+    def maybe_sweep(self) -> None:
+        """For housekeeping loops that tick often: sweeps every `sweep_interval_s`."""
+        if time.monotonic() - self._last < self.settings.sweep_interval_s:
+            return
+        self._last = time.monotonic()
+        report = self.sweep()
+        if report.requeued or report.lost:
+            log.warning("sweeper: re-queued %d, lost %d", len(report.requeued),
+                        len(report.lost))
 
     def sweep(self) -> SweepReport:
         """One pass; does nothing when another process holds the lock."""
@@ -72,12 +84,13 @@ class Sweeper:
                 self.conn.delete(self.keys.sweep_suspects)
             return report
         alive = self.held_by_live_workers() | self.task_messages()
-        for invocation_id in due:
+        if alive.intersection(due):  # still held or still has a message: look again later
+            self.conn.zadd(self.keys.inflight, dict.fromkeys(alive.intersection(due),
+                                                             now + ALIVE_RECHECK_S), xx=True)
+        for invocation_id in (i for i in due if i not in alive):
             record = self.records.get(invocation_id)
             if record is None or record.status.terminal:
                 self.conn.zrem(self.keys.inflight, invocation_id)
-            elif invocation_id in alive:
-                self.records.extend(invocation_id, now + QUEUED_GRACE_S)
             elif invocation_id not in suspects:
                 self.conn.hset(self.keys.sweep_suspects, invocation_id, now)
                 report.suspected.append(invocation_id)
@@ -87,7 +100,7 @@ class Sweeper:
             else:
                 continue
             self.conn.hdel(self.keys.sweep_suspects, invocation_id)
-        stale = set(suspects) - set(due)
+        stale = set(suspects) - set(due) | (set(suspects) & alive)
         if stale:
             self.conn.hdel(self.keys.sweep_suspects, *stale)
         return report

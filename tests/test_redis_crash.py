@@ -52,7 +52,7 @@ class CrashStack:
         self.settings = private_settings(
             self.server.url, plugins_dir, run_dir, allowed_roots=(files_dir,),
             visibility_timeout=10, restore_interval=2, reclaim_idle_ms=2000, housekeeping_s=2,
-            sweep_grace_s=5, **changes)
+            sweep_grace_s=5, sweep_interval_s=5, **changes)
         self.conn = redis.Redis.from_url(self.server.url)
         self.registry = Registry(self.conn, self.settings)
         self.registry.reload()
@@ -61,7 +61,7 @@ class CrashStack:
         self.sweeper = Sweeper(listener_conn, self.settings, self.dispatcher)
         self.listener = Listener(listener_conn, self.settings,
                                  Registry(listener_conn, self.settings), self.dispatcher,
-                                 housekeeping=self.sweeper.sweep)
+                                 housekeeping=self.sweeper.maybe_sweep)
         self.workers = [WorkerProcess(self.settings, f"crash{n}", concurrency=1)
                         for n in range(workers)]
         self.bus = Bus(self.conn, self.settings)

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 INTERVAL_S = 3.0
 TTL_S = 10
 RUN_DIR_MAX_AGE_S = 3600
+IMAGES_S = 30.0
 
 
 def held_runs() -> set[str]:
@@ -60,6 +61,7 @@ class Heartbeat(threading.Thread):
         self.name_ = name
         self.stopping = threading.Event()
         self._docker_ok = False
+        self._images: tuple[float, list[str]] = (0.0, [])
 
     def docker_state(self) -> dict[str, object]:
         try:
@@ -80,8 +82,17 @@ class Heartbeat(threading.Thread):
                 log.warning("reaped %d container(s) no run uses: %s", len(reaped),
                             ", ".join(reaped))
         state = {"name": self.name_, "pid": os.getpid(), "time": time.time(),
-                 "docker": docker, "held": sorted(held_runs())}
+                 "docker": docker, "held": sorted(held_runs()), "images": self.images()}
         self.conn.set(self.key, json.dumps(state), ex=TTL_S)
+
+    def images(self) -> list[str]:
+        """The engine's images (for reload's image check), refreshed every IMAGES_S."""
+        if self._docker_ok and time.monotonic() - self._images[0] > IMAGES_S:
+            try:
+                self._images = (time.monotonic(), self.sandbox.images()[:1000])
+            except Exception as exc:
+                log.warning("cannot list images: %s", exc)
+        return self._images[1]
 
     def reap_at_start(self) -> None:
         """What killed workers on this host left: containers and per-run directories."""

@@ -43,7 +43,7 @@ def check_digest(digest: str) -> str:
 
 
 class PluginCache:
-    def __init__(self, registry: Registry, settings: Settings) -> None:
+    def __init__(self, registry: Registry | None, settings: Settings) -> None:
         self.registry = registry
         self.settings = settings
 
@@ -51,15 +51,17 @@ class PluginCache:
     def root(self) -> Path:
         return private_root(self.settings.cache_dir)
 
-    def code_dir(self, digest: str) -> Path:
-        """The unpacked plugin for a digest, fetched from Redis when absent here."""
+    def code_dir(self, digest: str, bundle: bytes | None = None) -> Path:
+        """The unpacked plugin for a digest: from `bundle` when given (a local run), else
+        fetched from Redis when absent here."""
         target = self.root / "plugins" / check_digest(digest).replace(":", "-")
         if target.is_dir():
             return target
         with locked(self.root / "locks" / f"{target.name}.lock"):
             if target.is_dir():
                 return target
-            bundle = self.registry.bundle(digest)
+            if bundle is None and self.registry is not None:
+                bundle = self.registry.bundle(digest)
             if bundle is None:
                 raise BundleError(f"bundle {digest} is not in the store", digest=digest)
             self._unpack(bundle, digest, target)

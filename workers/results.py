@@ -100,38 +100,39 @@ class Decided:
     fields: dict[str, Any]
 
 
+def decide(req: RunRequest, result: RunResult, settings: Settings) -> Decided:
+    """A finished container run -> its outcome (bad output fails the run)."""
+    status, reason, events = result.status, result.reason, []
+    if status is Status.SUCCEEDED:
+        try:
+            events = result_events(req, parse_output(result.stdout, settings.max_results),
+                                   Limits(settings.max_event_bytes, settings.max_event_depth))
+        except OutputError as exc:
+            status, reason = Status.FAILED, f"invalid output: {exc}"
+    fields = {
+        "exit_code": result.exit_code, "started_at": result.started_at,
+        "finished_at": result.finished_at, "duration_s": round(result.duration_s, 4),
+        "container_start_s": round(result.container_start_s, 4),
+        "stdout": result.stdout.decode("utf-8", "replace"),
+        "stderr": result.stderr.decode("utf-8", "replace"),
+        "stdout_truncated": result.stdout_truncated,
+        "stderr_truncated": result.stderr_truncated,
+        "result_event_ids": [f"{req.invocation_id}-r{n}" for n in range(1, len(events) + 1)],
+    }
+    return Decided(status, reason, events, fields)
+
+
+def without_run(status: Status, reason: str) -> Decided:
+    """An outcome decided without a container run (rejected, unusable, retries spent)."""
+    return Decided(status, reason, [], {"result_event_ids": []})
+
+
 class Outcomes:
-    """Decides and stores outcomes; takes its Redis connection as a parameter."""
+    """Stores outcomes; takes its Redis connection as a parameter."""
 
     def __init__(self, conn: redis.Redis, settings: Settings) -> None:
         self.settings = settings
         self.records = RecordStore(conn, settings)
-        self.limits = Limits(settings.max_event_bytes, settings.max_event_depth)
-
-    def decide(self, req: RunRequest, result: RunResult) -> Decided:
-        """A finished container run -> its outcome (bad output fails the run)."""
-        status, reason, events = result.status, result.reason, []
-        if status is Status.SUCCEEDED:
-            try:
-                events = result_events(
-                    req, parse_output(result.stdout, self.settings.max_results), self.limits)
-            except OutputError as exc:
-                status, reason = Status.FAILED, f"invalid output: {exc}"
-        fields = {
-            "exit_code": result.exit_code, "started_at": result.started_at,
-            "finished_at": result.finished_at, "duration_s": round(result.duration_s, 4),
-            "container_start_s": round(result.container_start_s, 4),
-            "stdout": result.stdout.decode("utf-8", "replace"),
-            "stderr": result.stderr.decode("utf-8", "replace"),
-            "stdout_truncated": result.stdout_truncated,
-            "stderr_truncated": result.stderr_truncated,
-            "result_event_ids": [f"{req.invocation_id}-r{n}" for n in range(1, len(events) + 1)],
-        }
-        return Decided(status, reason, events, fields)
-
-    def without_run(self, status: Status, reason: str) -> Decided:
-        """An outcome decided without a container run (rejected, unusable, retries spent)."""
-        return Decided(status, reason, [], {"result_event_ids": []})
 
     def store(self, req: RunRequest, decided: Decided) -> Outcome:
         """Stores the terminal record with its events (or its failure event), retrying

@@ -8,25 +8,22 @@ import json
 import logging
 import os
 import random
-import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import redis
 
 from manager import metrics
 from manager.config import Settings
-from manager.deps import mkdirs
-from manager.errors import BundleError, DependencyError, PermissionDenied, SandboxUnavailable
+from manager.errors import BundleError, SandboxUnavailable
 from manager.keys import Keys
-from manager.permissions import PayloadFile, mount_sources, open_payload_path
 from manager.records import InvocationRecord, RecordStore, Status
 from manager.registry import Registry
 from manager.runs import RunRequest
+from workers.execution import Execution, Refused
 from workers.plugin_cache import PluginCache
-from workers.results import Decided, Outcomes, persist
-from workers.sandbox import STOP_GRACE_S, RunResult, RunSpec, Sandbox
+from workers.results import Outcomes, decide, persist, without_run
+from workers.sandbox import STOP_GRACE_S, Sandbox
 from workers.slots import Slots
 
 log = logging.getLogger(__name__)
@@ -60,6 +57,7 @@ class Runner:
         self.records = RecordStore(conn, settings)
         self.outcomes = Outcomes(conn, settings)
         self.cache = PluginCache(Registry(conn, settings), settings)
+        self.execution = Execution(settings, sandbox, self.cache)
         self.slots = Slots(conn, self.keys)
 
     def execute(self, req: RunRequest, worker: str) -> str | Later:
@@ -130,53 +128,19 @@ class Runner:
         except BundleError as exc:
             return self.conclude(req, Status.FAILED, f"plugin content unusable: {exc.message}")
         try:
-            payload = open_payload_path(req.event.payload, req.allowed_globs, self.settings,
-                                        [self.sandbox.docker_root])
-            mounts = () if payload else tuple(mount_sources(
-                req.allowed_globs, self.settings, [self.sandbox.docker_root]))
-        except PermissionDenied as exc:
-            return self.conclude(req, Status.REJECTED, exc.message)
-        try:
-            deps = self.cache.deps_dir(code_dir)
-            result = self.run_container(req, code_dir, deps, payload, mounts)
-        except (DependencyError, BundleError) as exc:
-            return self.conclude(req, Status.FAILED, exc.message)
+            result = self.execution.run(req, code_dir)
         except SandboxUnavailable as exc:
             return self.engine_unavailable(req, attempt, exc)
-        finally:
-            if payload:
-                payload.close()
+        if isinstance(result, Refused):
+            return self.conclude(req, result.status, result.reason)
         metrics.CONTAINER_START.observe(result.container_start_s)
         metrics.DURATION.labels(plugin=req.plugin).observe(result.duration_s)
         if result.status in RETRYABLE and attempt <= req.retries:
             return self.again(req, attempt, f"{result.status.value}: {result.reason}",
                               exit_code=result.exit_code)
-        decided = self.outcomes.decide(req, result)
+        decided = decide(req, result, self.settings)
         self.outcomes.store(req, decided)
         return decided.status.value
-
-    def run_container(self, req: RunRequest, code_dir: Path, deps: Path | None,
-                      payload: PayloadFile | None, mounts: tuple[str, ...]) -> RunResult:
-        """One container in a private per-run directory (event file, payload copy),
-        removed afterwards whatever happened."""
-        run_dir = mkdirs(self.cache.root / "runs", 0o700) / f"{req.invocation_id}-{os.getpid()}"
-        shutil.rmtree(run_dir, ignore_errors=True)
-        run_dir.mkdir(mode=0o700)
-        try:
-            event_json = req.event.encode()
-            event_file = run_dir / "event.json"
-            event_file.write_text(event_json, encoding="utf-8")
-            event_file.chmod(0o444)
-            staged = payload.stage(run_dir) if payload else None
-            spec = RunSpec(
-                invocation_id=req.invocation_id, plugin=req.plugin, version=req.version,
-                image=req.image, argv=req.argv, code_dir=str(code_dir), event_json=event_json,
-                event_file=str(event_file), limits=req.limits.clamped(self.settings),
-                deps_dir=str(deps) if deps else None, read_only_dirs=mounts,
-                payload=(staged, payload.path) if staged and payload else None)
-            return self.sandbox.run(spec)
-        finally:
-            shutil.rmtree(run_dir, ignore_errors=True)
 
     def engine_unavailable(self, req: RunRequest, attempt: int,
                            exc: SandboxUnavailable) -> str | Later:
@@ -196,6 +160,5 @@ class Runner:
 
     def conclude(self, req: RunRequest, status: Status, reason: str) -> str:
         """A terminal outcome decided without a container run (rejected, unusable, spent)."""
-        decided: Decided = self.outcomes.without_run(status, reason)
-        self.outcomes.store(req, decided)
+        self.outcomes.store(req, without_run(status, reason))
         return status.value

@@ -41,6 +41,7 @@ SANDBOX_USER = "65534:65534"
 STOP_GRACE_S = 2
 MAX_ENV_EVENT = 96 * 1024  # larger events are read from EVENT_FILE only
 DOCKER_TIMEOUT_S = 30
+PULL_RETRY_S = 60
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,7 @@ class Sandbox:
 
     def __init__(self, settings: Settings, client: docker.DockerClient | None = None) -> None:
         self._client = client
+        self._pulls: dict[str, float] = {}
         self.settings = settings
         self.base_labels = {LABEL: "1", LABEL_INSTANCE: settings.instance,
                             LABEL_HOST: settings.worker_name}
@@ -197,10 +199,10 @@ class Sandbox:
         (or the image) cannot be used, so the caller may retry; plugin failures are results."""
         t0 = time.time()
         try:
-            container = self.client.containers.create(**self.container_options(spec))
-        except ImageNotFound as exc:
-            raise SandboxUnavailable(f"runtime image {spec.image!r} is not present on this "
-                                     "worker's Docker engine", image=spec.image) from exc
+            container = self._create(spec)
+        except ImageNotFound:  # not an outage: retrying cannot help
+            return RunResult(Status.FAILED, started_at=t0, finished_at=time.time(),
+                             reason=self.image_missing(spec.image))
         except APIError as exc:
             if exc.is_client_error():  # the engine refused this container: retrying won't help
                 return RunResult(Status.FAILED, started_at=t0, finished_at=time.time(),
@@ -213,6 +215,37 @@ class Sandbox:
             return self._run_created(container, spec, t0)
         finally:
             self._remove(container)
+
+    def _create(self, spec: RunSpec) -> Any:
+        """Creates the container; an absent image is pulled once when a registry answers."""
+        try:
+            return self.client.containers.create(**self.container_options(spec))
+        except ImageNotFound:
+            if not self._pull(spec.image):
+                raise
+            return self.client.containers.create(**self.container_options(spec))
+
+    def _pull(self, image: str) -> bool:
+        """One pull attempt per image and minute (a registry may answer elsewhere)."""
+        last = self._pulls.get(image, 0.0)
+        if time.monotonic() - last < PULL_RETRY_S:
+            return False
+        self._pulls[image] = time.monotonic()
+        try:
+            self.client.images.pull(image)
+            return True
+        except (DockerException, requests.RequestException) as exc:
+            log.warning("image %s is absent and could not be pulled: %s", image, exc)
+            return False
+
+    def image_missing(self, image: str) -> str:
+        return (f"image {image!r} is not present on this worker's Docker engine and could "
+                f"not be pulled: use image: {self.settings.runtime_image} (built by make up) "
+                f"or build or load {image!r} on every worker host")
+
+    def images(self) -> list[str]:
+        """The image names (repo:tag) present on this engine."""
+        return sorted({t for img in self.client.images.list() for t in img.tags})
 
     def _run_created(self, container: Any, spec: RunSpec, t0: float) -> RunResult:
         cap = self.settings.output_cap_bytes

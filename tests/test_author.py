@@ -1,0 +1,153 @@
+"""A plugin author's first ten minutes: `new`, `run`, absent images, the seed's
+`python test_plugin_manager.py`, and /docs with a token set. The CLI runs as a user would
+run it, with the system's python3 (it finds the project's virtualenv by itself)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import WorkerProcess, new_id, record_of, wait_until
+from manager.api import create_app
+from manager.config import ROOT
+from manager.dispatch import Dispatcher, make_celery
+from manager.events import Event
+from manager.registry import Registry
+
+pytestmark = pytest.mark.integration
+SYSTEM_PYTHON = shutil.which("python3", path="/usr/bin:/bin") or "python3"
+ABSENT_IMAGE = "python:3.12-slim"
+
+
+def cli(settings, *args: str, stdin: str | None = None, script: str = "titan-plugins.py",
+        **env: str) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("TITAN_")}
+    full_env.update(TITAN_CACHE_DIR=str(settings.cache_dir), TITAN_INSTANCE=settings.instance,
+                    TITAN_WORKER_NAME=settings.worker_name, **env)
+    return subprocess.run([SYSTEM_PYTHON, str(ROOT / script), *args], env=full_env,
+                          input=stdin, capture_output=True, text=True, timeout=180, check=False)
+
+
+def write(d: Path, name: str, code: str, extra: str = "", image: str = "titan-runtime:py3.11"
+          ) -> Path:
+    target = d / name
+    target.mkdir(parents=True)
+    (target / "plugin.yaml").write_text(
+        f"name: {name}\nversion: 1.0.0\ntriggers: [{{topic: author.v1, event_type: {name}}}]\n"
+        f"entrypoint: python main.py\nimage: {image}\n{extra}")
+    (target / "main.py").write_text(code)
+    return target
+
+
+EVENT = json.dumps({"event_id": "a-1", "topic": "author.v1", "event_type": "x",
+                    "payload": {"n": 1}})
+
+
+def test_new_scaffolds_a_plugin_that_validates_and_runs(settings, tmp_path) -> None:
+    made = cli(settings, "new", "greeter", "--topic", "chat.v1", "--event-type",
+               "user_message", "--dir", str(tmp_path))
+    assert made.returncode == 0, made.stderr
+    assert "loaded" in made.stdout and "titan-plugins.py run" in made.stdout
+    d = tmp_path / "greeter"
+    assert sorted(p.name for p in d.iterdir()) == ["README.md", "event.json", "main.py",
+                                                  "plugin.yaml"]
+    ran = cli(settings, "--json", "run", str(d), "-e", f"@{d}/event.json")
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    report = json.loads(ran.stdout)
+    assert report["status"] == "succeeded" and report["exit_code"] == 0
+    (result,) = report["results"]
+    assert result["topic"] == "chat.v1" and result["event_type"] == "user_message_handled"
+    assert result["payload"] == {"received": {"text": "hello from the sample event"}}
+    assert "greeter handling greeter-sample-1" in report["stderr"]
+    again = cli(settings, "new", "greeter", "--dir", str(tmp_path))
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+
+@pytest.mark.parametrize(("code", "extra", "status", "says"), [
+    ("import sys\nprint('boom', file=sys.stderr)\nsys.exit(3)\n", "", "failed",
+     "exited with code 3: boom"),
+    ("print('hello, not json')\n", "", "failed", "invalid output: stdout line 1 is not JSON"),
+    ("import time\ntime.sleep(30)\n", "timeout: 1\n", "timeout", "timed out after 1s"),
+])
+def test_run_reports_failures_and_exits_non_zero(settings, tmp_path, code: str, extra: str,
+                                                  status: str, says: str) -> None:
+    d = write(tmp_path, "breaks", code, extra)
+    text = cli(settings, "run", str(d), "-e", EVENT)
+    assert text.returncode == 1 and f"status {status}" in text.stdout and says in text.stdout
+    as_json = cli(settings, "--json", "run", str(d), "-e", "@-", stdin=EVENT)
+    report = json.loads(as_json.stdout)
+    assert as_json.returncode == 1 and report["status"] == status and says in report["reason"]
+
+
+def test_run_refuses_an_invalid_plugin_and_a_bad_event(settings, tmp_path) -> None:
+    d = write(tmp_path, "typo", "print()\n", "timeuot: 5\n")
+    out = cli(settings, "run", str(d), "-e", EVENT)
+    assert out.returncode == 1 and "timeuot: unknown key" in out.stderr
+    d = write(tmp_path, "fine", "print()\n")
+    out = cli(settings, "run", str(d), "-e", '{"event_id": "x"}')
+    assert out.returncode == 2 and "topic is required" in out.stderr
+
+
+def test_an_absent_image_is_a_load_warning_and_a_fast_clear_failure(settings, conn,
+                                                                     tmp_path) -> None:
+    plugins = tmp_path / "plugins"
+    write(plugins, "slim", "print()\n", image=ABSENT_IMAGE)
+    uid = new_id("img")
+    mine = settings.with_(plugins_dir=plugins, key_prefix=f"{settings.key_prefix}{uid}",
+                          task_queue=f"{settings.task_queue}.{uid}",
+                          event_stream=f"{settings.event_stream}.{uid}")
+    worker = WorkerProcess(mine, "images", concurrency=1)
+    try:
+        worker.wait_ready(conn)
+        registry = Registry(conn, mine)
+        wait_until(lambda: registry.worker_images(), 30, "the worker to report its images")
+        answer = registry.reload()
+        assert [a["name"] for a in answer["added"]] == ["slim"]  # still loads: hosts differ
+        (warned,) = answer["warnings"]
+        assert ABSENT_IMAGE in warned["warnings"][0]
+        assert "titan-runtime:py3.11" in warned["warnings"][0]
+        assert registry.get("slim").warnings == tuple(warned["warnings"])
+        t0 = time.monotonic()
+        inv, _ = Dispatcher(conn, mine, make_celery(mine)).dispatch(
+            Event(new_id(), "author.v1", "slim"), registry.get("slim"), "api")
+        done = wait_until(lambda: (r := record_of(conn, mine, inv))["status"] not in (
+            "pending", "queued", "running", "retrying") and r, 60, "the run to fail")
+        assert time.monotonic() - t0 < 30
+    finally:
+        worker.stop()
+    assert done["status"] == "failed" and done["attempts"] == 1, done
+    assert ABSENT_IMAGE in done["reason"] and "image: titan-runtime:py3.11" in done["reason"]
+    local = cli(settings, "run", str(plugins / "slim"), "-e", EVENT)
+    assert local.returncode == 1 and ABSENT_IMAGE in local.stdout
+
+
+def test_test_plugin_manager_checks_discovery(settings, tmp_path) -> None:
+    ok = cli(settings, script="test_plugin_manager.py",
+             TITAN_PLUGINS_DIR=str(ROOT / "plugins"))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert [ln.split(":")[0] for ln in ok.stdout.splitlines() if not ln.startswith(" ")] == [
+        "file_watcher", "shell_runner"]
+    write(tmp_path, "good", "print()\n")
+    write(tmp_path, "broken", "print()\n", "privileged: true\n")
+    bad = cli(settings, script="test_plugin_manager.py", TITAN_PLUGINS_DIR=str(tmp_path))
+    assert bad.returncode == 1
+    assert "broken: invalid" in bad.stdout and "privileged: unknown key" in bad.stdout
+    assert "good: loaded" in bad.stdout
+
+
+def test_docs_load_without_the_token_while_the_api_needs_it(settings, conn, registry,
+                                                            dispatcher) -> None:
+    client = create_app(settings.with_(api_token="s3cret"), conn, registry,
+                        dispatcher).test_client()
+    for path in ("/docs", "/openapi.json", "/docs/static/swagger-ui-bundle.js", "/health"):
+        assert client.get(path).status_code in (200, 503), path
+    assert client.get("/openapi.json").json["components"]["securitySchemes"]["bearer"]
+    assert client.get("/plugins").status_code == 401
+    authed = client.get("/plugins", headers={"Authorization": "Bearer s3cret"})
+    assert authed.status_code == 200

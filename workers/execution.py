@@ -1,0 +1,77 @@
+"""One run request through the host-side checks and one sandboxed container, without
+Redis: what a worker does between claiming a run and storing its outcome, shared with
+`titan-plugins run` (an author's local run) so both follow exactly the same rules."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from manager.config import Settings
+from manager.deps import mkdirs
+from manager.errors import BundleError, DependencyError, PermissionDenied
+from manager.permissions import PayloadFile, mount_sources, open_payload_path
+from manager.records import Status
+from manager.runs import RunRequest
+from workers.plugin_cache import PluginCache
+from workers.sandbox import RunResult, RunSpec, Sandbox
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A run that ended before any container: rejected (permissions) or unusable."""
+
+    status: Status
+    reason: str
+
+
+class Execution:
+    def __init__(self, settings: Settings, sandbox: Sandbox, cache: PluginCache) -> None:
+        self.settings = settings
+        self.sandbox = sandbox
+        self.cache = cache
+
+    def run(self, req: RunRequest, code_dir: Path) -> RunResult | Refused:
+        """Checks the payload path and the allowed directories, installs requirements,
+        and runs one container. Raises SandboxUnavailable when the engine is unusable."""
+        forbidden = [self.sandbox.docker_root]
+        try:
+            payload = open_payload_path(req.event.payload, req.allowed_globs, self.settings,
+                                        forbidden)
+            mounts = () if payload else tuple(mount_sources(req.allowed_globs, self.settings,
+                                                            forbidden))
+        except PermissionDenied as exc:
+            return Refused(Status.REJECTED, exc.message)
+        try:
+            deps = self.cache.deps_dir(code_dir)
+            return self.container(req, code_dir, deps, payload, mounts)
+        except (DependencyError, BundleError) as exc:
+            return Refused(Status.FAILED, exc.message)
+        finally:
+            if payload:
+                payload.close()
+
+    def container(self, req: RunRequest, code_dir: Path, deps: Path | None,
+                  payload: PayloadFile | None, mounts: tuple[str, ...]) -> RunResult:
+        """One container in a private per-run directory (event file, payload copy),
+        removed afterwards whatever happened."""
+        run_dir = mkdirs(self.cache.root / "runs", 0o700) / f"{req.invocation_id}-{os.getpid()}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(mode=0o700)
+        try:
+            event_json = req.event.encode()
+            event_file = run_dir / "event.json"
+            event_file.write_text(event_json, encoding="utf-8")
+            event_file.chmod(0o444)
+            staged = payload.stage(run_dir) if payload else None
+            spec = RunSpec(
+                invocation_id=req.invocation_id, plugin=req.plugin, version=req.version,
+                image=req.image, argv=req.argv, code_dir=str(code_dir), event_json=event_json,
+                event_file=str(event_file), limits=req.limits.clamped(self.settings),
+                deps_dir=str(deps) if deps else None, read_only_dirs=mounts,
+                payload=(staged, payload.path) if staged and payload else None)
+            return self.sandbox.run(spec)
+        finally:
+            shutil.rmtree(run_dir, ignore_errors=True)
