@@ -11,6 +11,9 @@ result_backend = None
 # past its budget it rejects the message with requeue, so the run comes back.
 task_acks_late = True
 task_reject_on_worker_lost = True
+# A run that failed raises RunFailed after its outcome is stored: acknowledged like any
+# finished run (it has its record and its failure event).
+task_acks_on_failure_or_timeout = True
 worker_prefetch_multiplier = 1
 # Runs in flight finish when the broker connection drops; their outcome is stored when
 # Redis is back, and an acknowledgement lost with the old connection only costs a
@@ -19,8 +22,10 @@ worker_cancel_long_running_tasks_on_connection_loss = False
 broker_connection_retry_on_startup = True
 broker_connection_max_retries = None
 
-# Events for Flower (runs appear under their plugin name via the task's shadow name).
+# Events for Flower: runs appear under their plugin name (the task's shadow name). No
+# task-sent events: sent by the dispatcher with the plain task name, they could arrive
+# after the worker's and overwrite that name.
 worker_send_task_events = True
-task_send_sent_event = True
+task_send_sent_event = False
 worker_hijack_root_logger = False
 worker_redirect_stdouts = False

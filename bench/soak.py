@@ -113,6 +113,10 @@ def main() -> int:
         time.sleep(3)  # let the last result events land
         terminal, results = terminal_pairs(store), result_pairs(conn, settings.event_stream)
         chained = sum(len(store.for_plugin(p, 1_000_000)) for p in ("soak_a", "soak_b", "soak_c"))
+        outcomes = {(r.event_id, r.plugin): (r.status.value, r.reason)
+                    for p in ("soak_a", "soak_b", "soak_c")
+                    for r in store.for_plugin(p, 1_000_000)
+                    if (r.event_id, r.plugin) in expected and r.status.value != "succeeded"}
     finally:
         listener.stop()
         for w in workers:
@@ -132,6 +136,8 @@ def main() -> int:
     for label, pairs in (("lost", lost), ("duplicated", duplicated)):
         if pairs:
             print(f"  {label} (first 10): {sorted(pairs)[:10]}")
+    for pair, (status, reason) in sorted(outcomes.items())[:10]:
+        print(f"  not succeeded: {pair}: {status}: {reason} ({results[pair]} result events)")
     return 1 if lost or duplicated else 0
 
 

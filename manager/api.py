@@ -15,6 +15,8 @@ from werkzeug.exceptions import HTTPException
 from manager.config import Settings
 from manager.dispatch import Dispatcher
 from manager.errors import (
+    BadQuery,
+    DeadLetterNotFound,
     EventError,
     InvocationNotFound,
     PermissionDenied,
@@ -27,8 +29,9 @@ from manager.events import Event, Limits
 from manager.records import RecordStore
 from manager.registry import Registry
 
-STATUS_CODES = {EventError: 400, PluginNotFound: 404, InvocationNotFound: 404,
-                VersionNotFound: 404, PluginUnavailable: 409, PermissionDenied: 403}
+STATUS_CODES = {EventError: 400, BadQuery: 400, PluginNotFound: 404, InvocationNotFound: 404,
+                VersionNotFound: 404, DeadLetterNotFound: 404, PluginUnavailable: 409,
+                PermissionDenied: 403}
 PUBLIC_PATHS = ("/health", "/docs", "/openapi.json")
 
 

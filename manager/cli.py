@@ -1,4 +1,10 @@
-"""`titan-plugins`: the operator's command line, a thin client of the REST API."""
+"""`titan-plugins`: the operator's command line, a thin client of the REST API (and, for
+`new`, `run` and `validate`, of the local code; see manager/cli_local.py).
+
+Exit codes: 0 ok; 1 the run (or the check) failed, or the API refused; 2 usage; 3 a
+`--wait` timed out; 4 the API is unreachable. With `--json` (before or after the command)
+every output is valid JSON on stdout (JSON Lines for `logs -f`), errors included.
+"""
 
 from __future__ import annotations
 
@@ -16,11 +22,22 @@ import click
 from manager.cli_local import new, run_local, validate
 
 TERMINAL = {"succeeded", "failed", "timeout", "oom", "output_limit", "rejected", "lost"}
+EXIT_FAILED, EXIT_USAGE, EXIT_WAIT, EXIT_UNREACHABLE = 1, 2, 3, 4
+
+
+class CliError(click.ClickException):
+    def __init__(self, code: str, message: str, exit_code: int = EXIT_FAILED,
+                 details: Any = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code, self.detail_message, self.exit_code, self.details = (
+            code, message, exit_code, details)
 
 
 class Api:
     def __init__(self, url: str, token: str | None) -> None:
-        self.url, self.token = url.rstrip("/"), token
+        url = url.strip().rstrip("/")
+        self.url = url if "://" in url else f"http://{url}"
+        self.token = token
 
     def call(self, method: str, path: str, body: bytes | None = None,
              ok: tuple[int, ...] = (200, 202)) -> tuple[int, Any]:
@@ -30,18 +47,26 @@ class Api:
             req.add_header("Authorization", f"Bearer {self.token}")
         try:
             with urllib.request.urlopen(req, timeout=660) as resp:
-                return resp.status, json.loads(resp.read() or b"null")
+                return resp.status, self._json(resp.status, resp.read())
         except urllib.error.HTTPError as exc:
-            data = json.loads(exc.read() or b"{}")
+            data = self._json(exc.code, exc.read())
             if exc.code in ok:
                 return exc.code, data
-            err = data.get("error", {})
-            detail = f"\n  details: {json.dumps(err['details'])}" if err.get("details") else ""
-            raise click.ClickException(f"{err.get('code', exc.code)}: "
-                                       f"{err.get('message', exc.reason)}{detail}") from None
-        except urllib.error.URLError as exc:
-            raise click.ClickException(f"cannot reach the API at {self.url}: {exc.reason} "
-                                       "(is it up? try: make up)") from None
+            err = data.get("error", {}) if isinstance(data, dict) else {}
+            raise CliError(str(err.get("code", exc.code)), err.get("message", exc.reason),
+                           details=err.get("details")) from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise CliError("unreachable", f"cannot reach the API at {self.url}: {reason} "
+                           "(is it up? try: make up)", EXIT_UNREACHABLE) from None
+
+    def _json(self, status: int, raw: bytes) -> Any:
+        try:
+            return json.loads(raw or b"null")
+        except ValueError:
+            raise CliError("not_an_api", f"{self.url} answered HTTP {status} with something "
+                           "that is not the Titan API's JSON (wrong TITAN_API_URL?)",
+                           EXIT_UNREACHABLE) from None
 
 
 def read_event(value: str) -> bytes:
@@ -70,7 +95,8 @@ def table(rows: list[list[Any]], headers: list[str]) -> str:
 def describe(rec: dict[str, Any]) -> str:
     lines = [f"invocation {rec['invocation_id']}  plugin {rec.get('plugin')}@"
              f"{rec.get('version')}  status {rec.get('status')}"]
-    for key in ("reason", "exit_code", "duration_s", "attempts", "worker", "result_event_ids"):
+    for key in ("reason", "exit_code", "duration_s", "attempts", "worker", "warm",
+                "result_event_ids"):
         if rec.get(key) not in (None, "", []):
             lines.append(f"  {key}: {rec[key]}")
     for stream in ("stdout", "stderr"):
@@ -79,7 +105,16 @@ def describe(rec: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@click.group()
+class Cli(click.Group):
+    """Accepts the global --json after the command name too."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if "--json" in args[1:]:
+            args = ["--json", *[a for a in args if a != "--json"]]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=Cli)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--api", default=lambda: os.environ.get("TITAN_API_URL", "http://localhost:8003"),
               show_default="$TITAN_API_URL or http://localhost:8003")
@@ -93,40 +128,41 @@ def cli(ctx: click.Context, as_json: bool, api: str) -> None:
 @cli.command("list")
 @click.pass_context
 def list_(ctx: click.Context) -> None:
-    """Plugins, their status, version and triggers."""
+    """Plugins, their status, version and triggers (invalid ones marked)."""
     _, data = ctx.obj["api"].call("GET", "/plugins")
-    rows = [[p["name"], p["status"], p["version"], (p["digest"] or "")[7:19],
+    rows = [[p["name"], p["status"].upper() if p["status"] != "loaded" else p["status"],
+             p["version"], (p["digest"] or "")[7:19],
              ", ".join(f"{t['topic']}/{t['event_type']}" for t in p["triggers"]),
-             "; ".join(p["errors"])] for p in data["plugins"]]
-    out(ctx, data, table(rows, ["NAME", "STATUS", "VERSION", "DIGEST", "TRIGGERS", "ERRORS"]))
-    if any(p["status"] != "loaded" for p in data["plugins"]):
-        sys.exit(1)
+             "; ".join([*p["errors"], *(f"warning: {w}" for w in p.get("warnings", []))])]
+            for p in data["plugins"]]
+    out(ctx, data, table(rows, ["NAME", "STATUS", "VERSION", "DIGEST", "TRIGGERS", "PROBLEMS"]))
 
 
 @cli.command()
 @click.argument("name")
-@click.option("-e", "--event", "event", required=True, help="Event JSON, or @file.")
-@click.option("--wait", "wait", type=float, is_flag=False, flag_value=60.0, default=None,
-              help="Wait for the result (seconds, default 60).")
+@click.option("-e", "--event", "event", required=True, help="Event JSON, @file, or @-.")
+@click.option("--wait", "wait", type=click.FloatRange(0, 600, min_open=True), is_flag=False,
+              flag_value=60.0, default=None, help="Wait for the result (seconds, default 60).")
 @click.pass_context
 def trigger(ctx: click.Context, name: str, event: str, wait: float | None) -> None:
-    """Run plugin NAME on an event, regardless of its triggers."""
+    """Run plugin NAME on an event, regardless of its triggers. With --wait, exits 0 when
+    the run succeeded, 1 when it failed, 3 when it had not finished in time."""
     query = f"?wait={wait}" if wait else ""
     status, data = ctx.obj["api"].call("POST", f"/plugins/{name}/trigger{query}",
                                        read_event(event))
     if status == 200:
         out(ctx, data, describe(data))
         if data["status"] != "succeeded":
-            sys.exit(1)
-    else:
-        out(ctx, data, f"queued invocation {data['invocation_id']} "
-                       f"(see: titan-plugins show {data['invocation_id']})")
-        if wait:
-            sys.exit(1)  # still not finished after --wait
+            sys.exit(EXIT_FAILED)
+        return
+    out(ctx, data, f"{data['status']}: invocation {data['invocation_id']} "
+                   f"(see: titan-plugins show {data['invocation_id']})")
+    if wait:
+        sys.exit(EXIT_WAIT)
 
 
 @cli.command()
-@click.option("-e", "--event", "event", required=True, help="Event JSON, or @file.")
+@click.option("-e", "--event", "event", required=True, help="Event JSON, @file, or @-.")
 @click.pass_context
 def publish(ctx: click.Context, event: str) -> None:
     """Publish an event to the bus (plugins whose triggers match will run)."""
@@ -142,6 +178,7 @@ def reload(ctx: click.Context) -> None:
     text = [f"{k}: {', '.join(i if isinstance(i, str) else i['name'] for i in v) or '-'}"
             for k, v in data.items()]
     text += [f"  {r['name']}: {'; '.join(r['errors'])}" for r in data["rejected"]]
+    text += [f"  {w['name']}: {'; '.join(w['warnings'])}" for w in data.get("warnings", [])]
     out(ctx, data, "\n".join(text))
 
 
@@ -181,20 +218,26 @@ def log_entry(rec: dict[str, Any]) -> str:
 @cli.command()
 @click.argument("name")
 @click.option("-n", "limit", default=10, show_default=True, help="How many runs.")
-@click.option("-f", "follow", is_flag=True, help="Keep printing new runs.")
+@click.option("-f", "follow", is_flag=True, help="Keep printing runs as they change.")
 @click.pass_context
 def logs(ctx: click.Context, name: str, limit: int, follow: bool) -> None:
-    """Recent runs of plugin NAME, oldest first: status line, then the plugin's stderr."""
-    seen: set[str] = set()
+    """Recent runs of plugin NAME, oldest first: status line, then the plugin's stderr.
+    With -f, every change of status is printed as it happens (JSON Lines with --json)."""
+    api, as_json = ctx.obj["api"], ctx.obj["json"]
+    _, data = api.call("GET", f"/plugins/{name}/invocations?limit={limit}")
+    runs = list(reversed(data["invocations"]))
+    if not follow:
+        out(ctx, runs, "\n".join(log_entry(r) for r in runs) or f"no runs of {name}")
+        return
+    shown: dict[str, str] = {}
     while True:
-        _, data = ctx.obj["api"].call("GET", f"/plugins/{name}/invocations?limit={limit}")
-        for rec in reversed(data["invocations"]):
-            if rec["invocation_id"] not in seen and (not follow or rec["status"] in TERMINAL):
-                seen.add(rec["invocation_id"])
-                out(ctx, rec, log_entry(rec))
-        if not follow:
-            return
-        time.sleep(1)
+        for rec in runs:
+            if shown.get(rec["invocation_id"]) != rec["status"]:
+                shown[rec["invocation_id"]] = rec["status"]
+                click.echo(json.dumps(rec) if as_json else log_entry(rec), nl=True)
+        time.sleep(0.5)
+        _, data = api.call("GET", f"/plugins/{name}/invocations?limit={max(limit, 100)}")
+        runs = list(reversed(data["invocations"]))
 
 
 @cli.command()
@@ -207,7 +250,29 @@ def health(ctx: click.Context) -> None:
             for part in ("redis", "docker", "workers")]
     out(ctx, data, table(rows, ["PART", "STATE", "DETAILS"]))
     if data["status"] != "ok":
-        sys.exit(1)
+        sys.exit(EXIT_FAILED)
+
+
+@cli.group(invoke_without_command=True)
+@click.option("-n", "limit", default=20, show_default=True, help="How many, newest first.")
+@click.pass_context
+def dead(ctx: click.Context, limit: int) -> None:
+    """Dead letters: rejected events with their reason (see also: dead replay ID)."""
+    if ctx.invoked_subcommand:
+        return
+    _, data = ctx.obj["api"].call("GET", f"/events/dead?limit={limit}")
+    text = "\n".join(f"{d['id']}  {d['reason']}  {d['detail']}\n  "
+                     f"{json.dumps(d['event'])[:300]}" for d in data["dead"])
+    out(ctx, data, text or "no dead letters")
+
+
+@dead.command()
+@click.argument("entry_id")
+@click.pass_context
+def replay(ctx: click.Context, entry_id: str) -> None:
+    """Publish dead letter ENTRY_ID again (after fixing what rejected it)."""
+    _, data = ctx.obj["api"].call("POST", f"/events/dead/{entry_id}/replay")
+    out(ctx, data, f"replayed {entry_id} as {data['event_id']} (stream entry {data['entry_id']})")
 
 
 cli.add_command(validate)
@@ -216,4 +281,20 @@ cli.add_command(run_local)
 
 
 def main() -> None:
-    cli()
+    """Runs the CLI; errors go to stderr, or as JSON to stdout with --json."""
+    as_json = "--json" in sys.argv[1:]
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        sys.exit(EXIT_FAILED)
+    except click.ClickException as exc:
+        code = getattr(exc, "code", "usage" if isinstance(exc, click.UsageError) else "error")
+        message = getattr(exc, "detail_message", exc.format_message())
+        if as_json:
+            click.echo(json.dumps({"error": {"code": code, "message": message,
+                                             "details": getattr(exc, "details", None)}}))
+        else:
+            exc.show()
+        sys.exit(exc.exit_code)

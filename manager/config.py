@@ -75,6 +75,10 @@ class Settings:
     max_manifest_bytes: int = 64 * 1024
     max_bundle_bytes: int = 32 * 1024**2
     max_plugin_files: int = 2000
+    # Prewarmed single-use containers, per worker process (0 turns them off).
+    prewarm_size: int = 1  # ready containers per plugin configuration
+    prewarm_max: int = 4  # ready containers in all
+    prewarm_idle_s: int = 300  # a ready container unused this long is removed
     # Retention.
     record_ttl: int = 7 * 24 * 3600
     stream_maxlen: int = 100_000

@@ -78,6 +78,16 @@ class InvocationNotFound(TitanError):
     code = "invocation_not_found"
 
 
+class DeadLetterNotFound(TitanError):
+    code = "dead_letter_not_found"
+
+
+class BadQuery(TitanError):
+    """A query parameter that is not what the endpoint takes; `details["field"]`."""
+
+    code = "invalid_query"
+
+
 class OutcomeNotStored(TitanError):
     """A finished run's outcome could not be stored within the budget (Redis away); the
     task message goes back so the run comes back."""

@@ -43,6 +43,7 @@ def dead_letter(conn: redis.Redis, settings: Settings, raw: bytes | str, reason:
                "time": f"{time.time():.3f}"},
               maxlen=settings.stream_maxlen, approximate=True)
     metrics.EVENTS_REJECTED.labels(reason=reason).inc()
+    metrics.DEAD_LETTERS.labels(reason=reason).inc()
     log.warning("dead-lettered %s: %s: %s", entry_id or "an event", reason, detail[:300])
 
 

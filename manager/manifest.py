@@ -76,6 +76,7 @@ class Manifest(_Model):
     timeout: Annotated[int, Field(gt=0)] = 30
     retries: Annotated[int, Field(ge=0, le=10)] = 0  # re-runs after failed/timeout/oom
     concurrency: Annotated[int, Field(ge=1, le=1000)] | None = None  # across all workers
+    prewarm: bool = True  # false: every run starts a cold container
     resources: Resources = Resources()
     permissions: Permissions = Permissions()
 

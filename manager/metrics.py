@@ -7,19 +7,30 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 EVENTS_RECEIVED = Counter("titan_events_received_total", "Valid events read from the bus",
                           ["topic"])
 EVENTS_REJECTED = Counter("titan_events_rejected_total", "Events dead-lettered", ["reason"])
+DEAD_LETTERS = Counter("titan_events_dead_total", "Entries written to the dead-letter stream",
+                       ["reason"])
 TASKS_DISPATCHED = Counter("titan_tasks_dispatched_total", "Plugin runs enqueued", ["plugin"])
 INVOCATIONS = Counter("titan_invocations_total", "Finished plugin runs", ["plugin", "status"])
 REQUEUED = Counter("titan_runs_requeued_total", "Abandoned runs the sweeper sent again",
                    ["plugin"])
 THROTTLED = Counter("titan_throttle_waits_total", "Times a run waited for a concurrency slot",
                     ["plugin"])
+POOL_HITS = Counter("titan_prewarm_hits_total", "Runs that found a prewarmed container",
+                    ["plugin"])
+POOL_MISSES = Counter("titan_prewarm_misses_total", "Runs that started a cold container",
+                      ["plugin"])
+PREWARMED_IDLE = Gauge("titan_prewarmed_idle", "Prewarmed containers waiting for a run",
+                       multiprocess_mode="livesum")
+CONTAINER_READY = Histogram("titan_container_ready_seconds",
+                            "From the start of a run to its container being ready",
+                            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
 RELOADS = Counter("titan_reloads_total", "Registry reloads", ["result"])
 DURATION = Histogram("titan_invocation_duration_seconds", "Plugin run wall time", ["plugin"],
                      buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600))

@@ -93,6 +93,7 @@ class InvocationRecord:
     stderr: str = ""
     stdout_truncated: bool = False
     stderr_truncated: bool = False
+    warm: bool | None = None  # ran in a prewarmed container (None: no container ran)
     result_event_ids: tuple[str, ...] = ()
     failure_event_id: str | None = None
     published: bool = False

@@ -12,7 +12,13 @@ from flask import Blueprint, Response, current_app, jsonify, request, send_from_
 
 from manager import metrics
 from manager.api import ApiContext, publish_event
-from manager.errors import InvocationNotFound, PluginNotFound, PluginUnavailable
+from manager.errors import (
+    BadQuery,
+    DeadLetterNotFound,
+    InvocationNotFound,
+    PluginNotFound,
+    PluginUnavailable,
+)
 from manager.events import Event, from_outside
 from manager.keys import Keys
 from manager.openapi import SPEC
@@ -92,9 +98,7 @@ def get_plugin(name: str) -> Any:
 
 @routes.post("/plugins/<name>/rollback")
 def rollback(name: str) -> Any:
-    body = request.get_json(silent=True) or {}
-    version = body.get("version") or request.args.get("version")
-    return jsonify(ctx().registry.rollback(name, version))
+    return jsonify(ctx().registry.rollback(name, rollback_version()))
 
 
 @routes.post("/plugins/reload")
@@ -115,11 +119,11 @@ def trigger(name: str) -> Any:
         raise PluginUnavailable(f"plugin {name!r} is {entry.status.value}", plugin=name,
                                 errors=list(entry.errors))
     event = read_event()
-    wait = request.args.get("wait", type=float)
+    wait = bounded_float("wait", 0.0, 0.0, MAX_WAIT_S)
     invocation_id, _ = ctx().dispatcher.dispatch(event, entry, origin="api")
     metrics.TASKS_DISPATCHED.labels(plugin=name).inc()
     if wait:
-        record = wait_for(ctx().records, invocation_id, min(wait, MAX_WAIT_S))
+        record = wait_for(ctx().records, invocation_id, wait)
         if record and record.status.terminal:
             return jsonify(record.public()), 200
     return jsonify({"invocation_id": invocation_id, "status": Status.QUEUED.value,
@@ -133,6 +137,85 @@ def post_event() -> Any:
     return jsonify({"event_id": event.event_id, "entry_id": entry_id}), 202
 
 
+@routes.get("/events/dead")
+def dead_letters() -> Any:
+    """The newest dead letters first: reason, detail and the event as it arrived."""
+    limit = bounded_int("limit", 20, 1, 1000)
+    entries = ctx().conn.xrevrange(ctx().settings.dead_stream, count=limit)
+    return jsonify({"dead": [dead_entry(entry_id, fields) for entry_id, fields in entries]})
+
+
+@routes.post("/events/dead/<entry_id>/replay")
+def replay_dead_letter(entry_id: str) -> Any:
+    """Publishes a dead-lettered event again (after a fix); it must now be valid."""
+    found = ctx().conn.xrange(ctx().settings.dead_stream, min=entry_id, max=entry_id)
+    if not found or found[0][0].decode() != entry_id:
+        raise DeadLetterNotFound(f"no dead letter {entry_id!r}", entry_id=entry_id)
+    event = Event.decode(found[0][1].get(b"event", b""), ctx().limits)
+    published = publish_event(ctx().conn, ctx().settings, event)
+    return jsonify({"event_id": event.event_id, "entry_id": published,
+                    "replayed": entry_id}), 202
+
+
+def dead_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> dict[str, Any]:
+    raw = fields.get(b"event", b"").decode("utf-8", "replace")
+    try:
+        event: Any = json.loads(raw)
+    except (ValueError, RecursionError):  # dead letters include malformed and too-deep ones
+        event = raw[:10_000]
+    return {"id": entry_id.decode(), "reason": fields.get(b"reason", b"").decode(),
+            "detail": fields.get(b"detail", b"").decode("utf-8", "replace"),
+            "entry_id": fields.get(b"entry_id", b"").decode(),
+            "time": float(fields.get(b"time", b"0") or 0), "event": event}
+
+
+def rollback_version() -> str | None:
+    """The body is empty, `{}` or `{"version": "<version or digest>"}`; nothing else."""
+    raw = request.get_data(cache=False)
+    if not raw.strip():
+        return request.args.get("version") or None
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise BadQuery("the body must be JSON: {} or {\"version\": \"1.0.0\"}",
+                       field="body") from None
+    if not isinstance(body, dict) or set(body) - {"version"}:
+        raise BadQuery("the body must be {} or {\"version\": \"...\"}", field="body")
+    version = body.get("version")
+    if version is not None and (not isinstance(version, str) or not 0 < len(version) <= 200):
+        raise BadQuery("version must be a non-empty string (a version or a digest)",
+                       field="version")
+    return version
+
+
+def bounded_float(name: str, default: float, low: float, high: float) -> float:
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise BadQuery(f"{name} must be a number, got {raw[:40]!r}", field=name) from None
+    if not low <= value <= high:  # also refuses nan and inf
+        raise BadQuery(f"{name} must be between {low:g} and {high:g}, got {raw[:40]}",
+                       field=name)
+    return value
+
+
+def bounded_int(name: str, default: int, low: int, high: int) -> int:
+    """A query parameter that must be an integer within [low, high]; 400 otherwise."""
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadQuery(f"{name} must be an integer, got {raw[:40]!r}", field=name) from None
+    if not low <= value <= high:
+        raise BadQuery(f"{name} must be between {low} and {high}, got {value}", field=name)
+    return value
+
+
 @routes.get("/invocations/<invocation_id>")
 def get_invocation(invocation_id: str) -> Any:
     record = ctx().records.get(invocation_id)
@@ -144,8 +227,7 @@ def get_invocation(invocation_id: str) -> Any:
 
 @routes.get("/plugins/<name>/invocations")
 def plugin_invocations(name: str) -> Any:
-    plugin_or_404(name)
-    limit = max(1, min(request.args.get("limit", 20, type=int), 1000))
+    limit = bounded_int("limit", 20, 1, 1000)
     return jsonify({"plugin": name, "invocations": [
         r.public() for r in ctx().records.for_plugin(name, limit)]})
 

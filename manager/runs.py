@@ -50,6 +50,7 @@ class RunRequest:
     retries: int
     concurrency: int | None
     event: Event
+    prewarm: bool = True
     origin: str = "bus"
     attempt: int = 1  # the attempt this message was sent for (the record counts them all)
 
@@ -60,7 +61,8 @@ class RunRequest:
                    image=manifest.image, argv=tuple(manifest.argv),
                    limits=RunLimits.of(manifest, settings),
                    allowed_globs=tuple(manifest.allowed_globs), retries=manifest.retries,
-                   concurrency=manifest.concurrency, event=event, origin=origin)
+                   concurrency=manifest.concurrency, event=event, origin=origin,
+                   prewarm=manifest.prewarm)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

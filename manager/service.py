@@ -10,7 +10,7 @@ import signal
 import threading
 from typing import Any
 
-from werkzeug.serving import make_server
+import waitress
 
 from manager import metrics
 from manager.api import create_app
@@ -69,15 +69,17 @@ class Manager:
                       metrics.StateCollector(self.plugin_counts, self.queue_depths))
         listener = threading.Thread(target=self.listener.run, name="listener", daemon=True)
         listener.start()
-        self.server = make_server(self.settings.api_host, self.settings.api_port, self.app,
-                                  threaded=True)
+        # waitress, a production WSGI server, in this process beside the listener thread.
+        self.server = waitress.create_server(self.app, host=self.settings.api_host,
+                                             port=self.settings.api_port, threads=8,
+                                             ident="titan-plugin-manager")
         signal.signal(signal.SIGHUP, lambda *_: self._safe_reload())
         signal.signal(signal.SIGTERM, lambda *_: self.shutdown())
         signal.signal(signal.SIGINT, lambda *_: self.shutdown())
         log.info("API on http://%s:%d, metrics on :%d, listening to %s",
                  self.settings.api_host, self.settings.api_port, self.settings.metrics_port,
                  self.settings.event_stream)
-        self.server.serve_forever()
+        self.server.run()  # until shutdown(); requests in progress finish first
         listener.join(timeout=self.settings.read_block_ms / 1000 + 5)
         log.info("manager stopped")
 
@@ -91,5 +93,6 @@ class Manager:
     def shutdown(self) -> None:
         log.info("stopping: listener first, then the API")
         self.listener.stop()
-        if self.server is not None:
-            threading.Thread(target=self.server.shutdown, daemon=True).start()
+        # waitress's loop ends on SystemExit: it stops accepting, lets the requests in
+        # progress finish, and returns.
+        raise SystemExit(0)

@@ -13,9 +13,11 @@ from pathlib import Path
 import docker
 import pytest
 import redis
+import waitress
 import yaml
 
-from harness import Bus, RedisServer, WorkerProcess, private_settings
+from harness import Bus, RedisServer, WorkerProcess, free_port, private_settings
+from manager.api import create_app
 from manager.config import ROOT, Settings
 from manager.dispatch import Dispatcher, make_celery
 from manager.listener import Listener
@@ -123,3 +125,24 @@ def stack(worker: WorkerProcess, listener: Listener) -> None:
 @pytest.fixture
 def bus(conn: redis.Redis, settings: Settings) -> Bus:
     return Bus(conn, settings)
+
+
+@pytest.fixture(scope="session")
+def app(settings: Settings, conn: redis.Redis, registry: Registry, dispatcher: Dispatcher):
+    return create_app(settings, conn, registry, dispatcher)
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture(scope="session")
+def api_url(app, stack) -> Iterator[str]:
+    """The API over HTTP (the CLI's way in), on a free port."""
+    port = free_port()
+    server = waitress.create_server(app, host="127.0.0.1", port=port, threads=4)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{port}"
+    server.close()

@@ -196,6 +196,20 @@ class RedisProxy(SocketProxy):
         self.url = f"redis://127.0.0.1:{self.listen_at[1]}/0"
 
 
+SYSTEM_PYTHON = shutil.which("python3", path="/usr/bin:/bin") or "python3"
+
+
+def run_cli(api_url: str, *args: str, stdin: str | None = None, timeout: float = 120,
+            **env: str) -> subprocess.CompletedProcess:
+    """titan-plugins.py as an operator runs it: with the system's python3 (which lacks the
+    project's packages; the script finds the virtualenv itself)."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("TITAN_")}
+    full.update(TITAN_API_URL=api_url, **env)
+    return subprocess.run([SYSTEM_PYTHON, str(ROOT / "titan-plugins.py"), *args], env=full,
+                          input=stdin, capture_output=True, text=True, timeout=timeout,
+                          check=False)
+
+
 def records_of(conn: redis.Redis, settings: Settings, plugin: str,
                limit: int = 200) -> list[dict[str, Any]]:
     """A plugin's recent records, as the API shows them."""

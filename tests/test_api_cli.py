@@ -3,46 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import threading
-from collections.abc import Iterator
 
 import pytest
-from werkzeug.serving import make_server
 
-from harness import Bus, free_port, new_id
+from harness import Bus, new_id, run_cli
 from manager.api import create_app
-from manager.config import ROOT
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("stack")]
-
-
-@pytest.fixture(scope="module")
-def app(settings, conn, registry, dispatcher):
-    return create_app(settings, conn, registry, dispatcher)
-
-
-@pytest.fixture
-def client(app):
-    return app.test_client()
-
-
-@pytest.fixture(scope="module")
-def api_url(app) -> Iterator[str]:
-    port = free_port()
-    server = make_server("127.0.0.1", port, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{port}"
-    server.shutdown()
-
-
-def cli(api_url: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TITAN_API_URL": api_url}
-    return subprocess.run([sys.executable, str(ROOT / "titan-plugins.py"), *args], env=env,
-                          capture_output=True, text=True, timeout=120, check=False)
 
 
 def test_health_reports_each_part(client) -> None:
@@ -125,31 +92,31 @@ def test_docs_are_served_offline(client) -> None:
 
 
 def test_cli_list_trigger_show_health(api_url: str) -> None:
-    listed = cli(api_url, "list")
+    listed = run_cli(api_url, "list")
     assert listed.returncode == 0, listed.stderr
     assert "shell_runner" in listed.stdout and "loaded" in listed.stdout
     event = json.dumps({"event_id": new_id(), "topic": "system.v1", "event_type": "run_cmd",
                         "payload": {"command": "whoami"}})
-    ran = cli(api_url, "--json", "trigger", "shell_runner", "-e", event, "--wait")
+    ran = run_cli(api_url, "--json", "trigger", "shell_runner", "-e", event, "--wait")
     assert ran.returncode == 0, ran.stderr
     record = json.loads(ran.stdout)
     assert json.loads(record["stdout"])["payload"]["stdout"] == "nobody\n"
-    shown = cli(api_url, "show", record["invocation_id"])
+    shown = run_cli(api_url, "show", record["invocation_id"])
     assert "status succeeded" in shown.stdout
-    assert cli(api_url, "health").returncode == 0
+    assert run_cli(api_url, "health").returncode == 0
 
 
 def test_cli_failures_exit_non_zero_with_a_reason(api_url: str, tmp_path) -> None:
-    bad = cli(api_url, "trigger", "shell_runner", "-e", '{"event_id": "x"}')
+    bad = run_cli(api_url, "trigger", "shell_runner", "-e", '{"event_id": "x"}')
     assert bad.returncode != 0 and "topic is required" in bad.stderr
-    failed = cli(api_url, "trigger", "failing", "-e",
+    failed = run_cli(api_url, "trigger", "failing", "-e",
                  json.dumps({"event_id": new_id(), "topic": "t", "event_type": "e"}), "--wait")
     assert failed.returncode == 1 and "status failed" in failed.stdout
     event_file = tmp_path / "event.json"
     event_file.write_text(json.dumps({"event_id": new_id(), "topic": "t", "event_type": "e"}))
-    published = cli(api_url, "publish", "-e", f"@{event_file}")
+    published = run_cli(api_url, "publish", "-e", f"@{event_file}")
     assert published.returncode == 0 and "published" in published.stdout
-    no_history = cli(api_url, "rollback", "shell_runner")
+    no_history = run_cli(api_url, "rollback", "shell_runner")
     assert no_history.returncode == 1 and "no earlier version" in no_history.stderr
-    unreachable = cli("http://127.0.0.1:1", "list")
-    assert unreachable.returncode == 1 and "cannot reach the API" in unreachable.stderr
+    unreachable = run_cli("http://127.0.0.1:1", "list")
+    assert unreachable.returncode == 4 and "cannot reach the API" in unreachable.stderr

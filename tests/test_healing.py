@@ -33,6 +33,7 @@ def test_containers_left_by_an_engine_outage_are_reaped_without_a_restart(
     mine = settings.with_(task_queue=f"{settings.task_queue}.heal", sandbox_retries=8,
                           retry_backoff_max=1)
     labelled = {"label": [f"titan.instance={mine.instance}", f"titan.host={mine.worker_name}"]}
+    runs = {"label": [*labelled["label"], "titan.invocation"]}  # idle prewarmed ones stay
     proxy = DockerProxy()
     proxy.start()
     worker = WorkerProcess(mine, "healing", concurrency=2, DOCKER_HOST=proxy.url)
@@ -49,7 +50,9 @@ def test_containers_left_by_an_engine_outage_are_reaped_without_a_restart(
         for inv in invs:
             wait_until(lambda inv=inv: record_of(conn, mine, inv)["status"] not in ACTIVE, 120,
                        "the burst to finish")
-        assert {record_of(conn, mine, i)["status"] for i in invs} == {"succeeded"}
+        outcomes = [record_of(conn, mine, i) for i in invs]
+        assert {r["status"] for r in outcomes} == {"succeeded"}, [
+            (r["status"], r["reason"], r["warm"]) for r in outcomes]
         # What a create that reached the engine while its answer was lost leaves behind:
         # a container of one of this worker's processes that no run uses.
         child = pool_children(pid)[0]
@@ -57,7 +60,7 @@ def test_containers_left_by_an_engine_outage_are_reaped_without_a_restart(
             "titan.managed": "1", "titan.instance": mine.instance,
             "titan.host": mine.worker_name, "titan.worker_pid": str(child),
             "titan.invocation": f"leaked-{uuid.uuid4().hex[:6]}"})
-        wait_until(lambda: not docker_client.containers.list(all=True, filters=labelled), 15,
+        wait_until(lambda: not docker_client.containers.list(all=True, filters=runs), 15,
                    "every leftover container to be reaped")
         assert worker.proc.poll() is None and worker.proc.pid == pid  # never restarted
         assert "reaped 1 container(s) no run uses" in worker.log.read_text()

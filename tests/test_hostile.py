@@ -6,20 +6,60 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
-from harness import Bus, bridge_gateway, new_id, records_of
+from harness import Bus, WorkerProcess, bridge_gateway, new_id, records_of
+from manager.config import Settings
+from manager.dispatch import Dispatcher, make_celery
 from manager.events import Event
+from manager.listener import Listener
+from manager.registry import Registry
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("stack")]
 
 
+@dataclass
+class Lane:
+    """Where attacks run: prewarmed containers (the product's default) or cold ones."""
+
+    name: str
+    bus: Bus
+    settings: Settings
+    worker: WorkerProcess
+
+
+@pytest.fixture(scope="module", params=["warm", "cold"])
+def lane(request, conn, settings, worker, listener) -> Iterator[Lane]:
+    if request.param == "warm":
+        yield Lane("warm", Bus(conn, settings), settings, worker)
+        return
+    cold = settings.with_(event_stream=f"{settings.event_stream}.cold",
+                          task_queue=f"{settings.task_queue}.cold", prewarm_size=0)
+    cold_worker = WorkerProcess(cold, "cold", concurrency=2)
+    listener_conn = redis.Redis.from_url(cold.redis_url)
+    cold_listener = Listener(listener_conn, cold, Registry(listener_conn, cold),
+                             Dispatcher(conn, cold, make_celery(cold)))
+    thread = threading.Thread(target=cold_listener.run, daemon=True)
+    try:
+        cold_worker.wait_ready(conn)
+        thread.start()
+        yield Lane("cold", Bus(conn, cold), cold, cold_worker)
+    finally:
+        cold_listener.stop()
+        cold_worker.stop()
+
+
 @pytest.fixture
-def attack(bus: Bus, conn, settings, worker, docker_client):
-    """Runs one attack; returns (record, the event it caused)."""
+def attack(lane: Lane, conn, docker_client):
+    """Runs one attack on this lane; returns (record, the event it caused)."""
+    bus, settings, worker = lane.bus, lane.settings, lane.worker
 
     def run(name: str, timeout: float = 60, **payload: Any) -> tuple[dict, dict]:
         event_id = new_id(name.replace("_", "-"))
@@ -28,6 +68,8 @@ def attack(bus: Bus, conn, settings, worker, docker_client):
         caused = bus.result_of(event_id, timeout=timeout)
         record = next(r for r in records_of(conn, settings, "hostile", 50)
                       if r["event_id"] == event_id)
+        if lane.name == "cold":
+            assert not record["warm"], "the cold lane ran warm"
         assert worker.proc.poll() is None, "the worker died"
         left = docker_client.containers.list(
             all=True, filters={"label": f"titan.invocation={record['invocation_id']}"})
@@ -91,6 +133,23 @@ def test_open_files_hit_nofile(attack, settings) -> None:
 def test_one_huge_file_hits_fsize(attack, settings) -> None:
     got = report(attack("huge_file"))
     assert got["error"] == "EFBIG" and got["written"] == settings.fsize_bytes
+
+
+def test_memory_balloon_is_oom_killed(attack) -> None:
+    record, failure = attack("balloon")
+    assert record["status"] == "oom", record
+    assert failure["payload"]["reason"].startswith("killed: out of memory")
+
+
+def test_no_container_is_ever_reused(attack, lane) -> None:
+    seen, warm = [], 0
+    for _ in range(20):
+        record, result = attack("marker")
+        seen.append(result["payload"]["seen"])
+        warm += bool(record["warm"])
+    assert not any(seen), "a run saw an earlier run's /tmp"
+    if lane.name == "warm":
+        assert warm >= 10, f"only {warm} of 20 runs were prewarmed"
 
 
 # Network

@@ -18,7 +18,8 @@ pytestmark = pytest.mark.integration
 def test_restarted_worker_reaps_the_orphan_container(settings, conn, registry,
                                                      docker_client) -> None:
     own = settings.with_(task_queue=f"{settings.task_queue}.orphans")
-    labels = {"label": [f"titan.instance={own.instance}", "titan.plugin=slow"]}
+    labels = {"label": [f"titan.instance={own.instance}", "titan.plugin=slow",
+                        "titan.invocation"]}  # the run's container, not a prewarmed one
     worker = WorkerProcess(own, "orphans", concurrency=1)
     try:
         worker.wait_ready(conn)
@@ -37,5 +38,30 @@ def test_restarted_worker_reaps_the_orphan_container(settings, conn, registry,
         again.wait_ready(conn)
         wait_until(lambda: not docker_client.containers.list(all=True, filters=labels), 30,
                    "the orphan to be reaped")
+    finally:
+        again.stop()
+
+
+def test_a_killed_workers_prewarmed_containers_are_reaped(settings, conn, registry,
+                                                          docker_client) -> None:
+    own = settings.with_(task_queue=f"{settings.task_queue}.pool-orphans")
+    pooled = {"label": [f"titan.instance={own.instance}", "titan.pool=1", "titan.plugin=echo"]}
+    worker = WorkerProcess(own, "pooled", concurrency=1)
+    try:
+        worker.wait_ready(conn)
+        Dispatcher(conn, own, make_celery(own)).dispatch(Event(new_id(), "test.v1", "ping"),
+                                                         registry.get("echo"), "api")
+        wait_until(lambda: docker_client.containers.list(filters=pooled), 60,
+                   "a prewarmed container waiting for the next run")
+        os.killpg(worker.proc.pid, signal.SIGKILL)
+        worker.proc.wait(10)
+        assert docker_client.containers.list(filters=pooled)  # orphaned
+    finally:
+        worker.stop()
+    again = WorkerProcess(own, "pooled2", concurrency=1)
+    try:
+        again.wait_ready(conn)
+        wait_until(lambda: not docker_client.containers.list(all=True, filters=pooled), 30,
+                   "the prewarmed orphan to be reaped")
     finally:
         again.stop()

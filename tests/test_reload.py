@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,6 +132,26 @@ def test_reload_mid_stream_runs_each_event_on_one_whole_version(stack: Stack) ->
         assert records[event_id]["digest"] == digests[payload["code"]]
         if event_id in after:
             assert payload["code"] == "2.0.0"
+
+
+def pause(answer: dict) -> dict:
+    """Light load: the pool has time to start each run's replacement."""
+    time.sleep(1.0)
+    return answer
+
+
+def test_a_reload_switches_the_prewarmed_pool_to_the_new_version(stack: Stack) -> None:
+    write_plugin(stack.plugins, "pooled", "1.0.0")
+    stack.registry.reload()
+    old = [pause(stack.answer("pooled")) for _ in range(4)]  # the pool holds 1.0.0 ones
+    write_plugin(stack.plugins, "pooled", "2.0.0")
+    stack.registry.reload()
+    new = [pause(stack.answer("pooled")) for _ in range(6)]
+    assert {a["payload"]["code"] for a in old} == {"1.0.0"}
+    assert {a["payload"]["code"] for a in new} == {"2.0.0"}  # never old code after a reload
+    runs = records_of(stack.conn, stack.settings, "pooled", 50)
+    assert sum(bool(r["warm"]) for r in runs if r["version"] == "1.0.0") >= 2
+    assert sum(bool(r["warm"]) for r in runs if r["version"] == "2.0.0") >= 3
 
 
 @pytest.mark.parametrize(("broken", "error"), [

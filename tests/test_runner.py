@@ -20,7 +20,7 @@ from manager.records import InvocationRecord, Status
 from manager.registry import Registry
 from manager.runs import RunRequest
 from workers.runner import HOLDER_RECHECK_S, Later, Runner
-from workers.sandbox import RunResult, RunSpec
+from workers.spec import RunResult, RunSpec
 
 pytestmark = pytest.mark.integration
 
@@ -84,7 +84,8 @@ class Rig:
 def rig(conn, settings) -> Iterator[Rig]:
     uid = uuid.uuid4().hex[:6]
     mine = settings.with_(key_prefix=f"{settings.key_prefix}r{uid}",
-                          event_stream=f"{settings.event_stream}.r{uid}", sandbox_retries=2)
+                          event_stream=f"{settings.event_stream}.r{uid}", sandbox_retries=2,
+                          prewarm_size=0)
     registry = Registry(conn, mine)
     registry.reload()
     sandbox = FakeSandbox()
@@ -94,8 +95,8 @@ def rig(conn, settings) -> Iterator[Rig]:
 def test_a_run_succeeds_and_a_second_delivery_is_a_duplicate(rig: Rig) -> None:
     rig.sandbox.outcomes = [ok()]
     req = rig.request("echo")
-    assert rig.runner.execute(req, "w1@h") == "succeeded"
-    assert rig.runner.execute(req, "w2@h") == "duplicate"
+    assert rig.runner.execute(req, "w1@h").status == "succeeded"
+    assert rig.runner.execute(req, "w2@h").status == "duplicate"
     record = rig.record(req)
     assert record.attempts == 1 and record.worker == "w1@h" and record.published
     assert [e["event_id"] for e in rig.events(req)] == [f"{req.invocation_id}-r1"]
@@ -116,7 +117,7 @@ def test_throttled_runs_wait_without_being_marked_running(rig: Rig) -> None:
                                      {"plugin": "limited"}) == before + 2
     rig.runner.slots.release("limited", "someone-else")
     rig.sandbox.outcomes = [ok()]
-    assert rig.runner.execute(req, "w@h") == "succeeded"
+    assert rig.runner.execute(req, "w@h").status == "succeeded"
     assert rig.record(req).attempts == 1
     assert rig.conn.zcard(rig.runner.keys.plugin_slots("limited")) == 0
 
@@ -131,7 +132,7 @@ def test_an_unusable_engine_is_retried_then_fails_visibly(rig: Rig) -> None:
         assert record.status is Status.RETRYING and record.attempts == attempt
         assert record.reason == "sandbox_unavailable: engine away"
         req = later.request
-    assert rig.runner.execute(req, "w@h") == "failed"  # sandbox_retries: 2
+    assert rig.runner.execute(req, "w@h").status == "failed"  # sandbox_retries: 2
     (failure,) = rig.events(req)
     assert failure["payload"]["reason"] == "sandbox_unavailable: engine away"
     assert rig.record(req).attempts == 3
@@ -144,11 +145,11 @@ def test_plugin_failures_are_retried_only_as_the_manifest_says(rig: Rig) -> None
     while isinstance(outcome, Later):
         assert rig.record(req).status is Status.RETRYING
         outcome = rig.runner.execute(outcome.request, "w@h")
-    assert outcome == "failed" and rig.record(req).attempts == 3
+    assert outcome.status == "failed" and rig.record(req).attempts == 3
     assert len(rig.events(req)) == 1  # one failure event, at the end
     req = rig.request("failing")  # no retries
     rig.sandbox.outcomes = [failed()]
-    assert rig.runner.execute(req, "w@h") == "failed" and rig.record(req).attempts == 1
+    assert rig.runner.execute(req, "w@h").status == "failed" and rig.record(req).attempts == 1
 
 
 def test_a_second_delivery_waits_while_the_holder_lives_then_takes_over(rig: Rig) -> None:
@@ -163,15 +164,15 @@ def test_a_second_delivery_waits_while_the_holder_lives_then_takes_over(rig: Rig
     assert rig.sandbox.specs == []
     rig.conn.delete(beat)  # the holder died
     rig.sandbox.outcomes = [ok()]
-    assert rig.runner.execute(req, "second@h") == "succeeded"
+    assert rig.runner.execute(req, "second@h").status == "succeeded"
     record = rig.record(req)
     assert record.worker == "second@h" and record.attempts == 2
 
 
 def test_the_run_gets_the_requests_limits_clamped_by_this_worker(rig: Rig) -> None:
     req = rig.request("probe")  # asks for 96Mi and 20 s
-    rig.runner.settings = rig.settings.with_(max_memory_bytes=32 * 1024**2, max_timeout=3)
+    strict = rig.settings.with_(max_memory_bytes=32 * 1024**2, max_timeout=3)
     rig.sandbox.outcomes = [ok()]
-    rig.runner.execute(req, "w@h")
+    Runner(rig.conn, strict, rig.sandbox).execute(req, "w@h")  # type: ignore[arg-type]
     (spec,) = rig.sandbox.specs
     assert spec.limits.memory_bytes == 32 * 1024**2 and spec.limits.timeout == 3

@@ -57,6 +57,13 @@ def _init_process(**_: object) -> None:
         log.warning("worker process starts without a Docker engine: %s", exc)
 
 
+@signals.worker_process_shutdown.connect
+def _process_shutdown(**_: object) -> None:
+    """A stopping pool process removes its prewarmed containers."""
+    if _state is not None and _state.pid == os.getpid():
+        _state.runner.pool.close()
+
+
 @signals.worker_ready.connect
 def _on_ready(sender: object = None, **_: object) -> None:
     """Starts the heartbeat, which also reaps what this host's dead workers left behind

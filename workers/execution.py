@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from manager import metrics
 from manager.config import Settings
 from manager.deps import mkdirs
 from manager.errors import BundleError, DependencyError, PermissionDenied
@@ -16,7 +18,9 @@ from manager.permissions import PayloadFile, mount_sources, open_payload_path
 from manager.records import Status
 from manager.runs import RunRequest
 from workers.plugin_cache import PluginCache
-from workers.sandbox import RunResult, RunSpec, Sandbox
+from workers.sandbox import Sandbox
+from workers.spec import RunResult, RunSpec
+from workers.warm import WarmBroken, WarmPool, run_warm
 
 
 @dataclass(frozen=True)
@@ -28,10 +32,12 @@ class Refused:
 
 
 class Execution:
-    def __init__(self, settings: Settings, sandbox: Sandbox, cache: PluginCache) -> None:
+    def __init__(self, settings: Settings, sandbox: Sandbox, cache: PluginCache,
+                 pool: WarmPool | None = None) -> None:
         self.settings = settings
         self.sandbox = sandbox
         self.cache = cache
+        self.pool = pool
 
     def run(self, req: RunRequest, code_dir: Path) -> RunResult | Refused:
         """Checks the payload path and the allowed directories, installs requirements,
@@ -55,23 +61,43 @@ class Execution:
 
     def container(self, req: RunRequest, code_dir: Path, deps: Path | None,
                   payload: PayloadFile | None, mounts: tuple[str, ...]) -> RunResult:
-        """One container in a private per-run directory (event file, payload copy),
+        """A prewarmed container when one is ready for this configuration (never for a
+        run whose mounts depend on its event), else a cold one."""
+        t0 = time.monotonic()
+        spec = RunSpec(
+            invocation_id=req.invocation_id, plugin=req.plugin, version=req.version,
+            image=req.image, argv=req.argv, code_dir=str(code_dir),
+            event_json=req.event.encode(), event_file="",
+            limits=req.limits.clamped(self.settings), deps_dir=str(deps) if deps else None,
+            read_only_dirs=mounts)
+        warm = self.pool.take(spec) if self.pool and req.prewarm and not payload else None
+        result = None
+        if warm is not None:
+            try:
+                result = run_warm(self.sandbox, warm, spec)
+            except WarmBroken:
+                result = None  # it never started the plugin: a cold container instead
+            finally:
+                self.pool.done(warm)  # type: ignore[union-attr]
+        if result is None:
+            result = self.cold(spec, payload)
+        metrics.CONTAINER_READY.observe(time.monotonic() - t0 - result.duration_s
+                                        + result.container_start_s)
+        return result
+
+    def cold(self, spec: RunSpec, payload: PayloadFile | None) -> RunResult:
+        """One fresh container in a private per-run directory (event file, payload copy),
         removed afterwards whatever happened."""
-        run_dir = mkdirs(self.cache.root / "runs", 0o700) / f"{req.invocation_id}-{os.getpid()}"
+        run_dir = mkdirs(self.cache.root / "runs", 0o700) / f"{spec.invocation_id}-{os.getpid()}"
         shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(mode=0o700)
         try:
-            event_json = req.event.encode()
             event_file = run_dir / "event.json"
-            event_file.write_text(event_json, encoding="utf-8")
+            event_file.write_text(spec.event_json, encoding="utf-8")
             event_file.chmod(0o444)
             staged = payload.stage(run_dir) if payload else None
-            spec = RunSpec(
-                invocation_id=req.invocation_id, plugin=req.plugin, version=req.version,
-                image=req.image, argv=req.argv, code_dir=str(code_dir), event_json=event_json,
-                event_file=str(event_file), limits=req.limits.clamped(self.settings),
-                deps_dir=str(deps) if deps else None, read_only_dirs=mounts,
-                payload=(staged, payload.path) if staged and payload else None)
-            return self.sandbox.run(spec)
+            return self.sandbox.run(replace(
+                spec, event_file=str(event_file),
+                payload=(staged, payload.path) if staged and payload else None))
         finally:
             shutil.rmtree(run_dir, ignore_errors=True)

@@ -21,7 +21,7 @@ from manager.errors import EventError, OutcomeNotStored
 from manager.events import FAILURE, Limits, check_limits
 from manager.records import Outcome, RecordStore, Status
 from manager.runs import RunRequest
-from workers.sandbox import RunResult
+from workers.spec import RunResult
 
 log = logging.getLogger(__name__)
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
@@ -117,6 +117,7 @@ def decide(req: RunRequest, result: RunResult, settings: Settings) -> Decided:
         "stderr": result.stderr.decode("utf-8", "replace"),
         "stdout_truncated": result.stdout_truncated,
         "stderr_truncated": result.stderr_truncated,
+        "warm": bool(result.extra.get("warm")),
         "result_event_ids": [f"{req.invocation_id}-r{n}" for n in range(1, len(events) + 1)],
     }
     return Decided(status, reason, events, fields)

@@ -25,12 +25,25 @@ from workers.plugin_cache import PluginCache
 from workers.results import Outcomes, decide, persist, without_run
 from workers.sandbox import STOP_GRACE_S, Sandbox
 from workers.slots import Slots
+from workers.warm import WarmPool
 
 log = logging.getLogger(__name__)
 RETRYABLE = {Status.FAILED, Status.TIMEOUT, Status.OOM}  # only with `retries:` in the manifest
 RUNNING_GRACE_S = 60  # beyond timeout + stop grace, before the sweeper looks at a run
 HOLDER_RECHECK_S = 10  # a second delivery waits this long while the first holder lives
 CLAIMABLE = frozenset({Status.PENDING, Status.QUEUED, Status.THROTTLED, Status.RETRYING})
+
+
+@dataclass(frozen=True)
+class Finished:
+    """This delivery is done: the run's final status (or duplicate/unknown) and reason."""
+
+    status: str
+    reason: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.status not in (Status.SUCCEEDED.value, "duplicate", "unknown")
 
 
 @dataclass(frozen=True)
@@ -56,20 +69,23 @@ class Runner:
         self.keys = Keys(settings.key_prefix)
         self.records = RecordStore(conn, settings)
         self.outcomes = Outcomes(conn, settings)
-        self.cache = PluginCache(Registry(conn, settings), settings)
-        self.execution = Execution(settings, sandbox, self.cache)
+        registry = Registry(conn, settings)
+        self.cache = PluginCache(registry, settings)
+        self.pool = WarmPool(settings, sandbox, lambda: {
+            e.digest for e in registry.entries().values() if e.digest})
+        self.execution = Execution(settings, sandbox, self.cache, self.pool)
         self.slots = Slots(conn, self.keys)
 
-    def execute(self, req: RunRequest, worker: str) -> str | Later:
+    def execute(self, req: RunRequest, worker: str) -> Finished | Later:
         """Runs one delivery of a request. Returns the final status (or "duplicate"), or
         Later when the run must wait (throttled, engine unusable, manifest retries, or a
         second delivery while the first holder still lives)."""
         record = self.records.get(req.invocation_id)
         if record is None:
             log.warning("invocation %s has no record (expired?); dropping", req.invocation_id)
-            return "unknown"
+            return Finished("unknown")
         if record.status.terminal:
-            return "duplicate"
+            return Finished("duplicate")
         takeover = ""
         if record.status is Status.RUNNING:
             if self.holder_alive(record):
@@ -81,7 +97,7 @@ class Runner:
         try:
             attempt = self.claim(req, record, worker, takeover)
             if attempt is None:
-                return "duplicate"
+                return Finished("duplicate")
             return self.run_claimed(req, attempt)
         finally:
             if req.concurrency:
@@ -122,7 +138,7 @@ class Runner:
         except redis.RedisError as exc:  # the lease expires by itself
             log.warning("could not release %s's slot: %s", req.invocation_id, exc)
 
-    def run_claimed(self, req: RunRequest, attempt: int) -> str | Later:
+    def run_claimed(self, req: RunRequest, attempt: int) -> Finished | Later:
         try:
             code_dir = self.cache.code_dir(req.digest)
         except BundleError as exc:
@@ -140,10 +156,10 @@ class Runner:
                               exit_code=result.exit_code)
         decided = decide(req, result, self.settings)
         self.outcomes.store(req, decided)
-        return decided.status.value
+        return Finished(decided.status.value, decided.reason)
 
     def engine_unavailable(self, req: RunRequest, attempt: int,
-                           exc: SandboxUnavailable) -> str | Later:
+                           exc: SandboxUnavailable) -> Finished | Later:
         reason = f"sandbox_unavailable: {exc.message}"
         if attempt > self.settings.sandbox_retries:
             return self.conclude(req, Status.FAILED, reason)
@@ -158,7 +174,7 @@ class Runner:
             self.settings.finish_budget_s, req.invocation_id)
         return Later(req.next_attempt(), countdown)
 
-    def conclude(self, req: RunRequest, status: Status, reason: str) -> str:
+    def conclude(self, req: RunRequest, status: Status, reason: str) -> Finished:
         """A terminal outcome decided without a container run (rejected, unusable, spent)."""
         self.outcomes.store(req, without_run(status, reason))
-        return status.value
+        return Finished(status.value, reason)

@@ -11,8 +11,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from functools import cached_property
 from typing import Any
 
@@ -24,7 +23,7 @@ from docker.types import Mount, Ulimit
 from manager.config import Settings
 from manager.errors import SandboxUnavailable
 from manager.records import Status
-from manager.runs import RunLimits
+from workers.spec import Capture, RunResult, RunSpec
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +33,7 @@ LABEL_HOST = "titan.host"
 LABEL_PID = "titan.worker_pid"
 LABEL_INVOCATION = "titan.invocation"
 LABEL_PLUGIN = "titan.plugin"
+LABEL_POOL = "titan.pool"  # a prewarmed container, owned by its worker process
 CODE_DIR = "/plugin"
 DEPS_DIR = "/titan/deps"
 EVENT_PATH = "/titan/event.json"
@@ -42,78 +42,6 @@ STOP_GRACE_S = 2
 MAX_ENV_EVENT = 96 * 1024  # larger events are read from EVENT_FILE only
 DOCKER_TIMEOUT_S = 30
 PULL_RETRY_S = 60
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """Everything one run needs; host paths are paths the Docker engine can see."""
-
-    invocation_id: str
-    plugin: str
-    version: str
-    image: str
-    argv: tuple[str, ...]
-    code_dir: str
-    event_json: str
-    event_file: str
-    limits: RunLimits
-    deps_dir: str | None = None
-    read_only_dirs: tuple[str, ...] = ()
-    payload: tuple[str, str] | None = None  # (private host copy, path inside the container)
-
-    @property
-    def timeout(self) -> int:
-        return self.limits.timeout
-
-    @property
-    def memory_bytes(self) -> int:
-        return self.limits.memory_bytes
-
-
-@dataclass
-class RunResult:
-    status: Status
-    reason: str | None = None
-    exit_code: int | None = None
-    stdout: bytes = b""
-    stderr: bytes = b""
-    stdout_truncated: bool = False
-    stderr_truncated: bool = False
-    started_at: float = 0.0
-    finished_at: float = 0.0
-    container_start_s: float = 0.0
-    container_id: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def duration_s(self) -> float:
-        return max(0.0, self.finished_at - self.started_at)
-
-
-class _Capture:
-    """Keeps up to `cap` bytes of a stream and notes whether more came."""
-
-    def __init__(self, cap: int) -> None:
-        self.cap = cap
-        self.chunks: list[bytes] = []
-        self.size = 0
-        self.truncated = False
-
-    def add(self, data: bytes) -> bool:
-        """Returns False once the cap is exceeded."""
-        room = self.cap - self.size
-        if len(data) > room:
-            if room > 0:
-                self.chunks.append(data[:room])
-                self.size += room
-            self.truncated = True
-            return False
-        self.chunks.append(data)
-        self.size += len(data)
-        return True
-
-    def value(self) -> bytes:
-        return b"".join(self.chunks)
 
 
 def connect_docker() -> docker.DockerClient:
@@ -248,8 +176,6 @@ class Sandbox:
         return sorted({t for img in self.client.images.list() for t in img.tags})
 
     def _run_created(self, container: Any, spec: RunSpec, t0: float) -> RunResult:
-        cap = self.settings.output_cap_bytes
-        out, err = _Capture(cap), _Capture(cap)
         result = RunResult(Status.RUNNING, started_at=t0, container_id=container.id)
         try:
             stream = self.client.api.attach(container.id, stdout=True, stderr=True,
@@ -262,21 +188,18 @@ class Sandbox:
         timer.daemon = True
         timer.start()
         try:
-            self._pump(stream, out, err, container, result)
+            self.pump(stream, container, result)
             state = self._wait(container)
         finally:
             timer.cancel()
             stream.close()
-        result.finished_at = time.time()
-        result.stdout, result.stderr = out.value(), err.value()
-        result.stdout_truncated, result.stderr_truncated = out.truncated, err.truncated
-        result.exit_code = state.get("ExitCode")
-        self._classify(result, state, spec)
-        return result
+        return self.finish(result, state, spec)
 
-    def _pump(self, stream: Any, out: _Capture, err: _Capture, container: Any,
-              result: RunResult) -> None:
-        """Reads frames as they come; the first byte over a cap stops the container."""
+    def pump(self, stream: Iterable[tuple[bytes | None, bytes | None]], container: Any,
+             result: RunResult) -> None:
+        """Reads (stdout, stderr) chunks as they come, each stream capped; the first byte
+        over a cap stops the container."""
+        out, err = Capture(self.settings.output_cap_bytes), Capture(self.settings.output_cap_bytes)
         over = False
         for chunk_out, chunk_err in stream:
             if over:
@@ -289,6 +212,14 @@ class Sandbox:
                 # Killed from another thread: the engine answers the kill only once the
                 # output in flight is drained, which this loop keeps doing.
                 threading.Thread(target=self._kill, args=(container,), daemon=True).start()
+        result.stdout, result.stderr = out.value(), err.value()
+        result.stdout_truncated, result.stderr_truncated = out.truncated, err.truncated
+
+    def finish(self, result: RunResult, state: dict[str, Any], spec: RunSpec) -> RunResult:
+        result.finished_at = time.time()
+        result.exit_code = state.get("ExitCode")
+        self._classify(result, state, spec)
+        return result
 
     def _wait(self, container: Any) -> dict[str, Any]:
         """The container's final state; inspected only when it did not exit cleanly
@@ -337,13 +268,16 @@ class Sandbox:
         except (DockerException, requests.RequestException) as exc:
             log.debug("kill %s: %s", container.id[:12], exc)
 
-    def _remove(self, container: Any) -> None:
+    def _remove(self, container: Any) -> bool:
+        """Removes a container (killing it); False when the engine did not do it."""
         try:
             container.remove(force=True)
         except NotFound:
             pass
         except (DockerException, requests.RequestException) as exc:
             log.warning("could not remove container %s: %s", container.id[:12], exc)
+            return False
+        return True
 
     def ping(self) -> None:
         """Raises SandboxUnavailable when the engine does not answer (and reconnects next
@@ -357,6 +291,15 @@ class Sandbox:
             self._client = None
             raise SandboxUnavailable(f"Docker engine unreachable: {exc}") from exc
 
+    def mine(self, extra: dict[str, str]) -> list[Any]:
+        """This host's and instance's containers that also carry `extra` labels."""
+        labels = {LABEL: "1", LABEL_INSTANCE: self.settings.instance,
+                  LABEL_HOST: self.settings.worker_name, **extra}
+        # sparse: the list's own data (labels included), no inspect per container that
+        # could fail for one removed meanwhile
+        return self.client.containers.list(
+            all=True, sparse=True, filters={"label": [f"{k}={v}" for k, v in labels.items()]})
+
     def reap(self, children: set[int] | None = None,
              held: Callable[[], set[str]] | None = None) -> list[str]:
         """Removes this host's containers that no run is using: those whose worker process
@@ -364,20 +307,20 @@ class Sandbox:
         in `held()` (left over by a start or remove that failed while the engine was away).
         `held` is read after the containers are listed, so a run accepted meanwhile is
         never mistaken for waste."""
-        filters = {"label": [f"{LABEL}=1", f"{LABEL_INSTANCE}={self.settings.instance}",
-                             f"{LABEL_HOST}={self.settings.worker_name}"]}
         try:
-            containers = self.client.containers.list(all=True, filters=filters)
+            containers = self.mine({})
         except (DockerException, requests.RequestException) as exc:
             log.warning("cannot list containers to reap: %s", exc)
             return []
         in_use = held() if held else set()
         reaped = []
         for c in containers:
-            pid = int(c.labels.get(LABEL_PID, "0") or 0)
-            invocation = c.labels.get(LABEL_INVOCATION, "")
+            labels = c.attrs.get("Labels") or {}
+            pid = int(labels.get(LABEL_PID, "0") or 0)
+            invocation = labels.get(LABEL_INVOCATION, "")
             mine = children is not None and pid in children
-            if _pid_alive(pid) and not (mine and invocation not in in_use):
+            pooled = labels.get(LABEL_POOL) == "1"  # its process removes it after use
+            if _pid_alive(pid) and (pooled or not (mine and invocation not in in_use)):
                 continue
             self._remove(c)
             reaped.append(invocation or c.id[:12])

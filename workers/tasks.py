@@ -2,6 +2,8 @@
 
 A Redis error never counts as "task finished": the message is rejected with requeue (or,
 when Redis is down, stays unacknowledged and comes back after the visibility timeout).
+A run that ended other than `succeeded` raises RunFailed once its outcome is stored, so
+Flower shows it as a failure; the message is acknowledged all the same.
 """
 
 from __future__ import annotations
@@ -19,13 +21,18 @@ from manager.errors import OutcomeNotStored
 from manager.records import Status
 from manager.runs import RunRequest
 from workers.celery_app import app, runner
-from workers.runner import Later
+from workers.runner import Finished, Later
 
 log = logging.getLogger(__name__)
 BROKER_DOWN = (redis.ConnectionError, redis.TimeoutError, OperationalError, OutcomeNotStored)
 
 
-@app.task(name=RUN_TASK, bind=True, max_retries=None)
+class RunFailed(Exception):
+    """The plugin's run ended as failed, timeout, oom, output_limit, rejected or lost
+    (already recorded, with its failure event)."""
+
+
+@app.task(name=RUN_TASK, bind=True, max_retries=None, throws=(RunFailed,))
 def run_plugin(self: Task, request: dict[str, Any]) -> str:
     """Runs one plugin on one event; returns the final status."""
     req = RunRequest.from_dict(request)
@@ -40,7 +47,8 @@ def run_plugin(self: Task, request: dict[str, Any]) -> str:
         # A fault of ours, not the plugin's: still a record and a failure event.
         log.exception("invocation %s failed inside the worker", req.invocation_id)
         try:
-            return run.conclude(req, Status.FAILED, f"internal error: {type(exc).__name__}: {exc}")
+            decision = run.conclude(req, Status.FAILED,
+                                    f"internal error: {type(exc).__name__}: {exc}")
         except BROKER_DOWN:
             raise Reject(exc, requeue=True) from None
     if isinstance(decision, Later):
@@ -51,4 +59,10 @@ def run_plugin(self: Task, request: dict[str, Any]) -> str:
             raise
         except BROKER_DOWN as exc:
             raise Reject(exc, requeue=True) from None
-    return decision
+    return finished(decision)
+
+
+def finished(decision: Finished) -> str:
+    if decision.failed:
+        raise RunFailed(f"{decision.status}: {decision.reason or decision.status}")
+    return decision.status

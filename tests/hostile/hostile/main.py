@@ -95,6 +95,20 @@ def many_files():
     report(files=n, error=None)
 
 
+def marker():
+    """Reports whether an earlier run's marker is here, then leaves one."""
+    seen = os.path.exists("/tmp/marker")
+    with open("/tmp/marker", "w") as fh:
+        fh.write(os.environ["INVOCATION_ID"])
+    report(seen=seen, pid=os.getpid())
+
+
+def balloon():
+    hoard = []
+    while True:
+        hoard.append(bytearray(8 * 1024 * 1024))
+
+
 def tmp_listing():
     report(tmp=sorted(os.listdir("/tmp")))
 
@@ -206,5 +220,5 @@ def bad_output():
 ATTACKS = {f.__name__: f for f in (fork_bomb, cpu_spin, giant_line, binary_flood, stderr_flood,
                                    binary_small, fill_tmp, fill_shm, many_files, tmp_listing,
                                    open_files, huge_file, network, host, read_paths, event_size,
-                                   bad_output)}
+                                   bad_output, marker, balloon)}
 ATTACKS[ARGS["attack"]]()

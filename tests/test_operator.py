@@ -1,0 +1,183 @@
+"""The operator's surface tells the truth: the CLI from the system's python3, JSON that
+parses on every command, distinct exit codes, logs with the plugin's stderr, dead letters
+that can be listed and replayed, bounded query parameters, and Flower's view of runs."""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import json
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from harness import SYSTEM_PYTHON, Bus, new_id, run_cli, wait_until
+from manager.config import ROOT
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("stack")]
+
+
+def event(**extra: object) -> str:
+    return json.dumps({"event_id": new_id(), "topic": "t", "event_type": "e", **extra})
+
+
+@contextlib.contextmanager
+def http_server(body: bytes) -> Iterator[str]:
+    """Something that answers HTTP, but is not the Titan API."""
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
+def test_the_cli_runs_with_the_system_python(api_url: str) -> None:
+    listed = run_cli(api_url, "list")  # with /usr/bin/python3, which has no click
+    assert listed.returncode == 0 and "shell_runner" in listed.stdout, listed.stderr
+
+
+def test_json_on_every_command_parses(api_url: str, bus: Bus, conn, settings) -> None:
+    ran = run_cli(api_url, "trigger", "echo", "-e", event(), "--wait", "--json")  # after
+    record = json.loads(ran.stdout)
+    assert ran.returncode == 0 and record["status"] == "succeeded"
+    for args in (["list"], ["health"], ["show", record["invocation_id"]], ["logs", "echo"],
+                 ["dead", "-n", "3"], ["publish", "-e", event()], ["reload"]):
+        for where in ("before", "after"):
+            argv = ["--json", *args] if where == "before" else [*args, "--json"]
+            done = run_cli(api_url, *argv)
+            assert done.returncode == 0, (argv, done.stderr)
+            json.loads(done.stdout)
+    missing = run_cli(api_url, "--json", "show", "no-such-run")
+    assert missing.returncode == 1
+    assert json.loads(missing.stdout)["error"]["code"] == "invocation_not_found"
+
+
+def test_exit_codes(api_url: str) -> None:
+    ok = run_cli(api_url, "trigger", "echo", "-e", event(), "--wait")
+    failed = run_cli(api_url, "trigger", "failing", "-e", event(), "--wait")
+    slow = run_cli(api_url, "trigger", "sleeper", "-e", event(payload={"seconds": 4}),
+                   "--wait", "0.3")
+    usage = run_cli(api_url, "trigger", "echo")
+    down = run_cli("127.0.0.1:1", "--json", "list")  # no scheme: http is assumed
+    assert [ok.returncode, failed.returncode, slow.returncode, usage.returncode,
+            down.returncode] == [0, 1, 3, 2, 4]
+    assert "status failed" in failed.stdout and "queued" in slow.stdout
+    assert json.loads(down.stdout)["error"]["code"] == "unreachable"
+    with http_server(b"<html>a web page</html>") as url:
+        html = run_cli(url, "list")
+    assert html.returncode == 4 and "not the Titan API" in html.stderr
+
+
+def test_logs_show_each_runs_stderr_under_its_status(api_url: str) -> None:
+    run_cli(api_url, "trigger", "failing", "-e", event(), "--wait")
+    logs = run_cli(api_url, "logs", "failing", "-n", "1")
+    status, *log_lines = logs.stdout.splitlines()
+    assert " failed " in status and "exited with code 3" in status
+    assert log_lines == ["  about to fail", "  database is on fire"]
+
+
+def test_logs_follow_catches_quick_runs(api_url: str) -> None:
+    follower = subprocess.Popen([SYSTEM_PYTHON, str(ROOT / "titan-plugins.py"), "--api",
+                                 api_url, "--json", "logs", "echo", "-f", "-n", "1"],
+                                stdout=subprocess.PIPE, text=True)
+    seen: dict[str, set[str]] = {}
+    reader = threading.Thread(target=lambda: [
+        seen.setdefault((r := json.loads(line))["invocation_id"], set()).add(r["status"])
+        for line in follower.stdout], daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    try:
+        time.sleep(1.5)
+        invs = [json.loads(run_cli(api_url, "--json", "trigger", "echo", "-e", event()).stdout)
+                ["invocation_id"] for _ in range(10)]
+        wait_until(lambda: all("succeeded" in seen.get(i, ()) for i in invs), 90,
+                   "logs -f to show all 10 runs finished")
+    finally:
+        follower.kill()
+
+
+def test_dead_letters_are_listed_and_replayed(api_url: str, client, conn, settings,
+                                              bus: Bus) -> None:
+    broken = {"event_id": new_id("dead"), "topic": "test.v1"}
+    bus.publish(broken)
+    listed = run_cli(api_url, "--json", "dead", "-n", "50")
+    dead = next(d for d in json.loads(listed.stdout)["dead"] if d["event"] == broken)
+    assert dead["reason"] == "missing_field" and "event_type is required" in dead["detail"]
+    still_bad = run_cli(api_url, "dead", "replay", dead["id"])
+    assert still_bad.returncode == 1 and "event_type is required" in still_bad.stderr
+    fixed = {"event_id": new_id("fixed"), "topic": "test.v1", "event_type": "ping"}
+    entry = conn.xadd(settings.dead_stream, {"event": json.dumps(fixed), "reason":
+                                             "unprocessable", "detail": "a fixed bug"}).decode()
+    replayed = run_cli(api_url, "dead", "replay", entry)
+    assert replayed.returncode == 0 and fixed["event_id"] in replayed.stdout
+    assert bus.result_of(fixed["event_id"])["event_type"] == "pong"
+    assert client.post("/events/dead/0-1/replay").status_code == 404
+
+
+@pytest.mark.parametrize("query", ["wait=nan", "wait=abc", "wait=-1", "wait=601",
+                                   "wait=inf"])
+def test_bad_wait_is_a_400_naming_the_field(client, query: str) -> None:
+    resp = client.post(f"/plugins/echo/trigger?{query}", json=json.loads(event()))
+    assert resp.status_code == 400 and resp.json["error"]["details"]["field"] == "wait"
+
+
+@pytest.mark.parametrize("query", ["limit=abc", "limit=0", "limit=100000"])
+def test_bad_limit_is_a_400_naming_the_field(client, query: str) -> None:
+    resp = client.get(f"/plugins/echo/invocations?{query}")
+    assert resp.status_code == 400 and resp.json["error"]["details"]["field"] == "limit"
+
+
+@pytest.mark.parametrize(("body", "field"), [(b'"1.0.0"', "body"), (b"not json", "body"),
+                                             (b'{"version": 5}', "version"),
+                                             (b'{"versoin": "1.0.0"}', "body")])
+def test_rollback_refuses_bodies_it_cannot_mean(client, body: bytes, field: str) -> None:
+    resp = client.post("/plugins/echo/rollback", data=body)
+    assert resp.status_code == 400, resp.json
+    assert resp.json["error"]["details"]["field"] == field
+
+
+def test_flower_sees_failures_as_failures_under_the_plugin_name(settings, app, client) -> None:
+    from celery.events.state import State
+
+    from manager.dispatch import make_celery
+
+    celery = make_celery(settings)
+    state = State()
+    received = threading.Event()
+
+    def on_event(ev: dict) -> None:
+        state.event(ev)
+        received.set()
+
+    def listen() -> None:
+        with celery.connection() as conn:
+            recv = celery.events.Receiver(conn, handlers={"*": on_event})
+            recv.capture(limit=None, timeout=60, wakeup=True)
+
+    threading.Thread(target=listen, daemon=True).start()
+    time.sleep(1.5)
+    good = client.post("/plugins/echo/trigger?wait=60", json=json.loads(event())).json
+    bad = client.post("/plugins/failing/trigger?wait=60", json=json.loads(event())).json
+    wait_until(lambda: state.tasks.get(bad["invocation_id"]) is not None
+               and state.tasks[bad["invocation_id"]].state == "FAILURE"
+               and state.tasks.get(good["invocation_id"]) is not None
+               and state.tasks[good["invocation_id"]].state == "SUCCESS", 30,
+               "Flower's view of both runs")
+    assert state.tasks[good["invocation_id"]].name == "plugin:echo"
+    assert state.tasks[bad["invocation_id"]].name == "plugin:failing"
+    assert "exited with code 3" in state.tasks[bad["invocation_id"]].exception
+    assert not [t for t in state.tasks.values() if t.name == "titan.run_plugin"]

@@ -1,0 +1,116 @@
+"""The launcher that waits inside a prewarmed container (mounted read-only from the host;
+the plugin cannot change it). Standard library only; runs as `python3 -I`.
+
+It says it is ready, then blocks on stdin for exactly one run: a JSON line with a
+per-run token, the entrypoint and the run's environment. It forks, and the child execs the
+plugin exactly as a cold container would (same argv, working directory, environment,
+/dev/null on stdin, its own process group, first in line for the OOM killer). The
+launcher makes itself non-dumpable (the plugin runs as the same user and must not read the
+token from /proc or ptrace it) and a child subreaper. When the plugin exits, whatever it
+left running is killed and reaped, as when a cold container stops. Only then does it write
+the closing line, with the token, the exit status and whether the OOM killer struck, on
+stdout and on stderr, so the worker knows both streams are complete without waiting for
+the engine. SIGTERM (the timeout) is passed on to the plugin's process group.
+"""
+
+import contextlib
+import ctypes
+import json
+import os
+import signal
+import sys
+
+PR_SET_DUMPABLE = 4
+PR_SET_CHILD_SUBREAPER = 36
+READY = b"\x00TITAN-READY\n"
+
+
+def prctl(option, value):
+    ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0)
+
+
+def oom_kills():
+    """The cgroup's OOM-kill count (cgroup v2 memory.events, or v1 memory.oom_control)."""
+    for path, key in (("/sys/fs/cgroup/memory.events", "oom_kill"),
+                      ("/sys/fs/cgroup/memory/memory.oom_control", "oom_kill")):
+        try:
+            with open(path) as fh:
+                for line in fh:
+                    name, _, value = line.partition(" ")
+                    if name == key:
+                        return int(value)
+        except (OSError, ValueError):
+            continue
+    return 0
+
+
+def start(run):
+    pid = os.fork()
+    if pid == 0:  # the plugin
+        step = "setting up"
+        try:
+            prctl(PR_SET_DUMPABLE, 1)  # its own /proc files are its own again
+            os.setpgid(0, 0)
+            with open("/proc/self/oom_score_adj", "w") as fh:
+                fh.write("1000")
+            null = os.open("/dev/null", os.O_RDONLY)
+            os.dup2(null, 0)
+            os.close(null)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            step = run["argv"][0]
+            os.execvpe(run["argv"][0], run["argv"], {**os.environ, **run["env"]})
+        except OSError as exc:
+            os.write(2, f"{step}: {exc.strerror}\n".encode())
+            os._exit(127)
+    return pid
+
+
+def forward(child):
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(child, signal.SIGTERM)
+
+
+def wait_all(child):
+    """Waits for the plugin, kills what it left behind, reaps everything; returns the
+    plugin's exit status as a container would report it."""
+    status = None
+    while status is None:
+        try:
+            pid, raw = os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+        if pid == child:
+            status = os.waitstatus_to_exitcode(raw)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(-1, signal.SIGKILL)  # every process but init and this one
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+    if status is None:
+        return 1
+    return 128 - status if status < 0 else status
+
+
+def main():
+    prctl(PR_SET_DUMPABLE, 0)
+    prctl(PR_SET_CHILD_SUBREAPER, 1)
+    os.write(1, READY)
+    line = sys.stdin.buffer.readline()
+    if not line:
+        return 0
+    run = json.loads(line)
+    before = oom_kills()
+    child = start(run)
+    signal.signal(signal.SIGTERM, lambda *_: forward(child))
+    code = wait_all(child)
+    oom = int(oom_kills() > before)
+    end = f"\x00TITAN-END:{run['token']}:{code}:{oom}\n".encode()
+    os.write(1, end)
+    os.write(2, end)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

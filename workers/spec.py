@@ -1,0 +1,82 @@
+"""What a sandbox run takes (RunSpec: host paths the engine can see) and what it gives
+back (RunResult), shared by the cold and the prewarmed paths."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from manager.records import Status
+from manager.runs import RunLimits
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything one run needs; host paths are paths the Docker engine can see."""
+
+    invocation_id: str
+    plugin: str
+    version: str
+    image: str
+    argv: tuple[str, ...]
+    code_dir: str
+    event_json: str
+    event_file: str
+    limits: RunLimits
+    deps_dir: str | None = None
+    read_only_dirs: tuple[str, ...] = ()
+    payload: tuple[str, str] | None = None  # (private host copy, path inside the container)
+
+    @property
+    def timeout(self) -> int:
+        return self.limits.timeout
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.limits.memory_bytes
+
+
+@dataclass
+class RunResult:
+    status: Status
+    reason: str | None = None
+    exit_code: int | None = None
+    stdout: bytes = b""
+    stderr: bytes = b""
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    container_start_s: float = 0.0
+    container_id: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def duration_s(self) -> float:
+        return max(0.0, self.finished_at - self.started_at)
+
+
+class Capture:
+    """Keeps up to `cap` bytes of a stream and notes whether more came."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.truncated = False
+
+    def add(self, data: bytes) -> bool:
+        """Returns False once the cap is exceeded."""
+        room = self.cap - self.size
+        if len(data) > room:
+            if room > 0:
+                self.chunks.append(data[:room])
+                self.size += room
+            self.truncated = True
+            return False
+        self.chunks.append(data)
+        self.size += len(data)
+        return True
+
+    def value(self) -> bytes:
+        return b"".join(self.chunks)
