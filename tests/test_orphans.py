@@ -44,7 +44,8 @@ def test_restarted_worker_reaps_the_orphan_container(settings, conn, registry,
 
 def test_a_killed_workers_prewarmed_containers_are_reaped(settings, conn, registry,
                                                           docker_client) -> None:
-    own = settings.with_(task_queue=f"{settings.task_queue}.pool-orphans")
+    own = settings.with_(task_queue=f"{settings.task_queue}.pool-orphans",
+                         instance=f"{settings.instance}-pool")  # apart from the session's
     pooled = {"label": [f"titan.instance={own.instance}", "titan.pool=1", "titan.plugin=echo"]}
     worker = WorkerProcess(own, "pooled", concurrency=1)
     try:
