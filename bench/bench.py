@@ -41,6 +41,7 @@ COLD_TARGET = 1.15  # cold end-to-end p50 vs a bare run
 WARM_P50_TARGET = 0.25  # warm end-to-end p50 vs a bare cold run
 WARM_P99_TARGET = 0.4
 THROUGHPUT_TARGET = 1.0  # warm burst vs direct parallel cold runs
+SETTLE_S = 0.6  # between a warm run and the next measurement (its replacement starts)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -120,6 +121,7 @@ def measure(args: argparse.Namespace, bus: Bus, bare: Bare, client, settings) ->
     warm, cold, base = [], [], []
     for _ in range(args.runs):  # interleaved, so drift hits every side alike
         warm.append(e2e_once(bus))
+        time.sleep(SETTLE_S)  # light load: the warm run's replacement is ready by now
         cold.append(e2e_once(bus, "tick_cold"))
         base.append(bare.run())
     memory = idle_memory(client, settings)

@@ -47,6 +47,7 @@ LAUNCHER_PATH = "/titan/launcher.py"
 INBOX = "/titan/in"
 READY = b"\x00TITAN-READY\n"
 READY_TIMEOUT_S = 15
+PREWARM_WAIT_S = 0.5  # a run waits this long for a prewarm already under way
 TAIL = 160  # bytes held back per stream until it is known they are not the closing line
 END_RE = re.compile(rb"\x00TITAN-END:([0-9a-f]{32}):(-?\d+):([01])\n\Z")
 
@@ -86,6 +87,7 @@ class WarmPool:
         self.unwarmable: set[str] = set()
         self.to_remove: list[Any] = []
         self.busy: set[str] = set()  # ids of containers serving a run right now
+        self.warming: dict[tuple[Any, ...], threading.Event] = {}  # prewarms in progress
         self.ticks = 0
         self.lock = threading.Lock()
         self.wake = threading.Event()
@@ -103,17 +105,29 @@ class WarmPool:
         key = pool_key(spec)
         with self.lock:
             self.wanted[key] = (spec, time.monotonic())
+            in_progress = self.warming.get(key)
+        warm = self._pop(key)
+        if warm is None and in_progress is not None:
+            # One is being started already: cheaper and sooner than a second, cold one.
+            in_progress.wait(PREWARM_WAIT_S)
+            warm = self._pop(key)
+        (metrics.POOL_HITS if warm else metrics.POOL_MISSES).labels(plugin=spec.plugin).inc()
+        self._ensure_thread()
+        if warm is None:
+            self.wake.set()  # a first one; a replacement starts when this run is done
+        return warm
+
+    def _pop(self, key: tuple[Any, ...]) -> Warm | None:
+        with self.lock:
             ready = self.idle.get(key) or []
             warm = ready.pop(0) if ready else None
             if warm:
                 self.busy.add(warm.container.id)
-        (metrics.POOL_HITS if warm else metrics.POOL_MISSES).labels(plugin=spec.plugin).inc()
-        self._ensure_thread()
-        self.wake.set()  # a replacement, or a first one
         return warm
 
     def done(self, warm: Warm) -> None:
-        """Single use: the container goes, whatever the outcome."""
+        """Single use: the container goes, whatever the outcome, and a replacement is
+        started (after the run, so the two do not compete for the CPU)."""
         with self.lock:
             self.busy.discard(warm.container.id)
             self.to_remove.append(warm)
@@ -191,6 +205,17 @@ class WarmPool:
             self._discard(warm)
 
     def _prewarm(self, key: tuple[Any, ...], spec: RunSpec) -> bool:
+        started = threading.Event()
+        with self.lock:
+            self.warming[key] = started
+        try:
+            return self._start(key, spec)
+        finally:
+            with self.lock:
+                self.warming.pop(key, None)
+            started.set()
+
+    def _start(self, key: tuple[Any, ...], spec: RunSpec) -> bool:
         try:
             warm = start_warm(self.sandbox, spec, key)
         except WarmUnavailable as exc:
