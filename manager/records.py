@@ -94,6 +94,7 @@ class InvocationRecord:
     stdout_truncated: bool = False
     stderr_truncated: bool = False
     warm: bool | None = None  # ran in a prewarmed container (None: no container ran)
+    container_id: str | None = None  # the container that ran it (removed afterwards)
     result_event_ids: tuple[str, ...] = ()
     failure_event_id: str | None = None
     published: bool = False

@@ -15,7 +15,11 @@ fi
 REDIS_URL="${TITAN_REDIS_URL:-redis://127.0.0.1:6379/0}"
 export TITAN_RUN_DIR="$RUN_DIR"
 
-say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+if [ -t 2 ]; then
+  say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+else  # plain text in logs and pipes
+  say() { printf '==> %s\n' "$*" >&2; }
+fi
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 # True when the process whose pid is stored in FILE is alive.

@@ -24,11 +24,11 @@ start_redis() {
   case "$fsync" in always|everysec|no) ;; *) die "TITAN_REDIS_APPENDFSYNC must be always, everysec or no" ;; esac
   if [ -z "${TITAN_REDIS_URL:-}" ]; then  # our own Redis: generate its password once
     secret="$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')"
-    REDIS_URL="redis://:${secret}@127.0.0.1:${port}/0"
+    REDIS_URL="redis://default:${secret}@127.0.0.1:${port}/0"
     (umask 077 && echo "$REDIS_URL" >"$REDIS_URL_FILE")
   fi
   secret="${REDIS_URL#*://}"; secret="${secret%%@*}"; secret="${secret#*:}"
-  [ "$secret" = "${REDIS_URL#*://}" ] && secret=""
+  [[ "${REDIS_URL#*://}" == *@* ]] || secret=""
   say "starting Redis on 127.0.0.1:$port, AOF appendfsync $fsync (log: $RUN_DIR/redis.log)"
   mkdir -p "$RUN_DIR/redis"
   { printf 'port %s\nbind 127.0.0.1\ndaemonize yes\npidfile %s\nlogfile %s\ndir %s\n' \

@@ -78,7 +78,7 @@ def caused_by(conn, settings, event_id: str) -> list[dict]:
 
 
 def containers(client: docker.DockerClient, settings: Settings, invocation_id: str) -> list:
-    return client.containers.list(all=True, filters={"label": [
+    return client.containers.list(all=True, sparse=True, filters={"label": [
         f"titan.instance={settings.instance}", f"titan.invocation={invocation_id}"]})
 
 

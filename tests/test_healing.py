@@ -60,14 +60,15 @@ def test_containers_left_by_an_engine_outage_are_reaped_without_a_restart(
             "titan.managed": "1", "titan.instance": mine.instance,
             "titan.host": mine.worker_name, "titan.worker_pid": str(child),
             "titan.invocation": f"leaked-{uuid.uuid4().hex[:6]}"})
-        wait_until(lambda: not docker_client.containers.list(all=True, filters=runs), 15,
+        wait_until(lambda: not docker_client.containers.list(all=True, sparse=True,
+                                                             filters=runs), 15,
                    "every leftover container to be reaped")
         assert worker.proc.poll() is None and worker.proc.pid == pid  # never restarted
         assert "reaped 1 container(s) no run uses" in worker.log.read_text()
     finally:
         worker.stop()
         proxy.stop()
-        for c in docker_client.containers.list(all=True, filters=labelled):
+        for c in docker_client.containers.list(all=True, sparse=True, filters=labelled):
             c.remove(force=True)
 
 

@@ -36,7 +36,8 @@ def test_restarted_worker_reaps_the_orphan_container(settings, conn, registry,
     again = WorkerProcess(own, "orphans2", concurrency=1)
     try:
         again.wait_ready(conn)
-        wait_until(lambda: not docker_client.containers.list(all=True, filters=labels), 30,
+        wait_until(lambda: not docker_client.containers.list(all=True, sparse=True,
+                                                             filters=labels), 30,
                    "the orphan to be reaped")
     finally:
         again.stop()
@@ -52,17 +53,18 @@ def test_a_killed_workers_prewarmed_containers_are_reaped(settings, conn, regist
         worker.wait_ready(conn)
         Dispatcher(conn, own, make_celery(own)).dispatch(Event(new_id(), "test.v1", "ping"),
                                                          registry.get("echo"), "api")
-        wait_until(lambda: docker_client.containers.list(filters=pooled), 60,
+        wait_until(lambda: docker_client.containers.list(sparse=True, filters=pooled), 60,
                    "a prewarmed container waiting for the next run")
         os.killpg(worker.proc.pid, signal.SIGKILL)
         worker.proc.wait(10)
-        assert docker_client.containers.list(filters=pooled)  # orphaned
+        assert docker_client.containers.list(sparse=True, filters=pooled)  # orphaned
     finally:
         worker.stop()
     again = WorkerProcess(own, "pooled2", concurrency=1)
     try:
         again.wait_ready(conn)
-        wait_until(lambda: not docker_client.containers.list(all=True, filters=pooled), 30,
+        wait_until(lambda: not docker_client.containers.list(all=True, sparse=True,
+                                                             filters=pooled), 30,
                    "the prewarmed orphan to be reaped")
     finally:
         again.stop()

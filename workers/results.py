@@ -118,6 +118,7 @@ def decide(req: RunRequest, result: RunResult, settings: Settings) -> Decided:
         "stdout_truncated": result.stdout_truncated,
         "stderr_truncated": result.stderr_truncated,
         "warm": bool(result.extra.get("warm")),
+        "container_id": result.container_id,
         "result_event_ids": [f"{req.invocation_id}-r{n}" for n in range(1, len(events) + 1)],
     }
     return Decided(status, reason, events, fields)
