@@ -20,7 +20,7 @@ from manager.config import Settings
 from manager.dispatch import Dispatcher, FanoutBudget
 from manager.errors import EventError
 from manager.events import Event, Limits
-from manager.matching import match
+from manager.matching import known_topics, match
 from manager.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -169,11 +169,13 @@ class Listener:
                 raise EventError("stream entry has no 'event' field", field="event",
                                  reason="invalid_event")
             event = Event.decode(raw, self.limits)
-            metrics.EVENTS_RECEIVED.labels(topic=event.topic).inc()
+            entries = self.registry.entries()
+            metrics.EVENTS_RECEIVED.labels(
+                topic=metrics.topic_label(event.topic, known_topics(entries.values()))).inc()
             if event.hops > self.settings.max_hops:
                 raise EventError(f"hops {event.hops} is over the limit {self.settings.max_hops}",
                                  field="hops", reason="hops_exceeded")
-            plugins = match(event, self.registry.entries().values())
+            plugins = match(event, entries.values())
             if plugins and not self.budget.charge(event, len(plugins)):
                 raise EventError(f"correlation {event.correlation!r} used its budget of "
                                  f"{self.settings.fanout_budget} runs", field="correlation_id",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 import shlex
@@ -198,7 +199,8 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 def parse_manifest(text: bytes, path: str, max_bytes: int) -> Manifest:
-    """Validates plugin.yaml bytes; raises ManifestError listing every field at fault."""
+    """Validates plugin.yaml bytes; raises ManifestError listing every field at fault, each
+    as `path:line:column: field: what is wrong` in plain words."""
     if len(text) > max_bytes:
         raise ManifestError(f"{path}: plugin.yaml is {len(text)} bytes, over {max_bytes}", path,
                             [f"file: larger than {max_bytes} bytes"])
@@ -213,16 +215,79 @@ def parse_manifest(text: bytes, path: str, max_bytes: int) -> Manifest:
         # JSON mode keeps strict typing ("30" is not a number) while accepting YAML lists.
         return Manifest.model_validate_json(json.dumps(data, default=str))
     except ValidationError as exc:
-        errors = [_format_error(err) for err in exc.errors()]
-        raise ManifestError(f"{path}: " + "; ".join(errors), path, errors) from exc
+        marks = _positions(text)
+        found = exc.errors()
+        inner = {tuple(e["loc"][:n]) for e in found for n in range(1, len(e["loc"]))}
+        errors = [_format_error(err, path, marks) for err in found  # an invalid item is not
+                  if not (err["type"] == "too_short" and tuple(err["loc"]) in inner)]  # "none"
+        raise ManifestError("; ".join(errors), path, errors) from exc
 
 
-def _format_error(err: Any) -> str:
-    loc = ".".join(str(p) for p in err["loc"]) or "file"
+PLAIN = {
+    "missing": "is required",
+    "int_type": "must be a whole number, without quotes",
+    "int_parsing": "must be a whole number, without quotes",
+    "bool_type": "must be true or false",
+    "string_type": "must be text",
+    "tuple_type": "must be a list",
+    "model_type": "must be a mapping of keys",
+    "greater_than": "must be greater than 0",
+    "too_short": "needs at least one entry",
+}
+PATTERNS = {
+    "name": "must be lowercase letters, digits and _, starting with a letter (at most 64)",
+    "version": "must be a semantic version such as 1.0.0",
+    "image": "must be an image name such as titan-runtime:py3.11",
+    "topic": "must be 1-128 characters from A-Z a-z 0-9 . _ - and the globs * ? [ ]",
+    "event_type": "must be 1-128 characters from A-Z a-z 0-9 . _ - and the globs * ? [ ]",
+}
+
+
+def _keys_at(loc: tuple[Any, ...]) -> list[str]:
+    """The keys a mapping may hold at this place of plugin.yaml."""
+    names = [p for p in loc if isinstance(p, str)]
+    model: Any = {(): Manifest, ("triggers",): Trigger, ("resources",): Resources,
+                  ("permissions",): Permissions, ("permissions", "fs"): FsPermissions}.get(
+        tuple(names))
+    return list(model.model_fields) if model else []
+
+
+def _format_error(err: Any, path: str, marks: dict[tuple[Any, ...], tuple[int, int]]) -> str:
+    loc = tuple(err["loc"])
+    where = next((f"{path}:{line}:{col}: " for n in range(len(loc), -1, -1)
+                  if (pos := marks.get(loc[:n])) for line, col in [pos]), f"{path}: ")
+    field = ".".join(str(p) for p in loc) or "file"
     if err["type"] == "extra_forbidden":
-        return f"{loc}: unknown key (not allowed)"
-    msg = err["msg"].removeprefix("Value error, ")
-    return f"{loc}: {msg}"
+        close = difflib.get_close_matches(str(loc[-1]), _keys_at(loc[:-1]), n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"{where}{field}: unknown key (not allowed){hint}"
+    if err["type"] == "string_pattern_mismatch" and str(loc[-1]) in PATTERNS:
+        return f"{where}{field}: {PATTERNS[str(loc[-1])]}, got {err.get('input')!r:.60}"
+    msg = PLAIN.get(err["type"]) or err["msg"].removeprefix("Value error, ")
+    return f"{where}{field}: {msg}"
+
+
+def _positions(text: bytes) -> dict[tuple[Any, ...], tuple[int, int]]:
+    """Key path -> (line, column), 1-based, of every key and list item in the document."""
+    marks: dict[tuple[Any, ...], tuple[int, int]] = {}
+    try:
+        root = yaml.compose(text, Loader=_StrictLoader)
+    except yaml.YAMLError:
+        return marks
+
+    def walk(node: Any, at: tuple[Any, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            children = [(getattr(k, "value", None), k, v) for k, v in node.value]
+        elif isinstance(node, yaml.SequenceNode):
+            children = [(n, item, item) for n, item in enumerate(node.value)]
+        else:
+            return
+        for name, mark_node, value in children:
+            marks[(*at, name)] = (mark_node.start_mark.line + 1, mark_node.start_mark.column + 1)
+            walk(value, (*at, name))
+
+    walk(root, ())
+    return marks
 
 
 def load_manifest(plugin_dir: Path, max_bytes: int = 64 * 1024,

@@ -15,6 +15,12 @@ def trigger_matches(trigger: Trigger, topic: str, event_type: str) -> bool:
     return fnmatchcase(topic, trigger.topic) and fnmatchcase(event_type, trigger.event_type)
 
 
+def known_topics(plugins: Iterable[PluginEntry]) -> set[str]:
+    """The exact (not glob) topics that runnable plugins trigger on."""
+    return {t.topic for p in plugins if p.runnable and p.manifest is not None
+            for t in p.manifest.triggers if not any(c in t.topic for c in "*?[")}
+
+
 def match(event: Event, plugins: Iterable[PluginEntry]) -> list[PluginEntry]:
     """Runnable plugins with at least one trigger matching the event, in name order."""
     return sorted(

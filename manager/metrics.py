@@ -31,7 +31,21 @@ PREWARMED_IDLE = Gauge("titan_prewarmed_idle", "Prewarmed containers waiting for
 CONTAINER_READY = Histogram("titan_container_ready_seconds",
                             "From the start of a run to its container being ready",
                             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
-RELOADS = Counter("titan_reloads_total", "Registry reloads", ["result"])
+RELOADS = Counter("titan_reloads_total", "Registry reloads: ok, partial (a plugin was "
+                  "rejected) or failed", ["result"])
+RETRIES = Counter("titan_retries_total", "Runs sent again, by why", ["plugin", "reason"])
+
+
+def count_reload(changes: dict[str, list] | None) -> None:
+    """ok, partial (some plugin rejected) or failed (changes is None)."""
+    result = "failed" if changes is None else "partial" if changes["rejected"] else "ok"
+    RELOADS.labels(result=result).inc()
+
+
+def topic_label(topic: str, known: set[str]) -> str:
+    """Topics named by loaded triggers keep their name; the rest are `other`, so a
+    producer cannot grow the label set without bound."""
+    return topic if topic in known else "other"
 DURATION = Histogram("titan_invocation_duration_seconds", "Plugin run wall time", ["plugin"],
                      buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600))
 CONTAINER_START = Histogram("titan_container_start_seconds", "Container create+start time",

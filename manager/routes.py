@@ -106,9 +106,9 @@ def reload_plugins() -> Any:
     try:
         changes = ctx().registry.reload()
     except Exception:
-        metrics.RELOADS.labels(result="error").inc()
+        metrics.count_reload(None)
         raise
-    metrics.RELOADS.labels(result="ok").inc()
+    metrics.count_reload(changes)
     return jsonify(changes)
 
 

@@ -41,7 +41,7 @@ class Manager:
 
     def reload(self) -> dict[str, Any]:
         changes = self.registry.reload()
-        metrics.RELOADS.labels(result="ok").inc()
+        metrics.count_reload(changes)
         log.info("plugins reloaded: %s", {k: len(v) for k, v in changes.items()})
         for item in changes["rejected"]:
             log.warning("plugin %s rejected: %s", item["name"], "; ".join(item["errors"]))
@@ -87,7 +87,7 @@ class Manager:
         try:
             self.reload()
         except Exception:
-            metrics.RELOADS.labels(result="error").inc()
+            metrics.count_reload(None)
             log.exception("reload on SIGHUP failed")
 
     def shutdown(self) -> None:

@@ -118,6 +118,7 @@ class Sweeper:
             if outcome.applied:
                 self.dispatcher.enqueue(request)
                 metrics.REQUEUED.labels(plugin=record.plugin).inc()
+                metrics.RETRIES.labels(plugin=record.plugin, reason="abandoned").inc()
                 report.requeued.append(record.invocation_id)
                 log.warning("sweeper: re-queued %s (%s)", record.invocation_id, record.status)
             return

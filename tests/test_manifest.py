@@ -64,7 +64,7 @@ def test_bad_values_name_their_field(old: str, new: str, field: str) -> None:
 
 
 def test_strict_types_no_silent_coercion() -> None:
-    assert any(e.startswith("timeout") for e in errors_of(GOOD + 'timeout: "30"\n'))
+    assert any("timeout: must be a whole number" in e for e in errors_of(GOOD + 'timeout: "30"\n'))
 
 
 def test_unsafe_yaml_is_refused() -> None:
@@ -105,7 +105,8 @@ def test_discover_lists_invalid_plugins_and_loads_the_others(tmp_path: Path) -> 
     assert "larger than" in found["huge"].errors[0]
     assert not Path("/tmp/pwned").exists()
     assert found["demo"].status is PluginStatus.LOADED and found["demo"].digest
-    assert "privileged: unknown key (not allowed)" in found["broken"].errors
+    assert any(e.endswith("plugin.yaml:10:1: privileged: unknown key (not allowed)")
+               for e in found["broken"].errors), found["broken"].errors
     assert any("above the maximum" in e for e in found["greedy"].errors)
     assert any("must equal the directory name" in e for e in found["misnamed"].errors)
     assert any("does not exist" in e for e in found["nomain"].errors)
@@ -168,3 +169,17 @@ def test_a_glob_whose_base_is_a_symlink_into_etc_is_rejected_at_load(tmp_path: P
     entry = _load_with_glob(tmp_path, f"{tmp_path}/data/link/**", settings)
     assert not entry.runnable
     assert any("resolves to /etc" in e for e in entry.errors), entry.errors
+
+
+def test_errors_name_the_place_say_it_plainly_and_suggest_the_key() -> None:
+    errs = errors_of(GOOD.replace('version: 0.1.0', 'version: one') + "timeuot: 5\n"
+                     'timeout: "30"\n')
+    assert "plugin.yaml:2:1: version: must be a semantic version such as 1.0.0, got 'one'" \
+        in errs
+    assert "plugin.yaml:10:1: timeuot: unknown key (not allowed) (did you mean 'timeout'?)" \
+        in errs
+    assert "plugin.yaml:11:1: timeout: must be a whole number, without quotes" in errs
+    nested = errors_of(GOOD.replace("event_type: user_message", "event_typ: user_message"))
+    assert any("triggers.0.event_typ: unknown key (not allowed) (did you mean 'event_type'?)"
+               in e for e in nested)
+    assert not any("needs at least one" in e for e in nested)

@@ -181,3 +181,42 @@ def test_flower_sees_failures_as_failures_under_the_plugin_name(settings, app, c
     assert state.tasks[bad["invocation_id"]].name == "plugin:failing"
     assert "exited with code 3" in state.tasks[bad["invocation_id"]].exception
     assert not [t for t in state.tasks.values() if t.name == "titan.run_plugin"]
+
+
+def test_the_topic_label_is_bounded(bus: Bus, settings) -> None:
+    from prometheus_client import REGISTRY
+
+    def count(topic: str) -> float:
+        return REGISTRY.get_sample_value("titan_events_received_total", {"topic": topic}) or 0
+
+    other, known = count("other"), count("test.v1")
+    ids = [new_id() for _ in range(3)]
+    for n, event_id in enumerate(ids):
+        bus.publish({"event_id": event_id, "topic": f"made.up.{new_id()}.{n}",
+                     "event_type": "e"})
+    bus.publish({"event_id": new_id(), "topic": "test.v1", "event_type": "nothing"})
+    wait_until(lambda: count("other") >= other + 3 and count("test.v1") >= known + 1, 30,
+               "the listener to count them")
+    assert not [m for m in REGISTRY.collect() if m.name == "titan_events_received"
+                for s in m.samples if s.labels.get("topic", "").startswith("made.up")]
+
+
+def test_a_reload_with_a_rejected_plugin_counts_as_partial(client, settings, conn, tmp_path) -> None:
+    from prometheus_client import REGISTRY
+
+    from manager.api import create_app
+    from manager.dispatch import Dispatcher, make_celery
+    from manager.registry import Registry
+
+    def count(result: str) -> float:
+        return REGISTRY.get_sample_value("titan_reloads_total", {"result": result}) or 0
+
+    plugins = tmp_path / "plugins"
+    (plugins / "typo").mkdir(parents=True)
+    (plugins / "typo" / "plugin.yaml").write_text("name: typo\n")
+    mine = settings.with_(plugins_dir=plugins, key_prefix=f"{settings.key_prefix}{new_id()}")
+    own = create_app(mine, conn, Registry(conn, mine),
+                     Dispatcher(conn, mine, make_celery(mine))).test_client()
+    before = count("partial")
+    assert own.post("/plugins/reload").json["rejected"][0]["name"] == "typo"
+    assert count("partial") == before + 1

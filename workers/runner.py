@@ -89,6 +89,7 @@ class Runner:
         takeover = ""
         if record.status is Status.RUNNING:
             if self.holder_alive(record):
+                metrics.RETRIES.labels(plugin=req.plugin, reason="second_delivery").inc()
                 return Later(req, HOLDER_RECHECK_S)
             takeover = record.worker or "?"
         if req.concurrency and not self.slots.acquire(
@@ -168,6 +169,8 @@ class Runner:
     def again(self, req: RunRequest, attempt: int, reason: str, **changes: object) -> Later:
         """This attempt is over and another one follows (status retrying)."""
         countdown = backoff(attempt - 1, self.settings.retry_backoff_max)
+        why = "sandbox_unavailable" if reason.startswith("sandbox_unavailable") else "manifest"
+        metrics.RETRIES.labels(plugin=req.plugin, reason=why).inc()
         persist(lambda: self.records.transition(
             req.invocation_id, Status.RETRYING, reason=reason,
             deadline=time.time() + countdown + RUNNING_GRACE_S, **changes),
