@@ -10,7 +10,7 @@ export TITAN_RUN_DIR ?= $(CURDIR)/$(RUN_DIR)
 export TITAN_REDIS_URL ?= $(shell cat $(RUN_DIR)/redis.url 2>/dev/null)
 
 .PHONY: up down deps services image plugins-up plugins-down plugins-list plugins-reload \
-        plugins-logs status flower test unit lint bench soak
+        plugins-logs status flower test unit lint bench soak compose-up compose-down
 
 up: deps services image ## install what is missing, start Redis, Docker, manager and workers
 	@mkdir -p $(FILES_DIR)
@@ -67,6 +67,12 @@ bench: deps ## end-to-end latency and throughput vs. bare Docker runs
 	@bash scripts/services.sh docker
 	@bash scripts/image.sh
 	@$(PY) bench/bench.py $(BENCH_ARGS)
+
+compose-up: deps ## the same parts as containers (compose.yaml), 3 workers; images built here
+	@bash scripts/compose.sh up
+
+compose-down: ## stop and remove the compose project and what its workers started
+	@bash scripts/compose.sh down
 
 soak: deps ## 2,000 events, 3 plugins, 2 workers, a worker SIGKILLed twice: nothing lost or doubled
 	@bash scripts/services.sh docker

@@ -53,6 +53,7 @@ class Settings:
     allowed_roots: tuple[Path, ...] = (Path("/srv/titan"),)
     # The one package index requirements.txt is installed from (wheels only).
     pip_index_url: str = "https://pypi.org/simple"
+    pip_find_links: str = ""  # a local directory of wheels used instead of any index
     # Event limits (SPEC §2).
     max_event_bytes: int = 1024 * 1024
     max_event_depth: int = 64
@@ -108,7 +109,9 @@ class Settings:
         values: dict[str, Any] = {
             "plugins_dir": Path(_str("TITAN_PLUGINS_DIR", str(ROOT / "plugins"))),
             "run_dir": run_dir,
-            "cache_dir": Path(_str("TITAN_CACHE_DIR", str(run_dir / "cache"))),
+            # {hostname}: one cache per worker container sharing a host directory (compose)
+            "cache_dir": Path(_str("TITAN_CACHE_DIR", str(run_dir / "cache")).replace(
+                "{hostname}", socket.gethostname())),
             "allowed_roots": _paths(_str("TITAN_ALLOWED_ROOTS", "/srv/titan")),
             "worker_name": _str("TITAN_WORKER_NAME", socket.gethostname()),
         }

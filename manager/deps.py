@@ -24,7 +24,7 @@ from pathlib import Path
 
 from manager.config import Settings
 from manager.errors import DependencyError
-from manager.requirements import Requirements
+from manager.requirements import Requirements, parse_requirements
 from manager.safefs import readable_tree
 
 PIP_TIMEOUT_S = 600
@@ -88,12 +88,47 @@ def install_requirements(reqs: Requirements, settings: Settings) -> Path:
     return target
 
 
+def pip_source(settings: Settings) -> list[str]:
+    """Where packages come from: the operator's index, or only a local wheel directory."""
+    if settings.pip_find_links:
+        return ["--no-index", "--find-links", settings.pip_find_links]
+    return ["--index-url", settings.pip_index_url]
+
+
 def pip_command(req_file: Path, target: Path, settings: Settings) -> list[str]:
     return [sys.executable, "-m", "pip", "install", "--isolated", "--no-input", "--quiet",
             "--disable-pip-version-check", "--no-warn-script-location",
-            "--only-binary=:all:", "--index-url", settings.pip_index_url,
+            "--only-binary=:all:", *pip_source(settings),
             "--python-version", settings.runtime_python, "--implementation", "cp",
             "--target", str(target), "-r", str(req_file)]
+
+
+def download_wheels(plugins_dir: Path, dest: Path, settings: Settings) -> list[str]:
+    """Fills a wheel directory for the plugins' validated requirements (for hosts whose
+    containers reach no index: compose). Returns the plugins it did."""
+    done = []
+    for req in sorted(plugins_dir.glob("*/requirements.txt")):
+        if req.is_symlink():
+            continue
+        lines = parse_requirements(req.read_bytes())
+        with tempfile.TemporaryDirectory() as work:
+            clean = Path(work) / "requirements.txt"
+            clean.write_text(lines.text())
+            subprocess.run([sys.executable, "-m", "pip", "download", "--isolated", "--quiet",
+                            "--disable-pip-version-check", "--only-binary=:all:",
+                            *pip_source(settings), "--python-version", settings.runtime_python,
+                            "--implementation", "cp", "--dest", str(dest), "-r", str(clean)],
+                           check=True, timeout=PIP_TIMEOUT_S, env={
+                               k: v for k, v in os.environ.items() if k in PASS_ENV})
+        done.append(req.parent.name)
+    return done
+
+
+if __name__ == "__main__":  # python -m manager.deps PLUGINS_DIR DEST
+    from manager.config import current
+
+    print("wheels for:", ", ".join(download_wheels(Path(sys.argv[1]), Path(sys.argv[2]),
+                                                   current())) or "nothing")
 
 
 def _pip_install(req_file: Path, target: Path, settings: Settings, reqs: Requirements) -> None:

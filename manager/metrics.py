@@ -3,6 +3,7 @@ it is set, and the manager's /metrics endpoint on port 8004 aggregates all of th
 
 from __future__ import annotations
 
+import glob
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -74,13 +75,25 @@ class StateCollector(Collector):
         yield queues
 
 
+class TreeCollector(Collector):
+    """Merges the multiprocess files of this host's processes and of worker containers,
+    which write into subdirectories (one per container: their pids repeat)."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        files = glob.glob(os.path.join(self.root, "**", "*.db"), recursive=True)
+        return iter(MultiProcessCollector.merge(files, accumulate=True))
+
+
 def serve(port: int, host: str, state: StateCollector) -> None:
     """Starts the /metrics HTTP server in a daemon thread."""
     registry = CollectorRegistry()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from prometheus_client import multiprocess
-
-        multiprocess.MultiProcessCollector(registry)
+        registry.register(TreeCollector(os.environ["PROMETHEUS_MULTIPROC_DIR"]))
     else:
         from prometheus_client import REGISTRY
 

@@ -1,23 +1,27 @@
 #!/usr/bin/env bash
-# Builds the plugin runtime image (Debian bookworm + python3) when it is absent.
+# Builds a local image from Debian bookworm when it is absent:
+#   image.sh                  the plugin runtime image (python3), $TITAN_RUNTIME_IMAGE
+#   image.sh NAME PACKAGES    any other (compose's base: python3, venv, redis-server)
 # A registry that answers gives debian:bookworm-slim to build FROM; without one,
 # debootstrap builds the same root filesystem and `docker import` turns it into an image.
+# Local images get local names only (never an upstream name they are not).
 source "$(dirname "$0")/common.sh"
 
-PACKAGES="python3,python-is-python3,procps,ca-certificates"
+NAME="${1:-$RUNTIME_IMAGE}"
+PACKAGES="${2:-python3,python-is-python3,procps,ca-certificates}"
 MIRROR="${TITAN_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 
-if docker image inspect "$RUNTIME_IMAGE" >/dev/null 2>&1; then
-  say "runtime image $RUNTIME_IMAGE is present"
+if docker image inspect "$NAME" >/dev/null 2>&1; then
+  say "image $NAME is present"
   exit 0
 fi
 
 build_from_registry() {
   say "trying a registry for debian:bookworm-slim (20 s at most)"
   timeout 20 docker pull -q debian:bookworm-slim >/dev/null 2>&1 || return 1
-  say "building $RUNTIME_IMAGE FROM debian:bookworm-slim"
+  say "building $NAME FROM debian:bookworm-slim"
   printf 'FROM debian:bookworm-slim\nRUN apt-get update && apt-get install -y --no-install-recommends %s && rm -rf /var/lib/apt/lists/*\nCMD ["python3"]\n' \
-    "${PACKAGES//,/ }" | docker build -q -t "$RUNTIME_IMAGE" - >/dev/null
+    "${PACKAGES//,/ }" | docker build -q -t "$NAME" - >/dev/null
 }
 
 build_with_debootstrap() {
@@ -25,23 +29,23 @@ build_with_debootstrap() {
   ROOTFS="$(mktemp -d /var/tmp/titan-rootfs.XXXXXX)"
   trap 'rm -rf "$ROOTFS"' EXIT
   local dir="$ROOTFS"
-  say "no registry answered: building $RUNTIME_IMAGE with debootstrap (about a minute)"
+  say "no registry answered: building $NAME with debootstrap (about a minute)"
   debootstrap --variant=minbase --include="$PACKAGES" bookworm "$dir" "$MIRROR" 2>&1 |
     grep --line-buffered -E '^I: (Retrieving|Extracting|Installing|Unpacking|Configuring|Base system)' |
     awk '{ if ($2 != last) { if (n) printf " %d\n", n; printf "   %s ", $2; last = $2; n = 0 }
            n++; if (n % 10 == 0) printf "."; fflush() }
          END { printf " %d\n", n }' >&2
   rm -rf "$dir"/var/cache/apt/archives/*.deb "$dir"/var/lib/apt/lists/*
-  say "importing the root filesystem into Docker"
+  say "importing the root filesystem into Docker as $NAME"
   tar -C "$dir" -c . | docker import \
     --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
     --change 'ENV LANG=C.UTF-8' \
-    --change 'CMD ["python3"]' - "$RUNTIME_IMAGE" >/dev/null
+    --change 'CMD ["python3"]' - "$NAME" >/dev/null
 }
 
 docker_ok || die "the Docker engine does not answer (run: make up)"
 if [ "${TITAN_IMAGE_NO_PULL:-}" = "1" ] || ! build_from_registry; then
   build_with_debootstrap
 fi
-docker run --rm --network none "$RUNTIME_IMAGE" python3 -c 'import sys; print("runtime python", sys.version.split()[0])' >&2
-say "runtime image $RUNTIME_IMAGE is ready"
+docker run --rm --network none "$NAME" python3 -c 'import sys; print("python", sys.version.split()[0])' >&2
+say "image $NAME is ready"

@@ -201,7 +201,8 @@ def test_the_topic_label_is_bounded(bus: Bus, settings) -> None:
                 for s in m.samples if s.labels.get("topic", "").startswith("made.up")]
 
 
-def test_a_reload_with_a_rejected_plugin_counts_as_partial(client, settings, conn, tmp_path) -> None:
+def test_a_reload_with_a_rejected_plugin_counts_as_partial(client, settings, conn,
+                                                           tmp_path) -> None:
     from prometheus_client import REGISTRY
 
     from manager.api import create_app

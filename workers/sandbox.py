@@ -31,6 +31,7 @@ LABEL = "titan.managed"
 LABEL_INSTANCE = "titan.instance"
 LABEL_HOST = "titan.host"
 LABEL_PID = "titan.worker_pid"
+LABEL_START = "titan.worker_start"  # with the pid: the owner, safe against pid reuse
 LABEL_INVOCATION = "titan.invocation"
 LABEL_PLUGIN = "titan.plugin"
 LABEL_POOL = "titan.pool"  # a prewarmed container, owned by its worker process
@@ -118,7 +119,7 @@ class Sandbox:
                         Ulimit(name="core", soft=0, hard=0)],
             "init": True, "ipc_mode": "none", "log_config": {"type": "none", "config": {}},
             "stdin_open": False, "tty": False, "hostname": "plugin",
-            "labels": {**self.base_labels, LABEL_PID: str(os.getpid()),
+            "labels": {**self.base_labels, **owner_labels(),
                        LABEL_INVOCATION: spec.invocation_id, LABEL_PLUGIN: spec.plugin},
         }
 
@@ -317,10 +318,11 @@ class Sandbox:
         for c in containers:
             labels = c.attrs.get("Labels") or {}
             pid = int(labels.get(LABEL_PID, "0") or 0)
+            alive = _pid_alive(pid) and labels.get(LABEL_START) in (None, _started(pid))
             invocation = labels.get(LABEL_INVOCATION, "")
             mine = children is not None and pid in children
             pooled = labels.get(LABEL_POOL) == "1"  # its process removes it after use
-            if _pid_alive(pid) and (pooled or not (mine and invocation not in in_use)):
+            if alive and (pooled or not (mine and invocation not in in_use)):
                 continue
             self._remove(c)
             reaped.append(invocation or c.id[:12])
@@ -340,6 +342,20 @@ def _last_line(data: bytes, limit: int = 300) -> str:
         if line.strip():
             return line.strip()[:limit]
     return ""
+
+
+def owner_labels() -> dict[str, str]:
+    """This process as the owner of a container: its pid and when it started."""
+    return {LABEL_PID: str(os.getpid()), LABEL_START: _started(os.getpid())}
+
+
+def _started(pid: int) -> str:
+    """A process's start time (clock ticks since boot): a reused pid gets another."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return ""
 
 
 def _pid_alive(pid: int) -> bool:

@@ -42,7 +42,7 @@ from workers.sandbox import EVENT_PATH, LABEL_PID, LABEL_POOL, MAX_ENV_EVENT, Sa
 from workers.spec import RunResult, RunSpec
 
 log = logging.getLogger(__name__)
-LAUNCHER = ROOT / "workers" / "launcher.py"
+LAUNCHER = ROOT / "workers" / "launcher.py"  # copied into the cache: a path the engine sees
 LAUNCHER_PATH = "/titan/launcher.py"
 INBOX = "/titan/in"
 READY = b"\x00TITAN-READY\n"
@@ -271,7 +271,8 @@ def warm_options(sandbox: Sandbox, spec: RunSpec, inbox: Path) -> dict[str, Any]
            if k not in ("EVENT_DATA", "INVOCATION_ID")}
     env["EVENT_FILE"] = f"{INBOX}/event.json"
     mounts = [m for m in options["mounts"] if m["Target"] != EVENT_PATH]
-    for target, source in ((LAUNCHER_PATH, str(LAUNCHER)), (INBOX, str(inbox))):
+    for target, source in ((LAUNCHER_PATH, str(launcher_copy(sandbox.settings))),
+                           (INBOX, str(inbox))):
         mount = Mount(target, source, type="bind", read_only=True)
         mount["BindOptions"] = {"NonRecursive": True}
         mounts.append(mount)
@@ -279,6 +280,19 @@ def warm_options(sandbox: Sandbox, spec: RunSpec, inbox: Path) -> dict[str, Any]
     labels[LABEL_POOL] = "1"
     return {**options, "command": ["python3", "-I", LAUNCHER_PATH], "environment": env,
             "mounts": mounts, "labels": labels, "stdin_open": True}
+
+
+def launcher_copy(settings: Settings) -> Path:
+    """The launcher at a path the Docker engine can see: the worker's cache is at the same
+    path on the host and in a worker container, its code is not."""
+    target = private_root(settings.cache_dir) / "launcher.py"
+    source = LAUNCHER.read_bytes()
+    if not target.exists() or target.read_bytes() != source:
+        tmp = target.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(source)
+        tmp.chmod(0o444)
+        os.replace(tmp, target)
+    return target
 
 
 def start_warm(sandbox: Sandbox, spec: RunSpec, key: tuple[Any, ...]) -> Warm:

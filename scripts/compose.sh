@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# up|down|build the compose deployment (compose.yaml). Builds every image locally when no
+# registry answers (never pulling, never using an upstream name for a local image):
+#   titan-base:bookworm        Debian + python3 + venv + redis-server (debootstrap)
+#   titan-plugin-manager:local the services, from wheels built here (`pip wheel`)
+#   titan-runtime:py3.11       what plugins run in (as make up builds it)
+# Settings (environment): TITAN_COMPOSE_PROJECT (titan), TITAN_WORKERS (3), TITAN_API_PORT,
+# TITAN_METRICS_PORT, TITAN_FLOWER_PORT, TITAN_MANAGER_NAME, TITAN_WORKERS_DIR.
+source "$(dirname "$0")/common.sh"
+cd "$ROOT"
+
+PROJECT="${TITAN_COMPOSE_PROJECT:-titan}"
+WORKERS="${TITAN_WORKERS:-3}"
+ENV_FILE="$ROOT/.env"  # compose reads it: the Redis password lives here (mode 0600)
+export TITAN_INSTANCE="compose-$PROJECT"
+export TITAN_WORKERS_DIR="${TITAN_WORKERS_DIR:-/var/lib/titan/workers}"
+API="http://127.0.0.1:${TITAN_API_PORT:-8003}"
+
+compose() {
+  if docker compose version >/dev/null 2>&1; then docker compose -p "$PROJECT" "$@"
+  else docker-compose -p "$PROJECT" "$@"; fi
+}
+
+need_compose() {
+  docker compose version >/dev/null 2>&1 && return
+  command -v docker-compose >/dev/null && return
+  [ "$(id -u)" = 0 ] || die "neither 'docker compose' nor docker-compose is installed"
+  say "installing docker-compose"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose >/dev/null
+}
+
+build() {
+  bash "$ROOT/scripts/image.sh" titan-base:bookworm \
+    "python3,python3-venv,python-is-python3,redis-server,procps,ca-certificates"
+  bash "$ROOT/scripts/image.sh"
+  mkdir -p build/wheels build/plugin-wheels
+  if ! docker image inspect titan-plugin-manager:local >/dev/null 2>&1 ||
+     [ "$(cat build/.service-stamp 2>/dev/null)" != "$(service_stamp)" ]; then
+    say "building the project's wheels (pip wheel)"
+    rm -f build/wheels/titan_plugin_manager-*.whl
+    # async-timeout: redis-py needs it on the image's Python (Debian's 3.11.2), not here
+    "$PY" -m pip wheel -q --disable-pip-version-check -w build/wheels ".[flower]" \
+      "async-timeout>=4.0.3" 2>&1 |
+      grep -v -E "^\s*$|WARNING: Location" >&2 || true
+    say "building titan-plugin-manager:local"
+    docker build -f deploy/Dockerfile -t titan-plugin-manager:local . 2>&1 |
+      grep --line-buffered -E "^(Step|Successfully|ERROR|The command)" >&2 || true
+    docker image inspect titan-plugin-manager:local >/dev/null || die "the service image did not build"
+    service_stamp >build/.service-stamp
+  else
+    say "image titan-plugin-manager:local is up to date"
+  fi
+  say "wheels for the plugins' requirements (containers reach no package index)"
+  "$PY" -m manager.deps "${TITAN_PLUGINS_HOST_DIR:-$ROOT/plugins}" build/plugin-wheels >&2
+}
+
+service_stamp() {  # what the service image is made of
+  cat setup.cfg pyproject.toml celeryconfig.py deploy/Dockerfile manager/*.py workers/*.py |
+    sha256sum | cut -c1-16
+}
+
+secrets() {
+  if ! grep -qs '^TITAN_REDIS_PASSWORD=' "$ENV_FILE"; then
+    (umask 077 && printf 'TITAN_REDIS_PASSWORD=%s\n' \
+      "$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')" >>"$ENV_FILE")
+  fi
+}
+
+up() {
+  bash "$ROOT/scripts/services.sh" docker
+  need_compose
+  build
+  secrets
+  mkdir -p "$TITAN_WORKERS_DIR" /srv/titan/files
+  say "starting the compose project '$PROJECT' with $WORKERS workers"
+  compose up -d --scale "worker=$WORKERS"
+  wait_for "curl -fsS $API/health | grep -q '\"count\":$WORKERS'" 120 ||
+    { curl -sS "$API/health" >&2; die "not healthy; see: docker-compose -p $PROJECT logs"; }
+  say "Titan Plugin Manager (compose) is up: API $API, metrics :${TITAN_METRICS_PORT:-8004}, Flower :${TITAN_FLOWER_PORT:-5555}"
+}
+
+down() {
+  need_compose
+  [ -f "$ENV_FILE" ] || secrets  # compose refuses the file without the password variable
+  compose down --volumes --remove-orphans
+  # What the workers started on the host's engine is not part of the project.
+  local left
+  left="$(docker ps -aq --filter "label=titan.instance=$TITAN_INSTANCE")"
+  [ -z "$left" ] || docker rm -f $left >/dev/null
+  say "compose project '$PROJECT' is down"
+}
+
+case "${1:-up}" in
+  up) up ;;
+  down) down ;;
+  build) bash "$ROOT/scripts/services.sh" docker; build ;;
+  *) die "usage: $0 up|down|build" ;;
+esac
