@@ -32,7 +32,7 @@ from manager.registry import Registry
 STATUS_CODES = {EventError: 400, BadQuery: 400, PluginNotFound: 404, InvocationNotFound: 404,
                 VersionNotFound: 404, DeadLetterNotFound: 404, PluginUnavailable: 409,
                 PermissionDenied: 403}
-PUBLIC_PATHS = ("/health", "/docs", "/openapi.json")
+PUBLIC_PATHS = ("/health", "/docs", "/openapi.json")  # and /docs/static/...
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,7 @@ def create_app(settings: Settings, conn: redis.Redis, registry: Registry,
 
     app = Flask(__name__)
     app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_event_bytes + 64 * 1024
     app.extensions["titan"] = ApiContext(settings, conn, registry, dispatcher,
                                          RecordStore(conn, settings),
                                          Limits(settings.max_event_bytes,
@@ -101,4 +102,9 @@ def _redis_error(exc: redis.RedisError) -> Any:
 
 
 def _http_error(exc: HTTPException) -> Any:
-    return error(exc.name.lower().replace(" ", "_"), exc.description or exc.name, exc.code or 500)
+    response, status = error(exc.name.lower().replace(" ", "_"), exc.description or exc.name,
+                             exc.code or 500)
+    for name, value in exc.get_headers():  # a 405 names the methods allowed (Allow)
+        if name.lower() == "allow":
+            response.headers["Allow"] = value
+    return response, status

@@ -86,8 +86,10 @@ class Event:
                 raise EventError(f"{name} must be a string of at most {MAX_OPTIONAL_LEN} chars",
                                  field=name, reason="invalid_field")
         if data.get("time") is not None:
-            _check_time(data["time"])
+            check_time(data["time"])
         hops = data.get("hops", 0)
+        if isinstance(hops, float) and hops.is_integer():  # JSON has no int/float divide
+            hops = int(hops)
         if isinstance(hops, bool) or not isinstance(hops, int) or hops < 0:
             raise EventError("hops must be an integer >= 0", field="hops", reason="invalid_field")
         return cls(
@@ -157,7 +159,7 @@ def _check_str(data: dict[str, Any], name: str, pattern: re.Pattern[str], chars:
                          field=name, reason="invalid_field")
 
 
-def _check_time(value: str) -> None:
+def check_time(value: str) -> None:
     try:
         datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError as exc:

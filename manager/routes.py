@@ -1,4 +1,10 @@
-"""The API's endpoints (SPEC §6), as a blueprint over the context `create_app` built."""
+"""The API's endpoints (SPEC §6), as a blueprint over the context `create_app` built.
+
+Shapes come from manager/api_models.py through spectree (chosen because it takes pydantic
+models as they are, validates query, body and response with them, and builds the OpenAPI
+document from the same models: nothing is written twice). Events get the project's own
+checks first (size, nesting, UTF-8, before any JSON parser recurses), then the model's.
+"""
 
 from __future__ import annotations
 
@@ -8,30 +14,72 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from flask import Blueprint, Response, current_app, jsonify, request, send_from_directory
+from flask import Blueprint, Response, current_app, g, jsonify, request, send_from_directory
+from spectree import Response as Resp
+from spectree import SecurityScheme, SpecTree
+from spectree.models import SecuritySchemeData
 
-from manager import metrics
+from manager import __version__, metrics
 from manager.api import ApiContext, publish_event
+from manager.api_models import (
+    DeadLetters,
+    ErrorBody,
+    EventIn,
+    Health,
+    Invocation,
+    InvocationList,
+    LimitQuery,
+    PluginList,
+    PluginOut,
+    Published,
+    Queued,
+    ReloadOut,
+    RollbackIn,
+    RollbackOut,
+    WaitQuery,
+)
 from manager.errors import (
     BadQuery,
     DeadLetterNotFound,
+    EventError,
     InvocationNotFound,
     PluginNotFound,
     PluginUnavailable,
 )
 from manager.events import Event, from_outside
 from manager.keys import Keys
-from manager.openapi import SPEC
 from manager.records import InvocationRecord, RecordStore, Status
 from manager.registry import PluginEntry
 
-MAX_WAIT_S = 600.0
 DOCS_HTML = """<!doctype html><html><head><meta charset="utf-8">
 <title>Titan Plugin Manager API</title>
 <link rel="stylesheet" href="/docs/static/swagger-ui.css"></head><body><div id="ui"></div>
 <script src="/docs/static/swagger-ui-bundle.js"></script><script>
 SwaggerUIBundle({url: "/openapi.json", dom_id: "#ui"});</script></body></html>"""
+EVENT_PATHS = ("/events",)
 
+
+def _invalid(req: Any, resp: Any, error: Exception | None, instance: Any, adapter: Any) -> None:
+    """spectree's validation errors as the API's JSON errors, naming the field."""
+    if error is None:
+        return
+    first = error.errors()[0]  # type: ignore[attr-defined]
+    field = ".".join(str(p) for p in first["loc"]) or "body"
+    message = f"{field}: {first['msg']}"
+    if getattr(error, "title", "") == EventIn.__name__:
+        raise EventError(message, field=field, reason="invalid_field")
+    raise BadQuery(message, field=field)
+
+
+api = SpecTree("flask", mode="strict", title="Titan Plugin Manager", version=__version__,
+               validation_error_status=400, before=_invalid, annotations=False,
+               page_templates={}, description="Events in on a Redis stream, sandboxed plugin "
+               "runs, result events out. With TITAN_API_TOKEN set, every endpoint but "
+               "/health, /docs and /openapi.json needs `Authorization: Bearer <token>`.",
+               security_schemes=[SecurityScheme(name="bearer", data=SecuritySchemeData(
+                   type="http", scheme="bearer"))], security={"bearer": []})
+ERRORS = {"HTTP_400": ErrorBody, "HTTP_401": ErrorBody, "HTTP_404": ErrorBody,
+          "HTTP_503": ErrorBody}
 routes = Blueprint("titan", __name__)
 
 
@@ -39,9 +87,12 @@ def ctx() -> ApiContext:
     return current_app.extensions["titan"]
 
 
-def read_event() -> Event:
-    """The request body as an event from outside: validated, with its provenance marked."""
-    return from_outside(Event.decode(request.get_data(cache=False), ctx().limits))
+@routes.before_app_request
+def _read_event() -> None:
+    """Events are checked by the project's own rules before anything parses them."""
+    if request.method == "POST" and (request.path in EVENT_PATHS or
+                                     request.path.endswith("/trigger")):
+        g.event = from_outside(Event.decode(request.get_data(cache=True), ctx().limits))
 
 
 def plugin_or_404(name: str) -> PluginEntry:
@@ -63,7 +114,9 @@ def worker_health(conn: redis.Redis, keys: Keys) -> dict[str, Any]:
 
 
 @routes.get("/health")
+@api.validate(resp=Resp(HTTP_200=Health, HTTP_503=Health), security={})
 def health() -> Any:
+    """Redis, the Docker engine (as workers report it) and at least one worker."""
     c = ctx()
     state: dict[str, Any] = {}
     try:
@@ -83,12 +136,16 @@ def health() -> Any:
 
 
 @routes.get("/plugins")
+@api.validate(resp=Resp(HTTP_200=PluginList, **ERRORS))
 def list_plugins() -> Any:
+    """Every plugin: status, version, digest, triggers, errors and warnings."""
     return jsonify({"plugins": [e.public() for e in ctx().registry.entries().values()]})
 
 
 @routes.get("/plugins/<name>")
+@api.validate(resp=Resp(HTTP_200=PluginOut, **ERRORS))
 def get_plugin(name: str) -> Any:
+    """One plugin, with its kept versions."""
     data = plugin_or_404(name).public()
     data["versions"] = [{**e.ref(), "loaded_at": e.loaded_at,
                          "serving": e.digest == data["digest"]}
@@ -97,12 +154,16 @@ def get_plugin(name: str) -> Any:
 
 
 @routes.post("/plugins/<name>/rollback")
+@api.validate(json=RollbackIn, resp=Resp(HTTP_200=RollbackOut, **ERRORS))
 def rollback(name: str) -> Any:
+    """Puts a kept version back in service (default: the one before the current)."""
     return jsonify(ctx().registry.rollback(name, rollback_version()))
 
 
 @routes.post("/plugins/reload")
+@api.validate(resp=Resp(HTTP_200=ReloadOut, **ERRORS))
 def reload_plugins() -> Any:
+    """Rediscovers the plugins directory; what was added, updated, removed, rejected."""
     try:
         changes = ctx().registry.reload()
     except Exception:
@@ -113,13 +174,16 @@ def reload_plugins() -> Any:
 
 
 @routes.post("/plugins/<name>/trigger")
+@api.validate(json=EventIn, query=WaitQuery, resp=Resp(HTTP_200=Invocation, HTTP_202=Queued,
+                                                       HTTP_409=ErrorBody, **ERRORS))
 def trigger(name: str) -> Any:
+    """Runs this plugin on the event, regardless of its triggers; with ?wait, the record."""
     entry = plugin_or_404(name)
     if not entry.runnable:
         raise PluginUnavailable(f"plugin {name!r} is {entry.status.value}", plugin=name,
                                 errors=list(entry.errors))
-    event = read_event()
-    wait = bounded_float("wait", 0.0, 0.0, MAX_WAIT_S)
+    event: Event = g.event
+    wait = request.context.query.wait  # type: ignore[attr-defined]  # validated by WaitQuery
     invocation_id, _ = ctx().dispatcher.dispatch(event, entry, origin="api")
     metrics.TASKS_DISPATCHED.labels(plugin=name).inc()
     if wait:
@@ -131,30 +195,75 @@ def trigger(name: str) -> Any:
 
 
 @routes.post("/events")
+@api.validate(json=EventIn, resp=Resp(HTTP_202=Published, **ERRORS))
 def post_event() -> Any:
-    event = read_event()
+    """Publishes the event to the bus (answered once Redis has it)."""
+    event: Event = g.event
     entry_id = publish_event(ctx().conn, ctx().settings, event)
     return jsonify({"event_id": event.event_id, "entry_id": entry_id}), 202
 
 
 @routes.get("/events/dead")
+@api.validate(query=LimitQuery, resp=Resp(HTTP_200=DeadLetters, **ERRORS))
 def dead_letters() -> Any:
     """The newest dead letters first: reason, detail and the event as it arrived."""
-    limit = bounded_int("limit", 20, 1, 1000)
+    limit = request.context.query.limit  # type: ignore[attr-defined]
     entries = ctx().conn.xrevrange(ctx().settings.dead_stream, count=limit)
     return jsonify({"dead": [dead_entry(entry_id, fields) for entry_id, fields in entries]})
 
 
 @routes.post("/events/dead/<entry_id>/replay")
+@api.validate(resp=Resp(HTTP_202=Published, **ERRORS))
 def replay_dead_letter(entry_id: str) -> Any:
     """Publishes a dead-lettered event again (after a fix); it must now be valid."""
-    found = ctx().conn.xrange(ctx().settings.dead_stream, min=entry_id, max=entry_id)
+    try:
+        found = ctx().conn.xrange(ctx().settings.dead_stream, min=entry_id, max=entry_id)
+    except redis.ResponseError:  # not a stream id at all
+        found = []
     if not found or found[0][0].decode() != entry_id:
         raise DeadLetterNotFound(f"no dead letter {entry_id!r}", entry_id=entry_id)
     event = Event.decode(found[0][1].get(b"event", b""), ctx().limits)
     published = publish_event(ctx().conn, ctx().settings, event)
     return jsonify({"event_id": event.event_id, "entry_id": published,
                     "replayed": entry_id}), 202
+
+
+@routes.get("/invocations/<invocation_id>")
+@api.validate(resp=Resp(HTTP_200=Invocation, **ERRORS))
+def get_invocation(invocation_id: str) -> Any:
+    """One run record."""
+    record = ctx().records.get(invocation_id)
+    if record is None:
+        raise InvocationNotFound(f"no invocation {invocation_id!r} (unknown or expired)",
+                                 invocation_id=invocation_id)
+    return jsonify(record.public())
+
+
+@routes.get("/plugins/<name>/invocations")
+@api.validate(query=LimitQuery, resp=Resp(HTTP_200=InvocationList, **ERRORS))
+def plugin_invocations(name: str) -> Any:
+    """Recent runs of a plugin, newest first (also of a removed one)."""
+    limit = request.context.query.limit  # type: ignore[attr-defined]
+    return jsonify({"plugin": name, "invocations": [
+        r.public() for r in ctx().records.for_plugin(name, limit)]})
+
+
+@routes.get("/openapi.json")
+def openapi() -> Any:
+    api.app = current_app  # the spec is built from this app's routes
+    return jsonify(api.spec)
+
+
+@routes.get("/docs")
+def docs() -> Any:
+    return Response(DOCS_HTML, mimetype="text/html")
+
+
+@routes.get("/docs/static/<path:filename>")
+def docs_static(filename: str) -> Any:
+    import swagger_ui
+
+    return send_from_directory(Path(swagger_ui.__file__).parent / "static", filename)
 
 
 def dead_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> dict[str, Any]:
@@ -171,7 +280,7 @@ def dead_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> dict[str, Any]:
 
 def rollback_version() -> str | None:
     """The body is empty, `{}` or `{"version": "<version or digest>"}`; nothing else."""
-    raw = request.get_data(cache=False)
+    raw = request.get_data(cache=True)
     if not raw.strip():
         return request.args.get("version") or None
     try:
@@ -186,67 +295,6 @@ def rollback_version() -> str | None:
         raise BadQuery("version must be a non-empty string (a version or a digest)",
                        field="version")
     return version
-
-
-def bounded_float(name: str, default: float, low: float, high: float) -> float:
-    raw = request.args.get(name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise BadQuery(f"{name} must be a number, got {raw[:40]!r}", field=name) from None
-    if not low <= value <= high:  # also refuses nan and inf
-        raise BadQuery(f"{name} must be between {low:g} and {high:g}, got {raw[:40]}",
-                       field=name)
-    return value
-
-
-def bounded_int(name: str, default: int, low: int, high: int) -> int:
-    """A query parameter that must be an integer within [low, high]; 400 otherwise."""
-    raw = request.args.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise BadQuery(f"{name} must be an integer, got {raw[:40]!r}", field=name) from None
-    if not low <= value <= high:
-        raise BadQuery(f"{name} must be between {low} and {high}, got {value}", field=name)
-    return value
-
-
-@routes.get("/invocations/<invocation_id>")
-def get_invocation(invocation_id: str) -> Any:
-    record = ctx().records.get(invocation_id)
-    if record is None:
-        raise InvocationNotFound(f"no invocation {invocation_id!r} (unknown or expired)",
-                                 invocation_id=invocation_id)
-    return jsonify(record.public())
-
-
-@routes.get("/plugins/<name>/invocations")
-def plugin_invocations(name: str) -> Any:
-    limit = bounded_int("limit", 20, 1, 1000)
-    return jsonify({"plugin": name, "invocations": [
-        r.public() for r in ctx().records.for_plugin(name, limit)]})
-
-
-@routes.get("/openapi.json")
-def openapi() -> Any:
-    return jsonify(SPEC)
-
-
-@routes.get("/docs")
-def docs() -> Any:
-    return Response(DOCS_HTML, mimetype="text/html")
-
-
-@routes.get("/docs/static/<path:filename>")
-def docs_static(filename: str) -> Any:
-    import swagger_ui_bundle
-
-    return send_from_directory(Path(swagger_ui_bundle.swagger_ui_path), filename)
 
 
 def wait_for(records: RecordStore, invocation_id: str, seconds: float) -> InvocationRecord | None:
