@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import time
-import types
-import typing
 from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from typing import Any
@@ -126,30 +124,6 @@ def encode_fields(values: dict[str, Any]) -> list[str]:
             value = value.value
         out += [name, json.dumps(list(value) if isinstance(value, tuple) else value)]
     return out
-
-
-def field_schema() -> dict[str, Any]:
-    """JSON schema of the public record, derived from InvocationRecord (for OpenAPI)."""
-    hints = typing.get_type_hints(InvocationRecord)
-    props: dict[str, Any] = {}
-    for f in fields(InvocationRecord):
-        if f.name == "request":
-            continue
-        props[f.name] = _schema_of(hints[f.name])
-    props["status"] = {"type": "string", "enum": [s.value for s in Status]}
-    required = [f.name for f in fields(InvocationRecord) if f.name != "request"]
-    return {"type": "object", "properties": props, "required": required}
-
-
-def _schema_of(hint: Any) -> dict[str, Any]:
-    args = typing.get_args(hint)
-    if isinstance(hint, types.UnionType) and type(None) in args:
-        inner = _schema_of(next(a for a in args if a is not type(None)))
-        return {**inner, "nullable": True}
-    if typing.get_origin(hint) is tuple:
-        return {"type": "array", "items": _schema_of(args[0])}
-    return {"type": {str: "string", int: "integer", float: "number", bool: "boolean"}
-            .get(hint, "object")}
 
 
 _STATES = "|{}|"

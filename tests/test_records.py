@@ -8,6 +8,7 @@ import itertools
 import json
 import time
 import uuid
+from dataclasses import fields
 
 import pytest
 
@@ -18,7 +19,6 @@ from manager.records import (
     RecordStore,
     Status,
     allowed,
-    field_schema,
 )
 
 S = Status
@@ -43,11 +43,13 @@ def test_terminal_states_are_never_left() -> None:
 
 
 def test_the_api_schema_comes_from_the_record() -> None:
-    schema = field_schema()
-    assert schema["properties"]["status"]["enum"] == [s.value for s in Status]
-    assert schema["properties"]["exit_code"] == {"type": "integer", "nullable": True}
+    from manager.api_models import Invocation
+
+    schema = Invocation.model_json_schema()
+    assert schema["$defs"]["Status"]["enum"] == [s.value for s in Status]
+    assert schema["properties"]["exit_code"]["anyOf"] == [{"type": "integer"}, {"type": "null"}]
     assert schema["properties"]["result_event_ids"]["type"] == "array"
-    assert "request" not in schema["properties"]
+    assert set(schema["properties"]) == {f.name for f in fields(InvocationRecord)} - {"request"}
 
 
 def _new(store: RecordStore, status: Status = Status.PENDING) -> str:
