@@ -116,8 +116,9 @@ def idle_memory(client: docker.DockerClient, settings) -> float | None:
 
 
 def measure(args: argparse.Namespace, bus: Bus, bare: Bare, client, settings) -> dict:
-    for kind in ("tick", "tick_cold", None) * 3:  # warm-up
-        e2e_once(bus, kind) if kind else bare.run()
+    for kind in ("tick", "tick", "tick_cold", None) * 4:  # warm-up: every worker process
+        e2e_once(bus, kind) if kind else bare.run()  # has run the plugin once (its pool)
+        time.sleep(SETTLE_S)
     warm, cold, base = [], [], []
     for _ in range(args.runs):  # interleaved, so drift hits every side alike
         warm.append(e2e_once(bus))
