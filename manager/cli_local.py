@@ -21,11 +21,14 @@ from manager.runs import RunRequest
 
 def local_images() -> set[str] | None:
     """Images on the local engine, or None when there is no engine to ask."""
+    import requests
+    from docker.errors import DockerException
+
     from workers.sandbox import Sandbox
 
     try:
         return set(Sandbox(current()).images())
-    except (SandboxUnavailable, Exception):
+    except (SandboxUnavailable, DockerException, requests.RequestException):
         return None
 
 
