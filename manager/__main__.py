@@ -6,6 +6,7 @@ import argparse
 import logging
 
 from manager.config import current
+from manager.errors import TitanError
 from manager.service import Manager
 
 
@@ -16,7 +17,11 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    Manager(current()).serve(watch=args.watch)
+    try:
+        manager = Manager(current())
+    except TitanError as exc:
+        parser.exit(2, f"error: {exc.message}\n")
+    manager.serve(watch=args.watch)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ The endpoints are in `manager.routes`."""
 from __future__ import annotations
 
 import hmac
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,7 @@ from manager.config import Settings
 from manager.dispatch import Dispatcher
 from manager.errors import (
     BadQuery,
+    BudgetExceeded,
     DeadLetterNotFound,
     EventError,
     InvocationNotFound,
@@ -29,9 +31,9 @@ from manager.events import Event, Limits
 from manager.records import RecordStore
 from manager.registry import Registry
 
-STATUS_CODES = {EventError: 400, BadQuery: 400, PluginNotFound: 404, InvocationNotFound: 404,
-                VersionNotFound: 404, DeadLetterNotFound: 404, PluginUnavailable: 409,
-                PermissionDenied: 403}
+STATUS_CODES = {EventError: 400, BadQuery: 400, BudgetExceeded: 429, PluginNotFound: 404,
+                InvocationNotFound: 404, VersionNotFound: 404, DeadLetterNotFound: 404,
+                PluginUnavailable: 409, PermissionDenied: 403}
 PUBLIC_PATHS = ("/health", "/docs", "/openapi.json")  # and /docs/static/...
 
 
@@ -45,6 +47,8 @@ class ApiContext:
     dispatcher: Dispatcher
     records: RecordStore
     limits: Limits
+    # `?wait` holds a request thread: at most this many at once, the rest answer at once.
+    waiters: threading.BoundedSemaphore
 
 
 def error(code: str, message: str, status: int, **details: Any) -> tuple[Response, int]:
@@ -70,7 +74,8 @@ def create_app(settings: Settings, conn: redis.Redis, registry: Registry,
     app.extensions["titan"] = ApiContext(settings, conn, registry, dispatcher,
                                          RecordStore(conn, settings),
                                          Limits(settings.max_event_bytes,
-                                                settings.max_event_depth))
+                                                settings.max_event_depth),
+                                         threading.BoundedSemaphore(max(1, settings.api_waiters)))
     app.before_request(_auth(settings))
     app.register_error_handler(TitanError, _titan_error)
     app.register_error_handler(redis.RedisError, _redis_error)

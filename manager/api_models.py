@@ -29,7 +29,8 @@ class EventIn(_Model):
 
     model_config = ConfigDict(extra="forbid", strict=True, regex_engine="python-re")
     event_id: str = Field(pattern=ID)
-    topic: str = Field(pattern=NAME)
+    topic: str = Field(pattern=r"^(?!plugins\.v1$)" + NAME[1:],
+                       description="`plugins.v1` is reserved for the manager's own events")
     event_type: str = Field(pattern=NAME)
     payload: dict[str, Any] = {}
     source: str | None = Field(None, max_length=1024, pattern=r"^(?!plugin:)",
@@ -135,6 +136,9 @@ class Queued(BaseModel):
     status: str
     plugin: str
     event_id: str
+    record: str = Field(description="the run record's URL (also the Location header)")
+    waited: bool = Field(False, description="false when ?wait was asked for but every "
+                         "waiting slot was taken: poll `record` instead")
 
 
 class Published(BaseModel):

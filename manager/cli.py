@@ -12,73 +12,19 @@ import json
 import os
 import sys
 import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 from typing import Any
 
 import click
 
+from manager.api_client import (
+    EXIT_FAILED,
+    EXIT_WAIT,
+    Api,
+    api_token,
+    poll_record,
+    read_event,
+)
 from manager.cli_local import new, run_local, validate
-
-TERMINAL = {"succeeded", "failed", "timeout", "oom", "output_limit", "rejected", "lost"}
-EXIT_FAILED, EXIT_USAGE, EXIT_WAIT, EXIT_UNREACHABLE = 1, 2, 3, 4
-
-
-class CliError(click.ClickException):
-    def __init__(self, code: str, message: str, exit_code: int = EXIT_FAILED,
-                 details: Any = None) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code, self.detail_message, self.exit_code, self.details = (
-            code, message, exit_code, details)
-
-
-class Api:
-    def __init__(self, url: str, token: str | None) -> None:
-        url = url.strip().rstrip("/")
-        self.url = url if "://" in url else f"http://{url}"
-        self.token = token
-
-    def call(self, method: str, path: str, body: bytes | None = None,
-             ok: tuple[int, ...] = (200, 202)) -> tuple[int, Any]:
-        req = urllib.request.Request(self.url + path, data=body, method=method,
-                                     headers={"Content-Type": "application/json"})
-        if self.token:
-            req.add_header("Authorization", f"Bearer {self.token}")
-        try:
-            with urllib.request.urlopen(req, timeout=660) as resp:
-                return resp.status, self._json(resp.status, resp.read())
-        except urllib.error.HTTPError as exc:
-            data = self._json(exc.code, exc.read())
-            if exc.code in ok:
-                return exc.code, data
-            err = data.get("error", {}) if isinstance(data, dict) else {}
-            raise CliError(str(err.get("code", exc.code)), err.get("message", exc.reason),
-                           details=err.get("details")) from None
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise CliError("unreachable", f"cannot reach the API at {self.url}: {reason} "
-                           "(is it up? try: make up)", EXIT_UNREACHABLE) from None
-
-    def _json(self, status: int, raw: bytes) -> Any:
-        try:
-            return json.loads(raw or b"null")
-        except ValueError:
-            raise CliError("not_an_api", f"{self.url} answered HTTP {status} with something "
-                           "that is not the Titan API's JSON (wrong TITAN_API_URL?)",
-                           EXIT_UNREACHABLE) from None
-
-
-def read_event(value: str) -> bytes:
-    """-e takes JSON text, @file, or @- (standard input)."""
-    if value == "@-":
-        return sys.stdin.buffer.read()
-    if value.startswith("@"):
-        try:
-            return Path(value[1:]).read_bytes()
-        except OSError as exc:
-            raise click.BadParameter(f"cannot read {value[1:]}: {exc.strerror}") from None
-    return value.encode()
 
 
 def out(ctx: click.Context, data: Any, text: str) -> None:
@@ -121,7 +67,7 @@ class Cli(click.Group):
 @click.pass_context
 def cli(ctx: click.Context, as_json: bool, api: str) -> None:
     """Titan Plugin Manager: list, trigger and inspect sandboxed plugins."""
-    ctx.obj = {"json": as_json, "api": Api(api, os.environ.get("TITAN_API_TOKEN")),
+    ctx.obj = {"json": as_json, "api": Api(api, api_token()),
                "out": lambda data, text: out(ctx, data, text)}
 
 
@@ -148,8 +94,11 @@ def trigger(ctx: click.Context, name: str, event: str, wait: float | None) -> No
     """Run plugin NAME on an event, regardless of its triggers. With --wait, exits 0 when
     the run succeeded, 1 when it failed, 3 when it had not finished in time."""
     query = f"?wait={wait}" if wait else ""
+    deadline = time.monotonic() + (wait or 0)
     status, data = ctx.obj["api"].call("POST", f"/plugins/{name}/trigger{query}",
                                        read_event(event))
+    if status == 202 and wait and not data.get("waited"):  # every waiting slot was taken
+        status, data = poll_record(ctx.obj["api"], data, deadline)
     if status == 200:
         out(ctx, data, describe(data))
         if data["status"] != "succeeded":

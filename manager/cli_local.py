@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from manager.api_client import read_event
 from manager.config import current
 from manager.errors import EventError, SandboxUnavailable
 from manager.events import Event
@@ -103,8 +104,6 @@ def new(ctx: click.Context, name: str, topic: str, event_type: str,
 @click.pass_context
 def run_local(ctx: click.Context, directory: Path, event: str) -> None:
     """Run a plugin directory once, locally, in the same sandbox as a worker (no Redis)."""
-    from manager.cli import read_event
-
     settings = current()
     entry, bundle = load_plugin(directory.resolve(), settings)
     if not entry.runnable or entry.manifest is None or bundle is None:

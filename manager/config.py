@@ -47,6 +47,13 @@ class Settings:
     api_host: str = "127.0.0.1"
     api_port: int = 8003
     api_token: str = ""
+    # One client must not hold the API: requests run on api_threads threads, of which at
+    # most api_waiters wait for a run (`?wait`); idle or slow connections are dropped after
+    # api_channel_timeout seconds; at most api_connection_limit connections are open.
+    api_threads: int = 8
+    api_waiters: int = 4
+    api_channel_timeout: int = 10
+    api_connection_limit: int = 1000
     metrics_port: int = 8004
     task_queue: str = "titan.plugins"
     # Host roots that plugins may be granted (SPEC §4); system and project paths never are.
@@ -54,6 +61,13 @@ class Settings:
     # The one package index requirements.txt is installed from (wheels only).
     pip_index_url: str = "https://pypi.org/simple"
     pip_find_links: str = ""  # a local directory of wheels used instead of any index
+    # pip runs as this uid (no account needed; never 0), in this sandbox: bwrap, or user
+    # (no namespaces: inside a service container that is itself the boundary).
+    install_uid: int = 64999
+    install_sandbox: str = "bwrap"
+    # Each host's cache (plugin code, installed requirements) is kept under this size by
+    # evicting what was used least recently.
+    cache_max_bytes: int = 4 * 1024**3
     # Event limits (SPEC §2).
     max_event_bytes: int = 1024 * 1024
     max_event_depth: int = 64

@@ -2,20 +2,22 @@
 every process of a host, mounted read-only into the plugin's container.
 
 Installing never runs plugin-chosen code on the host: pip gets only the canonical lines
-that `manager.requirements` accepted, installs wheels only (`--only-binary=:all:`: no
-setup.py is ever executed) from the one index the operator configures, ignores pip's own
-configuration and environment (`--isolated`), and its output is cut down to the line that
-names the failing requirement. The manager installs at reload, workers on first use.
+that `manager.requirements` accepted, installs wheels only (`--only-binary=:all:`) from
+the one index the operator configures, ignores pip's own configuration and environment
+(`--isolated`), and runs unprivileged in the install sandbox (`manager.installer`), whose
+only writable place is its work directory: a line the parser missed still cannot reach
+the host. Its output is cut down to the line that names the failing requirement. The
+manager installs at reload, workers on first use.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -24,12 +26,10 @@ from pathlib import Path
 
 from manager.config import Settings
 from manager.errors import DependencyError
+from manager.installer import InstallSandbox, adopt
 from manager.requirements import Requirements, parse_requirements
-from manager.safefs import readable_tree
 
 PIP_TIMEOUT_S = 600
-PASS_ENV = ("PATH", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy",
-            "no_proxy", "SSL_CERT_FILE", "SSL_CERT_DIR")
 NO_WHEEL_RE = re.compile(r"No matching distribution found for (\S+)")
 
 
@@ -64,62 +64,81 @@ def deps_key(reqs: Requirements, settings: Settings) -> str:
 
 def install_requirements(reqs: Requirements, settings: Settings) -> Path:
     """Installs `reqs` under `cache/deps/<key>` unless already there (a cache hit costs one
-    stat)."""
+    stat). pip runs in the install sandbox (manager.installer), never as root."""
     key = deps_key(reqs, settings)
     root = private_root(settings.cache_dir)
     target = root / "deps" / key
     if (target / ".complete").exists():
+        touch(target)
         return target
     with locked(root / "locks" / f"deps-{key}.lock"):
         if (target / ".complete").exists():
             return target
-        work = Path(tempfile.mkdtemp(dir=mkdirs(root / "deps")))
-        try:
+        sandbox = InstallSandbox(settings)
+        with sandbox.workspace(mkdirs(root / "deps")) as work:
             (work / "requirements.txt").write_text(reqs.text())
+            inside = sandbox.inside(work)
+            done = sandbox.pip(["install", *PIP_OPTIONS, "--no-warn-script-location",
+                                *pip_source(settings, sandbox), *pip_target(settings),
+                                "--target", f"{inside}/site",
+                                "-r", f"{inside}/requirements.txt"], work, PIP_TIMEOUT_S)
+            if done.returncode != 0:
+                raise DependencyError(pip_failure(done.output, settings, reqs),
+                                      exit_code=done.returncode)
             site = work / "site"
-            _pip_install(work / "requirements.txt", site, settings, reqs)
-            readable_tree(str(site))
+            site.mkdir(exist_ok=True)  # nothing to install (markers) is an empty tree
+            adopt(site)
             (site / ".complete").write_text(key)
             if target.exists():
                 shutil.rmtree(target)
-            os.rename(site, target)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+            shutil.move(site, target)  # a rename, unless the workspace is elsewhere
     return target
 
 
-def pip_source(settings: Settings) -> list[str]:
+def touch(path: Path) -> None:
+    """Marks a cache entry as used now (the janitor evicts the least recently used)."""
+    with contextlib.suppress(OSError):
+        os.utime(path)
+
+
+PIP_OPTIONS = ("--isolated", "--no-input", "--quiet", "--disable-pip-version-check",
+               "--no-cache-dir", "--only-binary=:all:")
+
+
+def pip_source(settings: Settings, sandbox: InstallSandbox) -> list[str]:
     """Where packages come from: the operator's index, or only a local wheel directory."""
     if settings.pip_find_links:
-        return ["--no-index", "--find-links", settings.pip_find_links]
+        return ["--no-index", "--find-links", sandbox.wheels]
     return ["--index-url", settings.pip_index_url]
 
 
-def pip_command(req_file: Path, target: Path, settings: Settings) -> list[str]:
-    return [sys.executable, "-m", "pip", "install", "--isolated", "--no-input", "--quiet",
-            "--disable-pip-version-check", "--no-warn-script-location",
-            "--only-binary=:all:", *pip_source(settings),
-            "--python-version", settings.runtime_python, "--implementation", "cp",
-            "--target", str(target), "-r", str(req_file)]
+def pip_target(settings: Settings) -> list[str]:
+    """Wheels for the runtime image's Python, whatever Python pip itself runs on."""
+    return ["--python-version", settings.runtime_python, "--implementation", "cp"]
 
 
 def download_wheels(plugins_dir: Path, dest: Path, settings: Settings) -> list[str]:
     """Fills a wheel directory for the plugins' validated requirements (for hosts whose
-    containers reach no index: compose). Returns the plugins it did."""
+    containers reach no index: compose). pip runs in the install sandbox; only regular
+    `.whl` files come out of it. Returns the plugins it did."""
     done = []
+    sandbox = InstallSandbox(settings)
+    mkdirs(dest)
     for req in sorted(plugins_dir.glob("*/requirements.txt")):
         if req.is_symlink():
             continue
         lines = parse_requirements(req.read_bytes())
-        with tempfile.TemporaryDirectory() as work:
-            clean = Path(work) / "requirements.txt"
-            clean.write_text(lines.text())
-            subprocess.run([sys.executable, "-m", "pip", "download", "--isolated", "--quiet",
-                            "--disable-pip-version-check", "--only-binary=:all:",
-                            *pip_source(settings), "--python-version", settings.runtime_python,
-                            "--implementation", "cp", "--dest", str(dest), "-r", str(clean)],
-                           check=True, timeout=PIP_TIMEOUT_S, env={
-                               k: v for k, v in os.environ.items() if k in PASS_ENV})
+        with tempfile.TemporaryDirectory() as private, sandbox.workspace(Path(private)) as work:
+            (work / "requirements.txt").write_text(lines.text())
+            inside = sandbox.inside(work)
+            result = sandbox.pip(["download", *PIP_OPTIONS, *pip_source(settings, sandbox),
+                                  *pip_target(settings), "--dest", f"{inside}/wheels",
+                                  "-r", f"{inside}/requirements.txt"], work, PIP_TIMEOUT_S)
+            if result.returncode != 0:
+                raise DependencyError(f"{req}: " + pip_failure(result.output, settings, lines))
+            for wheel in (work / "wheels").glob("*.whl"):
+                if wheel.is_file() and not wheel.is_symlink():
+                    shutil.copyfile(wheel, dest / wheel.name)
         done.append(req.parent.name)
     return done
 
@@ -129,20 +148,6 @@ if __name__ == "__main__":  # python -m manager.deps PLUGINS_DIR DEST
 
     print("wheels for:", ", ".join(download_wheels(Path(sys.argv[1]), Path(sys.argv[2]),
                                                    current())) or "nothing")
-
-
-def _pip_install(req_file: Path, target: Path, settings: Settings, reqs: Requirements) -> None:
-    env = {k: v for k, v in os.environ.items() if k in PASS_ENV}
-    env["HOME"] = str(req_file.parent)
-    try:
-        proc = subprocess.run(pip_command(req_file, target, settings), capture_output=True,
-                              text=True, timeout=PIP_TIMEOUT_S, check=False, env=env,
-                              cwd=req_file.parent)
-    except subprocess.TimeoutExpired as exc:
-        raise DependencyError(f"pip install timed out after {PIP_TIMEOUT_S}s") from exc
-    if proc.returncode != 0:
-        raise DependencyError(pip_failure(proc.stderr + proc.stdout, settings, reqs),
-                              exit_code=proc.returncode)
 
 
 def pip_failure(output: str, settings: Settings, reqs: Requirements) -> str:

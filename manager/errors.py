@@ -36,6 +36,12 @@ class ManifestError(TitanError):
         self.errors = errors
 
 
+class BudgetExceeded(TitanError):
+    """A correlation id used its fan-out budget (TITAN_FANOUT_BUDGET runs)."""
+
+    code = "budget_exceeded"
+
+
 class PluginNotFound(TitanError):
     code = "plugin_not_found"
 

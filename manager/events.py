@@ -17,6 +17,7 @@ KNOWN_FIELDS = {"event_id", "topic", "event_type", "payload", "hops", *OPTIONAL_
 MAX_OPTIONAL_LEN = 1024
 PLUGIN_SOURCE = "plugin:"
 FAILURE = ("plugins.v1", "invocation_failed")  # published by workers only
+RESERVED_TOPICS = frozenset({FAILURE[0]})  # the manager's own events: never from outside
 
 
 @dataclass(frozen=True)
@@ -121,8 +122,13 @@ class Event:
 
 
 def from_outside(event: Event) -> Event:
-    """Provenance for events from external producers (the API): `source` defaults to
-    `api`, and a producer may not pose as a plugin."""
+    """Provenance for events from external producers (the API's event and trigger bodies,
+    and dead letters replayed through it): `source` defaults to `api`, a producer may not
+    pose as a plugin, and the manager's own topics are not theirs to publish."""
+    if event.topic in RESERVED_TOPICS:
+        raise EventError(f"topic {event.topic!r} is reserved for the manager's own events "
+                         "(a run's invocation_failed); publish on a topic of your own",
+                         field="topic", reason="reserved_topic")
     if event.source is None:
         return Event(**{**asdict(event), "source": "api"})
     if event.source.startswith(PLUGIN_SOURCE):

@@ -37,6 +37,11 @@ class Keys:
         """List: the kept versions of a plugin (registry entries as JSON), newest first."""
         return f"{self.prefix}:plugin:{plugin}:versions"
 
+    @property
+    def versions_pattern(self) -> str:
+        """Every plugin's kept versions (for the bundle collector)."""
+        return self.plugin_versions("*")
+
     def plugin_slots(self, plugin: str) -> str:
         """Sorted set: invocations holding one of a plugin's concurrency slots."""
         return f"{self.prefix}:plugin:{plugin}:slots"

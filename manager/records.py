@@ -277,3 +277,14 @@ class RecordStore:
 
     def extend(self, invocation_id: str, deadline: float) -> None:
         self.conn.zadd(self.keys.inflight, {invocation_id: deadline}, xx=True)
+
+    def wait(self, invocation_id: str, seconds: float) -> InvocationRecord | None:
+        """Polls the record until it is terminal or time is up (for `?wait`)."""
+        deadline = time.monotonic() + seconds
+        delay = 0.01
+        while True:
+            record = self.get(invocation_id)
+            if (record and record.status.terminal) or time.monotonic() >= deadline:
+                return record
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.2)

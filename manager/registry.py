@@ -26,6 +26,7 @@ import redis
 from manager.config import Settings
 from manager.deps import install_requirements
 from manager.errors import DependencyError, ManifestError, PluginNotFound, VersionNotFound
+from manager.janitor import collect_bundles
 from manager.keys import Keys
 from manager.manifest import MANIFEST_NAME, NAME_RE, Manifest, manifest_from_files
 from manager.permissions import check_globs
@@ -260,6 +261,7 @@ class Registry:
             pipe.hdel(self.keys.registry, *changes["removed"])
         pipe.incr(self.keys.registry_version)
         pipe.execute()
+        collect_bundles(self.conn, self.keys)
         return changes
 
     def worker_images(self) -> set[str] | None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
+from packaging.version import InvalidVersion, Version
 
 from manager.errors import DependencyError
 
@@ -21,6 +22,11 @@ HASH_RE = re.compile(r"^(sha256|sha384|sha512):[0-9a-f]{64,128}$")
 HASH_OPT_RE = re.compile(r"(?:^|\s)--hash(?:=|\s+)(\S+)")
 MAX_LINES = 500
 FILE = "requirements.txt"
+# `===` (arbitrary equality) compares strings: pip reads a path there as a local project.
+OPERATORS = ("==", "!=", "<=", ">=", "<", ">", "~=")
+# A name pip would read as a local archive or directory.
+ARCHIVE_SUFFIXES = (".whl", ".zip", ".tar", ".tgz", ".tbz", ".tbz2", ".txz", ".tlz", ".gz",
+                    ".bz2", ".xz", ".lz", ".lzma", ".egg")
 
 
 @dataclass(frozen=True)
@@ -98,7 +104,28 @@ def parse_line(line_no: int, line: str) -> str:
         raise _refuse(line_no, "not a valid requirement") from None
     if req.url:
         raise _refuse(line_no, "direct references (name @ URL or path) are not allowed")
+    _check_name(line_no, req.name)
+    for specifier in req.specifier:
+        _check_specifier(line_no, specifier.operator, specifier.version)
     return " ".join([str(req), *(f"--hash={h}" for h in hashes)])
+
+
+def _check_name(line_no: int, name: str) -> None:
+    if "/" in name or "\\" in name or name.lower().endswith(ARCHIVE_SUFFIXES):
+        raise _refuse(line_no, f"{name[:60]!r} looks like a path or an archive, not a "
+                               "package name")
+
+
+def _check_specifier(line_no: int, operator: str, version: str) -> None:
+    """Only the comparison operators, each with a PEP 440 version (`==1.*` included)."""
+    if operator not in OPERATORS:
+        raise _refuse(line_no, f"the version operator {operator!r} is not allowed (use one "
+                               f"of {' '.join(OPERATORS)})")
+    plain = version[:-2] if operator in ("==", "!=") and version.endswith(".*") else version
+    try:
+        Version(plain)
+    except InvalidVersion:
+        raise _refuse(line_no, f"{version[:60]!r} is not a PEP 440 version") from None
 
 
 def parse_requirements(data: bytes) -> Requirements:

@@ -9,7 +9,6 @@ checks first (size, nesting, UTF-8, before any JSON parser recurses), then the m
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +37,10 @@ from manager.api_models import (
     RollbackOut,
     WaitQuery,
 )
+from manager.dispatch import FanoutBudget
 from manager.errors import (
     BadQuery,
+    BudgetExceeded,
     DeadLetterNotFound,
     EventError,
     InvocationNotFound,
@@ -48,7 +49,7 @@ from manager.errors import (
 )
 from manager.events import Event, from_outside
 from manager.keys import Keys
-from manager.records import InvocationRecord, RecordStore, Status
+from manager.records import Status
 from manager.registry import PluginEntry
 
 DOCS_HTML = """<!doctype html><html><head><meta charset="utf-8">
@@ -175,7 +176,8 @@ def reload_plugins() -> Any:
 
 @routes.post("/plugins/<name>/trigger")
 @api.validate(json=EventIn, query=WaitQuery, resp=Resp(HTTP_200=Invocation, HTTP_202=Queued,
-                                                       HTTP_409=ErrorBody, **ERRORS))
+                                                       HTTP_409=ErrorBody, HTTP_429=ErrorBody,
+                                                       **ERRORS))
 def trigger(name: str) -> Any:
     """Runs this plugin on the event, regardless of its triggers; with ?wait, the record."""
     entry = plugin_or_404(name)
@@ -184,14 +186,29 @@ def trigger(name: str) -> Any:
                                 errors=list(entry.errors))
     event: Event = g.event
     wait = request.context.query.wait  # type: ignore[attr-defined]  # validated by WaitQuery
+    if not FanoutBudget(ctx().conn, ctx().settings).charge(event, 1):
+        raise BudgetExceeded(
+            f"correlation {event.correlation!r} used its budget of "
+            f"{ctx().settings.fanout_budget} runs (TITAN_FANOUT_BUDGET, counted for "
+            f"{ctx().settings.fanout_ttl}s); send the event with a new event_id or "
+            "correlation_id", correlation_id=event.correlation)
     invocation_id, _ = ctx().dispatcher.dispatch(event, entry, origin="api")
     metrics.TASKS_DISPATCHED.labels(plugin=name).inc()
-    if wait:
-        record = wait_for(ctx().records, invocation_id, wait)
+    waited = False
+    if wait and ctx().waiters.acquire(blocking=False):
+        waited = True
+        try:
+            record = ctx().records.wait(invocation_id, wait)
+        finally:
+            ctx().waiters.release()
         if record and record.status.terminal:
             return jsonify(record.public()), 200
-    return jsonify({"invocation_id": invocation_id, "status": Status.QUEUED.value,
-                    "plugin": name, "event_id": event.event_id}), 202
+    location = f"/invocations/{invocation_id}"
+    response = jsonify({"invocation_id": invocation_id, "status": Status.QUEUED.value,
+                        "plugin": name, "event_id": event.event_id, "record": location,
+                        "waited": waited})
+    response.headers["Location"] = location
+    return response, 202
 
 
 @routes.post("/events")
@@ -222,7 +239,7 @@ def replay_dead_letter(entry_id: str) -> Any:
         found = []
     if not found or found[0][0].decode() != entry_id:
         raise DeadLetterNotFound(f"no dead letter {entry_id!r}", entry_id=entry_id)
-    event = Event.decode(found[0][1].get(b"event", b""), ctx().limits)
+    event = from_outside(Event.decode(found[0][1].get(b"event", b""), ctx().limits))
     published = publish_event(ctx().conn, ctx().settings, event)
     return jsonify({"event_id": event.event_id, "entry_id": published,
                     "replayed": entry_id}), 202
@@ -295,15 +312,3 @@ def rollback_version() -> str | None:
         raise BadQuery("version must be a non-empty string (a version or a digest)",
                        field="version")
     return version
-
-
-def wait_for(records: RecordStore, invocation_id: str, seconds: float) -> InvocationRecord | None:
-    """Polls the record until it is terminal or time is up."""
-    deadline = time.monotonic() + seconds
-    delay = 0.01
-    while True:
-        record = records.get(invocation_id)
-        if (record and record.status.terminal) or time.monotonic() >= deadline:
-            return record
-        time.sleep(delay)
-        delay = min(delay * 1.5, 0.2)

@@ -246,6 +246,7 @@ def write_tree(root_fd: int, members: Iterator[tuple[str, bool, bytes | None]]) 
                 nxt = os.open(part, O_DIR, dir_fd=parent)
                 os.close(parent)
                 parent = nxt
+                os.fchmod(parent, 0o755)  # whatever the process's umask: the sandbox reads it
             if data is None:
                 continue
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -256,14 +257,3 @@ def write_tree(root_fd: int, members: Iterator[tuple[str, bool, bytes | None]]) 
                 os.fchmod(out, 0o755 if executable else 0o644)
         finally:
             os.close(parent)
-
-
-def readable_tree(root: str) -> None:
-    """Lets the sandbox user read an installed tree; never follows a symlink."""
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        os.chmod(dirpath, 0o755)
-        for name in filenames + dirnames:
-            path = os.path.join(dirpath, name)
-            st = os.lstat(path)
-            if stat.S_ISREG(st.st_mode):
-                os.chmod(path, 0o755 if st.st_mode & 0o111 else 0o644)

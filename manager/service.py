@@ -6,17 +6,21 @@ being handled is finished and acknowledged, or left pending for another listener
 from __future__ import annotations
 
 import logging
+import resource
 import signal
 import threading
 from typing import Any
 
 import waitress
+from flask import Flask
 
 from manager import metrics
 from manager.api import create_app
 from manager.clients import redis_client
 from manager.config import Settings
 from manager.dispatch import Dispatcher, make_celery
+from manager.errors import TitanError
+from manager.janitor import CacheJanitor
 from manager.listener import Listener
 from manager.registry import PluginStatus, Registry
 from manager.sweeper import Sweeper
@@ -25,19 +29,49 @@ from manager.watch import PluginWatcher
 log = logging.getLogger("titan.manager")
 
 
+def api_server(app: Flask, settings: Settings) -> Any:
+    """waitress (a production WSGI server) with the limits that keep one client from
+    holding the API: a body over the limit is refused from its Content-Length before any
+    of it is read, idle and half-sent connections are dropped after a short timeout, and
+    enough connections are allowed that a pile of them cannot lock the others out."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = settings.api_connection_limit + 256
+    if soft < wanted and (hard == resource.RLIM_INFINITY or hard >= wanted):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    return waitress.create_server(
+        app, host=settings.api_host, port=settings.api_port, threads=settings.api_threads,
+        connection_limit=settings.api_connection_limit,
+        channel_timeout=settings.api_channel_timeout,
+        cleanup_interval=max(1, settings.api_channel_timeout // 4),
+        max_request_body_size=app.config["MAX_CONTENT_LENGTH"],
+        ident="titan-plugin-manager")
+
+
 class Manager:
     def __init__(self, settings: Settings) -> None:
+        if not settings.api_token:
+            raise TitanError("TITAN_API_TOKEN is not set: the API never runs without a key "
+                             "(make up generates one into run/api.token)")
         self.settings = settings
         self.conn = redis_client(settings)
         self.registry = Registry(self.conn, settings)
         self.dispatcher = Dispatcher(self.conn, settings, make_celery(settings))
         listener_conn = redis_client(settings)
         self.sweeper = Sweeper(listener_conn, settings, self.dispatcher)
+        self.janitor = CacheJanitor(settings)
         self.listener = Listener(listener_conn, settings, Registry(listener_conn, settings),
-                                 self.dispatcher, housekeeping=self.sweeper.maybe_sweep)
+                                 self.dispatcher, housekeeping=self.housekeeping)
         self.app = create_app(settings, self.conn, self.registry, self.dispatcher)
         self.server: Any = None
 
+
+    def housekeeping(self) -> None:
+        """On the listener's housekeeping tick: abandoned runs, then this host's cache."""
+        self.sweeper.maybe_sweep()
+        try:
+            self.janitor.evict()
+        except OSError as exc:
+            log.warning("cache eviction failed: %s", exc)
 
     def reload(self) -> dict[str, Any]:
         changes = self.registry.reload()
@@ -69,10 +103,7 @@ class Manager:
                       metrics.StateCollector(self.plugin_counts, self.queue_depths))
         listener = threading.Thread(target=self.listener.run, name="listener", daemon=True)
         listener.start()
-        # waitress, a production WSGI server, in this process beside the listener thread.
-        self.server = waitress.create_server(self.app, host=self.settings.api_host,
-                                             port=self.settings.api_port, threads=8,
-                                             ident="titan-plugin-manager")
+        self.server = api_server(self.app, self.settings)  # beside the listener thread
         signal.signal(signal.SIGHUP, lambda *_: self._safe_reload())
         signal.signal(signal.SIGTERM, lambda *_: self.shutdown())
         signal.signal(signal.SIGINT, lambda *_: self.shutdown())

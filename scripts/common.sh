@@ -14,6 +14,20 @@ if [ -z "${TITAN_REDIS_URL:-}" ] && [ -f "$REDIS_URL_FILE" ]; then
 fi
 REDIS_URL="${TITAN_REDIS_URL:-redis://127.0.0.1:6379/0}"
 export TITAN_RUN_DIR="$RUN_DIR"
+API_TOKEN_FILE="$RUN_DIR/api.token"
+
+# The run directory holds the Redis password, the API token, every stored event (the
+# AOF), logs and metrics: it and everything the services started from here create are
+# root's alone (umask 077; also what an older version left is made so). Files that plugin
+# containers must read are given their modes explicitly by the workers.
+private_run_dir() {
+  umask 077
+  mkdir -p "$RUN_DIR"
+  chmod -R go-rwx "$RUN_DIR"
+}
+
+# A secret of 24 random bytes, as hex.
+new_secret() { head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n'; }
 
 if [ -t 2 ]; then
   say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }

@@ -31,8 +31,14 @@ need_compose() {
 }
 
 build() {
+  # The base needs Debian's pip: plugin requirements are installed with the system's
+  # Python as an unprivileged user (TITAN_INSTALL_SANDBOX=user). An older base lacks it.
+  if docker image inspect titan-base:bookworm >/dev/null 2>&1 &&
+     ! docker run --rm --network none titan-base:bookworm python3 -m pip --version >/dev/null 2>&1; then
+    docker rmi -f titan-base:bookworm titan-plugin-manager:local >/dev/null 2>&1 || true
+  fi
   bash "$ROOT/scripts/image.sh" titan-base:bookworm \
-    "python3,python3-venv,python-is-python3,redis-server,procps,ca-certificates"
+    "python3,python3-venv,python3-pip,python-is-python3,redis-server,procps,ca-certificates"
   bash "$ROOT/scripts/image.sh"
   mkdir -p build/wheels build/plugin-wheels
   if ! docker image inspect titan-plugin-manager:local >/dev/null 2>&1 ||
@@ -60,11 +66,12 @@ service_stamp() {  # what the service image is made of
     sha256sum | cut -c1-16
 }
 
-secrets() {
-  if ! grep -qs '^TITAN_REDIS_PASSWORD=' "$ENV_FILE"; then
-    (umask 077 && printf 'TITAN_REDIS_PASSWORD=%s\n' \
-      "$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')" >>"$ENV_FILE")
-  fi
+secrets() {  # generated once into .env (0600): the Redis password and the API's key
+  local name
+  for name in TITAN_REDIS_PASSWORD TITAN_API_TOKEN; do
+    grep -qs "^$name=" "$ENV_FILE" || (umask 077 && printf '%s=%s\n' "$name" "$(new_secret)" >>"$ENV_FILE")
+  done
+  chmod 600 "$ENV_FILE"
 }
 
 up() {

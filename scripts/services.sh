@@ -2,7 +2,7 @@
 # start|stop the Docker engine and Redis. Starts only what does not already answer, and
 # records what it started (pid files in the run directory) so `stop` stops exactly that.
 source "$(dirname "$0")/common.sh"
-mkdir -p "$RUN_DIR"
+private_run_dir
 
 start_docker() {
   if docker_ok; then say "Docker engine answers"; return; fi
@@ -14,7 +14,8 @@ start_docker() {
 }
 
 # Redis runs with a password (anyone who can write to Redis can queue runs and forge
-# bundles) and with AOF. appendfsync everysec loses at most about one second of writes on
+# bundles), with AOF, and under umask 077 (set in common.sh): its data directory and
+# append-only files are root's alone (0700/0600), like everything else in the run directory. appendfsync everysec loses at most about one second of writes on
 # a power loss or kernel crash, and nothing on a process crash; `always` loses nothing.
 start_redis() {
   if redis_ok; then say "Redis answers on port $(redis_port)"; return; fi
@@ -23,7 +24,7 @@ start_redis() {
   port="$(redis_port)"
   case "$fsync" in always|everysec|no) ;; *) die "TITAN_REDIS_APPENDFSYNC must be always, everysec or no" ;; esac
   if [ -z "${TITAN_REDIS_URL:-}" ]; then  # our own Redis: generate its password once
-    secret="$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+    secret="$(new_secret)"
     REDIS_URL="redis://default:${secret}@127.0.0.1:${port}/0"
     (umask 077 && echo "$REDIS_URL" >"$REDIS_URL_FILE")
   fi

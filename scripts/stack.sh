@@ -2,6 +2,7 @@
 # start|stop|status the manager (API, bus listener, metrics) and the Celery workers, in
 # the background, with logs and pid files in the run directory.
 source "$(dirname "$0")/common.sh"
+private_run_dir
 WORKERS="${TITAN_WORKERS:-2}"
 CONCURRENCY="${TITAN_WORKER_CONCURRENCY:-1}"
 export PROMETHEUS_MULTIPROC_DIR="$RUN_DIR/metrics"
@@ -19,6 +20,13 @@ start() {
   [ -x "$PY" ] || die "no virtualenv; run: make up"
   redis_ok || die "Redis does not answer on port $(redis_port) (or refuses the password in $REDIS_URL_FILE); run: make up"
   mkdir -p "$RUN_DIR" "$PROMETHEUS_MULTIPROC_DIR"
+  # The API's key: generated once (run/api.token, 0600; the CLI reads it there), unless
+  # the environment brings one. Rotate: delete the file, then make plugins-down plugins-up.
+  if [ -z "${TITAN_API_TOKEN:-}" ]; then
+    [ -s "$API_TOKEN_FILE" ] || new_secret >"$API_TOKEN_FILE"
+    TITAN_API_TOKEN="$(cat "$API_TOKEN_FILE")"
+  fi
+  export TITAN_API_TOKEN
   local any_running=0 i
   for f in "$RUN_DIR"/manager.pid "$RUN_DIR"/worker*.pid; do pid_alive "$f" && any_running=1; done
   [ $any_running = 1 ] || rm -f "$PROMETHEUS_MULTIPROC_DIR"/*.db

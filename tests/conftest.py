@@ -13,7 +13,6 @@ from pathlib import Path
 import docker
 import pytest
 import redis
-import waitress
 import yaml
 
 from harness import Bus, RedisServer, WorkerProcess, free_port, private_settings
@@ -22,6 +21,7 @@ from manager.config import ROOT, Settings
 from manager.dispatch import Dispatcher, make_celery
 from manager.listener import Listener
 from manager.registry import Registry
+from manager.service import api_server
 
 TEST_PLUGINS = Path(__file__).parent / "plugins"
 HOSTILE_PLUGINS = Path(__file__).parent / "hostile"
@@ -138,10 +138,10 @@ def client(app):
 
 
 @pytest.fixture(scope="session")
-def api_url(app, stack) -> Iterator[str]:
+def api_url(app, stack, settings: Settings) -> Iterator[str]:
     """The API over HTTP (the CLI's way in), on a free port."""
     port = free_port()
-    server = waitress.create_server(app, host="127.0.0.1", port=port, threads=4)
+    server = api_server(app, settings.with_(api_port=port))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{port}"

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -46,10 +47,18 @@ class ComposeStack:
                               timeout=900, check=False)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
-    def api(self, method: str, path: str, body: object = None) -> dict:
+    @property
+    def token(self) -> str:
+        """The API's key, which compose.sh generated into .env."""
+        lines = (ROOT / ".env").read_text().splitlines()
+        return next(ln.split("=", 1)[1] for ln in lines if ln.startswith("TITAN_API_TOKEN="))
+
+    def api(self, method: str, path: str, body: object = None, token: str | None = None) -> dict:
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data,
-                                     method=method, headers={"Content-Type": "application/json"})
+                                     method=method, headers={
+                                         "Content-Type": "application/json",
+                                         "Authorization": f"Bearer {token or self.token}"})
         with urllib.request.urlopen(req, timeout=120) as resp:
             return json.loads(resp.read())
 
@@ -100,6 +109,9 @@ def compose(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComposeStack]:
 def test_runs_spread_over_the_worker_containers(compose: ComposeStack) -> None:
     health = compose.api("GET", "/health")
     assert health["workers"]["count"] == 3 and health["docker"]["ok"], health
+    with pytest.raises(urllib.error.HTTPError) as refused:  # the API needs its key
+        compose.api("GET", "/plugins", token="not-the-key")
+    assert refused.value.code == 401
     runs = compose.finished(compose.burst(12))
     assert {r["status"] for r in runs} == {"succeeded"} and len(runs) == 12
     assert len({r["worker"] for r in runs}) >= 2, {r["worker"] for r in runs}

@@ -33,11 +33,12 @@ from manager.api import create_app
 from manager.dispatch import Dispatcher, make_celery
 from manager.errors import BundleError, PermissionDenied
 from manager.events import Event
+from manager.installer import adopt
 from manager.listener import Listener
 from manager.permissions import open_payload_path
 from manager.registry import Registry, build_bundle, load_plugin
 from manager.runs import RunRequest
-from manager.safefs import TreeFile, readable_tree
+from manager.safefs import TreeFile
 from workers.plugin_cache import PluginCache
 
 pytestmark = pytest.mark.integration
@@ -212,13 +213,18 @@ def test_crafted_bundles_write_nothing_outside_the_cache(settings, conn, tmp_pat
             _member("/".join([long] * 8) + "/l", tarfile.SYMTYPE,
                     link="/".join([".."] * 8) + str(outside)),
             _member("/".join([long] * 8) + "/l/private.txt", data=b"overwritten")],
+        "a name that is not UTF-8": [_member("\udcff\udcfe.py")],
+        "a file, then a directory of the same name": [_member("a"), _member("a/b")],
+        "a directory, then a file of the same name": [_member("a", tarfile.DIRTYPE),
+                                                      _member("a")],
     }
     cache = PluginCache(Registry(conn, settings), settings)
     for what, members in crafted.items():
         digest, bundle = _tar(members)
         conn.set(f"{settings.key_prefix}:bundle:{digest}", bundle)
-        with pytest.raises(BundleError, match="refused"):
+        with pytest.raises(BundleError, match="refused") as refused:
             cache.code_dir(digest)
+        assert "internal" not in refused.value.message and len(refused.value.message) < 500
         assert not (settings.cache_dir / "plugins" / digest.replace(":", "-")).exists(), what
     assert sorted(p.name for p in outside.iterdir()) == ["private.txt"]
     assert victim.read_text() == "private" and oct(victim.stat().st_mode)[-3:] == "600"
@@ -234,7 +240,7 @@ def test_crafted_bundles_write_nothing_outside_the_cache(settings, conn, tmp_pat
         cache.code_dir(real_digest)
 
 
-def test_making_a_tree_readable_never_follows_symlinks(tmp_path) -> None:
+def test_adopting_an_installed_tree_never_follows_symlinks(tmp_path) -> None:
     victim = tmp_path / "victim.txt"
     victim.write_text("private")
     victim.chmod(0o600)
@@ -242,9 +248,11 @@ def test_making_a_tree_readable_never_follows_symlinks(tmp_path) -> None:
     tree.mkdir()
     (tree / "link").symlink_to(victim)
     (tree / "mod.py").write_text("x = 1")
-    readable_tree(str(tree))
+    (tree / "mod.py").chmod(0o600)
+    adopt(tree)
     assert oct(victim.stat().st_mode)[-3:] == "600"
     assert oct((tree / "mod.py").stat().st_mode)[-3:] == "644"
+    assert not (tree / "link").exists() and not (tree / "link").is_symlink()
 
 
 # Fan-out budget.

@@ -183,6 +183,20 @@ def test_host_is_out_of_reach(attack) -> None:
     assert not Path("/pwned").exists()
 
 
+def test_pid_1_is_out_of_the_plugins_reach(attack, lane) -> None:
+    """In a prewarmed container PID 1 is the product's launcher: non-dumpable, so the
+    plugin (same uid) reads neither its environment nor the stream its request came
+    through. A cold container's PID 1 is docker-init, which never held a request."""
+    got = report(attack("read_paths", paths=["/proc/1/cmdline", "/proc/1/environ",
+                                             "/proc/1/fd/0", "/proc/1/mem"]))["results"]
+    if lane.name == "warm":
+        assert "launcher.py" in got["/proc/1/cmdline"], got
+        assert got["/proc/1/environ"] == "EACCES" and got["/proc/1/fd/0"] == "EACCES", got
+    else:
+        assert "docker-init" in got["/proc/1/cmdline"], got
+    assert not got["/proc/1/mem"].startswith("read:"), got
+
+
 # Paths
 
 @pytest.fixture
@@ -232,6 +246,26 @@ def test_payload_path_escapes_are_rejected_before_any_container(attack, planted,
     assert record.get("exit_code") is None and record.get("container_start_s") is None
     assert failure["payload"]["status"] == "rejected"
     assert path in failure["payload"]["reason"]
+
+
+@pytest.mark.parametrize("how", ["root-only file", "root-only directory"])
+def test_a_payload_its_user_could_not_read_is_rejected(attack, planted, how: str) -> None:
+    """The worker copies a payload as root: it must read only what uid 65534 could."""
+    inside = planted["inside"]
+    private = inside / "private"
+    private.mkdir(mode=0o755)
+    secret = private / "root-only.txt"
+    secret.write_text("ROOT-ONLY")
+    (secret if how == "root-only file" else private).chmod(0o600 if "file" in how else 0o700)
+    try:
+        record, failure = attack("read_paths", paths=[str(secret)], path=str(secret))
+    finally:
+        private.chmod(0o755)
+        secret.unlink()
+        private.rmdir()
+    assert record["status"] == "rejected", record
+    assert "ROOT-ONLY" not in json.dumps(record) + json.dumps(failure)
+    assert "65534" in record["reason"] and str(secret) in record["reason"], record["reason"]
 
 
 def test_payload_path_mounts_only_that_file(attack, planted) -> None:

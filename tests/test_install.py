@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -94,6 +95,13 @@ def reload_rejects(env: dict, name: str) -> str:
     ("-c /etc/passwd\n", "line 1: options such as '-c' are not allowed"),
     ("-e .\n", "line 1: options such as '-e' are not allowed"),
     ("six==1.16.0 \\\n  --install-option=--prefix=/\n", "line 1: per-line options"),
+    # `===` compares strings: pip read this path as a local project and ran its setup.py
+    ("x===/../../../../../../../..{dir}/evilpkg\n", "line 1: the version operator '==='"),
+    ("evilpkg.tgz\n", "line 1: 'evilpkg.tgz' looks like a path or an archive"),
+    ("six==1.16.0\nevilpkg.tar\n", "line 2: 'evilpkg.tar' looks like a path or an archive"),
+    ("evilpkg.tar.bz2\n", "line 1: 'evilpkg.tar.bz2' looks like a path or an archive"),
+    ("evilpkg.tar.xz\n", "line 1: 'evilpkg.tar.xz' looks like a path or an archive"),
+    ("six==1.16.0-not-a-version\n", "line 1: not a valid requirement"),
 ])
 def test_hostile_requirements_are_refused_naming_the_line(env, requirements: str,
                                                           says: str) -> None:
@@ -130,13 +138,17 @@ def test_a_symlinked_requirements_file_is_never_read(env) -> None:
     assert "requirements.txt: is a symlink" in errors, errors
 
 
-def test_validate_applies_the_same_rules(env) -> None:
-    d = plugin(env, "validated", "-r /etc/shadow\n")
+@pytest.mark.parametrize(("requirements", "says"), [
+    ("-r /etc/shadow\n", "line 1: options such as '-r' are not allowed"),
+    ("x===/../../../../../../../..{dir}/evilpkg\n", "line 1: the version operator '==='"),
+])
+def test_validate_applies_the_same_rules(env, requirements: str, says: str) -> None:
+    d = plugin(env, "validated", requirements)
     proc = subprocess.run([sys.executable, str(ROOT / "titan-plugins.py"), "validate", str(d)],
                           capture_output=True, text=True, timeout=120, check=False,
                           env={**os.environ, "TITAN_CACHE_DIR": str(env["tmp"] / "cache")})
     assert proc.returncode == 1
-    assert "line 1: options such as '-r' are not allowed" in proc.stdout
+    assert says in proc.stdout, proc.stdout
     for line in secret_lines():
         assert line not in proc.stdout + proc.stderr
 
@@ -149,7 +161,12 @@ def test_a_wheel_only_requirement_installs_at_reload(env) -> None:
     assert len(deps) == 1 and oct(deps[0].stat().st_mode)[-3:] == "644"
 
 
-def test_a_worker_applies_the_same_rules_to_a_bundle_it_fetches(env, conn) -> None:
+@pytest.mark.parametrize(("requirements", "says"), [
+    (b"-r /etc/shadow\n", "line 1: options such as '-r'"),
+    (b"x===/../../../../../../../../srv/x\n", "line 1: the version operator '==='"),
+])
+def test_a_worker_applies_the_same_rules_to_a_bundle_it_fetches(env, conn, requirements: bytes,
+                                                               says: str) -> None:
     """A bundle put in Redis without a reload (as anyone with Redis access could) is
     checked again by the worker before anything is installed."""
     from manager.registry import build_bundle
@@ -159,10 +176,10 @@ def test_a_worker_applies_the_same_rules_to_a_bundle_it_fetches(env, conn) -> No
     settings: Settings = env["settings"]
     files = [TreeFile("main.py", b"print()\n", False),
              TreeFile("plugin.yaml", MANIFEST.format(name="sneaky").encode(), False),
-             TreeFile("requirements.txt", b"-r /etc/shadow\n", False)]
+             TreeFile("requirements.txt", requirements, False)]
     digest, bundle = build_bundle(files)
     conn.set(f"{settings.key_prefix}:bundle:{digest}", bundle)
     cache = PluginCache(Registry(conn, settings), settings)
-    with pytest.raises(Exception, match="line 1: options such as '-r'") as info:
+    with pytest.raises(Exception, match=re.escape(says)) as info:
         cache.deps_dir(cache.code_dir(digest))
     assert not any(line in json.dumps(str(info.value)) for line in secret_lines())

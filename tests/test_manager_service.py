@@ -19,8 +19,12 @@ from manager.config import ROOT
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("worker")]
 
 
+TOKEN = "manager-service-key"
+
+
 def get(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=10) as resp:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
         return json.loads(resp.read())
 
 
@@ -31,7 +35,7 @@ def test_manager_serves_reloads_on_sighup_and_stops(settings, conn, registry,
     own = settings.with_(plugins_dir=plugins)
     port, metrics_port = free_port(), free_port()
     env = {**settings_env(own), "TITAN_API_PORT": str(port),
-           "TITAN_METRICS_PORT": str(metrics_port)}
+           "TITAN_METRICS_PORT": str(metrics_port), "TITAN_API_TOKEN": TOKEN}
     log = (tmp_path / "manager.log").open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "manager"], cwd=ROOT, env=env,
                             stdout=log, stderr=subprocess.STDOUT)
@@ -65,3 +69,13 @@ def test_manager_serves_reloads_on_sighup_and_stops(settings, conn, registry,
         code = proc.wait(30)
         registry.reload()  # that manager published its own plugin set to the shared registry
     assert code == 0
+
+
+def test_the_manager_never_serves_without_a_key(settings) -> None:
+    env = {**settings_env(settings), "TITAN_API_PORT": str(free_port()),
+           "TITAN_METRICS_PORT": str(free_port())}
+    env.pop("TITAN_API_TOKEN", None)
+    proc = subprocess.run([sys.executable, "-m", "manager"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2
+    assert "TITAN_API_TOKEN is not set" in proc.stderr and "run/api.token" in proc.stderr

@@ -20,6 +20,7 @@ from celery.worker import state as worker_state
 
 from manager.config import Settings
 from manager.errors import SandboxUnavailable
+from manager.janitor import CacheJanitor
 from manager.keys import Keys
 from workers.sandbox import Sandbox
 
@@ -28,6 +29,7 @@ INTERVAL_S = 3.0
 TTL_S = 10
 RUN_DIR_MAX_AGE_S = 3600
 IMAGES_S = 30.0
+EVICT_EVERY = 20  # beats: the cache is checked about once a minute
 
 
 def held_runs() -> set[str]:
@@ -62,6 +64,7 @@ class Heartbeat(threading.Thread):
         self.stopping = threading.Event()
         self._docker_ok = False
         self._images: tuple[float, list[str]] = (0.0, [])
+        self.janitor = CacheJanitor(settings)
 
     def docker_state(self) -> dict[str, object]:
         try:
@@ -110,8 +113,12 @@ class Heartbeat(threading.Thread):
                     shutil.rmtree(path, ignore_errors=True)
 
     def run(self) -> None:
+        beats = 0
         while not self.stopping.is_set():
+            beats += 1
             try:
+                if beats % EVICT_EVERY == 0:
+                    self.janitor.evict()
                 self.beat()
             except redis.RedisError as exc:
                 log.warning("heartbeat: Redis unavailable: %s", exc)

@@ -19,7 +19,7 @@ import zlib
 from pathlib import Path
 
 from manager.config import Settings
-from manager.deps import install_requirements, locked, mkdirs, private_root
+from manager.deps import install_requirements, locked, mkdirs, private_root, touch
 from manager.errors import BundleError
 from manager.registry import REQUIREMENTS, Registry
 from manager.requirements import parse_requirements
@@ -55,10 +55,9 @@ class PluginCache:
         """The unpacked plugin for a digest: from `bundle` when given (a local run), else
         fetched from Redis when absent here."""
         target = self.root / "plugins" / check_digest(digest).replace(":", "-")
-        if target.is_dir():
-            return target
-        with locked(self.root / "locks" / f"{target.name}.lock"):
+        with locked(self.root / "locks" / f"{target.name}.lock"):  # the janitor's lock too
             if target.is_dir():
+                touch(target)
                 return target
             if bundle is None and self.registry is not None:
                 bundle = self.registry.bundle(digest)
@@ -84,8 +83,9 @@ class PluginCache:
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-        except (UnsafePath, OSError, EOFError, tarfile.TarError, zlib.error) as exc:
-            raise BundleError(f"bundle {digest} refused: {exc}", digest=digest) from None
+        except (UnsafePath, OSError, EOFError, tarfile.TarError, zlib.error,
+                UnicodeError, ValueError) as exc:  # a crafted bundle: a plain reason
+            raise BundleError(f"bundle {digest} refused: {_plain(exc)}", digest=digest) from None
 
     def deps_dir(self, code_dir: Path) -> Path | None:
         """Installs requirements.txt (if any) by the same rules as reload."""
@@ -98,3 +98,12 @@ class PluginCache:
         except UnsafePath as exc:
             raise BundleError(f"{REQUIREMENTS}: {exc.reason}") from None
         return install_requirements(parse_requirements(data), self.settings)
+
+
+def _plain(exc: BaseException) -> str:
+    """What was wrong with a bundle, in words (file names in it are shown escaped)."""
+    if isinstance(exc, UnicodeError):
+        return "a member name is not valid UTF-8"
+    if isinstance(exc, FileExistsError | NotADirectoryError | IsADirectoryError):
+        return f"a member clashes with another ({exc.strerror}: {exc.filename!r:.120})"
+    return str(exc)[:300]

@@ -143,7 +143,7 @@ class Runner:
         try:
             code_dir = self.cache.code_dir(req.digest)
         except BundleError as exc:
-            return self.conclude(req, Status.FAILED, f"plugin content unusable: {exc.message}")
+            return self.conclude(req, Status.REJECTED, f"plugin content unusable: {exc.message}")
         try:
             result = self.execution.run(req, code_dir)
         except SandboxUnavailable as exc:

@@ -1,0 +1,364 @@
+"""Trust, tried as an attacker would (SPEC §3, §6): pip never runs as root and cannot reach
+the host even when the parser is bypassed; nothing in the run directory is readable by
+another local account; the API needs its key; one client cannot hold the API; the
+manager's own topics cannot be forged; caches and stored bundles stay bounded."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from harness import SYSTEM_PYTHON, free_port, private_settings
+from manager.api import create_app
+from manager.config import ROOT, Settings
+from manager.deps import install_requirements
+from manager.dispatch import Dispatcher, make_celery
+from manager.errors import DependencyError
+from manager.installer import InstallSandbox
+from manager.janitor import CacheJanitor
+from manager.registry import Registry
+from manager.requirements import Requirements
+from manager.service import api_server
+
+pytestmark = pytest.mark.integration
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+EVIL_SETUP = """\
+from setuptools import setup
+open({marker!r}, "w").write("pwned")
+setup(name="evilpkg", version="1.0")
+"""
+
+# The install sandbox.
+
+HOSTILE = """
+import json, os
+report = {"uid": os.getuid(), "gid": os.getgid(), "wrote": [], "read": []}
+for path in json.loads(os.environ.get("TARGETS", "[]")) or TARGETS:
+    try:
+        with open(path, "w") as fh:
+            fh.write("pwned")
+        report["wrote"].append(path)
+    except OSError:
+        pass
+for path in READS:
+    try:
+        with open(path, "rb") as fh:
+            fh.read(10)
+        report["read"].append(path)
+    except OSError:
+        pass
+with open("/proc/self/status") as fh:
+    report["caps"] = [ln.split()[1] for ln in fh if ln.startswith("CapEff")][0]
+report["sees"] = sorted(os.listdir("/"))
+print(json.dumps(report))
+"""
+
+
+def test_code_run_in_the_install_sandbox_reaches_nothing_on_the_host(settings: Settings,
+                                                                     tmp_path: Path) -> None:
+    """The sandbox alone holds: code pip might run (a setup.py) runs unprivileged and can
+    write only its own work directory, and read nothing of the project or run dir."""
+    marker = f"titan-pwned-{uuid.uuid4().hex[:8]}"
+    run_dir = settings.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "redis.url").write_text("redis://default:secret@127.0.0.1:1/0")
+    targets = [f"/tmp/{marker}", f"/var/tmp/{marker}", str(ROOT / marker),
+               str(run_dir / marker), str(settings.cache_dir / marker), f"/root/{marker}",
+               f"/etc/{marker}", f"/usr/{marker}", f"/install/{marker}"]
+    reads = ["/etc/shadow", str(run_dir / "redis.url"), str(ROOT / "setup.cfg"),
+             "/root/.bashrc", "/etc/passwd"]
+    code = f"TARGETS = {targets!r}\nREADS = {reads!r}\n{HOSTILE}"
+    sandbox = InstallSandbox(settings)
+    with sandbox.workspace(tmp_path / "private") as work:
+        done = sandbox.run(["/usr/bin/python3", "-I", "-c", code], work, 60)
+        assert done.returncode == 0, done.output
+        report = json.loads(done.output.strip().splitlines()[-1])
+        assert (work / marker).read_text() == "pwned"  # its own work directory, nothing else
+    assert report["uid"] == settings.install_uid != 0 and report["caps"] == "0" * 16
+    assert report["wrote"] == [f"/install/{marker}"], report
+    assert report["read"] == [], report
+    assert "root" not in report["sees"] and "work" not in report["sees"], report["sees"]
+    for path in targets[:-1]:
+        assert not Path(path).exists(), f"the sandbox wrote {path} on the host"
+
+
+def test_with_the_parser_bypassed_a_local_project_still_never_runs(settings: Settings,
+                                                                   tmp_path: Path) -> None:
+    """Defence in depth: the `===` path line the parser now refuses, handed to pip
+    directly, installs nothing and runs no setup.py anywhere on the host."""
+    marker = Path(f"/var/tmp/titan-pwned-{uuid.uuid4().hex[:8]}")
+    evil = Path(f"/var/tmp/titan-evil-{uuid.uuid4().hex[:8]}")
+    evil.mkdir()
+    (evil / "setup.py").write_text(EVIL_SETUP.format(marker=str(marker)))
+    try:
+        line = f"x===/../../../../../../../..{evil}"
+        own = settings.with_(cache_dir=tmp_path / "cache")
+        with pytest.raises(DependencyError) as refused:
+            install_requirements(Requirements((line,), (1,)), own)
+        assert "pwned" not in refused.value.message
+        assert not marker.exists(), "a local project's setup.py ran on the host"
+    finally:
+        subprocess.run(["rm", "-rf", str(evil), str(marker)], check=False)
+
+
+# The run directory and the API's key, on the stack `make up` starts.
+
+@pytest.fixture(scope="module")
+def made_up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """scripts/services.sh and scripts/stack.sh, as `make up` runs them, on a private run
+    directory, Redis port, API and metrics ports and container label."""
+    run_dir = tmp_path_factory.mktemp("made-up") / "run"
+    port = free_port()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("TITAN_", "PROMETHEUS"))},
+           "TITAN_RUN_DIR": str(run_dir), "TITAN_API_PORT": str(free_port()),
+           "TITAN_METRICS_PORT": str(free_port()), "TITAN_WORKERS": "1",
+           "TITAN_INSTANCE": f"test-{uuid.uuid4().hex[:8]}",
+           "TITAN_REDIS_URL": f"redis://default:{uuid.uuid4().hex}@127.0.0.1:{port}/0"}
+
+    def script(*args: str) -> None:
+        proc = subprocess.run(["bash", *args], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=180, check=False)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+    script("scripts/services.sh", "redis")
+    try:
+        script("scripts/stack.sh", "start")
+        yield {"env": env, "run": run_dir, "api": f"http://127.0.0.1:{env['TITAN_API_PORT']}"}
+    finally:
+        script("scripts/stack.sh", "stop")
+        script("scripts/services.sh", "stop")
+
+
+def as_nobody(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*NOBODY, *argv], capture_output=True, text=True, timeout=120,
+                          check=False, env=env)
+
+
+def test_no_local_account_but_root_reads_the_run_directory(made_up: dict) -> None:
+    run_dir: Path = made_up["run"]
+    api = made_up["api"]
+    token = (run_dir / "api.token").read_text().strip()
+    req = urllib.request.Request(f"{api}/events", method="POST", data=json.dumps(
+        {"event_id": "private-1", "topic": "private.v1", "event_type": "stored",
+         "payload": {"secret": "s3cr3t-payload"}}).encode(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        assert resp.status == 202
+    aof = sorted((run_dir / "redis" / "appendonlydir").iterdir())
+    assert any(b"s3cr3t-payload" in p.read_bytes() for p in aof)  # the event is stored there
+    for path in [run_dir, *run_dir.rglob("*")]:
+        if run_dir / "cache" in path.parents:
+            continue  # inside the 0700 cache: modes are for the plugins' containers
+        mode = path.lstat().st_mode & 0o777
+        assert mode & 0o077 == 0, f"{path} is {oct(mode)}"
+    for path in [*aof, run_dir / "api.token", run_dir / "redis.url", run_dir / "manager.log"]:
+        proc = as_nobody("cat", str(path))
+        assert proc.returncode != 0 and "s3cr3t" not in proc.stdout, path
+    assert as_nobody("ls", str(run_dir)).returncode != 0
+
+
+def test_the_api_refuses_a_local_user_without_the_key(made_up: dict) -> None:
+    api = made_up["api"]
+    env = {**made_up["env"], "TITAN_API_URL": api}
+    env.pop("TITAN_REDIS_URL")
+    # (the CLI cannot run as another user here: its virtualenv's Python is root's)
+    reload = as_nobody("/usr/bin/python3", "-c", (
+        "import urllib.request, urllib.error\n"
+        f"req = urllib.request.Request({api + '/plugins/reload'!r}, method='POST')\n"
+        "try: urllib.request.urlopen(req)\n"
+        "except urllib.error.HTTPError as exc: print(exc.code)"))
+    assert reload.stdout.strip() == "401", reload.stdout + reload.stderr
+    wrong = subprocess.run([SYSTEM_PYTHON, str(ROOT / "titan-plugins.py"), "reload"],
+                           env={**env, "TITAN_API_TOKEN": "wrong"}, capture_output=True,
+                           text=True, timeout=120, check=False)
+    assert wrong.returncode == 1 and "unauthorized" in wrong.stderr, wrong.stderr
+    assert "run/api.token" in wrong.stderr
+    curl = as_nobody("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST",
+                     f"{api}/plugins/reload")
+    assert curl.stdout == "401"
+    assert as_nobody("curl", "-s", f"{api}/health").stdout.startswith("{")  # public
+    # root's CLI finds the key in the run directory by itself
+    mine = subprocess.run([SYSTEM_PYTHON, str(ROOT / "titan-plugins.py"), "list"], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert mine.returncode == 0 and "shell_runner" in mine.stdout, mine.stderr
+
+
+# One client cannot hold the API.
+
+@pytest.fixture
+def exposed(redis_url: str, plugins_dir: Path, tmp_path: Path, conn) -> Iterator[str]:
+    """The API as the manager serves it (waitress with the manager's limits), with a
+    queue no worker reads: triggered runs stay queued, so every `?wait` waits."""
+    mine = private_settings(redis_url, plugins_dir, tmp_path, api_port=free_port())
+    registry = Registry(conn, mine)
+    registry.reload()
+    app = create_app(mine, conn, registry, Dispatcher(conn, mine, make_celery(mine)))
+    server = api_server(app, mine)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{mine.api_port}"
+    server.close()
+
+
+def get(url: str, timeout: float = 5) -> int:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        resp.read()
+        return resp.status
+
+
+def post(url: str, body: dict, timeout: float = 60) -> tuple[int, dict]:
+    req = urllib.request.Request(url, method="POST", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_half_open_sockets_and_waiting_triggers_do_not_hold_the_api(exposed: str) -> None:
+    host, port = exposed.removeprefix("http://").split(":")
+    half_open = []
+    try:
+        for _ in range(150):
+            s = socket.create_connection((host, int(port)), timeout=5)
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            half_open.append(s)
+        with ThreadPoolExecutor(12) as pool:
+            triggers = [pool.submit(post, f"{exposed}/plugins/sleeper/trigger?wait=8",
+                                    {"event_id": f"hold-{n}-{uuid.uuid4().hex[:6]}",
+                                     "topic": "test.v1", "event_type": "sleep"})
+                        for n in range(12)]
+            # (a 5 s client timeout: before, these waited for the runs or forever)
+            assert get(f"{exposed}/plugins") == 200
+            assert get(f"{exposed}/openapi.json") == 200
+            answers = [t.result() for t in triggers]
+        assert all(status == 202 for status, _ in answers), answers
+        at_once = [body for _, body in answers if not body["waited"]]
+        assert len(at_once) == 12 - 4, answers  # TITAN_API_WAITERS (4) waited, no more
+        assert all(body["record"] == f"/invocations/{body['invocation_id']}" for body in at_once)
+    finally:
+        for s in half_open:
+            s.close()
+
+
+def test_idle_connections_are_dropped(exposed: str) -> None:
+    host, port = exposed.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+        start = time.monotonic()
+        assert s.recv(1024) == b""  # closed by the server (channel_timeout), not by us
+        assert time.monotonic() - start < 50
+
+
+def test_a_huge_body_is_refused_from_its_content_length(exposed: str) -> None:
+    host, port = exposed.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(b"POST /events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 1073741824\r\n\r\n{")
+        answer = s.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+
+
+# Provenance.
+
+def test_the_managers_own_topics_cannot_be_published(client, api_url: str, bus) -> None:
+    forged = {"event_id": f"forged-{uuid.uuid4().hex[:8]}", "topic": "plugins.v1",
+              "event_type": "invocation_failed",
+              "payload": {"plugin": "echo", "invocation_id": "x", "event_id": "y",
+                          "status": "failed", "reason": "forged"}}
+    answer = client.post("/events", json=forged)
+    assert answer.status_code == 400
+    assert answer.json["error"]["details"] == {"field": "topic", "reason": "reserved_topic"}
+    assert client.post("/plugins/echo/trigger", json=forged).status_code == 400
+    cli = subprocess.run([SYSTEM_PYTHON, str(ROOT / "titan-plugins.py"), "publish", "-e",
+                          json.dumps(forged)], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "TITAN_API_URL": api_url}, check=False)
+    assert cli.returncode == 1 and "reserved" in cli.stderr, cli.stderr
+    # a dead letter that was a forged failure event is not republished by a replay
+    entry = bus.publish(json.dumps({**forged, "hops": 99}))
+    assert bus.dead_letter(entry)["reason"] == "hops_exceeded"
+    replay = client.post(f"/events/dead/{dead_id(bus, entry)}/replay")
+    assert replay.status_code == 400 and "reserved" in replay.json["error"]["message"]
+
+
+def dead_id(bus, entry_id: str) -> str:
+    for dead_entry, fields in bus.conn.xrevrange(bus.settings.dead_stream, count=500):
+        if fields.get(b"entry_id", b"").decode() == entry_id:
+            return dead_entry.decode()
+    raise AssertionError(f"no dead letter for {entry_id}")
+
+
+def test_triggers_are_charged_to_their_correlation(settings, conn, registry) -> None:
+    mine = settings.with_(fanout_budget=3)
+    client = create_app(mine, conn, registry, Dispatcher(
+        conn, mine.with_(task_queue=f"{mine.task_queue}.nobody"), make_celery(mine))
+    ).test_client()
+    event = {"event_id": f"budget-{uuid.uuid4().hex[:8]}", "topic": "test.v1",
+             "event_type": "ping"}
+    statuses = [client.post("/plugins/echo/trigger", json=event).status_code for _ in range(4)]
+    assert statuses == [202, 202, 202, 429]
+    refused = client.post("/plugins/echo/trigger", json=event).json["error"]
+    assert refused["code"] == "budget_exceeded" and "new event_id" in refused["message"]
+
+
+# Bounded disk and store.
+
+def _entry(path: Path, size: int, age_s: float) -> None:
+    path.mkdir(parents=True)
+    (path / "blob").write_bytes(os.urandom(size))
+    then = time.time() - age_s
+    os.utime(path, (then, then))
+
+
+def test_the_cache_evicts_least_recently_used_past_its_size(settings, tmp_path: Path) -> None:
+    own = settings.with_(cache_dir=tmp_path / "cache", cache_max_bytes=3 * 2**20)
+    janitor = CacheJanitor(own)
+    old = janitor.min_idle_s + 100
+    plugins, deps = own.cache_dir / "plugins", own.cache_dir / "deps"
+    _entry(plugins / "sha256-oldest", 2**20, old + 300)
+    _entry(deps / "old-deps", 2**20, old + 200)
+    _entry(plugins / "sha256-old", 2**20, old + 100)
+    _entry(plugins / "sha256-recent", 2**20, 10)  # in use (a run or a prewarmed container)
+    _entry(deps / "recent-deps", 2**20, 5)
+    evicted = janitor.evict()
+    assert evicted == ["sha256-oldest", "old-deps"], evicted
+    assert sorted(p.name for p in plugins.iterdir()) == ["sha256-old", "sha256-recent"]
+    assert (deps / "recent-deps").is_dir()
+    # recently used entries stay even when the cache is still too big
+    tiny = CacheJanitor(own.with_(cache_max_bytes=1))
+    assert tiny.evict() == ["sha256-old"]
+    assert sorted(p.name for p in plugins.iterdir()) == ["sha256-recent"]
+
+
+def test_bundles_no_kept_version_names_are_deleted(redis_url: str, conn, tmp_path: Path) -> None:
+    plugins = tmp_path / "plugins"
+    (plugins / "churn").mkdir(parents=True)
+    mine = private_settings(redis_url, plugins, tmp_path / "run")
+    registry = Registry(conn, mine)
+    digests = []
+    for n in range(Registry.HISTORY + 3):
+        (plugins / "churn" / "plugin.yaml").write_text(
+            f"name: churn\nversion: 1.0.{n}\ntriggers: [{{topic: t.v1, event_type: e}}]\n"
+            "entrypoint: python main.py\nimage: titan-runtime:py3.11\n")
+        (plugins / "churn" / "main.py").write_text(f"print()  # {n}\n")
+        registry.reload()
+        digests.append(registry.get("churn").digest)
+    stored = {k.decode().split(":bundle:", 1)[1]
+              for k in conn.scan_iter(match=f"{mine.key_prefix}:bundle:*")}
+    kept = {e.digest for e in registry.versions("churn")}
+    assert stored == kept == set(digests[-Registry.HISTORY:]), (stored, kept)
+    assert registry.rollback("churn")["to"]["digest"] == digests[-2]
+    assert conn.exists(f"{mine.key_prefix}:bundle:{digests[-2]}")
