@@ -47,9 +47,8 @@ status:
 	@bash scripts/stack.sh status
 	@$(CLI) health || true
 
-flower: deps ## Celery Flower on :5555 (foreground)
-	@$(PY) -c "import flower" 2>/dev/null || $(PY) -m pip install -q 'flower>=2.0'
-	@$(VENV)/bin/celery -A workers.celery_app flower --port=5555 --address=127.0.0.1
+flower: ## where Flower is (make up starts it on 127.0.0.1:5555, behind basic auth)
+	@echo "Flower: http://127.0.0.1:$${TITAN_FLOWER_PORT:-5555}  (user:password in $(RUN_DIR)/flower.auth, root only)"
 
 lint: deps
 	@$(VENV)/bin/ruff check .

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hmac
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,8 @@ class ApiContext:
     limits: Limits
     # `?wait` holds a request thread: at most this many at once, the rest answer at once.
     waiters: threading.BoundedSemaphore
+    # Called when a reload left a plugin that was still being written on its old version.
+    on_unsettled: Callable[[], object] | None = None
 
 
 def error(code: str, message: str, status: int, **details: Any) -> tuple[Response, int]:
@@ -64,7 +67,7 @@ def publish_event(conn: redis.Redis, settings: Settings, event: Event) -> str:
 
 
 def create_app(settings: Settings, conn: redis.Redis, registry: Registry,
-               dispatcher: Dispatcher) -> Flask:
+               dispatcher: Dispatcher, on_unsettled: Callable[[], object] | None = None) -> Flask:
     """Flask app factory; every dependency is passed in (tests pass their own)."""
     from manager.routes import routes
 
@@ -75,7 +78,8 @@ def create_app(settings: Settings, conn: redis.Redis, registry: Registry,
                                          RecordStore(conn, settings),
                                          Limits(settings.max_event_bytes,
                                                 settings.max_event_depth),
-                                         threading.BoundedSemaphore(max(1, settings.api_waiters)))
+                                         threading.BoundedSemaphore(max(1, settings.api_waiters)),
+                                         on_unsettled)
     app.before_request(_auth(settings))
     app.register_error_handler(TitanError, _titan_error)
     app.register_error_handler(redis.RedisError, _redis_error)

@@ -9,6 +9,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -89,15 +90,26 @@ def api_token() -> str | None:
 
 
 def read_event(value: str) -> bytes:
-    """-e takes JSON text, @file, or @- (standard input)."""
+    """-e takes JSON text, @file, or @- (standard input). An event without an event_id
+    gets a fresh one, so publishing the same sample again runs again (a repeated id is a
+    duplicate, run once per plugin)."""
     if value == "@-":
-        return sys.stdin.buffer.read()
-    if value.startswith("@"):
+        raw = sys.stdin.buffer.read()
+    elif value.startswith("@"):
         try:
-            return Path(value[1:]).read_bytes()
+            raw = Path(value[1:]).read_bytes()
         except OSError as exc:
             raise click.BadParameter(f"cannot read {value[1:]}: {exc.strerror}") from None
-    return value.encode()
+    else:
+        raw = value.encode()
+    try:
+        event = json.loads(raw)
+    except ValueError:
+        return raw  # the API names what is wrong with it
+    if isinstance(event, dict) and "event_id" not in event:
+        event["event_id"] = f"cli-{uuid.uuid4().hex[:16]}"
+        return json.dumps(event).encode()
+    return raw
 
 
 def poll_record(api: Api, queued: dict[str, Any], deadline: float) -> tuple[int, Any]:

@@ -129,6 +129,8 @@ class ReloadOut(BaseModel):
     removed: list[str]
     rejected: list[dict[str, Any]]
     warnings: list[dict[str, Any]]
+    unsettled: list[dict[str, Any]] = Field([], description="plugins whose directory was "
+                                            "still being written: their old version serves")
 
 
 class Queued(BaseModel):

@@ -16,7 +16,7 @@ from manager.api_client import read_event
 from manager.config import current
 from manager.errors import EventError, SandboxUnavailable
 from manager.events import Event
-from manager.registry import PluginEntry, discover, image_warning, load_plugin
+from manager.loader import PluginEntry, discover, image_warning, load_plugin
 from manager.runs import RunRequest
 
 
@@ -57,7 +57,7 @@ def validate(ctx: click.Context, directory: Path | None, every: bool) -> None:
     settings = current()
     images = local_images()
     if every:
-        found = discover((directory or settings.plugins_dir).resolve(), settings)
+        found = discover((directory or settings.plugins_dir).resolve(), settings).found
         entries = [checked(e, images) for e, _ in found.values()]
     else:
         if directory is None:

@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+# The user every plugin runs as (SPEC §4): a host file reaches a run only if this user
+# could read it on the host.
+RUN_UID = RUN_GID = 65534
 
 
 def _int(name: str, default: int) -> int:
@@ -90,6 +93,9 @@ class Settings:
     max_manifest_bytes: int = 64 * 1024
     max_bundle_bytes: int = 32 * 1024**2
     max_plugin_files: int = 2000
+    # A reload takes a plugin directory once two reads this far apart agree and no file
+    # changed in the interval before the first (an editor's or rsync's half-written file).
+    reload_settle_ms: int = 300
     # Prewarmed single-use containers, per worker process (0 turns them off).
     prewarm_size: int = 1  # ready containers per plugin configuration
     prewarm_max: int = 4  # ready containers in all

@@ -12,8 +12,8 @@ from celery import Celery
 from manager.config import Settings
 from manager.events import Event
 from manager.keys import Keys
+from manager.loader import PluginEntry
 from manager.records import InvocationRecord, RecordStore, Status
-from manager.registry import PluginEntry
 from manager.runs import RunRequest
 
 RUN_TASK = "titan.run_plugin"

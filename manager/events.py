@@ -160,7 +160,7 @@ def _check_str(data: dict[str, Any], name: str, pattern: re.Pattern[str], chars:
     value = data.get(name)
     if value is None:
         raise EventError(f"{name} is required", field=name, reason="missing_field")
-    if not isinstance(value, str) or not pattern.match(value):
+    if not isinstance(value, str) or not pattern.fullmatch(value):
         raise EventError(f"{name} must be a string of 1-128 chars from {chars}, got {value!r:.80}",
                          field=name, reason="invalid_field")
 

@@ -160,7 +160,7 @@ def check_glob(glob: str) -> None:
     parts = PurePosixPath(glob).parts[1:]
     if any(p in ("..", ".") for p in parts) or "//" in glob:
         raise ValueError(f"fs glob {glob!r} must not contain '..', '.' or '//'")
-    if not all(GLOB_PART_RE.match(p) for p in parts):
+    if not all(GLOB_PART_RE.fullmatch(p) for p in parts):
         raise ValueError(f"fs glob {glob!r} has characters outside [A-Za-z0-9._*?[]-]")
     base = glob_base(glob)
     if base == "/":

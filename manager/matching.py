@@ -6,8 +6,8 @@ from collections.abc import Iterable
 from fnmatch import fnmatchcase
 
 from manager.events import Event
+from manager.loader import PluginEntry
 from manager.manifest import Trigger
-from manager.registry import PluginEntry
 
 
 def trigger_matches(trigger: Trigger, topic: str, event_type: str) -> bool:

@@ -19,7 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from manager.config import ROOT, Settings
+from manager.config import ROOT, RUN_GID, RUN_UID, Settings
 from manager.errors import PermissionDenied
 from manager.manifest import SYSTEM_PATHS, check_glob, glob_base
 from manager.safefs import UnsafePath, copy_fd, fd, open_path, reopen_for_reading
@@ -141,6 +141,12 @@ def mount_sources(globs: Iterable[str], settings: Settings,
         problem = path_problem(base, settings, extra_forbidden)
         if problem:
             raise PermissionDenied(f"allowed directory {base} {problem}", path=base)
+        try:
+            os.close(open_path(base, (RUN_UID, RUN_GID)))
+        except (UnsafePath, FileNotFoundError) as exc:
+            reason = exc.reason if isinstance(exc, UnsafePath) else "does not exist"
+            raise PermissionDenied(f"allowed directory {base}: {reason} (the plugin's user); "
+                                   "a run reads only what its user could", path=base) from None
         weak = swappable_by(base)
         if weak:
             raise PermissionDenied(f"allowed directory {base} could be swapped by a non-root "
@@ -199,10 +205,14 @@ def open_payload_path(payload: dict[str, Any], globs: Iterable[str], settings: S
                                path=path) from None
     _check_allowed(path, real, globs, settings, extra_forbidden)
     try:
-        handle = open_path(real)
+        handle = open_path(real, (RUN_UID, RUN_GID))
     except FileNotFoundError:
         return PayloadFile(real, path)
     except UnsafePath as exc:
+        if "by uid" in exc.reason:  # the plugin's user could not read it on the host
+            raise PermissionDenied(f"payload.path {path!r}: {exc.path} {exc.reason} (the "
+                                   "plugin's user); a run reads only what its user could",
+                                   path=path) from None
         raise PermissionDenied(f"payload.path {path!r} changed while it was checked "
                                f"({exc.reason}); refused", path=path) from None
     checked = PayloadFile(real, path, handle)

@@ -93,7 +93,7 @@ def parse_line(line_no: int, line: str) -> str:
     if re.search(r"(^|\s)-", spec):
         raise _refuse(line_no, "per-line options other than --hash are not allowed")
     for digest in hashes:
-        if not HASH_RE.match(digest):
+        if not HASH_RE.fullmatch(digest):
             raise _refuse(line_no, "--hash must look like sha256:<hex digest>")
     if "://" in spec or spec.startswith((".", "/", "~")) or spec.endswith((".whl", ".zip",
                                                                          ".tar.gz")):

@@ -49,8 +49,8 @@ from manager.errors import (
 )
 from manager.events import Event, from_outside
 from manager.keys import Keys
+from manager.loader import PluginEntry
 from manager.records import Status
-from manager.registry import PluginEntry
 
 DOCS_HTML = """<!doctype html><html><head><meta charset="utf-8">
 <title>Titan Plugin Manager API</title>
@@ -171,6 +171,8 @@ def reload_plugins() -> Any:
         metrics.count_reload(None)
         raise
     metrics.count_reload(changes)
+    if changes["unsettled"] and ctx().on_unsettled is not None:
+        ctx().on_unsettled()  # the manager tries again shortly
     return jsonify(changes)
 
 

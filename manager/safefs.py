@@ -49,6 +49,7 @@ class TreeFile:
     path: str  # relative, '/'-separated
     data: bytes
     executable: bool
+    mtime: float = 0.0  # when it was last modified (a reload waits for a quiet directory)
 
 
 @contextmanager
@@ -64,8 +65,18 @@ def _component(name: str, where: str) -> None:
         raise UnsafePath(where, f"invalid path component {name!r}")
 
 
-def open_path(path: str) -> int:
-    """Opens an absolute path with O_PATH, refusing a symlink anywhere on the way.
+def permits(st: os.stat_result, user: tuple[int, int], want: int) -> bool:
+    """Whether `user` (uid, gid; no supplementary groups) has every permission in `want`
+    (4 read, 1 search) on a file with this stat, by its owner, group and mode."""
+    uid, gid = user
+    shift = 6 if st.st_uid == uid else 3 if st.st_gid == gid else 0
+    return (st.st_mode >> shift) & want == want
+
+
+def open_path(path: str, reader: tuple[int, int] | None = None) -> int:
+    """Opens an absolute path with O_PATH, refusing a symlink anywhere on the way; with
+    `reader`, also refusing a path that user could not reach and read (each directory
+    searchable, the object itself readable), judged from the descriptors walked.
 
     The caller owns the returned descriptor; it names exactly the object that was walked
     to, whatever is renamed or swapped afterwards."""
@@ -77,6 +88,9 @@ def open_path(path: str) -> int:
         parts = pure.parts[1:]
         for n, part in enumerate(parts):
             _component(part, path)
+            if reader and not permits(os.fstat(current), reader, 1):
+                where = "/" + "/".join(parts[:n])
+                raise UnsafePath(path, f"{where} is not searchable by uid {reader[0]}")
             nxt = os.open(part, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=current)
             os.close(current)
             current = nxt
@@ -85,6 +99,9 @@ def open_path(path: str) -> int:
                 raise UnsafePath(path, f"{'/'.join(parts[:n + 1])} is a symlink")
             if n < len(parts) - 1 and not stat.S_ISDIR(mode):
                 raise UnsafePath(path, f"{'/'.join(parts[:n + 1])} is not a directory")
+        st = os.fstat(current)
+        if reader and not permits(st, reader, 5 if stat.S_ISDIR(st.st_mode) else 4):
+            raise UnsafePath(path, f"is not readable by uid {reader[0]}")
     except FileNotFoundError:
         os.close(current)
         raise
@@ -122,9 +139,10 @@ def _is_sparse(handle: int, size: int) -> bool:
         return False
 
 
-def read_regular(dir_fd: int, name: str, max_bytes: int, where: str) -> tuple[bytes, int]:
+def read_regular(dir_fd: int, name: str, max_bytes: int,
+                 where: str) -> tuple[bytes, os.stat_result]:
     """Reads one regular, single-link, non-sparse file of at most `max_bytes`, sized from
-    `fstat` before a byte is read. Returns (data, mode)."""
+    `fstat` before a byte is read. Returns (data, its stat)."""
     _component(name, where)
     try:
         handle = os.open(name, O_FILE, dir_fd=dir_fd)
@@ -152,7 +170,7 @@ def read_regular(dir_fd: int, name: str, max_bytes: int, where: str) -> tuple[by
             offset += len(chunk)
         if os.pread(handle, 1, offset):
             raise UnsafePath(where, "grew while it was read")
-        return b"".join(chunks), st.st_mode
+        return b"".join(chunks), st
 
 
 def open_subdir(dir_fd: int, name: str, where: str) -> int:
@@ -194,9 +212,9 @@ def _walk(dir_fd: int, prefix: str, files: list[TreeFile], budget: list[int],
             continue
         if len(files) >= limits.max_files:
             raise UnsafePath(rel, f"more than {limits.max_files} files")
-        data, mode = read_regular(dir_fd, name, budget[0], rel)
+        data, st = read_regular(dir_fd, name, budget[0], rel)
         budget[0] -= len(data)
-        files.append(TreeFile(rel, data, bool(mode & 0o111)))
+        files.append(TreeFile(rel, data, bool(st.st_mode & 0o111), st.st_mtime))
 
 
 def gunzip_bounded(data: bytes, max_bytes: int) -> bytes:
@@ -217,7 +235,7 @@ def bundle_members(tar_bytes: bytes, max_bytes: int) -> Iterator[tuple[str, bool
         for member in tar:
             name = member.name
             parts = name.split("/")
-            if name.startswith("/") or any(not NAME_RE.match(p) or p in (".", "..")
+            if name.startswith("/") or any(not NAME_RE.fullmatch(p) or p in (".", "..")
                                            for p in parts) or len(parts) > MAX_DEPTH:
                 raise UnsafePath(name[:200], "bundle member name is not a plain relative path")
             if member.isdir():

@@ -4,11 +4,13 @@ manifest key written out and commented (defaults and the operator's limits)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
 from manager.config import Settings
 from manager.manifest import NAME_RE
+from manager.safefs import O_DIR, fd
 
 MANIFEST = """\
 # {name}: a Titan plugin. Every key is here; unknown keys are errors.
@@ -80,25 +82,44 @@ def _mib(n: int) -> str:
 def scaffold(plugins_dir: Path, name: str, topic: str, event_type: str,
              settings: Settings) -> Path:
     """Writes plugins_dir/name; raises ValueError for a bad name or an existing directory."""
-    if not re.match(NAME_RE, name):
+    if not re.fullmatch(NAME_RE, name):
         raise ValueError(f"{name!r} is not a valid plugin name ([a-z][a-z0-9_]{{0,63}})")
     for label, value in (("topic", topic), ("event type", event_type)):
         if not re.fullmatch(r"[A-Za-z0-9._-]{1,100}", value):
             raise ValueError(f"{label} {value!r} must be 1-100 chars from [A-Za-z0-9._-]")
     target = plugins_dir / name
-    if target.exists():
-        raise ValueError(f"{target} already exists")
     roots = ", ".join(str(r) for r in settings.allowed_roots) or "(none granted)"
     values = {"name": name, "topic": topic, "event_type": event_type,
               "image": settings.runtime_image, "max_timeout": settings.max_timeout,
               "max_cpu": settings.max_cpu_millis, "max_memory": _mib(settings.max_memory_bytes),
               "roots": roots, "path": target,
               "example_root": settings.allowed_roots[0] if settings.allowed_roots else "/srv"}
-    target.mkdir(parents=True)
-    (target / "plugin.yaml").write_text(MANIFEST.format(**values))
-    (target / "main.py").write_text(MAIN.format(**values))
-    (target / "README.md").write_text(README.format(**values))
-    event = {"event_id": f"{name}-sample-1", "topic": topic, "event_type": event_type,
+    event = {"topic": topic, "event_type": event_type,
              "payload": {"text": "hello from the sample event"}}
-    (target / "event.json").write_text(json.dumps(event, indent=2) + "\n")
+    files = {"plugin.yaml": MANIFEST.format(**values), "main.py": MAIN.format(**values),
+             "README.md": README.format(**values),
+             "event.json": json.dumps(event, indent=2) + "\n"}
+    plugins_dir.mkdir(parents=True, exist_ok=True)
+    with fd(os.open(plugins_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)) as parent:
+        try:
+            os.mkdir(name, 0o755, dir_fd=parent)
+        except FileExistsError:
+            raise ValueError(f"{target} already exists") from None
+        with fd(os.open(name, O_DIR, dir_fd=parent)) as directory:
+            for file_name, text in files.items():
+                try:
+                    write_new(directory, file_name, text.encode())
+                except FileExistsError:  # someone else's symlink or file, planted meanwhile
+                    raise ValueError(f"{target / file_name} appeared while the plugin was "
+                                     "being created; nothing was written through it") from None
     return target
+
+
+def write_new(directory: int, name: str, data: bytes) -> None:
+    """Creates `name` in an open directory: never through a symlink planted meanwhile, never
+    over an existing file."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    with fd(os.open(name, flags, 0o644, dir_fd=directory)) as out:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(out, view):]

@@ -22,11 +22,13 @@ from manager.dispatch import Dispatcher, make_celery
 from manager.errors import TitanError
 from manager.janitor import CacheJanitor
 from manager.listener import Listener
-from manager.registry import PluginStatus, Registry
+from manager.loader import PluginStatus
+from manager.registry import Registry
 from manager.sweeper import Sweeper
 from manager.watch import PluginWatcher
 
 log = logging.getLogger("titan.manager")
+RETRY_RELOAD_S = 2.0
 
 
 def api_server(app: Flask, settings: Settings) -> Any:
@@ -61,7 +63,9 @@ class Manager:
         self.janitor = CacheJanitor(settings)
         self.listener = Listener(listener_conn, settings, Registry(listener_conn, settings),
                                  self.dispatcher, housekeeping=self.housekeeping)
-        self.app = create_app(settings, self.conn, self.registry, self.dispatcher)
+        self.app = create_app(settings, self.conn, self.registry, self.dispatcher,
+                              on_unsettled=self.retry_reload)
+        self._retry: threading.Timer | None = None
         self.server: Any = None
 
 
@@ -79,7 +83,21 @@ class Manager:
         log.info("plugins reloaded: %s", {k: len(v) for k, v in changes.items()})
         for item in changes["rejected"]:
             log.warning("plugin %s rejected: %s", item["name"], "; ".join(item["errors"]))
+        for item in changes["warnings"]:
+            log.warning("plugin %s: %s", item["name"], "; ".join(item["warnings"]))
+        if changes["unsettled"]:
+            log.warning("plugins still being written, old versions serving: %s; trying again",
+                        ", ".join(i["name"] for i in changes["unsettled"]))
+            self.retry_reload()
         return changes
+
+    def retry_reload(self) -> None:
+        """One reload a little later (a directory was still being written)."""
+        if self._retry is not None and self._retry.is_alive():
+            return
+        self._retry = threading.Timer(RETRY_RELOAD_S, self._safe_reload)
+        self._retry.daemon = True
+        self._retry.start()
 
     def plugin_counts(self) -> dict[str, int]:
         counts = dict.fromkeys((s.value for s in PluginStatus), 0)

@@ -15,6 +15,7 @@ fi
 REDIS_URL="${TITAN_REDIS_URL:-redis://127.0.0.1:6379/0}"
 export TITAN_RUN_DIR="$RUN_DIR"
 API_TOKEN_FILE="$RUN_DIR/api.token"
+FLOWER_AUTH_FILE="$RUN_DIR/flower.auth"
 
 # The run directory holds the Redis password, the API token, every stored event (the
 # AOF), logs and metrics: it and everything the services started from here create are

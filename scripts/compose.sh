@@ -66,10 +66,12 @@ service_stamp() {  # what the service image is made of
     sha256sum | cut -c1-16
 }
 
-secrets() {  # generated once into .env (0600): the Redis password and the API's key
-  local name
-  for name in TITAN_REDIS_PASSWORD TITAN_API_TOKEN; do
-    grep -qs "^$name=" "$ENV_FILE" || (umask 077 && printf '%s=%s\n' "$name" "$(new_secret)" >>"$ENV_FILE")
+secrets() {  # generated once into .env (0600): Redis password, API key, Flower's login
+  local name value
+  for name in TITAN_REDIS_PASSWORD TITAN_API_TOKEN TITAN_FLOWER_AUTH; do
+    grep -qs "^$name=" "$ENV_FILE" && continue
+    if [ "$name" = TITAN_FLOWER_AUTH ]; then value="titan:$(new_secret)"; else value="$(new_secret)"; fi
+    (umask 077 && printf '%s=%s\n' "$name" "$value" >>"$ENV_FILE")
   done
   chmod 600 "$ENV_FILE"
 }

@@ -31,18 +31,24 @@ start() {
   for f in "$RUN_DIR"/manager.pid "$RUN_DIR"/worker*.pid; do pid_alive "$f" && any_running=1; done
   [ $any_running = 1 ] || rm -f "$PROMETHEUS_MULTIPROC_DIR"/*.db
   launch manager "$PY" -m manager ${TITAN_WATCH:+--watch}
+  # Flower, behind basic auth on every page and its API; the credentials are generated
+  # once into run/flower.auth (0600) and reach Flower through its environment, never a
+  # command line (which every local user can read).
+  [ -s "$FLOWER_AUTH_FILE" ] || printf 'titan:%s\n' "$(new_secret)" >"$FLOWER_AUTH_FILE"
+  FLOWER_BASIC_AUTH="$(cat "$FLOWER_AUTH_FILE")" launch flower "$VENV/bin/celery" \
+    -A workers.celery_app flower --address=127.0.0.1 --port="${TITAN_FLOWER_PORT:-5555}"
   for ((i = 1; i <= WORKERS; i++)); do
     launch "worker$i" "$VENV/bin/celery" -A workers.celery_app worker -Q "${TITAN_TASK_QUEUE:-titan.plugins}" \
       -n "worker$i@%h" -c "$CONCURRENCY" -P prefork --loglevel INFO --without-gossip --without-mingle
   done
   wait_for "curl -fsS $API/openapi.json" 30 || die "the API did not come up; see $RUN_DIR/manager.log"
   wait_for "curl -fsS $API/health" 40 || { curl -sS "$API/health" >&2; die "not healthy; see $RUN_DIR/*.log"; }
-  say "Titan Plugin Manager is up: API $API (docs $API/docs), metrics :${TITAN_METRICS_PORT:-8004}/metrics"
+  say "Titan Plugin Manager is up: API $API (docs $API/docs), metrics :${TITAN_METRICS_PORT:-8004}/metrics, Flower http://127.0.0.1:${TITAN_FLOWER_PORT:-5555} (user:password in $FLOWER_AUTH_FILE)"
 }
 
 stop() {
   local f name
-  for f in "$RUN_DIR"/worker*.pid "$RUN_DIR"/manager.pid; do
+  for f in "$RUN_DIR"/flower.pid "$RUN_DIR"/worker*.pid "$RUN_DIR"/manager.pid; do
     [ -f "$f" ] || continue
     name="$(basename "$f" .pid)"
     if pid_alive "$f"; then
@@ -56,7 +62,7 @@ stop() {
 
 status() {
   local f
-  for f in "$RUN_DIR"/manager.pid "$RUN_DIR"/worker*.pid; do
+  for f in "$RUN_DIR"/manager.pid "$RUN_DIR"/worker*.pid "$RUN_DIR"/flower.pid; do
     [ -f "$f" ] || continue
     if pid_alive "$f"; then echo "$(basename "$f" .pid): running (pid $(cat "$f"))"; else echo "$(basename "$f" .pid): dead"; fi
   done

@@ -43,6 +43,16 @@ def files_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.fixture
+def public_dir() -> Iterator[Path]:
+    """A root-owned directory every local user can reach (pytest's own tmp_path is 0700,
+    and a plugin reads only what its user, 65534, could)."""
+    path = Path(tempfile.mkdtemp(prefix="titan-test-public-", dir="/var/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def plugins_dir(files_dir: Path) -> Iterator[Path]:
     """The built-in plugins plus tests/plugins; file_watcher may read files_dir."""

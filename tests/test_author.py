@@ -4,10 +4,12 @@ run it, with the system's python3 (it finds the project's virtualenv by itself).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -64,9 +66,49 @@ def test_new_scaffolds_a_plugin_that_validates_and_runs(settings, tmp_path) -> N
     (result,) = report["results"]
     assert result["topic"] == "chat.v1" and result["event_type"] == "user_message_handled"
     assert result["payload"] == {"received": {"text": "hello from the sample event"}}
-    assert "greeter handling greeter-sample-1" in report["stderr"]
+    # the sample has no event_id: the CLI gives each use a fresh one (never a duplicate)
+    assert "event_id" not in json.loads((d / "event.json").read_text())
+    assert "greeter handling cli-" in report["stderr"]
     again = cli(settings, "new", "greeter", "--dir", str(tmp_path))
     assert again.returncode == 2 and "already exists" in again.stderr
+    newline = cli(settings, "new", "x\n", "--dir", str(tmp_path))
+    assert newline.returncode == 2 and "not a valid plugin name" in newline.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["greeter"]
+
+
+def test_new_never_writes_through_a_planted_symlink(settings, tmp_path) -> None:
+    """`new --dir` in a directory another user can write: a symlink planted between the
+    directory's creation and the files' never gets written through."""
+    from manager.scaffold import scaffold
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("root's own file")
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o1777)
+    stop = threading.Event()
+    refused = 0
+
+    def plant(target: Path) -> None:
+        while not stop.is_set():
+            for name in ("plugin.yaml", "main.py", "README.md", "event.json"):
+                with contextlib.suppress(OSError):
+                    (target / name).symlink_to(victim)
+
+    for n in range(40):
+        target = shared / f"raced{n}"
+        stop.clear()
+        planter = threading.Thread(target=plant, args=(target,))
+        planter.start()
+        try:
+            scaffold(shared, f"raced{n}", "a.v1", "b", settings)
+        except ValueError as exc:
+            assert "appeared while" in str(exc), exc
+            refused += 1
+        finally:
+            stop.set()
+            planter.join()
+        assert victim.read_text() == "root's own file", f"written through a symlink in {n}"
+    assert refused > 0, "the planter never won a race: the test proved nothing"
 
 
 @pytest.mark.parametrize(("code", "extra", "status", "says"), [

@@ -5,6 +5,7 @@ killed mid-burst with nothing lost, and nothing left behind after `down`."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -22,6 +23,19 @@ from manager.config import ROOT
 
 pytestmark = pytest.mark.integration
 ACTIVE = ("pending", "queued", "throttled", "running", "retrying")
+
+
+def flower_status(url: str, login: str | None = None) -> int:
+    req = urllib.request.Request(url)
+    if login:
+        req.add_header("Authorization", "Basic " + base64.b64encode(login.encode()).decode())
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
 
 
 class ComposeStack:
@@ -112,6 +126,12 @@ def test_runs_spread_over_the_worker_containers(compose: ComposeStack) -> None:
     with pytest.raises(urllib.error.HTTPError) as refused:  # the API needs its key
         compose.api("GET", "/plugins", token="not-the-key")
     assert refused.value.code == 401
+    flower = (f"http://127.0.0.1:{compose.env['TITAN_FLOWER_PORT']}/tasks/datatable?draw=1"
+              "&start=0&length=10&order%5B0%5D%5Bcolumn%5D=0&columns%5B0%5D%5Bdata%5D=name")
+    login = next(ln.split("=", 1)[1] for ln in (ROOT / ".env").read_text().splitlines()
+                 if ln.startswith("TITAN_FLOWER_AUTH="))
+    wait_until(lambda: flower_status(flower, login) == 200, 60, "Flower behind its login")
+    assert flower_status(flower) == 401
     runs = compose.finished(compose.burst(12))
     assert {r["status"] for r in runs} == {"succeeded"} and len(runs) == 12
     assert len({r["worker"] for r in runs}) >= 2, {r["worker"] for r in runs}

@@ -35,8 +35,9 @@ from manager.errors import BundleError, PermissionDenied
 from manager.events import Event
 from manager.installer import adopt
 from manager.listener import Listener
+from manager.loader import build_bundle, load_plugin
 from manager.permissions import open_payload_path
-from manager.registry import Registry, build_bundle, load_plugin
+from manager.registry import Registry
 from manager.runs import RunRequest
 from manager.safefs import TreeFile
 from workers.plugin_cache import PluginCache

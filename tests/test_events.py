@@ -36,6 +36,9 @@ def test_payload_defaults_to_empty_object() -> None:
     ({"event_type": 5}, "event_type"), ({"payload": []}, "payload"),
     ({"hops": -1}, "hops"), ({"hops": True}, "hops"), ({"hops": "1"}, "hops"),
     ({"time": "yesterday"}, "time"), ({"source": 3}, "source"), ({"extra": 1}, "extra"),
+    # `$` matched before a trailing newline: every name and id is matched whole
+    ({"event_id": "a\n"}, "event_id"), ({"topic": "fs.v1\n"}, "topic"),
+    ({"event_type": "x\n"}, "event_type"),
 ])
 def test_invalid_fields_are_named(change: dict, field: str) -> None:
     assert reason(json.dumps({**GOOD, **change}))[1] == field
@@ -47,10 +50,9 @@ def test_missing_required_field() -> None:
 
 def test_size_depth_encoding_and_shape_limits() -> None:
     assert reason(json.dumps({**GOOD, "payload": {"x": "a" * 2_000_000}}))[0] == "too_large"
-    deep = {**GOOD, "payload": json.loads("[" * 1000 + "]" * 1000 and "{}")}
-    deep_raw = json.dumps(GOOD)[:-1] + ', "x": ' + "[" * 1000 + "]" * 1000 + "}"
-    assert deep["payload"] == {}
+    deep_raw = json.dumps(GOOD)[:-1] + ', "payload": ' + "[" * 1000 + "]" * 1000 + "}"
     assert reason(deep_raw)[0] == "too_deep"
+    assert Event.decode(json.dumps(GOOD)[:-1] + ', "hops": 1}').hops == 1  # the same splice
     assert reason(b'{"event_id": "\xff"}')[0] == "invalid_utf8"
     assert reason("[1, 2]")[0] == "not_an_object"
     assert reason('{"event_id": NaN}')[0] == "invalid_json"
@@ -72,3 +74,13 @@ def test_event_just_under_the_size_limit_is_accepted() -> None:
 def test_lone_surrogates_are_refused() -> None:
     raw = json.dumps({**GOOD, "payload": {"x": "\ud800"}})
     assert reason(raw)[0] == "invalid_unicode"
+
+
+def test_a_digest_is_matched_whole() -> None:
+    from manager.errors import BundleError
+    from workers.plugin_cache import check_digest
+
+    good = "sha256:" + "0" * 64
+    assert check_digest(good) == good
+    with pytest.raises(BundleError, match="invalid digest"):
+        check_digest(good + "\n")

@@ -14,7 +14,7 @@ from harness import DockerProxy, WorkerProcess, new_id, record_of, records_of, w
 from manager.dispatch import Dispatcher, make_celery
 from manager.events import Event
 from manager.listener import Listener, ensure_group
-from manager.registry import PluginEntry
+from manager.loader import PluginEntry
 
 pytestmark = pytest.mark.integration
 ACTIVE = ("pending", "queued", "throttled", "running", "retrying")

@@ -169,7 +169,7 @@ def test_a_worker_applies_the_same_rules_to_a_bundle_it_fetches(env, conn, requi
                                                                says: str) -> None:
     """A bundle put in Redis without a reload (as anyone with Redis access could) is
     checked again by the worker before anything is installed."""
-    from manager.registry import build_bundle
+    from manager.loader import build_bundle
     from manager.safefs import TreeFile
     from workers.plugin_cache import PluginCache
 

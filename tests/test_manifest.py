@@ -9,8 +9,8 @@ import pytest
 
 from manager.config import Settings
 from manager.errors import ManifestError
+from manager.loader import PluginEntry, PluginStatus, discover, load_plugin
 from manager.manifest import parse_manifest
-from manager.registry import PluginEntry, PluginStatus, discover, load_plugin
 
 GOOD = """\
 name: demo
@@ -98,7 +98,7 @@ def test_discover_lists_invalid_plugins_and_loads_the_others(tmp_path: Path) -> 
         "python main.py", "python ../demo/main.py"))
     _plugin(tmp_path, "dotted", GOOD.replace("name: demo", "name: ../demo"))
     (tmp_path / "Bad-Name").mkdir()
-    found = {name: entry for name, (entry, _) in discover(tmp_path, settings).items()}
+    found = {name: entry for name, (entry, _) in discover(tmp_path, settings).found.items()}
     assert found["demo"].runnable
     for name in ("huge", "pickled", "laughs", "escape", "dotted", "Bad-Name"):
         assert not found[name].runnable and found[name].errors, name

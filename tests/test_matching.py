@@ -11,10 +11,10 @@ import pytest
 from manager.config import Settings
 from manager.errors import PermissionDenied
 from manager.events import Event
+from manager.loader import PluginEntry, PluginStatus
 from manager.manifest import Manifest
 from manager.matching import match
 from manager.permissions import glob_matches, mount_sources, open_payload_path
-from manager.registry import PluginEntry, PluginStatus
 from workers.results import OutputError, parse_output
 
 
@@ -57,13 +57,13 @@ def _open(path: str | None, globs: list[str], settings: Settings) -> str | None:
     return checked.path
 
 
-def test_payload_paths_are_resolved_before_checking(tmp_path: Path) -> None:
-    settings = Settings.from_env(allowed_roots=(tmp_path,))
-    allowed = tmp_path / "allowed"
+def test_payload_paths_are_resolved_before_checking(public_dir: Path) -> None:
+    settings = Settings.from_env(allowed_roots=(public_dir,))
+    allowed = public_dir / "allowed"
     allowed.mkdir()
     (allowed / "ok.txt").write_text("ok")
     (allowed / "sub").mkdir()
-    secret = tmp_path / "secret.txt"
+    secret = public_dir / "secret.txt"
     secret.write_text("secret")
     (allowed / "link").symlink_to(secret)
     (allowed / "chain1").symlink_to(allowed / "chain2")
@@ -80,26 +80,26 @@ def test_payload_paths_are_resolved_before_checking(tmp_path: Path) -> None:
             _open(str(bad), globs, settings)
 
 
-def test_payload_path_outside_the_allowed_roots_is_refused(tmp_path: Path) -> None:
-    (tmp_path / "a.txt").write_text("a")
+def test_payload_path_outside_the_allowed_roots_is_refused(public_dir: Path) -> None:
+    (public_dir / "a.txt").write_text("a")
     settings = Settings.from_env(allowed_roots=(Path("/srv/titan"),))
     with pytest.raises(PermissionDenied, match="outside the plugin's allowed paths"):
-        _open(str(tmp_path / "a.txt"), [f"{tmp_path}/**"], settings)
+        _open(str(public_dir / "a.txt"), [f"{public_dir}/**"], settings)
 
 
-def test_mount_sources_skip_missing_and_nested(tmp_path: Path) -> None:
-    settings = Settings.from_env(allowed_roots=(tmp_path,))
-    (tmp_path / "a" / "b").mkdir(parents=True)
-    globs = [f"{tmp_path}/a/**", f"{tmp_path}/a/b/*.txt", "/nonexistent-titan/**"]
-    assert mount_sources(globs, settings) == [f"{tmp_path}/a"]
+def test_mount_sources_skip_missing_and_nested(public_dir: Path) -> None:
+    settings = Settings.from_env(allowed_roots=(public_dir,))
+    (public_dir / "a" / "b").mkdir(parents=True)
+    globs = [f"{public_dir}/a/**", f"{public_dir}/a/b/*.txt", "/nonexistent-titan/**"]
+    assert mount_sources(globs, settings) == [f"{public_dir}/a"]
 
 
-def test_mount_sources_refuse_a_directory_others_could_swap(tmp_path: Path) -> None:
-    settings = Settings.from_env(allowed_roots=(tmp_path,))
-    (tmp_path / "open" / "data").mkdir(parents=True)
-    (tmp_path / "open").chmod(0o777)  # anyone could rename data/ and plant a symlink
+def test_mount_sources_refuse_a_directory_others_could_swap(public_dir: Path) -> None:
+    settings = Settings.from_env(allowed_roots=(public_dir,))
+    (public_dir / "open" / "data").mkdir(parents=True)
+    (public_dir / "open").chmod(0o777)  # anyone could rename data/ and plant a symlink
     with pytest.raises(PermissionDenied, match="could be swapped"):
-        mount_sources([f"{tmp_path}/open/data/**"], settings)
+        mount_sources([f"{public_dir}/open/data/**"], settings)
 
 
 @pytest.mark.parametrize(("stdout", "count"), [
@@ -123,3 +123,26 @@ def test_output_forms(stdout: bytes, count: int) -> None:
 def test_bad_output_is_refused_with_reason(stdout: bytes, message: str) -> None:
     with pytest.raises(OutputError, match=message):
         parse_output(stdout, 100)
+
+
+@pytest.mark.parametrize("how", ["file 0600", "directory 0700"])
+def test_a_payload_its_user_could_not_read_is_refused(public_dir: Path, how: str) -> None:
+    settings = Settings.from_env(allowed_roots=(public_dir,))
+    private = public_dir / "private"
+    private.mkdir()
+    secret = private / "root-only.txt"
+    secret.write_text("ROOT-ONLY")
+    (secret if how.startswith("file") else private).chmod(int(how.split()[1], 8))
+    with pytest.raises(PermissionDenied, match="by uid 65534") as refused:
+        _open(str(secret), [f"{public_dir}/**"], settings)
+    assert "ROOT-ONLY" not in refused.value.message
+    secret.chmod(0o644)
+    private.chmod(0o755)
+    assert _open(str(secret), [f"{public_dir}/**"], settings) == str(secret)
+
+
+def test_a_glob_directory_its_user_could_not_read_is_refused(public_dir: Path) -> None:
+    settings = Settings.from_env(allowed_roots=(public_dir,))
+    (public_dir / "closed").mkdir(mode=0o700)
+    with pytest.raises(PermissionDenied, match="not readable by uid 65534"):
+        mount_sources([f"{public_dir}/closed/**"], settings)

@@ -82,7 +82,7 @@ def wait_all(child):
         if pid == child:
             status = os.waitstatus_to_exitcode(raw)
     with contextlib.suppress(ProcessLookupError):
-        os.kill(-1, signal.SIGKILL)  # every process but init and this one
+        os.kill(-1, signal.SIGKILL)  # every process but this one (PID 1) and its parents
     while True:
         try:
             os.waitpid(-1, 0)
@@ -96,6 +96,8 @@ def wait_all(child):
 def main():
     prctl(PR_SET_DUMPABLE, 0)
     prctl(PR_SET_CHILD_SUBREAPER, 1)
+    # PID 1 ignores signals it has no handler for: a stop before the run ends it at once.
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(143))
     os.write(1, READY)
     line = sys.stdin.buffer.readline()
     if not line:

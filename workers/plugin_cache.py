@@ -21,7 +21,8 @@ from pathlib import Path
 from manager.config import Settings
 from manager.deps import install_requirements, locked, mkdirs, private_root, touch
 from manager.errors import BundleError
-from manager.registry import REQUIREMENTS, Registry
+from manager.loader import REQUIREMENTS
+from manager.registry import Registry
 from manager.requirements import parse_requirements
 from manager.safefs import (
     O_DIR,
@@ -37,7 +38,7 @@ DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
 def check_digest(digest: str) -> str:
-    if not isinstance(digest, str) or not DIGEST_RE.match(digest):
+    if not isinstance(digest, str) or not DIGEST_RE.fullmatch(digest):
         raise BundleError(f"invalid digest {str(digest)[:80]!r}", digest=str(digest)[:80])
     return digest
 

@@ -20,7 +20,7 @@ import requests
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.types import Mount, Ulimit
 
-from manager.config import Settings
+from manager.config import RUN_GID, RUN_UID, Settings
 from manager.errors import SandboxUnavailable
 from manager.records import Status
 from workers.spec import Capture, RunResult, RunSpec
@@ -38,7 +38,7 @@ LABEL_POOL = "titan.pool"  # a prewarmed container, owned by its worker process
 CODE_DIR = "/plugin"
 DEPS_DIR = "/titan/deps"
 EVENT_PATH = "/titan/event.json"
-SANDBOX_USER = "65534:65534"
+SANDBOX_USER = f"{RUN_UID}:{RUN_GID}"
 STOP_GRACE_S = 2
 MAX_ENV_EVENT = 96 * 1024  # larger events are read from EVENT_FILE only
 DOCKER_TIMEOUT_S = 30

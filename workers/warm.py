@@ -278,8 +278,11 @@ def warm_options(sandbox: Sandbox, spec: RunSpec, inbox: Path) -> dict[str, Any]
         mounts.append(mount)
     labels = {k: v for k, v in options["labels"].items() if k != "titan.invocation"}
     labels[LABEL_POOL] = "1"
+    # The launcher is PID 1 (no docker-init): non-dumpable, so the plugin (same uid) can
+    # read neither its environment nor /proc/1/fd/0, the stream its request came through.
+    # It reaps like an init: a subreaper that waits for every process before it reports.
     return {**options, "command": ["python3", "-I", LAUNCHER_PATH], "environment": env,
-            "mounts": mounts, "labels": labels, "stdin_open": True}
+            "mounts": mounts, "labels": labels, "stdin_open": True, "init": False}
 
 
 def launcher_copy(settings: Settings) -> Path:
