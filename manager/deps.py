@@ -76,12 +76,11 @@ def install_requirements(reqs: Requirements, settings: Settings) -> Path:
             return target
         sandbox = InstallSandbox(settings)
         with sandbox.workspace(mkdirs(root / "deps")) as work:
-            (work / "requirements.txt").write_text(reqs.text())
-            inside = sandbox.inside(work)
+            listed = sandbox.put(work, "requirements.txt", reqs.text())
             done = sandbox.pip(["install", *PIP_OPTIONS, "--no-warn-script-location",
                                 *pip_source(settings, sandbox), *pip_target(settings),
-                                "--target", f"{inside}/site",
-                                "-r", f"{inside}/requirements.txt"], work, PIP_TIMEOUT_S)
+                                "--target", f"{sandbox.inside(work)}/site", "-r", listed],
+                               work, PIP_TIMEOUT_S)
             if done.returncode != 0:
                 raise DependencyError(pip_failure(done.output, settings, reqs),
                                       exit_code=done.returncode)
@@ -129,11 +128,11 @@ def download_wheels(plugins_dir: Path, dest: Path, settings: Settings) -> list[s
             continue
         lines = parse_requirements(req.read_bytes())
         with tempfile.TemporaryDirectory() as private, sandbox.workspace(Path(private)) as work:
-            (work / "requirements.txt").write_text(lines.text())
-            inside = sandbox.inside(work)
+            listed = sandbox.put(work, "requirements.txt", lines.text())
             result = sandbox.pip(["download", *PIP_OPTIONS, *pip_source(settings, sandbox),
-                                  *pip_target(settings), "--dest", f"{inside}/wheels",
-                                  "-r", f"{inside}/requirements.txt"], work, PIP_TIMEOUT_S)
+                                  *pip_target(settings), "--dest",
+                                  f"{sandbox.inside(work)}/wheels", "-r", listed],
+                                 work, PIP_TIMEOUT_S)
             if result.returncode != 0:
                 raise DependencyError(f"{req}: " + pip_failure(result.output, settings, lines))
             for wheel in (work / "wheels").glob("*.whl"):

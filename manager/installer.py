@@ -82,6 +82,15 @@ class InstallSandbox:
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
+    def put(self, work: Path, name: str, text: str) -> str:
+        """Writes a file for pip into the work directory, owned by the install user
+        (whatever the process's umask); returns its path as pip sees it."""
+        path = work / name
+        path.write_text(text)
+        os.chown(path, self.settings.install_uid, self.settings.install_uid)
+        os.chmod(path, 0o600)
+        return f"{self.inside(work)}/{name}"
+
     def prepare(self, work: Path) -> None:
         """The work directory, owned by the install user and private to it."""
         work.mkdir(mode=0o700)

@@ -195,6 +195,17 @@ def test_the_api_refuses_a_local_user_without_the_key(made_up: dict) -> None:
     mine = subprocess.run([SYSTEM_PYTHON, str(ROOT / "titan-plugins.py"), "list"], env=env,
                           capture_output=True, text=True, timeout=120, check=False)
     assert mine.returncode == 0 and "shell_runner" in mine.stdout, mine.stderr
+    # everything the services create under their umask 077 still works for the plugins:
+    # requirements installed by the unprivileged pip, code unpacked, runs on both paths
+    assert "INVALID" not in mine.stdout and "file_watcher" in mine.stdout, mine.stdout
+    for n in range(3):  # the first run is cold, later ones prewarmed
+        ran = subprocess.run([SYSTEM_PYTHON, str(ROOT / "titan-plugins.py"), "--json",
+                              "trigger", "shell_runner", "--wait", "60", "-e", json.dumps(
+                                  {"topic": "system.v1", "event_type": "run_cmd",
+                                   "payload": {"command": f"echo private-{n}"}})],
+                             env=env, capture_output=True, text=True, timeout=120, check=False)
+        assert ran.returncode == 0, ran.stdout + ran.stderr
+        assert f"private-{n}" in json.loads(ran.stdout)["stdout"]
 
 
 def flower_status(url: str, auth: str | None = None) -> int:
