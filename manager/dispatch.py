@@ -51,6 +51,19 @@ def make_celery(settings: Settings, name: str = "titan") -> Celery:
     return app
 
 
+# KEYS: budget counter, [the entry's charge]. ARGV: runs, ttl. Returns the runs counted.
+_CHARGE = """
+if #KEYS == 2 then
+  local before = redis.call('GET', KEYS[2])
+  if before then return tonumber(before) end
+end
+local used = redis.call('INCRBY', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2], 'NX')
+if #KEYS == 2 then redis.call('SET', KEYS[2], used, 'EX', ARGV[2]) end
+return used
+"""
+
+
 class FanoutBudget:
     """Runs per correlation id, counted atomically with a TTL: one event can never turn
     into more than `fanout_budget` runs, however its results fan out."""
@@ -59,14 +72,16 @@ class FanoutBudget:
         self.conn = conn
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
+        self._charge = conn.register_script(_CHARGE)
 
-    def charge(self, event: Event, runs: int) -> bool:
-        """Counts `runs` more for the event's correlation; False when over the budget."""
-        key = self.keys.budget(event.correlation)
-        pipe = self.conn.pipeline()
-        pipe.incrby(key, runs)
-        pipe.expire(key, self.settings.fanout_ttl, nx=True)
-        used, _ = pipe.execute()
+    def charge(self, event: Event, runs: int, entry_id: str = "") -> bool:
+        """Counts `runs` more for the event's correlation; False when over the budget.
+        A stream entry is charged once, however often it is delivered: a second charge
+        finds what the first one counted."""
+        keys = [self.keys.budget(event.correlation)]
+        if entry_id:
+            keys.append(self.keys.budget_charged(entry_id))
+        used = self._charge(keys=keys, args=[runs, self.settings.fanout_ttl])
         return int(used) <= self.settings.fanout_budget
 
 

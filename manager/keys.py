@@ -69,6 +69,11 @@ class Keys:
         """Counter: runs dispatched for one correlation id (the fan-out budget)."""
         return f"{self.prefix}:budget:{correlation_id}"
 
+    def budget_charged(self, entry_id: str) -> str:
+        """String: what the budget counter read when this stream entry was charged (so a
+        redelivered entry is never charged twice)."""
+        return f"{self.prefix}:budget-charged:{entry_id}"
+
     def worker_heartbeat(self, worker: str) -> str:
         return f"{self.prefix}:worker:{worker}"
 

@@ -176,7 +176,7 @@ class Listener:
                 raise EventError(f"hops {event.hops} is over the limit {self.settings.max_hops}",
                                  field="hops", reason="hops_exceeded")
             plugins = match(event, entries.values())
-            if plugins and not self.budget.charge(event, len(plugins)):
+            if plugins and not self.budget.charge(event, len(plugins), entry_id):
                 raise EventError(f"correlation {event.correlation!r} used its budget of "
                                  f"{self.settings.fanout_budget} runs", field="correlation_id",
                                  reason="budget_exceeded")

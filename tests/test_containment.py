@@ -34,7 +34,8 @@ from manager.dispatch import Dispatcher, make_celery
 from manager.errors import BundleError, PermissionDenied
 from manager.events import Event
 from manager.installer import adopt
-from manager.listener import Listener
+from manager.keys import Keys
+from manager.listener import Listener, ensure_group
 from manager.loader import build_bundle, load_plugin
 from manager.permissions import open_payload_path
 from manager.registry import Registry
@@ -296,6 +297,28 @@ def test_one_event_cannot_turn_into_more_runs_than_its_budget(budget_stack, conn
     assert b"used its budget of 10 runs" in dead()[0][b"detail"]
     assert REGISTRY.get_sample_value("titan_events_rejected_total",
                                      {"reason": "budget_exceeded"}) == rejected + 21
+
+
+def test_a_redelivered_entry_is_charged_once(redis_url, plugins_dir, tmp_path, conn) -> None:
+    """A stream entry handled again (reclaimed after a crash, or delivered again) is not
+    charged again, so it is never dead-lettered as over budget after its plugin ran."""
+    mine = private_settings(redis_url, plugins_dir, tmp_path, fanout_budget=1)
+    registry = Registry(conn, mine)
+    registry.reload()
+    listener = Listener(redis.Redis.from_url(redis_url), mine, registry,
+                        Dispatcher(conn, mine, make_celery(mine)))  # no worker: runs wait
+    ensure_group(conn, mine)
+    event_id = new_id("again")
+    entry = Bus(conn, mine).publish({"event_id": event_id, "topic": "test.v1",
+                                     "event_type": "ping"})
+    ((_, [(entry_id, fields)]),) = conn.xreadgroup(mine.consumer_group, "test",
+                                                    {mine.event_stream: ">"}, count=1)
+    assert entry_id.decode() == entry
+    for _ in range(3):  # the first delivery, then two more of the same entry
+        listener.handle(entry, fields)
+    assert conn.xlen(mine.dead_stream) == 0, conn.xrange(mine.dead_stream)
+    assert int(conn.get(Keys(mine.key_prefix).budget(event_id))) == 1
+    assert [r["event_id"] for r in records_of(conn, mine, "echo")] == [event_id]
 
 
 # Limits come from the registry, clamped by the worker.
