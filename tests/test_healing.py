@@ -110,3 +110,45 @@ def test_a_poisoned_entry_delays_none_of_its_batch_and_is_dead_lettered(settings
     assert dead[b"detail"] == b"failed 3 times; last error: RuntimeError: poison pill"
     assert json.loads(dead[b"event"])["event_id"] == events[4]
     assert conn.xpending(mine.event_stream, mine.consumer_group)["pending"] == 0
+
+
+def serving(docker_client, settings, within: float = 30) -> object:
+    """The container of this test instance whose plugin process is running now."""
+    def find() -> object | None:
+        for c in docker_client.containers.list(
+                filters={"label": f"titan.instance={settings.instance}"}):
+            try:
+                if any("main.py" in " ".join(p) for p in c.top()["Processes"] or []):
+                    return c
+            except Exception:
+                continue
+        return None
+
+    return wait_until(find, within, "a container running a plugin")
+
+
+@pytest.mark.parametrize(("plugin", "warm"), [("sleeper", True), ("sleeper_cold", False)])
+def test_a_container_stopped_from_outside_is_retried_not_failed(
+        plugin: str, warm: bool, settings, conn, registry, dispatcher, docker_client,
+        worker, bus) -> None:
+    """An engine shutdown or a `docker stop` from outside is never the plugin's failure,
+    on either path: the run is retried (sandbox_unavailable) and succeeds once."""
+    entry = registry.get(plugin)
+    if warm:  # both worker processes run it once, so each keeps one prewarmed
+        primers = [dispatcher.dispatch(Event(new_id("prime"), "test.v1", "sleep",
+                                             {"seconds": 0}), entry, origin="api")[0]
+                   for _ in range(4)]
+        wait_until(lambda: all(record_of(conn, settings, i).get("status") == "succeeded"
+                               for i in primers), 60, "the priming runs")
+        time.sleep(2)  # replacements are started after each run
+    event = Event(new_id("stopped"), "test.v1", "sleep", {"seconds": 8})
+    invocation, _ = dispatcher.dispatch(event, entry, origin="api")
+    container = serving(docker_client, settings)
+    assert (container.labels.get("titan.pool") == "1") is warm, container.labels
+    container.stop(timeout=1)
+    record = wait_until(lambda: (r := record_of(conn, settings, invocation))
+                        and r["status"] not in ACTIVE and r, 120, "the run to finish")
+    assert record["status"] == "succeeded" and record["attempts"] == 2, record
+    assert record["container_id"] != container.id
+    result = bus.result_of(event.event_id)
+    assert result["event_type"] == "slept"

@@ -41,6 +41,8 @@ EVENT_PATH = "/titan/event.json"
 SANDBOX_USER = f"{RUN_UID}:{RUN_GID}"
 STOP_GRACE_S = 2
 MAX_ENV_EVENT = 96 * 1024  # larger events are read from EVENT_FILE only
+SIGNAL_EXITS = (128 + 9, 128 + 15)  # SIGKILL, SIGTERM: what a stop from outside ends with
+KILL_EVENT_WAIT_S = 1.0
 DOCKER_TIMEOUT_S = 30
 PULL_RETRY_S = 60
 
@@ -194,7 +196,7 @@ class Sandbox:
         finally:
             timer.cancel()
             stream.close()
-        return self.finish(result, state, spec)
+        return self.finish(result, state, spec, container)
 
     def pump(self, stream: Iterable[tuple[bytes | None, bytes | None]], container: Any,
              result: RunResult) -> None:
@@ -216,11 +218,35 @@ class Sandbox:
         result.stdout, result.stderr = out.value(), err.value()
         result.stdout_truncated, result.stderr_truncated = out.truncated, err.truncated
 
-    def finish(self, result: RunResult, state: dict[str, Any], spec: RunSpec) -> RunResult:
+    def finish(self, result: RunResult, state: dict[str, Any], spec: RunSpec,
+               container: Any) -> RunResult:
+        """Classifies a finished container. A container stopped by anything but this
+        worker (an engine shutdown, a `docker stop` from outside) is not the plugin's
+        failure: SandboxUnavailable, so the run is retried."""
         result.finished_at = time.time()
         result.exit_code = state.get("ExitCode")
+        if self.stopped_from_outside(container, result, state):
+            raise SandboxUnavailable("the container was stopped from outside this worker "
+                                     "(an engine shutdown or a docker stop)")
         self._classify(result, state, spec)
         return result
+
+    def stopped_from_outside(self, container: Any, result: RunResult,
+                             state: dict[str, Any]) -> bool:
+        """A signal death this worker did not cause (its timeout, its output cap), that the
+        engine reports as its own kill of the container. Asked only for such deaths."""
+        if result.extra.get("timed_out") or result.extra.get("output_limit") or \
+                state.get("OOMKilled") or result.exit_code not in SIGNAL_EXITS:
+            return False
+        try:  # the engine logs its kill just after it signals: look a moment ahead
+            events = self.client.events(since=int(result.started_at) - 1,
+                                        until=time.time() + KILL_EVENT_WAIT_S,
+                                        filters={"container": container.id,
+                                                 "event": ["kill", "stop", "die"]},
+                                        decode=True)
+            return any(e.get("Action") in ("kill", "stop") for e in events)
+        except (DockerException, requests.RequestException) as exc:
+            raise SandboxUnavailable(f"the engine went away with the container: {exc}") from exc
 
     def _wait(self, container: Any) -> dict[str, Any]:
         """The container's final state; inspected only when it did not exit cleanly

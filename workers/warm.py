@@ -358,7 +358,7 @@ def run_warm(sandbox: Sandbox, warm: Warm, spec: RunSpec) -> RunResult:
     finally:
         timer.cancel()
     result.extra["warm"] = True
-    return sandbox.finish(result, state, spec)
+    return sandbox.finish(result, state, spec, warm.container)
 
 
 class Ending:
