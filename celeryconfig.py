@@ -1,5 +1,5 @@
 """Celery's own configuration. The broker URL, queue and visibility timeout come from
-manager.config.Settings, added by manager.dispatch.make_celery (nothing is read here)."""
+manager.core.config.Settings, added by manager.bus.dispatch.make_celery (nothing is read here)."""
 
 task_serializer = "json"
 accept_content = ["json"]

@@ -5,11 +5,11 @@ any plugin is invalid. A thin wrapper over `titan-plugins validate`."""
 
 import sys
 
-from manager.bootstrap import ensure_venv
+from manager.cli.bootstrap import ensure_venv
 
 if __name__ == "__main__":
     ensure_venv()
-    from manager.cli import main
+    from manager.cli.main import main
 
     sys.argv[1:] = ["validate", "--all", *sys.argv[1:]]
     main()

@@ -28,11 +28,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from harness import Bus, RedisServer, WorkerProcess, new_id, private_settings  # noqa: E402
-from manager.dispatch import Dispatcher, make_celery  # noqa: E402
-from manager.listener import Listener  # noqa: E402
-from manager.manifest import load_manifest  # noqa: E402
-from manager.registry import Registry  # noqa: E402
-from manager.runs import RunLimits  # noqa: E402
+from manager.bus.dispatch import Dispatcher  # noqa: E402
+from manager.bus.listener import Listener  # noqa: E402
+from manager.core.contract import make_celery  # noqa: E402
+from manager.plugins.manifest import load_manifest  # noqa: E402
+from manager.plugins.registry import Registry  # noqa: E402
 from workers.sandbox import Sandbox  # noqa: E402
 from workers.spec import RunSpec  # noqa: E402
 
@@ -59,7 +59,7 @@ class Bare:
         event_file.chmod(0o644)
         spec = RunSpec("bench", "noop", "1.0.0", manifest.image, tuple(manifest.argv),
                        str(PLUGIN_DIR / "noop"), "{}", str(event_file),
-                       RunLimits.of(manifest, settings))
+                       manifest.run_limits(settings))
         self.options = Sandbox(settings, client).container_options(spec)
         self.options.pop("log_config")  # a plain `docker run` keeps the default log driver
         self.client = client

@@ -24,11 +24,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from harness import RedisServer, WorkerProcess, private_settings  # noqa: E402
-from manager.dispatch import Dispatcher, make_celery  # noqa: E402
-from manager.listener import Listener  # noqa: E402
-from manager.records import RecordStore, Status  # noqa: E402
-from manager.registry import Registry  # noqa: E402
-from manager.sweeper import Sweeper  # noqa: E402
+from manager.bus.dispatch import Dispatcher  # noqa: E402
+from manager.bus.listener import Listener  # noqa: E402
+from manager.bus.sweeper import Sweeper  # noqa: E402
+from manager.core.contract import make_celery  # noqa: E402
+from manager.core.records import RecordStore, Status  # noqa: E402
+from manager.plugins.registry import Registry  # noqa: E402
 
 PLUGINS = ROOT / "bench" / "soak_plugins"
 MATCHES = {"x": ("soak_a", "soak_b"), "y": ("soak_a", "soak_c")}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from manager.config import current
-from manager.errors import TitanError
+from manager.core.config import current
+from manager.core.errors import TitanError
 from manager.service import Manager
 
 

@@ -14,18 +14,19 @@ from typing import Any
 import waitress
 from flask import Flask
 
-from manager import metrics
-from manager.api import create_app
-from manager.clients import redis_client
-from manager.config import Settings
-from manager.dispatch import Dispatcher, make_celery
-from manager.errors import TitanError
-from manager.janitor import CacheJanitor
-from manager.listener import Listener
-from manager.loader import PluginStatus
-from manager.registry import Registry
-from manager.sweeper import Sweeper
-from manager.watch import PluginWatcher
+from manager.api.app import create_app
+from manager.bus.dispatch import Dispatcher
+from manager.bus.listener import Listener
+from manager.bus.sweeper import Sweeper
+from manager.core import metrics
+from manager.core.clients import redis_client
+from manager.core.config import Settings
+from manager.core.contract import make_celery
+from manager.core.errors import TitanError
+from manager.plugins.janitor import CacheJanitor
+from manager.plugins.loader import PluginStatus
+from manager.plugins.registry import Registry
+from manager.plugins.watch import PluginWatcher
 
 log = logging.getLogger("titan.manager")
 RETRY_RELOAD_S = 2.0

@@ -9,7 +9,7 @@ command -v redis-server >/dev/null || need+=(redis-server)
 command -v debootstrap >/dev/null || need+=(debootstrap)
 command -v curl >/dev/null || need+=(curl)
 # The install sandbox: pip runs as an unprivileged uid under bubblewrap, with the
-# system's Python and pip (manager/installer.py).
+# system's Python and pip (manager/plugins/installer.py).
 command -v bwrap >/dev/null || need+=(bubblewrap)
 /usr/bin/python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 python3 -m venv --help >/dev/null 2>&1 || need+=(python3-venv)

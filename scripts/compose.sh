@@ -58,12 +58,12 @@ build() {
     say "image titan-plugin-manager:local is up to date"
   fi
   say "wheels for the plugins' requirements (containers reach no package index)"
-  "$PY" -m manager.deps "${TITAN_PLUGINS_HOST_DIR:-$ROOT/plugins}" build/plugin-wheels >&2
+  "$PY" -m manager.plugins.deps "${TITAN_PLUGINS_HOST_DIR:-$ROOT/plugins}" build/plugin-wheels >&2
 }
 
 service_stamp() {  # what the service image is made of
-  cat setup.cfg pyproject.toml celeryconfig.py deploy/Dockerfile manager/*.py workers/*.py |
-    sha256sum | cut -c1-16
+  { cat setup.cfg pyproject.toml celeryconfig.py deploy/Dockerfile
+    find manager workers -name '*.py' | sort | xargs cat; } | sha256sum | cut -c1-16
 }
 
 secrets() {  # generated once into .env (0600): Redis password, API key, Flower's login

@@ -16,11 +16,12 @@ import redis
 import yaml
 
 from harness import Bus, RedisServer, WorkerProcess, free_port, private_settings
-from manager.api import create_app
-from manager.config import ROOT, Settings
-from manager.dispatch import Dispatcher, make_celery
-from manager.listener import Listener
-from manager.registry import Registry
+from manager.api.app import create_app
+from manager.bus.dispatch import Dispatcher
+from manager.bus.listener import Listener
+from manager.core.config import ROOT, Settings
+from manager.core.contract import make_celery
+from manager.plugins.registry import Registry
 from manager.service import api_server
 
 TEST_PLUGINS = Path(__file__).parent / "plugins"

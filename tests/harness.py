@@ -24,8 +24,8 @@ from typing import Any
 
 import redis
 
-from manager.config import ROOT, Settings
-from manager.records import RecordStore
+from manager.core.config import ROOT, Settings
+from manager.core.records import RecordStore
 
 WORKER_START_S = 60
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from harness import Bus, new_id, run_cli
-from manager.api import create_app
+from manager.api.app import create_app
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("stack")]
 

@@ -15,9 +15,10 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 
 from harness import WorkerProcess
-from manager.api import create_app
-from manager.dispatch import Dispatcher, make_celery
-from manager.registry import Registry
+from manager.api.app import create_app
+from manager.bus.dispatch import Dispatcher
+from manager.core.contract import make_celery
+from manager.plugins.registry import Registry
 
 pytestmark = pytest.mark.integration
 TOKEN = "schema-test-token"

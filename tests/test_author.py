@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 
 from harness import WorkerProcess, new_id, record_of, wait_until
-from manager.api import create_app
-from manager.config import ROOT
-from manager.dispatch import Dispatcher, make_celery
-from manager.events import Event
-from manager.registry import Registry
+from manager.api.app import create_app
+from manager.bus.dispatch import Dispatcher
+from manager.core.config import ROOT
+from manager.core.contract import make_celery
+from manager.core.events import Event
+from manager.plugins.registry import Registry
 
 pytestmark = pytest.mark.integration
 SYSTEM_PYTHON = shutil.which("python3", path="/usr/bin:/bin") or "python3"
@@ -79,7 +80,7 @@ def test_new_scaffolds_a_plugin_that_validates_and_runs(settings, tmp_path) -> N
 def test_new_never_writes_through_a_planted_symlink(settings, tmp_path) -> None:
     """`new --dir` in a directory another user can write: a symlink planted between the
     directory's creation and the files' never gets written through."""
-    from manager.scaffold import scaffold
+    from manager.plugins.scaffold import scaffold
 
     victim = tmp_path / "victim.txt"
     victim.write_text("root's own file")

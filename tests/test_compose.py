@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from harness import free_port, wait_until
-from manager.config import ROOT
+from manager.core.config import ROOT
 
 pytestmark = pytest.mark.integration
 ACTIVE = ("pending", "queued", "throttled", "running", "retrying")

@@ -12,8 +12,8 @@ import shutil
 import tarfile
 import tempfile
 import threading
-import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -29,18 +29,19 @@ from harness import (
     records_of,
     wait_until,
 )
-from manager.api import create_app
-from manager.dispatch import Dispatcher, make_celery
-from manager.errors import BundleError, PermissionDenied
-from manager.events import Event
-from manager.installer import adopt
-from manager.keys import Keys
-from manager.listener import Listener, ensure_group
-from manager.loader import build_bundle, load_plugin
-from manager.permissions import open_payload_path
-from manager.registry import Registry
-from manager.runs import RunRequest
-from manager.safefs import TreeFile
+from manager.api.app import create_app
+from manager.bus.dispatch import Dispatcher
+from manager.bus.listener import Listener, ensure_group
+from manager.core.contract import make_celery
+from manager.core.errors import BundleError, PermissionDenied
+from manager.core.events import Event
+from manager.core.keys import Keys
+from manager.core.runs import RunRequest
+from manager.plugins.installer import adopt
+from manager.plugins.loader import build_bundle, load_plugin
+from manager.plugins.permissions import open_payload_path
+from manager.plugins.registry import Registry
+from manager.plugins.safefs import TreeFile
 from workers.plugin_cache import PluginCache
 
 pytestmark = pytest.mark.integration
@@ -341,8 +342,7 @@ def test_the_worker_applies_the_registrys_limits_clamped_to_its_maxima(
         answers = {}
         for label, digest_used in (("registry", probe.digest), ("greedy bundle", digest)):
             event = Event(new_id("limits"), "test.v1", "probe", {"port": "1"})
-            request = RunRequest.build(uuid.uuid4().hex, "probe", probe.version, digest_used,
-                                       probe.manifest, event, settings, "api")
+            request = replace(probe, digest=digest_used).request(event, settings, "api")
             dispatcher.records.create(_record(request), 1e12)
             dispatcher.send(request)
             answers[label] = bus.result_of(event.event_id, timeout=120)["payload"]
@@ -355,12 +355,9 @@ def test_the_worker_applies_the_registrys_limits_clamped_to_its_maxima(
 
 
 def _record(request: RunRequest):
-    from manager.records import InvocationRecord, Status
+    from manager.core.records import InvocationRecord, Status
 
-    return InvocationRecord(request.invocation_id, request.plugin, request.version,
-                            request.digest, request.event.event_id, request.event.topic,
-                            request.event.event_type, "api", Status.PENDING, 0.0,
-                            request=request.to_dict())
+    return InvocationRecord.from_request(request, Status.PENDING, 0.0)
 
 
 # Provenance and shapes.

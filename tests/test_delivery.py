@@ -29,13 +29,14 @@ from harness import (
     records_of,
     wait_until,
 )
-from manager.api import create_app
-from manager.config import Settings
-from manager.dispatch import Dispatcher, make_celery
-from manager.events import Event
-from manager.listener import Listener, ensure_group
-from manager.records import InvocationRecord, RecordStore, Status
-from manager.registry import Registry
+from manager.api.app import create_app
+from manager.bus.dispatch import Dispatcher
+from manager.bus.listener import Listener, ensure_group
+from manager.core.config import Settings
+from manager.core.contract import make_celery
+from manager.core.events import Event
+from manager.core.records import InvocationRecord, RecordStore, Status
+from manager.plugins.registry import Registry
 
 pytestmark = pytest.mark.integration
 
@@ -266,7 +267,7 @@ def test_retention_trims_by_age_and_length_and_records_expire(settings, conn) ->
     old_ms = int((time.time() - 3600) * 1000)
     for n in range(5):
         conn.xadd(mine.event_stream, {"event": "{}"}, id=f"{old_ms + n}-0")
-    from manager.api import publish_event
+    from manager.api.context import publish_event
 
     for _ in range(500):
         publish_event(conn, mine, Event(new_id(), "t", "e"))

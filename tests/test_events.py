@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from manager.errors import EventError
-from manager.events import Event, Limits
+from manager.core.errors import EventError
+from manager.core.events import Event, Limits
 
 GOOD = {"event_id": "test-001", "topic": "fs.v1", "event_type": "file_created",
         "payload": {"path": "/srv/titan/files/a.pdf"}}
@@ -77,7 +77,7 @@ def test_lone_surrogates_are_refused() -> None:
 
 
 def test_a_digest_is_matched_whole() -> None:
-    from manager.errors import BundleError
+    from manager.core.errors import BundleError
     from workers.plugin_cache import check_digest
 
     good = "sha256:" + "0" * 64

@@ -11,10 +11,11 @@ import uuid
 import pytest
 
 from harness import DockerProxy, WorkerProcess, new_id, record_of, records_of, wait_until
-from manager.dispatch import Dispatcher, make_celery
-from manager.events import Event
-from manager.listener import Listener, ensure_group
-from manager.loader import PluginEntry
+from manager.bus.dispatch import Dispatcher
+from manager.bus.listener import Listener, ensure_group
+from manager.core.contract import make_celery
+from manager.core.events import Event
+from manager.plugins.loader import PluginEntry
 
 pytestmark = pytest.mark.integration
 ACTIVE = ("pending", "queued", "throttled", "running", "retrying")
@@ -43,9 +44,12 @@ def test_containers_left_by_an_engine_outage_are_reaped_without_a_restart(
         dispatcher = Dispatcher(conn, mine, make_celery(mine))
         invs = [dispatcher.dispatch(Event(new_id("heal"), "test.v1", "ping"),
                                     registry.get("echo"), "api")[0] for _ in range(12)]
-        time.sleep(0.8)
+        wait_until(lambda: any(record_of(conn, mine, i).get("status") == "running"
+                               for i in invs), 60, "runs in flight")
         proxy.stop()  # the engine goes away mid-burst ...
-        time.sleep(2)
+        unfinished = [i for i in invs if record_of(conn, mine, i)["status"] in ACTIVE]
+        assert unfinished, "the burst finished before the outage: it would test nothing"
+        time.sleep(2)  # the length of the outage
         proxy.start()  # ... and comes back
         for inv in invs:
             wait_until(lambda inv=inv: record_of(conn, mine, inv)["status"] not in ACTIVE, 120,

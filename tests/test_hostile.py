@@ -16,11 +16,12 @@ import pytest
 import redis
 
 from harness import Bus, WorkerProcess, bridge_gateway, new_id, records_of, wait_until
-from manager.config import Settings
-from manager.dispatch import Dispatcher, make_celery
-from manager.events import Event
-from manager.listener import Listener
-from manager.registry import Registry
+from manager.bus.dispatch import Dispatcher
+from manager.bus.listener import Listener
+from manager.core.config import Settings
+from manager.core.contract import make_celery
+from manager.core.events import Event
+from manager.plugins.registry import Registry
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("stack")]
 

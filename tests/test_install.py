@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 
 from harness import private_settings
-from manager.api import create_app
-from manager.config import ROOT, Settings
-from manager.dispatch import Dispatcher, make_celery
-from manager.registry import Registry
+from manager.api.app import create_app
+from manager.bus.dispatch import Dispatcher
+from manager.core.config import ROOT, Settings
+from manager.core.contract import make_celery
+from manager.plugins.registry import Registry
 
 pytestmark = pytest.mark.integration
 
@@ -169,8 +170,8 @@ def test_a_worker_applies_the_same_rules_to_a_bundle_it_fetches(env, conn, requi
                                                                says: str) -> None:
     """A bundle put in Redis without a reload (as anyone with Redis access could) is
     checked again by the worker before anything is installed."""
-    from manager.loader import build_bundle
-    from manager.safefs import TreeFile
+    from manager.plugins.loader import build_bundle
+    from manager.plugins.safefs import TreeFile
     from workers.plugin_cache import PluginCache
 
     settings: Settings = env["settings"]

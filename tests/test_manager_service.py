@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from harness import Bus, free_port, new_id, settings_env, wait_until
-from manager.config import ROOT
+from manager.core.config import ROOT
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("worker")]
 

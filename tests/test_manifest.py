@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from manager.config import Settings
-from manager.errors import ManifestError
-from manager.loader import PluginEntry, PluginStatus, discover, load_plugin
-from manager.manifest import parse_manifest
+from manager.core.config import Settings
+from manager.core.errors import ManifestError
+from manager.plugins.loader import PluginEntry, PluginStatus, discover, load_plugin
+from manager.plugins.manifest import parse_manifest
 
 GOOD = """\
 name: demo

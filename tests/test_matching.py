@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from manager.config import Settings
-from manager.errors import PermissionDenied
-from manager.events import Event
-from manager.loader import PluginEntry, PluginStatus
-from manager.manifest import Manifest
-from manager.matching import match
-from manager.permissions import glob_matches, mount_sources, open_payload_path
+from manager.bus.matching import match
+from manager.core.config import Settings
+from manager.core.errors import PermissionDenied
+from manager.core.events import Event
+from manager.plugins.loader import PluginEntry, PluginStatus
+from manager.plugins.manifest import Manifest
+from manager.plugins.permissions import glob_matches, mount_sources, open_payload_path
 from workers.results import OutputError, parse_output
 
 

@@ -9,13 +9,12 @@ import http.server
 import json
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 
 import pytest
 
 from harness import SYSTEM_PYTHON, Bus, new_id, run_cli, wait_until
-from manager.config import ROOT
+from manager.core.config import ROOT
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("stack")]
 
@@ -92,6 +91,8 @@ def test_logs_show_each_runs_stderr_under_its_status(api_url: str) -> None:
 
 
 def test_logs_follow_catches_quick_runs(api_url: str) -> None:
+    first = json.loads(run_cli(api_url, "--json", "trigger", "echo", "--wait", "-e",
+                               event()).stdout)["invocation_id"]
     follower = subprocess.Popen([SYSTEM_PYTHON, str(ROOT / "titan-plugins.py"), "--api",
                                  api_url, "--json", "logs", "echo", "-f", "-n", "1"],
                                 stdout=subprocess.PIPE, text=True)
@@ -101,7 +102,8 @@ def test_logs_follow_catches_quick_runs(api_url: str) -> None:
         for line in follower.stdout], daemon=True)  # type: ignore[union-attr]
     reader.start()
     try:
-        time.sleep(1.5)
+        # ready once it printed the run that was already there (the newest, -n 1)
+        wait_until(lambda: first in seen, 30, "logs -f to start")
         invs = [json.loads(run_cli(api_url, "--json", "trigger", "echo", "-e", event()).stdout)
                 ["invocation_id"] for _ in range(10)]
         wait_until(lambda: all("succeeded" in seen.get(i, ()) for i in invs), 90,
@@ -153,7 +155,7 @@ def test_rollback_refuses_bodies_it_cannot_mean(client, body: bytes, field: str)
 def test_flower_sees_failures_as_failures_under_the_plugin_name(settings, app, client) -> None:
     from celery.events.state import State
 
-    from manager.dispatch import make_celery
+    from manager.core.contract import make_celery
 
     celery = make_celery(settings)
     state = State()
@@ -169,7 +171,7 @@ def test_flower_sees_failures_as_failures_under_the_plugin_name(settings, app, c
             recv.capture(limit=None, timeout=60, wakeup=True)
 
     threading.Thread(target=listen, daemon=True).start()
-    time.sleep(1.5)
+    wait_until(received.is_set, 30, "the event receiver to hear a worker")  # heartbeats
     good = client.post("/plugins/echo/trigger?wait=60", json=json.loads(event())).json
     bad = client.post("/plugins/failing/trigger?wait=60", json=json.loads(event())).json
     wait_until(lambda: state.tasks.get(bad["invocation_id"]) is not None
@@ -205,9 +207,10 @@ def test_a_reload_with_a_rejected_plugin_counts_as_partial(client, settings, con
                                                            tmp_path) -> None:
     from prometheus_client import REGISTRY
 
-    from manager.api import create_app
-    from manager.dispatch import Dispatcher, make_celery
-    from manager.registry import Registry
+    from manager.api.app import create_app
+    from manager.bus.dispatch import Dispatcher
+    from manager.core.contract import make_celery
+    from manager.plugins.registry import Registry
 
     def count(result: str) -> float:
         return REGISTRY.get_sample_value("titan_reloads_total", {"result": result}) or 0

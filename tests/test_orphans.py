@@ -9,8 +9,9 @@ import signal
 import pytest
 
 from harness import WorkerProcess, new_id, wait_until
-from manager.dispatch import Dispatcher, make_celery
-from manager.events import Event
+from manager.bus.dispatch import Dispatcher
+from manager.core.contract import make_celery
+from manager.core.events import Event
 
 pytestmark = pytest.mark.integration
 

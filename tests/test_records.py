@@ -12,7 +12,7 @@ from dataclasses import fields
 
 import pytest
 
-from manager.records import (
+from manager.core.records import (
     ACTIVE,
     TERMINAL,
     InvocationRecord,
@@ -43,7 +43,7 @@ def test_terminal_states_are_never_left() -> None:
 
 
 def test_the_api_schema_comes_from_the_record() -> None:
-    from manager.api_models import Invocation
+    from manager.api.models import Invocation
 
     schema = Invocation.model_json_schema()
     assert schema["$defs"]["Status"]["enum"] == [s.value for s in Status]

@@ -30,13 +30,14 @@ from harness import (
     records_of,
     wait_until,
 )
-from manager.api import create_app
-from manager.config import Settings
-from manager.dispatch import Dispatcher, make_celery
-from manager.events import Event
-from manager.listener import Listener
-from manager.registry import Registry
-from manager.sweeper import UNACKED_KEY, Sweeper
+from manager.api.app import create_app
+from manager.bus.dispatch import Dispatcher
+from manager.bus.listener import Listener
+from manager.bus.sweeper import UNACKED_KEY, Sweeper
+from manager.core.config import Settings
+from manager.core.contract import make_celery
+from manager.core.events import Event
+from manager.plugins.registry import Registry
 
 pytestmark = pytest.mark.integration
 ACTIVE = ("pending", "queued", "throttled", "running", "retrying")
@@ -223,17 +224,13 @@ def test_a_run_whose_worker_and_message_vanished_is_swept_to_lost(
 
 def test_a_pending_run_whose_message_never_reached_the_broker_is_sent_again(
         settings, conn) -> None:
-    from manager.records import InvocationRecord, Status
-    from manager.runs import RunRequest
+    from manager.core.records import InvocationRecord
 
     mine, registry = isolated(settings, conn, sweep_grace_s=0)
     dispatcher = Dispatcher(conn, mine, make_celery(mine))
-    req = RunRequest.build("vanished" + new_id(), "echo", "0.1.0", registry.get("echo").digest,
-                           registry.get("echo").manifest, Event(new_id(), "test.v1", "ping"),
-                           mine, "api")
-    dispatcher.records.create(InvocationRecord(
-        req.invocation_id, "echo", "0.1.0", req.digest, req.event.event_id, "test.v1", "ping",
-        "api", Status.PENDING, time.time(), request=req.to_dict()), 0)
+    req = registry.get("echo").request(Event(new_id(), "test.v1", "ping"), mine, "api",
+                                       "vanished" + new_id())
+    dispatcher.records.create(InvocationRecord.from_request(req), 0)
     sweeper = Sweeper(conn, mine, dispatcher)
     assert sweeper.sweep().suspected == [req.invocation_id]
     assert sweeper.sweep().requeued == [req.invocation_id]

@@ -7,21 +7,22 @@ from __future__ import annotations
 import shutil
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import docker
 import pytest
 import redis
 
 from harness import Bus, WorkerProcess, new_id, private_settings, records_of, wait_until
-from manager.api import create_app
-from manager.config import Settings
-from manager.dispatch import Dispatcher, make_celery
-from manager.listener import Listener
-from manager.registry import Registry
-from manager.watch import PluginWatcher
+from manager.api.app import create_app
+from manager.bus.dispatch import Dispatcher
+from manager.bus.listener import Listener
+from manager.core.config import Settings
+from manager.core.contract import make_celery
+from manager.plugins.registry import Registry
+from manager.plugins.watch import PluginWatcher
 
 pytestmark = pytest.mark.integration
 
@@ -134,19 +135,28 @@ def test_reload_mid_stream_runs_each_event_on_one_whole_version(stack: Stack) ->
             assert payload["code"] == "2.0.0"
 
 
-def pause(answer: dict) -> dict:
-    """Light load: the pool has time to start each run's replacement."""
-    time.sleep(1.0)
+def replaced(stack: Stack, answer: dict) -> dict:
+    """Light load: the next run waits until the container that ran this one is gone and
+    the pool holds a prewarmed one again (its replacement)."""
+    (record,) = [r for r in records_of(stack.conn, stack.settings, "pooled", 50)
+                 if r["event_id"] == answer["causation_id"]]
+
+    def ready() -> bool:
+        ids = {c.id for c in docker.from_env().containers.list(all=True, sparse=True, filters={
+            "label": [f"titan.instance={stack.settings.instance}", "titan.plugin=pooled"]})}
+        return record["container_id"] not in ids and bool(ids)
+
+    wait_until(ready, 30, "the run's container to go and a replacement to be ready")
     return answer
 
 
 def test_a_reload_switches_the_prewarmed_pool_to_the_new_version(stack: Stack) -> None:
     write_plugin(stack.plugins, "pooled", "1.0.0")
     stack.registry.reload()
-    old = [pause(stack.answer("pooled")) for _ in range(4)]  # the pool holds 1.0.0 ones
+    old = [replaced(stack, stack.answer("pooled")) for _ in range(4)]  # the pool holds 1.0.0
     write_plugin(stack.plugins, "pooled", "2.0.0")
     stack.registry.reload()
-    new = [pause(stack.answer("pooled")) for _ in range(6)]
+    new = [replaced(stack, stack.answer("pooled")) for _ in range(6)]
     assert {a["payload"]["code"] for a in old} == {"1.0.0"}
     assert {a["payload"]["code"] for a in new} == {"2.0.0"}  # never old code after a reload
     runs = records_of(stack.conn, stack.settings, "pooled", 50)

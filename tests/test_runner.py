@@ -13,12 +13,13 @@ import pytest
 import redis
 from prometheus_client import REGISTRY
 
-from manager.config import Settings
-from manager.errors import SandboxUnavailable
-from manager.events import Event
-from manager.records import InvocationRecord, Status
-from manager.registry import Registry
-from manager.runs import RunRequest
+from manager.core.beats import WorkerBeat
+from manager.core.config import Settings
+from manager.core.errors import SandboxUnavailable
+from manager.core.events import Event
+from manager.core.records import InvocationRecord, Status
+from manager.core.runs import RunRequest
+from manager.plugins.registry import Registry
 from workers.runner import HOLDER_RECHECK_S, Later, Runner
 from workers.spec import RunResult, RunSpec
 
@@ -63,12 +64,9 @@ class Rig:
 
     def request(self, plugin: str) -> RunRequest:
         entry = self.registry.get(plugin)
-        req = RunRequest.build(uuid.uuid4().hex, plugin, entry.version, entry.digest,
-                               entry.manifest, Event(uuid.uuid4().hex, "test.v1", "x"),
-                               self.settings, "api")
-        self.runner.records.create(InvocationRecord(
-            req.invocation_id, plugin, req.version, req.digest, req.event.event_id, "test.v1",
-            "x", "api", Status.QUEUED, time.time(), request=req.to_dict()), time.time() + 60)
+        req = entry.request(Event(uuid.uuid4().hex, "test.v1", "x"), self.settings, "api")
+        self.runner.records.create(InvocationRecord.from_request(req, Status.QUEUED),
+                                   time.time() + 60)
         return req
 
     def record(self, req: RunRequest) -> InvocationRecord:
@@ -157,12 +155,12 @@ def test_a_second_delivery_waits_while_the_holder_lives_then_takes_over(rig: Rig
     records = rig.runner.records
     assert records.transition(req.invocation_id, Status.RUNNING, increment="attempts",
                               worker="holder@h").applied
-    beat = rig.runner.keys.worker_heartbeat("holder@h")
-    rig.conn.set(beat, json.dumps({"name": "holder@h", "held": [req.invocation_id]}))
+    beat = WorkerBeat("holder@h", 1, True, held=(req.invocation_id,))
+    beat.save(rig.conn, rig.runner.keys)
     later = rig.runner.execute(req, "second@h")
     assert isinstance(later, Later) and later.countdown == HOLDER_RECHECK_S
     assert rig.sandbox.specs == []
-    rig.conn.delete(beat)  # the holder died
+    beat.remove(rig.conn, rig.runner.keys)  # the holder died
     rig.sandbox.outcomes = [ok()]
     assert rig.runner.execute(req, "second@h").status == "succeeded"
     record = rig.record(req)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from harness import Bus, new_id
@@ -31,13 +33,16 @@ def test_runs_as_non_root_without_capabilities(report: dict) -> None:
 def test_limits_are_in_force_inside_the_container(report: dict, settings) -> None:
     assert report["pids_max"] == str(settings.pids_limit)
     assert int(report["memory_limit"]) == 96 * 1024**2
-    if not report["memsw_limit"].startswith("error"):
-        assert int(report["memsw_limit"]) == 96 * 1024**2  # no swap beyond memory
+    # no swap beyond memory; where the kernel keeps no swap accounting, the engine was
+    # still told so, and then there is no such file on the host either
+    memsw = Path("/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes")
+    assert report["memsw_limit"] == str(96 * 1024**2) or (
+        report["memsw_limit"].startswith("error") and not memsw.exists()), report["memsw_limit"]
     assert report["cpu_quota"].split()[0] in ("25000", "25000 100000")
     assert report["nofile"] == settings.nofile_limit
     assert report["fsize"] == settings.fsize_bytes
     assert report["core"] == 0
-    assert "docker-init" in report["pid1"] or "tini" in report["pid1"]
+    assert "docker-init" in report["pid1"] or "/titan/launcher.py" in report["pid1"]  # warm
 
 
 def test_filesystem_is_read_only_but_tmp(report: dict, settings) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from harness import new_id, records_of, wait_until
-from manager.events import Event
+from manager.core.events import Event
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("stack")]
 ACTIVE = ("pending", "queued", "throttled", "running", "retrying")

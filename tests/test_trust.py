@@ -22,15 +22,16 @@ from pathlib import Path
 import pytest
 
 from harness import SYSTEM_PYTHON, free_port, private_settings, wait_until
-from manager.api import create_app
-from manager.config import ROOT, Settings
-from manager.deps import install_requirements
-from manager.dispatch import Dispatcher, make_celery
-from manager.errors import DependencyError
-from manager.installer import InstallSandbox
-from manager.janitor import CacheJanitor
-from manager.registry import Registry
-from manager.requirements import Requirements
+from manager.api.app import create_app
+from manager.bus.dispatch import Dispatcher
+from manager.core.config import ROOT, Settings
+from manager.core.contract import make_celery
+from manager.core.errors import DependencyError
+from manager.plugins.deps import install_requirements
+from manager.plugins.installer import InstallSandbox
+from manager.plugins.janitor import CacheJanitor
+from manager.plugins.registry import Registry
+from manager.plugins.requirements import Requirements
 from manager.service import api_server
 
 pytestmark = pytest.mark.integration

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 from celery import Celery, signals
 
-from manager.clients import redis_client
-from manager.config import current
-from manager.dispatch import celery_settings
-from manager.errors import SandboxUnavailable
+from manager.core.clients import redis_client
+from manager.core.config import current
+from manager.core.contract import celery_settings
+from manager.core.errors import SandboxUnavailable
 from workers.heartbeat import Heartbeat
 from workers.runner import Runner
 from workers.sandbox import Sandbox

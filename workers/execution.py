@@ -10,13 +10,13 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from manager import metrics
-from manager.config import Settings
-from manager.deps import mkdirs
-from manager.errors import BundleError, DependencyError, PermissionDenied
-from manager.permissions import PayloadFile, mount_sources, open_payload_path
-from manager.records import Status
-from manager.runs import RunRequest
+from manager.core import metrics
+from manager.core.config import Settings
+from manager.core.errors import BundleError, DependencyError, PermissionDenied
+from manager.core.records import Status
+from manager.core.runs import RunRequest
+from manager.plugins.deps import mkdirs
+from manager.plugins.permissions import PayloadFile, mount_sources, open_payload_path
 from workers.plugin_cache import PluginCache
 from workers.sandbox import Sandbox
 from workers.spec import RunResult, RunSpec

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import json
 import logging
 import os
 import shutil
@@ -18,15 +17,15 @@ import time
 import redis
 from celery.worker import state as worker_state
 
-from manager.config import Settings
-from manager.errors import SandboxUnavailable
-from manager.janitor import CacheJanitor
-from manager.keys import Keys
+from manager.core.beats import WorkerBeat
+from manager.core.config import Settings
+from manager.core.errors import SandboxUnavailable
+from manager.core.keys import Keys
+from manager.plugins.janitor import CacheJanitor
 from workers.sandbox import Sandbox
 
 log = logging.getLogger(__name__)
 INTERVAL_S = 3.0
-TTL_S = 10
 RUN_DIR_MAX_AGE_S = 3600
 IMAGES_S = 30.0
 EVICT_EVERY = 20  # beats: the cache is checked about once a minute
@@ -59,24 +58,23 @@ class Heartbeat(threading.Thread):
         self.conn = conn
         self.settings = settings
         self.sandbox = sandbox
-        self.key = Keys(settings.key_prefix).worker_heartbeat(name)
+        self.keys = Keys(settings.key_prefix)
         self.name_ = name
         self.stopping = threading.Event()
         self._docker_ok = False
+        self._docker_error: str | None = None
         self._images: tuple[float, list[str]] = (0.0, [])
         self.janitor = CacheJanitor(settings)
 
-    def docker_state(self) -> dict[str, object]:
+    def docker_state(self) -> None:
         try:
             self.sandbox.ping()
-            self._docker_ok = True
-            return {"ok": True}
+            self._docker_ok, self._docker_error = True, None
         except SandboxUnavailable as exc:
-            self._docker_ok = False
-            return {"ok": False, "error": exc.message[:300]}
+            self._docker_ok, self._docker_error = False, exc.message[:300]
 
     def beat(self) -> None:
-        docker = self.docker_state()
+        self.docker_state()
         # Containers are listed before the held runs are read: a container created after
         # the snapshot belongs to a run accepted before it, so it is never taken for waste.
         if self._docker_ok:
@@ -84,9 +82,8 @@ class Heartbeat(threading.Thread):
             if reaped:
                 log.warning("reaped %d container(s) no run uses: %s", len(reaped),
                             ", ".join(reaped))
-        state = {"name": self.name_, "pid": os.getpid(), "time": time.time(),
-                 "docker": docker, "held": sorted(held_runs()), "images": self.images()}
-        self.conn.set(self.key, json.dumps(state), ex=TTL_S)
+        WorkerBeat(self.name_, os.getpid(), self._docker_ok, self._docker_error,
+                   tuple(sorted(held_runs())), tuple(self.images())).save(self.conn, self.keys)
 
     def images(self) -> list[str]:
         """The engine's images (for reload's image check), refreshed every IMAGES_S."""
@@ -129,4 +126,4 @@ class Heartbeat(threading.Thread):
     def stop(self) -> None:
         self.stopping.set()
         with contextlib.suppress(redis.RedisError):
-            self.conn.delete(self.key)
+            WorkerBeat(self.name_, os.getpid(), False).remove(self.conn, self.keys)

@@ -18,13 +18,13 @@ import tempfile
 import zlib
 from pathlib import Path
 
-from manager.config import Settings
-from manager.deps import install_requirements, locked, mkdirs, private_root, touch
-from manager.errors import BundleError
-from manager.loader import REQUIREMENTS
-from manager.registry import Registry
-from manager.requirements import parse_requirements
-from manager.safefs import (
+from manager.core.config import Settings
+from manager.core.errors import BundleError
+from manager.plugins.deps import install_requirements, locked, mkdirs, private_root, touch
+from manager.plugins.loader import REQUIREMENTS
+from manager.plugins.registry import Registry
+from manager.plugins.requirements import parse_requirements
+from manager.plugins.safefs import (
     O_DIR,
     UnsafePath,
     bundle_members,

@@ -15,12 +15,13 @@ from typing import Any
 
 import redis
 
-from manager import metrics
-from manager.config import Settings
-from manager.errors import EventError, OutcomeNotStored
-from manager.events import FAILURE, Limits, check_limits
-from manager.records import Outcome, RecordStore, Status
-from manager.runs import RunRequest
+from manager.core import metrics
+from manager.core.config import Settings
+from manager.core.errors import EventError, OutcomeNotStored
+from manager.core.events import FAILURE, Limits, check_limits
+from manager.core.records import Outcome, RecordStore, Status
+from manager.core.retry import STORE_OUTCOME
+from manager.core.runs import RunRequest
 from workers.spec import RunResult
 
 log = logging.getLogger(__name__)
@@ -159,8 +160,7 @@ def persist(write: Any, budget_s: float, what: str) -> Any:
     """Runs `write` until Redis answers, with capped exponential backoff, for at most
     `budget_s` seconds; a finished run's outcome is kept in memory meanwhile."""
     deadline = time.monotonic() + budget_s
-    delay = 0.2
-    while True:
+    for delay in STORE_OUTCOME.delays():
         try:
             return write()
         except REDIS_DOWN as exc:
@@ -170,4 +170,4 @@ def persist(write: Any, budget_s: float, what: str) -> Any:
             log.warning("storing the outcome of %s: Redis unreachable (%s); retrying in "
                         "%.1fs", what, exc, delay)
             time.sleep(delay)
-            delay = min(delay * 2, 5.0)
+    raise AssertionError("unreachable: the delays never end")

@@ -4,22 +4,23 @@ change goes through RecordStore's transitions."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import random
 import time
 from dataclasses import dataclass
+from enum import StrEnum
 
 import redis
 
-from manager import metrics
-from manager.config import Settings
-from manager.errors import BundleError, SandboxUnavailable
-from manager.keys import Keys
-from manager.records import InvocationRecord, RecordStore, Status
-from manager.registry import Registry
-from manager.runs import RunRequest
+from manager.core import metrics
+from manager.core.beats import WorkerBeat
+from manager.core.config import Settings
+from manager.core.errors import BundleError, SandboxUnavailable
+from manager.core.keys import Keys
+from manager.core.records import InvocationRecord, RecordStore, Status
+from manager.core.retry import run_retry
+from manager.core.runs import RunRequest
+from manager.plugins.registry import Registry
 from workers.execution import Execution, Refused
 from workers.plugin_cache import PluginCache
 from workers.results import Outcomes, decide, persist, without_run
@@ -30,20 +31,36 @@ from workers.warm import WarmPool
 log = logging.getLogger(__name__)
 RETRYABLE = {Status.FAILED, Status.TIMEOUT, Status.OOM}  # only with `retries:` in the manifest
 RUNNING_GRACE_S = 60  # beyond timeout + stop grace, before the sweeper looks at a run
+SLOT_LEASE_MARGIN_S = 120  # a concurrency slot outlives its run's timeout by this much
 HOLDER_RECHECK_S = 10  # a second delivery waits this long while the first holder lives
 CLAIMABLE = frozenset({Status.PENDING, Status.QUEUED, Status.THROTTLED, Status.RETRYING})
 
 
+class Skipped(StrEnum):
+    """A delivery that ran nothing: the run was already final, or has no record."""
+
+    DUPLICATE = "duplicate"
+    UNKNOWN = "unknown"
+
+
+class RetryReason(StrEnum):
+    """Why a run is sent again (the `reason` label of titan_retries_total)."""
+
+    SANDBOX_UNAVAILABLE = "sandbox_unavailable"
+    MANIFEST = "manifest"  # the plugin failed and its manifest allows `retries:`
+    SECOND_DELIVERY = "second_delivery"
+
+
 @dataclass(frozen=True)
 class Finished:
-    """This delivery is done: the run's final status (or duplicate/unknown) and reason."""
+    """This delivery is done: the run's final status (or why it ran nothing) and reason."""
 
-    status: str
+    status: Status | Skipped
     reason: str | None = None
 
     @property
     def failed(self) -> bool:
-        return self.status not in (Status.SUCCEEDED.value, "duplicate", "unknown")
+        return isinstance(self.status, Status) and self.status is not Status.SUCCEEDED
 
 
 @dataclass(frozen=True)
@@ -52,11 +69,6 @@ class Later:
 
     request: RunRequest
     countdown: float
-
-
-def backoff(retries: int, cap: float) -> float:
-    """Exponential backoff with jitter: about 1, 2, 4 ... `cap` seconds at most."""
-    return random.uniform(0.5, 1.0) * min(cap, 2.0 ** min(retries, 16))
 
 
 class Runner:
@@ -77,28 +89,30 @@ class Runner:
         self.slots = Slots(conn, self.keys)
 
     def execute(self, req: RunRequest, worker: str) -> Finished | Later:
-        """Runs one delivery of a request. Returns the final status (or "duplicate"), or
+        """Runs one delivery of a request. Returns the final status (or why it ran nothing), or
         Later when the run must wait (throttled, engine unusable, manifest retries, or a
         second delivery while the first holder still lives)."""
         record = self.records.get(req.invocation_id)
         if record is None:
             log.warning("invocation %s has no record (expired?); dropping", req.invocation_id)
-            return Finished("unknown")
+            return Finished(Skipped.UNKNOWN)
         if record.status.terminal:
-            return Finished("duplicate")
+            return Finished(Skipped.DUPLICATE)
         takeover = ""
         if record.status is Status.RUNNING:
             if self.holder_alive(record):
-                metrics.RETRIES.labels(plugin=req.plugin, reason="second_delivery").inc()
+                metrics.RETRIES.labels(plugin=req.plugin,
+                                       reason=RetryReason.SECOND_DELIVERY).inc()
                 return Later(req, HOLDER_RECHECK_S)
             takeover = record.worker or "?"
         if req.concurrency and not self.slots.acquire(
-                req.plugin, req.invocation_id, req.concurrency, req.limits.timeout + 120):
+                req.plugin, req.invocation_id, req.concurrency,
+                req.limits.timeout + SLOT_LEASE_MARGIN_S):
             return self.throttle(req, record)
         try:
             attempt = self.claim(req, record, worker, takeover)
             if attempt is None:
-                return Finished("duplicate")
+                return Finished(Skipped.DUPLICATE)
             return self.run_claimed(req, attempt)
         finally:
             if req.concurrency:
@@ -106,8 +120,8 @@ class Runner:
 
     def holder_alive(self, record: InvocationRecord) -> bool:
         """True while the worker that claimed the run reports it as active."""
-        raw = self.conn.get(self.keys.worker_heartbeat(record.worker or ""))
-        return bool(raw) and record.invocation_id in json.loads(raw).get("held", ())
+        beat = WorkerBeat.get(self.conn, self.keys, record.worker or "")
+        return beat is not None and record.invocation_id in beat.held
 
     def claim(self, req: RunRequest, record: InvocationRecord, worker: str,
               takeover: str) -> int | None:
@@ -126,7 +140,7 @@ class Runner:
         return record.attempts + 1
 
     def throttle(self, req: RunRequest, record: InvocationRecord) -> Later:
-        countdown = backoff(record.waits, self.settings.throttle_backoff_max)
+        countdown = run_retry(self.settings.throttle_backoff_max).delay(record.waits)
         self.records.transition(req.invocation_id, Status.THROTTLED, increment="waits",
                                 deadline=time.time() + countdown + RUNNING_GRACE_S,
                                 reason=f"waiting for a concurrency slot ({req.concurrency})")
@@ -153,23 +167,24 @@ class Runner:
         metrics.CONTAINER_START.observe(result.container_start_s)
         metrics.DURATION.labels(plugin=req.plugin).observe(result.duration_s)
         if result.status in RETRYABLE and attempt <= req.retries:
-            return self.again(req, attempt, f"{result.status.value}: {result.reason}",
+            return self.again(req, attempt, RetryReason.MANIFEST,
+                              f"{result.status.value}: {result.reason}",
                               exit_code=result.exit_code)
         decided = decide(req, result, self.settings)
         self.outcomes.store(req, decided)
-        return Finished(decided.status.value, decided.reason)
+        return Finished(decided.status, decided.reason)
 
     def engine_unavailable(self, req: RunRequest, attempt: int,
                            exc: SandboxUnavailable) -> Finished | Later:
         reason = f"sandbox_unavailable: {exc.message}"
         if attempt > self.settings.sandbox_retries:
             return self.conclude(req, Status.FAILED, reason)
-        return self.again(req, attempt, reason)
+        return self.again(req, attempt, RetryReason.SANDBOX_UNAVAILABLE, reason)
 
-    def again(self, req: RunRequest, attempt: int, reason: str, **changes: object) -> Later:
+    def again(self, req: RunRequest, attempt: int, why: RetryReason, reason: str,
+              **changes: object) -> Later:
         """This attempt is over and another one follows (status retrying)."""
-        countdown = backoff(attempt - 1, self.settings.retry_backoff_max)
-        why = "sandbox_unavailable" if reason.startswith("sandbox_unavailable") else "manifest"
+        countdown = run_retry(self.settings.retry_backoff_max).delay(attempt - 1)
         metrics.RETRIES.labels(plugin=req.plugin, reason=why).inc()
         persist(lambda: self.records.transition(
             req.invocation_id, Status.RETRYING, reason=reason,
@@ -180,4 +195,4 @@ class Runner:
     def conclude(self, req: RunRequest, status: Status, reason: str) -> Finished:
         """A terminal outcome decided without a container run (rejected, unusable, spent)."""
         self.outcomes.store(req, without_run(status, reason))
-        return Finished(status.value, reason)
+        return Finished(status, reason)

@@ -20,9 +20,9 @@ import requests
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.types import Mount, Ulimit
 
-from manager.config import RUN_GID, RUN_UID, Settings
-from manager.errors import SandboxUnavailable
-from manager.records import Status
+from manager.core.config import RUN_GID, RUN_UID, Settings
+from manager.core.errors import SandboxUnavailable
+from manager.core.records import Status
 from workers.spec import Capture, RunResult, RunSpec
 
 log = logging.getLogger(__name__)
@@ -228,7 +228,7 @@ class Sandbox:
         if self.stopped_from_outside(container, result, state):
             raise SandboxUnavailable("the container was stopped from outside this worker "
                                      "(an engine shutdown or a docker stop)")
-        self._classify(result, state, spec)
+        classify(result, state, spec, self.settings.output_cap_bytes)
         return result
 
     def stopped_from_outside(self, container: Any, result: RunResult,
@@ -259,25 +259,6 @@ class Sandbox:
             return container.attrs.get("State", {})
         except (DockerException, requests.RequestException) as exc:
             raise SandboxUnavailable(f"lost the container while waiting: {exc}") from exc
-
-    def _classify(self, result: RunResult, state: dict[str, Any], spec: RunSpec) -> None:
-        code = result.exit_code
-        if result.extra.get("timed_out"):
-            result.status, result.reason = Status.TIMEOUT, f"timed out after {spec.timeout}s"
-        elif result.extra.get("output_limit"):
-            which = "stdout" if result.stdout_truncated else "stderr"
-            result.status = Status.OUTPUT_LIMIT
-            result.reason = f"{which} exceeded {self.settings.output_cap_bytes} bytes"
-        elif state.get("OOMKilled"):
-            result.status = Status.OOM
-            result.reason = f"killed: out of memory (limit {spec.memory_bytes} bytes)"
-        elif code != 0:
-            result.status = Status.FAILED
-            signal_note = f" (killed by signal {code - 128})" if code and code > 128 else ""
-            last = _last_line(result.stderr)
-            result.reason = f"exited with code {code}{signal_note}" + (f": {last}" if last else "")
-        else:
-            result.status = Status.SUCCEEDED
 
     def _stop(self, container: Any, result: RunResult) -> None:
         """Timeout: SIGTERM, then SIGKILL after a short grace period."""
@@ -353,6 +334,28 @@ class Sandbox:
             self._remove(c)
             reaped.append(invocation or c.id[:12])
         return reaped
+
+
+def classify(result: RunResult, state: dict[str, Any], spec: RunSpec, output_cap: int) -> None:
+    """A finished container's status and reason, from what this worker saw (its timeout,
+    its output cap) and the state the engine or the launcher reported. Pure."""
+    code = result.exit_code
+    if result.extra.get("timed_out"):
+        result.status, result.reason = Status.TIMEOUT, f"timed out after {spec.timeout}s"
+    elif result.extra.get("output_limit"):
+        which = "stdout" if result.stdout_truncated else "stderr"
+        result.status = Status.OUTPUT_LIMIT
+        result.reason = f"{which} exceeded {output_cap} bytes"
+    elif state.get("OOMKilled"):
+        result.status = Status.OOM
+        result.reason = f"killed: out of memory (limit {spec.memory_bytes} bytes)"
+    elif code != 0:
+        result.status = Status.FAILED
+        signal_note = f" (killed by signal {code - 128})" if code and code > 128 else ""
+        last = _last_line(result.stderr)
+        result.reason = f"exited with code {code}{signal_note}" + (f": {last}" if last else "")
+    else:
+        result.status = Status.SUCCEEDED
 
 
 def _bind(target: str, source: str) -> Mount:

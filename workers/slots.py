@@ -6,7 +6,7 @@ import time
 
 import redis
 
-from manager.keys import Keys
+from manager.core.keys import Keys
 
 # KEYS[1] slots; ARGV: now, limit, invocation id, lease expiry. Expired leases (a worker
 # that died holding one) are dropped first, so a crash never leaks a slot for long.

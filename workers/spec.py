@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from manager.records import Status
-from manager.runs import RunLimits
+from manager.core.records import Status
+from manager.core.runs import RunLimits
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,10 @@ from celery import Task
 from celery.exceptions import Reject, Retry
 from kombu.exceptions import OperationalError
 
-from manager.dispatch import RUN_TASK
-from manager.errors import OutcomeNotStored
-from manager.records import Status
-from manager.runs import RunRequest
+from manager.core.contract import RUN_TASK
+from manager.core.errors import OutcomeNotStored
+from manager.core.records import Status
+from manager.core.runs import RunRequest
 from workers.celery_app import app, runner
 from workers.runner import Finished, Later
 

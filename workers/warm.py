@@ -33,11 +33,11 @@ from docker.errors import DockerException
 from docker.types import Mount
 from docker.utils.socket import SocketError, demux_adaptor, frames_iter
 
-from manager import metrics
-from manager.config import ROOT, Settings
-from manager.deps import mkdirs, private_root
-from manager.errors import SandboxUnavailable
-from manager.records import Status
+from manager.core import metrics
+from manager.core.config import ROOT, Settings
+from manager.core.errors import SandboxUnavailable
+from manager.core.records import Status
+from manager.plugins.deps import mkdirs, private_root
 from workers.sandbox import EVENT_PATH, LABEL_PID, LABEL_POOL, MAX_ENV_EVENT, Sandbox
 from workers.spec import RunResult, RunSpec
 

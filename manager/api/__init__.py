@@ -1,0 +1,1 @@
+"""The operator's REST API (Flask `create_app`); it never imports Docker."""

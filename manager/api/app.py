@@ -1,0 +1,90 @@
+"""The REST API (SPEC §6), built by `create_app`. It publishes events and enqueues tasks;
+it never runs plugins and never talks to Docker (workers report the engine's state).
+The endpoints are in `manager.api.routes`."""
+
+from __future__ import annotations
+
+import hmac
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import redis
+from flask import Flask, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from manager.api.context import ApiContext, error
+from manager.api.routes import routes
+from manager.bus.dispatch import Dispatcher
+from manager.core.config import Settings
+from manager.core.errors import (
+    BadQuery,
+    BudgetExceeded,
+    DeadLetterNotFound,
+    EventError,
+    InvocationNotFound,
+    PermissionDenied,
+    PluginNotFound,
+    PluginUnavailable,
+    TitanError,
+    VersionNotFound,
+)
+from manager.core.events import Limits
+from manager.core.records import RecordStore
+from manager.plugins.registry import Registry
+
+STATUS_CODES = {EventError: 400, BadQuery: 400, BudgetExceeded: 429, PluginNotFound: 404,
+                InvocationNotFound: 404, VersionNotFound: 404, DeadLetterNotFound: 404,
+                PluginUnavailable: 409, PermissionDenied: 403}
+PUBLIC_PATHS = ("/health", "/docs", "/openapi.json")  # and /docs/static/...
+
+
+def create_app(settings: Settings, conn: redis.Redis, registry: Registry,
+               dispatcher: Dispatcher, on_unsettled: Callable[[], object] | None = None) -> Flask:
+    """Flask app factory; every dependency is passed in (tests pass their own)."""
+    app = Flask(__name__)
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_event_bytes + 64 * 1024
+    app.extensions["titan"] = ApiContext(settings, conn, registry, dispatcher,
+                                         RecordStore(conn, settings),
+                                         Limits(settings.max_event_bytes,
+                                                settings.max_event_depth),
+                                         threading.BoundedSemaphore(max(1, settings.api_waiters)),
+                                         on_unsettled)
+    app.before_request(_auth(settings))
+    app.register_error_handler(TitanError, _titan_error)
+    app.register_error_handler(redis.RedisError, _redis_error)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_blueprint(routes)
+    return app
+
+
+def _auth(settings: Settings) -> Any:
+    def check() -> Any:
+        if not settings.api_token or request.path in PUBLIC_PATHS or \
+                request.path.startswith("/docs/"):
+            return None
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {settings.api_token}".encode()):
+            return error("unauthorized", "missing or wrong bearer token", 401)
+        return None
+
+    return check
+
+
+def _titan_error(exc: TitanError) -> Any:
+    status = next((s for t, s in STATUS_CODES.items() if isinstance(exc, t)), 500)
+    return jsonify({"error": exc.to_dict()}), status
+
+
+def _redis_error(exc: redis.RedisError) -> Any:
+    return error("redis_unavailable", f"Redis is unavailable: {exc}", 503)
+
+
+def _http_error(exc: HTTPException) -> Any:
+    response, status = error(exc.name.lower().replace(" ", "_"), exc.description or exc.name,
+                             exc.code or 500)
+    for name, value in exc.get_headers():  # a 405 names the methods allowed (Allow)
+        if name.lower() == "allow":
+            response.headers["Allow"] = value
+    return response, status

@@ -1,0 +1,49 @@
+"""What the API's routes work with: the context `create_app` builds, the JSON error shape,
+and publishing to the bus (no Flask app here, so the routes and the factory import it
+without importing each other)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from flask import Response, jsonify
+
+from manager.bus.dispatch import Dispatcher
+from manager.core.config import Settings
+from manager.core.events import Event, Limits
+from manager.core.records import RecordStore
+from manager.plugins.registry import Registry
+
+
+@dataclass(frozen=True)
+class ApiContext:
+    """What the routes use; passed in, so tests bring their own."""
+
+    settings: Settings
+    conn: redis.Redis
+    registry: Registry
+    dispatcher: Dispatcher
+    records: RecordStore
+    limits: Limits
+    # `?wait` holds a request thread: at most this many at once, the rest answer at once.
+    waiters: threading.BoundedSemaphore
+    # Called when a reload left a plugin that was still being written on its old version.
+    on_unsettled: Callable[[], object] | None = None
+
+
+def error(code: str, message: str, status: int, **details: Any) -> tuple[Response, int]:
+    return jsonify({"error": {"code": code, "message": message, "details": details}}), status
+
+
+def publish_event(conn: redis.Redis, settings: Settings, event: Event) -> str:
+    """XADDs an event to the bus; returns the stream entry id once Redis has it (Redis
+    writes its AOF before it answers)."""
+    entry = conn.xadd(settings.event_stream, {"event": event.encode()},
+                      maxlen=settings.stream_maxlen, approximate=True)
+    return entry.decode() if isinstance(entry, bytes) else entry
+
+

@@ -1,0 +1,185 @@
+"""The API's shapes, once: pydantic models that validate what comes in, check what goes
+out, and generate /openapi.json (through spectree, in manager/api/routes.py). The invocation
+model is derived from InvocationRecord, so the schema, the record and the CLI's statuses
+cannot drift apart."""
+
+from __future__ import annotations
+
+import math
+import typing
+from dataclasses import MISSING, fields
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+
+from manager.core.events import check_time
+from manager.core.records import InvocationRecord, Status
+
+ID = r"^[A-Za-z0-9._:-]{1,128}$"
+NAME = r"^[A-Za-z0-9._-]{1,128}$"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EventIn(_Model):
+    """An event (SPEC §2). The manager also checks its size (1 MiB), nesting (64) and
+    UTF-8 before anything else."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, regex_engine="python-re")
+    event_id: str = Field(pattern=ID)
+    topic: str = Field(pattern=r"^(?!plugins\.v1$)" + NAME[1:],
+                       description="`plugins.v1` is reserved for the manager's own events")
+    event_type: str = Field(pattern=NAME)
+    payload: dict[str, Any] = {}
+    source: str | None = Field(None, max_length=1024, pattern=r"^(?!plugin:)",
+                               description="default `api`; `plugin:*` is for plugin results")
+    time: str | None = Field(None, max_length=1024, json_schema_extra={"format": "date-time"},
+                             description="RFC 3339")
+    correlation_id: str | None = Field(None, max_length=1024)
+    causation_id: str | None = Field(None, max_length=1024)
+    hops: int = Field(0, ge=0, strict=False)  # 3.0 is 3, as in JSON
+
+
+    @field_validator("time")
+    @classmethod
+    def _rfc3339(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_time(value)
+        return value
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    details: dict[str, Any] | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class WaitQuery(_Model):
+    wait: float | None = Field(None, gt=0, le=600, description="seconds to wait for the result")
+
+    @field_validator("wait")
+    @classmethod
+    def _finite(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+
+class LimitQuery(_Model):
+    limit: int = Field(20, ge=1, le=1000)
+
+
+class RollbackIn(_Model):
+    version: str | None = Field(None, min_length=1, max_length=200,
+                                description="a version or a digest; default: the previous")
+
+
+class Part(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    ok: bool
+
+
+class Health(BaseModel):
+    status: str
+    redis: Part
+    docker: Part
+    workers: Part
+
+
+class Trigger(BaseModel):
+    topic: str
+    event_type: str
+
+
+class PluginOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    status: str
+    version: str | None
+    digest: str | None
+    errors: list[str]
+    warnings: list[str]
+    triggers: list[Trigger]
+
+
+class PluginList(BaseModel):
+    plugins: list[PluginOut]
+
+
+class Ref(BaseModel):
+    version: str | None
+    digest: str | None
+
+
+class RollbackOut(BaseModel):
+    name: str
+    to: Ref
+    from_: Ref = Field(alias="from")
+
+
+class ReloadOut(BaseModel):
+    added: list[dict[str, Any]]
+    updated: list[dict[str, Any]]
+    removed: list[str]
+    rejected: list[dict[str, Any]]
+    warnings: list[dict[str, Any]]
+    unsettled: list[dict[str, Any]] = Field([], description="plugins whose directory was "
+                                            "still being written: their old version serves")
+
+
+class Queued(BaseModel):
+    invocation_id: str
+    status: str
+    plugin: str
+    event_id: str
+    record: str = Field(description="the run record's URL (also the Location header)")
+    waited: bool = Field(False, description="false when ?wait was asked for but every "
+                         "waiting slot was taken: poll `record` instead")
+
+
+class Published(BaseModel):
+    event_id: str
+    entry_id: str
+    replayed: str | None = None
+
+
+class DeadLetter(BaseModel):
+    id: str
+    reason: str
+    detail: str
+    entry_id: str
+    time: float
+    event: Any = None
+
+
+class DeadLetters(BaseModel):
+    dead: list[DeadLetter]
+
+
+def _invocation_model() -> type[BaseModel]:
+    """InvocationRecord's public fields, as a response model."""
+    hints = typing.get_type_hints(InvocationRecord)
+    spec: dict[str, Any] = {}
+    for f in fields(InvocationRecord):
+        if f.name == "request":
+            continue
+        hint = hints[f.name]
+        if typing.get_origin(hint) is tuple:
+            hint = list[typing.get_args(hint)[0]]
+        default = f.default if f.default is not MISSING else ...
+        spec[f.name] = (Status if f.name == "status" else hint, default)
+    return create_model("Invocation", **spec)
+
+
+Invocation = _invocation_model()
+
+
+class InvocationList(BaseModel):
+    plugin: str
+    invocations: list[Invocation]  # type: ignore[valid-type]

@@ -1,0 +1,307 @@
+"""The API's endpoints (SPEC §6), as a blueprint over the context `create_app` built.
+
+Shapes come from manager/api/models.py through spectree (chosen because it takes pydantic
+models as they are, validates query, body and response with them, and builds the OpenAPI
+document from the same models: nothing is written twice). Events get the project's own
+checks first (size, nesting, UTF-8, before any JSON parser recurses), then the model's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import redis
+from flask import Blueprint, Response, current_app, g, jsonify, request, send_from_directory
+from spectree import Response as Resp
+from spectree import SecurityScheme, SpecTree
+from spectree.models import SecuritySchemeData
+
+from manager import __version__
+from manager.api.context import ApiContext, publish_event
+from manager.api.models import (
+    DeadLetters,
+    ErrorBody,
+    EventIn,
+    Health,
+    Invocation,
+    InvocationList,
+    LimitQuery,
+    PluginList,
+    PluginOut,
+    Published,
+    Queued,
+    ReloadOut,
+    RollbackIn,
+    RollbackOut,
+    WaitQuery,
+)
+from manager.bus.dispatch import FanoutBudget
+from manager.core import metrics
+from manager.core.beats import WorkerBeat
+from manager.core.errors import (
+    BadQuery,
+    BudgetExceeded,
+    DeadLetterNotFound,
+    EventError,
+    InvocationNotFound,
+    PluginNotFound,
+    PluginUnavailable,
+)
+from manager.core.events import Event, from_outside
+from manager.core.keys import Keys
+from manager.core.records import Status
+from manager.plugins.loader import PluginEntry
+
+DOCS_HTML = """<!doctype html><html><head><meta charset="utf-8">
+<title>Titan Plugin Manager API</title>
+<link rel="stylesheet" href="/docs/static/swagger-ui.css"></head><body><div id="ui"></div>
+<script src="/docs/static/swagger-ui-bundle.js"></script><script>
+SwaggerUIBundle({url: "/openapi.json", dom_id: "#ui"});</script></body></html>"""
+EVENT_PATHS = ("/events",)
+
+
+def _invalid(req: Any, resp: Any, error: Exception | None, instance: Any, adapter: Any) -> None:
+    """spectree's validation errors as the API's JSON errors, naming the field."""
+    if error is None:
+        return
+    first = error.errors()[0]  # type: ignore[attr-defined]
+    field = ".".join(str(p) for p in first["loc"]) or "body"
+    message = f"{field}: {first['msg']}"
+    if getattr(error, "title", "") == EventIn.__name__:
+        raise EventError(message, field=field, reason="invalid_field")
+    raise BadQuery(message, field=field)
+
+
+api = SpecTree("flask", mode="strict", title="Titan Plugin Manager", version=__version__,
+               validation_error_status=400, before=_invalid, annotations=False,
+               page_templates={}, description="Events in on a Redis stream, sandboxed plugin "
+               "runs, result events out. With TITAN_API_TOKEN set, every endpoint but "
+               "/health, /docs and /openapi.json needs `Authorization: Bearer <token>`.",
+               security_schemes=[SecurityScheme(name="bearer", data=SecuritySchemeData(
+                   type="http", scheme="bearer"))], security={"bearer": []})
+ERRORS = {"HTTP_400": ErrorBody, "HTTP_401": ErrorBody, "HTTP_404": ErrorBody,
+          "HTTP_503": ErrorBody}
+routes = Blueprint("titan", __name__)
+
+
+def ctx() -> ApiContext:
+    return current_app.extensions["titan"]
+
+
+@routes.before_app_request
+def _read_event() -> None:
+    """Events are checked by the project's own rules before anything parses them."""
+    if request.method == "POST" and (request.path in EVENT_PATHS or
+                                     request.path.endswith("/trigger")):
+        g.event = from_outside(Event.decode(request.get_data(cache=True), ctx().limits))
+
+
+def plugin_or_404(name: str) -> PluginEntry:
+    entry = ctx().registry.get(name)
+    if entry is None:
+        raise PluginNotFound(f"no plugin named {name!r}", plugin=name)
+    return entry
+
+
+@routes.get("/health")
+@api.validate(resp=Resp(HTTP_200=Health, HTTP_503=Health), security={})
+def health() -> Any:
+    """Redis, the Docker engine (as workers report it) and at least one worker."""
+    c = ctx()
+    state: dict[str, Any] = {}
+    try:
+        c.conn.ping()
+        state["redis"] = {"ok": True}
+        workers = WorkerBeat.all(c.conn, Keys(c.settings.key_prefix))
+    except redis.RedisError as exc:
+        state["redis"] = {"ok": False, "error": str(exc)}
+        workers = []
+    engines = [w for w in workers if w.docker_ok]
+    state["docker"] = {"ok": bool(engines), "workers_reporting": len(engines),
+                       "errors": sorted({w.docker_error for w in workers if w.docker_error})}
+    state["workers"] = {"ok": bool(workers), "count": len(workers),
+                        "names": sorted(w.name for w in workers)}
+    ok = all(state[p]["ok"] for p in ("redis", "docker", "workers"))
+    return jsonify({"status": "ok" if ok else "unavailable", **state}), 200 if ok else 503
+
+
+@routes.get("/plugins")
+@api.validate(resp=Resp(HTTP_200=PluginList, **ERRORS))
+def list_plugins() -> Any:
+    """Every plugin: status, version, digest, triggers, errors and warnings."""
+    return jsonify({"plugins": [e.public() for e in ctx().registry.entries().values()]})
+
+
+@routes.get("/plugins/<name>")
+@api.validate(resp=Resp(HTTP_200=PluginOut, **ERRORS))
+def get_plugin(name: str) -> Any:
+    """One plugin, with its kept versions."""
+    data = plugin_or_404(name).public()
+    data["versions"] = [{**e.ref(), "loaded_at": e.loaded_at,
+                         "serving": e.digest == data["digest"]}
+                        for e in ctx().registry.versions(name)]
+    return jsonify(data)
+
+
+@routes.post("/plugins/<name>/rollback")
+@api.validate(json=RollbackIn, resp=Resp(HTTP_200=RollbackOut, **ERRORS))
+def rollback(name: str) -> Any:
+    """Puts a kept version back in service (default: the one before the current)."""
+    return jsonify(ctx().registry.rollback(name, rollback_version()))
+
+
+@routes.post("/plugins/reload")
+@api.validate(resp=Resp(HTTP_200=ReloadOut, **ERRORS))
+def reload_plugins() -> Any:
+    """Rediscovers the plugins directory; what was added, updated, removed, rejected."""
+    try:
+        changes = ctx().registry.reload()
+    except Exception:
+        metrics.count_reload(None)
+        raise
+    metrics.count_reload(changes)
+    if changes["unsettled"] and ctx().on_unsettled is not None:
+        ctx().on_unsettled()  # the manager tries again shortly
+    return jsonify(changes)
+
+
+@routes.post("/plugins/<name>/trigger")
+@api.validate(json=EventIn, query=WaitQuery, resp=Resp(HTTP_200=Invocation, HTTP_202=Queued,
+                                                       HTTP_409=ErrorBody, HTTP_429=ErrorBody,
+                                                       **ERRORS))
+def trigger(name: str) -> Any:
+    """Runs this plugin on the event, regardless of its triggers; with ?wait, the record."""
+    entry = plugin_or_404(name)
+    if not entry.runnable:
+        raise PluginUnavailable(f"plugin {name!r} is {entry.status.value}", plugin=name,
+                                errors=list(entry.errors))
+    event: Event = g.event
+    wait = request.context.query.wait  # type: ignore[attr-defined]  # validated by WaitQuery
+    if not FanoutBudget(ctx().conn, ctx().settings).charge(event, 1):
+        raise BudgetExceeded(
+            f"correlation {event.correlation!r} used its budget of "
+            f"{ctx().settings.fanout_budget} runs (TITAN_FANOUT_BUDGET, counted for "
+            f"{ctx().settings.fanout_ttl}s); send the event with a new event_id or "
+            "correlation_id", correlation_id=event.correlation)
+    invocation_id, _ = ctx().dispatcher.dispatch(event, entry, origin="api")
+    metrics.TASKS_DISPATCHED.labels(plugin=name).inc()
+    waited = False
+    if wait and ctx().waiters.acquire(blocking=False):
+        waited = True
+        try:
+            record = ctx().records.wait(invocation_id, wait)
+        finally:
+            ctx().waiters.release()
+        if record and record.status.terminal:
+            return jsonify(record.public()), 200
+    location = f"/invocations/{invocation_id}"
+    response = jsonify({"invocation_id": invocation_id, "status": Status.QUEUED.value,
+                        "plugin": name, "event_id": event.event_id, "record": location,
+                        "waited": waited})
+    response.headers["Location"] = location
+    return response, 202
+
+
+@routes.post("/events")
+@api.validate(json=EventIn, resp=Resp(HTTP_202=Published, **ERRORS))
+def post_event() -> Any:
+    """Publishes the event to the bus (answered once Redis has it)."""
+    event: Event = g.event
+    entry_id = publish_event(ctx().conn, ctx().settings, event)
+    return jsonify({"event_id": event.event_id, "entry_id": entry_id}), 202
+
+
+@routes.get("/events/dead")
+@api.validate(query=LimitQuery, resp=Resp(HTTP_200=DeadLetters, **ERRORS))
+def dead_letters() -> Any:
+    """The newest dead letters first: reason, detail and the event as it arrived."""
+    limit = request.context.query.limit  # type: ignore[attr-defined]
+    entries = ctx().conn.xrevrange(ctx().settings.dead_stream, count=limit)
+    return jsonify({"dead": [dead_entry(entry_id, fields) for entry_id, fields in entries]})
+
+
+@routes.post("/events/dead/<entry_id>/replay")
+@api.validate(resp=Resp(HTTP_202=Published, **ERRORS))
+def replay_dead_letter(entry_id: str) -> Any:
+    """Publishes a dead-lettered event again (after a fix); it must now be valid."""
+    try:
+        found = ctx().conn.xrange(ctx().settings.dead_stream, min=entry_id, max=entry_id)
+    except redis.ResponseError:  # not a stream id at all
+        found = []
+    if not found or found[0][0].decode() != entry_id:
+        raise DeadLetterNotFound(f"no dead letter {entry_id!r}", entry_id=entry_id)
+    event = from_outside(Event.decode(found[0][1].get(b"event", b""), ctx().limits))
+    published = publish_event(ctx().conn, ctx().settings, event)
+    return jsonify({"event_id": event.event_id, "entry_id": published,
+                    "replayed": entry_id}), 202
+
+
+@routes.get("/invocations/<invocation_id>")
+@api.validate(resp=Resp(HTTP_200=Invocation, **ERRORS))
+def get_invocation(invocation_id: str) -> Any:
+    """One run record."""
+    record = ctx().records.get(invocation_id)
+    if record is None:
+        raise InvocationNotFound(f"no invocation {invocation_id!r} (unknown or expired)",
+                                 invocation_id=invocation_id)
+    return jsonify(record.public())
+
+
+@routes.get("/plugins/<name>/invocations")
+@api.validate(query=LimitQuery, resp=Resp(HTTP_200=InvocationList, **ERRORS))
+def plugin_invocations(name: str) -> Any:
+    """Recent runs of a plugin, newest first (also of a removed one)."""
+    limit = request.context.query.limit  # type: ignore[attr-defined]
+    return jsonify({"plugin": name, "invocations": [
+        r.public() for r in ctx().records.for_plugin(name, limit)]})
+
+
+@routes.get("/openapi.json")
+def openapi() -> Any:
+    api.app = current_app  # the spec is built from this app's routes
+    return jsonify(api.spec)
+
+
+@routes.get("/docs")
+def docs() -> Any:
+    return Response(DOCS_HTML, mimetype="text/html")
+
+
+@routes.get("/docs/static/<path:filename>")
+def docs_static(filename: str) -> Any:
+    import swagger_ui
+
+    return send_from_directory(Path(swagger_ui.__file__).parent / "static", filename)
+
+
+def dead_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> dict[str, Any]:
+    raw = fields.get(b"event", b"").decode("utf-8", "replace")
+    try:
+        event: Any = json.loads(raw)
+    except (ValueError, RecursionError):  # dead letters include malformed and too-deep ones
+        event = raw[:10_000]
+    return {"id": entry_id.decode(), "reason": fields.get(b"reason", b"").decode(),
+            "detail": fields.get(b"detail", b"").decode("utf-8", "replace"),
+            "entry_id": fields.get(b"entry_id", b"").decode(),
+            "time": float(fields.get(b"time", b"0") or 0), "event": event}
+
+
+def rollback_version() -> str | None:
+    """The body is empty, `{}` or `{"version": "<version or digest>"}`; nothing else."""
+    raw = request.get_data(cache=True)
+    if not raw.strip():
+        return request.args.get("version") or None
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise BadQuery("the body must be JSON: {} or {\"version\": \"1.0.0\"}",
+                       field="body") from None
+    if not isinstance(body, dict) or set(body) - {"version"}:
+        raise BadQuery("the body must be {} or {\"version\": \"...\"}", field="body")
+    version = body.get("version")
+    if version is not None and (not isinstance(version, str) or not 0 < len(version) <= 200):
+        raise BadQuery("version must be a non-empty string (a version or a digest)",
+                       field="version")
+    return version

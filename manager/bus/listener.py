@@ -1,0 +1,196 @@
+"""The bus listener: stream entry -> validated event -> matched plugins -> dispatched tasks.
+
+Reads `titan:events` through a consumer group and acknowledges an entry only after its
+tasks are enqueued (or it was dead-lettered), so a crash never loses an event; entries
+left pending by a dead consumer are reclaimed with XAUTOCLAIM.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import redis
+
+from manager.bus.dispatch import Dispatcher, FanoutBudget
+from manager.bus.matching import known_topics, match
+from manager.core import metrics
+from manager.core.config import Settings
+from manager.core.errors import EventError
+from manager.core.events import Event, Limits
+from manager.core.retry import REDIS_RECONNECT
+from manager.plugins.registry import Registry
+
+log = logging.getLogger(__name__)
+
+
+def ensure_group(conn: redis.Redis, settings: Settings) -> None:
+    """Creates the consumer group (and the stream) if missing."""
+    try:
+        conn.xgroup_create(settings.event_stream, settings.consumer_group, id="0", mkstream=True)
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+def dead_letter(conn: redis.Redis, settings: Settings, raw: bytes | str, reason: str,
+                detail: str, entry_id: str = "") -> None:
+    """Keeps a rejected event with its reason; nothing is silently dropped."""
+    conn.xadd(settings.dead_stream,
+              {"event": raw, "reason": reason, "detail": detail[:2000], "entry_id": entry_id,
+               "time": f"{time.time():.3f}"},
+              maxlen=settings.stream_maxlen, approximate=True)
+    metrics.EVENTS_REJECTED.labels(reason=reason).inc()
+    metrics.DEAD_LETTERS.labels(reason=reason).inc()
+    log.warning("dead-lettered %s: %s: %s", entry_id or "an event", reason, detail[:300])
+
+
+class Listener:
+    """One consumer of the group; several may run (on several hosts) side by side.
+
+    A failure handling one entry never delays the others of its batch: the entry stays
+    pending, comes back through XAUTOCLAIM, and after `max_deliveries` deliveries it is
+    dead-lettered as `unprocessable` with its last error."""
+
+    def __init__(self, conn: redis.Redis, settings: Settings, registry: Registry,
+                 dispatcher: Dispatcher, consumer: str | None = None,
+                 housekeeping: Callable[[], object] | None = None) -> None:
+        self.conn = conn
+        self.settings = settings
+        self.registry = registry
+        self.dispatcher = dispatcher
+        self.budget = FanoutBudget(conn, settings)
+        self.consumer = consumer or f"{settings.worker_name}-{id(self):x}"
+        self.limits = Limits(settings.max_event_bytes, settings.max_event_depth)
+        self.housekeeping = housekeeping
+        self.stopping = threading.Event()
+        self._last_reclaim = 0.0
+
+    def run(self) -> None:
+        """Loops until stop(); survives Redis outages by reconnecting with backoff."""
+        failures, group_ok = 0, False
+        while not self.stopping.is_set():
+            try:
+                if not group_ok:  # at start, and after an error (Redis may have lost it)
+                    ensure_group(self.conn, self.settings)
+                    group_ok = True
+                self.poll()
+                failures = 0
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                group_ok, wait = False, REDIS_RECONNECT.delay(failures)
+                log.warning("listener: Redis unavailable (%s); retrying in %.1fs", exc, wait)
+                self.stopping.wait(wait)
+                failures += 1
+            except Exception:
+                group_ok, wait = False, REDIS_RECONNECT.delay(failures)
+                log.exception("listener: unexpected error; retrying in %.1fs", wait)
+                self.stopping.wait(wait)
+                failures += 1
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def poll(self) -> int:
+        """Handles one batch: reclaimed entries first, then new ones. Returns entries done."""
+        done = 0
+        if time.monotonic() - self._last_reclaim > self.settings.housekeeping_s:
+            self._last_reclaim = time.monotonic()
+            self.trim()
+            done += self.reclaim()
+            if self.housekeeping is not None:
+                self.housekeeping()
+        reply = self.conn.xreadgroup(self.settings.consumer_group, self.consumer,
+                                     {self.settings.event_stream: ">"}, count=64,
+                                     block=self.settings.read_block_ms)
+        for _stream, entries in reply or []:
+            done += self.handle_batch(entries)
+        return done
+
+    def handle_batch(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> int:
+        for entry_id, fields in entries:
+            if fields:
+                self.handle_isolated(entry_id.decode(), fields)
+            else:  # a deleted entry comes back empty
+                self.ack(entry_id.decode())
+        return len(entries)
+
+    def handle_isolated(self, entry_id: str, fields: dict[bytes, bytes]) -> None:
+        """Handles one entry; its failure (other than Redis being down) stays its own."""
+        try:
+            self.handle(entry_id, fields)
+        except (redis.ConnectionError, redis.TimeoutError):
+            raise
+        except Exception as exc:
+            log.exception("listener: entry %s failed", entry_id)
+            self.give_up_if_exhausted(entry_id, fields, exc)
+
+    def give_up_if_exhausted(self, entry_id: str, fields: dict[bytes, bytes],
+                             exc: Exception) -> None:
+        pending = self.conn.xpending_range(self.settings.event_stream,
+                                           self.settings.consumer_group, min=entry_id,
+                                           max=entry_id, count=1)
+        deliveries = int(pending[0]["times_delivered"]) if pending else 1
+        if deliveries < self.settings.max_deliveries:
+            return  # stays pending; reclaimed after reclaim_idle_ms
+        error = f"{type(exc).__name__}: {exc}"
+        dead_letter(self.conn, self.settings, fields.get(b"event", b""), "unprocessable",
+                    f"failed {deliveries} times; last error: {error}", entry_id)
+        log.error("listener: entry %s dead-lettered after %d deliveries: %s", entry_id,
+                  deliveries, error)
+        self.ack(entry_id)
+
+    def trim(self) -> None:
+        """Retention by age (by length, XADD's MAXLEN already trims as entries arrive)."""
+        min_id = int((time.time() - self.settings.stream_max_age) * 1000)
+        for stream in (self.settings.event_stream, self.settings.dead_stream):
+            self.conn.xtrim(stream, minid=min_id)
+
+    def reclaim(self) -> int:
+        """Takes over entries another consumer (or a failed attempt) left unacknowledged."""
+        done, start = 0, "0-0"
+        while True:
+            start, entries, *_ = self.conn.xautoclaim(
+                self.settings.event_stream, self.settings.consumer_group, self.consumer,
+                min_idle_time=self.settings.reclaim_idle_ms, start_id=start, count=64)
+            done += self.handle_batch(entries)
+            if start in (b"0-0", "0-0"):
+                return done
+
+    def handle(self, entry_id: str, fields: dict[bytes, bytes]) -> None:
+        """Validates, matches and dispatches one entry, then acknowledges it; a rejected
+        entry is dead-lettered first. A failed dispatch leaves it pending for reclaim."""
+        raw: bytes | str | None = fields.get(b"event")
+        try:
+            if raw is None:
+                raw = json.dumps({k.decode(errors="replace"): v.decode(errors="replace")
+                                  for k, v in fields.items()})
+                raise EventError("stream entry has no 'event' field", field="event",
+                                 reason="invalid_event")
+            event = Event.decode(raw, self.limits)
+            entries = self.registry.entries()
+            metrics.EVENTS_RECEIVED.labels(
+                topic=metrics.topic_label(event.topic, known_topics(entries.values()))).inc()
+            if event.hops > self.settings.max_hops:
+                raise EventError(f"hops {event.hops} is over the limit {self.settings.max_hops}",
+                                 field="hops", reason="hops_exceeded")
+            plugins = match(event, entries.values())
+            if plugins and not self.budget.charge(event, len(plugins), entry_id):
+                raise EventError(f"correlation {event.correlation!r} used its budget of "
+                                 f"{self.settings.fanout_budget} runs", field="correlation_id",
+                                 reason="budget_exceeded")
+        except EventError as exc:
+            dead_letter(self.conn, self.settings, raw, exc.details.get("reason", "invalid_event"),
+                        exc.message, entry_id)
+            self.ack(entry_id)
+            return
+        for plugin in plugins:
+            _, sent = self.dispatcher.dispatch(event, plugin)
+            if sent:
+                metrics.TASKS_DISPATCHED.labels(plugin=plugin.name).inc()
+        self.ack(entry_id)
+
+    def ack(self, entry_id: str) -> None:
+        self.conn.xack(self.settings.event_stream, self.settings.consumer_group, entry_id)

@@ -1,0 +1,169 @@
+"""The author's local commands: `new`, `run` and `validate`. They need no Redis and no
+running stack; `run` uses the same sandbox and execution code as the workers."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from manager.cli.client import read_event
+from manager.core.config import current
+from manager.core.errors import EventError, SandboxUnavailable
+from manager.core.events import Event
+from manager.core.runs import RunRequest
+from manager.plugins.loader import PluginEntry, discover, image_warning, load_plugin
+
+
+def local_images() -> set[str] | None:
+    """Images on the local engine, or None when there is no engine to ask."""
+    import requests
+    from docker.errors import DockerException
+
+    from workers.sandbox import Sandbox
+
+    try:
+        return set(Sandbox(current()).images())
+    except (SandboxUnavailable, DockerException, requests.RequestException):
+        return None
+
+
+def checked(entry: PluginEntry, images: set[str] | None) -> PluginEntry:
+    from dataclasses import replace
+
+    warning = image_warning(entry, images, current(), "this machine's Docker engine")
+    return replace(entry, warnings=(warning,)) if warning else entry
+
+
+def entry_line(entry: PluginEntry) -> str:
+    problems = [*entry.errors, *(f"warning: {w}" for w in entry.warnings)]
+    head = f"{entry.name}: {entry.status.value} {entry.version or ''} {entry.digest or ''}"
+    return head.rstrip() + "".join(f"\n  {p}" for p in problems)
+
+
+@click.command()
+@click.argument("directory", required=False,
+                type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--all", "every", is_flag=True, help="Every plugin under DIRECTORY (default: "
+              "the plugins directory).")
+@click.pass_context
+def validate(ctx: click.Context, directory: Path | None, every: bool) -> None:
+    """Check a plugin directory (or all of them) by the rules a reload applies."""
+    settings = current()
+    images = local_images()
+    if every:
+        found = discover((directory or settings.plugins_dir).resolve(), settings).found
+        entries = [checked(e, images) for e, _ in found.values()]
+    else:
+        if directory is None:
+            raise click.UsageError("give a plugin DIRECTORY, or --all")
+        entries = [checked(load_plugin(directory.resolve(), settings)[0], images)]
+    data: Any = [e.public() for e in entries] if every else entries[0].public()
+    ctx.obj["out"](data, "\n".join(entry_line(e) for e in entries))
+    if not entries or any(not e.runnable for e in entries):
+        sys.exit(1)
+
+
+@click.command()
+@click.argument("name")
+@click.option("--topic", default="example.v1", show_default=True)
+@click.option("--event-type", default="example", show_default=True)
+@click.option("--dir", "plugins_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where to create it (default: the plugins directory).")
+@click.pass_context
+def new(ctx: click.Context, name: str, topic: str, event_type: str,
+        plugins_dir: Path | None) -> None:
+    """Create plugins/NAME: a commented plugin.yaml, main.py, a sample event, a README."""
+    from manager.plugins.scaffold import scaffold
+
+    settings = current()
+    try:
+        target = scaffold(plugins_dir or settings.plugins_dir, name, topic, event_type, settings)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    entry, _ = load_plugin(target, settings)
+    rel = _shown(target)
+    text = (f"created {rel}/ (plugin.yaml, main.py, event.json, README.md): "
+            f"{entry.status.value}\nnext:\n"
+            f"  python3 titan-plugins.py run {rel} -e @{rel}/event.json\n"
+            f"  python3 titan-plugins.py reload")
+    ctx.obj["out"]({"path": str(target), **entry.public()}, text + "".join(
+        f"\n  error: {e}" for e in entry.errors))
+    if not entry.runnable:
+        sys.exit(1)
+
+
+@click.command("run")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-e", "--event", "event", required=True, help="Event JSON, @file, or @- (stdin).")
+@click.pass_context
+def run_local(ctx: click.Context, directory: Path, event: str) -> None:
+    """Run a plugin directory once, locally, in the same sandbox as a worker (no Redis)."""
+    settings = current()
+    entry, bundle = load_plugin(directory.resolve(), settings)
+    if not entry.runnable or entry.manifest is None or bundle is None:
+        raise click.ClickException(entry_line(entry))
+    try:
+        ev = Event.decode(read_event(event))
+    except EventError as exc:
+        raise click.BadParameter(exc.message, param_hint="-e") from None
+    req = entry.request(ev, settings, "cli")
+    report = _execute(req, bundle)
+    ctx.obj["out"](report, _describe(report))
+    if report["status"] != "succeeded":
+        sys.exit(1)
+
+
+def _execute(req: RunRequest, bundle: bytes) -> dict[str, Any]:
+    from workers.execution import Execution, Refused
+    from workers.plugin_cache import PluginCache
+    from workers.results import decide
+    from workers.sandbox import Sandbox
+
+    settings = current()
+    cache = PluginCache(None, settings)
+    t0 = time.monotonic()
+    try:
+        result = Execution(settings, Sandbox(settings), cache).run(
+            req, cache.code_dir(req.digest, bundle))
+    except SandboxUnavailable as exc:
+        raise click.ClickException(f"{exc.message} (is a Docker engine running? make up "
+                                   "starts one)") from None
+    if isinstance(result, Refused):
+        return {"invocation_id": req.invocation_id, "status": result.status.value,
+                "reason": result.reason, "results": []}
+    decided = decide(req, result, settings)
+    return {"invocation_id": req.invocation_id, "status": decided.status.value,
+            "reason": decided.reason, "exit_code": result.exit_code,
+            "duration_s": round(result.duration_s, 3),
+            "container_start_s": round(result.container_start_s, 3),
+            "total_s": round(time.monotonic() - t0, 3),
+            "results": [json.loads(e) for e in decided.events],
+            "stdout": decided.fields["stdout"], "stderr": decided.fields["stderr"]}
+
+
+def _describe(report: dict[str, Any]) -> str:
+    lines = [f"status {report['status']}" + (f": {report['reason']}" if report.get("reason")
+                                             else "")]
+    if "exit_code" in report:
+        lines.append(f"exit code {report['exit_code']}, container {report['duration_s']}s "
+                     f"(start {report['container_start_s']}s), total {report['total_s']}s")
+    for event in report["results"]:
+        lines.append(f"result {event['topic']}/{event['event_type']}: "
+                     f"{json.dumps(event['payload'])[:2000]}")
+    if report.get("stderr"):
+        lines.append("stderr:\n  " + report["stderr"].rstrip()[:4000].replace("\n", "\n  "))
+    if report["status"] != "succeeded" and report.get("stdout"):
+        lines.append("stdout:\n  " + report["stdout"].rstrip()[:2000].replace("\n", "\n  "))
+    return "\n".join(lines)
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)

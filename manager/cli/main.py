@@ -1,0 +1,249 @@
+"""`titan-plugins`: the operator's command line, a thin client of the REST API (and, for
+`new`, `run` and `validate`, of the local code; see manager/cli/local.py).
+
+Exit codes: 0 ok; 1 the run (or the check) failed, or the API refused; 2 usage; 3 a
+`--wait` timed out; 4 the API is unreachable. With `--json` (before or after the command)
+every output is valid JSON on stdout (JSON Lines for `logs -f`), errors included.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import click
+
+from manager.cli.client import (
+    EXIT_FAILED,
+    EXIT_WAIT,
+    Api,
+    api_token,
+    poll_record,
+    read_event,
+)
+from manager.cli.local import new, run_local, validate
+
+
+def out(ctx: click.Context, data: Any, text: str) -> None:
+    click.echo(json.dumps(data, indent=2) if ctx.obj["json"] else text)
+
+
+def table(rows: list[list[Any]], headers: list[str]) -> str:
+    cells = [headers] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in cells)
+
+
+def describe(rec: dict[str, Any]) -> str:
+    lines = [f"invocation {rec['invocation_id']}  plugin {rec.get('plugin')}@"
+             f"{rec.get('version')}  status {rec.get('status')}"]
+    for key in ("reason", "exit_code", "duration_s", "attempts", "worker", "warm",
+                "result_event_ids"):
+        if rec.get(key) not in (None, "", []):
+            lines.append(f"  {key}: {rec[key]}")
+    for stream in ("stdout", "stderr"):
+        if rec.get(stream):
+            lines.append(f"  {stream}:\n    " + rec[stream].rstrip()[:4000].replace("\n", "\n    "))
+    return "\n".join(lines)
+
+
+class Cli(click.Group):
+    """Accepts the global --json after the command name too."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if "--json" in args[1:]:
+            args = ["--json", *[a for a in args if a != "--json"]]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=Cli)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--api", default=lambda: os.environ.get("TITAN_API_URL", "http://localhost:8003"),
+              show_default="$TITAN_API_URL or http://localhost:8003")
+@click.pass_context
+def cli(ctx: click.Context, as_json: bool, api: str) -> None:
+    """Titan Plugin Manager: list, trigger and inspect sandboxed plugins."""
+    ctx.obj = {"json": as_json, "api": Api(api, api_token()),
+               "out": lambda data, text: out(ctx, data, text)}
+
+
+@cli.command("list")
+@click.pass_context
+def list_(ctx: click.Context) -> None:
+    """Plugins, their status, version and triggers (invalid ones marked)."""
+    _, data = ctx.obj["api"].call("GET", "/plugins")
+    rows = [[p["name"], p["status"].upper() if p["status"] != "loaded" else p["status"],
+             p["version"], (p["digest"] or "")[7:19],
+             ", ".join(f"{t['topic']}/{t['event_type']}" for t in p["triggers"]),
+             "; ".join([*p["errors"], *(f"warning: {w}" for w in p.get("warnings", []))])]
+            for p in data["plugins"]]
+    out(ctx, data, table(rows, ["NAME", "STATUS", "VERSION", "DIGEST", "TRIGGERS", "PROBLEMS"]))
+
+
+@cli.command()
+@click.argument("name")
+@click.option("-e", "--event", "event", required=True, help="Event JSON, @file, or @-.")
+@click.option("--wait", "wait", type=click.FloatRange(0, 600, min_open=True), is_flag=False,
+              flag_value=60.0, default=None, help="Wait for the result (seconds, default 60).")
+@click.pass_context
+def trigger(ctx: click.Context, name: str, event: str, wait: float | None) -> None:
+    """Run plugin NAME on an event, regardless of its triggers. With --wait, exits 0 when
+    the run succeeded, 1 when it failed, 3 when it had not finished in time."""
+    query = f"?wait={wait}" if wait else ""
+    deadline = time.monotonic() + (wait or 0)
+    status, data = ctx.obj["api"].call("POST", f"/plugins/{name}/trigger{query}",
+                                       read_event(event))
+    if status == 202 and wait and not data.get("waited"):  # every waiting slot was taken
+        status, data = poll_record(ctx.obj["api"], data, deadline)
+    if status == 200:
+        out(ctx, data, describe(data))
+        if data["status"] != "succeeded":
+            sys.exit(EXIT_FAILED)
+        return
+    out(ctx, data, f"{data['status']}: invocation {data['invocation_id']} "
+                   f"(see: titan-plugins show {data['invocation_id']})")
+    if wait:
+        sys.exit(EXIT_WAIT)
+
+
+@cli.command()
+@click.option("-e", "--event", "event", required=True, help="Event JSON, @file, or @-.")
+@click.pass_context
+def publish(ctx: click.Context, event: str) -> None:
+    """Publish an event to the bus (plugins whose triggers match will run)."""
+    _, data = ctx.obj["api"].call("POST", "/events", read_event(event))
+    out(ctx, data, f"published {data['event_id']} as stream entry {data['entry_id']}")
+
+
+@cli.command()
+@click.pass_context
+def reload(ctx: click.Context) -> None:
+    """Rediscover plugins/ and report what changed."""
+    _, data = ctx.obj["api"].call("POST", "/plugins/reload")
+    text = [f"{k}: {', '.join(i if isinstance(i, str) else i['name'] for i in v) or '-'}"
+            for k, v in data.items()]
+    text += [f"  {r['name']}: {'; '.join(r['errors'])}" for r in data["rejected"]]
+    text += [f"  {w['name']}: {'; '.join(w['warnings'])}" for w in data.get("warnings", [])]
+    out(ctx, data, "\n".join(text))
+
+
+@cli.command()
+@click.argument("name")
+@click.argument("version", required=False)
+@click.pass_context
+def rollback(ctx: click.Context, name: str, version: str | None) -> None:
+    """Put VERSION (a version or digest; default: the previous one) of NAME back in service."""
+    body = json.dumps({"version": version} if version else {}).encode()
+    _, data = ctx.obj["api"].call("POST", f"/plugins/{name}/rollback", body)
+    out(ctx, data, f"{name}: {data['from']['version']} ({data['from']['digest'][7:19]}) -> "
+                   f"{data['to']['version']} ({data['to']['digest'][7:19]})")
+
+
+@cli.command()
+@click.argument("invocation_id")
+@click.pass_context
+def show(ctx: click.Context, invocation_id: str) -> None:
+    """One invocation record."""
+    _, data = ctx.obj["api"].call("GET", f"/invocations/{invocation_id}")
+    out(ctx, data, describe(data))
+
+
+def log_entry(rec: dict[str, Any]) -> str:
+    """One run as `logs` shows it: a status line, then the plugin's log (stderr)."""
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rec.get("created_at") or 0))
+    head = f"{when}  {rec['invocation_id']}  {rec['status']}"
+    if rec.get("duration_s") is not None:
+        head += f"  {rec['duration_s']}s"
+    if rec.get("reason"):
+        head += f"  {rec['reason']}"
+    stderr = (rec.get("stderr") or "").rstrip()
+    return head + ("\n  " + stderr[-4000:].replace("\n", "\n  ") if stderr else "")
+
+
+@cli.command()
+@click.argument("name")
+@click.option("-n", "limit", default=10, show_default=True, help="How many runs.")
+@click.option("-f", "follow", is_flag=True, help="Keep printing runs as they change.")
+@click.pass_context
+def logs(ctx: click.Context, name: str, limit: int, follow: bool) -> None:
+    """Recent runs of plugin NAME, oldest first: status line, then the plugin's stderr.
+    With -f, every change of status is printed as it happens (JSON Lines with --json)."""
+    api, as_json = ctx.obj["api"], ctx.obj["json"]
+    _, data = api.call("GET", f"/plugins/{name}/invocations?limit={limit}")
+    runs = list(reversed(data["invocations"]))
+    if not follow:
+        out(ctx, runs, "\n".join(log_entry(r) for r in runs) or f"no runs of {name}")
+        return
+    shown: dict[str, str] = {}
+    while True:
+        for rec in runs:
+            if shown.get(rec["invocation_id"]) != rec["status"]:
+                shown[rec["invocation_id"]] = rec["status"]
+                click.echo(json.dumps(rec) if as_json else log_entry(rec), nl=True)
+        time.sleep(0.5)
+        _, data = api.call("GET", f"/plugins/{name}/invocations?limit={max(limit, 100)}")
+        runs = list(reversed(data["invocations"]))
+
+
+@cli.command()
+@click.pass_context
+def health(ctx: click.Context) -> None:
+    """Redis, Docker engine and workers; exit 1 when unhealthy."""
+    _, data = ctx.obj["api"].call("GET", "/health", ok=(200, 503))
+    rows = [[part, "ok" if data[part]["ok"] else "DOWN",
+             json.dumps({k: v for k, v in data[part].items() if k != "ok"})]
+            for part in ("redis", "docker", "workers")]
+    out(ctx, data, table(rows, ["PART", "STATE", "DETAILS"]))
+    if data["status"] != "ok":
+        sys.exit(EXIT_FAILED)
+
+
+@cli.group(invoke_without_command=True)
+@click.option("-n", "limit", default=20, show_default=True, help="How many, newest first.")
+@click.pass_context
+def dead(ctx: click.Context, limit: int) -> None:
+    """Dead letters: rejected events with their reason (see also: dead replay ID)."""
+    if ctx.invoked_subcommand:
+        return
+    _, data = ctx.obj["api"].call("GET", f"/events/dead?limit={limit}")
+    text = "\n".join(f"{d['id']}  {d['reason']}  {d['detail']}\n  "
+                     f"{json.dumps(d['event'])[:300]}" for d in data["dead"])
+    out(ctx, data, text or "no dead letters")
+
+
+@dead.command()
+@click.argument("entry_id")
+@click.pass_context
+def replay(ctx: click.Context, entry_id: str) -> None:
+    """Publish dead letter ENTRY_ID again (after fixing what rejected it)."""
+    _, data = ctx.obj["api"].call("POST", f"/events/dead/{entry_id}/replay")
+    out(ctx, data, f"replayed {entry_id} as {data['event_id']} (stream entry {data['entry_id']})")
+
+
+cli.add_command(validate)
+cli.add_command(new)
+cli.add_command(run_local)
+
+
+def main() -> None:
+    """Runs the CLI; errors go to stderr, or as JSON to stdout with --json."""
+    as_json = "--json" in sys.argv[1:]
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        sys.exit(EXIT_FAILED)
+    except click.ClickException as exc:
+        code = getattr(exc, "code", "usage" if isinstance(exc, click.UsageError) else "error")
+        message = getattr(exc, "detail_message", exc.format_message())
+        if as_json:
+            click.echo(json.dumps({"error": {"code": code, "message": message,
+                                             "details": getattr(exc, "details", None)}}))
+        else:
+            exc.show()
+        sys.exit(exc.exit_code)

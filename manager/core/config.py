@@ -1,0 +1,165 @@
+"""Every setting, read from the environment in one place, once per process."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+# The user every plugin runs as (SPEC §4): a host file reaches a run only if this user
+# could read it on the host.
+RUN_UID = RUN_GID = 65534
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
+
+
+def _str(name: str, default: str) -> str:
+    return os.environ.get(name) or default
+
+
+def _paths(raw: str) -> tuple[Path, ...]:
+    return tuple(Path(p) for p in raw.replace(",", ":").split(":") if p.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Typed settings; `Settings.from_env()` is the only reader of TITAN_* variables."""
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    event_stream: str = "titan:events"
+    dead_stream: str = "titan:events:dead"
+    consumer_group: str = "titan-plugin-manager"
+    key_prefix: str = "titan"
+    plugins_dir: Path = ROOT / "plugins"
+    run_dir: Path = ROOT / "run"
+    cache_dir: Path = ROOT / "run" / "cache"
+    runtime_image: str = "titan-runtime:py3.11"
+    runtime_python: str = "3.11"
+    instance: str = "default"
+    api_host: str = "127.0.0.1"
+    api_port: int = 8003
+    api_token: str = ""
+    # One client must not hold the API: requests run on api_threads threads, of which at
+    # most api_waiters wait for a run (`?wait`); idle or slow connections are dropped after
+    # api_channel_timeout seconds; at most api_connection_limit connections are open.
+    api_threads: int = 8
+    api_waiters: int = 4
+    api_channel_timeout: int = 10
+    api_connection_limit: int = 1000
+    metrics_port: int = 8004
+    task_queue: str = "titan.plugins"
+    # Host roots that plugins may be granted (SPEC §4); system and project paths never are.
+    allowed_roots: tuple[Path, ...] = (Path("/srv/titan"),)
+    # The one package index requirements.txt is installed from (wheels only).
+    pip_index_url: str = "https://pypi.org/simple"
+    pip_find_links: str = ""  # a local directory of wheels used instead of any index
+    # pip runs as this uid (no account needed; never 0), in this sandbox: bwrap, or user
+    # (no namespaces: inside a service container that is itself the boundary).
+    install_uid: int = 64999
+    install_sandbox: str = "bwrap"
+    # Each host's cache (plugin code, installed requirements) is kept under this size by
+    # evicting what was used least recently.
+    cache_max_bytes: int = 4 * 1024**3
+    # Event limits (SPEC §2).
+    max_event_bytes: int = 1024 * 1024
+    max_event_depth: int = 64
+    max_hops: int = 8
+    fanout_budget: int = 100  # runs per correlation_id
+    fanout_ttl: int = 24 * 3600
+    # Operator maxima and sandbox settings (SPEC §4).
+    max_timeout: int = 600
+    max_memory_bytes: int = 2 * 1024**3
+    max_cpu_millis: int = 2000
+    output_cap_bytes: int = 1024 * 1024
+    tmpfs_bytes: int = 64 * 1024**2  # at most half the plugin's memory (tmpfs is memory)
+    tmpfs_inodes: int = 4096
+    shm_bytes: int = 8 * 1024**2  # /dev/shm, a second capped tmpfs
+    pids_limit: int = 64
+    nofile_limit: int = 256
+    fsize_bytes: int = 32 * 1024**2  # below the tmpfs size, so one file cannot fill /tmp
+    max_results: int = 100
+    max_payload_bytes: int = 1024**3  # a payload file is copied for its run
+    max_manifest_bytes: int = 64 * 1024
+    max_bundle_bytes: int = 32 * 1024**2
+    max_plugin_files: int = 2000
+    # A reload takes a plugin directory once two reads this far apart agree and no file
+    # changed in the interval before the first (an editor's or rsync's half-written file).
+    reload_settle_ms: int = 300
+    # Prewarmed single-use containers, per worker process (0 turns them off).
+    prewarm_size: int = 1  # ready containers per plugin configuration
+    prewarm_max: int = 4  # ready containers in all
+    prewarm_idle_s: int = 300  # a ready container unused this long is removed
+    # Retention.
+    record_ttl: int = 7 * 24 * 3600
+    stream_maxlen: int = 100_000
+    stream_max_age: int = 7 * 24 * 3600  # seconds; older stream entries are trimmed
+    dedup_ttl: int = 24 * 3600
+    # Delivery: unacknowledged tasks come back after visibility_timeout (0: max_timeout + 300).
+    visibility_timeout: int = 0
+    restore_interval: int = 60  # how often workers look for tasks whose worker died
+    sandbox_retries: int = 5
+    retry_backoff_max: int = 60
+    throttle_backoff_max: int = 30
+    finish_budget_s: int = 3600  # how long a finished run waits for Redis to come back
+    sweep_interval_s: int = 30  # how often the manager looks for abandoned runs
+    sweep_grace_s: int = 30  # a run must look abandoned this long before it is swept
+    max_requeues: int = 3  # sweeper re-queues per run before it is marked lost
+    # Listener.
+    reclaim_idle_ms: int = 60_000
+    max_deliveries: int = 5  # a stream entry that fails this often is dead-lettered
+    housekeeping_s: int = 15  # how often the manager reclaims, trims and sweeps
+    read_block_ms: int = 1000
+    worker_name: str = field(default_factory=socket.gethostname)
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Settings:
+        """Builds settings from TITAN_* variables; keyword overrides win (tests use them)."""
+        run_dir = Path(_str("TITAN_RUN_DIR", str(ROOT / "run")))
+        values: dict[str, Any] = {
+            "plugins_dir": Path(_str("TITAN_PLUGINS_DIR", str(ROOT / "plugins"))),
+            "run_dir": run_dir,
+            # {hostname}: one cache per worker container sharing a host directory (compose)
+            "cache_dir": Path(_str("TITAN_CACHE_DIR", str(run_dir / "cache")).replace(
+                "{hostname}", socket.gethostname())),
+            "allowed_roots": _paths(_str("TITAN_ALLOWED_ROOTS", "/srv/titan")),
+            "worker_name": _str("TITAN_WORKER_NAME", socket.gethostname()),
+        }
+        for f in fields(cls):
+            env = "TITAN_" + f.name.upper()
+            if f.name in values:
+                continue
+            if f.type in ("int", int):
+                values[f.name] = _int(env, f.default)  # type: ignore[arg-type]
+            elif f.type in ("str", str):
+                values[f.name] = _str(env, f.default)  # type: ignore[arg-type]
+        values.update(overrides)
+        return cls(**values)
+
+    @property
+    def effective_visibility_timeout(self) -> int:
+        return self.visibility_timeout or self.max_timeout + 300
+
+    def with_(self, **changes: Any) -> Settings:
+        return replace(self, **changes)
+
+
+_current: Settings | None = None
+
+
+def current() -> Settings:
+    """This process's settings: read from the environment once, on first use."""
+    global _current
+    if _current is None:
+        _current = Settings.from_env()
+    return _current

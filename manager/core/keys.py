@@ -1,0 +1,84 @@
+"""Every Redis key the project uses, built in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key builder bound to a prefix, so tests can run beside a user's data."""
+
+    prefix: str = "titan"
+
+    @property
+    def registry(self) -> str:
+        """Hash: plugin name -> JSON of its registry entry."""
+        return f"{self.prefix}:registry"
+
+    @property
+    def registry_version(self) -> str:
+        """Counter bumped on every registry change; readers reload when it moves."""
+        return f"{self.prefix}:registry:version"
+
+    def bundle(self, digest: str) -> str:
+        """String: the tar.gz of a plugin directory, by content digest."""
+        return f"{self.prefix}:bundle:{digest}"
+
+    def invocation(self, invocation_id: str) -> str:
+        """Hash: one invocation record, each field's value as JSON."""
+        return f"{self.prefix}:inv:{invocation_id}"
+
+    def plugin_invocations(self, plugin: str) -> str:
+        """Sorted set: invocation ids of a plugin, scored by creation time."""
+        return f"{self.prefix}:plugin:{plugin}:invocations"
+
+    def plugin_versions(self, plugin: str) -> str:
+        """List: the kept versions of a plugin (registry entries as JSON), newest first."""
+        return f"{self.prefix}:plugin:{plugin}:versions"
+
+    @property
+    def versions_pattern(self) -> str:
+        """Every plugin's kept versions (for the bundle collector)."""
+        return self.plugin_versions("*")
+
+    def plugin_slots(self, plugin: str) -> str:
+        """Sorted set: invocations holding one of a plugin's concurrency slots."""
+        return f"{self.prefix}:plugin:{plugin}:slots"
+
+    def dispatched(self, event_id: str, plugin: str) -> str:
+        """String: the invocation id an (event, plugin) pair was dispatched as."""
+        return f"{self.prefix}:dispatched:{event_id}:{plugin}"
+
+    @property
+    def inflight(self) -> str:
+        """Sorted set: non-terminal invocations by the deadline the sweeper checks."""
+        return f"{self.prefix}:inflight"
+
+    @property
+    def sweep_lock(self) -> str:
+        """String: held by the one process sweeping abandoned runs."""
+        return f"{self.prefix}:sweep:lock"
+
+    @property
+    def sweep_suspects(self) -> str:
+        """Hash: invocation id -> when the sweeper first found it abandoned."""
+        return f"{self.prefix}:sweep:suspects"
+
+    def budget(self, correlation_id: str) -> str:
+        """Counter: runs dispatched for one correlation id (the fan-out budget)."""
+        return f"{self.prefix}:budget:{correlation_id}"
+
+    def budget_charged(self, entry_id: str) -> str:
+        """String: what the budget counter read when this stream entry was charged (so a
+        redelivered entry is never charged twice)."""
+        return f"{self.prefix}:budget-charged:{entry_id}"
+
+    def worker_heartbeat(self, worker: str) -> str:
+        """String (with a TTL): one worker's last beat (manager.core.beats.WorkerBeat)."""
+        return f"{self.prefix}:worker:{worker}"
+
+    @property
+    def workers(self) -> str:
+        """Set: the names of workers that have beaten (expired ones pruned when listed)."""
+        return f"{self.prefix}:workers"

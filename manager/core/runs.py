@@ -1,0 +1,86 @@
+"""The run request: everything a worker needs for one run, decided once at dispatch from
+the registry's checked manifest (`PluginEntry.request`), and carried unchanged to the
+sandbox (a frozen dataclass with to_dict/from_dict, like dramatiq's Message). The ids of
+the events a run publishes are spelled here, once.
+
+The worker applies these limits, clamped again to its own operator maxima; it never
+takes limits from the bundle's plugin.yaml.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from manager.core.config import Settings
+from manager.core.events import FAILURE, Event
+
+
+@dataclass(frozen=True)
+class RunLimits:
+    timeout: int
+    memory_bytes: int
+    cpu_millis: int
+    pids: int
+
+    def clamped(self, settings: Settings) -> RunLimits:
+        """At most the operator's maxima, at least the engine's minima."""
+        return RunLimits(
+            timeout=max(1, min(self.timeout, settings.max_timeout)),
+            memory_bytes=max(6 * 1024**2, min(self.memory_bytes, settings.max_memory_bytes)),
+            cpu_millis=max(1, min(self.cpu_millis, settings.max_cpu_millis)),
+            pids=max(1, min(self.pids, settings.pids_limit)))
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    invocation_id: str
+    plugin: str
+    version: str
+    digest: str
+    image: str
+    argv: tuple[str, ...]
+    limits: RunLimits
+    allowed_globs: tuple[str, ...]
+    retries: int
+    concurrency: int | None
+    event: Event
+    prewarm: bool = True
+    origin: str = "bus"
+    attempt: int = 1  # the attempt this message was sent for (the record counts them all)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["event"] = self.event.to_dict()
+        data["argv"] = list(self.argv)
+        data["allowed_globs"] = list(self.allowed_globs)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunRequest:
+        return cls(**{**data, "argv": tuple(data["argv"]),
+                      "allowed_globs": tuple(data["allowed_globs"]),
+                      "limits": RunLimits(**data["limits"]),
+                      "event": Event.trusted(data["event"])})
+
+    def next_attempt(self) -> RunRequest:
+        return replace(self, attempt=self.attempt + 1)
+
+    @property
+    def source(self) -> str:
+        return f"plugin:{self.plugin}@{self.version}"
+
+    def result_event(self, n: int, obj: dict[str, Any]) -> Event:
+        """Result `n` (from 1) of this run. Its id derives from the invocation, so storing
+        the outcome twice can never publish it twice."""
+        return self.event.caused(f"{self.invocation_id}-r{n}", obj["topic"], obj["event_type"],
+                                 obj["payload"], self.source)
+
+    def failure_event(self, status: str, reason: str | None) -> Event:
+        """`plugins.v1`/`invocation_failed` for a run that ended other than succeeded."""
+        topic, event_type = FAILURE
+        return self.event.caused(
+            f"{self.invocation_id}-failed", topic, event_type,
+            {"plugin": self.plugin, "invocation_id": self.invocation_id,
+             "event_id": self.event.event_id, "status": status, "reason": reason or status},
+            self.source)

@@ -1,0 +1,166 @@
+"""Validated requirements -> an installed directory, once per distinct content, shared by
+every process of a host, mounted read-only into the plugin's container.
+
+Installing never runs plugin-chosen code on the host: pip gets only the canonical lines
+that `manager.plugins.requirements` accepted, installs wheels only (`--only-binary=:all:`) from
+the one index the operator configures, ignores pip's own configuration and environment
+(`--isolated`), and runs unprivileged in the install sandbox (`manager.plugins.installer`), whose
+only writable place is its work directory: a line the parser missed still cannot reach
+the host. Its output is cut down to the line that names the failing requirement. The
+manager installs at reload, workers on first use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from manager.core.config import Settings
+from manager.core.errors import DependencyError
+from manager.plugins.installer import InstallSandbox, adopt
+from manager.plugins.requirements import Requirements, parse_requirements
+
+PIP_TIMEOUT_S = 600
+NO_WHEEL_RE = re.compile(r"No matching distribution found for (\S+)")
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive lock shared by every process on this host."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def mkdirs(path: Path, mode: int = 0o755) -> Path:
+    path.mkdir(parents=True, exist_ok=True, mode=mode)
+    return path
+
+
+def private_root(cache_dir: Path) -> Path:
+    """The cache root is root's alone: host users cannot reach event files or code in it."""
+    mkdirs(cache_dir, 0o700)
+    os.chmod(cache_dir, 0o700)
+    return cache_dir
+
+
+def deps_key(reqs: Requirements, settings: Settings) -> str:
+    material = "\n".join([reqs.text(), settings.runtime_python, settings.pip_index_url])
+    return hashlib.sha256(material.encode()).hexdigest()[:32]
+
+
+def install_requirements(reqs: Requirements, settings: Settings) -> Path:
+    """Installs `reqs` under `cache/deps/<key>` unless already there (a cache hit costs one
+    stat). pip runs in the install sandbox (manager.plugins.installer), never as root."""
+    key = deps_key(reqs, settings)
+    root = private_root(settings.cache_dir)
+    target = root / "deps" / key
+    if (target / ".complete").exists():
+        touch(target)
+        return target
+    with locked(root / "locks" / f"deps-{key}.lock"):
+        if (target / ".complete").exists():
+            return target
+        sandbox = InstallSandbox(settings)
+        with sandbox.workspace(mkdirs(root / "deps")) as work:
+            listed = sandbox.put(work, "requirements.txt", reqs.text())
+            done = sandbox.pip(["install", *PIP_OPTIONS, "--no-warn-script-location",
+                                *pip_source(settings, sandbox), *pip_target(settings),
+                                "--target", f"{sandbox.inside(work)}/site", "-r", listed],
+                               work, PIP_TIMEOUT_S)
+            if done.returncode != 0:
+                raise DependencyError(pip_failure(done.output, settings, reqs),
+                                      exit_code=done.returncode)
+            site = work / "site"
+            site.mkdir(exist_ok=True)  # nothing to install (markers) is an empty tree
+            adopt(site)
+            (site / ".complete").write_text(key)
+            if target.exists():
+                shutil.rmtree(target)
+            shutil.move(site, target)  # a rename, unless the workspace is elsewhere
+    return target
+
+
+def touch(path: Path) -> None:
+    """Marks a cache entry as used now (the janitor evicts the least recently used)."""
+    with contextlib.suppress(OSError):
+        os.utime(path)
+
+
+PIP_OPTIONS = ("--isolated", "--no-input", "--quiet", "--disable-pip-version-check",
+               "--no-cache-dir", "--only-binary=:all:")
+
+
+def pip_source(settings: Settings, sandbox: InstallSandbox) -> list[str]:
+    """Where packages come from: the operator's index, or only a local wheel directory."""
+    if settings.pip_find_links:
+        return ["--no-index", "--find-links", sandbox.wheels]
+    return ["--index-url", settings.pip_index_url]
+
+
+def pip_target(settings: Settings) -> list[str]:
+    """Wheels for the runtime image's Python, whatever Python pip itself runs on."""
+    return ["--python-version", settings.runtime_python, "--implementation", "cp"]
+
+
+def download_wheels(plugins_dir: Path, dest: Path, settings: Settings) -> list[str]:
+    """Fills a wheel directory for the plugins' validated requirements (for hosts whose
+    containers reach no index: compose). pip runs in the install sandbox; only regular
+    `.whl` files come out of it. Returns the plugins it did."""
+    done = []
+    sandbox = InstallSandbox(settings)
+    mkdirs(dest)
+    for req in sorted(plugins_dir.glob("*/requirements.txt")):
+        if req.is_symlink():
+            continue
+        lines = parse_requirements(req.read_bytes())
+        with tempfile.TemporaryDirectory() as private, sandbox.workspace(Path(private)) as work:
+            listed = sandbox.put(work, "requirements.txt", lines.text())
+            result = sandbox.pip(["download", *PIP_OPTIONS, *pip_source(settings, sandbox),
+                                  *pip_target(settings), "--dest",
+                                  f"{sandbox.inside(work)}/wheels", "-r", listed],
+                                 work, PIP_TIMEOUT_S)
+            if result.returncode != 0:
+                raise DependencyError(f"{req}: " + pip_failure(result.output, settings, lines))
+            for wheel in (work / "wheels").glob("*.whl"):
+                if wheel.is_file() and not wheel.is_symlink():
+                    shutil.copyfile(wheel, dest / wheel.name)
+        done.append(req.parent.name)
+    return done
+
+
+if __name__ == "__main__":  # python -m manager.plugins.deps PLUGINS_DIR DEST
+    from manager.core.config import current
+
+    print("wheels for:", ", ".join(download_wheels(Path(sys.argv[1]), Path(sys.argv[2]),
+                                                   current())) or "nothing")
+
+
+def pip_failure(output: str, settings: Settings, reqs: Requirements) -> str:
+    """The one line of pip's output that names the failing requirement, made actionable.
+    (pip only ever saw the canonical lines and the operator's index: nothing it prints
+    comes from a file the plugin does not own.)"""
+    missing = NO_WHEEL_RE.search(output)
+    if missing:
+        name = missing.group(1)[:100]
+        line = reqs.line_of(name)
+        where = f"requirements.txt line {line}" if line else "requirements.txt"
+        return (f"{where}: no wheel of {name} for Python {settings.runtime_python} on "
+                f"{settings.pip_index_url} (sdists are never built on the host): pin a "
+                "version that ships wheels, or vendor the pure-Python code into the plugin")
+    errors = [ln.strip() for ln in output.splitlines() if ln.startswith("ERROR:")]
+    last = errors[-1] if errors else "pip install failed"
+    return f"requirements.txt did not install: {last[:300]}"

@@ -1,0 +1,288 @@
+"""Plugin loading: a directory on disk -> a checked PluginEntry and its bundle.
+
+Files are read through descriptors once per read (no symlinks, devices, hardlinks or
+sparse files); the manifest, the requirements and the bundle all come from those same
+bytes. A reload takes a directory only once it has settled: two reads a short interval
+apart give the same content, and no file was modified in the interval before the first
+read. A directory that is being written (an editor, `git checkout`, `rsync`) keeps its
+old version serving, and is tried again shortly.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from manager.core.config import Settings
+from manager.core.errors import DependencyError, ManifestError
+from manager.core.events import Event
+from manager.core.runs import RunRequest
+from manager.plugins.deps import install_requirements
+from manager.plugins.manifest import MANIFEST_NAME, NAME_RE, Manifest, manifest_from_files
+from manager.plugins.permissions import check_globs
+from manager.plugins.requirements import Requirements, parse_requirements
+from manager.plugins.safefs import (
+    O_DIR,
+    TreeFile,
+    TreeLimits,
+    UnsafePath,
+    fd,
+    open_subdir,
+    read_tree,
+)
+
+SETTLE_TRIES = 4  # a directory still changing after this many reads keeps its old version
+
+REQUIREMENTS = "requirements.txt"
+
+
+class PluginStatus(StrEnum):
+    LOADED = "loaded"
+    INVALID = "invalid"
+
+
+@dataclass(frozen=True)
+class PluginEntry:
+    """One plugin as the registry knows it."""
+
+    name: str
+    status: PluginStatus
+    path: str
+    version: str | None = None
+    digest: str | None = None
+    errors: tuple[str, ...] = ()
+    manifest: Manifest | None = None
+    warnings: tuple[str, ...] = ()
+    loaded_at: float = field(default_factory=time.time)
+    # Set after a rollback: the directory's digest that reloads must not put back.
+    rolled_back_from: str | None = None
+
+    @property
+    def runnable(self) -> bool:
+        return self.status is PluginStatus.LOADED and self.manifest is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["status"] = self.status.value
+        data["errors"] = list(self.errors)
+        data["warnings"] = list(self.warnings)
+        data["manifest"] = self.manifest.model_dump(mode="json") if self.manifest else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PluginEntry:
+        manifest = data.get("manifest")
+        return cls(
+            name=data["name"], status=PluginStatus(data["status"]), path=data["path"],
+            version=data.get("version"), digest=data.get("digest"),
+            errors=tuple(data.get("errors") or ()), loaded_at=data.get("loaded_at", 0.0),
+            warnings=tuple(data.get("warnings") or ()),
+            rolled_back_from=data.get("rolled_back_from"),
+            manifest=Manifest.model_validate_json(json.dumps(manifest)) if manifest else None,
+        )
+
+    def public(self) -> dict[str, Any]:
+        """The API's view of an entry."""
+        m = self.manifest
+        return {
+            "name": self.name, "status": self.status.value, "version": self.version,
+            "digest": self.digest, "errors": list(self.errors),
+            "warnings": list(self.warnings), "path": self.path,
+            "description": m.description if m else None,
+            "triggers": [t.model_dump() for t in m.triggers] if m else [],
+            "image": m.image if m else None, "timeout": m.timeout if m else None,
+            "resources": m.resources.model_dump() if m else None,
+            "permissions": m.permissions.model_dump(mode="json") if m else None,
+            "loaded_at": self.loaded_at, "rolled_back_from": self.rolled_back_from,
+        }
+
+    def ref(self) -> dict[str, Any]:
+        return {"version": self.version, "digest": self.digest}
+
+    def request(self, event: Event, settings: Settings, origin: str,
+                invocation_id: str | None = None) -> RunRequest:
+        """A run of this version on `event`, with everything the worker needs decided now
+        from the checked manifest (never from the bundle's own plugin.yaml)."""
+        m = self.manifest
+        assert m is not None and self.digest and self.version, f"{self.name} is not runnable"
+        return RunRequest(invocation_id=invocation_id or uuid.uuid4().hex, plugin=self.name,
+                          version=self.version, digest=self.digest, image=m.image,
+                          argv=tuple(m.argv), limits=m.run_limits(settings),
+                          allowed_globs=tuple(m.allowed_globs), retries=m.retries,
+                          concurrency=m.concurrency, event=event, origin=origin,
+                          prewarm=m.prewarm)
+
+
+def build_bundle(files: list[TreeFile]) -> tuple[str, bytes]:
+    """Packs a plugin's files into a deterministic tar.gz; returns (digest, bundle)."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for f in files:
+            info = tarfile.TarInfo(f.path)
+            info.size = len(f.data)
+            info.mode = 0o755 if f.executable else 0o644
+            tar.addfile(info, io.BytesIO(f.data))
+    tar_bytes = raw.getvalue()
+    digest = "sha256:" + hashlib.sha256(tar_bytes).hexdigest()
+    return digest, gzip.compress(tar_bytes, compresslevel=6, mtime=0)
+
+
+def check_limits(manifest: Manifest, settings: Settings) -> list[str]:
+    """Resources the operator does not allow (SPEC §3: at most the operator's maximum)."""
+    errors = []
+    if manifest.timeout > settings.max_timeout:
+        errors.append(f"timeout: {manifest.timeout}s is above the maximum {settings.max_timeout}s")
+    if manifest.memory_bytes > settings.max_memory_bytes:
+        errors.append(f"resources.memory: {manifest.resources.memory} is above the maximum "
+                      f"{settings.max_memory_bytes} bytes")
+    if manifest.cpu_millis > settings.max_cpu_millis:
+        errors.append(f"resources.cpu: {manifest.resources.cpu} is above the maximum "
+                      f"{settings.max_cpu_millis}m")
+    return errors
+
+
+def plugin_requirements(files: list[TreeFile]) -> Requirements | None:
+    """The plugin's own requirements.txt (read with its other files), validated."""
+    data = next((f.data for f in files if f.path == REQUIREMENTS), None)
+    return None if data is None else parse_requirements(data)
+
+
+def read_plugin(plugin_dir: Path, settings: Settings) -> list[TreeFile] | PluginEntry:
+    """The plugin's files, or an invalid entry saying why they cannot be read."""
+    name = plugin_dir.name
+    if not re.fullmatch(NAME_RE, name):
+        return PluginEntry(name, PluginStatus.INVALID, str(plugin_dir),
+                           errors=(f"directory name {name!r} is not a valid plugin name",))
+    try:
+        with fd(os.open(plugin_dir.parent, O_DIR & ~os.O_NOFOLLOW)) as parent, \
+                fd(open_subdir(parent, name, name)) as handle:
+            return read_tree(handle, TreeLimits(settings.max_bundle_bytes,
+                                                settings.max_plugin_files))
+    except (UnsafePath, OSError) as exc:
+        return PluginEntry(name, PluginStatus.INVALID, str(plugin_dir), errors=(f"files: {exc}",))
+
+
+def load_plugin(plugin_dir: Path, settings: Settings,
+                install: bool = True) -> tuple[PluginEntry, bytes | None]:
+    """Validates one plugin directory from one read; never raises for a bad plugin."""
+    files = read_plugin(plugin_dir, settings)
+    if isinstance(files, PluginEntry):
+        return files, None
+    return load_files(plugin_dir, files, settings, install)
+
+
+def load_files(plugin_dir: Path, files: list[TreeFile], settings: Settings,
+               install: bool = True) -> tuple[PluginEntry, bytes | None]:
+    """Validates a plugin's files (as read): manifest, limits, globs, requirements."""
+    name = plugin_dir.name
+
+    def invalid(*errors: str, version: str | None = None) -> tuple[PluginEntry, None]:
+        return PluginEntry(name, PluginStatus.INVALID, str(plugin_dir), version=version,
+                           errors=tuple(errors)), None
+
+    manifest_bytes = next((f.data for f in files if f.path == MANIFEST_NAME), None)
+    if manifest_bytes is None:
+        return invalid(f"file: {MANIFEST_NAME} is missing")
+    try:
+        manifest = manifest_from_files(manifest_bytes, {f.path for f in files},
+                                       f"{plugin_dir}/{MANIFEST_NAME}", name,
+                                       settings.max_manifest_bytes)
+    except ManifestError as exc:
+        return invalid(*exc.errors)
+    errors = check_limits(manifest, settings) + check_globs(manifest.allowed_globs, settings)
+    try:
+        reqs = plugin_requirements(files)
+        if reqs is not None and install:
+            install_requirements(reqs, settings)
+    except DependencyError as exc:
+        errors.append(exc.message)
+    if errors:
+        return invalid(*errors, version=manifest.version)
+    digest, bundle = build_bundle(files)
+    entry = PluginEntry(name, PluginStatus.LOADED, str(plugin_dir), version=manifest.version,
+                        digest=digest, manifest=manifest)
+    return entry, bundle
+
+
+def image_warning(entry: PluginEntry, images: set[str] | None, settings: Settings,
+                  where: str = "any worker's Docker engine") -> str | None:
+    """Why runs of this plugin would fail for want of its image (None: fine, or unknown)."""
+    image = entry.manifest.image if entry.manifest else None
+    if not image or images is None or image in images or f"{image}:latest" in images:
+        return None
+    return (f"image: {image!r} is not present on {where}; runs will fail until it is. "
+            f"Use image: {settings.runtime_image} (built by make up), or build or load "
+            f"{image!r} on the workers")
+
+
+def plugin_dirs(plugins_dir: Path) -> dict[str, Path | PluginEntry]:
+    """Every plugin directory by name; a symlink in place of one is reported, never
+    followed."""
+    found: dict[str, Path | PluginEntry] = {}
+    if not plugins_dir.is_dir():
+        return found
+    with os.scandir(plugins_dir) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for item in entries:
+        if item.name.startswith((".", "_")):
+            continue
+        path = plugins_dir / item.name
+        if item.is_symlink() and item.is_dir():
+            found[item.name] = PluginEntry(item.name, PluginStatus.INVALID, str(path), errors=(
+                "files: the plugin directory is a symlink; plugins may not be symlinks",))
+        elif item.is_dir(follow_symlinks=False):
+            found[item.name] = path
+    return found
+
+
+@dataclass
+class Discovery:
+    """What a reload found: loaded or invalid plugins, and those still being written."""
+
+    found: dict[str, tuple[PluginEntry, bytes | None]] = field(default_factory=dict)
+    unsettled: list[str] = field(default_factory=list)
+
+
+def _fingerprint(read: list[TreeFile] | PluginEntry) -> Any:
+    if isinstance(read, PluginEntry):
+        return read.errors
+    return [(f.path, f.executable, hashlib.sha256(f.data).digest()) for f in read]
+
+
+def discover(plugins_dir: Path, settings: Settings) -> Discovery:
+    """Loads every plugin directory that has settled; one bad plugin never stops the
+    others. Directories still changing are read again, up to SETTLE_TRIES times."""
+    settle = settings.reload_settle_ms / 1000
+    dirs = plugin_dirs(plugins_dir)
+    result = Discovery({n: (d, None) for n, d in dirs.items() if isinstance(d, PluginEntry)})
+    pending = [n for n, d in dirs.items() if isinstance(d, Path)]
+    for _ in range(SETTLE_TRIES):
+        t0 = time.time()
+        first = {n: read_plugin(dirs[n], settings) for n in pending}  # type: ignore[arg-type]
+        time.sleep(settle)
+        still = []
+        for name in pending:
+            again = read_plugin(dirs[name], settings)  # type: ignore[arg-type]
+            quiet = isinstance(again, PluginEntry) or all(f.mtime <= t0 - settle for f in again)
+            if not quiet or _fingerprint(first[name]) != _fingerprint(again):
+                still.append(name)
+            elif isinstance(again, PluginEntry):
+                result.found[name] = (again, None)
+            else:
+                result.found[name] = load_files(dirs[name], again, settings)  # type: ignore[arg-type]
+        pending = still
+        if not pending:
+            break
+    result.unsettled = pending
+    return result

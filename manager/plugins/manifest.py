@@ -1,0 +1,332 @@
+"""plugin.yaml -> a frozen, validated Manifest (SPEC §3 and the load-time rules of §4)."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+import shlex
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from manager.core.config import Settings
+from manager.core.errors import ManifestError
+from manager.core.runs import RunLimits
+
+NAME_RE = r"^[a-z][a-z0-9_]{0,63}$"
+SEMVER_RE = r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$"
+GLOB_PART_RE = re.compile(r"^[A-Za-z0-9._*?\[\]-]*$")
+PATTERN_RE = r"^[A-Za-z0-9._*?\[\]-]{1,128}$"
+SYSTEM_PATHS = ("/etc", "/proc", "/sys", "/dev", "/boot", "/usr", "/var/run", "/run",
+                "/bin", "/sbin", "/lib", "/lib64", "/root", "/var/lib/docker")
+MEMORY_RE = re.compile(r"^(\d+(?:\.\d+)?)(Ki|Mi|Gi|K|M|G)?$")
+MEMORY_UNITS = {None: 1, "K": 1000, "M": 1000**2, "G": 1000**3,
+                "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3}
+MANIFEST_NAME = "plugin.yaml"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class Trigger(_Model):
+    topic: Annotated[str, Field(pattern=PATTERN_RE)]
+    event_type: Annotated[str, Field(pattern=PATTERN_RE)]
+
+
+class Resources(_Model):
+    cpu: str = "500m"
+    memory: str = "256Mi"
+
+    @field_validator("cpu")
+    @classmethod
+    def _cpu(cls, value: str) -> str:
+        parse_cpu(value)
+        return value
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, value: str) -> str:
+        parse_memory(value)
+        return value
+
+
+class FsPermissions(_Model):
+    allow: tuple[str, ...] = ()
+
+    @field_validator("allow")
+    @classmethod
+    def _globs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for glob in value:
+            check_glob(glob)
+        return value
+
+
+class Permissions(_Model):
+    fs: FsPermissions = FsPermissions()
+
+
+class Manifest(_Model):
+    name: Annotated[str, Field(pattern=NAME_RE)]
+    version: Annotated[str, Field(pattern=SEMVER_RE)]
+    description: Annotated[str, Field(max_length=1000)] = ""
+    triggers: Annotated[tuple[Trigger, ...], Field(min_length=1, max_length=64)]
+    entrypoint: Annotated[str, Field(min_length=1, max_length=1000)]
+    image: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}$")]
+    timeout: Annotated[int, Field(gt=0)] = 30
+    retries: Annotated[int, Field(ge=0, le=10)] = 0  # re-runs after failed/timeout/oom
+    concurrency: Annotated[int, Field(ge=1, le=1000)] | None = None  # across all workers
+    prewarm: bool = True  # false: every run starts a cold container
+    resources: Resources = Resources()
+    permissions: Permissions = Permissions()
+
+    @field_validator("entrypoint")
+    @classmethod
+    def _entrypoint(cls, value: str) -> str:
+        entrypoint_argv(value)
+        return value
+
+    @property
+    def argv(self) -> list[str]:
+        return entrypoint_argv(self.entrypoint)
+
+    @property
+    def memory_bytes(self) -> int:
+        return parse_memory(self.resources.memory)
+
+    @property
+    def cpu_millis(self) -> int:
+        return parse_cpu(self.resources.cpu)
+
+    @property
+    def allowed_globs(self) -> tuple[str, ...]:
+        return self.permissions.fs.allow
+
+    def run_limits(self, settings: Settings) -> RunLimits:
+        """This manifest's limits, clamped to the operator's maxima."""
+        return RunLimits(self.timeout, self.memory_bytes, self.cpu_millis,
+                         settings.pids_limit).clamped(settings)
+
+
+def entrypoint_argv(entrypoint: str) -> list[str]:
+    """Splits like a shell, refuses what only a shell would make sense of."""
+    try:
+        argv = shlex.split(entrypoint)
+    except ValueError as exc:
+        raise ValueError(f"cannot split entrypoint: {exc}") from exc
+    if not argv:
+        raise ValueError("entrypoint is empty")
+    for arg in argv:
+        if "\x00" in arg:
+            raise ValueError("entrypoint contains a NUL byte")
+        path = PurePosixPath(arg)
+        if ".." in path.parts or (path.is_absolute() and arg != argv[0]):
+            raise ValueError(f"entrypoint argument {arg!r} points outside the plugin directory")
+    return argv
+
+
+def parse_cpu(value: str) -> int:
+    """'100m' -> 100 millicores, '0.5' -> 500."""
+    match = re.fullmatch(r"(\d+)m|(\d+(?:\.\d+)?)", value.strip())
+    if not match:
+        raise ValueError(f"cpu must look like '100m' or '0.5', got {value!r}")
+    millis = int(match[1]) if match[1] else int(float(match[2]) * 1000)
+    if millis <= 0:
+        raise ValueError("cpu must be above zero")
+    return millis
+
+
+def parse_memory(value: str) -> int:
+    """'256Mi' -> bytes; accepts Ki/Mi/Gi and K/M/G."""
+    match = MEMORY_RE.fullmatch(value.strip())
+    if not match:
+        raise ValueError(f"memory must look like '256Mi' or '1G', got {value!r}")
+    size = int(float(match[1]) * MEMORY_UNITS[match[2]])
+    if size < 6 * 1024**2:
+        raise ValueError("memory must be at least 6Mi (Docker's minimum)")
+    return size
+
+
+def glob_base(glob: str) -> str:
+    """The directory part of a glob before its first wildcard: what gets bind-mounted."""
+    parts: list[str] = []
+    for part in PurePosixPath(glob).parts[1:]:
+        if any(c in part for c in "*?["):
+            break
+        parts.append(part)
+    return "/" + "/".join(parts)
+
+
+def check_glob(glob: str) -> None:
+    """Refuses relative globs, '..', and globs reaching system paths (SPEC §4)."""
+    if not glob.startswith("/"):
+        raise ValueError(f"fs glob {glob!r} must be an absolute path")
+    parts = PurePosixPath(glob).parts[1:]
+    if any(p in ("..", ".") for p in parts) or "//" in glob:
+        raise ValueError(f"fs glob {glob!r} must not contain '..', '.' or '//'")
+    if not all(GLOB_PART_RE.fullmatch(p) for p in parts):
+        raise ValueError(f"fs glob {glob!r} has characters outside [A-Za-z0-9._*?[]-]")
+    base = glob_base(glob)
+    if base == "/":
+        raise ValueError(f"fs glob {glob!r} reaches the root filesystem")
+    for system in SYSTEM_PATHS:
+        if base == system or base.startswith(system + "/"):
+            raise ValueError(f"fs glob {glob!r} reaches the system path {system}")
+    if "docker.sock" in glob:
+        raise ValueError(f"fs glob {glob!r} names the Docker socket")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """Safe loader that also refuses anchors/aliases (no billion-laughs expansion) and
+    duplicate keys (`timeout: 5` then `timeout: 600` must not silently keep the last)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.YAMLError(f"YAML aliases are not allowed (line {event.start_mark.line + 1})")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:
+                continue  # an unhashable key; the base class reports it
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1})",
+                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def parse_manifest(text: bytes, path: str, max_bytes: int) -> Manifest:
+    """Validates plugin.yaml bytes; raises ManifestError listing every field at fault, each
+    as `path:line:column: field: what is wrong` in plain words."""
+    if len(text) > max_bytes:
+        raise ManifestError(f"{path}: plugin.yaml is {len(text)} bytes, over {max_bytes}", path,
+                            [f"file: larger than {max_bytes} bytes"])
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)
+    except yaml.YAMLError as exc:
+        raise ManifestError(f"{path}: invalid YAML: {exc}", path, [f"yaml: {exc}"]) from exc
+    if not isinstance(data, dict):
+        raise ManifestError(f"{path}: plugin.yaml must be a mapping", path,
+                            ["file: not a YAML mapping"])
+    try:
+        # JSON mode keeps strict typing ("30" is not a number) while accepting YAML lists.
+        return Manifest.model_validate_json(json.dumps(data, default=str))
+    except ValidationError as exc:
+        marks = _positions(text)
+        found = exc.errors()
+        inner = {tuple(e["loc"][:n]) for e in found for n in range(1, len(e["loc"]))}
+        errors = [_format_error(err, path, marks) for err in found  # an invalid item is not
+                  if not (err["type"] == "too_short" and tuple(err["loc"]) in inner)]  # "none"
+        raise ManifestError("; ".join(errors), path, errors) from exc
+
+
+PLAIN = {
+    "missing": "is required",
+    "int_type": "must be a whole number, without quotes",
+    "int_parsing": "must be a whole number, without quotes",
+    "bool_type": "must be true or false",
+    "string_type": "must be text",
+    "tuple_type": "must be a list",
+    "model_type": "must be a mapping of keys",
+    "greater_than": "must be greater than 0",
+    "too_short": "needs at least one entry",
+}
+PATTERNS = {
+    "name": "must be lowercase letters, digits and _, starting with a letter (at most 64)",
+    "version": "must be a semantic version such as 1.0.0",
+    "image": "must be an image name such as titan-runtime:py3.11",
+    "topic": "must be 1-128 characters from A-Z a-z 0-9 . _ - and the globs * ? [ ]",
+    "event_type": "must be 1-128 characters from A-Z a-z 0-9 . _ - and the globs * ? [ ]",
+}
+
+
+def _keys_at(loc: tuple[Any, ...]) -> list[str]:
+    """The keys a mapping may hold at this place of plugin.yaml."""
+    names = [p for p in loc if isinstance(p, str)]
+    model: Any = {(): Manifest, ("triggers",): Trigger, ("resources",): Resources,
+                  ("permissions",): Permissions, ("permissions", "fs"): FsPermissions}.get(
+        tuple(names))
+    return list(model.model_fields) if model else []
+
+
+def _format_error(err: Any, path: str, marks: dict[tuple[Any, ...], tuple[int, int]]) -> str:
+    loc = tuple(err["loc"])
+    where = next((f"{path}:{line}:{col}: " for n in range(len(loc), -1, -1)
+                  if (pos := marks.get(loc[:n])) for line, col in [pos]), f"{path}: ")
+    field = ".".join(str(p) for p in loc) or "file"
+    if err["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(str(loc[-1]), _keys_at(loc[:-1]), n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"{where}{field}: unknown key (not allowed){hint}"
+    if err["type"] == "string_pattern_mismatch" and str(loc[-1]) in PATTERNS:
+        return f"{where}{field}: {PATTERNS[str(loc[-1])]}, got {err.get('input')!r:.60}"
+    msg = PLAIN.get(err["type"]) or err["msg"].removeprefix("Value error, ")
+    return f"{where}{field}: {msg}"
+
+
+def _positions(text: bytes) -> dict[tuple[Any, ...], tuple[int, int]]:
+    """Key path -> (line, column), 1-based, of every key and list item in the document."""
+    marks: dict[tuple[Any, ...], tuple[int, int]] = {}
+    try:
+        root = yaml.compose(text, Loader=_StrictLoader)
+    except yaml.YAMLError:
+        return marks
+
+    def walk(node: Any, at: tuple[Any, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            children = [(getattr(k, "value", None), k, v) for k, v in node.value]
+        elif isinstance(node, yaml.SequenceNode):
+            children = [(n, item, item) for n, item in enumerate(node.value)]
+        else:
+            return
+        for name, mark_node, value in children:
+            marks[(*at, name)] = (mark_node.start_mark.line + 1, mark_node.start_mark.column + 1)
+            walk(value, (*at, name))
+
+    walk(root, ())
+    return marks
+
+
+def load_manifest(plugin_dir: Path, max_bytes: int = 64 * 1024,
+                  expected_name: str | None = None) -> Manifest:
+    """Reads and validates `plugin_dir/plugin.yaml` (for trusted, local directories such as
+    benchmarks; the registry reads plugins through `manager.plugins.safefs`)."""
+    path = plugin_dir / MANIFEST_NAME
+    try:
+        with path.open("rb") as fh:
+            text = fh.read(max_bytes + 1)
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read: {exc.strerror}", str(path),
+                            [f"file: {exc.strerror}"]) from exc
+    files = {str(p.relative_to(plugin_dir)) for p in plugin_dir.rglob("*") if p.is_file()}
+    return manifest_from_files(text, files, str(path), expected_name or plugin_dir.name,
+                               max_bytes)
+
+
+def manifest_from_files(text: bytes, files: set[str], where: str, expected_name: str,
+                        max_bytes: int) -> Manifest:
+    """Validates plugin.yaml and checks its entrypoint against the plugin's own files."""
+    manifest = parse_manifest(text, where, max_bytes)
+    errors = []
+    if manifest.name != expected_name:
+        errors.append(f"name: {manifest.name!r} must equal the directory name {expected_name!r}")
+    program = manifest.argv[0]
+    script = next((a for a in manifest.argv[1:] if not a.startswith("-")), None)
+    for arg in (program, script):
+        if arg and not arg.startswith("/") and ("/" in arg or arg.endswith((".py", ".sh"))):
+            rel = str(PurePosixPath(arg))
+            if rel not in files:
+                errors.append(f"entrypoint: {arg!r} does not exist in the plugin directory")
+    if errors:
+        raise ManifestError(f"{where}: " + "; ".join(errors), where, errors)
+    return manifest

@@ -1,0 +1,249 @@
+"""Host paths a plugin may read (SPEC §4).
+
+Allowed paths are an allow-list: a glob must lie under one of the operator's roots
+(`TITAN_ALLOWED_ROOTS`), and never under a system path or this project's own data (run
+directory, cache, Redis data, the Docker engine's data, home directories), whatever the
+setting says. A glob's base is resolved at load and again at run time. A payload path is
+opened once, component by component without following symlinks, checked through that
+descriptor, and copied from it, so a swap after the check cannot change what a run sees.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from manager.core.config import ROOT, RUN_GID, RUN_UID, Settings
+from manager.core.errors import PermissionDenied
+from manager.plugins.manifest import SYSTEM_PATHS, check_glob, glob_base
+from manager.plugins.safefs import UnsafePath, copy_fd, fd, open_path, reopen_for_reading
+
+NEVER_GRANTED = (*SYSTEM_PATHS, "/home", "/var/lib/containerd", "/var/lib/redis",
+                 "/var/log", "/var/spool", "/var/mail", "/var/backups", "/opt/containerd")
+
+
+@lru_cache(maxsize=256)
+def _glob_regex(glob: str) -> re.Pattern[str]:
+    """'**' crosses directories, '*' and '?' do not; '[...]' is a character class."""
+    out, i = [], 0
+    while i < len(glob):
+        if glob.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif glob[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif glob[i] == "?":
+            out.append("[^/]")
+            i += 1
+        elif glob[i] == "[" and "]" in glob[i + 1:]:
+            end = glob.index("]", i + 1)
+            out.append("[" + glob[i + 1:end].replace("!", "^", 1) + "]")
+            i = end + 1
+        else:
+            out.append(re.escape(glob[i]))
+            i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+def glob_matches(path: str, glob: str) -> bool:
+    return bool(_glob_regex(glob).match(path))
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def never_granted(settings: Settings, extra: Iterable[str] = ()) -> list[str]:
+    """Paths no plugin may be granted, whatever TITAN_ALLOWED_ROOTS says."""
+    own = [ROOT, settings.run_dir, settings.cache_dir, settings.plugins_dir]
+    paths = {*NEVER_GRANTED, *extra, *(str(p) for p in own),
+             *(os.path.realpath(p) for p in own)}
+    return sorted(paths)
+
+
+def path_problem(path: str, settings: Settings, extra_forbidden: Iterable[str] = ()) -> str | None:
+    """Why `path` (already resolved) may not be granted, or None."""
+    roots = [os.path.realpath(r) for r in settings.allowed_roots]
+    if not any(_under(path, r) for r in roots):
+        names = ", ".join(str(r) for r in settings.allowed_roots) or "(none configured)"
+        return f"is outside the allowed roots ({names}; set TITAN_ALLOWED_ROOTS)"
+    for forbidden in never_granted(settings, extra_forbidden):
+        if _under(path, forbidden) or (forbidden != "/" and _under(forbidden, path)):
+            return f"reaches {forbidden}, which is never granted to plugins"
+    return None
+
+
+def glob_problem(glob: str, settings: Settings) -> str | None:
+    """A load-time check of one `permissions.fs.allow` glob, base resolved on this host."""
+    try:
+        check_glob(glob)
+    except ValueError as exc:
+        return str(exc)
+    base = glob_base(glob)
+    for candidate in dict.fromkeys((base, os.path.realpath(base))):
+        problem = path_problem(candidate, settings)
+        if problem:
+            shown = f"{base} (resolves to {candidate})" if candidate != base else base
+            return f"fs glob {glob!r}: {shown} {problem}"
+    return None
+
+
+def check_globs(globs: Iterable[str], settings: Settings) -> list[str]:
+    return [f"permissions.fs.allow: {p}" for g in globs if (p := glob_problem(g, settings))]
+
+
+def resolved_glob(glob: str, settings: Settings) -> str | None:
+    """The glob with its base resolved on this host, or None when the base is missing or
+    may not be granted (a symlinked base must not widen access)."""
+    base = glob_base(glob)
+    real = os.path.realpath(base)
+    if not os.path.isdir(real) or glob_problem(real + glob[len(base):], settings):
+        return None
+    return real + glob[len(base):]
+
+
+def swappable_by(path: str) -> str | None:
+    """Names the first component of `path` that a non-root user could rename or replace
+    (a parent writable by others, unless sticky and the entry is root's), or None."""
+    try:
+        handle = open_path(path)
+    except (UnsafePath, FileNotFoundError) as exc:
+        return str(exc)
+    os.close(handle)
+    parts = Path(path).parts
+    parent = os.stat("/")
+    for n in range(1, len(parts)):
+        current = os.stat("/".join(("", *parts[1:n + 1])), follow_symlinks=False)
+        sticky_guard = parent.st_mode & stat.S_ISVTX and current.st_uid == 0
+        if parent.st_uid != 0 or (parent.st_mode & 0o022 and not sticky_guard):
+            return "/".join(("", *parts[1:n]))
+        parent = current
+    return None
+
+
+def mount_sources(globs: Iterable[str], settings: Settings,
+                  extra_forbidden: Iterable[str] = ()) -> list[str]:
+    """Host directories to bind-mount read-only (at the same path) for these globs.
+    A base that a non-root user could swap for a symlink is refused."""
+    dirs = set()
+    for glob in globs:
+        resolved = resolved_glob(glob, settings)
+        if resolved is None:
+            continue
+        base = glob_base(resolved)
+        problem = path_problem(base, settings, extra_forbidden)
+        if problem:
+            raise PermissionDenied(f"allowed directory {base} {problem}", path=base)
+        try:
+            os.close(open_path(base, (RUN_UID, RUN_GID)))
+        except (UnsafePath, FileNotFoundError) as exc:
+            reason = exc.reason if isinstance(exc, UnsafePath) else "does not exist"
+            raise PermissionDenied(f"allowed directory {base}: {reason} (the plugin's user); "
+                                   "a run reads only what its user could", path=base) from None
+        weak = swappable_by(base)
+        if weak:
+            raise PermissionDenied(f"allowed directory {base} could be swapped by a non-root "
+                                   f"user (through {weak}); make its parents root-owned",
+                                   path=base)
+        dirs.add(base)
+    # A directory inside another mounted one adds nothing.
+    return sorted(d for d in dirs if not any(d != o and d.startswith(o + "/") for o in dirs))
+
+
+@dataclass
+class PayloadFile:
+    """A checked payload path: its resolved name and, when it exists, an O_PATH descriptor
+    of exactly the object that was checked."""
+
+    path: str
+    requested: str
+    handle: int | None = None
+    size: int = 0
+
+    def stage(self, directory: Path) -> str | None:
+        """Copies the checked object into a private per-run file; returns its host path."""
+        if self.handle is None:
+            return None
+        target = directory / "payload"
+        with fd(reopen_for_reading(self.handle)) as readable:
+            copy_fd(readable, str(target), self.size)
+        return str(target)
+
+    def close(self) -> None:
+        if self.handle is not None:
+            os.close(self.handle)
+            self.handle = None
+
+
+def open_payload_path(payload: dict[str, Any], globs: Iterable[str], settings: Settings,
+                      extra_forbidden: Iterable[str] = ()) -> PayloadFile | None:
+    """Resolves `payload.path`, checks it against the globs and roots, and opens it.
+
+    Raises PermissionDenied naming the path. A missing path is allowed (the run sees
+    ENOENT); a directory, a hardlinked or special file, or a path that changes while it
+    is checked is refused."""
+    path = payload.get("path")
+    if path is None:
+        return None
+    if not isinstance(path, str) or not path or "\x00" in path:
+        raise PermissionDenied("payload.path must be a non-empty string", path=str(path)[:200])
+    if not os.path.isabs(path):
+        raise PermissionDenied(f"payload.path {path!r} must be absolute", path=path)
+    try:
+        real = os.path.realpath(path, strict=True)
+    except FileNotFoundError:
+        real = os.path.realpath(path)
+    except OSError as exc:  # a symlink loop, among others
+        raise PermissionDenied(f"payload.path {path!r} cannot be resolved: {exc.strerror}",
+                               path=path) from None
+    _check_allowed(path, real, globs, settings, extra_forbidden)
+    try:
+        handle = open_path(real, (RUN_UID, RUN_GID))
+    except FileNotFoundError:
+        return PayloadFile(real, path)
+    except UnsafePath as exc:
+        if "by uid" in exc.reason:  # the plugin's user could not read it on the host
+            raise PermissionDenied(f"payload.path {path!r}: {exc.path} {exc.reason} (the "
+                                   "plugin's user); a run reads only what its user could",
+                                   path=path) from None
+        raise PermissionDenied(f"payload.path {path!r} changed while it was checked "
+                               f"({exc.reason}); refused", path=path) from None
+    checked = PayloadFile(real, path, handle)
+    try:
+        checked.size = _checked_size(path, os.fstat(handle), settings)
+    except PermissionDenied:
+        checked.close()
+        raise
+    return checked
+
+
+def _check_allowed(path: str, real: str, globs: Iterable[str], settings: Settings,
+                   extra_forbidden: Iterable[str]) -> None:
+    globs = list(globs)
+    allowed = [g for g in (resolved_glob(g, settings) for g in globs) if g]
+    problem = path_problem(real, settings, extra_forbidden)
+    if problem or not any(glob_matches(real, g) for g in allowed):
+        raise PermissionDenied(f"payload.path {path!r} (resolves to {real!r}) is outside the "
+                               "plugin's allowed paths", path=path, resolved=real,
+                               allowed=globs, problem=problem)
+
+
+def _checked_size(path: str, st: os.stat_result, settings: Settings) -> int:
+    if stat.S_ISDIR(st.st_mode):
+        raise PermissionDenied(f"payload.path {path!r} is a directory; only regular files "
+                               "are handed to a run (globs mount directories)", path=path)
+    if not stat.S_ISREG(st.st_mode):
+        raise PermissionDenied(f"payload.path {path!r} is not a regular file", path=path)
+    if st.st_nlink > 1:
+        raise PermissionDenied(f"payload.path {path!r} is a hardlinked file; refused", path=path)
+    if st.st_size > settings.max_payload_bytes:
+        raise PermissionDenied(f"payload.path {path!r} is {st.st_size} bytes, over the limit "
+                               f"of {settings.max_payload_bytes}", path=path)
+    return st.st_size

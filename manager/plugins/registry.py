@@ -1,0 +1,157 @@
+"""The registry kept in Redis: what `manager.plugins.loader` found, published for every process.
+
+The manager discovers `plugins/`, packs each valid plugin into a deterministic tar.gz
+whose digest is the plugin's identity, and publishes entries and bundles to Redis. Every
+process (API, listener, workers) reads the same registry from there; a worker fetches a
+bundle by digest, so it needs no filesystem shared with the manager.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from manager.core.beats import WorkerBeat
+from manager.core.config import Settings
+from manager.core.errors import PluginNotFound, VersionNotFound
+from manager.core.keys import Keys
+from manager.plugins.janitor import collect_bundles
+from manager.plugins.loader import PluginEntry, discover, image_warning
+
+
+class Registry:
+    """The shared registry in Redis; takes its connection as a parameter.
+
+    A reload publishes every change in one MULTI, so readers switch atomically. A broken
+    new version never replaces a working one: the old one keeps serving, with the new
+    one's errors shown. The last HISTORY versions of each plugin stay in the store."""
+
+    HISTORY = 5
+
+    def __init__(self, conn: redis.Redis, settings: Settings) -> None:
+        self.conn = conn
+        self.settings = settings
+        self.keys = Keys(settings.key_prefix)
+        self._cache: tuple[int, dict[str, PluginEntry]] | None = None
+
+    def reload(self, plugins_dir: Path | None = None) -> dict[str, list[Any]]:
+        """Discovers plugins and publishes them; returns what changed. A plugin whose
+        directory is still being written keeps its old version (`unsettled`)."""
+        found = discover(plugins_dir or self.settings.plugins_dir, self.settings)
+        old = self.entries(fresh=True)
+        images = self.worker_images()
+        changes: dict[str, list[Any]] = {"added": [], "updated": [], "removed": [],
+                                         "rejected": [], "warnings": [], "unsettled": []}
+        pipe = self.conn.pipeline()
+        for name, (entry, bundle) in found.found.items():
+            warning = image_warning(entry, images, self.settings)
+            if warning:
+                entry = replace(entry, warnings=(warning,))
+                changes["warnings"].append({"name": name, "warnings": [warning]})
+            entry = self._changed(name, entry, bundle, old.get(name), changes, pipe)
+            pipe.hset(self.keys.registry, name, json.dumps(entry.to_dict()))
+        for name in found.unsettled:
+            before = old.get(name)
+            changes["unsettled"].append({"name": name, "serving": before.ref() if before
+                                         and before.runnable else None})
+        changes["removed"] = sorted(set(old) - set(found.found) - set(found.unsettled))
+        if changes["removed"]:
+            pipe.hdel(self.keys.registry, *changes["removed"])
+        pipe.incr(self.keys.registry_version)
+        pipe.execute()
+        collect_bundles(self.conn, self.keys)
+        return changes
+
+    def _changed(self, name: str, entry: PluginEntry, bundle: bytes | None,
+                 before: PluginEntry | None, changes: dict[str, list[Any]],
+                 pipe: Any) -> PluginEntry:
+        """The entry to publish for one plugin found on disk, noting what changed."""
+        if not entry.runnable:
+            kept = before if before and before.runnable else None
+            changes["rejected"].append({"name": name, "errors": list(entry.errors),
+                                        "serving": kept.ref() if kept else None})
+            return replace(kept, errors=entry.errors) if kept else entry
+        if before and before.rolled_back_from == entry.digest:
+            return replace(before, errors=())  # stays rolled back until the dir changes
+        if before is None or not before.runnable:
+            changes["added"].append({"name": name, **entry.ref()})
+        elif before.digest != entry.digest:
+            update = {"name": name, "from": before.ref(), "to": entry.ref()}
+            if before.version == entry.version:
+                update["warning"] = (f"version {entry.version} is unchanged but its content "
+                                     "changed: bump the version so records and result "
+                                     "events tell the two apart")
+                changes["warnings"].append({"name": name, "warnings": [update["warning"]]})
+            changes["updated"].append(update)
+        if bundle is not None and entry.digest:
+            pipe.set(self.keys.bundle(entry.digest), bundle, nx=True)
+        if before is None or before.digest != entry.digest:
+            self._remember(pipe, entry, before)
+        return entry
+
+    def worker_images(self) -> set[str] | None:
+        """Images on the engines of live workers (from their heartbeats); None when no
+        worker reports, so nothing can be said."""
+        reporting = [b for b in WorkerBeat.all(self.conn, self.keys) if b.docker_ok]
+        return {i for b in reporting for i in b.images} if reporting else None
+
+    def _remember(self, pipe: Any, entry: PluginEntry, before: PluginEntry | None) -> None:
+        """Puts a version at the head of the plugin's history (one per digest); the version
+        it replaces is kept too, even if it was loaded before history was recorded."""
+        kept = self.versions(entry.name)
+        if before is not None and before.runnable and before.digest not in {e.digest for e in kept}:
+            kept.insert(0, replace(before, errors=()))
+        kept = [e for e in kept if e.digest != entry.digest]
+        key = self.keys.plugin_versions(entry.name)
+        pipe.delete(key)
+        pipe.rpush(key, *(json.dumps(e.to_dict()) for e in [entry, *kept][:self.HISTORY]))
+
+    def versions(self, name: str) -> list[PluginEntry]:
+        """Kept versions of a plugin, newest first."""
+        return [PluginEntry.from_dict(json.loads(raw))
+                for raw in self.conn.lrange(self.keys.plugin_versions(name), 0, -1)]
+
+    def rollback(self, name: str, version: str | None = None) -> dict[str, Any]:
+        """Puts a kept version back in service (by default the one before the current)."""
+        current = self.get(name)
+        if current is None:
+            raise PluginNotFound(f"no plugin named {name!r}", plugin=name)
+        kept = self.versions(name)
+        candidates = [e for e in kept if e.digest != current.digest and
+                      (version is None or version in (e.version, e.digest))]
+        if not candidates:
+            raise VersionNotFound(
+                f"no kept version {version!r} of {name!r}" if version else
+                f"{name!r} has no earlier version to roll back to", plugin=name,
+                kept=[e.ref() for e in kept])
+        target = replace(candidates[0], errors=(), loaded_at=time.time(),
+                         rolled_back_from=current.rolled_back_from or current.digest)
+        pipe = self.conn.pipeline()
+        pipe.hset(self.keys.registry, name, json.dumps(target.to_dict()))
+        pipe.incr(self.keys.registry_version)
+        pipe.execute()
+        return {"name": name, "from": current.ref(), "to": target.ref()}
+
+    def version(self) -> int:
+        return int(self.conn.get(self.keys.registry_version) or 0)
+
+    def entries(self, fresh: bool = False) -> dict[str, PluginEntry]:
+        """All entries; cached until the registry version moves."""
+        version = self.version()
+        if not fresh and self._cache and self._cache[0] == version:
+            return self._cache[1]
+        raw = self.conn.hgetall(self.keys.registry)
+        entries = {k.decode(): PluginEntry.from_dict(json.loads(v)) for k, v in raw.items()}
+        self._cache = (version, entries)
+        return entries
+
+    def get(self, name: str) -> PluginEntry | None:
+        return self.entries().get(name)
+
+    def bundle(self, digest: str) -> bytes | None:
+        return self.conn.get(self.keys.bundle(digest))
