@@ -171,8 +171,11 @@ def test_an_absent_image_is_a_load_warning_and_a_fast_clear_failure(settings, co
 
 
 def test_test_plugin_manager_checks_discovery(settings, tmp_path) -> None:
-    ok = cli(settings, script="test_plugin_manager.py",
-             TITAN_PLUGINS_DIR=str(ROOT / "plugins"))
+    builtins = tmp_path / "builtins"  # the shipped ones, whatever a user added to plugins/
+    for name in ("file_watcher", "shell_runner"):
+        shutil.copytree(ROOT / "plugins" / name, builtins / name,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    ok = cli(settings, script="test_plugin_manager.py", TITAN_PLUGINS_DIR=str(builtins))
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert [ln.split(":")[0] for ln in ok.stdout.splitlines() if not ln.startswith(" ")] == [
         "file_watcher", "shell_runner"]

@@ -33,10 +33,11 @@ from harness import (
 from manager.api.app import create_app
 from manager.bus.dispatch import Dispatcher
 from manager.bus.listener import Listener
-from manager.bus.sweeper import UNACKED_KEY, Sweeper
+from manager.bus.sweeper import Sweeper
 from manager.core.config import Settings
 from manager.core.contract import make_celery
 from manager.core.events import Event
+from manager.core.keys import Keys
 from manager.plugins.registry import Registry
 
 pytestmark = pytest.mark.integration
@@ -173,12 +174,14 @@ def isolated(settings: Settings, conn: redis.Redis, **changes: object
     return mine, registry
 
 
-def _drop_message(conn: redis.Redis, invocation_id: str) -> None:
-    """The task message vanishes: removed from kombu's unacknowledged set."""
-    for tag, raw in conn.hgetall(UNACKED_KEY).items():
+def _drop_message(conn: redis.Redis, keys: Keys, invocation_id: str) -> None:
+    """The task message vanishes: removed from kombu's unacknowledged set (kept under
+    this instance's own prefix)."""
+    assert not conn.exists("unacked"), "kombu's keys must carry the instance's prefix"
+    for tag, raw in conn.hgetall(keys.unacked).items():
         if json.loads(raw)[0]["headers"]["id"] == invocation_id:
-            conn.hdel(UNACKED_KEY, tag)
-            conn.zrem(f"{UNACKED_KEY}_index", tag)
+            conn.hdel(keys.unacked, tag)
+            conn.zrem(keys.unacked_index, tag)
             return
     raise AssertionError("no unacknowledged message for the run")
 
@@ -198,7 +201,7 @@ def test_a_run_whose_worker_and_message_vanished_is_swept_to_lost(
         wait_until(lambda: record_of(conn, mine, inv).get("status") == "running", 60, "running")
         os.killpg(worker.proc.pid, signal.SIGKILL)
         worker.proc.wait(10)
-        _drop_message(conn, inv)
+        _drop_message(conn, Keys(mine.key_prefix), inv)
         assert sweeper.sweep().lost == []  # its deadline has not passed yet
         conn.zadd(f"{mine.key_prefix}:inflight", {inv: 0})  # ... and now it has
         heartbeat = f"{mine.key_prefix}:worker:vanishing@{os.uname().nodename}"

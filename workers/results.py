@@ -21,7 +21,7 @@ from manager.core.errors import EventError, OutcomeNotStored
 from manager.core.events import FAILURE, Limits, check_limits
 from manager.core.records import Outcome, RecordStore, Status
 from manager.core.retry import STORE_OUTCOME
-from manager.core.runs import RunRequest
+from manager.core.runs import RunRequest, result_event_id
 from workers.spec import RunResult
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ def decide(req: RunRequest, result: RunResult, settings: Settings) -> Decided:
     if status is Status.SUCCEEDED:
         try:
             events = result_events(req, parse_output(result.stdout, settings.max_results),
-                                   Limits(settings.max_event_bytes, settings.max_event_depth))
+                                   settings.event_limits)
         except OutputError as exc:
             status, reason = Status.FAILED, f"invalid output: {exc}"
     fields = {
@@ -120,7 +120,8 @@ def decide(req: RunRequest, result: RunResult, settings: Settings) -> Decided:
         "stderr_truncated": result.stderr_truncated,
         "warm": bool(result.extra.get("warm")),
         "container_id": result.container_id,
-        "result_event_ids": [f"{req.invocation_id}-r{n}" for n in range(1, len(events) + 1)],
+        "result_event_ids": [result_event_id(req.invocation_id, n)
+                             for n in range(1, len(events) + 1)],
     }
     return Decided(status, reason, events, fields)
 
@@ -140,14 +141,10 @@ class Outcomes:
     def store(self, req: RunRequest, decided: Decided) -> Outcome:
         """Stores the terminal record with its events (or its failure event), retrying
         while Redis is unreachable; raises OutcomeNotStored past the budget."""
-        events = list(decided.events)
-        fields = dict(decided.fields, reason=decided.reason)
-        if decided.status is not Status.SUCCEEDED:
-            events.append(req.failure_event(decided.status.value, decided.reason).encode())
-            fields["failure_event_id"] = f"{req.invocation_id}-failed"
-        outcome = persist(lambda: self.records.finish(req.invocation_id, decided.status,
-                                                      events, **fields),
-                          self.settings.finish_budget_s, req.invocation_id)
+        failure = req.failure_event(decided.status.value, decided.reason)
+        outcome = persist(lambda: self.records.conclude(
+            req.invocation_id, decided.status, decided.reason, decided.events, failure,
+            **decided.fields), self.settings.finish_budget_s, req.invocation_id)
         if outcome.applied:
             metrics.INVOCATIONS.labels(plugin=req.plugin, status=decided.status.value).inc()
         else:

@@ -29,7 +29,6 @@ from manager.core.errors import (
     TitanError,
     VersionNotFound,
 )
-from manager.core.events import Limits
 from manager.core.records import RecordStore
 from manager.plugins.registry import Registry
 
@@ -47,8 +46,7 @@ def create_app(settings: Settings, conn: redis.Redis, registry: Registry,
     app.config["MAX_CONTENT_LENGTH"] = settings.max_event_bytes + 64 * 1024
     app.extensions["titan"] = ApiContext(settings, conn, registry, dispatcher,
                                          RecordStore(conn, settings),
-                                         Limits(settings.max_event_bytes,
-                                                settings.max_event_depth),
+                                         settings.event_limits,
                                          threading.BoundedSemaphore(max(1, settings.api_waiters)),
                                          on_unsettled)
     app.before_request(_auth(settings))

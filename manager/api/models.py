@@ -6,17 +6,21 @@ cannot drift apart."""
 from __future__ import annotations
 
 import math
+import re
 import typing
 from dataclasses import MISSING, fields
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
-from manager.core.events import check_time
+from manager.core.events import (
+    EVENT_ID_PATTERN,
+    MAX_OPTIONAL_LEN,
+    NAME_PATTERN,
+    PLUGIN_SOURCE,
+    RESERVED_TOPICS,
+)
 from manager.core.records import InvocationRecord, Status
-
-ID = r"^[A-Za-z0-9._:-]{1,128}$"
-NAME = r"^[A-Za-z0-9._-]{1,128}$"
 
 
 class _Model(BaseModel):
@@ -24,30 +28,26 @@ class _Model(BaseModel):
 
 
 class EventIn(_Model):
-    """An event (SPEC §2). The manager also checks its size (1 MiB), nesting (64) and
-    UTF-8 before anything else."""
+    """An event (SPEC §2), as the OpenAPI document shows it. It is written from the Event's
+    own rules (manager.core.events) and only documents them: the API validates an event
+    once, with the Event itself (size, nesting and UTF-8 first, before any JSON parser
+    recurses, then every field)."""
 
     model_config = ConfigDict(extra="forbid", strict=True, regex_engine="python-re")
-    event_id: str = Field(pattern=ID)
-    topic: str = Field(pattern=r"^(?!plugins\.v1$)" + NAME[1:],
+    event_id: str = Field(pattern=f"^{EVENT_ID_PATTERN}$")
+    topic: str = Field(pattern=rf"^(?!(?:{'|'.join(map(re.escape, sorted(RESERVED_TOPICS)))})$)"
+                       + f"{NAME_PATTERN}$",
                        description="`plugins.v1` is reserved for the manager's own events")
-    event_type: str = Field(pattern=NAME)
+    event_type: str = Field(pattern=f"^{NAME_PATTERN}$")
     payload: dict[str, Any] = {}
-    source: str | None = Field(None, max_length=1024, pattern=r"^(?!plugin:)",
+    source: str | None = Field(None, max_length=MAX_OPTIONAL_LEN,
+                               pattern=f"^(?!{re.escape(PLUGIN_SOURCE)})",
                                description="default `api`; `plugin:*` is for plugin results")
-    time: str | None = Field(None, max_length=1024, json_schema_extra={"format": "date-time"},
-                             description="RFC 3339")
-    correlation_id: str | None = Field(None, max_length=1024)
-    causation_id: str | None = Field(None, max_length=1024)
+    time: str | None = Field(None, max_length=MAX_OPTIONAL_LEN,
+                             json_schema_extra={"format": "date-time"}, description="RFC 3339")
+    correlation_id: str | None = Field(None, max_length=MAX_OPTIONAL_LEN)
+    causation_id: str | None = Field(None, max_length=MAX_OPTIONAL_LEN)
     hops: int = Field(0, ge=0, strict=False)  # 3.0 is 3, as in JSON
-
-
-    @field_validator("time")
-    @classmethod
-    def _rfc3339(cls, value: str | None) -> str | None:
-        if value is not None:
-            check_time(value)
-        return value
 
 
 class ErrorDetail(BaseModel):

@@ -15,10 +15,7 @@ from typing import Any
 import redis
 from flask import Blueprint, Response, current_app, g, jsonify, request, send_from_directory
 from spectree import Response as Resp
-from spectree import SecurityScheme, SpecTree
-from spectree.models import SecuritySchemeData
 
-from manager import __version__
 from manager.api.context import ApiContext, publish_event
 from manager.api.models import (
     DeadLetters,
@@ -37,6 +34,7 @@ from manager.api.models import (
     RollbackOut,
     WaitQuery,
 )
+from manager.api.spec import ERRORS, api, query
 from manager.bus.dispatch import FanoutBudget
 from manager.core import metrics
 from manager.core.beats import WorkerBeat
@@ -44,7 +42,6 @@ from manager.core.errors import (
     BadQuery,
     BudgetExceeded,
     DeadLetterNotFound,
-    EventError,
     InvocationNotFound,
     PluginNotFound,
     PluginUnavailable,
@@ -62,27 +59,6 @@ SwaggerUIBundle({url: "/openapi.json", dom_id: "#ui"});</script></body></html>""
 EVENT_PATHS = ("/events",)
 
 
-def _invalid(req: Any, resp: Any, error: Exception | None, instance: Any, adapter: Any) -> None:
-    """spectree's validation errors as the API's JSON errors, naming the field."""
-    if error is None:
-        return
-    first = error.errors()[0]  # type: ignore[attr-defined]
-    field = ".".join(str(p) for p in first["loc"]) or "body"
-    message = f"{field}: {first['msg']}"
-    if getattr(error, "title", "") == EventIn.__name__:
-        raise EventError(message, field=field, reason="invalid_field")
-    raise BadQuery(message, field=field)
-
-
-api = SpecTree("flask", mode="strict", title="Titan Plugin Manager", version=__version__,
-               validation_error_status=400, before=_invalid, annotations=False,
-               page_templates={}, description="Events in on a Redis stream, sandboxed plugin "
-               "runs, result events out. With TITAN_API_TOKEN set, every endpoint but "
-               "/health, /docs and /openapi.json needs `Authorization: Bearer <token>`.",
-               security_schemes=[SecurityScheme(name="bearer", data=SecuritySchemeData(
-                   type="http", scheme="bearer"))], security={"bearer": []})
-ERRORS = {"HTTP_400": ErrorBody, "HTTP_401": ErrorBody, "HTTP_404": ErrorBody,
-          "HTTP_503": ErrorBody}
 routes = Blueprint("titan", __name__)
 
 
@@ -168,9 +144,9 @@ def reload_plugins() -> Any:
 
 
 @routes.post("/plugins/<name>/trigger")
-@api.validate(json=EventIn, query=WaitQuery, resp=Resp(HTTP_200=Invocation, HTTP_202=Queued,
-                                                       HTTP_409=ErrorBody, HTTP_429=ErrorBody,
-                                                       **ERRORS))
+@api.validate(json=EventIn, query=WaitQuery, skip_validation=True,  # the Event validates
+              resp=Resp(HTTP_200=Invocation, HTTP_202=Queued, HTTP_409=ErrorBody,
+                        HTTP_429=ErrorBody, **ERRORS))
 def trigger(name: str) -> Any:
     """Runs this plugin on the event, regardless of its triggers; with ?wait, the record."""
     entry = plugin_or_404(name)
@@ -178,7 +154,7 @@ def trigger(name: str) -> Any:
         raise PluginUnavailable(f"plugin {name!r} is {entry.status.value}", plugin=name,
                                 errors=list(entry.errors))
     event: Event = g.event
-    wait = request.context.query.wait  # type: ignore[attr-defined]  # validated by WaitQuery
+    wait = query(WaitQuery).wait
     if not FanoutBudget(ctx().conn, ctx().settings).charge(event, 1):
         raise BudgetExceeded(
             f"correlation {event.correlation!r} used its budget of "
@@ -205,7 +181,8 @@ def trigger(name: str) -> Any:
 
 
 @routes.post("/events")
-@api.validate(json=EventIn, resp=Resp(HTTP_202=Published, **ERRORS))
+@api.validate(json=EventIn, skip_validation=True,  # the Event validates it, once
+              resp=Resp(HTTP_202=Published, **ERRORS))
 def post_event() -> Any:
     """Publishes the event to the bus (answered once Redis has it)."""
     event: Event = g.event

@@ -20,7 +20,7 @@ from manager.bus.matching import known_topics, match
 from manager.core import metrics
 from manager.core.config import Settings
 from manager.core.errors import EventError
-from manager.core.events import Event, Limits
+from manager.core.events import Event
 from manager.core.retry import REDIS_RECONNECT
 from manager.plugins.registry import Registry
 
@@ -64,7 +64,7 @@ class Listener:
         self.dispatcher = dispatcher
         self.budget = FanoutBudget(conn, settings)
         self.consumer = consumer or f"{settings.worker_name}-{id(self):x}"
-        self.limits = Limits(settings.max_event_bytes, settings.max_event_depth)
+        self.limits = settings.event_limits
         self.housekeeping = housekeeping
         self.stopping = threading.Event()
         self._last_reclaim = 0.0

@@ -28,7 +28,6 @@ from manager.core.records import InvocationRecord, RecordStore, Status
 from manager.core.runs import RunRequest
 
 log = logging.getLogger(__name__)
-UNACKED_KEY = "unacked"  # kombu's Redis transport default (`unacked_key`)
 ALIVE_RECHECK_S = 300  # a run still held or queued is looked at again after this long
 
 _RELEASE = """
@@ -85,13 +84,12 @@ class Sweeper:
                 self.conn.delete(self.keys.sweep_suspects)
             return report
         alive = self.held_by_live_workers() | self.task_messages()
-        if alive.intersection(due):  # still held or still has a message: look again later
-            self.conn.zadd(self.keys.inflight, dict.fromkeys(alive.intersection(due),
-                                                             now + ALIVE_RECHECK_S), xx=True)
+        # still held or still has a message: look again later
+        self.records.recheck_later(sorted(alive.intersection(due)), now + ALIVE_RECHECK_S)
         for invocation_id in (i for i in due if i not in alive):
             record = self.records.get(invocation_id)
             if record is None or record.status.terminal:
-                self.conn.zrem(self.keys.inflight, invocation_id)
+                self.records.forget(invocation_id)
             elif invocation_id not in suspects:
                 self.conn.hset(self.keys.sweep_suspects, invocation_id, now)
                 report.suspected.append(invocation_id)
@@ -124,12 +122,8 @@ class Sweeper:
                 log.warning("sweeper: re-queued %s (%s)", record.invocation_id, record.status)
             return
         reason = f"lost: {self._what_vanished(record)}"
-        events = []
-        if request is not None:
-            failure = request.failure_event(Status.LOST.value, reason)
-            events.append(failure.encode())
-        outcome = self.records.finish(record.invocation_id, Status.LOST, events, reason=reason,
-                                      failure_event_id=f"{record.invocation_id}-failed")
+        failure = request.failure_event(Status.LOST.value, reason) if request else None
+        outcome = self.records.conclude(record.invocation_id, Status.LOST, reason, [], failure)
         if outcome.applied:
             metrics.INVOCATIONS.labels(plugin=record.plugin, status=Status.LOST.value).inc()
             report.lost.append(record.invocation_id)
@@ -150,7 +144,7 @@ class Sweeper:
         """Task ids with a message in the queue or unacknowledged (kombu restores those)."""
         ids: set[str] = set()
         queued = self.conn.lrange(self.settings.task_queue, 0, -1)
-        unacked = self.conn.hvals(UNACKED_KEY)
+        unacked = self.conn.hvals(self.keys.unacked)
         for raw, wrapped in [(r, False) for r in queued] + [(r, True) for r in unacked]:
             try:
                 message = json.loads(raw)

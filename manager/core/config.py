@@ -8,6 +8,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from manager.core.events import Limits
+
 ROOT = Path(__file__).resolve().parents[2]
 # The user every plugin runs as (SPEC §4): a host file reaches a run only if this user
 # could read it on the host.
@@ -145,6 +147,11 @@ class Settings:
                 values[f.name] = _str(env, f.default)  # type: ignore[arg-type]
         values.update(overrides)
         return cls(**values)
+
+    @property
+    def event_limits(self) -> Limits:
+        """The event limits every reader applies (listener, API, a worker's results)."""
+        return Limits(self.max_event_bytes, self.max_event_depth)
 
     @property
     def effective_visibility_timeout(self) -> int:

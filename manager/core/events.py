@@ -10,8 +10,12 @@ from typing import Any
 
 from manager.core.errors import EventError
 
-EVENT_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+# The rules of SPEC §2, stated once: the checks below use them, and the API's schema
+# (manager.api.models.EventIn) is written from them.
+EVENT_ID_PATTERN = r"[A-Za-z0-9._:-]{1,128}"
+NAME_PATTERN = r"[A-Za-z0-9._-]{1,128}"
+EVENT_ID_RE = re.compile(EVENT_ID_PATTERN)
+NAME_RE = re.compile(NAME_PATTERN)
 OPTIONAL_STRINGS = ("source", "time", "correlation_id", "causation_id")
 KNOWN_FIELDS = {"event_id", "topic", "event_type", "payload", "hops", *OPTIONAL_STRINGS}
 MAX_OPTIONAL_LEN = 1024
@@ -22,6 +26,9 @@ RESERVED_TOPICS = frozenset({FAILURE[0]})  # the manager's own events: never fro
 
 @dataclass(frozen=True)
 class Limits:
+    """The size and depth limits of SPEC §2 (the operator's, from Settings.event_limits;
+    these defaults are the spec's, for an author's local run)."""
+
     max_bytes: int = 1024 * 1024
     max_depth: int = 64
 

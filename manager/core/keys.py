@@ -1,4 +1,6 @@
-"""Every Redis key the project uses, built in one place."""
+"""Every Redis key of the project's own, built in one place. The bus streams and the task
+queue are settings (producers and Celery name them too); kombu's bookkeeping keys are
+named here and handed to kombu through the Celery contract (manager.core.contract)."""
 
 from __future__ import annotations
 
@@ -77,6 +79,21 @@ class Keys:
     def worker_heartbeat(self, worker: str) -> str:
         """String (with a TTL): one worker's last beat (manager.core.beats.WorkerBeat)."""
         return f"{self.prefix}:worker:{worker}"
+
+    @property
+    def unacked(self) -> str:
+        """Hash (kombu's, under our prefix through its `unacked_key` transport option):
+        delivered task messages not yet acknowledged, restored after the visibility
+        timeout. Two instances on one Redis never see each other's."""
+        return f"{self.prefix}:unacked"
+
+    @property
+    def unacked_index(self) -> str:
+        return f"{self.prefix}:unacked_index"
+
+    @property
+    def unacked_mutex(self) -> str:
+        return f"{self.prefix}:unacked_mutex"
 
     @property
     def workers(self) -> str:

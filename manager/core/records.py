@@ -17,6 +17,7 @@ from typing import Any
 import redis
 
 from manager.core.config import Settings
+from manager.core.events import Event
 from manager.core.keys import Keys
 from manager.core.retry import RECORD_POLL
 from manager.core.runs import RunRequest
@@ -275,6 +276,26 @@ class RecordStore:
             args=[_states(TRANSITIONS[target]), invocation_id, self.settings.stream_maxlen,
                   len(events), *events, *encode_fields(changes)])
         return Outcome.of(reply)
+
+    def conclude(self, invocation_id: str, status: Status, reason: str | None,
+                 events: list[str], failure: Event | None, **changes: Any) -> Outcome:
+        """A run's end, the one way it is stored: the terminal record with its result
+        events, plus its failure event for any outcome but succeeded (a run's own end,
+        and a run the sweeper found lost)."""
+        events = list(events)
+        if status is not Status.SUCCEEDED and failure is not None:
+            events.append(failure.encode())
+            changes["failure_event_id"] = failure.event_id
+        return self.finish(invocation_id, status, events, reason=reason, **changes)
+
+    def recheck_later(self, invocation_ids: list[str], when: float) -> None:
+        """Moves live runs' sweeper deadline on (they are still held or queued)."""
+        if invocation_ids:
+            self.conn.zadd(self.keys.inflight, dict.fromkeys(invocation_ids, when), xx=True)
+
+    def forget(self, invocation_id: str) -> None:
+        """Drops a run the sweeper need not look at (its record expired or is final)."""
+        self.conn.zrem(self.keys.inflight, invocation_id)
 
     def for_plugin(self, plugin: str, limit: int = 20) -> list[InvocationRecord]:
         """Newest first; ids whose record expired are skipped."""

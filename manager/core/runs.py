@@ -16,6 +16,16 @@ from manager.core.config import Settings
 from manager.core.events import FAILURE, Event
 
 
+def result_event_id(invocation_id: str, n: int) -> str:
+    """Result `n` (from 1) of a run: derived from the run, so storing twice adds nothing."""
+    return f"{invocation_id}-r{n}"
+
+
+def failure_event_id(invocation_id: str) -> str:
+    """The one failure event a run that did not succeed publishes."""
+    return f"{invocation_id}-failed"
+
+
 @dataclass(frozen=True)
 class RunLimits:
     timeout: int
@@ -73,14 +83,15 @@ class RunRequest:
     def result_event(self, n: int, obj: dict[str, Any]) -> Event:
         """Result `n` (from 1) of this run. Its id derives from the invocation, so storing
         the outcome twice can never publish it twice."""
-        return self.event.caused(f"{self.invocation_id}-r{n}", obj["topic"], obj["event_type"],
+        return self.event.caused(result_event_id(self.invocation_id, n), obj["topic"],
+                                 obj["event_type"],
                                  obj["payload"], self.source)
 
     def failure_event(self, status: str, reason: str | None) -> Event:
         """`plugins.v1`/`invocation_failed` for a run that ended other than succeeded."""
         topic, event_type = FAILURE
         return self.event.caused(
-            f"{self.invocation_id}-failed", topic, event_type,
+            failure_event_id(self.invocation_id), topic, event_type,
             {"plugin": self.plugin, "invocation_id": self.invocation_id,
              "event_id": self.event.event_id, "status": status, "reason": reason or status},
             self.source)
