@@ -33,8 +33,9 @@ from manager.bus.listener import Listener  # noqa: E402
 from manager.core.contract import make_celery  # noqa: E402
 from manager.plugins.manifest import load_manifest  # noqa: E402
 from manager.plugins.registry import Registry  # noqa: E402
+from workers import options  # noqa: E402
 from workers.sandbox import Sandbox  # noqa: E402
-from workers.spec import RunSpec  # noqa: E402
+from workers.spec import PoolConfig, RunSpec  # noqa: E402
 
 PLUGIN_DIR = ROOT / "bench" / "plugins"
 COLD_TARGET = 1.15  # cold end-to-end p50 vs a bare run
@@ -57,10 +58,11 @@ class Bare:
         event_file = Path(tempfile.mkstemp(suffix=".json", dir="/var/tmp")[1])
         event_file.write_text("{}")
         event_file.chmod(0o644)
-        spec = RunSpec("bench", "noop", "1.0.0", manifest.image, tuple(manifest.argv),
-                       str(PLUGIN_DIR / "noop"), "{}", str(event_file),
-                       manifest.run_limits(settings))
-        self.options = Sandbox(settings, client).container_options(spec)
+        config = PoolConfig("noop", "1.0.0", "sha256:bench", manifest.image,
+                            tuple(manifest.argv), str(PLUGIN_DIR / "noop"),
+                            manifest.run_limits(settings))
+        self.options = options.cold(RunSpec(config, "bench", "{}", str(event_file)), settings,
+                                    Sandbox(settings, client).base_labels)
         self.options.pop("log_config")  # a plain `docker run` keeps the default log driver
         self.client = client
 

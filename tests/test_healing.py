@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from harness import DockerProxy, WorkerProcess, new_id, record_of, records_of, wait_until
+from harness import Bus, DockerProxy, WorkerProcess, new_id, record_of, records_of, wait_until
 from manager.bus.dispatch import Dispatcher
 from manager.bus.listener import Listener, ensure_group
 from manager.core.contract import make_celery
@@ -133,26 +133,34 @@ def serving(docker_client, settings, within: float = 30) -> object:
 
 @pytest.mark.parametrize(("plugin", "warm"), [("sleeper", True), ("sleeper_cold", False)])
 def test_a_container_stopped_from_outside_is_retried_not_failed(
-        plugin: str, warm: bool, settings, conn, registry, dispatcher, docker_client,
-        worker, bus) -> None:
+        plugin: str, warm: bool, settings, conn, registry, docker_client) -> None:
     """An engine shutdown or a `docker stop` from outside is never the plugin's failure,
     on either path: the run is retried (sandbox_unavailable) and succeeds once."""
+    uid = uuid.uuid4().hex[:8]  # a worker of its own: an empty pool, its own label
+    mine = settings.with_(task_queue=f"{settings.task_queue}.stop{uid}",
+                          instance=f"{settings.instance}-stop{uid}", retry_backoff_max=1)
+    worker = WorkerProcess(mine, f"stopped{uid}", concurrency=1)
+    dispatcher = Dispatcher(conn, mine, make_celery(mine))
     entry = registry.get(plugin)
-    if warm:  # both worker processes run it once, so each keeps one prewarmed
-        primers = [dispatcher.dispatch(Event(new_id("prime"), "test.v1", "sleep",
-                                             {"seconds": 0}), entry, origin="api")[0]
-                   for _ in range(4)]
-        wait_until(lambda: all(record_of(conn, settings, i).get("status") == "succeeded"
-                               for i in primers), 60, "the priming runs")
-        time.sleep(2)  # replacements are started after each run
-    event = Event(new_id("stopped"), "test.v1", "sleep", {"seconds": 8})
-    invocation, _ = dispatcher.dispatch(event, entry, origin="api")
-    container = serving(docker_client, settings)
-    assert (container.labels.get("titan.pool") == "1") is warm, container.labels
-    container.stop(timeout=1)
-    record = wait_until(lambda: (r := record_of(conn, settings, invocation))
-                        and r["status"] not in ACTIVE and r, 120, "the run to finish")
-    assert record["status"] == "succeeded" and record["attempts"] == 2, record
-    assert record["container_id"] != container.id
-    result = bus.result_of(event.event_id)
-    assert result["event_type"] == "slept"
+    try:
+        worker.wait_ready(conn)
+        if warm:  # its first run is cold and leaves a prewarmed container behind
+            primer = dispatcher.dispatch(Event(new_id("prime"), "test.v1", "sleep",
+                                               {"seconds": 0}), entry, origin="api")[0]
+            wait_until(lambda: record_of(conn, mine, primer).get("status") == "succeeded",
+                       60, "the priming run")
+            wait_until(lambda: docker_client.containers.list(filters={"label": [
+                f"titan.instance={mine.instance}", "titan.pool=1"]}), 30, "a prewarmed one")
+        event = Event(new_id("stopped"), "test.v1", "sleep", {"seconds": 8})
+        invocation, _ = dispatcher.dispatch(event, entry, origin="api")
+        container = serving(docker_client, mine)
+        assert (container.labels.get("titan.pool") == "1") is warm, container.labels
+        container.stop(timeout=1)
+        record = wait_until(lambda: (r := record_of(conn, mine, invocation))
+                            and r["status"] not in ACTIVE and r, 120, "the run to finish")
+        assert record["status"] == "succeeded" and record["attempts"] == 2, record
+        assert record["container_id"] != container.id
+        result = Bus(conn, mine).result_of(event.event_id)
+        assert result["event_type"] == "slept"
+    finally:
+        worker.stop()

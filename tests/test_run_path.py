@@ -14,9 +14,9 @@ from manager.core.config import Settings
 from manager.core.events import Event
 from manager.core.records import Status
 from manager.core.runs import RunLimits, RunRequest
+from workers.execute import classify
 from workers.results import decide
-from workers.sandbox import classify
-from workers.spec import Capture, RunResult, RunSpec
+from workers.spec import Capture, PoolConfig, RunResult, RunSpec
 from workers.warm import TAIL, Ending
 
 TOKEN = "ab" * 16
@@ -95,8 +95,9 @@ def test_streams_that_disagree_give_no_state() -> None:
 
 
 def spec() -> RunSpec:
-    return RunSpec("inv", "p", "1.0.0", "img", ("python", "main.py"), "/code", "{}", "/e",
-                   LIMITS)
+    config = PoolConfig("p", "1.0.0", "sha256:" + "0" * 64, "img", ("python", "main.py"),
+                        "/code", LIMITS)
+    return RunSpec(config, "inv", "{}", "/e")
 
 
 @pytest.mark.parametrize(("extra", "state", "code", "status", "reason"), [

@@ -17,10 +17,12 @@ from manager.core.records import Status
 from manager.core.runs import RunRequest
 from manager.plugins.deps import mkdirs
 from manager.plugins.permissions import PayloadFile, mount_sources, open_payload_path
+from workers.execute import write_event
 from workers.plugin_cache import PluginCache
+from workers.pool import WarmPool
 from workers.sandbox import Sandbox
-from workers.spec import RunResult, RunSpec
-from workers.warm import WarmBroken, WarmPool, run_warm
+from workers.spec import PoolConfig, RunResult, RunSpec
+from workers.warm import WarmBroken, run_warm
 
 
 @dataclass(frozen=True)
@@ -64,12 +66,10 @@ class Execution:
         """A prewarmed container when one is ready for this configuration (never for a
         run whose mounts depend on its event), else a cold one."""
         t0 = time.monotonic()
-        spec = RunSpec(
-            invocation_id=req.invocation_id, plugin=req.plugin, version=req.version,
-            image=req.image, argv=req.argv, code_dir=str(code_dir),
-            event_json=req.event.encode(), event_file="",
-            limits=req.limits.clamped(self.settings), deps_dir=str(deps) if deps else None,
-            read_only_dirs=mounts)
+        config = PoolConfig(req.plugin, req.version, req.digest, req.image, req.argv,
+                            str(code_dir), req.limits.clamped(self.settings),
+                            str(deps) if deps else None, mounts)
+        spec = RunSpec(config, req.invocation_id, req.event.encode())
         warm = self.pool.take(spec) if self.pool and req.prewarm and not payload else None
         result = None
         if warm is not None:
@@ -92,9 +92,7 @@ class Execution:
         shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(mode=0o700)
         try:
-            event_file = run_dir / "event.json"
-            event_file.write_text(spec.event_json, encoding="utf-8")
-            event_file.chmod(0o444)
+            event_file = write_event(run_dir, spec)
             staged = payload.stage(run_dir) if payload else None
             return self.sandbox.run(replace(
                 spec, event_file=str(event_file),

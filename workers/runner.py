@@ -21,12 +21,13 @@ from manager.core.records import InvocationRecord, RecordStore, Status
 from manager.core.retry import run_retry
 from manager.core.runs import RunRequest
 from manager.plugins.registry import Registry
+from workers.container import STOP_GRACE_S
 from workers.execution import Execution, Refused
 from workers.plugin_cache import PluginCache
+from workers.pool import WarmPool
 from workers.results import Outcomes, decide, persist, without_run
-from workers.sandbox import STOP_GRACE_S, Sandbox
+from workers.sandbox import Sandbox
 from workers.slots import Slots
-from workers.warm import WarmPool
 
 log = logging.getLogger(__name__)
 RETRYABLE = {Status.FAILED, Status.TIMEOUT, Status.OOM}  # only with `retries:` in the manifest

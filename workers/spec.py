@@ -1,5 +1,5 @@
-"""What a sandbox run takes (RunSpec: host paths the engine can see) and what it gives
-back (RunResult), shared by the cold and the prewarmed paths."""
+"""What a sandbox run takes (a RunSpec: its plugin's PoolConfig and what the run adds) and
+what it gives back (RunResult), shared by the cold and the prewarmed paths."""
 
 from __future__ import annotations
 
@@ -11,29 +11,51 @@ from manager.core.runs import RunLimits
 
 
 @dataclass(frozen=True)
-class RunSpec:
-    """Everything one run needs; host paths are paths the Docker engine can see."""
+class PoolConfig:
+    """What a plugin's configuration fixes for its containers (host paths the engine can
+    see). A prewarmed container serves a run only if its PoolConfig equals the run's."""
 
-    invocation_id: str
     plugin: str
     version: str
+    digest: str
     image: str
     argv: tuple[str, ...]
     code_dir: str
-    event_json: str
-    event_file: str
     limits: RunLimits
     deps_dir: str | None = None
     read_only_dirs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run: its plugin's configuration, and what the run adds (its id, its event, the
+    event file and a payload copy: host paths the engine can see)."""
+
+    config: PoolConfig
+    invocation_id: str
+    event_json: str
+    event_file: str = ""
     payload: tuple[str, str] | None = None  # (private host copy, path inside the container)
 
     @property
+    def plugin(self) -> str:
+        return self.config.plugin
+
+    @property
+    def image(self) -> str:
+        return self.config.image
+
+    @property
+    def limits(self) -> RunLimits:
+        return self.config.limits
+
+    @property
     def timeout(self) -> int:
-        return self.limits.timeout
+        return self.config.limits.timeout
 
     @property
     def memory_bytes(self) -> int:
-        return self.limits.memory_bytes
+        return self.config.limits.memory_bytes
 
 
 @dataclass

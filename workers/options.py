@@ -1,0 +1,115 @@
+"""Container options, in two parts: what a plugin's configuration fixes (`base`: every
+SPEC §4 protection, the image, the limits, the code, requirements and allowed directories)
+and what one run adds (`per_run`: its invocation, its event, a payload copy). A cold
+container is base + per_run; a prewarmed one is base + the launcher, and receives the
+per-run part through the launcher, so nothing of one run is ever baked into a container
+made ahead of it. A manifest has no way to loosen any of it."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from docker.types import Mount, Ulimit
+
+from manager.core.config import RUN_GID, RUN_UID, Settings
+from workers.spec import PoolConfig, RunSpec
+
+LABEL = "titan.managed"
+LABEL_INSTANCE = "titan.instance"
+LABEL_HOST = "titan.host"
+LABEL_PID = "titan.worker_pid"
+LABEL_START = "titan.worker_start"  # with the pid: the owner, safe against pid reuse
+LABEL_INVOCATION = "titan.invocation"
+LABEL_PLUGIN = "titan.plugin"
+LABEL_POOL = "titan.pool"  # a prewarmed container, owned by its worker process
+CODE_DIR = "/plugin"
+DEPS_DIR = "/titan/deps"
+EVENT_PATH = "/titan/event.json"
+SANDBOX_USER = f"{RUN_UID}:{RUN_GID}"
+MAX_ENV_EVENT = 96 * 1024  # larger events are read from EVENT_FILE only
+
+
+def bind(target: str, source: str) -> Mount:
+    """A read-only bind mount that does not carry the mounts below its source along."""
+    mount = Mount(target, source, type="bind", read_only=True)
+    mount["BindOptions"] = {"NonRecursive": True}
+    return mount
+
+
+def run_env(spec: RunSpec) -> dict[str, str]:
+    """The run's own environment: its invocation id, and the event itself when it is small
+    enough for one variable (EVENT_FILE always has it)."""
+    env = {"INVOCATION_ID": spec.invocation_id}
+    if len(spec.event_json.encode()) <= MAX_ENV_EVENT:
+        env["EVENT_DATA"] = spec.event_json
+    return env
+
+
+def base(config: PoolConfig, settings: Settings, labels: dict[str, str]) -> dict[str, Any]:
+    """Everything a plugin's configuration fixes."""
+    s, limits = settings, config.limits
+    env = {"EVENT_FILE": EVENT_PATH, "PLUGIN_NAME": config.plugin,
+           "PLUGIN_VERSION": config.version, "HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1",
+           "PYTHONUNBUFFERED": "1"}
+    mounts = [bind(CODE_DIR, config.code_dir)]
+    if config.deps_dir:
+        mounts.append(bind(DEPS_DIR, config.deps_dir))
+        env["PYTHONPATH"] = DEPS_DIR
+    mounts += [bind(d, d) for d in config.read_only_dirs]
+    tmp = "rw,noexec,nosuid,nodev,mode=1777"
+    # tmpfs pages are charged to the container's memory: filling /tmp (at most half of it)
+    # and /dev/shm (at most an eighth) must end in ENOSPC, not in an OOM kill.
+    tmpfs = min(s.tmpfs_bytes, limits.memory_bytes // 2)
+    shm = min(s.shm_bytes, limits.memory_bytes // 8)
+    return {
+        "image": config.image, "command": list(config.argv), "environment": env,
+        "working_dir": CODE_DIR, "user": SANDBOX_USER, "network_mode": "none",
+        "read_only": True, "mounts": mounts,
+        "tmpfs": {"/tmp": f"{tmp},size={tmpfs},nr_inodes={s.tmpfs_inodes}",
+                  "/dev/shm": f"{tmp},size={shm},nr_inodes=256"},
+        "cap_drop": ["ALL"], "security_opt": ["no-new-privileges"],
+        "pids_limit": max(1, limits.pids), "mem_limit": limits.memory_bytes,
+        "memswap_limit": limits.memory_bytes, "nano_cpus": limits.cpu_millis * 1_000_000,
+        "ulimits": [Ulimit(name="nofile", soft=s.nofile_limit, hard=s.nofile_limit),
+                    Ulimit(name="fsize", soft=s.fsize_bytes, hard=s.fsize_bytes),
+                    Ulimit(name="core", soft=0, hard=0)],
+        "init": True, "ipc_mode": "none", "log_config": {"type": "none", "config": {}},
+        "stdin_open": False, "tty": False, "hostname": "plugin",
+        "labels": {**labels, **owner_labels(), LABEL_PLUGIN: config.plugin},
+    }
+
+
+def cold(spec: RunSpec, settings: Settings, labels: dict[str, str]) -> dict[str, Any]:
+    """A cold container: the configuration's options plus the run's own."""
+    options = base(spec.config, settings, labels)
+    options["environment"].update(run_env(spec))
+    options["mounts"].append(bind(EVENT_PATH, spec.event_file))
+    if spec.payload:
+        options["mounts"].append(bind(spec.payload[1], spec.payload[0]))
+    options["labels"][LABEL_INVOCATION] = spec.invocation_id
+    return options
+
+
+def owner_labels() -> dict[str, str]:
+    """This process as the owner of a container: its pid and when it started."""
+    return {LABEL_PID: str(os.getpid()), LABEL_START: started(os.getpid())}
+
+
+def started(pid: int) -> str:
+    """A process's start time (clock ticks since boot): a reused pid gets another."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return ""
+
+
+def pid_alive(pid: int) -> bool:
+    """True for a running process; a zombie (killed, not yet reaped) counts as dead."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            state = fh.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != b"Z"

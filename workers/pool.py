@@ -1,0 +1,212 @@
+"""The pool of prewarmed containers of one worker process (SPEC §4): per configuration
+(plugin digest, image, limits, mounts: a PoolConfig) a few containers started ahead,
+waiting in the product's launcher (workers.warm). Each serves exactly one run and is
+then removed: never reused, so no state leaks between runs. A run takes a ready
+container; a maintenance thread prewarms, expires idle containers, drains
+configurations no longer current, and removes used ones off the critical path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+import requests
+from docker.errors import DockerException
+
+from manager.core import metrics
+from manager.core.config import Settings
+from workers.container import ContainerHandle
+from workers.options import LABEL_PID, LABEL_POOL
+from workers.sandbox import Sandbox
+from workers.spec import PoolConfig, RunSpec
+from workers.warm import READY_TIMEOUT_S, Warm, WarmUnavailable, start_warm
+
+log = logging.getLogger(__name__)
+PREWARM_WAIT_S = 0.5  # a run waits this long for a prewarm already under way
+
+
+class WarmPool:
+    """Per worker process. `take` is called by the run; a maintenance thread prewarms,
+    expires idle containers, drains configurations no longer current, and removes used
+    ones."""
+
+    def __init__(self, settings: Settings, sandbox: Sandbox,
+                 current_digests: Callable[[], set[str]] | None = None) -> None:
+        self.settings = settings
+        self.sandbox = sandbox
+        self.current_digests = current_digests
+        self.idle: dict[PoolConfig, list[Warm]] = {}
+        self.wanted: dict[PoolConfig, float] = {}  # configurations in use, and when
+        self.unwarmable: set[str] = set()
+        self.to_remove: list[Any] = []
+        self.busy: set[str] = set()  # ids of containers serving a run right now
+        self.warming: dict[PoolConfig, threading.Event] = {}  # prewarms in progress
+        self.ticks = 0
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.settings.prewarm_size > 0 and self.settings.prewarm_max > 0
+
+    def take(self, spec: RunSpec) -> Warm | None:
+        """A ready container for this configuration, or None (the run goes cold)."""
+        if not self.enabled or spec.image in self.unwarmable:
+            return None
+        key = spec.config
+        with self.lock:
+            self.wanted[key] = time.monotonic()
+            in_progress = self.warming.get(key)
+        warm = self._pop(key)
+        if warm is None and in_progress is not None:
+            # One is being started already: cheaper and sooner than a second, cold one.
+            in_progress.wait(PREWARM_WAIT_S)
+            warm = self._pop(key)
+        (metrics.POOL_HITS if warm else metrics.POOL_MISSES).labels(plugin=spec.plugin).inc()
+        self._ensure_thread()
+        if warm is None:
+            self.wake.set()  # a first one; a replacement starts when this run is done
+        return warm
+
+    def _pop(self, key: PoolConfig) -> Warm | None:
+        with self.lock:
+            ready = self.idle.get(key) or []
+            warm = ready.pop(0) if ready else None
+            if warm:
+                self.busy.add(warm.container.id)
+        return warm
+
+    def done(self, warm: Warm) -> None:
+        """Single use: the container goes, whatever the outcome, and a replacement is
+        started (after the run, so the two do not compete for the CPU)."""
+        with self.lock:
+            self.busy.discard(warm.container.id)
+            self.to_remove.append(warm)
+        self.wake.set()
+
+    def close(self) -> None:
+        """Removes every container of this pool (worker process shutdown)."""
+        self.stopping.set()
+        self.wake.set()
+        if self.thread is not None:
+            self.thread.join(READY_TIMEOUT_S + 30)  # a prewarm in progress finishes first
+        with self.lock:
+            doomed = [w for ws in self.idle.values() for w in ws] + self.to_remove
+            self.idle, self.to_remove = {}, []
+        for warm in doomed:
+            self._discard(warm)
+
+    def _ensure_thread(self) -> None:
+        if self.thread is None or not self.thread.is_alive():
+            self.thread = threading.Thread(target=self._loop, name="titan-prewarm", daemon=True)
+            self.thread.start()
+
+    def _loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self._maintain()
+            except Exception:
+                log.exception("prewarm pool maintenance failed")
+            self.wake.wait(2.0)
+            self.wake.clear()
+
+    def _maintain(self) -> None:
+        with self.lock:
+            removals, self.to_remove = self.to_remove, []
+        for warm in removals:
+            self._discard(warm)
+        self._expire()
+        self.ticks += 1
+        if self.ticks % 15 == 0:
+            self._sweep_leftovers()
+        for key in list(self.wanted):
+            while not self.stopping.is_set() and self._short(key):
+                if not self._prewarm(key):
+                    break
+        metrics.PREWARMED_IDLE.set(sum(len(v) for v in self.idle.values()))
+
+    def _short(self, key: PoolConfig) -> bool:
+        with self.lock:
+            total = sum(len(v) for v in self.idle.values())
+            return len(self.idle.get(key, [])) < self.settings.prewarm_size and \
+                total < self.settings.prewarm_max
+
+    def _expire(self) -> None:
+        """Idle past the TTL, or of a plugin version no longer in the registry."""
+        now = time.monotonic()
+        try:
+            current = self.current_digests() if self.current_digests else None
+        except redis.RedisError as exc:  # Redis away: nothing is drained this time
+            log.warning("prewarm pool: cannot read the registry: %s", exc)
+            current = None
+        stale = []
+        with self.lock:
+            for key, used in list(self.wanted.items()):
+                gone = current is not None and key.digest not in current
+                if gone or now - used > self.settings.prewarm_idle_s:
+                    del self.wanted[key]
+                    stale += self.idle.pop(key, [])
+            for key, ready in self.idle.items():
+                keep = [w for w in ready if now - w.ready_at <= self.settings.prewarm_idle_s]
+                stale += [w for w in ready if w not in keep]
+                self.idle[key] = keep
+        for warm in stale:
+            self._discard(warm)
+
+    def _prewarm(self, key: PoolConfig) -> bool:
+        started = threading.Event()
+        with self.lock:
+            self.warming[key] = started
+        try:
+            return self._start(key)
+        finally:
+            with self.lock:
+                self.warming.pop(key, None)
+            started.set()
+
+    def _start(self, key: PoolConfig) -> bool:
+        try:
+            warm = start_warm(self.sandbox, key)
+        except WarmUnavailable as exc:
+            log.warning("image %s cannot be prewarmed (%s): its runs stay cold", key.image, exc)
+            self.unwarmable.add(key.image)
+            return False
+        except (DockerException, requests.RequestException, OSError) as exc:
+            log.warning("prewarming %s failed: %s", key.plugin, exc)
+            return False
+        with self.lock:
+            if not self.stopping.is_set():
+                self.idle.setdefault(key, []).append(warm)
+                return True
+        self._discard(warm)
+        return False
+
+    def _discard(self, warm: Warm) -> None:
+        warm.close()
+        if warm.container.remove():
+            shutil.rmtree(warm.inbox, ignore_errors=True)
+        elif not self.stopping.is_set():
+            with self.lock:
+                self.to_remove.append(warm)  # the engine may be away: again next time
+
+    def _sweep_leftovers(self) -> None:
+        """Any container of this process's pool that is neither ready nor serving a run
+        (a removal lost while the engine was away) is removed."""
+        with self.lock:
+            known = self.busy | {w.container.id for ws in self.idle.values() for w in ws}
+        try:
+            mine = self.sandbox.mine({LABEL_POOL: "1", LABEL_PID: str(os.getpid())})
+        except (DockerException, requests.RequestException):
+            return
+        for container in mine:
+            if container.id not in known:
+                ContainerHandle(container).remove()
