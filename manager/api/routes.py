@@ -1,9 +1,10 @@
 """The API's endpoints (SPEC §6), as a blueprint over the context `create_app` built.
 
-Shapes come from manager/api/models.py through spectree (chosen because it takes pydantic
-models as they are, validates query, body and response with them, and builds the OpenAPI
-document from the same models: nothing is written twice). Events get the project's own
-checks first (size, nesting, UTF-8, before any JSON parser recurses), then the model's.
+Shapes come from manager/api/models.py through spectree (manager/api/spec.py; chosen
+because it takes pydantic models as they are): it validates queries, other bodies and
+responses with them and builds the OpenAPI document from the same models. An event is
+validated once, by the Event itself (size, nesting and UTF-8 first, before any JSON parser
+recurses, then every field); its schema is written from the Event's rules.
 """
 
 from __future__ import annotations

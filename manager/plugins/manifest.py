@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import json
 import re
 import shlex
@@ -15,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from manager.core.config import Settings
 from manager.core.errors import ManifestError
 from manager.core.runs import RunLimits
+from manager.plugins.yaml_strict import StrictLoader, format_error, positions
 
 NAME_RE = r"^[a-z][a-z0-9_]{0,63}$"
 SEMVER_RE = r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$"
@@ -179,32 +179,6 @@ def check_glob(glob: str) -> None:
         raise ValueError(f"fs glob {glob!r} names the Docker socket")
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """Safe loader that also refuses anchors/aliases (no billion-laughs expansion) and
-    duplicate keys (`timeout: 5` then `timeout: 600` must not silently keep the last)."""
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            raise yaml.YAMLError(f"YAML aliases are not allowed (line {event.start_mark.line + 1})")
-        return super().compose_node(parent, index)
-
-    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                duplicate = key in seen
-            except TypeError:
-                continue  # an unhashable key; the base class reports it
-            if duplicate:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1})",
-                    key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep)
-
-
 def parse_manifest(text: bytes, path: str, max_bytes: int) -> Manifest:
     """Validates plugin.yaml bytes; raises ManifestError listing every field at fault, each
     as `path:line:column: field: what is wrong` in plain words."""
@@ -212,7 +186,7 @@ def parse_manifest(text: bytes, path: str, max_bytes: int) -> Manifest:
         raise ManifestError(f"{path}: plugin.yaml is {len(text)} bytes, over {max_bytes}", path,
                             [f"file: larger than {max_bytes} bytes"])
     try:
-        data = yaml.load(text, Loader=_StrictLoader)
+        data = yaml.load(text, Loader=StrictLoader)
     except yaml.YAMLError as exc:
         raise ManifestError(f"{path}: invalid YAML: {exc}", path, [f"yaml: {exc}"]) from exc
     if not isinstance(data, dict):
@@ -222,32 +196,13 @@ def parse_manifest(text: bytes, path: str, max_bytes: int) -> Manifest:
         # JSON mode keeps strict typing ("30" is not a number) while accepting YAML lists.
         return Manifest.model_validate_json(json.dumps(data, default=str))
     except ValidationError as exc:
-        marks = _positions(text)
+        marks = positions(text)
         found = exc.errors()
         inner = {tuple(e["loc"][:n]) for e in found for n in range(1, len(e["loc"]))}
-        errors = [_format_error(err, path, marks) for err in found  # an invalid item is not
-                  if not (err["type"] == "too_short" and tuple(err["loc"]) in inner)]  # "none"
+        # an invalid item is not also reported as "none" (too_short) for its list
+        errors = [format_error(err, path, marks, _keys_at) for err in found
+                  if not (err["type"] == "too_short" and tuple(err["loc"]) in inner)]
         raise ManifestError("; ".join(errors), path, errors) from exc
-
-
-PLAIN = {
-    "missing": "is required",
-    "int_type": "must be a whole number, without quotes",
-    "int_parsing": "must be a whole number, without quotes",
-    "bool_type": "must be true or false",
-    "string_type": "must be text",
-    "tuple_type": "must be a list",
-    "model_type": "must be a mapping of keys",
-    "greater_than": "must be greater than 0",
-    "too_short": "needs at least one entry",
-}
-PATTERNS = {
-    "name": "must be lowercase letters, digits and _, starting with a letter (at most 64)",
-    "version": "must be a semantic version such as 1.0.0",
-    "image": "must be an image name such as titan-runtime:py3.11",
-    "topic": "must be 1-128 characters from A-Z a-z 0-9 . _ - and the globs * ? [ ]",
-    "event_type": "must be 1-128 characters from A-Z a-z 0-9 . _ - and the globs * ? [ ]",
-}
 
 
 def _keys_at(loc: tuple[Any, ...]) -> list[str]:
@@ -258,43 +213,6 @@ def _keys_at(loc: tuple[Any, ...]) -> list[str]:
         tuple(names))
     return list(model.model_fields) if model else []
 
-
-def _format_error(err: Any, path: str, marks: dict[tuple[Any, ...], tuple[int, int]]) -> str:
-    loc = tuple(err["loc"])
-    where = next((f"{path}:{line}:{col}: " for n in range(len(loc), -1, -1)
-                  if (pos := marks.get(loc[:n])) for line, col in [pos]), f"{path}: ")
-    field = ".".join(str(p) for p in loc) or "file"
-    if err["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(str(loc[-1]), _keys_at(loc[:-1]), n=1, cutoff=0.6)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        return f"{where}{field}: unknown key (not allowed){hint}"
-    if err["type"] == "string_pattern_mismatch" and str(loc[-1]) in PATTERNS:
-        return f"{where}{field}: {PATTERNS[str(loc[-1])]}, got {err.get('input')!r:.60}"
-    msg = PLAIN.get(err["type"]) or err["msg"].removeprefix("Value error, ")
-    return f"{where}{field}: {msg}"
-
-
-def _positions(text: bytes) -> dict[tuple[Any, ...], tuple[int, int]]:
-    """Key path -> (line, column), 1-based, of every key and list item in the document."""
-    marks: dict[tuple[Any, ...], tuple[int, int]] = {}
-    try:
-        root = yaml.compose(text, Loader=_StrictLoader)
-    except yaml.YAMLError:
-        return marks
-
-    def walk(node: Any, at: tuple[Any, ...]) -> None:
-        if isinstance(node, yaml.MappingNode):
-            children = [(getattr(k, "value", None), k, v) for k, v in node.value]
-        elif isinstance(node, yaml.SequenceNode):
-            children = [(n, item, item) for n, item in enumerate(node.value)]
-        else:
-            return
-        for name, mark_node, value in children:
-            marks[(*at, name)] = (mark_node.start_mark.line + 1, mark_node.start_mark.column + 1)
-            walk(value, (*at, name))
-
-    walk(root, ())
-    return marks
 
 
 def load_manifest(plugin_dir: Path, max_bytes: int = 64 * 1024,
