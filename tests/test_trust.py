@@ -345,6 +345,14 @@ def test_the_managers_own_topics_cannot_be_published(client, api_url: str, bus) 
     assert bus.dead_letter(entry)["reason"] == "hops_exceeded"
     replay = client.post(f"/events/dead/{dead_id(bus, entry)}/replay")
     assert replay.status_code == 400 and "reserved" in replay.json["error"]["message"]
+    # nor one that posed as a plugin's result
+    posing = bus.publish(json.dumps({"event_id": f"posing-{uuid.uuid4().hex[:8]}",
+                                     "topic": "test.v1", "event_type": "ping",
+                                     "source": "plugin:echo@0.1.0", "hops": 99}))
+    assert bus.dead_letter(posing)["reason"] == "hops_exceeded"
+    replay = client.post(f"/events/dead/{dead_id(bus, posing)}/replay")
+    assert replay.status_code == 400
+    assert replay.json["error"]["details"] == {"field": "source", "reason": "forged_source"}
 
 
 def dead_id(bus, entry_id: str) -> str:
