@@ -14,6 +14,7 @@ import shutil
 import threading
 import time
 
+import psutil
 import redis
 from celery.worker import state as worker_state
 
@@ -44,11 +45,7 @@ def held_runs() -> set[str]:
 
 def child_pids() -> set[int]:
     """This process's children (the worker's pool processes)."""
-    pids: set[int] = set()
-    for path in glob.glob(f"/proc/{os.getpid()}/task/*/children"):
-        with contextlib.suppress(OSError), open(path) as fh:
-            pids.update(int(p) for p in fh.read().split())
-    return pids
+    return {child.pid for child in psutil.Process().children()}
 
 
 class Heartbeat(threading.Thread):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import psutil
 from docker.types import Mount, Ulimit
 
 from manager.core.config import RUN_GID, RUN_UID, Settings
@@ -97,19 +98,18 @@ def owner_labels() -> dict[str, str]:
 
 
 def started(pid: int) -> str:
-    """A process's start time (clock ticks since boot): a reused pid gets another."""
+    """A process's start time, in clock ticks since boot (the label's format since the
+    first version): a reused pid gets another."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            return fh.read().rsplit(b")", 1)[1].split()[19].decode()
-    except (OSError, IndexError):
+        since_boot = psutil.Process(pid).create_time() - psutil.boot_time()
+    except (psutil.Error, ValueError):
         return ""
+    return str(round(since_boot * os.sysconf("SC_CLK_TCK")))
 
 
 def pid_alive(pid: int) -> bool:
     """True for a running process; a zombie (killed, not yet reaped) counts as dead."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            state = fh.read().rsplit(b")", 1)[1].split()[0]
-    except (OSError, IndexError):
+        return pid > 0 and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except (psutil.Error, ValueError):
         return False
-    return state != b"Z"

@@ -28,13 +28,14 @@ import contextlib
 import os
 import secrets
 import shutil
-import signal
 import stat
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 from manager.core.config import Settings
 from manager.core.errors import DependencyError
@@ -188,11 +189,8 @@ def adopt(tree: Path) -> None:
 def kill_all(uid: int) -> None:
     """SIGKILLs every process of `uid` (whatever pip left running), before its output is
     taken over."""
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError, ValueError):
-            with open(f"/proc/{entry.name}/status") as fh:
-                uids = next(ln for ln in fh if ln.startswith("Uid:")).split()[1:]
-            if str(uid) in uids:
-                os.kill(int(entry.name), signal.SIGKILL)
+    for proc in psutil.process_iter(["uids"]):
+        uids = proc.info.get("uids")
+        if uids and uid in (uids.real, uids.effective, uids.saved):
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
