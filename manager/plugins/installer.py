@@ -25,6 +25,7 @@ boundary; `bwrap` (the default) refuses to install where it cannot build its san
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import secrets
 import shutil
@@ -148,7 +149,18 @@ class InstallSandbox:
         return self.run([PYTHON, "-I", "-m", "pip", *pip_args], work, timeout)
 
     def run(self, argv: list[str], work: Path, timeout: float) -> Finished:
-        """Runs `argv` in the sandbox over `work` (tests run hostile code this way)."""
+        """Runs `argv` in the sandbox over `work` (tests run hostile code this way).
+        Without bwrap, one install at a time per host: what one leaves running is killed
+        afterwards, and that must never be another's pip."""
+        if self.settings.install_sandbox != "user":
+            return self._run(argv, work, timeout)
+        lock = self.settings.cache_dir / "locks" / "install-user.lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock, "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            return self._run(argv, work, timeout)
+
+    def _run(self, argv: list[str], work: Path, timeout: float) -> Finished:
         try:
             proc = subprocess.run(self.command(argv, work), capture_output=True, text=True,
                                   timeout=timeout, check=False, env=self.environment(work),
