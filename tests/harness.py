@@ -3,6 +3,7 @@ Celery worker processes on a private queue, and a reader of the private stream."
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import ctypes
 import fcntl
@@ -16,6 +17,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable
 from dataclasses import fields as dataclass_fields
@@ -350,3 +353,18 @@ def build_pdf(content: bytes, filters: str | None = None) -> bytes:
     out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (
         len(objects) + 1, xref)
     return bytes(out)
+
+
+def http_status(url: str, login: str | None = None, timeout: float = 10) -> int:
+    """The status a GET answers with (basic auth when `login` is `user:password`); 0 when
+    nothing answers."""
+    req = urllib.request.Request(url)
+    if login:
+        req.add_header("Authorization", "Basic " + base64.b64encode(login.encode()).decode())
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0

@@ -5,7 +5,6 @@ killed mid-burst with nothing lost, and nothing left behind after `down`."""
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import shutil
@@ -18,24 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from harness import free_port, wait_until
+from harness import free_port, http_status, wait_until
 from manager.core.config import ROOT
 
 pytestmark = pytest.mark.integration
 ACTIVE = ("pending", "queued", "throttled", "running", "retrying")
-
-
-def flower_status(url: str, login: str | None = None) -> int:
-    req = urllib.request.Request(url)
-    if login:
-        req.add_header("Authorization", "Basic " + base64.b64encode(login.encode()).decode())
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return 0
 
 
 class ComposeStack:
@@ -130,8 +116,8 @@ def test_runs_spread_over_the_worker_containers(compose: ComposeStack) -> None:
               "&start=0&length=10&order%5B0%5D%5Bcolumn%5D=0&columns%5B0%5D%5Bdata%5D=name")
     login = next(ln.split("=", 1)[1] for ln in (ROOT / ".env").read_text().splitlines()
                  if ln.startswith("TITAN_FLOWER_AUTH="))
-    wait_until(lambda: flower_status(flower, login) == 200, 60, "Flower behind its login")
-    assert flower_status(flower) == 401
+    wait_until(lambda: http_status(flower, login) == 200, 60, "Flower behind its login")
+    assert http_status(flower) == 401
     runs = compose.finished(compose.burst(12))
     assert {r["status"] for r in runs} == {"succeeded"} and len(runs) == 12
     assert len({r["worker"] for r in runs}) >= 2, {r["worker"] for r in runs}

@@ -5,7 +5,6 @@ manager's own topics cannot be forged; caches and stored bundles stay bounded.""
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import socket
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import SYSTEM_PYTHON, free_port, private_settings, wait_until
+from harness import SYSTEM_PYTHON, free_port, http_status, private_settings, wait_until
 from manager.api.app import create_app
 from manager.bus.dispatch import Dispatcher
 from manager.core.config import ROOT, Settings
@@ -209,37 +208,20 @@ def test_the_api_refuses_a_local_user_without_the_key(made_up: dict) -> None:
         assert f"private-{n}" in json.loads(ran.stdout)["stdout"]
 
 
-def flower_status(url: str, auth: str | None = None) -> int:
-    req = urllib.request.Request(url)
-    if auth:
-        req.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-
-
 def test_flower_is_up_behind_basic_auth_on_every_page(made_up: dict) -> None:
     run_dir: Path = made_up["run"]
     flower = f"http://127.0.0.1:{made_up['env']['TITAN_FLOWER_PORT']}"
     auth = (run_dir / "flower.auth").read_text().strip()
     assert auth.startswith("titan:") and (run_dir / "flower.auth").stat().st_mode & 0o077 == 0
 
-    def up() -> bool:
-        try:
-            return flower_status(f"{flower}/", auth) == 200
-        except OSError:
-            return False
-
-    wait_until(up, 60, "Flower")
+    wait_until(lambda: http_status(f"{flower}/", auth) == 200, 60, "Flower")
     datatable = ("/tasks/datatable?draw=1&start=0&length=10&order%5B0%5D%5Bcolumn%5D=0"
                  "&columns%5B0%5D%5Bdata%5D=name")
     for page in ("/", "/tasks", datatable, "/workers", "/api/tasks", "/api/workers"):
-        assert flower_status(flower + page) == 401, page
-        assert flower_status(flower + page, "titan:wrong") == 401, page
-    assert flower_status(flower + datatable, auth) == 200
-    assert flower_status(f"{flower}/api/tasks", auth) == 200
+        assert http_status(flower + page) == 401, page
+        assert http_status(flower + page, "titan:wrong") == 401, page
+    assert http_status(flower + datatable, auth) == 200
+    assert http_status(f"{flower}/api/tasks", auth) == 200
     assert auth.split(":", 1)[1] not in Path("/proc", str(flower_pid(run_dir)),
                                              "cmdline").read_text()
 
