@@ -368,3 +368,41 @@ def http_status(url: str, login: str | None = None, timeout: float = 10) -> int:
         return exc.code
     except OSError:
         return 0
+
+
+class PrivateEngine:
+    """A second Docker engine on this machine, with its own socket, data root, exec root
+    (and so its own containerd) and no bridge: another host in everything but the kernel.
+    Plugin containers need no network, so none is set up."""
+
+    def __init__(self, image: str) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="titan-engine-", dir="/var/tmp"))
+        self.sock = self.root / "docker.sock"
+        self.url = f"unix://{self.sock}"
+        self.proc: subprocess.Popen | None = None
+        self.start()
+        subprocess.run(f"docker save {image} | docker -H {self.url} load -q", shell=True,
+                       check=True, capture_output=True, timeout=300)
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["dockerd", "--host", self.url, "--data-root", str(self.root / "data"),
+             "--exec-root", str(self.root / "exec"), "--pidfile", str(self.root / "pid"),
+             "--bridge", "none", "--iptables=false", "--ip6tables=false",
+             "--log-level", "warn"],
+            stdout=(self.root / "dockerd.log").open("ab"), stderr=subprocess.STDOUT)
+        wait_until(self.answers, 60, "the private Docker engine")
+
+    def answers(self) -> bool:
+        return subprocess.run(["docker", "-H", self.url, "info"], capture_output=True,
+                              check=False).returncode == 0
+
+    def stop(self) -> None:
+        """SIGTERM: the engine stops its containers and exits, as on a host's shutdown."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(60)
+
+    def destroy(self) -> None:
+        self.stop()
+        subprocess.run(["rm", "-rf", str(self.root)], check=False)

@@ -10,7 +10,16 @@ import uuid
 
 import pytest
 
-from harness import Bus, DockerProxy, WorkerProcess, new_id, record_of, records_of, wait_until
+from harness import (
+    Bus,
+    DockerProxy,
+    PrivateEngine,
+    WorkerProcess,
+    new_id,
+    record_of,
+    records_of,
+    wait_until,
+)
 from manager.bus.dispatch import Dispatcher
 from manager.bus.listener import Listener, ensure_group
 from manager.core.contract import make_celery
@@ -164,3 +173,47 @@ def test_a_container_stopped_from_outside_is_retried_not_failed(
         assert result["event_type"] == "slept"
     finally:
         worker.stop()
+
+
+def test_an_engine_stopped_during_warm_runs_fails_no_run(settings, conn, registry) -> None:
+    """The engine goes down (SIGTERM: it stops every container, prewarmed ones and runs
+    in flight) and comes back during a burst: no run is the plugin's failure; every event
+    ends succeeded, exactly once."""
+    uid = uuid.uuid4().hex[:8]
+    engine = PrivateEngine(settings.runtime_image)
+    mine = settings.with_(task_queue=f"{settings.task_queue}.engine{uid}",
+                          instance=f"{settings.instance}-engine{uid}", sandbox_retries=10,
+                          retry_backoff_max=2)
+    worker = WorkerProcess(mine, f"engine{uid}", concurrency=2, DOCKER_HOST=engine.url)
+    dispatcher = Dispatcher(conn, mine, make_celery(mine))
+    entry = registry.get("sleeper")
+    try:
+        worker.wait_ready(conn)
+        primers = [dispatcher.dispatch(Event(new_id("prime"), "test.v1", "sleep",
+                                             {"seconds": 0}), entry, origin="api")[0]
+                   for _ in range(2)]
+        wait_until(lambda: all(record_of(conn, mine, i).get("status") == "succeeded"
+                               for i in primers), 120, "the priming runs")
+        events = [Event(new_id("outage"), "test.v1", "sleep", {"seconds": 2})
+                  for _ in range(10)]
+        invs = [dispatcher.dispatch(e, entry, origin="api")[0] for e in events]
+        wait_until(lambda: sum(record_of(conn, mine, i).get("warm") is not None
+                               or record_of(conn, mine, i).get("status") == "running"
+                               for i in invs) >= 2, 60, "runs in flight")
+        engine.stop()  # ... the engine goes down mid-burst ...
+        assert [i for i in invs if record_of(conn, mine, i)["status"] in ACTIVE]
+        engine.start()  # ... and comes back
+        records = [wait_until(lambda i=i: (r := record_of(conn, mine, i))
+                              and r["status"] not in ACTIVE and r, 240, "every run to end")
+                   for i in invs]
+        assert [r["status"] for r in records] == ["succeeded"] * 10, [
+            (r["status"], r["reason"]) for r in records]
+        assert any(r["attempts"] > 1 for r in records), "the outage hit no run"
+        assert any(r["warm"] for r in records), "no run was warm"
+        for event in events:
+            caused = [e for _, f in conn.xrange(mine.event_stream)
+                      if (e := json.loads(f[b"event"])).get("causation_id") == event.event_id]
+            assert len(caused) == 1 and caused[0]["event_type"] == "slept", caused
+    finally:
+        worker.stop()
+        engine.destroy()

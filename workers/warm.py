@@ -137,6 +137,8 @@ def run_warm(sandbox: Sandbox, warm: Warm, spec: RunSpec) -> RunResult:
     request = json.dumps({"token": token, "argv": list(spec.config.argv),
                           "env": options.run_env(spec)}) + "\n"
     try:
+        if not alive(warm.sock):
+            raise WarmBroken("the prewarmed container is gone (its stream has ended)")
         warm.sock.sendall(request.encode())
     except OSError as exc:
         raise WarmBroken(f"the prewarmed container's stream is gone: {exc}") from exc
@@ -145,6 +147,15 @@ def run_warm(sandbox: Sandbox, warm: Warm, spec: RunSpec) -> RunResult:
                      sandbox.settings, sandbox, t0)
     result.extra["warm"] = True
     return result
+
+
+def alive(sock: socket.socket) -> bool:
+    """Whether a waiting launcher's stream is still open: a container that the engine
+    stopped meanwhile (a restart, a docker stop) has closed it. Reads nothing."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+    except BlockingIOError:
+        return True  # open, and nothing to read: the launcher is waiting
 
 
 class Ending:
