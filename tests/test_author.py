@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -67,6 +68,12 @@ def test_new_scaffolds_a_plugin_that_validates_and_runs(settings, tmp_path) -> N
     (result,) = report["results"]
     assert result["topic"] == "chat.v1" and result["event_type"] == "user_message_handled"
     assert result["payload"] == {"received": {"text": "hello from the sample event"}}
+    manifest = (d / "plugin.yaml").read_text()
+    from manager.plugins.manifest import Manifest
+
+    missing = [k for k in Manifest.model_fields
+               if not re.search(rf"^(# )?{k}:", manifest, re.M)]
+    assert missing == [], f"the scaffold says every key is there but lacks {missing}"
     # the sample has no event_id: the CLI gives each use a fresh one (never a duplicate)
     assert "event_id" not in json.loads((d / "event.json").read_text())
     assert "greeter handling cli-" in report["stderr"]

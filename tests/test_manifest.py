@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -183,3 +184,9 @@ def test_errors_name_the_place_say_it_plainly_and_suggest_the_key() -> None:
     assert any("triggers.0.event_typ: unknown key (not allowed) (did you mean 'event_type'?)"
                in e for e in nested)
     assert not any("needs at least one" in e for e in nested)
+
+
+def test_a_yaml_syntax_error_names_the_file_line_and_column() -> None:
+    errs = errors_of(GOOD + "retries: [1\nx: 2\n")  # a list never closed
+    assert len(errs) == 1 and "<byte string>" not in errs[0], errs
+    assert re.search(r"plugin\.yaml:\d+:\d+: yaml: ", errs[0]), errs

@@ -14,7 +14,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from manager.core.config import Settings
 from manager.core.errors import ManifestError
 from manager.core.runs import RunLimits
-from manager.plugins.yaml_strict import StrictLoader, format_error, positions
+from manager.plugins.yaml_strict import (
+    StrictLoader,
+    format_error,
+    positions,
+    yaml_place,
+    yaml_problem,
+)
 
 NAME_RE = r"^[a-z][a-z0-9_]{0,63}$"
 SEMVER_RE = r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$"
@@ -188,7 +194,9 @@ def parse_manifest(text: bytes, path: str, max_bytes: int) -> Manifest:
     try:
         data = yaml.load(text, Loader=StrictLoader)
     except yaml.YAMLError as exc:
-        raise ManifestError(f"{path}: invalid YAML: {exc}", path, [f"yaml: {exc}"]) from exc
+        where = yaml_place(exc, path)
+        raise ManifestError(f"{where}invalid YAML: {yaml_problem(exc)}", path,
+                            [f"{where}yaml: {yaml_problem(exc)}"]) from exc
     if not isinstance(data, dict):
         raise ManifestError(f"{path}: plugin.yaml must be a mapping", path,
                             ["file: not a YAML mapping"])

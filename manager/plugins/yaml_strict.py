@@ -95,3 +95,18 @@ def positions(text: bytes) -> dict[tuple[Any, ...], tuple[int, int]]:
 
     walk(root, ())
     return marks
+
+
+def yaml_place(exc: yaml.YAMLError, path: str) -> str:
+    """`path:line:column: ` of a YAML syntax error (the file, not PyYAML's "<byte string>")."""
+    mark = getattr(exc, "problem_mark", None)
+    return f"{path}:{mark.line + 1}:{mark.column + 1}: " if mark else f"{path}: "
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """What is wrong, in PyYAML's words, without its copy of the line."""
+    problem = getattr(exc, "problem", None)
+    if problem is None:
+        return str(exc).split("\n", 1)[0]
+    context = getattr(exc, "context", None)
+    return f"{problem} ({context})" if context else str(problem)
