@@ -121,6 +121,8 @@ def test_dead_letters_are_listed_and_replayed(api_url: str, client, conn, settin
     assert dead["reason"] == "missing_field" and "event_type is required" in dead["detail"]
     still_bad = run_cli(api_url, "dead", "replay", dead["id"])
     assert still_bad.returncode == 1 and "event_type is required" in still_bad.stderr
+    assert "can never be replayed as it is" in still_bad.stderr  # and what to do instead
+    assert "publish it instead" in still_bad.stderr
     fixed = {"event_id": new_id("fixed"), "topic": "test.v1", "event_type": "ping"}
     entry = conn.xadd(settings.dead_stream, {"event": json.dumps(fixed), "reason":
                                              "unprocessable", "detail": "a fixed bug"}).decode()

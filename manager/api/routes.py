@@ -43,6 +43,7 @@ from manager.core.errors import (
     BadQuery,
     BudgetExceeded,
     DeadLetterNotFound,
+    EventError,
     InvocationNotFound,
     PluginNotFound,
     PluginUnavailable,
@@ -210,7 +211,13 @@ def replay_dead_letter(entry_id: str) -> Any:
         found = []
     if not found or found[0][0].decode() != entry_id:
         raise DeadLetterNotFound(f"no dead letter {entry_id!r}", entry_id=entry_id)
-    event = from_outside(Event.decode(found[0][1].get(b"event", b""), ctx().limits))
+    try:
+        event = from_outside(Event.decode(found[0][1].get(b"event", b""), ctx().limits))
+    except EventError as exc:  # the same bytes would be refused again, whenever replayed
+        raise EventError(f"dead letter {entry_id} can never be replayed as it is: "
+                         f"{exc.message}. Fix the event and publish it instead "
+                         "(titan-plugins.py dead shows it; then publish -e '<the fixed "
+                         "event>')", **exc.details) from None
     published = publish_event(ctx().conn, ctx().settings, event)
     return jsonify({"event_id": event.event_id, "entry_id": published,
                     "replayed": entry_id}), 202
