@@ -128,17 +128,34 @@ class WarmPool:
         self.ticks += 1
         if self.ticks % 15 == 0:
             self._sweep_leftovers()
-        for key in list(self.wanted):
+        # The configurations used most recently first: what is hot now gets a slot.
+        for key in sorted(self.wanted, key=self.wanted.__getitem__, reverse=True):
             while not self.stopping.is_set() and self._short(key):
-                if not self._prewarm(key):
+                if not self._make_room(key) or not self._prewarm(key):
                     break
         metrics.PREWARMED_IDLE.set(sum(len(v) for v in self.idle.values()))
 
     def _short(self, key: PoolConfig) -> bool:
         with self.lock:
-            total = sum(len(v) for v in self.idle.values())
-            return len(self.idle.get(key, [])) < self.settings.prewarm_size and \
-                total < self.settings.prewarm_max
+            return len(self.idle.get(key, [])) < self.settings.prewarm_size
+
+    def _make_room(self, key: PoolConfig) -> bool:
+        """A slot for `key`: a free one, or else the one held by an idle container of the
+        configuration used least recently, if that was used before `key` was (the pool
+        gives way to what is used now, never to what was used once long ago)."""
+        with self.lock:
+            if sum(len(v) for v in self.idle.values()) < self.settings.prewarm_max:
+                return True
+            used = self.wanted.get(key, 0.0)
+            older = [k for k, ready in self.idle.items()
+                     if ready and k != key and self.wanted.get(k, 0.0) < used]
+            if not older:
+                return False
+            victim_key = min(older, key=lambda k: self.wanted.get(k, 0.0))
+            victim = self.idle[victim_key].pop(0)
+        metrics.POOL_EVICTIONS.labels(plugin=victim_key.plugin).inc()
+        self._discard(victim)
+        return True
 
     def _expire(self) -> None:
         """Idle past the TTL, or of a plugin version no longer in the registry."""

@@ -25,6 +25,9 @@ THROTTLED = Counter("titan_throttle_waits_total", "Times a run waited for a conc
                     ["plugin"])
 POOL_HITS = Counter("titan_prewarm_hits_total", "Runs that found a prewarmed container",
                     ["plugin"])
+POOL_EVICTIONS = Counter("titan_prewarm_evictions_total", "Idle prewarmed containers removed "
+                         "to give their slot to a configuration used more recently",
+                         ["plugin"])
 POOL_MISSES = Counter("titan_prewarm_misses_total", "Runs that started a cold container",
                       ["plugin"])
 PREWARMED_IDLE = Gauge("titan_prewarmed_idle", "Prewarmed containers waiting for a run",

@@ -1,0 +1,86 @@
+"""The prewarm pool gives way to what is used now: with more plugins than slots, a plugin
+that becomes hot gets prewarmed containers, taken from the idle ones of the plugins used
+least recently (titan_prewarm_evictions_total)."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import docker
+import pytest
+
+from harness import WorkerProcess, new_id, private_settings, record_of, wait_until
+from manager.bus.dispatch import Dispatcher
+from manager.core.config import Settings
+from manager.core.contract import make_celery
+from manager.core.events import Event
+from manager.plugins.registry import Registry
+
+pytestmark = pytest.mark.integration
+MANIFEST = """\
+name: {name}
+version: 1.0.0
+triggers: [{{topic: pool.v1, event_type: {name}}}]
+entrypoint: python main.py
+image: titan-runtime:py3.11
+resources: {{cpu: "250m", memory: "64Mi"}}
+"""
+MAIN = 'print(\'{"topic": "pool.v1", "event_type": "done", "payload": {}}\')\n'
+
+
+@pytest.fixture
+def many(redis_url: str, conn, tmp_path: Path) -> Iterator[dict]:
+    plugins = tmp_path / "plugins"
+    names = [f"p{n:02d}" for n in range(13)]
+    for name in names:
+        (plugins / name).mkdir(parents=True)
+        (plugins / name / "plugin.yaml").write_text(MANIFEST.format(name=name))
+        (plugins / name / "main.py").write_text(MAIN)
+    (tmp_path / "run").mkdir()
+    mine: Settings = private_settings(redis_url, plugins, tmp_path / "run", prewarm_max=4,
+                                      prewarm_size=1)
+    registry = Registry(conn, mine)
+    registry.reload()
+    worker = WorkerProcess(mine, f"pool{uuid.uuid4().hex[:6]}", concurrency=1)
+    try:
+        worker.wait_ready(conn)
+        yield {"settings": mine, "registry": registry, "names": names,
+               "dispatcher": Dispatcher(conn, mine, make_celery(mine))}
+    finally:
+        worker.stop()
+        shutil.rmtree(mine.cache_dir, ignore_errors=True)
+
+
+def run(many: dict, conn, name: str) -> dict:
+    """One run of plugin `name`, to its end (one at a time: light load)."""
+    entry = many["registry"].get(name)
+    inv, _ = many["dispatcher"].dispatch(Event(new_id(name), "pool.v1", name), entry, "api")
+    return wait_until(lambda: (r := record_of(conn, many["settings"], inv))
+                      and r["status"] == "succeeded" and r, 60, f"a run of {name}")
+
+
+def test_a_plugin_that_becomes_hot_gets_warm_runs(many: dict, conn) -> None:
+    *used, hot = many["names"]
+    for _ in range(3):  # twelve plugins in use, more than the pool's four slots
+        for name in used:
+            run(many, conn, name)
+    warm = []
+    for _ in range(12):  # the hot plugin, at light load: each run's replacement is ready
+        record = run(many, conn, hot)
+        warm.append(record["warm"])
+        wait_until(lambda r=record: replaced(many, hot, r["container_id"]), 30,
+                   "the pool to settle after the run")
+    assert sum(warm) >= 8, warm  # before: the first plugins kept every slot, 1 of 12
+
+
+def replaced(many: dict, name: str, used: str) -> bool:
+    """The run's container is gone, and the pool holds a prewarmed one of `name` (a
+    replacement, or a first one if there was no room for it before)."""
+    ids = {c.id: c.attrs.get("Labels") or {} for c in docker.from_env().containers.list(
+           all=True, sparse=True,
+           filters={"label": [f"titan.instance={many['settings'].instance}",
+                              f"titan.plugin={name}"]})}
+    return used not in ids and any(labels.get("titan.pool") == "1" for labels in ids.values())
