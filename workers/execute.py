@@ -37,8 +37,10 @@ class Launched:
 
     container: ContainerHandle
     frames: Iterable[tuple[bytes | None, bytes | None]]  # (stdout, stderr) chunks
-    state: Callable[[], dict[str, Any] | None] = lambda: None  # its end, if known without
-    close: Callable[[], object] = lambda: None  # the engine (the launcher's closing line)
+    # Its end when known without asking the engine (the launcher's closing line); None
+    # means ask the engine.
+    state: Callable[[], dict[str, Any] | None] = lambda: None
+    close: Callable[[], object] = lambda: None  # releases the output stream
     ready_at: float = field(default_factory=time.time)
 
 

@@ -15,7 +15,7 @@ from werkzeug.exceptions import HTTPException
 
 from manager.api.context import ApiContext, error
 from manager.api.routes import routes
-from manager.bus.dispatch import Dispatcher
+from manager.bus.dispatch import Dispatcher, FanoutBudget
 from manager.core.config import Settings
 from manager.core.errors import (
     BadQuery,
@@ -48,7 +48,7 @@ def create_app(settings: Settings, conn: redis.Redis, registry: Registry,
                                          RecordStore(conn, settings),
                                          settings.event_limits,
                                          threading.BoundedSemaphore(max(1, settings.api_waiters)),
-                                         on_unsettled)
+                                         FanoutBudget(conn, settings), on_unsettled)
     app.before_request(_auth(settings))
     app.register_error_handler(TitanError, _titan_error)
     app.register_error_handler(redis.RedisError, _redis_error)

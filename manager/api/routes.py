@@ -36,7 +36,6 @@ from manager.api.models import (
     WaitQuery,
 )
 from manager.api.spec import ERRORS, api, query
-from manager.bus.dispatch import FanoutBudget
 from manager.core import metrics
 from manager.core.beats import WorkerBeat
 from manager.core.errors import (
@@ -157,7 +156,7 @@ def trigger(name: str) -> Any:
                                 errors=list(entry.errors))
     event: Event = g.event
     wait = query(WaitQuery).wait
-    if not FanoutBudget(ctx().conn, ctx().settings).charge(event, 1):
+    if not ctx().budget.charge(event, 1):
         raise BudgetExceeded(
             f"correlation {event.correlation!r} used its budget of "
             f"{ctx().settings.fanout_budget} runs (TITAN_FANOUT_BUDGET, counted for "

@@ -268,6 +268,8 @@ def discover(plugins_dir: Path, settings: Settings) -> Discovery:
     result = Discovery({n: (d, None) for n, d in dirs.items() if isinstance(d, PluginEntry)})
     pending = [n for n, d in dirs.items() if isinstance(d, Path)]
     for _ in range(SETTLE_TRIES):
+        if not pending:
+            break
         t0 = time.time()
         first = {n: read_plugin(dirs[n], settings) for n in pending}  # type: ignore[arg-type]
         time.sleep(settle)
