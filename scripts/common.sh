@@ -19,12 +19,15 @@ FLOWER_AUTH_FILE="$RUN_DIR/flower.auth"
 
 # The run directory holds the Redis password, the API token, every stored event (the
 # AOF), logs and metrics: it and everything the services started from here create are
-# root's alone (umask 077; also what an older version left is made so). Files that plugin
-# containers must read are given their modes explicitly by the workers.
+# root's alone (umask 077; also what an older version left is made so). The cache is
+# private by its own 0700 directory; the files in it that plugin containers read keep the
+# modes the workers gave them, so it is left as it is.
 private_run_dir() {
   umask 077
   mkdir -p "$RUN_DIR"
-  chmod -R go-rwx "$RUN_DIR"
+  chmod 700 "$RUN_DIR"
+  find "$RUN_DIR" -mindepth 1 -path "${TITAN_CACHE_DIR:-$RUN_DIR/cache}" -prune \
+    -o -exec chmod go-rwx {} +
 }
 
 # A secret of 24 random bytes, as hex.
