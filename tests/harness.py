@@ -72,6 +72,15 @@ def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def broker_drained(conn: redis.Redis, settings: Settings) -> bool:
+    """No task message is left: none queued, none delivered and unacknowledged (a late
+    duplicate could only come from one of those)."""
+    from manager.core.keys import Keys
+
+    return not conn.llen(settings.task_queue) and not conn.hlen(
+        Keys(settings.key_prefix).unacked)
+
+
 def new_id(prefix: str = "t") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
 

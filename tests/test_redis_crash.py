@@ -24,6 +24,7 @@ from harness import (
     RedisProxy,
     RedisServer,
     WorkerProcess,
+    broker_drained,
     new_id,
     private_settings,
     record_of,
@@ -41,6 +42,7 @@ from manager.core.keys import Keys
 from manager.plugins.registry import Registry
 
 pytestmark = pytest.mark.integration
+OUTAGE_S = 1.0  # how long Redis stays down (a duration under test, not a wait)
 ACTIVE = ("pending", "queued", "throttled", "running", "retrying")
 
 
@@ -104,7 +106,7 @@ def test_a_redis_crash_mid_burst_loses_nothing_and_doubles_nothing(crash_stack) 
                                                                         "echo")), 30,
                "runs in flight")
     s.server.crash()
-    time.sleep(1.0)
+    time.sleep(OUTAGE_S)
     s.server.start()  # same port, same AOF directory, as `make up` starts it
 
     def settled() -> bool:
@@ -113,7 +115,7 @@ def test_a_redis_crash_mid_burst_loses_nothing_and_doubles_nothing(crash_stack) 
         return len(done) >= len(events)
 
     wait_until(settled, 240, "every event to reach a terminal record")
-    time.sleep(3)  # a late duplicate would show up by now
+    wait_until(lambda: broker_drained(s.conn, s.settings), 120, "the broker to drain")
     records = [r for r in records_of(s.conn, s.settings, "echo", 500) if r["event_id"] in events]
     per_event = Counter(r["event_id"] for r in records)
     assert all(per_event[e] == 1 for e in events), per_event
@@ -142,12 +144,15 @@ def test_a_redis_outage_while_the_outcome_is_stored_ends_in_one_record_and_one_e
         wait_until(lambda: record_of(conn, settings, inv).get("status") == "running", 60,
                    "the run to start")
         proxy.stop()  # Redis vanishes for the worker while its container runs and finishes
-        time.sleep(5)
+        wait_until(lambda: "Redis unreachable" in worker.log.read_text(), 60,
+                   "the worker to fail storing the outcome")
         assert record_of(conn, settings, inv)["status"] == "running"
         proxy.start()
         done = wait_until(lambda: (r := record_of(conn, settings, inv))["status"] not in ACTIVE
                           and r, 90, "the outcome to be stored")
-        time.sleep(8)  # past the visibility timeout: a lost ack brings the message back
+        # an acknowledgement lost with the old connection brings the message back after
+        # the visibility timeout: the broker drains only once that delivery is done
+        wait_until(lambda: broker_drained(conn, settings), 60, "the broker to drain")
         assert done["status"] == "succeeded" and done["attempts"] == 1, done
         assert record_of(conn, settings, inv)["attempts"] == 1
         assert results_by_cause(conn, settings)[event.event_id] == 1
@@ -199,16 +204,22 @@ def test_a_run_whose_worker_and_message_vanished_is_swept_to_lost(
         inv, _ = Dispatcher(conn, mine, make_celery(mine)).dispatch(
             event, registry.get("sleeper"), "api")
         wait_until(lambda: record_of(conn, mine, inv).get("status") == "running", 60, "running")
+        lease = Keys(mine.key_prefix).lease(inv)
+        wait_until(lambda: conn.exists(lease), 20, "the worker's beat to lease the run")
         os.killpg(worker.proc.pid, signal.SIGKILL)
         worker.proc.wait(10)
         _drop_message(conn, Keys(mine.key_prefix), inv)
         assert sweeper.sweep().lost == []  # its deadline has not passed yet
         conn.zadd(f"{mine.key_prefix}:inflight", {inv: 0})  # ... and now it has
-        heartbeat = f"{mine.key_prefix}:worker:vanishing@{os.uname().nodename}"
-        wait_until(lambda: not conn.exists(heartbeat), 20, "the dead worker's heartbeat to end")
+        assert sweeper.sweep().suspected == []  # its lease outlives the worker a little
+        wait_until(lambda: not conn.exists(lease), 20, "the dead worker's lease to end")
+        assert conn.zscore(f"{mine.key_prefix}:inflight", inv) > time.time()  # held: later
+        conn.zadd(f"{mine.key_prefix}:inflight", {inv: 0})
         assert sweeper.sweep().suspected == [inv]
-        time.sleep(1.2)
-        report = sweeper.sweep()
+        # kombu could still bring its message back within the visibility timeout
+        assert sweeper.sweep(time.time() + 5).lost == []
+        report = sweeper.sweep(time.time() + mine.effective_visibility_timeout
+                               + mine.restore_interval + mine.sweep_grace_s + 1)
     finally:
         worker.stop()
         for c in docker_client.containers.list(
@@ -223,6 +234,40 @@ def test_a_run_whose_worker_and_message_vanished_is_swept_to_lost(
     assert REGISTRY.get_sample_value("titan_invocations_total",
                                      {"plugin": "sleeper", "status": "lost"}) == before + 1
     assert sweeper.sweep().lost == []  # terminal: never swept twice
+
+
+def test_the_sweeper_leaves_runs_that_are_held_or_waiting_in_the_queue(settings, conn) -> None:
+    """Without a read of the queue or of kombu's hash: a run with a lease is held; a sent
+    run is waiting while the queue has messages; once the queue is empty, it is re-queued
+    only after its message could have come back from a dead worker."""
+    from manager.core.records import InvocationRecord, Status
+
+    mine, registry = isolated(settings, conn, sweep_grace_s=2)
+    dispatcher = Dispatcher(conn, mine, make_celery(mine))
+    keys = Keys(mine.key_prefix)
+    sweeper = Sweeper(conn, mine, dispatcher)
+    held, queued = (registry.get("echo").request(Event(new_id(), "test.v1", "ping"), mine,
+                                                 "api", name + new_id())
+                    for name in ("held", "queued"))
+    for req in (held, queued):
+        dispatcher.records.create(InvocationRecord.from_request(req), 0)
+        dispatcher.send(req)  # no worker consumes this test's queue
+        conn.zadd(keys.inflight, {req.invocation_id: 0})
+    conn.set(keys.lease(held.invocation_id), "someone@host", ex=60)
+    report = sweeper.sweep()
+    assert report.suspected == [] and report.requeued == []
+    assert conn.zscore(keys.inflight, queued.invocation_id) > time.time()  # looked at later
+    conn.delete(mine.task_queue)  # the queue is empty: the message is late, or gone
+    conn.zadd(keys.inflight, {req.invocation_id: 0 for req in (held, queued)})
+    assert sweeper.sweep().suspected == [queued.invocation_id]
+    assert sweeper.sweep(time.time() + mine.sweep_grace_s + 1).requeued == []
+    patience = mine.effective_visibility_timeout + mine.restore_interval + mine.sweep_grace_s
+    report = sweeper.sweep(time.time() + patience + 1)
+    assert report.requeued == [queued.invocation_id] and report.lost == []
+    again = record_of(conn, mine, queued.invocation_id)
+    assert again["status"] == Status.QUEUED and again["requeues"] == 1
+    assert conn.llen(mine.task_queue) == 1  # sent again
+    assert record_of(conn, mine, held.invocation_id)["status"] == Status.QUEUED
 
 
 def test_a_pending_run_whose_message_never_reached_the_broker_is_sent_again(

@@ -1,17 +1,27 @@
 """The sweeper: no run stays `pending`, `queued`, `throttled`, `running` or `retrying`
 past its deadline (SPEC §4).
 
-A run past its deadline is left alone while a live worker holds it (its heartbeat lists
-the run as active or reserved) or a task message for it still exists (in the queue, or
-unacknowledged and due to come back). Otherwise it is abandoned. Once it has looked
-abandoned for `sweep_grace_s`, it is re-queued when it never started, or when its
-manifest's retries still allow another attempt. Otherwise it is marked `lost`, with a
-failure event. One process sweeps at a time, behind a lock in Redis.
+A run past its deadline is left alone while a worker holds it: the worker's beat renews a
+lease per run it holds (accepted, prefetched or scheduled), so that is one key per run,
+never a read of the broker's queue or of kombu's `unacked` hash. An unheld run is judged by
+what its status proves:
+
+- `pending`: its message was never sent (the record is marked `queued` only after the
+  send). Abandoned once it has looked so for `sweep_grace_s`.
+- any later status: a message was sent before the status was written, so it is waiting in
+  the queue, or it is unacknowledged by a dead worker and kombu puts it back within the
+  visibility timeout plus one restore interval. While the queue is not empty the run is
+  taken to be waiting its turn; once the queue is empty and the run has been unheld for
+  that window plus `sweep_grace_s`, its message is gone (Redis lost it).
+
+An abandoned run is re-queued when it never started, or when its manifest's retries still
+allow another attempt; otherwise it is marked `lost`, with a failure event. Re-queuing a
+run whose message was only late is harmless: the second delivery finds it finished or
+held. One process sweeps at a time, behind a lock in Redis.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
@@ -63,14 +73,15 @@ class Sweeper:
             log.warning("sweeper: re-queued %d, lost %d", len(report.requeued),
                         len(report.lost))
 
-    def sweep(self) -> SweepReport:
-        """One pass; does nothing when another process holds the lock."""
+    def sweep(self, now: float | None = None) -> SweepReport:
+        """One pass as of `now` (a later clock lets a test skip a wait); does nothing when
+        another process holds the lock."""
         token = uuid.uuid4().hex
         lease_ms = max(30, self.settings.housekeeping_s * 2) * 1000
         if not self.conn.set(self.keys.sweep_lock, token, nx=True, px=lease_ms):
             return SweepReport()
         try:
-            return self._sweep(time.time())
+            return self._sweep(time.time() if now is None else now)
         finally:
             self._release(keys=[self.keys.sweep_lock], args=[token])
 
@@ -83,26 +94,38 @@ class Sweeper:
             if suspects:
                 self.conn.delete(self.keys.sweep_suspects)
             return report
-        alive = self.held_by_live_workers() | self.task_messages()
-        # still held or still has a message: look again later
-        self.records.recheck_later(sorted(alive.intersection(due)), now + ALIVE_RECHECK_S)
-        for invocation_id in (i for i in due if i not in alive):
+        held = WorkerBeat.leased(self.conn, self.keys, due)
+        queue_moving = bool(self.conn.llen(self.settings.task_queue))
+        waiting = set(held)
+        for invocation_id in (i for i in due if i not in held):
             record = self.records.get(invocation_id)
             if record is None or record.status.terminal:
                 self.records.forget(invocation_id)
+            elif record.status is not Status.PENDING and queue_moving:
+                waiting.add(invocation_id)  # its message waits its turn in the queue
+                continue
             elif invocation_id not in suspects:
                 self.conn.hset(self.keys.sweep_suspects, invocation_id, now)
                 report.suspected.append(invocation_id)
                 continue
-            elif now - suspects[invocation_id] >= self.settings.sweep_grace_s:
+            elif now - suspects[invocation_id] >= self.patience(record):
                 self._abandoned(record, report)
             else:
                 continue
             self.conn.hdel(self.keys.sweep_suspects, invocation_id)
-        stale = set(suspects) - set(due) | (set(suspects) & alive)
+        self.records.recheck_later(sorted(waiting), now + ALIVE_RECHECK_S)
+        stale = set(suspects) - set(due) | (set(suspects) & waiting)
         if stale:
             self.conn.hdel(self.keys.sweep_suspects, *stale)
         return report
+
+    def patience(self, record: InvocationRecord) -> float:
+        """How long an unheld run must look abandoned before it is: a pending run's message
+        was never sent; any other run's message may still come back from a dead worker."""
+        if record.status is Status.PENDING:
+            return self.settings.sweep_grace_s
+        return (self.settings.effective_visibility_timeout + self.settings.restore_interval
+                + self.settings.sweep_grace_s)
 
     def _abandoned(self, record: InvocationRecord, report: SweepReport) -> None:
         request = RunRequest.from_dict(record.request) if record.request else None
@@ -132,23 +155,6 @@ class Sweeper:
     @staticmethod
     def _what_vanished(record: InvocationRecord) -> str:
         if record.status is Status.RUNNING:
-            return (f"its worker {record.worker} stopped reporting it and no task message "
-                    f"is left (attempt {record.attempts})")
+            return (f"its worker {record.worker} stopped holding it and its task message "
+                    f"never came back (attempt {record.attempts})")
         return f"its task message vanished while {record.status.value}"
-
-    def held_by_live_workers(self) -> set[str]:
-        """Runs that a live worker reports as active or reserved."""
-        return {i for beat in WorkerBeat.all(self.conn, self.keys) for i in beat.held}
-
-    def task_messages(self) -> set[str]:
-        """Task ids with a message in the queue or unacknowledged (kombu restores those)."""
-        ids: set[str] = set()
-        queued = self.conn.lrange(self.settings.task_queue, 0, -1)
-        unacked = self.conn.hvals(self.keys.unacked)
-        for raw, wrapped in [(r, False) for r in queued] + [(r, True) for r in unacked]:
-            try:
-                message = json.loads(raw)
-                ids.add((message[0] if wrapped else message)["headers"]["id"])
-            except (ValueError, KeyError, TypeError, IndexError):
-                continue
-        return ids

@@ -1,6 +1,7 @@
 """The worker heartbeat, typed: what each worker's main process reports every few seconds
 (liveness, its Docker engine's state, the runs it holds, the images its engine has), and
-the one place that stores and lists them.
+the one place that stores and lists them. Each beat also renews a lease per run it holds
+(`Keys.lease`), so whether anyone holds a run is one key lookup, not a read of every beat.
 
 Like rq's worker registry, beats are listed from a set of names (`Keys.workers`), not by
 scanning the keyspace; a name whose beat expired is dropped from the set when listed.
@@ -31,9 +32,12 @@ class WorkerBeat:
     time: float = field(default_factory=time.time)
 
     def save(self, conn: redis.Redis, keys: Keys, ttl: int = TTL_S) -> None:
+        """Stores the beat and renews the lease of every run it holds, in one round trip."""
         pipe = conn.pipeline(transaction=False)
         pipe.set(keys.worker_heartbeat(self.name), json.dumps(asdict(self)), ex=ttl)
         pipe.sadd(keys.workers, self.name)
+        for invocation_id in self.held:
+            pipe.set(keys.lease(invocation_id), self.name, ex=ttl)
         pipe.execute()
 
     def remove(self, conn: redis.Redis, keys: Keys) -> None:
@@ -58,6 +62,16 @@ class WorkerBeat:
     def get(cls, conn: redis.Redis, keys: Keys, name: str) -> WorkerBeat | None:
         raw = conn.get(keys.worker_heartbeat(name))
         return cls.decode(raw) if raw else None
+
+    @staticmethod
+    def leased(conn: redis.Redis, keys: Keys, invocation_ids: list[str]) -> set[str]:
+        """The runs among these that a live worker holds (their lease has not expired)."""
+        if not invocation_ids:
+            return set()
+        pipe = conn.pipeline(transaction=False)
+        for invocation_id in invocation_ids:
+            pipe.exists(keys.lease(invocation_id))
+        return {i for i, held in zip(invocation_ids, pipe.execute(), strict=True) if held}
 
     @classmethod
     def all(cls, conn: redis.Redis, keys: Keys) -> list[WorkerBeat]:

@@ -80,11 +80,16 @@ class Keys:
         """String (with a TTL): one worker's last beat (manager.core.beats.WorkerBeat)."""
         return f"{self.prefix}:worker:{worker}"
 
+    def lease(self, invocation_id: str) -> str:
+        """String (with a TTL): the worker holding a message of this run (accepted,
+        prefetched or scheduled), renewed on each of its beats (arq's `in-progress:`)."""
+        return f"{self.prefix}:lease:{invocation_id}"
+
     @property
     def unacked(self) -> str:
         """Hash (kombu's, under our prefix through its `unacked_key` transport option):
         delivered task messages not yet acknowledged, restored after the visibility
-        timeout. Two instances on one Redis never see each other's."""
+        timeout. Two instances on one Redis never see each other's. Only kombu reads it."""
         return f"{self.prefix}:unacked"
 
     @property
