@@ -6,7 +6,9 @@ single-use containers) and on the cold path (a plugin with `prewarm: false`), in
 with a bare Docker SDK run (create, start, wait, read output, remove) of the same image,
 command and limits. Throughput: a burst of events through two workers (warm path) vs. the
 same containers run cold and directly by two threads at once. Also reports the memory one
-idle prewarmed container holds. Prints p50/p99, events/s and the ratios against targets.
+idle prewarmed container holds. Fairness: while a slow plugin has 12 runs queued on the
+two workers, how long one event for another plugin waits in the queue, against the length
+of one slow run. Prints p50/p99, events/s and the ratios against targets.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from harness import Bus, RedisServer, WorkerProcess, new_id, private_settings  #
 from manager.bus.dispatch import Dispatcher  # noqa: E402
 from manager.bus.listener import Listener  # noqa: E402
 from manager.core.contract import make_celery  # noqa: E402
+from manager.core.records import RecordStore  # noqa: E402
 from manager.plugins.manifest import load_manifest  # noqa: E402
 from manager.plugins.registry import Registry  # noqa: E402
 from workers import options  # noqa: E402
@@ -42,6 +45,8 @@ COLD_TARGET = 1.15  # cold end-to-end p50 vs a bare run
 WARM_P50_TARGET = 0.25  # warm end-to-end p50 vs a bare cold run
 WARM_P99_TARGET = 0.4
 THROUGHPUT_TARGET = 1.0  # warm burst vs direct parallel cold runs
+FAIR_TARGET = 1.0  # another plugin's queue wait behind a hog, in lengths of one hog run
+HOG_S = 3.0
 SETTLE_S = 0.6  # between a warm run and the next measurement (its replacement starts)
 
 
@@ -99,6 +104,26 @@ def burst(bus: Bus, n: int) -> float:
     return time.perf_counter() - t0
 
 
+def fairness(bus: Bus) -> tuple[float, float]:
+    """12 runs of a slow plugin queued on the two workers, then one event for another
+    plugin: (its queue wait, one slow run's length), from their records."""
+    records = RecordStore(bus.conn, bus.settings)
+    hogs = [new_id("hog") for _ in range(12)]
+    for event_id in hogs:
+        bus.publish({"event_id": event_id, "topic": "bench.v1", "event_type": "hog",
+                     "payload": {"seconds": HOG_S}})
+    while sum(r.status == "running" for r in records.for_plugin("hog", 12)) < 2:
+        time.sleep(0.05)
+    quick = new_id("fair")
+    bus.publish({"event_id": quick, "topic": "bench.v1", "event_type": "tick"})
+    bus.result_of(quick, timeout=120)
+    tick = next(r for r in records.for_plugin("noop", 50) if r.event_id == quick)
+    for event_id in hogs:
+        bus.result_of(event_id, timeout=300)
+    lengths = [r.duration_s or 0 for r in records.for_plugin("hog", 12)]
+    return (tick.started_at or 0) - tick.created_at, statistics.median(lengths)
+
+
 def direct_parallel(bare: Bare, n: int, concurrency: int) -> float:
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
@@ -128,7 +153,7 @@ def measure(args: argparse.Namespace, bus: Bus, bare: Bare, client, settings) ->
         cold.append(e2e_once(bus, "tick_cold"))
         base.append(bare.run())
     memory = idle_memory(client, settings)
-    return {"warm": warm, "cold": cold, "base": base, "memory": memory,
+    return {"warm": warm, "cold": cold, "base": base, "memory": memory, "fair": fairness(bus),
             "t_titan": burst(bus, args.burst), "t_direct": direct_parallel(bare, args.burst, 2)}
 
 
@@ -148,7 +173,11 @@ def report(args: argparse.Namespace, m: dict) -> bool:
           f"({args.burst} in {m['t_direct']:.2f}s)  ratio {tp_titan / tp_direct:.3f}")
     if m["memory"] is not None:
         print(f"memory   one idle prewarmed container holds {m['memory']:.1f} MiB")
+    fair_wait, hog = m["fair"]
+    print(f"fairness another plugin waited {fair_wait:.2f} s behind 12 queued runs of a "
+          f"{hog:.2f} s plugin on 2 workers ({fair_wait / hog:.2f} x one run)")
     checks = {
+        f"fair wait <= {FAIR_TARGET} x one slow run": fair_wait / hog <= FAIR_TARGET,
         f"warm p50 <= {WARM_P50_TARGET} x bare": ms["warm"][0] / b50 <= WARM_P50_TARGET,
         f"warm p99 <= {WARM_P99_TARGET} x bare": ms["warm"][1] / b99 <= WARM_P99_TARGET,
         f"cold p50 <= {COLD_TARGET} x bare": ms["cold"][0] / b50 <= COLD_TARGET,

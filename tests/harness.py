@@ -259,7 +259,7 @@ def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
     })
     for f in dataclass_fields(Settings):
         value = getattr(settings, f.name)
-        if isinstance(value, int) and not isinstance(value, bool):
+        if isinstance(value, int | float) and not isinstance(value, bool):
             env[f"TITAN_{f.name.upper()}"] = str(value)
     env.update(extra)
     return env

@@ -21,6 +21,7 @@ from manager.core.records import InvocationRecord, Status
 from manager.core.runs import RunRequest
 from manager.plugins.registry import Registry
 from workers.runner import HOLDER_RECHECK_S, Later, Runner
+from workers.slots import Grant
 from workers.spec import RunResult, RunSpec
 
 pytestmark = pytest.mark.integration
@@ -103,21 +104,60 @@ def test_a_run_succeeds_and_a_second_delivery_is_a_duplicate(rig: Rig) -> None:
 
 def test_throttled_runs_wait_without_being_marked_running(rig: Rig) -> None:
     req = rig.request("limited")  # concurrency: 1
-    before = REGISTRY.get_sample_value("titan_throttle_waits_total", {"plugin": "limited"}) or 0
-    assert rig.runner.slots.acquire("limited", "someone-else", 1, 60)
+    labels = {"plugin": "limited", "reason": "concurrency"}
+    before = REGISTRY.get_sample_value("titan_throttle_waits_total", labels) or 0
+    assert rig.runner.slots.acquire("limited", "someone-else", 1, 60) is Grant.GRANTED
     first = rig.runner.execute(req, "w@h")
     second = rig.runner.execute(req, "w@h")
     assert isinstance(first, Later) and isinstance(second, Later)
     record = rig.record(req)
     assert record.status is Status.THROTTLED and record.attempts == 0 and record.waits == 2
     assert "waiting for a concurrency slot" in record.reason
-    assert REGISTRY.get_sample_value("titan_throttle_waits_total",
-                                     {"plugin": "limited"}) == before + 2
+    assert REGISTRY.get_sample_value("titan_throttle_waits_total", labels) == before + 2
     rig.runner.slots.release("limited", "someone-else")
     rig.sandbox.outcomes = [ok()]
     assert rig.runner.execute(req, "w@h").status == "succeeded"
     assert rig.record(req).attempts == 1
     assert rig.conn.zcard(rig.runner.keys.plugin_slots("limited")) == 0
+
+
+def waiting(rig: Rig) -> dict[str, int]:
+    return {k.decode(): int(v) for k, v in rig.conn.hgetall(rig.runner.keys.waiting).items()}
+
+
+def test_a_plugin_alone_may_use_every_slot_but_only_its_share_while_others_wait(
+        rig: Rig) -> None:
+    WorkerBeat("w@h", 1, True, slots=4).save(rig.conn, rig.runner.keys)
+    slots = rig.runner.slots
+    assert [slots.acquire("echo", f"e{n}", None, 60) for n in range(4)] == [Grant.GRANTED] * 4
+    for n in range(4):
+        slots.release("echo", f"e{n}")
+    assert [slots.acquire("echo", f"e{n}", None, 60) for n in range(2)] == [Grant.GRANTED] * 2
+    other = rig.request("sleeper")  # queued: another plugin waits now
+    assert waiting(rig) == {"sleeper": 1}
+    labels = {"plugin": "echo", "reason": "share"}
+    before = REGISTRY.get_sample_value("titan_throttle_waits_total", labels) or 0
+    mine = rig.request("echo")
+    later = rig.runner.execute(mine, "w@h")  # echo holds 2 of 4 slots: its share
+    assert isinstance(later, Later) and later.countdown == 0  # to the back of the queue
+    record = rig.record(mine)
+    assert record.status is Status.THROTTLED and "fair share" in record.reason
+    assert REGISTRY.get_sample_value("titan_throttle_waits_total", labels) == before + 1
+    assert waiting(rig) == {"sleeper": 1}  # a throttled run has had its turn
+    rig.sandbox.outcomes = [ok()]
+    assert rig.runner.execute(other, "w@h").status == "succeeded"  # the other plugin ran
+    assert waiting(rig) == {}
+    rig.sandbox.outcomes = [ok()]
+    assert rig.runner.execute(mine, "w@h").status == "succeeded"  # nobody else waits
+    assert waiting(rig) == {}
+
+
+def test_the_share_never_raises_a_manifest_cap(rig: Rig) -> None:
+    WorkerBeat("w@h", 1, True, slots=8).save(rig.conn, rig.runner.keys)
+    assert rig.runner.slots.acquire("limited", "one", 1, 60) is Grant.GRANTED
+    assert rig.runner.slots.acquire("limited", "two", 1, 60) is Grant.CONCURRENCY
+    rig.request("sleeper")
+    assert rig.runner.slots.acquire("limited", "two", 1, 60) is Grant.CONCURRENCY
 
 
 def test_an_unusable_engine_is_retried_then_fails_visibly(rig: Rig) -> None:

@@ -64,6 +64,13 @@ def _process_shutdown(**_: object) -> None:
         _state.runner.pool.close()
 
 
+def pool_size(consumer: object) -> int:
+    """How many runs this worker executes at once (its pool's processes)."""
+    controller = getattr(consumer, "controller", None)
+    size = getattr(controller, "concurrency", None) or app.conf.worker_concurrency
+    return int(size or os.cpu_count() or 1)
+
+
 @signals.worker_ready.connect
 def _on_ready(sender: object = None, **_: object) -> None:
     """Starts the heartbeat, which also reaps what this host's dead workers left behind
@@ -71,7 +78,8 @@ def _on_ready(sender: object = None, **_: object) -> None:
     global _heartbeat
     settings = current()
     name = getattr(sender, "hostname", None) or f"{settings.worker_name}-{os.getpid()}"
-    _heartbeat = Heartbeat(redis_client(settings), settings, name, Sandbox(settings))
+    _heartbeat = Heartbeat(redis_client(settings), settings, name, Sandbox(settings),
+                           pool_size(sender))
     _heartbeat.reap_at_start()
     _heartbeat.start()
 

@@ -50,13 +50,14 @@ def child_pids() -> set[int]:
 
 class Heartbeat(threading.Thread):
     def __init__(self, conn: redis.Redis, settings: Settings, name: str,
-                 sandbox: Sandbox) -> None:
+                 sandbox: Sandbox, slots: int) -> None:
         super().__init__(name="titan-heartbeat", daemon=True)
         self.conn = conn
         self.settings = settings
         self.sandbox = sandbox
         self.keys = Keys(settings.key_prefix)
         self.name_ = name
+        self.slots = slots
         self.stopping = threading.Event()
         self._docker_ok = False
         self._docker_error: str | None = None
@@ -80,7 +81,8 @@ class Heartbeat(threading.Thread):
                 log.warning("reaped %d container(s) no run uses: %s", len(reaped),
                             ", ".join(reaped))
         WorkerBeat(self.name_, os.getpid(), self._docker_ok, self._docker_error,
-                   tuple(sorted(held_runs())), tuple(self.images())).save(self.conn, self.keys)
+                   tuple(sorted(held_runs())), tuple(self.images()),
+                   self.slots).save(self.conn, self.keys)
 
     def images(self) -> list[str]:
         """The engine's images (for reload's image check), refreshed every IMAGES_S."""

@@ -27,7 +27,7 @@ from workers.plugin_cache import PluginCache
 from workers.pool import WarmPool
 from workers.results import Outcomes, decide, persist, without_run
 from workers.sandbox import Sandbox
-from workers.slots import Slots
+from workers.slots import Grant, Slots
 
 log = logging.getLogger(__name__)
 RETRYABLE = {Status.FAILED, Status.TIMEOUT, Status.OOM}  # only with `retries:` in the manifest
@@ -87,7 +87,7 @@ class Runner:
         self.pool = WarmPool(settings, sandbox, lambda: {
             e.digest for e in registry.entries().values() if e.digest})
         self.execution = Execution(settings, sandbox, self.cache, self.pool)
-        self.slots = Slots(conn, self.keys)
+        self.slots = Slots(conn, self.keys, settings.plugin_share)
 
     def execute(self, req: RunRequest, worker: str) -> Finished | Later:
         """Runs one delivery of a request. Returns the final status (or why it ran nothing), or
@@ -106,18 +106,17 @@ class Runner:
                                        reason=RetryReason.SECOND_DELIVERY).inc()
                 return Later(req, HOLDER_RECHECK_S)
             takeover = record.worker or "?"
-        if req.concurrency and not self.slots.acquire(
-                req.plugin, req.invocation_id, req.concurrency,
-                req.limits.timeout + SLOT_LEASE_MARGIN_S):
-            return self.throttle(req, record)
+        grant = self.slots.acquire(req.plugin, req.invocation_id, req.concurrency,
+                                   req.limits.timeout + SLOT_LEASE_MARGIN_S)
+        if grant is not Grant.GRANTED:
+            return self.throttle(req, record, grant)
         try:
             attempt = self.claim(req, record, worker, takeover)
             if attempt is None:
                 return Finished(Skipped.DUPLICATE)
             return self.run_claimed(req, attempt)
         finally:
-            if req.concurrency:
-                self.release_slot(req)
+            self.release_slot(req)
 
     def holder_alive(self, record: InvocationRecord) -> bool:
         """True while the worker that claimed the run reports it as active."""
@@ -138,14 +137,24 @@ class Runner:
             return None
         if takeover:
             log.warning("invocation %s taken over from %s", req.invocation_id, takeover)
+        if record.attempts == 0:
+            metrics.QUEUE_WAIT.labels(plugin=req.plugin).observe(
+                max(0.0, time.time() - record.created_at))
         return record.attempts + 1
 
-    def throttle(self, req: RunRequest, record: InvocationRecord) -> Later:
-        countdown = run_retry(self.settings.throttle_backoff_max).delay(record.waits)
+    def throttle(self, req: RunRequest, record: InvocationRecord, grant: Grant) -> Later:
+        """The run waits as `throttled`. Over its share for the first time, it goes to the
+        back of the queue at once, behind the waiting run of another plugin; otherwise
+        it comes back after a backoff."""
+        countdown = (0.0 if grant is Grant.SHARE and record.waits == 0 else
+                     run_retry(self.settings.throttle_backoff_max).delay(record.waits))
+        why = (f"waiting for a concurrency slot ({req.concurrency})"
+               if grant is Grant.CONCURRENCY else
+               "waiting: the plugin holds its fair share of worker slots while other "
+               "plugins wait")
         self.records.transition(req.invocation_id, Status.THROTTLED, increment="waits",
-                                deadline=time.time() + countdown + RUNNING_GRACE_S,
-                                reason=f"waiting for a concurrency slot ({req.concurrency})")
-        metrics.THROTTLED.labels(plugin=req.plugin).inc()
+                                deadline=time.time() + countdown + RUNNING_GRACE_S, reason=why)
+        metrics.THROTTLED.labels(plugin=req.plugin, reason=grant.value).inc()
         return Later(req, countdown)
 
     def release_slot(self, req: RunRequest) -> None:

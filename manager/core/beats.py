@@ -29,6 +29,7 @@ class WorkerBeat:
     docker_error: str | None = None
     held: tuple[str, ...] = ()  # invocation ids it accepted or prefetched
     images: tuple[str, ...] = ()  # images on its engine (for reload's image check)
+    slots: int = 0  # runs it can execute at once (its pool's processes)
     time: float = field(default_factory=time.time)
 
     def save(self, conn: redis.Redis, keys: Keys, ttl: int = TTL_S) -> None:
@@ -36,6 +37,7 @@ class WorkerBeat:
         pipe = conn.pipeline(transaction=False)
         pipe.set(keys.worker_heartbeat(self.name), json.dumps(asdict(self)), ex=ttl)
         pipe.sadd(keys.workers, self.name)
+        pipe.hset(keys.worker_slots, self.name, f"{self.slots} {self.time:.3f}")
         for invocation_id in self.held:
             pipe.set(keys.lease(invocation_id), self.name, ex=ttl)
         pipe.execute()
@@ -44,6 +46,7 @@ class WorkerBeat:
         pipe = conn.pipeline(transaction=False)
         pipe.delete(keys.worker_heartbeat(self.name))
         pipe.srem(keys.workers, self.name)
+        pipe.hdel(keys.worker_slots, self.name)
         pipe.execute()
 
     def health(self) -> dict[str, Any]:
@@ -56,7 +59,8 @@ class WorkerBeat:
         data = json.loads(raw)
         return cls(name=data["name"], pid=int(data["pid"]), docker_ok=bool(data["docker_ok"]),
                    docker_error=data.get("docker_error"), held=tuple(data.get("held") or ()),
-                   images=tuple(data.get("images") or ()), time=float(data["time"]))
+                   images=tuple(data.get("images") or ()), slots=int(data.get("slots") or 0),
+                   time=float(data["time"]))
 
     @classmethod
     def get(cls, conn: redis.Redis, keys: Keys, name: str) -> WorkerBeat | None:
@@ -83,4 +87,5 @@ class WorkerBeat:
         gone = [n for n, raw in zip(names, raws, strict=True) if raw is None]
         if gone:
             conn.srem(keys.workers, *gone)
+            conn.hdel(keys.worker_slots, *gone)
         return [cls.decode(raw) for raw in raws if raw is not None]

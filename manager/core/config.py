@@ -26,6 +26,16 @@ def _int(name: str, default: int) -> int:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
 
 
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from exc
+
+
 def _str(name: str, default: str) -> str:
     return os.environ.get(name) or default
 
@@ -113,6 +123,9 @@ class Settings:
     sandbox_retries: int = 5
     retry_backoff_max: int = 60
     throttle_backoff_max: int = 30
+    # Fairness: while other plugins wait, one plugin holds at most this part of the worker
+    # slots the live workers report (at least one slot).
+    plugin_share: float = 0.5
     finish_budget_s: int = 3600  # how long a finished run waits for Redis to come back
     sweep_interval_s: int = 30  # how often the manager looks for abandoned runs
     sweep_grace_s: int = 30  # a run must look abandoned this long before it is swept
@@ -143,10 +156,16 @@ class Settings:
                 continue
             if f.type in ("int", int):
                 values[f.name] = _int(env, f.default)  # type: ignore[arg-type]
+            elif f.type in ("float", float):
+                values[f.name] = _float(env, f.default)  # type: ignore[arg-type]
             elif f.type in ("str", str):
                 values[f.name] = _str(env, f.default)  # type: ignore[arg-type]
         values.update(overrides)
-        return cls(**values)
+        settings = cls(**values)
+        if not 0 < settings.plugin_share <= 1:
+            raise ValueError("TITAN_PLUGIN_SHARE must be above 0 and at most 1, got "
+                             f"{settings.plugin_share}")
+        return settings
 
     @property
     def event_limits(self) -> Limits:

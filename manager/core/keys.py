@@ -58,6 +58,18 @@ class Keys:
         return f"{self.prefix}:inflight"
 
     @property
+    def waiting(self) -> str:
+        """Hash: plugin -> its runs waiting in the queue (status queued), kept exact by the
+        record scripts."""
+        return f"{self.prefix}:waiting"
+
+    @property
+    def worker_slots(self) -> str:
+        """Hash: worker name -> "slots beat-time", written with each beat (the fair share's
+        total is summed in Lua from the entries younger than a beat's TTL)."""
+        return f"{self.prefix}:worker-slots"
+
+    @property
     def sweep_lock(self) -> str:
         """String: held by the one process sweeping abandoned runs."""
         return f"{self.prefix}:sweep:lock"

@@ -21,8 +21,12 @@ TASKS_DISPATCHED = Counter("titan_tasks_dispatched_total", "Plugin runs enqueued
 INVOCATIONS = Counter("titan_invocations_total", "Finished plugin runs", ["plugin", "status"])
 REQUEUED = Counter("titan_runs_requeued_total", "Abandoned runs the sweeper sent again",
                    ["plugin"])
-THROTTLED = Counter("titan_throttle_waits_total", "Times a run waited for a concurrency slot",
-                    ["plugin"])
+THROTTLED = Counter("titan_throttle_waits_total", "Times a run waited for a worker slot: its "
+                    "manifest's concurrency cap, or its plugin's fair share",
+                    ["plugin", "reason"])
+QUEUE_WAIT = Histogram("titan_queue_wait_seconds", "From a run's record to its first start "
+                       "(queued and throttled time)", ["plugin"],
+                       buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
 POOL_HITS = Counter("titan_prewarm_hits_total", "Runs that found a prewarmed container",
                     ["plugin"])
 POOL_EVICTIONS = Counter("titan_prewarm_evictions_total", "Idle prewarmed containers removed "

@@ -177,7 +177,8 @@ class RecordStore:
         """Stores a new record unless `dedup_key` already names one. Returns (id, created,
         status of the existing record)."""
         keys = [self.keys.invocation(record.invocation_id),
-                self.keys.plugin_invocations(record.plugin), self.keys.inflight]
+                self.keys.plugin_invocations(record.plugin), self.keys.inflight,
+                self.keys.waiting]
         if dedup_key:
             keys.append(dedup_key)
         values = {k: v for k, v in asdict(record).items() if v is not None}
@@ -205,7 +206,7 @@ class RecordStore:
         if not owner:  # running -> running is a takeover, only ever a compare-and-set
             sources = sources - {Status.RUNNING} if target is Status.RUNNING else sources
         reply = self._transition(
-            keys=[self.keys.invocation(invocation_id), self.keys.inflight],
+            keys=[self.keys.invocation(invocation_id), self.keys.inflight, self.keys.waiting],
             args=[_states(sources), invocation_id, "" if deadline is None else deadline,
                   increment, json.dumps(owner) if owner else "",
                   *encode_fields({"status": target, **changes})])
@@ -220,7 +221,7 @@ class RecordStore:
             "finished_at") or time.time())
         reply = self._finish(
             keys=[self.keys.invocation(invocation_id), self.keys.inflight,
-                  self.settings.event_stream],
+                  self.settings.event_stream, self.keys.waiting],
             args=[_states(TRANSITIONS[target]), invocation_id, self.settings.stream_maxlen,
                   len(events), *events, *encode_fields(changes)])
         return Outcome.of(reply)
