@@ -152,6 +152,16 @@ def test_a_plugin_alone_may_use_every_slot_but_only_its_share_while_others_wait(
     assert waiting(rig) == {}
 
 
+def test_a_slot_lives_while_its_worker_beats_and_frees_itself_after(rig: Rig) -> None:
+    keys = rig.runner.keys
+    assert rig.runner.slots.acquire("limited", "run1", 1, 2) is Grant.GRANTED
+    WorkerBeat("w@h", 1, True, slots=1).save(rig.conn, keys, active={"run1": "limited"})
+    assert rig.conn.zscore(keys.plugin_slots("limited"), "run1") > time.time() + 20  # renewed
+    assert rig.runner.slots.acquire("limited", "run2", 1) is Grant.CONCURRENCY
+    rig.conn.zadd(keys.plugin_slots("limited"), {"run1": time.time() - 1})  # beats stopped
+    assert rig.runner.slots.acquire("limited", "run2", 1) is Grant.GRANTED
+
+
 def test_the_share_never_raises_a_manifest_cap(rig: Rig) -> None:
     WorkerBeat("w@h", 1, True, slots=8).save(rig.conn, rig.runner.keys)
     assert rig.runner.slots.acquire("limited", "one", 1, 60) is Grant.GRANTED

@@ -43,6 +43,18 @@ def held_runs() -> set[str]:
     return set()
 
 
+def active_plugins() -> dict[str, str]:
+    """Invocation id -> plugin, for the runs this worker is executing (whose worker slot
+    leases its beat renews)."""
+    for _ in range(5):
+        try:
+            return {r.id: str(((r.kwargs or {}).get("request") or {}).get("plugin", ""))
+                    for r in list(worker_state.active_requests)}
+        except RuntimeError:  # the set changed while being read
+            continue
+    return {}
+
+
 def child_pids() -> set[int]:
     """This process's children (the worker's pool processes)."""
     return {child.pid for child in psutil.Process().children()}
@@ -82,7 +94,7 @@ class Heartbeat(threading.Thread):
                             ", ".join(reaped))
         WorkerBeat(self.name_, os.getpid(), self._docker_ok, self._docker_error,
                    tuple(sorted(held_runs())), tuple(self.images()),
-                   self.slots).save(self.conn, self.keys)
+                   self.slots).save(self.conn, self.keys, active=active_plugins())
 
     def images(self) -> list[str]:
         """The engine's images (for reload's image check), refreshed every IMAGES_S."""

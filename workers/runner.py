@@ -32,7 +32,6 @@ from workers.slots import Grant, Slots
 log = logging.getLogger(__name__)
 RETRYABLE = {Status.FAILED, Status.TIMEOUT, Status.OOM}  # only with `retries:` in the manifest
 RUNNING_GRACE_S = 60  # beyond timeout + stop grace, before the sweeper looks at a run
-SLOT_LEASE_MARGIN_S = 120  # a concurrency slot outlives its run's timeout by this much
 HOLDER_RECHECK_S = 10  # a second delivery waits this long while the first holder lives
 CLAIMABLE = frozenset({Status.PENDING, Status.QUEUED, Status.THROTTLED, Status.RETRYING})
 
@@ -106,8 +105,7 @@ class Runner:
                                        reason=RetryReason.SECOND_DELIVERY).inc()
                 return Later(req, HOLDER_RECHECK_S)
             takeover = record.worker or "?"
-        grant = self.slots.acquire(req.plugin, req.invocation_id, req.concurrency,
-                                   req.limits.timeout + SLOT_LEASE_MARGIN_S)
+        grant = self.slots.acquire(req.plugin, req.invocation_id, req.concurrency)
         if grant is not Grant.GRANTED:
             return self.throttle(req, record, grant)
         try:

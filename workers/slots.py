@@ -1,5 +1,6 @@
-"""Worker slots across every worker: a Redis sorted set of run leases per plugin, and the
-two rules that can make a run wait for one (status `throttled`).
+"""Worker slots across every worker: a Redis sorted set of run leases per plugin (renewed
+by the executing worker's beat), and the two rules that can make a run wait for one
+(status `throttled`).
 
 - `concurrency: N` in the manifest caps the plugin's runs at N, always.
 - The fair share: while another plugin has runs waiting in the queue, no plugin holds
@@ -16,7 +17,7 @@ from enum import StrEnum
 
 import redis
 
-from manager.core.beats import TTL_S
+from manager.core.beats import SLOT_LEASE_S, TTL_S
 from manager.core.keys import Keys
 
 # KEYS: the plugin's slots, waiting per plugin, worker slots. ARGV: now, concurrency cap
@@ -71,7 +72,9 @@ class Slots:
         self._acquire = conn.register_script(_ACQUIRE)
 
     def acquire(self, plugin: str, invocation_id: str, cap: int | None,
-                lease_s: float) -> Grant:
+                lease_s: float = SLOT_LEASE_S) -> Grant:
+        """A slot for the run, leased for `lease_s`; the beat of the worker executing the
+        run renews it, so a killed worker's slot is free again soon."""
         now = time.time()
         reply = self._acquire(
             keys=[self.keys.plugin_slots(plugin), self.keys.waiting, self.keys.worker_slots],

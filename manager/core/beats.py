@@ -19,6 +19,7 @@ import redis
 from manager.core.keys import Keys
 
 TTL_S = 10  # a worker that has not beaten for this long is gone
+SLOT_LEASE_S = 30  # a worker slot taken by a run lasts this long unless its worker renews it
 
 
 @dataclass(frozen=True)
@@ -32,9 +33,16 @@ class WorkerBeat:
     slots: int = 0  # runs it can execute at once (its pool's processes)
     time: float = field(default_factory=time.time)
 
-    def save(self, conn: redis.Redis, keys: Keys, ttl: int = TTL_S) -> None:
-        """Stores the beat and renews the lease of every run it holds, in one round trip."""
+    def save(self, conn: redis.Redis, keys: Keys, ttl: int = TTL_S,
+             active: dict[str, str] | None = None) -> None:
+        """Stores the beat and renews the lease of every run it holds, and the worker slot
+        of every run it executes (`active`: invocation id -> plugin), in one round trip: a
+        killed worker's slots come free within SLOT_LEASE_S."""
         pipe = conn.pipeline(transaction=False)
+        expiry = time.time() + SLOT_LEASE_S
+        for invocation_id, plugin in (active or {}).items():
+            if plugin:
+                pipe.zadd(keys.plugin_slots(plugin), {invocation_id: expiry}, xx=True)
         pipe.set(keys.worker_heartbeat(self.name), json.dumps(asdict(self)), ex=ttl)
         pipe.sadd(keys.workers, self.name)
         pipe.hset(keys.worker_slots, self.name, f"{self.slots} {self.time:.3f}")
