@@ -132,6 +132,13 @@ def test_an_sdist_only_requirement_is_rejected_with_what_to_do(env) -> None:
     assert "pin a version that ships wheels, or vendor" in errors
 
 
+def test_a_misspelled_requirement_is_named_as_missing_from_the_index(env) -> None:
+    plugin(env, "misspelled", "tabulat==0.9.0\n")  # the index answers 404 for `tabulat`
+    errors = reload_rejects(env, "misspelled")
+    assert "line 1: https://pypi.org/simple has no project named tabulat (misspelled?)" \
+        in errors, errors
+
+
 def test_a_symlinked_requirements_file_is_never_read(env) -> None:
     d = plugin(env, "linked_reqs")
     (d / "requirements.txt").symlink_to("/etc/shadow")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import json
+import re
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -74,12 +75,41 @@ def test_exit_codes(api_url: str) -> None:
     usage = run_cli(api_url, "trigger", "echo")
     down = run_cli("127.0.0.1:1", "--json", "list")  # no scheme: http is assumed
     assert [ok.returncode, failed.returncode, slow.returncode, usage.returncode,
-            down.returncode] == [0, 1, 3, 2, 4]
+            down.returncode] == [0, 1, 5, 2, 4]
     assert "status failed" in failed.stdout and "queued" in slow.stdout
     assert json.loads(down.stdout)["error"]["code"] == "unreachable"
     with http_server(b"<html>a web page</html>") as url:
         html = run_cli(url, "list")
     assert html.returncode == 4 and "not the Titan API" in html.stderr
+
+
+def test_a_misspelled_plugin_gets_the_nearest_names_and_exit_code_3(
+        api_url: str, plugins_dir) -> None:
+    for args in (["trigger", "ech", "-e", event()], ["logs", "ech"], ["rollback", "ech"]):
+        done = run_cli(api_url, *args)
+        assert done.returncode == 3, (args, done.stdout, done.stderr)
+        assert "no plugin named 'ech' (did you mean: echo?)" in done.stderr, done.stderr
+    found = run_cli(api_url, "--json", "trigger", "ech", "-e", event())
+    assert json.loads(found.stdout)["error"]["details"]["suggestions"] == ["echo"]
+    local = run_cli(api_url, "validate", "ech", TITAN_PLUGINS_DIR=str(plugins_dir))
+    assert local.returncode == 3 and "did you mean: echo" in local.stderr, local.stderr
+    named = run_cli(api_url, "validate", "echo", TITAN_PLUGINS_DIR=str(plugins_dir))
+    assert named.returncode == 0 and "echo" in named.stdout, named.stderr
+
+
+def test_publish_wait_shows_the_runs_and_names_a_duplicate(api_url: str) -> None:
+    sample = json.dumps({"event_id": new_id(), "topic": "test.v1", "event_type": "ping"})
+    first = run_cli(api_url, "publish", "-e", sample, "--wait")
+    assert first.returncode == 0, first.stderr
+    ran = re.search(r"echo: succeeded  (\w+)", first.stdout)
+    assert ran and "-> test.v1/pong" in first.stdout, first.stdout
+    again = run_cli(api_url, "publish", "-e", sample, "--wait")
+    assert again.returncode == 0, again.stderr
+    assert f"echo: duplicate of run {ran.group(1)}" in again.stdout, again.stdout
+    assert "publish without an event_id, or with a new one" in again.stdout
+    dead = run_cli(api_url, "publish", "-e", json.dumps(
+        {"topic": "test.v1", "event_type": "ping", "hops": 999}), "--wait")
+    assert dead.returncode == 1 and "dead-lettered: hops_exceeded" in dead.stdout, dead.stdout
 
 
 def test_logs_show_each_runs_stderr_under_its_status(api_url: str) -> None:

@@ -19,6 +19,7 @@ from harness import Bus, WorkerProcess, new_id, private_settings, records_of, wa
 from manager.api.app import create_app
 from manager.bus.dispatch import Dispatcher
 from manager.bus.listener import Listener
+from manager.cli.main import plugin_table
 from manager.core.config import Settings
 from manager.core.contract import make_celery
 from manager.plugins.registry import Registry
@@ -195,6 +196,8 @@ def test_rollback_restores_the_earlier_digest_until_the_directory_changes(stack:
     assert resp.status_code == 200 and resp.json["to"]["digest"] == v1
     shown = stack.client.get("/plugins/versioned").json
     assert shown["digest"] == v1
+    listed = plugin_table(stack.client.get("/plugins").json).splitlines()
+    assert any(ln.startswith("versioned") and "1.0.0 (rolled back)" in ln for ln in listed)
     assert {v["digest"] for v in shown["versions"]} >= {v1, v2}
     assert stack.answer("versioned")["payload"]["code"] == "1.0.0"
     stack.registry.reload()  # the directory still holds 2.0.0: the rollback stays

@@ -25,6 +25,7 @@ from manager.core.runs import RunRequest, result_event_id
 from workers.spec import RunResult
 
 log = logging.getLogger(__name__)
+PREVIEW_CHARS = 200  # of each result's payload, kept in the record for `logs` and `show`
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 
 
@@ -104,12 +105,13 @@ class Decided:
 def decide(req: RunRequest, result: RunResult, settings: Settings) -> Decided:
     """A finished container run -> its outcome (bad output fails the run)."""
     status, reason, events = result.status, result.reason, []
+    objects: list[dict[str, Any]] = []
     if status is Status.SUCCEEDED:
         try:
-            events = result_events(req, parse_output(result.stdout, settings.max_results),
-                                   settings.event_limits)
+            objects = parse_output(result.stdout, settings.max_results)
+            events = result_events(req, objects, settings.event_limits)
         except OutputError as exc:
-            status, reason = Status.FAILED, f"invalid output: {exc}"
+            status, reason, objects = Status.FAILED, f"invalid output: {exc}", []
     fields = {
         "exit_code": result.exit_code, "started_at": result.started_at,
         "finished_at": result.finished_at, "duration_s": round(result.duration_s, 4),
@@ -122,8 +124,19 @@ def decide(req: RunRequest, result: RunResult, settings: Settings) -> Decided:
         "container_id": result.container_id,
         "result_event_ids": [result_event_id(req.invocation_id, n)
                              for n in range(1, len(events) + 1)],
+        "results": [preview(result_event_id(req.invocation_id, n), obj)
+                    for n, obj in enumerate(objects, 1)],
     }
     return Decided(status, reason, events, fields)
+
+
+def preview(event_id: str, obj: dict[str, Any]) -> dict[str, Any]:
+    """One result as the record keeps it: ids and types, and the payload's JSON, cut."""
+    payload = json.dumps(obj["payload"], ensure_ascii=False)
+    if len(payload) > PREVIEW_CHARS:
+        payload = payload[:PREVIEW_CHARS - 1] + "…"
+    return {"event_id": event_id, "topic": obj["topic"], "event_type": obj["event_type"],
+            "payload": payload}
 
 
 def without_run(status: Status, reason: str) -> Decided:

@@ -1,6 +1,7 @@
 """The REST API (SPEC §6), built by `create_app`. It publishes events and enqueues tasks;
 it never runs plugins and never talks to Docker (workers report the engine's state).
-The endpoints are in `manager.api.routes`."""
+The endpoints are in `manager.api.routes` (plugins, runs, health, docs) and
+`manager.api.events` (publishing, entry outcomes, dead letters)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from manager.api.context import ApiContext, error
+from manager.api.events import bus_routes
 from manager.api.routes import routes
 from manager.bus.dispatch import Dispatcher, FanoutBudget
 from manager.core.config import Settings
@@ -54,6 +56,7 @@ def create_app(settings: Settings, conn: redis.Redis, registry: Registry,
     app.register_error_handler(redis.RedisError, _redis_error)
     app.register_error_handler(HTTPException, _http_error)
     app.register_blueprint(routes)
+    app.register_blueprint(bus_routes)
     return app
 
 

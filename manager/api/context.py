@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-from flask import Response, jsonify
+from flask import Response, current_app, jsonify
 
 from manager.bus.dispatch import Dispatcher, FanoutBudget
 from manager.core.config import Settings
@@ -34,6 +34,12 @@ class ApiContext:
     budget: FanoutBudget  # triggers are charged to their correlation like bus events
     # Called when a reload left a plugin that was still being written on its old version.
     on_unsettled: Callable[[], object] | None = None
+
+
+def api_context() -> ApiContext:
+    """The context of the app handling this request (built by `create_app`)."""
+    context: ApiContext = current_app.extensions["titan"]
+    return context
 
 
 def error(code: str, message: str, status: int, **details: Any) -> tuple[Response, int]:

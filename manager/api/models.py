@@ -149,6 +149,19 @@ class Published(BaseModel):
     replayed: str | None = None
 
 
+class EntryRun(BaseModel):
+    plugin: str
+    invocation_id: str
+    duplicate: bool  # the event_id already ran this plugin: that earlier run, not a new one
+
+
+class EntryOutcome(BaseModel):
+    entry_id: str
+    handled: bool
+    dead: str | None = None  # "reason: detail" when it was dead-lettered
+    runs: list[EntryRun]
+
+
 class DeadLetter(BaseModel):
     id: str
     reason: str

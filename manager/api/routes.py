@@ -9,6 +9,7 @@ recurses, then every field); its schema is written from the Event's rules.
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,8 @@ import redis
 from flask import Blueprint, Response, current_app, g, jsonify, request, send_from_directory
 from spectree import Response as Resp
 
-from manager.api.context import ApiContext, publish_event
+from manager.api.context import api_context as ctx
 from manager.api.models import (
-    DeadLetters,
     ErrorBody,
     EventIn,
     Health,
@@ -28,7 +28,6 @@ from manager.api.models import (
     LimitQuery,
     PluginList,
     PluginOut,
-    Published,
     Queued,
     ReloadOut,
     RollbackIn,
@@ -41,8 +40,6 @@ from manager.core.beats import WorkerBeat
 from manager.core.errors import (
     BadQuery,
     BudgetExceeded,
-    DeadLetterNotFound,
-    EventError,
     InvocationNotFound,
     PluginNotFound,
     PluginUnavailable,
@@ -63,10 +60,6 @@ EVENT_PATHS = ("/events",)
 routes = Blueprint("titan", __name__)
 
 
-def ctx() -> ApiContext:
-    return current_app.extensions["titan"]
-
-
 @routes.before_app_request
 def _read_event() -> None:
     """Events are checked by the project's own rules before anything parses them."""
@@ -78,7 +71,10 @@ def _read_event() -> None:
 def plugin_or_404(name: str) -> PluginEntry:
     entry = ctx().registry.get(name)
     if entry is None:
-        raise PluginNotFound(f"no plugin named {name!r}", plugin=name)
+        close = difflib.get_close_matches(name, list(ctx().registry.entries()), n=3)
+        hint = f" (did you mean: {', '.join(close)}?)" if close else ""
+        raise PluginNotFound(f"no plugin named {name!r}{hint}", plugin=name,
+                             suggestions=close)
     return entry
 
 
@@ -126,6 +122,7 @@ def get_plugin(name: str) -> Any:
 @api.validate(json=RollbackIn, resp=Resp(HTTP_200=RollbackOut, **ERRORS))
 def rollback(name: str) -> Any:
     """Puts a kept version back in service (default: the one before the current)."""
+    plugin_or_404(name)
     return jsonify(ctx().registry.rollback(name, rollback_version()))
 
 
@@ -181,47 +178,6 @@ def trigger(name: str) -> Any:
     return response, 202
 
 
-@routes.post("/events")
-@api.validate(json=EventIn, skip_validation=True,  # the Event validates it, once
-              resp=Resp(HTTP_202=Published, **ERRORS))
-def post_event() -> Any:
-    """Publishes the event to the bus (answered once Redis has it)."""
-    event: Event = g.event
-    entry_id = publish_event(ctx().conn, ctx().settings, event)
-    return jsonify({"event_id": event.event_id, "entry_id": entry_id}), 202
-
-
-@routes.get("/events/dead")
-@api.validate(query=LimitQuery, resp=Resp(HTTP_200=DeadLetters, **ERRORS))
-def dead_letters() -> Any:
-    """The newest dead letters first: reason, detail and the event as it arrived."""
-    limit = request.context.query.limit  # type: ignore[attr-defined]
-    entries = ctx().conn.xrevrange(ctx().settings.dead_stream, count=limit)
-    return jsonify({"dead": [dead_entry(entry_id, fields) for entry_id, fields in entries]})
-
-
-@routes.post("/events/dead/<entry_id>/replay")
-@api.validate(resp=Resp(HTTP_202=Published, **ERRORS))
-def replay_dead_letter(entry_id: str) -> Any:
-    """Publishes a dead-lettered event again (after a fix); it must now be valid."""
-    try:
-        found = ctx().conn.xrange(ctx().settings.dead_stream, min=entry_id, max=entry_id)
-    except redis.ResponseError:  # not a stream id at all
-        found = []
-    if not found or found[0][0].decode() != entry_id:
-        raise DeadLetterNotFound(f"no dead letter {entry_id!r}", entry_id=entry_id)
-    try:
-        event = from_outside(Event.decode(found[0][1].get(b"event", b""), ctx().limits))
-    except EventError as exc:  # the same bytes would be refused again, whenever replayed
-        raise EventError(f"dead letter {entry_id} can never be replayed as it is: "
-                         f"{exc.message}. Fix the event and publish it instead "
-                         "(titan-plugins.py dead shows it; then publish -e '<the fixed "
-                         "event>')", **exc.details) from None
-    published = publish_event(ctx().conn, ctx().settings, event)
-    return jsonify({"event_id": event.event_id, "entry_id": published,
-                    "replayed": entry_id}), 202
-
-
 @routes.get("/invocations/<invocation_id>")
 @api.validate(resp=Resp(HTTP_200=Invocation, **ERRORS))
 def get_invocation(invocation_id: str) -> Any:
@@ -236,10 +192,13 @@ def get_invocation(invocation_id: str) -> Any:
 @routes.get("/plugins/<name>/invocations")
 @api.validate(query=LimitQuery, resp=Resp(HTTP_200=InvocationList, **ERRORS))
 def plugin_invocations(name: str) -> Any:
-    """Recent runs of a plugin, newest first (also of a removed one)."""
+    """Recent runs of a plugin, newest first (also of a removed one, while its records
+    last); a name that is neither loaded nor has runs is not found."""
     limit = request.context.query.limit  # type: ignore[attr-defined]
-    return jsonify({"plugin": name, "invocations": [
-        r.public() for r in ctx().records.for_plugin(name, limit)]})
+    runs = ctx().records.for_plugin(name, limit)
+    if not runs:
+        plugin_or_404(name)
+    return jsonify({"plugin": name, "invocations": [r.public() for r in runs]})
 
 
 @routes.get("/openapi.json")
@@ -258,18 +217,6 @@ def docs_static(filename: str) -> Any:
     import swagger_ui
 
     return send_from_directory(Path(swagger_ui.__file__).parent / "static", filename)
-
-
-def dead_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> dict[str, Any]:
-    raw = fields.get(b"event", b"").decode("utf-8", "replace")
-    try:
-        event: Any = json.loads(raw)
-    except (ValueError, RecursionError):  # dead letters include malformed and too-deep ones
-        event = raw[:10_000]
-    return {"id": entry_id.decode(), "reason": fields.get(b"reason", b"").decode(),
-            "detail": fields.get(b"detail", b"").decode("utf-8", "replace"),
-            "entry_id": fields.get(b"entry_id", b"").decode(),
-            "time": float(fields.get(b"time", b"0") or 0), "event": event}
 
 
 def rollback_version() -> str | None:

@@ -21,10 +21,12 @@ from manager.core import metrics
 from manager.core.config import Settings
 from manager.core.errors import EventError
 from manager.core.events import Event
+from manager.core.keys import Keys
 from manager.core.retry import REDIS_RECONNECT
 from manager.plugins.registry import Registry
 
 log = logging.getLogger(__name__)
+ENTRY_OUTCOME_TTL_S = 900  # how long `publish --wait` can learn what became of an entry
 
 
 def ensure_group(conn: redis.Redis, settings: Settings) -> None:
@@ -63,6 +65,7 @@ class Listener:
         self.registry = registry
         self.dispatcher = dispatcher
         self.budget = FanoutBudget(conn, settings)
+        self.keys = Keys(settings.key_prefix)
         self.consumer = consumer or f"{settings.worker_name}-{id(self):x}"
         self.limits = settings.event_limits
         self.housekeeping = housekeeping
@@ -114,7 +117,7 @@ class Listener:
             if fields:
                 self.handle_isolated(entry_id.decode(), fields)
             else:  # a deleted entry comes back empty
-                self.ack(entry_id.decode())
+                self.ack(entry_id.decode(), {})
         return len(entries)
 
     def handle_isolated(self, entry_id: str, fields: dict[bytes, bytes]) -> None:
@@ -140,7 +143,7 @@ class Listener:
                     f"failed {deliveries} times; last error: {error}", entry_id)
         log.error("listener: entry %s dead-lettered after %d deliveries: %s", entry_id,
                   deliveries, error)
-        self.ack(entry_id)
+        self.ack(entry_id, {"_dead": json.dumps(f"unprocessable: {error}")})
 
     def trim(self) -> None:
         """Retention by age (by length, XADD's MAXLEN already trims as entries arrive)."""
@@ -182,15 +185,34 @@ class Listener:
                                  f"{self.settings.fanout_budget} runs", field="correlation_id",
                                  reason="budget_exceeded")
         except EventError as exc:
-            dead_letter(self.conn, self.settings, raw, exc.details.get("reason", "invalid_event"),
-                        exc.message, entry_id)
-            self.ack(entry_id)
+            reason = exc.details.get("reason", "invalid_event")
+            dead_letter(self.conn, self.settings, raw, reason, exc.message, entry_id)
+            self.ack(entry_id, {"_dead": json.dumps(f"{reason}: {exc.message}")})
             return
+        runs: dict[str, str] = {}
         for plugin in plugins:
-            _, sent = self.dispatcher.dispatch(event, plugin)
+            invocation_id, sent = self.dispatcher.dispatch(event, plugin)
             if sent:
                 metrics.TASKS_DISPATCHED.labels(plugin=plugin.name).inc()
-        self.ack(entry_id)
+            else:
+                self.duplicate(event, plugin.name, invocation_id)
+            runs[plugin.name] = json.dumps({"invocation_id": invocation_id,
+                                            "duplicate": not sent})
+        self.ack(entry_id, runs)
 
-    def ack(self, entry_id: str) -> None:
-        self.conn.xack(self.settings.event_stream, self.settings.consumer_group, entry_id)
+    def duplicate(self, event: Event, plugin: str, invocation_id: str) -> None:
+        metrics.DUPLICATES.labels(plugin=plugin).inc()
+        log.info("event %s is a duplicate for %s: its event_id already ran it as %s; "
+                 "publish it with a new event_id (or none) to run again", event.event_id,
+                 plugin, invocation_id)
+
+    def ack(self, entry_id: str, outcome: dict[str, str]) -> None:
+        """Acknowledges the entry and keeps, briefly, what was done with it (`publish
+        --wait` reads it); a redelivered entry keeps the first delivery's account."""
+        key = self.keys.entry_outcome(entry_id)
+        pipe = self.conn.pipeline(transaction=False)
+        for name, value in {**outcome, "_done": "1"}.items():
+            pipe.hsetnx(key, name, value)
+        pipe.expire(key, ENTRY_OUTCOME_TTL_S)
+        pipe.xack(self.settings.event_stream, self.settings.consumer_group, entry_id)
+        pipe.execute()

@@ -16,7 +16,8 @@ from typing import Any
 import click
 
 TERMINAL = {"succeeded", "failed", "timeout", "oom", "output_limit", "rejected", "lost"}
-EXIT_FAILED, EXIT_USAGE, EXIT_WAIT, EXIT_UNREACHABLE = 1, 2, 3, 4
+EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_UNREACHABLE, EXIT_WAIT = 1, 2, 3, 4, 5
+NOT_FOUND = {"plugin_not_found", "invocation_not_found", "version_not_found"}
 
 
 class CliError(click.ClickException):
@@ -51,7 +52,8 @@ class Api:
             if exc.code == 401:
                 message += (" (the CLI sends TITAN_API_TOKEN, or the token in run/api.token, "
                             "which only root can read)")
-            raise CliError(str(err.get("code", exc.code)), message,
+            code = str(err.get("code", exc.code))
+            raise CliError(code, message, EXIT_NOT_FOUND if code in NOT_FOUND else EXIT_FAILED,
                            details=err.get("details")) from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
@@ -112,10 +114,11 @@ def read_event(value: str) -> bytes:
     return raw
 
 
-def poll_record(api: Api, queued: dict[str, Any], deadline: float) -> tuple[int, Any]:
+def poll_record(api: Api, queued: dict[str, Any], deadline: float,
+                first: float = 0.1) -> tuple[int, Any]:
     """Reads the run's record until it is final or the deadline passes (the API answered
-    at once because its waiting slots were all taken)."""
-    delay = 0.1
+    at once because its waiting slots were all taken, or the run came from the bus)."""
+    delay = first
     while time.monotonic() < deadline:
         time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
         _, record = api.call("GET", queued["record"])

@@ -3,6 +3,7 @@ running stack; `run` uses the same sandbox and execution code as the workers."""
 
 from __future__ import annotations
 
+import difflib
 import json
 import sys
 import time
@@ -11,7 +12,7 @@ from typing import Any
 
 import click
 
-from manager.cli.client import read_event
+from manager.cli.client import EXIT_NOT_FOUND, CliError, read_event
 from manager.core.config import current
 from manager.core.errors import EventError, SandboxUnavailable
 from manager.core.events import Event
@@ -45,23 +46,44 @@ def entry_line(entry: PluginEntry) -> str:
     return head.rstrip() + "".join(f"\n  {p}" for p in problems)
 
 
+def plugin_dir(value: str, plugins_dir: Path) -> Path:
+    """A plugin directory given as a path, or as a bare name under the plugins directory;
+    a name that is neither gets the nearest plugin names (exit code 3)."""
+    path = Path(value)
+    if path.is_dir():
+        return path
+    if "/" not in value and (plugins_dir / value).is_dir():
+        return plugins_dir / value
+    names = sorted(p.name for p in plugins_dir.iterdir() if p.is_dir()) \
+        if plugins_dir.is_dir() else []
+    close = difflib.get_close_matches(path.name, names, n=3)
+    hint = f"; did you mean: {', '.join(close)}?" if close else ""
+    raise CliError("plugin_not_found", f"{value} is not a plugin directory, nor a plugin "
+                   f"under {_shown(plugins_dir)}/{hint}", EXIT_NOT_FOUND,
+                   details={"suggestions": close})
+
+
 @click.command()
-@click.argument("directory", required=False,
-                type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("directory", required=False)
 @click.option("--all", "every", is_flag=True, help="Every plugin under DIRECTORY (default: "
               "the plugins directory).")
 @click.pass_context
-def validate(ctx: click.Context, directory: Path | None, every: bool) -> None:
-    """Check a plugin directory (or all of them) by the rules a reload applies."""
+def validate(ctx: click.Context, directory: str | None, every: bool) -> None:
+    """Check a plugin (a directory, or a name under the plugins directory), or all of them,
+    by the rules a reload applies."""
     settings = current()
     images = local_images()
     if every:
-        found = discover((directory or settings.plugins_dir).resolve(), settings).found
+        root = Path(directory) if directory else settings.plugins_dir
+        if not root.is_dir():
+            raise click.BadParameter(f"{directory} is not a directory")
+        found = discover(root.resolve(), settings).found
         entries = [checked(e, images) for e, _ in found.values()]
     else:
         if directory is None:
             raise click.UsageError("give a plugin DIRECTORY, or --all")
-        entries = [checked(load_plugin(directory.resolve(), settings)[0], images)]
+        path = plugin_dir(directory, settings.plugins_dir)
+        entries = [checked(load_plugin(path.resolve(), settings)[0], images)]
     data: Any = [e.public() for e in entries] if every else entries[0].public()
     ctx.obj["out"](data, "\n".join(entry_line(e) for e in entries))
     if not entries or any(not e.runnable for e in entries):
@@ -98,13 +120,15 @@ def new(ctx: click.Context, name: str, topic: str, event_type: str,
 
 
 @click.command("run")
-@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("directory")
 @click.option("-e", "--event", "event", required=True, help="Event JSON, @file, or @- (stdin).")
 @click.pass_context
-def run_local(ctx: click.Context, directory: Path, event: str) -> None:
-    """Run a plugin directory once, locally, in the same sandbox as a worker (no Redis)."""
+def run_local(ctx: click.Context, directory: str, event: str) -> None:
+    """Run a plugin (a directory, or a name under the plugins directory) once, locally, in
+    the same sandbox as a worker (no Redis)."""
     settings = current()
-    entry, bundle = load_plugin(directory.resolve(), settings)
+    entry, bundle = load_plugin(plugin_dir(directory, settings.plugins_dir).resolve(),
+                                settings)
     if not entry.runnable or entry.manifest is None or bundle is None:
         raise click.ClickException(entry_line(entry))
     try:

@@ -1,8 +1,9 @@
 """`titan-plugins`: the operator's command line, a thin client of the REST API (and, for
 `new`, `run` and `validate`, of the local code; see manager/cli/local.py).
 
-Exit codes: 0 ok; 1 the run (or the check) failed, or the API refused; 2 usage; 3 a
-`--wait` timed out; 4 the API is unreachable. With `--json` (before or after the command)
+Exit codes: 0 ok; 1 the run (or the check) failed, or the API refused; 2 usage; 3 no such
+plugin, invocation or version (with the nearest names); 4 the API is unreachable; 5 a
+`--wait` timed out. With `--json` (before or after the command)
 every output is valid JSON on stdout (JSON Lines for `logs -f`), errors included.
 """
 
@@ -19,12 +20,16 @@ import click
 from manager.cli.client import (
     EXIT_FAILED,
     EXIT_WAIT,
+    TERMINAL,
     Api,
     api_token,
     poll_record,
     read_event,
 )
-from manager.cli.local import new, run_local, validate
+from manager.cli.publish import publish
+
+FOLLOW_WINDOW = 100  # runs read on each poll of `logs -f`
+FOLLOW_POLL_S = 0.5
 
 
 def out(ctx: click.Context, data: Any, text: str) -> None:
@@ -38,13 +43,19 @@ def table(rows: list[list[Any]], headers: list[str]) -> str:
                      for r in cells)
 
 
+def produced(rec: dict[str, Any]) -> list[str]:
+    """What the run published: one line per result event (its payload cut short)."""
+    return [f"  -> {r['topic']}/{r['event_type']} {r['payload'][:120]}  ({r['event_id']})"
+            for r in rec.get("results") or []]
+
+
 def describe(rec: dict[str, Any]) -> str:
     lines = [f"invocation {rec['invocation_id']}  plugin {rec.get('plugin')}@"
              f"{rec.get('version')}  status {rec.get('status')}"]
-    for key in ("reason", "exit_code", "duration_s", "attempts", "worker", "warm",
-                "result_event_ids"):
+    for key in ("reason", "exit_code", "duration_s", "attempts", "worker", "warm"):
         if rec.get(key) not in (None, "", []):
             lines.append(f"  {key}: {rec[key]}")
+    lines += produced(rec)
     for stream in ("stdout", "stderr"):
         if rec.get(stream):
             lines.append(f"  {stream}:\n    " + rec[stream].rstrip()[:4000].replace("\n", "\n    "))
@@ -52,7 +63,22 @@ def describe(rec: dict[str, Any]) -> str:
 
 
 class Cli(click.Group):
-    """Accepts the global --json after the command name too."""
+    """Accepts the global --json after the command name too, and imports the author's local
+    commands (the plugin loader, Docker) only when one of them runs: the API commands
+    answer without loading any of it."""
+
+    LAZY = {"new": "new", "run": "run_local", "validate": "validate"}  # manager.cli.local
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.LAZY])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.LAZY:
+            from manager.cli import local
+
+            command: click.Command = getattr(local, self.LAZY[name])
+            return command
+        return super().get_command(ctx, name)
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if "--json" in args[1:]:
@@ -71,17 +97,24 @@ def cli(ctx: click.Context, as_json: bool, api: str) -> None:
                "out": lambda data, text: out(ctx, data, text)}
 
 
-@cli.command("list")
-@click.pass_context
-def list_(ctx: click.Context) -> None:
-    """Plugins, their status, version and triggers (invalid ones marked)."""
-    _, data = ctx.obj["api"].call("GET", "/plugins")
+def plugin_table(data: dict[str, Any]) -> str:
+    """`list`'s table: invalid plugins in capitals, a rolled-back one marked."""
     rows = [[p["name"], p["status"].upper() if p["status"] != "loaded" else p["status"],
-             p["version"], (p["digest"] or "")[7:19],
+             (p["version"] or "") + (" (rolled back)" if p.get("rolled_back_from") else ""),
+             (p["digest"] or "")[7:19],
              ", ".join(f"{t['topic']}/{t['event_type']}" for t in p["triggers"]),
              "; ".join([*p["errors"], *(f"warning: {w}" for w in p.get("warnings", []))])]
             for p in data["plugins"]]
-    out(ctx, data, table(rows, ["NAME", "STATUS", "VERSION", "DIGEST", "TRIGGERS", "PROBLEMS"]))
+    return table(rows, ["NAME", "STATUS", "VERSION", "DIGEST", "TRIGGERS", "PROBLEMS"])
+
+
+@cli.command("list")
+@click.pass_context
+def list_(ctx: click.Context) -> None:
+    """Plugins, their status, version and triggers (invalid ones marked, rolled-back ones
+    noted)."""
+    _, data = ctx.obj["api"].call("GET", "/plugins")
+    out(ctx, data, plugin_table(data))
 
 
 @cli.command()
@@ -92,7 +125,7 @@ def list_(ctx: click.Context) -> None:
 @click.pass_context
 def trigger(ctx: click.Context, name: str, event: str, wait: float | None) -> None:
     """Run plugin NAME on an event, regardless of its triggers. With --wait, exits 0 when
-    the run succeeded, 1 when it failed, 3 when it had not finished in time."""
+    the run succeeded, 1 when it failed, 5 when it had not finished in time."""
     query = f"?wait={wait}" if wait else ""
     deadline = time.monotonic() + (wait or 0)
     status, data = ctx.obj["api"].call("POST", f"/plugins/{name}/trigger{query}",
@@ -108,15 +141,6 @@ def trigger(ctx: click.Context, name: str, event: str, wait: float | None) -> No
                    f"(see: titan-plugins show {data['invocation_id']})")
     if wait:
         sys.exit(EXIT_WAIT)
-
-
-@cli.command()
-@click.option("-e", "--event", "event", required=True, help="Event JSON, @file, or @-.")
-@click.pass_context
-def publish(ctx: click.Context, event: str) -> None:
-    """Publish an event to the bus (plugins whose triggers match will run)."""
-    _, data = ctx.obj["api"].call("POST", "/events", read_event(event))
-    out(ctx, data, f"published {data['event_id']} as stream entry {data['entry_id']}")
 
 
 @cli.command()
@@ -153,40 +177,59 @@ def show(ctx: click.Context, invocation_id: str) -> None:
 
 
 def log_entry(rec: dict[str, Any]) -> str:
-    """One run as `logs` shows it: a status line, then the plugin's log (stderr)."""
+    """One run as `logs` shows it: a status line, what it published, then the plugin's
+    log (stderr)."""
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rec.get("created_at") or 0))
     head = f"{when}  {rec['invocation_id']}  {rec['status']}"
     if rec.get("duration_s") is not None:
         head += f"  {rec['duration_s']}s"
     if rec.get("reason"):
         head += f"  {rec['reason']}"
+    lines = [head, *produced(rec)]
     stderr = (rec.get("stderr") or "").rstrip()
-    return head + ("\n  " + stderr[-4000:].replace("\n", "\n  ") if stderr else "")
+    if stderr:
+        lines.append("  " + stderr[-4000:].replace("\n", "\n  "))
+    return "\n".join(lines)
+
+
+def runs_of(api: Api, name: str, limit: int) -> list[dict[str, Any]]:
+    """The plugin's latest runs, oldest first."""
+    _, data = api.call("GET", f"/plugins/{name}/invocations?limit={limit}")
+    return sorted(data["invocations"], key=lambda r: r.get("created_at") or 0)
 
 
 @cli.command()
 @click.argument("name")
 @click.option("-n", "limit", default=10, show_default=True, help="How many runs.")
-@click.option("-f", "follow", is_flag=True, help="Keep printing runs as they change.")
+@click.option("-f", "follow", is_flag=True, help="Then print each new run as it finishes.")
 @click.pass_context
 def logs(ctx: click.Context, name: str, limit: int, follow: bool) -> None:
-    """Recent runs of plugin NAME, oldest first: status line, then the plugin's stderr.
-    With -f, every change of status is printed as it happens (JSON Lines with --json)."""
+    """Recent runs of plugin NAME, oldest first: status line, the result events, then the
+    plugin's stderr. With -f, the last N in time order, then each new run once, when it
+    has finished (JSON Lines with --json)."""
     api, as_json = ctx.obj["api"], ctx.obj["json"]
-    _, data = api.call("GET", f"/plugins/{name}/invocations?limit={limit}")
-    runs = list(reversed(data["invocations"]))
     if not follow:
-        out(ctx, runs, "\n".join(log_entry(r) for r in runs) or f"no runs of {name}")
+        runs = runs_of(api, name, limit)
+        out(ctx, runs, "\n".join(log_entry(r) for r in runs) or f"no runs of {name} yet")
         return
-    shown: dict[str, str] = {}
+    known = runs_of(api, name, max(limit, FOLLOW_WINDOW))
+    unfinished = set()
+    for rec in known[-limit:] if limit > 0 else []:
+        click.echo(json.dumps(rec) if as_json else log_entry(rec))
+        if rec["status"] not in TERMINAL:
+            unfinished.add(rec["invocation_id"])  # printed again once it finishes
+    seen = {r["invocation_id"] for r in known}
     while True:
-        for rec in runs:
-            if shown.get(rec["invocation_id"]) != rec["status"]:
-                shown[rec["invocation_id"]] = rec["status"]
-                click.echo(json.dumps(rec) if as_json else log_entry(rec), nl=True)
-        time.sleep(0.5)
-        _, data = api.call("GET", f"/plugins/{name}/invocations?limit={max(limit, 100)}")
-        runs = list(reversed(data["invocations"]))
+        time.sleep(FOLLOW_POLL_S)
+        for rec in runs_of(api, name, FOLLOW_WINDOW):
+            new = rec["invocation_id"] not in seen
+            if new or rec["invocation_id"] in unfinished:
+                seen.add(rec["invocation_id"])
+                if rec["status"] in TERMINAL:
+                    unfinished.discard(rec["invocation_id"])
+                    click.echo(json.dumps(rec) if as_json else log_entry(rec))
+                else:
+                    unfinished.add(rec["invocation_id"])
 
 
 @cli.command()
@@ -224,9 +267,7 @@ def replay(ctx: click.Context, entry_id: str) -> None:
     out(ctx, data, f"replayed {entry_id} as {data['event_id']} (stream entry {data['entry_id']})")
 
 
-cli.add_command(validate)
-cli.add_command(new)
-cli.add_command(run_local)
+cli.add_command(publish)
 
 
 def main() -> None:

@@ -79,6 +79,12 @@ class Keys:
         """Hash: invocation id -> when the sweeper first found it abandoned."""
         return f"{self.prefix}:sweep:suspects"
 
+    def entry_outcome(self, entry_id: str) -> str:
+        """Hash (short TTL): what the listener did with one stream entry, for `publish
+        --wait`: plugin -> {"invocation_id", "duplicate"}, `_dead` -> the reason it was
+        dead-lettered, `_done` once it was handled."""
+        return f"{self.prefix}:entry:{entry_id}"
+
     def budget(self, correlation_id: str) -> str:
         """Counter: runs dispatched for one correlation id (the fan-out budget)."""
         return f"{self.prefix}:budget:{correlation_id}"

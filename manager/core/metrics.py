@@ -17,6 +17,8 @@ EVENTS_RECEIVED = Counter("titan_events_received_total", "Valid events read from
 EVENTS_REJECTED = Counter("titan_events_rejected_total", "Events dead-lettered", ["reason"])
 DEAD_LETTERS = Counter("titan_events_dead_total", "Entries written to the dead-letter stream",
                        ["reason"])
+DUPLICATES = Counter("titan_events_duplicate_total", "Events not run again for a plugin "
+                     "because their event_id already ran it", ["plugin"])
 TASKS_DISPATCHED = Counter("titan_tasks_dispatched_total", "Plugin runs enqueued", ["plugin"])
 INVOCATIONS = Counter("titan_invocations_total", "Finished plugin runs", ["plugin", "status"])
 REQUEUED = Counter("titan_runs_requeued_total", "Abandoned runs the sweeper sent again",

@@ -98,6 +98,9 @@ class InvocationRecord:
     warm: bool | None = None  # ran in a prewarmed container (None: no container ran)
     container_id: str | None = None  # the container that ran it (removed afterwards)
     result_event_ids: tuple[str, ...] = ()
+    # what the run produced, short: event id, topic, event_type, the payload's JSON cut
+    # to PREVIEW_CHARS (the events themselves are on the stream)
+    results: tuple[dict[str, Any], ...] = ()
     failure_event_id: str | None = None
     published: bool = False
     request: dict[str, Any] | None = field(default=None, repr=False)
@@ -120,6 +123,7 @@ class InvocationRecord:
         data.pop("request")
         data["status"] = self.status.value
         data["result_event_ids"] = list(self.result_event_ids)
+        data["results"] = list(self.results)
         return data
 
     @classmethod
@@ -129,6 +133,7 @@ class InvocationRecord:
         values = {k: v for k, v in values.items() if k in known}
         values["status"] = Status(values["status"])
         values["result_event_ids"] = tuple(values.get("result_event_ids") or ())
+        values["results"] = tuple(values.get("results") or ())
         return cls(**values)
 
 

@@ -20,6 +20,9 @@ import re
 import shutil
 import sys
 import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +34,23 @@ from manager.plugins.requirements import Requirements, parse_requirements
 
 PIP_TIMEOUT_S = 600
 NO_WHEEL_RE = re.compile(r"No matching distribution found for (\S+)")
+PROJECT_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?")
+INDEX_TIMEOUT_S = 10
+
+
+def on_index(project: str, index_url: str) -> bool:
+    """False only when the index answers 404 for the project's page (PEP 503): it has no
+    such project. Any other answer, or none, is not taken as proof."""
+    normalized = re.sub(r"[-_.]+", "-", project).lower()
+    url = f"{index_url.rstrip('/')}/{urllib.parse.quote(normalized)}/"
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"),
+                                    timeout=INDEX_TIMEOUT_S):
+            return True
+    except urllib.error.HTTPError as exc:
+        return exc.code != 404
+    except (urllib.error.URLError, OSError, ValueError):
+        return True
 
 
 @contextmanager
@@ -158,6 +178,11 @@ def pip_failure(output: str, settings: Settings, reqs: Requirements) -> str:
         name = missing.group(1)[:100]
         line = reqs.line_of(name)
         where = f"requirements.txt line {line}" if line else "requirements.txt"
+        project = PROJECT_RE.match(name)
+        if project and not settings.pip_find_links and not on_index(project.group(0),
+                                                                      settings.pip_index_url):
+            return (f"{where}: {settings.pip_index_url} has no project named "
+                    f"{project.group(0)} (misspelled?)")
         return (f"{where}: no wheel of {name} for Python {settings.runtime_python} on "
                 f"{settings.pip_index_url} (sdists are never built on the host): pin a "
                 "version that ships wheels, or vendor the pure-Python code into the plugin")

@@ -1,0 +1,86 @@
+"""`publish`: an event onto the bus, and with `--wait`, what became of it: each matching
+plugin's run to its end, a duplicate named as the earlier run it is (the event_id already
+ran that plugin), or the reason it was dead-lettered."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import click
+
+from manager.cli.client import (
+    EXIT_FAILED,
+    EXIT_WAIT,
+    Api,
+    poll_record,
+    read_event,
+)
+
+POLL = (0.05, 0.5, 1.5)  # first delay, cap, factor
+
+
+def wait_handled(api: Api, entry_id: str, deadline: float) -> dict[str, Any] | None:
+    """The listener's account of the entry, once it has handled it (None: not in time)."""
+    delay = POLL[0]
+    while True:
+        _, outcome = api.call("GET", f"/events/entries/{entry_id}")
+        if outcome["handled"] or time.monotonic() >= deadline:
+            return outcome if outcome["handled"] else None
+        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        delay = min(delay * POLL[2], POLL[1])
+
+
+def run_line(run: dict[str, Any], record: dict[str, Any] | None, event_id: str) -> str:
+    if run["duplicate"]:
+        return (f"  {run['plugin']}: duplicate of run {run['invocation_id']} (event "
+                f"{event_id} already ran it; publish without an event_id, or with a new "
+                "one, to run it again)")
+    status = record["status"] if record else "queued"
+    line = f"  {run['plugin']}: {status}  {run['invocation_id']}"
+    if record and record.get("reason"):
+        line += f"  {record['reason']}"
+    for r in (record or {}).get("results") or []:
+        line += f"\n    -> {r['topic']}/{r['event_type']} {r['payload'][:120]}"
+    return line
+
+
+@click.command()
+@click.option("-e", "--event", "event", required=True, help="Event JSON, @file, or @-.")
+@click.option("--wait", "wait", type=click.FloatRange(0, 600, min_open=True), is_flag=False,
+              flag_value=60.0, default=None,
+              help="Wait for the runs it causes (seconds, default 60).")
+@click.pass_context
+def publish(ctx: click.Context, event: str, wait: float | None) -> None:
+    """Publish an event to the bus (plugins whose triggers match will run). With --wait,
+    exits 0 when every run succeeded (a duplicate runs nothing), 1 when one failed or the
+    event was dead-lettered, 5 when they had not finished in time."""
+    api: Api = ctx.obj["api"]
+    _, data = api.call("POST", "/events", read_event(event))
+    head = f"published {data['event_id']} as stream entry {data['entry_id']}"
+    if not wait:
+        ctx.obj["out"](data, head)
+        return
+    deadline = time.monotonic() + wait
+    outcome = wait_handled(api, data["entry_id"], deadline)
+    if outcome is None:
+        ctx.obj["out"]({**data, "handled": False}, f"{head}\nnot handled by the listener in "
+                       f"{wait:g}s (is it running? make status)")
+        sys.exit(EXIT_WAIT)
+    if outcome["dead"]:
+        ctx.obj["out"]({**data, **outcome}, f"{head}\ndead-lettered: {outcome['dead']}")
+        sys.exit(EXIT_FAILED)
+    records = {}
+    for run in outcome["runs"]:
+        if not run["duplicate"]:
+            ref = {"record": f"/invocations/{run['invocation_id']}"}
+            status, record = poll_record(api, ref, deadline, first=0.05)
+            records[run["invocation_id"]] = record if status == 200 else None
+    lines = [run_line(r, records.get(r["invocation_id"]), data["event_id"])
+             for r in outcome["runs"]] or ["  no plugin's trigger matches it"]
+    ctx.obj["out"]({**data, **outcome, "records": records}, "\n".join([head, *lines]))
+    if any(r is None for r in records.values()):
+        sys.exit(EXIT_WAIT)
+    if any(r["status"] != "succeeded" for r in records.values() if r):
+        sys.exit(EXIT_FAILED)
