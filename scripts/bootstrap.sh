@@ -11,6 +11,8 @@ command -v curl >/dev/null || need+=(curl)
 # The install sandbox: pip runs as an unprivileged uid under bubblewrap, with the
 # system's Python and pip (manager/plugins/installer.py).
 command -v bwrap >/dev/null || need+=(bubblewrap)
+# gVisor's runsc, for plugins with `isolation: gvisor` (registered by services.sh).
+command -v runsc >/dev/null || need+=(runsc)
 /usr/bin/python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 python3 -m venv --help >/dev/null 2>&1 || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then

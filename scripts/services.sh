@@ -13,6 +13,43 @@ start_docker() {
   wait_for docker_ok 60 || die "the Docker engine did not start; see $RUN_DIR/dockerd.log"
 }
 
+# gVisor (the `isolation: gvisor` tier): Debian's runsc, registered with the engine under
+# TITAN_GVISOR_RUNTIME with --network=none (without it a network_mode=none container fails:
+# "cannot run with network enabled in root network namespace"). The runtime is added to
+# /etc/docker/daemon.json, other keys kept; an engine this script started reloads it on
+# SIGHUP. Another engine is told how, not touched.
+runtime_ok() { docker info --format '{{json .Runtimes}}' 2>/dev/null | grep -q "\"$GVISOR\""; }
+
+register_gvisor() {
+  GVISOR="${TITAN_GVISOR_RUNTIME:-runsc}"
+  runtime_ok && return
+  local runsc; runsc="$(command -v runsc)" || {
+    say "runsc is not installed: isolation: gvisor is unavailable (make up installs it)"; return; }
+  /usr/bin/python3 - "/etc/docker/daemon.json" "$GVISOR" "$runsc" <<'PY'
+import json, os, sys
+path, name, runsc = sys.argv[1:4]
+try:
+    with open(path) as fh:
+        conf = json.load(fh)
+except FileNotFoundError:
+    conf = {}
+conf.setdefault("runtimes", {})[name] = {"path": runsc, "runtimeArgs": ["--network=none"]}
+os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+with open(path + ".titan", "w") as fh:
+    json.dump(conf, fh, indent=2)
+os.chmod(path + ".titan", 0o644)
+os.replace(path + ".titan", path)
+PY
+  if pid_alive "$RUN_DIR/dockerd.pid"; then
+    say "registering the gVisor runtime $GVISOR with the engine (SIGHUP)"
+    kill -HUP "$(cat "$RUN_DIR/dockerd.pid")"
+    wait_for runtime_ok 20 || say "the engine did not load runtime $GVISOR; see $RUN_DIR/dockerd.log"
+  else
+    say "added runtime $GVISOR to /etc/docker/daemon.json; this engine was not started by" \
+        "make up: reload it (kill -HUP its dockerd) to enable isolation: gvisor"
+  fi
+}
+
 # Redis runs with a password (anyone who can write to Redis can queue runs and forge
 # bundles), with AOF, and under umask 077 (set in common.sh): its data directory and
 # append-only files are root's alone (0700/0600), like everything else in the run directory. appendfsync everysec loses at most about one second of writes on
@@ -53,8 +90,8 @@ stop_pidfile() {
 }
 
 case "${1:-start}" in
-  start) start_docker; start_redis ;;
-  docker) start_docker ;;
+  start) start_docker; register_gvisor; start_redis ;;
+  docker) start_docker; register_gvisor ;;
   redis) start_redis ;;
   stop) stop_pidfile redis; stop_pidfile dockerd ;;
   *) die "usage: $0 start|docker|redis|stop" ;;

@@ -156,7 +156,7 @@ def test_an_absent_image_is_a_load_warning_and_a_fast_clear_failure(settings, co
     try:
         worker.wait_ready(conn)
         registry = Registry(conn, mine)
-        wait_until(lambda: registry.worker_images(), 30, "the worker to report its images")
+        wait_until(lambda: registry.worker_engines().images, 30, "the worker to report its images")
         answer = registry.reload()
         assert [a["name"] for a in answer["added"]] == ["slim"]  # still loads: hosts differ
         (warned,) = answer["warnings"]

@@ -63,7 +63,7 @@ def test_json_on_every_command_parses(api_url: str, bus: Bus, conn, settings) ->
             assert done.returncode == 0, (argv, done.stderr)
             json.loads(done.stdout)
     missing = run_cli(api_url, "--json", "show", "no-such-run")
-    assert missing.returncode == 1
+    assert missing.returncode == 3  # not found
     assert json.loads(missing.stdout)["error"]["code"] == "invocation_not_found"
 
 

@@ -14,7 +14,7 @@ from manager.core import metrics
 from manager.core.config import Settings
 from manager.core.errors import BundleError, DependencyError, PermissionDenied
 from manager.core.records import Status
-from manager.core.runs import RunRequest
+from manager.core.runs import Isolation, RunRequest
 from manager.plugins.deps import mkdirs
 from manager.plugins.permissions import PayloadFile, mount_sources, open_payload_path
 from workers.execute import write_event
@@ -68,7 +68,9 @@ class Execution:
         t0 = time.monotonic()
         config = PoolConfig(req.plugin, req.version, req.digest, req.image, req.argv,
                             str(code_dir), req.limits.clamped(self.settings),
-                            str(deps) if deps else None, mounts)
+                            str(deps) if deps else None, mounts,
+                            self.settings.gvisor_runtime
+                            if req.isolation is Isolation.GVISOR else None)
         spec = RunSpec(config, req.invocation_id, req.event.encode())
         warm = self.pool.take(spec) if self.pool and req.prewarm and not payload else None
         result = None

@@ -73,7 +73,7 @@ class Heartbeat(threading.Thread):
         self.stopping = threading.Event()
         self._docker_ok = False
         self._docker_error: str | None = None
-        self._images: tuple[float, list[str]] = (0.0, [])
+        self._images: tuple[float, list[str], set[str]] = (0.0, [], set())
         self.janitor = CacheJanitor(settings)
 
     def docker_state(self) -> None:
@@ -93,16 +93,19 @@ class Heartbeat(threading.Thread):
                 log.warning("reaped %d container(s) no run uses: %s", len(reaped),
                             ", ".join(reaped))
         WorkerBeat(self.name_, os.getpid(), self._docker_ok, self._docker_error,
-                   tuple(sorted(held_runs())), tuple(self.images()),
-                   self.slots).save(self.conn, self.keys, active=active_plugins())
+                   tuple(sorted(held_runs())), tuple(self.images()), self.slots,
+                   tuple(sorted(self._images[2]))).save(self.conn, self.keys,
+                                                        active=active_plugins())
 
     def images(self) -> list[str]:
-        """The engine's images (for reload's image check), refreshed every IMAGES_S."""
+        """The engine's images and runtimes (for reload's checks), refreshed every
+        IMAGES_S; returns the images."""
         if self._docker_ok and time.monotonic() - self._images[0] > IMAGES_S:
             try:
-                self._images = (time.monotonic(), self.sandbox.images()[:1000])
+                self._images = (time.monotonic(), self.sandbox.images()[:1000],
+                                self.sandbox.runtimes())
             except Exception as exc:
-                log.warning("cannot list images: %s", exc)
+                log.warning("cannot list images and runtimes: %s", exc)
         return self._images[1]
 
     def reap_at_start(self) -> None:

@@ -101,8 +101,7 @@ class Sandbox:
         except APIError as exc:
             if exc.is_client_error():  # the engine refused this container: retrying won't help
                 return RunResult(Status.FAILED, started_at=t0, finished_at=time.time(),
-                                 reason=f"the Docker engine refused the container: "
-                                        f"{exc.explanation or exc}")
+                                 reason=self.refused(spec, exc))
             raise SandboxUnavailable(f"cannot create container: {exc}") from exc
         except (DockerException, requests.RequestException) as exc:
             raise SandboxUnavailable(f"cannot create container: {exc}") from exc
@@ -117,6 +116,17 @@ class Sandbox:
                            self.settings, self, t0)
         finally:
             container.remove()
+
+    def refused(self, spec: RunSpec, exc: APIError) -> str:
+        """Why the engine refused a container, with the fix when it lacks the runtime."""
+        why = str(exc.explanation or exc)
+        runtime = spec.config.runtime
+        if runtime and "runtime" in why.lower():
+            return (f"isolation: gvisor needs the Docker runtime {runtime!r}, which this "
+                    f"worker's engine ({self.settings.worker_name}) lacks: register it with "
+                    "the engine (make up does it for the engine it starts; see README, "
+                    f"gVisor). The engine said: {why}")
+        return f"the Docker engine refused the container: {why}"
 
     def _pull(self, image: str) -> bool:
         """One pull attempt per image and minute (a registry may answer elsewhere)."""
@@ -135,6 +145,11 @@ class Sandbox:
         return (f"image {image!r} is not present on this worker's Docker engine and could "
                 f"not be pulled: use image: {self.settings.runtime_image} (built by make up) "
                 f"or build or load {image!r} on every worker host")
+
+    def runtimes(self) -> set[str]:
+        """The container runtimes registered with this engine (runc, and runsc for gVisor
+        when it is registered)."""
+        return set(self.client.info().get("Runtimes") or {})
 
     def images(self) -> list[str]:
         """The image names (repo:tag) present on this engine."""

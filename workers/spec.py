@@ -24,6 +24,7 @@ class PoolConfig:
     limits: RunLimits
     deps_dir: str | None = None
     read_only_dirs: tuple[str, ...] = ()
+    runtime: str | None = None  # the engine's runtime (runsc for gVisor); None: its default
 
 
 @dataclass(frozen=True)

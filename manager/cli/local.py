@@ -17,27 +17,32 @@ from manager.core.config import current
 from manager.core.errors import EventError, SandboxUnavailable
 from manager.core.events import Event
 from manager.core.runs import RunRequest
-from manager.plugins.loader import PluginEntry, discover, image_warning, load_plugin
+from manager.plugins.engines import Engines, image_warning, runtime_warning
+from manager.plugins.loader import PluginEntry, discover, load_plugin
 
 
-def local_images() -> set[str] | None:
-    """Images on the local engine, or None when there is no engine to ask."""
+def local_engine() -> Engines:
+    """Images and runtimes of the local engine (None each when there is no engine)."""
     import requests
     from docker.errors import DockerException
 
     from workers.sandbox import Sandbox
 
     try:
-        return set(Sandbox(current()).images())
+        sandbox = Sandbox(current())
+        return Engines(set(sandbox.images()), sandbox.runtimes())
     except (SandboxUnavailable, DockerException, requests.RequestException):
-        return None
+        return Engines(None, None)
 
 
-def checked(entry: PluginEntry, images: set[str] | None) -> PluginEntry:
+def checked(entry: PluginEntry, engine: Engines) -> PluginEntry:
     from dataclasses import replace
 
-    warning = image_warning(entry, images, current(), "this machine's Docker engine")
-    return replace(entry, warnings=(warning,)) if warning else entry
+    where = "this machine's Docker engine"
+    warnings = tuple(w for w in (
+        image_warning(entry, engine.images, current(), where),
+        runtime_warning(entry, engine.runtimes, current(), f"{where} lacks")) if w)
+    return replace(entry, warnings=warnings) if warnings else entry
 
 
 def entry_line(entry: PluginEntry) -> str:
@@ -72,18 +77,18 @@ def validate(ctx: click.Context, directory: str | None, every: bool) -> None:
     """Check a plugin (a directory, or a name under the plugins directory), or all of them,
     by the rules a reload applies."""
     settings = current()
-    images = local_images()
+    engine = local_engine()
     if every:
         root = Path(directory) if directory else settings.plugins_dir
         if not root.is_dir():
             raise click.BadParameter(f"{directory} is not a directory")
         found = discover(root.resolve(), settings).found
-        entries = [checked(e, images) for e, _ in found.values()]
+        entries = [checked(e, engine) for e, _ in found.values()]
     else:
         if directory is None:
             raise click.UsageError("give a plugin DIRECTORY, or --all")
         path = plugin_dir(directory, settings.plugins_dir)
-        entries = [checked(load_plugin(path.resolve(), settings)[0], images)]
+        entries = [checked(load_plugin(path.resolve(), settings)[0], engine)]
     data: Any = [e.public() for e in entries] if every else entries[0].public()
     ctx.obj["out"](data, "\n".join(entry_line(e) for e in entries))
     if not entries or any(not e.runnable for e in entries):

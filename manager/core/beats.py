@@ -31,6 +31,7 @@ class WorkerBeat:
     held: tuple[str, ...] = ()  # invocation ids it accepted or prefetched
     images: tuple[str, ...] = ()  # images on its engine (for reload's image check)
     slots: int = 0  # runs it can execute at once (its pool's processes)
+    runtimes: tuple[str, ...] = ()  # container runtimes its engine has (runc, runsc, ...)
     time: float = field(default_factory=time.time)
 
     def save(self, conn: redis.Redis, keys: Keys, ttl: int = TTL_S,
@@ -68,6 +69,7 @@ class WorkerBeat:
         return cls(name=data["name"], pid=int(data["pid"]), docker_ok=bool(data["docker_ok"]),
                    docker_error=data.get("docker_error"), held=tuple(data.get("held") or ()),
                    images=tuple(data.get("images") or ()), slots=int(data.get("slots") or 0),
+                   runtimes=tuple(data.get("runtimes") or ()),
                    time=float(data["time"]))
 
     @classmethod

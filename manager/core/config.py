@@ -126,6 +126,10 @@ class Settings:
     # Fairness: while other plugins wait, one plugin holds at most this part of the worker
     # slots the live workers report (at least one slot).
     plugin_share: float = 0.5
+    # Isolation: "container" lets each manifest choose (`isolation:`); "gvisor" runs every
+    # plugin under gVisor. The engine must have the runtime registered under this name.
+    isolation: str = "container"
+    gvisor_runtime: str = "runsc"
     finish_budget_s: int = 3600  # how long a finished run waits for Redis to come back
     sweep_interval_s: int = 30  # how often the manager looks for abandoned runs
     sweep_grace_s: int = 30  # a run must look abandoned this long before it is swept
@@ -162,6 +166,9 @@ class Settings:
                 values[f.name] = _str(env, f.default)  # type: ignore[arg-type]
         values.update(overrides)
         settings = cls(**values)
+        if settings.isolation not in ("container", "gvisor"):
+            raise ValueError("TITAN_ISOLATION must be container or gvisor, got "
+                             f"{settings.isolation!r}")
         if not 0 < settings.plugin_share <= 1:
             raise ValueError("TITAN_PLUGIN_SHARE must be above 0 and at most 1, got "
                              f"{settings.plugin_share}")

@@ -10,6 +10,7 @@ takes limits from the bundle's plugin.yaml.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from enum import StrEnum
 from typing import Any
 
 from manager.core.config import Settings
@@ -24,6 +25,14 @@ def result_event_id(invocation_id: str, n: int) -> str:
 def failure_event_id(invocation_id: str) -> str:
     """The one failure event a run that did not succeed publishes."""
     return f"{invocation_id}-failed"
+
+
+class Isolation(StrEnum):
+    """What stands between a plugin and the host kernel: the container alone (runc), or
+    gVisor's user-space kernel as well (runsc), with every container protection as before."""
+
+    CONTAINER = "container"
+    GVISOR = "gvisor"
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,7 @@ class RunRequest:
     prewarm: bool = True
     origin: str = "bus"
     attempt: int = 1  # the attempt this message was sent for (the record counts them all)
+    isolation: Isolation = Isolation.CONTAINER
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -71,6 +81,7 @@ class RunRequest:
         return cls(**{**data, "argv": tuple(data["argv"]),
                       "allowed_globs": tuple(data["allowed_globs"]),
                       "limits": RunLimits(**data["limits"]),
+                      "isolation": Isolation(data.get("isolation") or Isolation.CONTAINER),
                       "event": Event.trusted(data["event"])})
 
     def next_attempt(self) -> RunRequest:

@@ -27,7 +27,7 @@ from typing import Any
 from manager.core.config import Settings
 from manager.core.errors import DependencyError, ManifestError
 from manager.core.events import Event
-from manager.core.runs import RunRequest
+from manager.core.runs import Isolation, RunRequest
 from manager.plugins.deps import install_requirements
 from manager.plugins.manifest import MANIFEST_NAME, NAME_RE, Manifest, manifest_from_files
 from manager.plugins.permissions import check_globs
@@ -121,7 +121,13 @@ class PluginEntry:
                           argv=tuple(m.argv), limits=m.run_limits(settings),
                           allowed_globs=tuple(m.allowed_globs), retries=m.retries,
                           concurrency=m.concurrency, event=event, origin=origin,
-                          prewarm=m.prewarm)
+                          prewarm=m.prewarm, isolation=self.isolation(settings))
+
+    def isolation(self, settings: Settings) -> Isolation:
+        """The manifest's choice, unless the operator runs every plugin under gVisor."""
+        if settings.isolation == Isolation.GVISOR:
+            return Isolation.GVISOR
+        return self.manifest.isolation if self.manifest else Isolation.CONTAINER
 
 
 def build_bundle(files: list[TreeFile]) -> tuple[str, bytes]:
@@ -213,17 +219,6 @@ def load_files(plugin_dir: Path, files: list[TreeFile], settings: Settings,
     entry = PluginEntry(name, PluginStatus.LOADED, str(plugin_dir), version=manifest.version,
                         digest=digest, manifest=manifest)
     return entry, bundle
-
-
-def image_warning(entry: PluginEntry, images: set[str] | None, settings: Settings,
-                  where: str = "any worker's Docker engine") -> str | None:
-    """Why runs of this plugin would fail for want of its image (None: fine, or unknown)."""
-    image = entry.manifest.image if entry.manifest else None
-    if not image or images is None or image in images or f"{image}:latest" in images:
-        return None
-    return (f"image: {image!r} is not present on {where}; runs will fail until it is. "
-            f"Use image: {settings.runtime_image} (built by make up), or build or load "
-            f"{image!r} on the workers")
 
 
 def plugin_dirs(plugins_dir: Path) -> dict[str, Path | PluginEntry]:

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from manager.core.config import Settings
 from manager.core.errors import ManifestError
-from manager.core.runs import RunLimits
+from manager.core.runs import Isolation, RunLimits
 from manager.plugins.yaml_strict import (
     StrictLoader,
     format_error,
@@ -86,6 +86,7 @@ class Manifest(_Model):
     retries: Annotated[int, Field(ge=0, le=10)] = 0  # re-runs after failed/timeout/oom
     concurrency: Annotated[int, Field(ge=1, le=1000)] | None = None  # across all workers
     prewarm: bool = True  # false: every run starts a cold container
+    isolation: Isolation = Isolation.CONTAINER  # gvisor: a user-space kernel in between
     resources: Resources = Resources()
     permissions: Permissions = Permissions()
 

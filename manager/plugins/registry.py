@@ -16,12 +16,12 @@ from typing import Any
 
 import redis
 
-from manager.core.beats import WorkerBeat
 from manager.core.config import Settings
 from manager.core.errors import PluginNotFound, VersionNotFound
 from manager.core.keys import Keys
+from manager.plugins.engines import Engines
 from manager.plugins.janitor import collect_bundles
-from manager.plugins.loader import PluginEntry, discover, image_warning
+from manager.plugins.loader import PluginEntry, discover
 
 
 class Registry:
@@ -44,15 +44,15 @@ class Registry:
         directory is still being written keeps its old version (`unsettled`)."""
         found = discover(plugins_dir or self.settings.plugins_dir, self.settings)
         old = self.entries(fresh=True)
-        images = self.worker_images()
+        engines = self.worker_engines()
         changes: dict[str, list[Any]] = {"added": [], "updated": [], "removed": [],
                                          "rejected": [], "warnings": [], "unsettled": []}
         pipe = self.conn.pipeline()
         for name, (entry, bundle) in found.found.items():
-            warning = image_warning(entry, images, self.settings)
-            if warning:
-                entry = replace(entry, warnings=(warning,))
-                changes["warnings"].append({"name": name, "warnings": [warning]})
+            warnings = engines.warnings(entry, self.settings)
+            if warnings:
+                entry = replace(entry, warnings=warnings)
+                changes["warnings"].append({"name": name, "warnings": list(warnings)})
             entry = self._changed(name, entry, bundle, old.get(name), changes, pipe)
             pipe.hset(self.keys.registry, name, json.dumps(entry.to_dict()))
         for name in found.unsettled:
@@ -94,11 +94,9 @@ class Registry:
             self._remember(pipe, entry, before)
         return entry
 
-    def worker_images(self) -> set[str] | None:
-        """Images on the engines of live workers (from their heartbeats); None when no
-        worker reports, so nothing can be said."""
-        reporting = [b for b in WorkerBeat.all(self.conn, self.keys) if b.docker_ok]
-        return {i for b in reporting for i in b.images} if reporting else None
+    def worker_engines(self) -> Engines:
+        """What the live workers' engines can run (from their heartbeats)."""
+        return Engines.of_workers(self.conn, self.keys)
 
     def _remember(self, pipe: Any, entry: PluginEntry, before: PluginEntry | None) -> None:
         """Puts a version at the head of the plugin's history (one per digest); the version

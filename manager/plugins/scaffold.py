@@ -25,6 +25,7 @@ image: {image}   # the runtime image (make up builds it)
 timeout: 30                    # seconds; default 30, at most {max_timeout}
 retries: 0                     # re-runs after failed, timeout or oom; 0 to 10
 prewarm: true                  # false: every run starts a cold container
+isolation: container           # gvisor: also a user-space kernel (gVisor) in between
 # concurrency: 1               # optional: at most this many runs at once, on all workers
 resources:
   cpu: "500m"                  # millicores ("250m") or cores ("0.5"); at most {max_cpu}m
