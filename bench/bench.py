@@ -64,7 +64,8 @@ CLI_TARGET_S = 0.35  # list, logs and health, end to end, with the system's pyth
 FAIR_TARGET = 1.5  # another plugin's queue wait behind a hog, in lengths of one hog run (a
 # slot must free up first: at least one run; without the share it was about 6)
 HOG_S = 3.0
-SETTLE_S = 0.6  # between a warm run and the next measurement (its replacement starts)
+SETTLE_S = 0.6
+GVISOR_SETTLE_S = 1.5  # between a warm run and the next measurement (its replacement starts)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -170,15 +171,18 @@ def direct_parallel(bare: Bare, n: int, concurrency: int) -> float:
     return time.perf_counter() - t0
 
 
-def idle_memory(client: docker.DockerClient, settings) -> float | None:
-    """MiB held by one idle prewarmed container (its cgroup, as the engine reports it)."""
-    pooled = client.containers.list(filters={"label": [
-        f"titan.instance={settings.instance}", "titan.pool=1"]})
-    if not pooled:
-        return None
-    stats = pooled[0].stats(stream=False)["memory_stats"]
-    used = stats.get("usage", 0) - stats.get("stats", {}).get("total_inactive_file", 0)
-    return used / 1024**2
+def idle_memory(client: docker.DockerClient, settings) -> dict[str, float]:
+    """MiB held by one idle prewarmed container (its cgroup, as the engine reports it), by
+    runtime (runc, runsc)."""
+    found: dict[str, float] = {}
+    for pooled in client.containers.list(filters={"label": [
+            f"titan.instance={settings.instance}", "titan.pool=1"]}):
+        runtime = pooled.attrs["HostConfig"].get("Runtime") or "runc"
+        if runtime not in found:
+            stats = pooled.stats(stream=False)["memory_stats"]
+            used = stats.get("usage", 0) - stats.get("stats", {}).get("total_inactive_file", 0)
+            found[runtime] = used / 1024**2
+    return found
 
 
 def measure(args: argparse.Namespace, bus: Bus, bare: Bare, client, settings) -> dict:
@@ -190,7 +194,8 @@ def measure(args: argparse.Namespace, bus: Bus, bare: Bare, client, settings) ->
     for _ in range(args.runs):  # interleaved, so drift hits every side alike
         warm.append(e2e_once(bus))
         gv_warm.append(e2e_once(bus, "tick_gvisor"))
-        time.sleep(SETTLE_S)  # light load: the warm runs' replacements are ready by now
+        time.sleep(GVISOR_SETTLE_S)  # light load: the replacements (gVisor's start slower)
+        # are ready by now, and do not start during the cold runs
         cold.append(e2e_once(bus, "tick_cold"))
         gv_cold.append(e2e_once(bus, "tick_gvisor_cold"))
         base.append(bare.run())
@@ -216,8 +221,8 @@ def report(args: argparse.Namespace, m: dict) -> bool:
           f"({args.burst} in {m['t_titan']:.2f}s)")
     print(f"           direct cold, 2 threads {tp_direct:6.2f} runs/s   "
           f"({args.burst} in {m['t_direct']:.2f}s)  ratio {tp_titan / tp_direct:.3f}")
-    if m["memory"] is not None:
-        print(f"memory   one idle prewarmed container holds {m['memory']:.1f} MiB")
+    for runtime, mib in sorted(m["memory"].items()):
+        print(f"memory   one idle prewarmed container ({runtime}) holds {mib:.1f} MiB")
     for command, (cli_s, curl_s) in m["cli"].items():
         print(f"cli      {command:<7} {cli_s * 1000:6.0f} ms (curl of the same answer "
               f"{curl_s * 1000:.0f} ms)")

@@ -69,8 +69,9 @@ start_redis() {
   [[ "${REDIS_URL#*://}" == *@* ]] || secret=""
   say "starting Redis on 127.0.0.1:$port, AOF appendfsync $fsync (log: $RUN_DIR/redis.log)"
   mkdir -p "$RUN_DIR/redis"
-  { printf 'port %s\nbind 127.0.0.1\ndaemonize yes\npidfile %s\nlogfile %s\ndir %s\n' \
-      "$port" "$RUN_DIR/redis.pid" "$RUN_DIR/redis.log" "$RUN_DIR/redis"
+  # TITAN_REDIS_BIND adds a private address for worker hosts (README: Add worker hosts)
+  { printf 'port %s\nbind 127.0.0.1 %s\ndaemonize yes\npidfile %s\nlogfile %s\ndir %s\n' \
+      "$port" "${TITAN_REDIS_BIND:-}" "$RUN_DIR/redis.pid" "$RUN_DIR/redis.log" "$RUN_DIR/redis"
     printf 'appendonly yes\nappendfsync %s\nsave ""\n' "$fsync"
     [ -n "$secret" ] && printf 'requirepass %s\n' "$secret"
   } >"$RUN_DIR/redis.conf"

@@ -120,26 +120,30 @@ def test_logs_show_each_runs_stderr_under_its_status(api_url: str) -> None:
     assert log_lines == ["  about to fail", "  database is on fire"]
 
 
-def test_logs_follow_catches_quick_runs(api_url: str) -> None:
-    first = json.loads(run_cli(api_url, "--json", "trigger", "echo", "--wait", "-e",
-                               event()).stdout)["invocation_id"]
+def test_logs_follow_prints_the_last_n_then_each_new_run_once_in_order(api_url: str) -> None:
+    older = [json.loads(run_cli(api_url, "--json", "trigger", "echo", "--wait", "-e",
+                                event()).stdout)["invocation_id"] for _ in range(2)]
     follower = subprocess.Popen([SYSTEM_PYTHON, str(ROOT / "titan-plugins.py"), "--api",
                                  api_url, "--json", "logs", "echo", "-f", "-n", "1"],
                                 stdout=subprocess.PIPE, text=True)
-    seen: dict[str, set[str]] = {}
-    reader = threading.Thread(target=lambda: [
-        seen.setdefault((r := json.loads(line))["invocation_id"], set()).add(r["status"])
-        for line in follower.stdout], daemon=True)  # type: ignore[union-attr]
+    printed: list[dict] = []
+    reader = threading.Thread(target=lambda: [printed.append(json.loads(line))
+                                              for line in follower.stdout],  # type: ignore[union-attr]
+                              daemon=True)
     reader.start()
     try:
         # ready once it printed the run that was already there (the newest, -n 1)
-        wait_until(lambda: first in seen, 30, "logs -f to start")
+        wait_until(lambda: printed, 30, "logs -f to start")
         invs = [json.loads(run_cli(api_url, "--json", "trigger", "echo", "-e", event()).stdout)
                 ["invocation_id"] for _ in range(10)]
-        wait_until(lambda: all("succeeded" in seen.get(i, ()) for i in invs), 90,
-                   "logs -f to show all 10 runs finished")
+        wait_until(lambda: {r["invocation_id"] for r in printed} >= set(invs), 90,
+                   "logs -f to show all 10 runs")
     finally:
         follower.kill()
+    ids = [r["invocation_id"] for r in printed]
+    assert ids[0] == older[-1] and older[0] not in ids, ids  # the last 1, nothing older
+    assert sorted(ids[1:]) == sorted(invs) and len(ids) == 11, ids  # each new run once
+    assert all(r["status"] == "succeeded" for r in printed[1:]), printed  # once finished
 
 
 def test_dead_letters_are_listed_and_replayed(api_url: str, client, conn, settings,

@@ -1,0 +1,90 @@
+"""A second worker host, for real: a second Docker engine with its own socket, data root,
+exec root and bridge (another host in everything but the kernel, tests/harness.py's
+PrivateEngine), the runtime image loaded into it, and a worker on it with its own cache
+and no filesystem shared with the manager (it fetches bundles from Redis). A burst spreads
+over both hosts; that worker is SIGKILLed mid-burst; every event ends succeeded exactly
+once; its leftover containers on the second engine are reaped by the next worker started
+there."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+from harness import PrivateEngine, WorkerProcess, new_id, record_of, wait_until
+from manager.bus.dispatch import Dispatcher
+from manager.core.contract import make_celery
+from manager.core.events import Event
+
+pytestmark = pytest.mark.integration
+ACTIVE = ("pending", "queued", "throttled", "running", "retrying")
+
+
+def containers_on(engine: PrivateEngine, instance: str) -> list[str]:
+    listed = subprocess.run(["docker", "-H", engine.url, "ps", "-aq", "--filter",
+                             f"label=titan.instance={instance}"], capture_output=True,
+                            text=True, check=True)
+    return listed.stdout.split()
+
+
+def test_a_burst_spreads_over_two_hosts_and_survives_one_of_them(settings, conn,
+                                                                    registry) -> None:
+    uid = uuid.uuid4().hex[:8]
+    mine = settings.with_(task_queue=f"{settings.task_queue}.hosts{uid}",
+                          instance=f"{settings.instance}-hosts{uid}", visibility_timeout=10,
+                          restore_interval=2, prewarm_size=0)
+    engine = PrivateEngine(settings.runtime_image)
+    elsewhere = Path(tempfile.mkdtemp(prefix="titan-host-b-"))
+    host_b = mine.with_(worker_name=f"host-b-{uid}", cache_dir=elsewhere / "cache")
+    here = WorkerProcess(mine.with_(worker_name=f"host-a-{uid}"), f"hosta{uid}",
+                         concurrency=2)
+    there = WorkerProcess(host_b, f"hostb{uid}", concurrency=2, cwd=elsewhere,
+                          DOCKER_HOST=engine.url)
+    after = None
+    dispatcher = Dispatcher(conn, mine, make_celery(mine))
+    try:
+        here.wait_ready(conn)
+        there.wait_ready(conn)
+        events = [Event(new_id("hosts"), "test.v1", "sleep", {"seconds": 1.5})
+                  for _ in range(24)]
+        invs = [dispatcher.dispatch(e, registry.get("sleeper"), "api")[0] for e in events]
+        wait_until(lambda: any(record_of(conn, mine, i).get("status") == "running" and
+                               record_of(conn, mine, i).get("worker", "").startswith("hostb")
+                               for i in invs), 120, "a run on the second host")
+        os.killpg(there.proc.pid, signal.SIGKILL)  # the second host's worker dies mid-burst
+        there.proc.wait(10)
+        assert containers_on(engine, mine.instance), "its run left no container behind"
+        records = [wait_until(lambda i=i: (r := record_of(conn, mine, i))
+                              and r["status"] not in ACTIVE and r, 300, "every run to end")
+                   for i in invs]
+        after = WorkerProcess(host_b, f"hostb2{uid}", concurrency=1, cwd=elsewhere,
+                              DOCKER_HOST=engine.url)
+        after.wait_ready(conn)
+        wait_until(lambda: not containers_on(engine, mine.instance), 60,
+                   "the next worker on the second host to reap what the dead one left")
+    finally:
+        for worker in (here, there, after):
+            if worker is not None:
+                worker.stop()
+        engine.destroy()
+        shutil.rmtree(elsewhere, ignore_errors=True)
+        shutil.rmtree(mine.cache_dir, ignore_errors=True)
+    assert [r["status"] for r in records] == ["succeeded"] * len(invs), [
+        (r["status"], r["reason"]) for r in records]
+    # the burst spread (a run was seen on the second host before the kill), the first host
+    # ran its share, and took over what the killed worker held
+    assert any(r["worker"].startswith(f"hosta{uid}") for r in records)
+    taken_over = [r for r in records if r["attempts"] > 1]
+    assert taken_over and all(r["worker"].startswith(f"hosta{uid}") for r in taken_over)
+    for event in events:
+        caused = [e for _, f in conn.xrange(mine.event_stream)
+                  if (e := json.loads(f[b"event"])).get("causation_id") == event.event_id]
+        assert len(caused) == 1 and caused[0]["event_type"] == "slept", caused
