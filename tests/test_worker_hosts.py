@@ -53,12 +53,11 @@ def test_a_burst_spreads_over_two_hosts_and_survives_one_of_them(settings, conn,
     try:
         here.wait_ready(conn)
         there.wait_ready(conn)
-        events = [Event(new_id("hosts"), "test.v1", "sleep", {"seconds": 1.5})
+        events = [Event(new_id("hosts"), "test.v1", "sleep", {"seconds": 3})
                   for _ in range(24)]
         invs = [dispatcher.dispatch(e, registry.get("sleeper"), "api")[0] for e in events]
-        wait_until(lambda: any(record_of(conn, mine, i).get("status") == "running" and
-                               record_of(conn, mine, i).get("worker", "").startswith("hostb")
-                               for i in invs), 120, "a run on the second host")
+        wait_until(lambda: containers_on(engine, mine.instance), 120,
+                   "a run's container on the second host")
         os.killpg(there.proc.pid, signal.SIGKILL)  # the second host's worker dies mid-burst
         there.proc.wait(10)
         assert containers_on(engine, mine.instance), "its run left no container behind"
