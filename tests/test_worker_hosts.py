@@ -39,6 +39,7 @@ def test_a_burst_spreads_over_two_hosts_and_survives_one_of_them(settings, conn,
                                                                     registry) -> None:
     uid = uuid.uuid4().hex[:8]
     mine = settings.with_(task_queue=f"{settings.task_queue}.hosts{uid}",
+                          event_stream=f"{settings.event_stream}.hosts{uid}",
                           instance=f"{settings.instance}-hosts{uid}", visibility_timeout=10,
                           restore_interval=2, prewarm_size=0)
     engine = PrivateEngine(settings.runtime_image)

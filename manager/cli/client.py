@@ -17,7 +17,7 @@ import click
 
 TERMINAL = {"succeeded", "failed", "timeout", "oom", "output_limit", "rejected", "lost"}
 EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_UNREACHABLE, EXIT_WAIT = 1, 2, 3, 4, 5
-NOT_FOUND = {"plugin_not_found", "invocation_not_found", "version_not_found"}
+NOT_FOUND = {"plugin_not_found", "invocation_not_found"}
 
 
 class CliError(click.ClickException):

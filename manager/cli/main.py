@@ -2,7 +2,7 @@
 `new`, `run` and `validate`, of the local code; see manager/cli/local.py).
 
 Exit codes: 0 ok; 1 the run (or the check) failed, or the API refused; 2 usage; 3 no such
-plugin, invocation or version (with the nearest names); 4 the API is unreachable; 5 a
+plugin or invocation (a plugin with the nearest names); 4 the API is unreachable; 5 a
 `--wait` timed out. With `--json` (before or after the command)
 every output is valid JSON on stdout (JSON Lines for `logs -f`), errors included.
 """
