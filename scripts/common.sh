@@ -13,6 +13,12 @@ if [ -z "${TITAN_REDIS_URL:-}" ] && [ -f "$REDIS_URL_FILE" ]; then
   TITAN_REDIS_URL="$(cat "$REDIS_URL_FILE")"
 fi
 REDIS_URL="${TITAN_REDIS_URL:-redis://127.0.0.1:6379/0}"
+# Redis HA (TITAN_REDIS_HA=1 make up): the Sentinels every process asks for the primary.
+SENTINELS_FILE="$RUN_DIR/redis.sentinels"
+if [ -z "${TITAN_REDIS_SENTINELS:-}" ] && [ -f "$SENTINELS_FILE" ]; then
+  export TITAN_REDIS_SENTINELS="$(cat "$SENTINELS_FILE")"
+  export TITAN_REDIS_MIN_REPLICAS="${TITAN_REDIS_MIN_REPLICAS:-1}"
+fi
 export TITAN_RUN_DIR="$RUN_DIR"
 API_TOKEN_FILE="$RUN_DIR/api.token"
 FLOWER_AUTH_FILE="$RUN_DIR/flower.auth"

@@ -55,6 +55,16 @@ PY
 # append-only files are root's alone (0700/0600), like everything else in the run directory. appendfsync everysec loses at most about one second of writes on
 # a power loss or kernel crash, and nothing on a process crash; `always` loses nothing.
 start_redis() {
+  if [ "${TITAN_REDIS_HA:-0}" = 1 ] || [ -f "$SENTINELS_FILE" ]; then
+    redis_ok || start_plain_redis
+    start_redis_ha
+    wait_for redis_ok 20 || die "Redis did not start; see $RUN_DIR/redis.log"
+    return
+  fi
+  start_plain_redis
+}
+
+start_plain_redis() {
   if redis_ok; then say "Redis answers on port $(redis_port)"; return; fi
   command -v redis-server >/dev/null || die "redis-server is missing (run: make up)"
   local port fsync="${TITAN_REDIS_APPENDFSYNC:-everysec}" secret
@@ -73,11 +83,49 @@ start_redis() {
   { printf 'port %s\nbind 127.0.0.1 %s\ndaemonize yes\npidfile %s\nlogfile %s\ndir %s\n' \
       "$port" "${TITAN_REDIS_BIND:-}" "$RUN_DIR/redis.pid" "$RUN_DIR/redis.log" "$RUN_DIR/redis"
     printf 'appendonly yes\nappendfsync %s\nsave ""\n' "$fsync"
-    [ -n "$secret" ] && printf 'requirepass %s\n' "$secret"
+    # masterauth: so that, under Sentinel, a demoted primary can follow the new one
+    [ -n "$secret" ] && printf 'requirepass %s\nmasterauth %s\n' "$secret" "$secret"
   } >"$RUN_DIR/redis.conf"
   chmod 600 "$RUN_DIR/redis.conf"
   redis-server "$RUN_DIR/redis.conf" >/dev/null
   wait_for redis_ok 20 || die "Redis did not start; see $RUN_DIR/redis.log"
+}
+
+# TITAN_REDIS_HA=1: a primary, one replica and three Sentinels (quorum 2), all with the
+# same generated password, pid files, logs and data in the run directory. Every process
+# then finds the primary through the Sentinels (run/redis.sentinels) and waits for one
+# replica to confirm what it acknowledges (TITAN_REDIS_MIN_REPLICAS=1).
+start_redis_ha() {
+  local port secret i
+  command -v redis-server >/dev/null || die "redis-server is missing (run: make up)"
+  port="$(redis_port)"; secret="${REDIS_URL#*://}"; secret="${secret%%@*}"; secret="${secret#*:}"
+  # the primary is start_plain_redis's; the replica follows it, with the same password
+  if ! pid_alive "$RUN_DIR/redis-replica.pid"; then
+    mkdir -p "$RUN_DIR/redis-replica"
+    { printf 'port %s\nbind 127.0.0.1 %s\ndaemonize yes\npidfile %s\nlogfile %s\ndir %s\n' \
+        "$((port + 1))" "${TITAN_REDIS_BIND:-}" "$RUN_DIR/redis-replica.pid" \
+        "$RUN_DIR/redis-replica.log" "$RUN_DIR/redis-replica"
+      printf 'appendonly yes\nappendfsync %s\nsave ""\nrequirepass %s\nmasterauth %s\n' \
+        "${TITAN_REDIS_APPENDFSYNC:-everysec}" "$secret" "$secret"
+      printf 'replicaof 127.0.0.1 %s\n' "$port"
+    } >"$RUN_DIR/redis-replica.conf"
+    redis-server "$RUN_DIR/redis-replica.conf" >/dev/null
+  fi
+  local sentinels=()
+  for i in 0 1 2; do
+    local sp=$((26379 + i)) name="sentinel$i"
+    sentinels+=("127.0.0.1:$sp")
+    pid_alive "$RUN_DIR/$name.pid" && continue
+    { printf 'port %s\nbind 127.0.0.1\ndaemonize yes\npidfile %s\nlogfile %s\ndir %s\n' \
+        "$sp" "$RUN_DIR/$name.pid" "$RUN_DIR/$name.log" "$RUN_DIR"
+      printf 'requirepass %s\nsentinel monitor titan 127.0.0.1 %s 2\n' "$secret" "$port"
+      printf 'sentinel auth-pass titan %s\nsentinel down-after-milliseconds titan 2000\n' "$secret"
+      printf 'sentinel failover-timeout titan 10000\n'
+    } >"$RUN_DIR/$name.conf"  # Sentinel rewrites its own file: it stays in run/, 0600
+    redis-server "$RUN_DIR/$name.conf" --sentinel >/dev/null
+  done
+  (IFS=,; echo "${sentinels[*]}") >"$SENTINELS_FILE"
+  say "Redis HA: primary 127.0.0.1:$port, replica :$((port + 1)), Sentinels ${sentinels[*]}"
 }
 
 stop_pidfile() {
@@ -94,6 +142,8 @@ case "${1:-start}" in
   start) start_docker; register_gvisor; start_redis ;;
   docker) start_docker; register_gvisor ;;
   redis) start_redis ;;
-  stop) stop_pidfile redis; stop_pidfile dockerd ;;
+  stop)
+    for s in sentinel0 sentinel1 sentinel2 redis-replica redis; do stop_pidfile "$s"; done
+    rm -f "$SENTINELS_FILE"; stop_pidfile dockerd ;;
   *) die "usage: $0 start|docker|redis|stop" ;;
 esac

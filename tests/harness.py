@@ -256,6 +256,8 @@ def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
         "TITAN_CACHE_DIR": str(settings.cache_dir), "TITAN_WORKER_NAME": settings.worker_name,
         "TITAN_ALLOWED_ROOTS": ":".join(str(r) for r in settings.allowed_roots),
         "TITAN_PIP_INDEX_URL": settings.pip_index_url,
+        "TITAN_REDIS_SENTINELS": settings.redis_sentinels,
+        "TITAN_REDIS_MASTER": settings.redis_master,
     })
     for f in dataclass_fields(Settings):
         value = getattr(settings, f.name)

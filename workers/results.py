@@ -158,6 +158,10 @@ class Outcomes:
         outcome = persist(lambda: self.records.conclude(
             req.invocation_id, decided.status, decided.reason, decided.events, failure,
             **decided.fields), self.settings.finish_budget_s, req.invocation_id)
+        # acknowledged (the task) means replicated, when the operator asks for it: raises
+        # NotReplicated, and the runner sends the run again to confirm it later
+        persist(lambda: self.records.confirm_replicated(req.invocation_id),
+                self.settings.finish_budget_s, req.invocation_id)
         if outcome.applied:
             metrics.INVOCATIONS.labels(plugin=req.plugin, status=decided.status.value).inc()
         else:

@@ -15,7 +15,7 @@ import redis
 from manager.core import metrics
 from manager.core.beats import WorkerBeat
 from manager.core.config import Settings
-from manager.core.errors import BundleError, SandboxUnavailable
+from manager.core.errors import BundleError, NotReplicated, SandboxUnavailable
 from manager.core.keys import Keys
 from manager.core.records import InvocationRecord, RecordStore, Status
 from manager.core.retry import run_retry
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 RETRYABLE = {Status.FAILED, Status.TIMEOUT, Status.OOM}  # only with `retries:` in the manifest
 RUNNING_GRACE_S = 60  # beyond timeout + stop grace, before the sweeper looks at a run
 HOLDER_RECHECK_S = 10  # a second delivery waits this long while the first holder lives
+REPLICATION_RECHECK_S = 5  # a stored outcome no replica confirmed yet is looked at again
 CLAIMABLE = frozenset({Status.PENDING, Status.QUEUED, Status.THROTTLED, Status.RETRYING})
 
 
@@ -90,13 +91,23 @@ class Runner:
 
     def execute(self, req: RunRequest, worker: str) -> Finished | Later:
         """Runs one delivery of a request. Returns the final status (or why it ran nothing), or
-        Later when the run must wait (throttled, engine unusable, manifest retries, or a
-        second delivery while the first holder still lives)."""
+        Later when the run must wait (throttled, engine unusable, manifest retries, a second
+        delivery while the first holder still lives, or an outcome no replica confirmed
+        yet: its message is acknowledged only once one does, without holding a slot)."""
+        try:
+            return self.deliver(req, worker)
+        except NotReplicated as exc:
+            log.warning("invocation %s: %s; confirming again in %ss", req.invocation_id,
+                        exc.message, REPLICATION_RECHECK_S)
+            return Later(req, REPLICATION_RECHECK_S)
+
+    def deliver(self, req: RunRequest, worker: str) -> Finished | Later:
         record = self.records.get(req.invocation_id)
         if record is None:
             log.warning("invocation %s has no record (expired?); dropping", req.invocation_id)
             return Finished(Skipped.UNKNOWN)
         if record.status.terminal:
+            self.records.confirm_replicated(req.invocation_id)
             return Finished(Skipped.DUPLICATE)
         takeover = ""
         if record.status is Status.RUNNING:

@@ -17,14 +17,15 @@ from celery.exceptions import Reject, Retry
 from kombu.exceptions import OperationalError
 
 from manager.core.contract import RUN_TASK
-from manager.core.errors import OutcomeNotStored
+from manager.core.errors import NotReplicated, OutcomeNotStored
 from manager.core.records import Status
 from manager.core.runs import RunRequest
 from workers.celery_app import app, runner
 from workers.runner import Finished, Later
 
 log = logging.getLogger(__name__)
-BROKER_DOWN = (redis.ConnectionError, redis.TimeoutError, OperationalError, OutcomeNotStored)
+BROKER_DOWN = (redis.ConnectionError, redis.TimeoutError, OperationalError, OutcomeNotStored,
+               NotReplicated)
 
 
 class RunFailed(Exception):

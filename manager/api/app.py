@@ -25,6 +25,7 @@ from manager.core.errors import (
     DeadLetterNotFound,
     EventError,
     InvocationNotFound,
+    NotReplicated,
     PermissionDenied,
     PluginNotFound,
     PluginUnavailable,
@@ -36,7 +37,7 @@ from manager.plugins.registry import Registry
 
 STATUS_CODES = {EventError: 400, BadQuery: 400, BudgetExceeded: 429, PluginNotFound: 404,
                 InvocationNotFound: 404, VersionNotFound: 404, DeadLetterNotFound: 404,
-                PluginUnavailable: 409, PermissionDenied: 403}
+                PluginUnavailable: 409, PermissionDenied: 403, NotReplicated: 503}
 PUBLIC_PATHS = ("/health", "/docs", "/openapi.json")  # and /docs/static/...
 
 

@@ -13,6 +13,7 @@ import redis
 from flask import Response, current_app, jsonify
 
 from manager.bus.dispatch import Dispatcher, FanoutBudget
+from manager.core.clients import check_replicated, confirm_replicated
 from manager.core.config import Settings
 from manager.core.events import Event, Limits
 from manager.core.records import RecordStore
@@ -48,9 +49,13 @@ def error(code: str, message: str, status: int, **details: Any) -> tuple[Respons
 
 def publish_event(conn: redis.Redis, settings: Settings, event: Event) -> str:
     """XADDs an event to the bus; returns the stream entry id once Redis has it (Redis
-    writes its AOF before it answers)."""
-    entry = conn.xadd(settings.event_stream, {"event": event.encode()},
-                      maxlen=settings.stream_maxlen, approximate=True)
+    writes its AOF before it answers) and, with TITAN_REDIS_MIN_REPLICAS, once that many
+    replicas confirm it (else NotReplicated: 503, naming the replicas)."""
+    pipe = conn.pipeline(transaction=False)
+    pipe.xadd(settings.event_stream, {"event": event.encode()},
+              maxlen=settings.stream_maxlen, approximate=True)
+    confirm_replicated(pipe, settings)
+    (entry,) = check_replicated(pipe.execute(), settings, f"event {event.event_id}")
     return entry.decode() if isinstance(entry, bytes) else entry
 
 

@@ -1,22 +1,73 @@
 """The one factory for Redis clients: every process builds its connections here, with
-the project's retry and health-check options. (Docker clients: `workers.sandbox`.)"""
+the project's retry and health-check options, straight to `redis_url` or through Sentinel
+(`redis_sentinels`), and the one place that confirms a write reached the replicas.
+(Docker clients: `workers.sandbox`.)
+
+Through Sentinel, a client asks the Sentinels for the primary and follows a failover by
+itself: a connection error, or a ReadOnlyError from a primary that was demoted, drops
+the connection and the retry asks the Sentinels again (redis-py's SentinelManagedConnection);
+Lua scripts missing on the new primary are loaded again (redis-py's Script on NOSCRIPT).
+"""
 
 from __future__ import annotations
+
+from typing import Any
+from urllib.parse import unquote, urlparse
 
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
+from redis.sentinel import Sentinel
 
 from manager.core.config import Settings
+from manager.core.errors import NotReplicated
 
 # A command that fails on a broken connection is retried a few times over about a second;
 # longer outages surface as ConnectionError to the callers, which have their own budgets.
+# Through Sentinel, a failover takes a few seconds more: more retries, longer waits.
 RETRY = Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), retries=3)
+FAILOVER_RETRY = Retry(ExponentialWithJitterBackoff(cap=2.0, base=0.1), retries=12)
+
+
+def password_and_db(settings: Settings) -> tuple[str | None, int]:
+    url = urlparse(settings.redis_url)
+    return (unquote(url.password) if url.password else None,
+            int((url.path or "/0").strip("/") or 0))
 
 
 def redis_client(settings: Settings) -> redis.Redis:
-    return redis.Redis.from_url(
-        settings.redis_url, retry=RETRY,
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-        health_check_interval=30, socket_keepalive=True, socket_connect_timeout=5,
-        socket_timeout=max(30, settings.read_block_ms / 1000 + 10))
+    options: dict[str, Any] = {
+        "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
+        "health_check_interval": 30, "socket_keepalive": True, "socket_connect_timeout": 5,
+        "socket_timeout": max(30, settings.read_block_ms / 1000 + 10)}
+    if not settings.sentinel_addresses:
+        return redis.Redis.from_url(settings.redis_url, retry=RETRY, **options)
+    password, db = password_and_db(settings)
+    sentinel = Sentinel(settings.sentinel_addresses,
+                        sentinel_kwargs={"password": password, "socket_timeout": 2,
+                                         "socket_connect_timeout": 2})
+    return sentinel.master_for(settings.redis_master, redis_class=redis.Redis,
+                               password=password, db=db, retry=FAILOVER_RETRY, **options)
+
+
+def confirm_replicated(pipe: Any, settings: Settings) -> None:
+    """Adds a WAIT for the replicas to a pipeline holding the write(s) to confirm (WAIT
+    covers what was written on its own connection, so it rides the same pipeline)."""
+    if settings.redis_min_replicas:
+        pipe.execute_command("WAIT", settings.redis_min_replicas, settings.redis_wait_ms)
+
+
+def check_replicated(replies: list[Any], settings: Settings, what: str) -> list[Any]:
+    """The pipeline's replies without the WAIT's; raises NotReplicated when too few replicas
+    confirmed."""
+    if not settings.redis_min_replicas:
+        return replies
+    *rest, acked = replies
+    if int(acked) < settings.redis_min_replicas:
+        raise NotReplicated(
+            f"{what} is on the Redis primary but only {acked} of "
+            f"{settings.redis_min_replicas} replica(s) confirmed it within "
+            f"{settings.redis_wait_ms} ms (TITAN_REDIS_MIN_REPLICAS): is the replica up? "
+            "It is kept; a failover now could lose it", replicas=int(acked),
+            wanted=settings.redis_min_replicas)
+    return rest

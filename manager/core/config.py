@@ -48,7 +48,14 @@ def _paths(raw: str) -> tuple[Path, ...]:
 class Settings:
     """Typed settings; `Settings.from_env()` is the only reader of TITAN_* variables."""
 
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = "redis://127.0.0.1:6379/0"  # with Sentinel: its password and db only
+    # Redis behind Sentinel: "host:port,host:port,...", and the primary's name there.
+    redis_sentinels: str = ""
+    redis_master: str = "titan"
+    # Acknowledged means replicated: a published event and a run's outcome count as stored
+    # only once this many replicas confirm them (WAIT), within redis_wait_ms.
+    redis_min_replicas: int = 0
+    redis_wait_ms: int = 2000
     event_stream: str = "titan:events"
     dead_stream: str = "titan:events:dead"
     consumer_group: str = "titan-plugin-manager"
@@ -178,6 +185,16 @@ class Settings:
     def event_limits(self) -> Limits:
         """The event limits every reader applies (listener, API, a worker's results)."""
         return Limits(self.max_event_bytes, self.max_event_depth)
+
+    @property
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        """The Sentinels to ask for the primary (empty: Redis is redis_url itself)."""
+        found = []
+        for item in self.redis_sentinels.replace(";", ",").split(","):
+            host, _, port = item.strip().rpartition(":")
+            if item.strip():
+                found.append((host or "127.0.0.1", int(port)))
+        return found
 
     @property
     def effective_visibility_timeout(self) -> int:

@@ -5,9 +5,11 @@ rest). Both sides import it; neither builds a Celery app any other way."""
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 from celery import Celery
 
+from manager.core.clients import password_and_db
 from manager.core.config import Settings
 from manager.core.keys import Keys
 
@@ -20,9 +22,10 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
     restore_every = max(1, min(10, settings.restore_interval))
     keys = Keys(settings.key_prefix)
     return {
-        "broker_url": settings.redis_url,
+        "broker_url": broker_url(settings),
         "task_default_queue": settings.task_queue,
         "broker_transport_options": {
+            **sentinel_options(settings),
             # Unacknowledged tasks come back after this long: longer than any run.
             "visibility_timeout": settings.effective_visibility_timeout,
             # kombu scans for unacknowledged tasks about every interval * throttle seconds.
@@ -39,6 +42,25 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
             # kombu, which reconnects everything itself.
         },
     }
+
+
+def broker_url(settings: Settings) -> str:
+    """redis_url, or kombu's list of Sentinels (`sentinel://...;sentinel://...`) carrying
+    the primary's password and db."""
+    if not settings.sentinel_addresses:
+        return settings.redis_url
+    password, db = password_and_db(settings)
+    auth = f":{quote(password, safe='')}@" if password else ""
+    return ";".join(f"sentinel://{auth}{host}:{port}/{db}"
+                    for host, port in settings.sentinel_addresses)
+
+
+def sentinel_options(settings: Settings) -> dict[str, Any]:
+    if not settings.sentinel_addresses:
+        return {}
+    password, _ = password_and_db(settings)
+    return {"master_name": settings.redis_master,
+            "sentinel_kwargs": {"password": password, "socket_timeout": 2}}
 
 
 def make_celery(settings: Settings, name: str = "titan") -> Celery:

@@ -94,6 +94,13 @@ class BadQuery(TitanError):
     code = "invalid_query"
 
 
+class NotReplicated(TitanError):
+    """A write was stored on the primary but not confirmed by enough replicas in time
+    (TITAN_REDIS_MIN_REPLICAS, TITAN_REDIS_WAIT_MS): a failover now could lose it."""
+
+    code = "not_replicated"
+
+
 class OutcomeNotStored(TitanError):
     """A finished run's outcome could not be stored within the budget (Redis away); the
     task message goes back so the run comes back."""

@@ -70,6 +70,11 @@ class Keys:
         return f"{self.prefix}:worker-slots"
 
     @property
+    def replication_probe(self) -> str:
+        """String: written before a WAIT, so the WAIT covers the writer's earlier writes."""
+        return f"{self.prefix}:replication-probe"
+
+    @property
     def sweep_lock(self) -> str:
         """String: held by the one process sweeping abandoned runs."""
         return f"{self.prefix}:sweep:lock"

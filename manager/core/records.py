@@ -17,6 +17,7 @@ from typing import Any
 import redis
 
 from manager.core import record_scripts as scripts
+from manager.core.clients import check_replicated, confirm_replicated
 from manager.core.config import Settings
 from manager.core.events import Event
 from manager.core.keys import Keys
@@ -241,6 +242,18 @@ class RecordStore:
             events.append(failure.encode())
             changes["failure_event_id"] = failure.event_id
         return self.finish(invocation_id, status, events, reason=reason, **changes)
+
+    def confirm_replicated(self, invocation_id: str) -> None:
+        """With TITAN_REDIS_MIN_REPLICAS: a write of this connection's own, after
+        everything the run stored, then WAIT for the replicas: a replica that confirms it
+        has the run's final record and events too (replication keeps order). Raises
+        NotReplicated when too few confirm in time."""
+        if not self.settings.redis_min_replicas:
+            return
+        pipe = self.conn.pipeline(transaction=False)
+        pipe.set(self.keys.replication_probe, invocation_id)
+        confirm_replicated(pipe, self.settings)
+        check_replicated(pipe.execute(), self.settings, f"the outcome of {invocation_id}")
 
     def recheck_later(self, invocation_ids: list[str], when: float) -> None:
         """Moves live runs' sweeper deadline on (they are still held or queued)."""
