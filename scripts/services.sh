@@ -125,7 +125,7 @@ start_redis_ha() {
     redis-server "$RUN_DIR/$name.conf" --sentinel >/dev/null
   done
   (IFS=,; echo "${sentinels[*]}") >"$SENTINELS_FILE"
-  say "Redis HA: primary 127.0.0.1:$port, replica :$((port + 1)), Sentinels ${sentinels[*]}"
+  say "Redis HA: data nodes 127.0.0.1:$port and :$((port + 1)) (the Sentinels ${sentinels[*]} know which is the primary)"
 }
 
 stop_pidfile() {
