@@ -10,7 +10,7 @@ export TITAN_RUN_DIR ?= $(CURDIR)/$(RUN_DIR)
 export TITAN_REDIS_URL ?= $(shell cat $(RUN_DIR)/redis.url 2>/dev/null)
 
 .PHONY: up down deps services image plugins-up plugins-down plugins-list plugins-reload \
-        plugins-logs status flower test unit lint bench soak compose-up compose-down
+        plugins-logs status flower test unit lint bench soak soak-ha compose-up compose-down
 
 up: deps services image ## install what is missing, start Redis, Docker, manager and workers
 	@mkdir -p $(FILES_DIR)
@@ -77,3 +77,8 @@ soak: deps ## 2,000 events, 3 plugins, 2 workers, a worker SIGKILLed twice: noth
 	@bash scripts/services.sh docker
 	@bash scripts/image.sh
 	@$(PY) bench/soak.py $(SOAK_ARGS)
+
+soak-ha: deps ## the soak with Redis behind Sentinel: the primary SIGKILLed, the replica promoted
+	@bash scripts/services.sh docker
+	@bash scripts/image.sh
+	@$(PY) bench/soak.py --ha $(SOAK_ARGS)

@@ -142,6 +142,17 @@ def fairness(bus: Bus) -> tuple[float, float]:
     return (tick.started_at or 0) - tick.created_at, statistics.median(lengths)
 
 
+def hit_rate(bus: Bus, runs: int) -> dict[str, float]:
+    """The share of the measured runs of each prewarmed plugin that found a prewarmed
+    container (titan_prewarm_hits_total over hits + misses), from their records."""
+    records = RecordStore(bus.conn, bus.settings)
+    rates = {}
+    for plugin in ("noop", "noop_gvisor"):
+        recent = [r for r in records.for_plugin(plugin, runs) if r.warm is not None]
+        rates[plugin] = sum(bool(r.warm) for r in recent) / max(1, len(recent))
+    return rates
+
+
 def cli_latency(api_url: str, n: int = 10) -> dict[str, tuple[float, float]]:
     """Median wall time of `titan-plugins.py list|logs|health` run as an operator runs it
     (the system's python3), and of fetching the same answer with curl (the floor)."""
@@ -202,7 +213,7 @@ def measure(args: argparse.Namespace, bus: Bus, bare: Bare, client, settings) ->
     memory = idle_memory(client, settings)
     return {"cli": cli_latency(args.api_url), "warm": warm, "cold": cold, "base": base,
             "gvisor_warm": gv_warm, "gvisor_cold": gv_cold,
-            "memory": memory, "fair": fairness(bus),
+            "memory": memory, "hits": hit_rate(bus, args.runs), "fair": fairness(bus),
             "t_titan": burst(bus, args.burst), "t_direct": direct_parallel(bare, args.burst, 2)}
 
 
@@ -223,6 +234,8 @@ def report(args: argparse.Namespace, m: dict) -> bool:
           f"({args.burst} in {m['t_direct']:.2f}s)  ratio {tp_titan / tp_direct:.3f}")
     for runtime, mib in sorted(m["memory"].items()):
         print(f"memory   one idle prewarmed container ({runtime}) holds {mib:.1f} MiB")
+    for plugin, rate in m["hits"].items():
+        print(f"prewarm  {plugin:<12} hit rate {rate:.0%} of its measured runs")
     for command, (cli_s, curl_s) in m["cli"].items():
         print(f"cli      {command:<7} {cli_s * 1000:6.0f} ms (curl of the same answer "
               f"{curl_s * 1000:.0f} ms)")

@@ -23,10 +23,16 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from harness import RedisServer, WorkerProcess, private_settings  # noqa: E402
+from harness import (  # noqa: E402
+    RedisServer,
+    SentinelCluster,
+    WorkerProcess,
+    private_settings,
+)
 from manager.bus.dispatch import Dispatcher  # noqa: E402
 from manager.bus.listener import Listener  # noqa: E402
 from manager.bus.sweeper import Sweeper  # noqa: E402
+from manager.core.clients import redis_client  # noqa: E402
 from manager.core.contract import make_celery  # noqa: E402
 from manager.core.records import RecordStore, Status  # noqa: E402
 from manager.plugins.registry import Registry  # noqa: E402
@@ -64,14 +70,23 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events", type=int, default=2000)
     parser.add_argument("--timeout", type=float, default=1800, help="seconds for the whole run")
+    parser.add_argument("--ha", action="store_true", help="Redis with a replica and three "
+                        "Sentinels; the primary is SIGKILLed (and the replica promoted) "
+                        "instead of Redis being restarted")
     args = parser.parse_args()
-    server = RedisServer(persist=True)
-    settings = private_settings(server.url, PLUGINS, Path(tempfile.mkdtemp(prefix="titan-soak-")),
-                                visibility_timeout=10, restore_interval=2, reclaim_idle_ms=5000,
-                                housekeeping_s=2, sweep_grace_s=10, stream_maxlen=1_000_000)
-    conn = redis.Redis.from_url(settings.redis_url)
+    soak = {"visibility_timeout": 10, "restore_interval": 2, "reclaim_idle_ms": 5000,
+            "housekeeping_s": 2, "sweep_grace_s": 10, "stream_maxlen": 1_000_000}
+    run_dir = Path(tempfile.mkdtemp(prefix="titan-soak-"))
+    if args.ha:
+        cluster = SentinelCluster()
+        settings = cluster.settings(PLUGINS, run_dir, **soak)
+        server = None
+    else:
+        server = RedisServer(persist=True)
+        settings = private_settings(server.url, PLUGINS, run_dir, **soak)
+    conn = redis_client(settings)
     Registry(conn, settings).reload()
-    listener_conn = redis.Redis.from_url(settings.redis_url)
+    listener_conn = redis_client(settings)
     dispatcher = Dispatcher(conn, settings, make_celery(settings))
     listener = Listener(listener_conn, settings, Registry(listener_conn, settings), dispatcher,
                         housekeeping=Sweeper(listener_conn, settings, dispatcher).maybe_sweep)
@@ -100,10 +115,16 @@ def main() -> int:
                 continue
             if redis_crash and done >= redis_crash:
                 redis_crash = 0
-                server.crash()
-                print(f"  killed Redis (SIGKILL) at {done} runs done; starting it again")
-                time.sleep(1)
-                server.start()
+                if server is None:
+                    cluster.fail_over()
+                    print(f"  killed the Redis primary (SIGKILL) at {done} runs done; the "
+                          "replica was promoted; starting the old primary again")
+                    cluster.replica.start()  # it rejoins as a replica
+                else:
+                    server.crash()
+                    print(f"  killed Redis (SIGKILL) at {done} runs done; starting it again")
+                    time.sleep(1)
+                    server.start()
             if kills and done >= kills[0]:
                 kills.pop(0)
                 victim = workers[0]
@@ -127,7 +148,10 @@ def main() -> int:
         listener.stop()
         for w in workers:
             w.stop()
-        server.stop()
+        if server is None:
+            cluster.close()
+        else:
+            server.stop()
     statuses: Counter = Counter()
     lost = [p for p in expected if terminal[p] == 0]
     duplicated = [p for p in expected if terminal[p] > 1 or results[p] > 1]

@@ -417,3 +417,92 @@ class PrivateEngine:
     def destroy(self) -> None:
         self.stop()
         subprocess.run(["rm", "-rf", str(self.root)], check=False)
+
+
+class RedisNode:
+    """One redis-server (a data node, or a Sentinel) on a free port, with its own dir."""
+
+    def __init__(self, root: Path, name: str, lines: list[str], password: str,
+                 sentinel: bool = False) -> None:
+        self.port = free_port()
+        self.password = password
+        self.dir = root / name
+        self.dir.mkdir()
+        self.conf = self.dir / "redis.conf"
+        self.conf.write_text("\n".join([f"port {self.port}", "bind 127.0.0.1",
+                                        f"dir {self.dir}", f"requirepass {self.password}",
+                                        *lines]) + "\n")
+        self.sentinel = sentinel
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        args = ["redis-server", str(self.conf)] + (["--sentinel"] if self.sentinel else [])
+        self.proc = subprocess.Popen(args, stdout=(self.dir / "log").open("ab"),
+                                     stderr=subprocess.STDOUT)
+        wait_until(lambda: self.ping(), 20, f"redis on {self.port}")
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, password=self.password, socket_timeout=2)
+
+    def ping(self) -> bool:
+        try:
+            return bool(self.client().ping())
+        except redis.RedisError:
+            return False
+
+    def role(self) -> str:
+        return self.client().info("replication")["role"]
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+class SentinelCluster:
+    """A primary, a replica and three Sentinels (quorum 2) on free ports, one password."""
+
+    def __init__(self) -> None:
+        self.password = uuid.uuid4().hex
+        self.root = Path(tempfile.mkdtemp(prefix="titan-ha-"))
+        data = ["appendonly yes", "appendfsync everysec", 'save ""',
+                f"masterauth {self.password}"]
+        self.primary = RedisNode(self.root, "primary", data, self.password)
+        self.replica = RedisNode(self.root, "replica",
+                                 [*data, f"replicaof 127.0.0.1 {self.primary.port}"],
+                                 self.password)
+        wait_until(lambda: self.replica.client().info("replication")["master_link_status"]
+                   == "up", 30, "the replica to sync")
+        self.sentinels = [RedisNode(self.root, f"sentinel{n}", [
+            f"sentinel monitor titan 127.0.0.1 {self.primary.port} 2",
+            f"sentinel auth-pass titan {self.password}",
+            "sentinel down-after-milliseconds titan 1000",
+            "sentinel failover-timeout titan 5000"], self.password, sentinel=True)
+            for n in range(3)]
+        wait_until(lambda: all(int(s.client().sentinel_master("titan")["num-other-sentinels"])
+                               == 2 for s in self.sentinels), 30, "the Sentinels to meet")
+
+    def settings(self, plugins_dir: Path, run_dir: Path, **extra: object) -> Settings:
+        return private_settings(
+            f"redis://default:{self.password}@127.0.0.1:{self.primary.port}/0", plugins_dir,
+            run_dir, redis_sentinels=",".join(f"127.0.0.1:{s.port}" for s in self.sentinels),
+            redis_master="titan", redis_min_replicas=1, **extra)
+
+    def fail_over(self) -> None:
+        """SIGKILLs the primary; returns once Sentinel promoted the replica. The nodes'
+        names are swapped: `primary` is the new one, `replica` the one that died."""
+        self.primary.kill()
+        wait_until(lambda: self.replica.role() == "master", 60,
+                   "Sentinel to promote the replica")
+        self.primary, self.replica = self.replica, self.primary
+
+    def close(self) -> None:
+        for node in (*self.sentinels, self.replica, self.primary):
+            node.stop()
+        shutil.rmtree(self.root, ignore_errors=True)

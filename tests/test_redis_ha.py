@@ -10,112 +10,34 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import tempfile
 import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 
-from harness import WorkerProcess, free_port, new_id, private_settings, record_of, wait_until
+from harness import SentinelCluster, WorkerProcess, new_id, record_of, wait_until
 from manager.api.app import create_app
 from manager.bus.dispatch import Dispatcher
 from manager.bus.listener import Listener
 from manager.core.clients import redis_client
-from manager.core.config import Settings
 from manager.core.contract import make_celery
 from manager.plugins.registry import Registry
 
 pytestmark = pytest.mark.integration
-PASSWORD = uuid.uuid4().hex
 ACTIVE = ("pending", "queued", "throttled", "running", "retrying")
 
 
-class Node:
-    """One redis-server (a data node, or a Sentinel) on a free port, with its own dir."""
-
-    def __init__(self, root: Path, name: str, lines: list[str], sentinel: bool = False):
-        self.port = free_port()
-        self.dir = root / name
-        self.dir.mkdir()
-        self.conf = self.dir / "redis.conf"
-        self.conf.write_text("\n".join([f"port {self.port}", "bind 127.0.0.1",
-                                        f"dir {self.dir}", f"requirepass {PASSWORD}",
-                                        *lines]) + "\n")
-        self.sentinel = sentinel
-        self.proc: subprocess.Popen | None = None
-        self.start()
-
-    def start(self) -> None:
-        args = ["redis-server", str(self.conf)] + (["--sentinel"] if self.sentinel else [])
-        self.proc = subprocess.Popen(args, stdout=(self.dir / "log").open("ab"),
-                                     stderr=subprocess.STDOUT)
-        wait_until(lambda: self.ping(), 20, f"redis on {self.port}")
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, password=PASSWORD, socket_timeout=2)
-
-    def ping(self) -> bool:
-        try:
-            return bool(self.client().ping())
-        except redis.RedisError:
-            return False
-
-    def role(self) -> str:
-        return self.client().info("replication")["role"]
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-
-
-class Cluster:
-    def __init__(self) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="titan-ha-"))
-        data = ["appendonly yes", "appendfsync everysec", 'save ""', f"masterauth {PASSWORD}"]
-        self.primary = Node(self.root, "primary", data)
-        self.replica = Node(self.root, "replica",
-                            [*data, f"replicaof 127.0.0.1 {self.primary.port}"])
-        wait_until(lambda: self.replica.client().info("replication")["master_link_status"]
-                   == "up", 30, "the replica to sync")
-        self.sentinels = [Node(self.root, f"sentinel{n}", [
-            f"sentinel monitor titan 127.0.0.1 {self.primary.port} 2",
-            f"sentinel auth-pass titan {PASSWORD}",
-            "sentinel down-after-milliseconds titan 1000",
-            "sentinel failover-timeout titan 5000"], sentinel=True) for n in range(3)]
-        wait_until(lambda: all(int(s.client().sentinel_master("titan")["num-other-sentinels"])
-                               == 2 for s in self.sentinels), 30, "the Sentinels to meet")
-
-    def settings(self, plugins_dir: Path, run_dir: Path, **extra: object) -> Settings:
-        return private_settings(
-            f"redis://default:{PASSWORD}@127.0.0.1:{self.primary.port}/0", plugins_dir,
-            run_dir, redis_sentinels=",".join(f"127.0.0.1:{s.port}" for s in self.sentinels),
-            redis_master="titan", redis_min_replicas=1, **extra)
-
-    def close(self) -> None:
-        for node in (*self.sentinels, self.replica, self.primary):
-            node.stop()
-        shutil.rmtree(self.root, ignore_errors=True)
-
-
 @pytest.fixture
-def cluster() -> Iterator[Cluster]:
-    c = Cluster()
+def cluster() -> Iterator[SentinelCluster]:
+    c = SentinelCluster()
     yield c
     c.close()
 
 
 @pytest.fixture
-def ha_stack(cluster: Cluster, plugins_dir: Path, tmp_path: Path) -> Iterator[dict]:
+def ha_stack(cluster: SentinelCluster, plugins_dir: Path, tmp_path: Path) -> Iterator[dict]:
     settings = cluster.settings(plugins_dir, tmp_path, visibility_timeout=20,
                                 restore_interval=2, reclaim_idle_ms=3000, housekeeping_s=2)
     conn = redis_client(settings)
@@ -145,7 +67,7 @@ def publish(client, event_id: str) -> int:
                                         "event_type": "ping"}).status_code
 
 
-def test_a_primary_killed_mid_burst_loses_and_doubles_nothing(cluster: Cluster,
+def test_a_primary_killed_mid_burst_loses_and_doubles_nothing(cluster: SentinelCluster,
                                                               ha_stack: dict) -> None:
     s, conn, client = ha_stack["settings"], ha_stack["conn"], ha_stack["client"]
     events = [new_id("ha") for _ in range(40)]
@@ -157,8 +79,8 @@ def test_a_primary_killed_mid_burst_loses_and_doubles_nothing(cluster: Cluster,
 
     wait_until(lambda: sum(r["status"] == "succeeded" for r in records()) >= 3, 120,
                "runs to succeed before the crash")
-    cluster.primary.kill()  # ... the primary dies mid-burst; nobody restarts anything
-    wait_until(lambda: cluster.replica.role() == "master", 60, "Sentinel to promote the replica")
+    cluster.fail_over()  # the primary dies mid-burst, the replica is promoted; nobody
+    # restarts anything
 
     def settled() -> bool:
         done = [r for r in records() if r["event_id"] in events and r["status"] not in ACTIVE]
@@ -181,11 +103,11 @@ def test_a_primary_killed_mid_burst_loses_and_doubles_nothing(cluster: Cluster,
         if event.get("causation_id") in events:
             results[event["causation_id"]] = results.get(event["causation_id"], 0) + 1
     assert all(results.get(e) == 1 for e in events), results
-    cluster.primary.start()  # the old primary comes back ... as a replica of the new one
-    wait_until(lambda: cluster.primary.role() == "slave", 60, "the old primary to rejoin")
+    cluster.replica.start()  # the old primary comes back ... as a replica of the new one
+    wait_until(lambda: cluster.replica.role() == "slave", 60, "the old primary to rejoin")
 
 
-def test_an_event_no_replica_confirms_is_a_503_naming_the_replica(cluster: Cluster,
+def test_an_event_no_replica_confirms_is_a_503_naming_the_replica(cluster: SentinelCluster,
                                                                   ha_stack: dict) -> None:
     s, conn, client = ha_stack["settings"], ha_stack["conn"], ha_stack["client"]
     assert publish(client, new_id("before")) == 202
