@@ -77,6 +77,10 @@ secrets() {  # generated once into .env (0600): Redis password, API key, Flower'
 }
 
 up() {
+  if [ "${TITAN_REDIS_HA:-0}" = 1 ]; then  # profile ha: a replica and three Sentinels
+    export COMPOSE_PROFILES=ha TITAN_REDIS_MIN_REPLICAS="${TITAN_REDIS_MIN_REPLICAS:-1}"
+    export TITAN_REDIS_SENTINELS="sentinel:26379,sentinel2:26379,sentinel3:26379"
+  fi
   bash "$ROOT/scripts/services.sh" docker
   need_compose
   build
@@ -92,7 +96,7 @@ up() {
 down() {
   need_compose
   [ -f "$ENV_FILE" ] || secrets  # compose refuses the file without the password variable
-  compose down --volumes --remove-orphans
+  COMPOSE_PROFILES=ha compose down --volumes --remove-orphans  # the ha profile's too
   # What the workers started on the host's engine is not part of the project.
   local left
   left="$(docker ps -aq --filter "label=titan.instance=$TITAN_INSTANCE")"

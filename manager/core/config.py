@@ -16,24 +16,16 @@ ROOT = Path(__file__).resolve().parents[2]
 RUN_UID = RUN_GID = 65534
 
 
-def _int(name: str, default: int) -> int:
+def _number(name: str, default: Any, kind: type) -> Any:
+    """An int or float variable; empty means the default; anything else names the problem."""
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
     try:
-        return int(raw)
+        return kind(raw)
     except ValueError as exc:
-        raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
-
-
-def _float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return float(raw)
-    except ValueError as exc:
-        raise ValueError(f"{name} must be a number, got {raw!r}") from exc
+        what = "an integer" if kind is int else "a number"
+        raise ValueError(f"{name} must be {what}, got {raw!r}") from exc
 
 
 def _str(name: str, default: str) -> str:
@@ -165,10 +157,9 @@ class Settings:
             env = "TITAN_" + f.name.upper()
             if f.name in values:
                 continue
-            if f.type in ("int", int):
-                values[f.name] = _int(env, f.default)  # type: ignore[arg-type]
-            elif f.type in ("float", float):
-                values[f.name] = _float(env, f.default)  # type: ignore[arg-type]
+            if f.type in ("int", int, "float", float):
+                kind = int if f.type in ("int", int) else float
+                values[f.name] = _number(env, f.default, kind)
             elif f.type in ("str", str):
                 values[f.name] = _str(env, f.default)  # type: ignore[arg-type]
         values.update(overrides)
