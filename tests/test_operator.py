@@ -201,12 +201,25 @@ def test_flower_sees_failures_as_failures_under_the_plugin_name(settings, app, c
         state.event(ev)
         received.set()
 
+    receivers = []
+
     def listen() -> None:
         with celery.connection() as conn:
             recv = celery.events.Receiver(conn, handlers={"*": on_event})
+            receivers.append(recv)
             recv.capture(limit=None, timeout=60, wakeup=True)
 
-    threading.Thread(target=listen, daemon=True).start()
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    try:
+        flower_view(client, state, received)
+    finally:  # stop the receiver before the stack goes, or its thread dies on a closed socket
+        for recv in receivers:
+            recv.should_stop = True
+        listener.join(10)
+
+
+def flower_view(client, state, received: threading.Event) -> None:
     wait_until(received.is_set, 30, "the event receiver to hear a worker")  # heartbeats
     good = client.post("/plugins/echo/trigger?wait=60", json=json.loads(event())).json
     bad = client.post("/plugins/failing/trigger?wait=60", json=json.loads(event())).json

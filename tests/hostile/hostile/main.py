@@ -85,11 +85,11 @@ def fill_shm():
 
 
 def many_files():
-    n = 0
+    n, chunk = 0, b"x" * ARGS.get("file_bytes", 4096)
     try:
         while n < 2_000_000:
             with open(f"/tmp/f{n}", "wb") as fh:
-                fh.write(b"x" * 4096)
+                fh.write(chunk)
             n += 1
     except OSError as exc:
         report(files=n, error=err(exc))
