@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -33,8 +31,16 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from probes import (  # noqa: E402  (bench/ is the script's directory)
+    cli_latency,
+    counted_client,
+    fairness,
+    hit_rate,
+    idle_memory,
+    round_trips,
+)
+
 from harness import (  # noqa: E402
-    SYSTEM_PYTHON,
     Bus,
     RedisServer,
     WorkerProcess,
@@ -46,7 +52,6 @@ from manager.api.app import create_app  # noqa: E402
 from manager.bus.dispatch import Dispatcher  # noqa: E402
 from manager.bus.listener import Listener  # noqa: E402
 from manager.core.contract import make_celery  # noqa: E402
-from manager.core.records import RecordStore  # noqa: E402
 from manager.plugins.manifest import load_manifest  # noqa: E402
 from manager.plugins.registry import Registry  # noqa: E402
 from manager.service import api_server  # noqa: E402
@@ -63,7 +68,7 @@ THROUGHPUT_TARGET = 1.0  # warm burst vs direct parallel cold runs
 CLI_TARGET_S = 0.35  # list, logs and health, end to end, with the system's python3
 FAIR_TARGET = 1.5  # another plugin's queue wait behind a hog, in lengths of one hog run (a
 # slot must free up first: at least one run; without the share it was about 6)
-HOG_S = 3.0
+ROUND_TRIPS_TARGET = 12  # Redis round trips per warm run, every process counted
 SETTLE_S = 0.6
 GVISOR_SETTLE_S = 1.5  # between a warm run and the next measurement (its replacement starts)
 
@@ -122,78 +127,11 @@ def burst(bus: Bus, n: int) -> float:
     return time.perf_counter() - t0
 
 
-def fairness(bus: Bus) -> tuple[float, float]:
-    """12 runs of a slow plugin queued on the two workers, then one event for another
-    plugin: (its queue wait, one slow run's length), from their records."""
-    records = RecordStore(bus.conn, bus.settings)
-    hogs = [new_id("hog") for _ in range(12)]
-    for event_id in hogs:
-        bus.publish({"event_id": event_id, "topic": "bench.v1", "event_type": "hog",
-                     "payload": {"seconds": HOG_S}})
-    while sum(r.status == "running" for r in records.for_plugin("hog", 12)) < 2:
-        time.sleep(0.05)
-    quick = new_id("fair")
-    bus.publish({"event_id": quick, "topic": "bench.v1", "event_type": "tick"})
-    bus.result_of(quick, timeout=120)
-    tick = next(r for r in records.for_plugin("noop", 50) if r.event_id == quick)
-    for event_id in hogs:
-        bus.result_of(event_id, timeout=300)
-    lengths = [r.duration_s or 0 for r in records.for_plugin("hog", 12)]
-    return (tick.started_at or 0) - tick.created_at, statistics.median(lengths)
-
-
-def hit_rate(bus: Bus, runs: int) -> dict[str, float]:
-    """The share of the measured runs of each prewarmed plugin that found a prewarmed
-    container (titan_prewarm_hits_total over hits + misses), from their records."""
-    records = RecordStore(bus.conn, bus.settings)
-    rates = {}
-    for plugin in ("noop", "noop_gvisor"):
-        recent = [r for r in records.for_plugin(plugin, runs) if r.warm is not None]
-        rates[plugin] = sum(bool(r.warm) for r in recent) / max(1, len(recent))
-    return rates
-
-
-def cli_latency(api_url: str, n: int = 10) -> dict[str, tuple[float, float]]:
-    """Median wall time of `titan-plugins.py list|logs|health` run as an operator runs it
-    (the system's python3), and of fetching the same answer with curl (the floor)."""
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("TITAN_")},
-           "TITAN_API_URL": api_url}
-    out = {}
-    for args, path in ((["list"], "/plugins"), (["logs", "noop"], "/plugins/noop/invocations"),
-                       (["health"], "/health")):
-        times = []
-        for cmd in ([SYSTEM_PYTHON, str(ROOT / "titan-plugins.py"), *args],
-                    ["curl", "-s", "-o", "/dev/null", api_url + path]):
-            runs = []
-            for _ in range(n):
-                t0 = time.perf_counter()
-                subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, check=False)
-                runs.append(time.perf_counter() - t0)
-            times.append(statistics.median(runs))
-        out[args[0]] = (times[0], times[1])
-    return out
-
-
 def direct_parallel(bare: Bare, n: int, concurrency: int) -> float:
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(lambda _: bare.run(), range(n)))
     return time.perf_counter() - t0
-
-
-def idle_memory(client: docker.DockerClient, settings) -> dict[str, float]:
-    """MiB held by one idle prewarmed container (its cgroup, as the engine reports it), by
-    runtime (runc, runsc)."""
-    found: dict[str, float] = {}
-    for pooled in client.containers.list(filters={"label": [
-            f"titan.instance={settings.instance}", "titan.pool=1"]}):
-        runtime = pooled.attrs["HostConfig"].get("Runtime") or "runc"
-        if runtime not in found:
-            stats = pooled.stats(stream=False)["memory_stats"]
-            used = stats.get("usage", 0) - stats.get("stats", {}).get("total_inactive_file", 0)
-            found[runtime] = used / 1024**2
-    return found
 
 
 def measure(args: argparse.Namespace, bus: Bus, bare: Bare, client, settings) -> dict:
@@ -211,7 +149,9 @@ def measure(args: argparse.Namespace, bus: Bus, bare: Bare, client, settings) ->
         gv_cold.append(e2e_once(bus, "tick_gvisor_cold"))
         base.append(bare.run())
     memory = idle_memory(client, settings)
+    trips = round_trips(bus.conn, args.runs // 2, lambda: e2e_once(bus), SETTLE_S)
     return {"cli": cli_latency(args.api_url), "warm": warm, "cold": cold, "base": base,
+            "round_trips": trips,
             "gvisor_warm": gv_warm, "gvisor_cold": gv_cold,
             "memory": memory, "hits": hit_rate(bus, args.runs), "fair": fairness(bus),
             "t_titan": burst(bus, args.burst), "t_direct": direct_parallel(bare, args.burst, 2)}
@@ -239,10 +179,14 @@ def report(args: argparse.Namespace, m: dict) -> bool:
     for command, (cli_s, curl_s) in m["cli"].items():
         print(f"cli      {command:<7} {cli_s * 1000:6.0f} ms (curl of the same answer "
               f"{curl_s * 1000:.0f} ms)")
+    print(f"redis    {m['round_trips']:.1f} round trips per warm run (every process; "
+          "requests Redis read, the bench's own and the idle rate taken out)")
     fair_wait, hog = m["fair"]
     print(f"fairness another plugin waited {fair_wait:.2f} s behind 12 queued runs of a "
           f"{hog:.2f} s plugin on 2 workers ({fair_wait / hog:.2f} x one run)")
     checks = {
+        f"redis round trips per warm run <= {ROUND_TRIPS_TARGET}":
+            m["round_trips"] <= ROUND_TRIPS_TARGET,
         f"fair wait <= {FAIR_TARGET} x one slow run": fair_wait / hog <= FAIR_TARGET,
         f"cli list, logs, health < {CLI_TARGET_S} s": all(
             cli_s < CLI_TARGET_S for cli_s, _ in m["cli"].values()),
@@ -267,7 +211,7 @@ def main() -> int:
     server = RedisServer()
     run_dir = Path(tempfile.mkdtemp(prefix="titan-bench-"))
     settings = private_settings(server.url, PLUGIN_DIR, run_dir)
-    conn = redis.Redis.from_url(settings.redis_url)
+    conn = counted_client(settings.redis_url)  # its round trips are not the product's
     Registry(conn, settings).reload()
     workers = [WorkerProcess(settings, f"bench{i}", concurrency=1) for i in (1, 2)]
     listener = Listener(redis.Redis.from_url(settings.redis_url), settings,

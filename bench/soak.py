@@ -34,7 +34,8 @@ from manager.bus.listener import Listener  # noqa: E402
 from manager.bus.sweeper import Sweeper  # noqa: E402
 from manager.core.clients import redis_client  # noqa: E402
 from manager.core.contract import make_celery  # noqa: E402
-from manager.core.records import RecordStore, Status  # noqa: E402
+from manager.core.record_store import RecordStore  # noqa: E402
+from manager.core.records import Status  # noqa: E402
 from manager.plugins.registry import Registry  # noqa: E402
 
 PLUGINS = ROOT / "bench" / "soak_plugins"

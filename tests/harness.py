@@ -28,7 +28,7 @@ from typing import Any
 import redis
 
 from manager.core.config import ROOT, Settings
-from manager.core.records import RecordStore
+from manager.core.record_store import RecordStore
 
 WORKER_START_S = 60
 

@@ -8,6 +8,7 @@ import json
 import re
 import time
 import uuid
+from typing import Any
 
 import pytest
 
@@ -95,10 +96,11 @@ class PoisonedDispatcher(Dispatcher):
 
     poison = ""
 
-    def dispatch(self, event: Event, plugin: PluginEntry, origin: str = "bus") -> tuple[str, bool]:
+    def dispatch(self, event: Event, plugin: PluginEntry, origin: str = "bus",
+                 **kwargs: Any) -> tuple[str, bool]:
         if event.event_id == self.poison:
             raise RuntimeError("poison pill")
-        return super().dispatch(event, plugin, origin)
+        return super().dispatch(event, plugin, origin, **kwargs)
 
 
 def test_a_poisoned_entry_delays_none_of_its_batch_and_is_dead_lettered(settings, conn,
@@ -117,12 +119,14 @@ def test_a_poisoned_entry_delays_none_of_its_batch_and_is_dead_lettered(settings
             {"event_id": event_id, "topic": "test.v1", "event_type": "ping"})})
     listener = Listener(conn, mine, registry, dispatcher, consumer="c1")
     assert listener.poll() == 10  # one batch: nine dispatched, the poisoned one pending
+    listener.flush()  # the acknowledgements ride with the next read; send them now
     dispatched = {r["event_id"] for r in records_of(conn, mine, "echo", 1000)}
     assert set(events) - dispatched == {events[4]}
     assert conn.xpending(mine.event_stream, mine.consumer_group)["pending"] == 1
     assert listener.reclaim() == 1  # second delivery: still pending
     assert conn.xlen(mine.dead_stream) == 0
     assert listener.reclaim() == 1  # third: dead-lettered
+    listener.flush()
     (_, dead), = conn.xrange(mine.dead_stream)
     assert dead[b"reason"] == b"unprocessable"
     assert dead[b"detail"] == b"failed 3 times; last error: RuntimeError: poison pill"

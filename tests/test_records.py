@@ -12,14 +12,16 @@ from dataclasses import fields
 
 import pytest
 
+from manager.core.errors import BudgetExceeded
+from manager.core.record_store import Charge, Claimed, Outcome, RecordStore
 from manager.core.records import (
     ACTIVE,
     TERMINAL,
     InvocationRecord,
-    RecordStore,
     Status,
     allowed,
 )
+from manager.core.slots import Grant, SlotAsk
 
 S = Status
 EXPECTED = {  # (from, to) pairs that are allowed; every other pair is refused
@@ -110,3 +112,68 @@ def test_a_takeover_is_a_compare_and_set_on_the_owner(conn, settings) -> None:
                                 worker="third@host").applied  # only one rescuer wins
     record = store.get(inv)
     assert record.worker == "me@host" and record.attempts == 2
+
+
+CLAIMABLE = frozenset({S.PENDING, S.QUEUED, S.THROTTLED, S.RETRYING})
+
+
+@pytest.mark.integration
+def test_a_claim_takes_the_record_the_slot_and_the_run_in_one_step(conn, settings) -> None:
+    store = RecordStore(conn, settings)
+    plugin = f"claim-{uuid.uuid4().hex[:6]}"
+    first, second, done = (_new(store, S.QUEUED) for _ in range(3))
+    for inv in (first, second, done):
+        store.conn.hset(store.keys.invocation(inv), "plugin", json.dumps(plugin))
+    claimed = store.claim(SlotAsk(plugin, first, 1, 1.0), CLAIMABLE, time.time() + 60,
+                          worker="w1")
+    assert claimed.grant is Grant.GRANTED
+    assert claimed.record.status is S.QUEUED and claimed.record.attempts == 0  # as it was
+    now = store.get(first)
+    assert now.status is S.RUNNING and now.attempts == 1 and now.worker == "w1"
+    assert conn.zscore(store.keys.plugin_slots(plugin), first) is not None
+    # the cap holds: the second run is left as it was, and told why
+    capped = store.claim(SlotAsk(plugin, second, 1, 1.0), CLAIMABLE, time.time() + 60)
+    assert capped.grant is Grant.CONCURRENCY and store.get(second).status is S.QUEUED
+    # a final run is not claimable: no slot, no change, the record to say why
+    _force(store, done, S.SUCCEEDED)
+    final = store.claim(SlotAsk(plugin, done, None, 1.0), CLAIMABLE, time.time() + 60)
+    assert final.grant is None and final.record.status is S.SUCCEEDED
+    assert conn.zcard(store.keys.plugin_slots(plugin)) == 1
+    gone = store.claim(SlotAsk(plugin, "no-such-run", None, 1.0), CLAIMABLE, time.time())
+    assert gone == Claimed(None, None)
+    # storing the outcome frees the slot in the same step, whatever the outcome found
+    assert store.finish(first, S.SUCCEEDED, [], slot_of=plugin).applied
+    assert conn.zcard(store.keys.plugin_slots(plugin)) == 0
+
+
+@pytest.mark.integration
+def test_a_run_is_created_only_within_its_budget(conn, settings) -> None:
+    store = RecordStore(conn, settings.with_(fanout_budget=2))
+    correlation, entry = uuid.uuid4().hex, uuid.uuid4().hex
+    made = []
+    for _ in range(3):  # one entry charged for two runs, however often it is handled
+        inv = uuid.uuid4().hex
+        record = InvocationRecord(inv, "p", "1.0.0", "sha256:x", "e1", "t", "e", "bus",
+                                  S.PENDING, time.time())
+        made.append(store.create(record, time.time() + 60, charge=Charge(correlation, 2,
+                                                                          entry))[1])
+    assert made == [True, True, True]
+    assert int(conn.get(store.keys.budget(correlation))) == 2
+    over = InvocationRecord(uuid.uuid4().hex, "p", "1.0.0", "sha256:x", "e2", "t", "e", "bus",
+                            S.PENDING, time.time())
+    with pytest.raises(BudgetExceeded, match="used its budget of 2 runs"):
+        store.create(over, time.time() + 60, charge=Charge(correlation, 1, uuid.uuid4().hex))
+    assert store.get(over.invocation_id) is None  # nothing stored
+
+
+@pytest.mark.integration
+def test_a_transition_can_ride_in_a_callers_pipeline(conn, settings) -> None:
+    store = RecordStore(conn, settings)
+    inv = _new(store)
+    conn.script_flush()  # the pipelined form needs no script Redis has already seen
+    pipe = conn.pipeline(transaction=False)
+    store.queue_transition(pipe, inv, S.QUEUED, sources=frozenset({S.PENDING}))
+    pipe.get(store.keys.invocation(inv) + ":nothing")
+    applied, _ = pipe.execute()
+    assert Outcome.of(applied) == Outcome(True, S.PENDING)
+    assert store.get(inv).status is S.QUEUED

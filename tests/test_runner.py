@@ -19,9 +19,9 @@ from manager.core.errors import SandboxUnavailable
 from manager.core.events import Event
 from manager.core.records import InvocationRecord, Status
 from manager.core.runs import RunRequest
+from manager.core.slots import Grant
 from manager.plugins.registry import Registry
 from workers.runner import HOLDER_RECHECK_S, Later, Runner
-from workers.slots import Grant
 from workers.spec import RunResult, RunSpec
 
 pytestmark = pytest.mark.integration

@@ -30,6 +30,10 @@ from workers.warm import READY_TIMEOUT_S, Warm, WarmUnavailable, start_warm
 
 log = logging.getLogger(__name__)
 PREWARM_WAIT_S = 0.5  # a run waits this long for a prewarm already under way
+MAINTAIN_S = 2.0  # the maintenance thread's tick (it also wakes after each run)
+# how often the registry is asked which versions are current: once a tick, not once a run
+# (the thread wakes after every run; a warm run's budget has no room for the round trip)
+REGISTRY_CHECK_S = MAINTAIN_S
 
 
 class WarmPool:
@@ -49,6 +53,7 @@ class WarmPool:
         self.busy: set[str] = set()  # ids of containers serving a run right now
         self.warming: dict[PoolConfig, threading.Event] = {}  # prewarms in progress
         self.ticks = 0
+        self.registry_checked = 0.0  # monotonic time of the last registry check
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.stopping = threading.Event()
@@ -116,7 +121,7 @@ class WarmPool:
                 self._maintain()
             except Exception:
                 log.exception("prewarm pool maintenance failed")
-            self.wake.wait(2.0)
+            self.wake.wait(MAINTAIN_S)
             self.wake.clear()
 
     def _maintain(self) -> None:
@@ -160,11 +165,13 @@ class WarmPool:
     def _expire(self) -> None:
         """Idle past the TTL, or of a plugin version no longer in the registry."""
         now = time.monotonic()
-        try:
-            current = self.current_digests() if self.current_digests else None
-        except redis.RedisError as exc:  # Redis away: nothing is drained this time
-            log.warning("prewarm pool: cannot read the registry: %s", exc)
-            current = None
+        current = None
+        if self.current_digests and now - self.registry_checked >= REGISTRY_CHECK_S:
+            self.registry_checked = now
+            try:
+                current = self.current_digests()
+            except redis.RedisError as exc:  # Redis away: nothing is drained this time
+                log.warning("prewarm pool: cannot read the registry: %s", exc)
         stale = []
         with self.lock:
             for key, used in list(self.wanted.items()):

@@ -19,7 +19,8 @@ from manager.core import metrics
 from manager.core.config import Settings
 from manager.core.errors import EventError, OutcomeNotStored
 from manager.core.events import FAILURE, Limits, check_limits
-from manager.core.records import Outcome, RecordStore, Status
+from manager.core.record_store import Outcome, RecordStore
+from manager.core.records import Status
 from manager.core.retry import STORE_OUTCOME
 from manager.core.runs import RunRequest, result_event_id
 from workers.spec import RunResult
@@ -152,12 +153,14 @@ class Outcomes:
         self.records = RecordStore(conn, settings)
 
     def store(self, req: RunRequest, decided: Decided) -> Outcome:
-        """Stores the terminal record with its events (or its failure event), retrying
-        while Redis is unreachable; raises OutcomeNotStored past the budget."""
+        """Stores the terminal record with its events (or its failure event), and frees
+        the delivery's worker slot in the same step, retrying while Redis is unreachable;
+        raises OutcomeNotStored past the budget."""
         failure = req.failure_event(decided.status.value, decided.reason)
         outcome = persist(lambda: self.records.conclude(
             req.invocation_id, decided.status, decided.reason, decided.events, failure,
-            **decided.fields), self.settings.finish_budget_s, req.invocation_id)
+            slot_of=req.plugin, **decided.fields), self.settings.finish_budget_s,
+            req.invocation_id)
         # acknowledged (the task) means replicated, when the operator asks for it: raises
         # NotReplicated, and the runner sends the run again to confirm it later
         persist(lambda: self.records.confirm_replicated(req.invocation_id),

@@ -17,9 +17,11 @@ from manager.core.beats import WorkerBeat
 from manager.core.config import Settings
 from manager.core.errors import BundleError, NotReplicated, SandboxUnavailable
 from manager.core.keys import Keys
-from manager.core.records import InvocationRecord, RecordStore, Status
+from manager.core.record_store import RecordStore
+from manager.core.records import InvocationRecord, Status
 from manager.core.retry import run_retry
 from manager.core.runs import RunRequest
+from manager.core.slots import Grant, Slots
 from manager.plugins.registry import Registry
 from workers.container import STOP_GRACE_S
 from workers.execution import Execution, Refused
@@ -27,7 +29,6 @@ from workers.plugin_cache import PluginCache
 from workers.pool import WarmPool
 from workers.results import Outcomes, decide, persist, without_run
 from workers.sandbox import Sandbox
-from workers.slots import Grant, Slots
 
 log = logging.getLogger(__name__)
 RETRYABLE = {Status.FAILED, Status.TIMEOUT, Status.OOM}  # only with `retries:` in the manifest
@@ -102,54 +103,77 @@ class Runner:
             return Later(req, REPLICATION_RECHECK_S)
 
     def deliver(self, req: RunRequest, worker: str) -> Finished | Later:
-        record = self.records.get(req.invocation_id)
+        """One round trip claims the run: its record as it was, a slot, and the run marked
+        running; the rest is for the rare cases (final already, held by another worker)."""
+        claimed = self.records.claim(
+            self.slots.ask(req.plugin, req.invocation_id, req.concurrency), CLAIMABLE,
+            self.running_deadline(req), **self.running_fields(worker))
+        record = claimed.record
         if record is None:
             log.warning("invocation %s has no record (expired?); dropping", req.invocation_id)
             return Finished(Skipped.UNKNOWN)
-        if record.status.terminal:
+        if claimed.grant is None and record.status.terminal:
             self.records.confirm_replicated(req.invocation_id)
             return Finished(Skipped.DUPLICATE)
-        takeover = ""
-        if record.status is Status.RUNNING:
-            if self.holder_alive(record):
-                metrics.RETRIES.labels(plugin=req.plugin,
-                                       reason=RetryReason.SECOND_DELIVERY).inc()
-                return Later(req, HOLDER_RECHECK_S)
-            takeover = record.worker or "?"
+        if claimed.grant is None:  # running: another delivery holds it, or held it
+            return self.take_over(req, record, worker)
+        if claimed.grant is not Grant.GRANTED:
+            return self.throttle(req, record, claimed.grant)
+        return self.run_holding_slot(req, self.started(req, record))
+
+    def running_deadline(self, req: RunRequest) -> float:
+        return time.time() + req.limits.timeout + STOP_GRACE_S + RUNNING_GRACE_S
+
+    @staticmethod
+    def running_fields(worker: str) -> dict[str, object]:
+        return {"worker": worker, "worker_pid": os.getpid(), "started_at": time.time(),
+                "reason": None}
+
+    def take_over(self, req: RunRequest, record: InvocationRecord,
+                  worker: str) -> Finished | Later:
+        """A second delivery of a running run: it waits while the first holder lives, and
+        otherwise takes the run over (a compare-and-set on the holder)."""
+        if self.holder_alive(record):
+            metrics.RETRIES.labels(plugin=req.plugin, reason=RetryReason.SECOND_DELIVERY).inc()
+            return Later(req, HOLDER_RECHECK_S)
+        holder = record.worker or "?"
         grant = self.slots.acquire(req.plugin, req.invocation_id, req.concurrency)
         if grant is not Grant.GRANTED:
             return self.throttle(req, record, grant)
-        try:
-            attempt = self.claim(req, record, worker, takeover)
-            if attempt is None:
-                return Finished(Skipped.DUPLICATE)
-            return self.run_claimed(req, attempt)
-        finally:
+        outcome = self.records.transition(
+            req.invocation_id, Status.RUNNING, sources=frozenset({Status.RUNNING}),
+            owner=holder, deadline=self.running_deadline(req), increment="attempts",
+            **self.running_fields(worker))
+        if not outcome.applied:  # another delivery got there first
             self.release_slot(req)
+            return Finished(Skipped.DUPLICATE)
+        log.warning("invocation %s taken over from %s", req.invocation_id, holder)
+        return self.run_holding_slot(req, self.started(req, record))
 
     def holder_alive(self, record: InvocationRecord) -> bool:
         """True while the worker that claimed the run reports it as active."""
         beat = WorkerBeat.get(self.conn, self.keys, record.worker or "")
         return beat is not None and record.invocation_id in beat.held
 
-    def claim(self, req: RunRequest, record: InvocationRecord, worker: str,
-              takeover: str) -> int | None:
-        """Marks the run running and counts the attempt, atomically; None when another
-        delivery got there first."""
-        deadline = time.time() + req.limits.timeout + STOP_GRACE_S + RUNNING_GRACE_S
-        outcome = self.records.transition(
-            req.invocation_id, Status.RUNNING,
-            sources=frozenset({Status.RUNNING}) if takeover else CLAIMABLE,
-            owner=takeover, deadline=deadline, increment="attempts", worker=worker,
-            worker_pid=os.getpid(), started_at=time.time(), reason=None)
-        if not outcome.applied:
-            return None
-        if takeover:
-            log.warning("invocation %s taken over from %s", req.invocation_id, takeover)
+    def started(self, req: RunRequest, record: InvocationRecord) -> int:
+        """The attempt that starts now (counted by the claim); a first attempt's time in
+        the queue is observed."""
         if record.attempts == 0:
             metrics.QUEUE_WAIT.labels(plugin=req.plugin).observe(
                 max(0.0, time.time() - record.created_at))
         return record.attempts + 1
+
+    def run_holding_slot(self, req: RunRequest, attempt: int) -> Finished | Later:
+        """Runs the claimed attempt; its slot is freed with its stored outcome (Finished),
+        else here (another attempt follows, or an error)."""
+        freed = False
+        try:
+            result = self.run_claimed(req, attempt)
+            freed = isinstance(result, Finished)
+            return result
+        finally:
+            if not freed:
+                self.release_slot(req)
 
     def throttle(self, req: RunRequest, record: InvocationRecord, grant: Grant) -> Later:
         """The run waits as `throttled`. Over its share for the first time, it goes to the

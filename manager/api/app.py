@@ -17,7 +17,7 @@ from werkzeug.exceptions import HTTPException
 from manager.api.context import ApiContext, error
 from manager.api.events import bus_routes
 from manager.api.routes import routes
-from manager.bus.dispatch import Dispatcher, FanoutBudget
+from manager.bus.dispatch import Dispatcher
 from manager.core.config import Settings
 from manager.core.errors import (
     BadQuery,
@@ -32,7 +32,7 @@ from manager.core.errors import (
     TitanError,
     VersionNotFound,
 )
-from manager.core.records import RecordStore
+from manager.core.record_store import RecordStore
 from manager.plugins.registry import Registry
 
 STATUS_CODES = {EventError: 400, BadQuery: 400, BudgetExceeded: 429, PluginNotFound: 404,
@@ -51,7 +51,7 @@ def create_app(settings: Settings, conn: redis.Redis, registry: Registry,
                                          RecordStore(conn, settings),
                                          settings.event_limits,
                                          threading.BoundedSemaphore(max(1, settings.api_waiters)),
-                                         FanoutBudget(conn, settings), on_unsettled)
+                                         on_unsettled)
     app.before_request(_auth(settings))
     app.register_error_handler(TitanError, _titan_error)
     app.register_error_handler(redis.RedisError, _redis_error)

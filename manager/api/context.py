@@ -12,11 +12,11 @@ from typing import Any
 import redis
 from flask import Response, current_app, jsonify
 
-from manager.bus.dispatch import Dispatcher, FanoutBudget
+from manager.bus.dispatch import Dispatcher
 from manager.core.clients import check_replicated, confirm_replicated
 from manager.core.config import Settings
 from manager.core.events import Event, Limits
-from manager.core.records import RecordStore
+from manager.core.record_store import RecordStore
 from manager.plugins.registry import Registry
 
 
@@ -32,7 +32,6 @@ class ApiContext:
     limits: Limits
     # `?wait` holds a request thread: at most this many at once, the rest answer at once.
     waiters: threading.BoundedSemaphore
-    budget: FanoutBudget  # triggers are charged to their correlation like bus events
     # Called when a reload left a plugin that was still being written on its old version.
     on_unsettled: Callable[[], object] | None = None
 

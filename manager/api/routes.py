@@ -39,13 +39,13 @@ from manager.core import metrics
 from manager.core.beats import WorkerBeat
 from manager.core.errors import (
     BadQuery,
-    BudgetExceeded,
     InvocationNotFound,
     PluginNotFound,
     PluginUnavailable,
 )
 from manager.core.events import Event, from_outside
 from manager.core.keys import Keys
+from manager.core.record_store import Charge
 from manager.core.records import Status
 from manager.plugins.loader import PluginEntry
 
@@ -153,13 +153,9 @@ def trigger(name: str) -> Any:
                                 errors=list(entry.errors))
     event: Event = g.event
     wait = query(WaitQuery).wait
-    if not ctx().budget.charge(event, 1):
-        raise BudgetExceeded(
-            f"correlation {event.correlation!r} used its budget of "
-            f"{ctx().settings.fanout_budget} runs (TITAN_FANOUT_BUDGET, counted for "
-            f"{ctx().settings.fanout_ttl}s); send the event with a new event_id or "
-            "correlation_id", correlation_id=event.correlation)
-    invocation_id, _ = ctx().dispatcher.dispatch(event, entry, origin="api")
+    # charged to its correlation like a bus event (BudgetExceeded: 429, nothing runs)
+    invocation_id, _ = ctx().dispatcher.dispatch(event, entry, origin="api",
+                                                 charge=Charge(event.correlation, 1))
     metrics.TASKS_DISPATCHED.labels(plugin=name).inc()
     waited = False
     if wait and ctx().waiters.acquire(blocking=False):

@@ -3,6 +3,12 @@
 Reads `titan:events` through a consumer group and acknowledges an entry only after its
 tasks are enqueued (or it was dead-lettered), so a crash never loses an event; entries
 left pending by a dead consumer are reclaimed with XAUTOCLAIM.
+
+What the listener owes Redis after a batch (acknowledgements, what became of each entry,
+the `queued` marks of the runs it sent) rides in the pipeline of its next read, ahead of
+the blocking XREADGROUP: Redis carries them out at once, in order, and the read costs the
+one round trip it costs anyway. The registry's version is read in the same pipeline,
+after the entries, so a reload that finished before an event arrived is always seen.
 """
 
 from __future__ import annotations
@@ -12,17 +18,20 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import redis
 
-from manager.bus.dispatch import Dispatcher, FanoutBudget
+from manager.bus.dispatch import Dispatcher, Owed
 from manager.bus.matching import known_topics, match
 from manager.core import metrics
 from manager.core.config import Settings
-from manager.core.errors import EventError
+from manager.core.errors import BudgetExceeded, EventError
 from manager.core.events import Event
 from manager.core.keys import Keys
+from manager.core.record_store import Charge
 from manager.core.retry import REDIS_RECONNECT
+from manager.plugins.loader import PluginEntry
 from manager.plugins.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -64,7 +73,7 @@ class Listener:
         self.settings = settings
         self.registry = registry
         self.dispatcher = dispatcher
-        self.budget = FanoutBudget(conn, settings)
+        self.owed: list[Owed] = []  # writes that ride in the next read's pipeline
         self.keys = Keys(settings.key_prefix)
         self.consumer = consumer or f"{settings.worker_name}-{id(self):x}"
         self.limits = settings.event_limits
@@ -92,6 +101,10 @@ class Listener:
                 log.exception("listener: unexpected error; retrying in %.1fs", wait)
                 self.stopping.wait(wait)
                 failures += 1
+        try:
+            self.flush()
+        except redis.RedisError as exc:  # the entries stay pending and are reclaimed
+            log.warning("listener: could not acknowledge on the way out: %s", exc)
 
     def stop(self) -> None:
         self.stopping.set()
@@ -105,25 +118,53 @@ class Listener:
             done += self.reclaim()
             if self.housekeeping is not None:
                 self.housekeeping()
-        reply = self.conn.xreadgroup(self.settings.consumer_group, self.consumer,
-                                     {self.settings.event_stream: ">"}, count=64,
-                                     block=self.settings.read_block_ms)
+        reply, version = self.read()
         for _stream, entries in reply or []:
-            done += self.handle_batch(entries)
+            done += self.handle_batch(entries, version)
         return done
 
-    def handle_batch(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> int:
+    def read(self) -> tuple[Any, int]:
+        """One round trip: what is owed, then the next batch (blocking), then the registry
+        version. What is owed is dropped only once Redis has taken it."""
+        pipe = self.conn.pipeline(transaction=False)
+        for owed in self.owed:
+            owed(pipe)
+        pipe.xreadgroup(self.settings.consumer_group, self.consumer,
+                        {self.settings.event_stream: ">"}, count=64,
+                        block=self.settings.read_block_ms)
+        pipe.get(self.keys.registry_version)
+        *replies, reply, version = pipe.execute(raise_on_error=False)
+        self.owed.clear()
+        for failed in [r for r in (*replies, reply, version) if isinstance(r, Exception)]:
+            if failed is reply or failed is version:
+                raise failed
+            log.error("listener: a write sent with the read failed: %s", failed)
+        return reply, int(version or 0)
+
+    def flush(self) -> None:
+        """Sends what is owed now (on the way out; tests that drive poll() by hand)."""
+        if self.owed:
+            pipe = self.conn.pipeline(transaction=False)
+            for owed in self.owed:
+                owed(pipe)
+            pipe.execute()
+            self.owed.clear()
+
+    def handle_batch(self, entries: list[tuple[bytes, dict[bytes, bytes]]],
+                     version: int | None = None) -> int:
+        """`version`: the registry's, read with the batch (None: read it now)."""
         for entry_id, fields in entries:
             if fields:
-                self.handle_isolated(entry_id.decode(), fields)
+                self.handle_isolated(entry_id.decode(), fields, version)
             else:  # a deleted entry comes back empty
                 self.ack(entry_id.decode(), {})
         return len(entries)
 
-    def handle_isolated(self, entry_id: str, fields: dict[bytes, bytes]) -> None:
+    def handle_isolated(self, entry_id: str, fields: dict[bytes, bytes],
+                        version: int | None = None) -> None:
         """Handles one entry; its failure (other than Redis being down) stays its own."""
         try:
-            self.handle(entry_id, fields)
+            self.handle(entry_id, fields, version)
         except (redis.ConnectionError, redis.TimeoutError):
             raise
         except Exception as exc:
@@ -162,7 +203,8 @@ class Listener:
             if start in (b"0-0", "0-0"):
                 return done
 
-    def handle(self, entry_id: str, fields: dict[bytes, bytes]) -> None:
+    def handle(self, entry_id: str, fields: dict[bytes, bytes],
+               version: int | None = None) -> None:
         """Validates, matches and dispatches one entry, then acknowledges it; a rejected
         entry is dead-lettered first. A failed dispatch leaves it pending for reclaim."""
         raw: bytes | str | None = fields.get(b"event")
@@ -173,32 +215,38 @@ class Listener:
                 raise EventError("stream entry has no 'event' field", field="event",
                                  reason="invalid_event")
             event = Event.decode(raw, self.limits)
-            entries = self.registry.entries()
+            entries = self.registry.entries(version=version)
             metrics.EVENTS_RECEIVED.labels(
                 topic=metrics.topic_label(event.topic, known_topics(entries.values()))).inc()
             if event.hops > self.settings.max_hops:
                 raise EventError(f"hops {event.hops} is over the limit {self.settings.max_hops}",
                                  field="hops", reason="hops_exceeded")
             plugins = match(event, entries.values())
-            if plugins and not self.budget.charge(event, len(plugins), entry_id):
-                raise EventError(f"correlation {event.correlation!r} used its budget of "
-                                 f"{self.settings.fanout_budget} runs", field="correlation_id",
-                                 reason="budget_exceeded")
-        except EventError as exc:
-            reason = exc.details.get("reason", "invalid_event")
+            runs = self.dispatch(entry_id, event, plugins)
+        except (EventError, BudgetExceeded) as exc:
+            reason = exc.details.get("reason", exc.code)
             dead_letter(self.conn, self.settings, raw, reason, exc.message, entry_id)
             self.ack(entry_id, {"_dead": json.dumps(f"{reason}: {exc.message}")})
             return
+        self.ack(entry_id, runs)
+
+    def dispatch(self, entry_id: str, event: Event, plugins: list[PluginEntry],
+                 ) -> dict[str, str]:
+        """Each matched plugin's run, charged to the budget with its record (the entry
+        once, for all of them: all are charged and created, or BudgetExceeded from the
+        first). Returns what became of the entry, per plugin."""
+        charge = Charge(event.correlation, len(plugins), entry_id)
         runs: dict[str, str] = {}
         for plugin in plugins:
-            invocation_id, sent = self.dispatcher.dispatch(event, plugin)
+            invocation_id, sent = self.dispatcher.dispatch(event, plugin, charge=charge,
+                                                           owed=self.owed)
             if sent:
                 metrics.TASKS_DISPATCHED.labels(plugin=plugin.name).inc()
             else:
                 self.duplicate(event, plugin.name, invocation_id)
             runs[plugin.name] = json.dumps({"invocation_id": invocation_id,
                                             "duplicate": not sent})
-        self.ack(entry_id, runs)
+        return runs
 
     def duplicate(self, event: Event, plugin: str, invocation_id: str) -> None:
         metrics.DUPLICATES.labels(plugin=plugin).inc()
@@ -208,11 +256,14 @@ class Listener:
 
     def ack(self, entry_id: str, outcome: dict[str, str]) -> None:
         """Acknowledges the entry and keeps, briefly, what was done with it (`publish
-        --wait` reads it); a redelivered entry keeps the first delivery's account."""
+        --wait` reads it); a redelivered entry keeps the first delivery's account. Sent
+        with the next read (read())."""
         key = self.keys.entry_outcome(entry_id)
-        pipe = self.conn.pipeline(transaction=False)
-        for name, value in {**outcome, "_done": "1"}.items():
-            pipe.hsetnx(key, name, value)
-        pipe.expire(key, ENTRY_OUTCOME_TTL_S)
-        pipe.xack(self.settings.event_stream, self.settings.consumer_group, entry_id)
-        pipe.execute()
+
+        def owed(pipe: redis.client.Pipeline) -> None:
+            for name, value in {**outcome, "_done": "1"}.items():
+                pipe.hsetnx(key, name, value)
+            pipe.expire(key, ENTRY_OUTCOME_TTL_S)
+            pipe.xack(self.settings.event_stream, self.settings.consumer_group, entry_id)
+
+        self.owed.append(owed)

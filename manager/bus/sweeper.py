@@ -34,7 +34,8 @@ from manager.core import metrics
 from manager.core.beats import WorkerBeat
 from manager.core.config import Settings
 from manager.core.keys import Keys
-from manager.core.records import InvocationRecord, RecordStore, Status
+from manager.core.record_store import RecordStore
+from manager.core.records import InvocationRecord, Status
 from manager.core.runs import RunRequest
 
 log = logging.getLogger(__name__)

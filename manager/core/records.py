@@ -1,10 +1,7 @@
-"""Invocation records: one typed record per run, a Redis hash changed only by atomic,
-table-checked transitions (Lua), indexed per plugin and, while not terminal, by deadline.
-
-Every module that changes a record goes through `RecordStore`. Each hash field holds the
-JSON of its value. The finishing step writes the terminal record and XADDs its events in
-one script, so a retry after a partial success (Redis blinked) adds nothing twice.
-"""
+"""Invocation records: one typed record per run and the table of the transitions between
+its statuses. They are stored (a Redis hash each, each field the JSON of its value) and
+changed only by `manager.core.record_store.RecordStore`, whose Lua scripts check this
+table."""
 
 from __future__ import annotations
 
@@ -14,14 +11,6 @@ from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
-import redis
-
-from manager.core import record_scripts as scripts
-from manager.core.clients import check_replicated, confirm_replicated
-from manager.core.config import Settings
-from manager.core.events import Event
-from manager.core.keys import Keys
-from manager.core.retry import RECORD_POLL
 from manager.core.runs import RunRequest
 
 
@@ -136,156 +125,3 @@ class InvocationRecord:
         values["result_event_ids"] = tuple(values.get("result_event_ids") or ())
         values["results"] = tuple(values.get("results") or ())
         return cls(**values)
-
-
-def encode_fields(values: dict[str, Any]) -> list[str]:
-    """Field/value pairs for HSET, each value as JSON."""
-    out: list[str] = []
-    for name, value in values.items():
-        if isinstance(value, Status):
-            value = value.value
-        out += [name, json.dumps(list(value) if isinstance(value, tuple) else value)]
-    return out
-
-
-def _states(sources: frozenset[Status]) -> str:
-    return scripts.STATES.format("|".join(json.dumps(s.value) for s in sorted(sources)))
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What a transition found: whether it applied, and the status it found."""
-
-    applied: bool
-    found: Status | None
-
-    @classmethod
-    def of(cls, reply: list[Any]) -> Outcome:
-        found = Status(json.loads(reply[1])) if reply[1] else None
-        return cls(bool(reply[0]), found)
-
-
-class RecordStore:
-    """Reads and changes invocation records; takes its Redis connection as a parameter."""
-
-    INDEX_CAP = 10_000
-
-    def __init__(self, conn: redis.Redis, settings: Settings) -> None:
-        self.conn = conn
-        self.settings = settings
-        self.keys = Keys(settings.key_prefix)
-        self._create = conn.register_script(scripts.CREATE)
-        self._transition = conn.register_script(scripts.TRANSITION)
-        self._finish = conn.register_script(scripts.FINISH)
-
-    def create(self, record: InvocationRecord, deadline: float,
-               dedup_key: str | None = None) -> tuple[str, bool, Status | None]:
-        """Stores a new record unless `dedup_key` already names one. Returns (id, created,
-        status of the existing record)."""
-        keys = [self.keys.invocation(record.invocation_id),
-                self.keys.plugin_invocations(record.plugin), self.keys.inflight,
-                self.keys.waiting]
-        if dedup_key:
-            keys.append(dedup_key)
-        values = {k: v for k, v in asdict(record).items() if v is not None}
-        values["status"] = record.status
-        created, inv, status = self._create(keys=keys, args=[
-            record.invocation_id, self.settings.record_ttl, record.created_at, self.INDEX_CAP,
-            self.settings.dedup_ttl, deadline, self.keys.invocation(""),
-            *encode_fields(values)])
-        found = Status(json.loads(status)) if status else None
-        return inv.decode() if isinstance(inv, bytes) else inv, bool(created), found
-
-    def get(self, invocation_id: str) -> InvocationRecord | None:
-        raw = self.conn.hgetall(self.keys.invocation(invocation_id))
-        return InvocationRecord.from_hash(raw) if raw else None
-
-    def transition(self, invocation_id: str, target: Status,
-                   sources: frozenset[Status] | None = None, deadline: float | None = None,
-                   increment: str = "", owner: str = "", **changes: Any) -> Outcome:
-        """Moves a record to `target` if its current status is one of `sources` (by default
-        every source the table allows). `deadline` re-arms the sweeper's clock; `owner`
-        makes it a compare-and-set on the record's worker (a takeover)."""
-        assert not target.terminal, "a terminal status is set with its events: use finish()"
-        sources = TRANSITIONS[target] if sources is None else sources
-        assert sources <= TRANSITIONS[target], (sources, target)
-        if not owner:  # running -> running is a takeover, only ever a compare-and-set
-            sources = sources - {Status.RUNNING} if target is Status.RUNNING else sources
-        reply = self._transition(
-            keys=[self.keys.invocation(invocation_id), self.keys.inflight, self.keys.waiting],
-            args=[_states(sources), invocation_id, "" if deadline is None else deadline,
-                  increment, json.dumps(owner) if owner else "",
-                  *encode_fields({"status": target, **changes})])
-        return Outcome.of(reply)
-
-    def finish(self, invocation_id: str, target: Status, events: list[str],
-               **changes: Any) -> Outcome:
-        """The terminal transition with its events (already encoded), atomically and at
-        most once: a second call finds the record terminal and adds nothing."""
-        assert target.terminal, target
-        changes.update(status=target, published=True, finished_at=changes.get(
-            "finished_at") or time.time())
-        reply = self._finish(
-            keys=[self.keys.invocation(invocation_id), self.keys.inflight,
-                  self.settings.event_stream, self.keys.waiting],
-            args=[_states(TRANSITIONS[target]), invocation_id, self.settings.stream_maxlen,
-                  len(events), *events, *encode_fields(changes)])
-        return Outcome.of(reply)
-
-    def conclude(self, invocation_id: str, status: Status, reason: str | None,
-                 events: list[str], failure: Event | None, **changes: Any) -> Outcome:
-        """A run's end, the one way it is stored: the terminal record with its result
-        events, plus its failure event for any outcome but succeeded (a run's own end,
-        and a run the sweeper found lost)."""
-        events = list(events)
-        if status is not Status.SUCCEEDED and failure is not None:
-            events.append(failure.encode())
-            changes["failure_event_id"] = failure.event_id
-        return self.finish(invocation_id, status, events, reason=reason, **changes)
-
-    def confirm_replicated(self, invocation_id: str) -> None:
-        """With TITAN_REDIS_MIN_REPLICAS: a write of this connection's own, after
-        everything the run stored, then WAIT for the replicas: a replica that confirms it
-        has the run's final record and events too (replication keeps order). Raises
-        NotReplicated when too few confirm in time."""
-        if not self.settings.redis_min_replicas:
-            return
-        pipe = self.conn.pipeline(transaction=False)
-        pipe.set(self.keys.replication_probe, invocation_id)
-        confirm_replicated(pipe, self.settings)
-        check_replicated(pipe.execute(), self.settings, f"the outcome of {invocation_id}")
-
-    def recheck_later(self, invocation_ids: list[str], when: float) -> None:
-        """Moves live runs' sweeper deadline on (they are still held or queued)."""
-        if invocation_ids:
-            self.conn.zadd(self.keys.inflight, dict.fromkeys(invocation_ids, when), xx=True)
-
-    def forget(self, invocation_id: str) -> None:
-        """Drops a run the sweeper need not look at (its record expired or is final)."""
-        self.conn.zrem(self.keys.inflight, invocation_id)
-
-    def for_plugin(self, plugin: str, limit: int = 20) -> list[InvocationRecord]:
-        """Newest first; ids whose record expired are skipped."""
-        ids = self.conn.zrevrange(self.keys.plugin_invocations(plugin), 0, max(limit, 1) - 1)
-        pipe = self.conn.pipeline(transaction=False)
-        for i in ids:
-            pipe.hgetall(self.keys.invocation(i.decode()))
-        return [InvocationRecord.from_hash(raw) for raw in pipe.execute() if raw]
-
-    def due(self, now: float, limit: int = 500) -> list[str]:
-        """Non-terminal runs whose deadline has passed (the sweeper's candidates)."""
-        return [i.decode() for i in self.conn.zrangebyscore(self.keys.inflight, "-inf", now,
-                                                            start=0, num=limit)]
-
-    def extend(self, invocation_id: str, deadline: float) -> None:
-        self.conn.zadd(self.keys.inflight, {invocation_id: deadline}, xx=True)
-
-    def wait(self, invocation_id: str, seconds: float) -> InvocationRecord | None:
-        """Polls the record until it is terminal or time is up (for `?wait`)."""
-        deadline = time.monotonic() + seconds
-        for delay in RECORD_POLL.delays():
-            record = self.get(invocation_id)
-            if (record and record.status.terminal) or time.monotonic() >= deadline:
-                return record
-            time.sleep(delay)
-        return None

@@ -138,9 +138,11 @@ class Registry:
     def version(self) -> int:
         return int(self.conn.get(self.keys.registry_version) or 0)
 
-    def entries(self, fresh: bool = False) -> dict[str, PluginEntry]:
-        """All entries; cached until the registry version moves."""
-        version = self.version()
+    def entries(self, fresh: bool = False, version: int | None = None,
+                ) -> dict[str, PluginEntry]:
+        """All entries; cached until the registry version moves. `version`: the version
+        the caller has just read with other commands (the listener, with its batch)."""
+        version = self.version() if version is None else version
         if not fresh and self._cache and self._cache[0] == version:
             return self._cache[1]
         raw = self.conn.hgetall(self.keys.registry)

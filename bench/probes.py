@@ -1,0 +1,126 @@
+"""What `make bench` measures beside latency and throughput: Redis round trips per run,
+the prewarm hit rate, idle memory per prewarmed container, fairness behind a slow plugin,
+and the CLI's answer time. Each takes the bench's private stack as parameters."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import docker
+import redis
+
+from harness import SYSTEM_PYTHON, Bus, new_id
+from manager.core.record_store import RecordStore
+
+ROOT = Path(__file__).resolve().parent.parent
+HOG_S = 3.0
+IDLE_S = 8.0  # how long Redis's idle traffic (beats, blocking reads timing out) is measured
+
+
+class Counted(redis.connection.Connection):
+    """A connection that counts its own round trips (each send waits for its replies):
+    the bench's own reads and writes are taken out of what Redis counts."""
+
+    sent = 0
+
+    def send_packed_command(self, command, check_health=True):  # type: ignore[no-untyped-def]
+        Counted.sent += 1
+        return super().send_packed_command(command, check_health)
+
+
+def counted_client(url: str) -> redis.Redis:
+    return redis.Redis(connection_pool=redis.ConnectionPool.from_url(
+        url, connection_class=Counted))
+
+
+def round_trips(conn: redis.Redis, runs: int, one_run: Callable[[], object],
+                settle_s: float) -> float:
+    """Round trips Redis served per run, every process counted (listener, workers' main
+    and pool processes, Celery's events): the requests Redis read (INFO's
+    total_reads_processed; a pipeline is one), minus the bench's own and minus the idle
+    rate measured just before. The idle rate includes blocking reads that time out,
+    which a run restarts instead, so this errs high, not low."""
+    def reads() -> int:
+        return int(conn.info("stats")["total_reads_processed"])
+
+    r0, own0, t0 = reads(), Counted.sent, time.monotonic()
+    time.sleep(IDLE_S)
+    idle = (reads() - r0 - (Counted.sent - own0)) / (time.monotonic() - t0)
+    r0, own0, t0 = reads(), Counted.sent, time.monotonic()
+    for _ in range(runs):
+        one_run()
+        time.sleep(settle_s)
+    served = reads() - r0 - (Counted.sent - own0)
+    return (served - max(0.0, idle) * (time.monotonic() - t0)) / runs
+
+
+def fairness(bus: Bus) -> tuple[float, float]:
+    """12 runs of a slow plugin queued on the two workers, then one event for another
+    plugin: (its queue wait, one slow run's length), from their records."""
+    records = RecordStore(bus.conn, bus.settings)
+    hogs = [new_id("hog") for _ in range(12)]
+    for event_id in hogs:
+        bus.publish({"event_id": event_id, "topic": "bench.v1", "event_type": "hog",
+                     "payload": {"seconds": HOG_S}})
+    while sum(r.status == "running" for r in records.for_plugin("hog", 12)) < 2:
+        time.sleep(0.05)
+    quick = new_id("fair")
+    bus.publish({"event_id": quick, "topic": "bench.v1", "event_type": "tick"})
+    bus.result_of(quick, timeout=120)
+    tick = next(r for r in records.for_plugin("noop", 50) if r.event_id == quick)
+    for event_id in hogs:
+        bus.result_of(event_id, timeout=300)
+    lengths = [r.duration_s or 0 for r in records.for_plugin("hog", 12)]
+    return (tick.started_at or 0) - tick.created_at, statistics.median(lengths)
+
+
+def hit_rate(bus: Bus, runs: int) -> dict[str, float]:
+    """The share of the measured runs of each prewarmed plugin that found a prewarmed
+    container (titan_prewarm_hits_total over hits + misses), from their records."""
+    records = RecordStore(bus.conn, bus.settings)
+    rates = {}
+    for plugin in ("noop", "noop_gvisor"):
+        recent = [r for r in records.for_plugin(plugin, runs) if r.warm is not None]
+        rates[plugin] = sum(bool(r.warm) for r in recent) / max(1, len(recent))
+    return rates
+
+
+def cli_latency(api_url: str, n: int = 10) -> dict[str, tuple[float, float]]:
+    """Median wall time of `titan-plugins.py list|logs|health` run as an operator runs it
+    (the system's python3), and of fetching the same answer with curl (the floor)."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("TITAN_")},
+           "TITAN_API_URL": api_url}
+    out = {}
+    for args, path in ((["list"], "/plugins"), (["logs", "noop"], "/plugins/noop/invocations"),
+                       (["health"], "/health")):
+        times = []
+        for cmd in ([SYSTEM_PYTHON, str(ROOT / "titan-plugins.py"), *args],
+                    ["curl", "-s", "-o", "/dev/null", api_url + path]):
+            runs = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, check=False)
+                runs.append(time.perf_counter() - t0)
+            times.append(statistics.median(runs))
+        out[args[0]] = (times[0], times[1])
+    return out
+
+
+def idle_memory(client: docker.DockerClient, settings) -> dict[str, float]:
+    """MiB held by one idle prewarmed container (its cgroup, as the engine reports it), by
+    runtime (runc, runsc)."""
+    found: dict[str, float] = {}
+    for pooled in client.containers.list(filters={"label": [
+            f"titan.instance={settings.instance}", "titan.pool=1"]}):
+        runtime = pooled.attrs["HostConfig"].get("Runtime") or "runc"
+        if runtime not in found:
+            stats = pooled.stats(stream=False)["memory_stats"]
+            used = stats.get("usage", 0) - stats.get("stats", {}).get("total_inactive_file", 0)
+            found[runtime] = used / 1024**2
+    return found
