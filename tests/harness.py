@@ -333,10 +333,13 @@ class Bus:
                         return data
         raise AssertionError(f"no matching entry on {stream} within {timeout}s")
 
-    def result_of(self, event_id: str, timeout: float = 60) -> dict[str, Any]:
-        """The first event caused by `event_id` (a result or a failure event)."""
+    def result_of(self, event_id: str, timeout: float = 60,
+                  after: str = "0-0") -> dict[str, Any]:
+        """The first event caused by `event_id` (a result or a failure event), read from
+        the stream after entry `after` (the event's own entry, when the caller has it)."""
         return self.wait_event(lambda d: isinstance(d["event"], dict)
-                               and d["event"].get("causation_id") == event_id, timeout)["event"]
+                               and d["event"].get("causation_id") == event_id, timeout,
+                               after=after)["event"]
 
     def dead_letter(self, entry_id: str, timeout: float = 30) -> dict[str, Any]:
         return self.wait_event(lambda d: d.get("entry_id") == entry_id, timeout,

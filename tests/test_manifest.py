@@ -34,7 +34,7 @@ def errors_of(text: str) -> list[str]:
 
 def test_good_manifest() -> None:
     m = parse_manifest(GOOD.encode(), "plugin.yaml", 64 * 1024)
-    assert m.name == "demo" and m.argv == ["python", "main.py"]
+    assert m.name == "demo" and m.argv == ("python", "main.py")
     assert m.cpu_millis == 100 and m.memory_bytes == 256 * 1024**2 and m.timeout == 30
 
 

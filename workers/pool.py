@@ -92,11 +92,16 @@ class WarmPool:
 
     def done(self, warm: Warm) -> None:
         """Single use: the container goes, whatever the outcome, and a replacement is
-        started (after the run, so the two do not compete for the CPU)."""
+        started, by the maintenance thread once the run's outcome is stored (replenish),
+        or at its next tick."""
         with self.lock:
             self.busy.discard(warm.container.id)
             self.to_remove.append(warm)
-        self.wake.set()
+
+    def replenish(self) -> None:
+        """The run is over, its outcome stored: used containers go, replacements start."""
+        if self.enabled:
+            self.wake.set()
 
     def close(self) -> None:
         """Removes every container of this pool (worker process shutdown)."""

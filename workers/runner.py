@@ -165,7 +165,9 @@ class Runner:
 
     def run_holding_slot(self, req: RunRequest, attempt: int) -> Finished | Later:
         """Runs the claimed attempt; its slot is freed with its stored outcome (Finished),
-        else here (another attempt follows, or an error)."""
+        else here (another attempt follows, or an error). Only then does the prewarm pool
+        remove the used container and start its replacement: neither competes with the
+        run's last steps for the CPU."""
         freed = False
         try:
             result = self.run_claimed(req, attempt)
@@ -174,6 +176,7 @@ class Runner:
         finally:
             if not freed:
                 self.release_slot(req)
+            self.pool.replenish()
 
     def throttle(self, req: RunRequest, record: InvocationRecord, grant: Grant) -> Later:
         """The run waits as `throttled`. Over its share for the first time, it goes to the

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
@@ -46,8 +46,9 @@ class Event:
     hops: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        """The wire form: optional fields left out when unset."""
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        """The wire form: optional fields left out when unset. Shallow (the payload is
+        shared, not copied): it is serialized next, on every run's hot path."""
+        return {f.name: v for f in fields(self) if (v := getattr(self, f.name)) is not None}
 
     def encode(self) -> str:
         return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":"))

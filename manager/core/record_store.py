@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import redis
@@ -100,7 +100,7 @@ class RecordStore:
                 self.keys.waiting, dedup_key or "",
                 self.keys.budget(charge.correlation) if charge else "",
                 self.keys.budget_charged(charge.entry_id) if charge and charge.entry_id else ""]
-        values = {k: v for k, v in asdict(record).items() if v is not None}
+        values = {f.name: v for f in fields(record) if (v := getattr(record, f.name)) is not None}
         values["status"] = record.status
         created, inv, status = self._create(keys=keys, args=[
             record.invocation_id, s.record_ttl, record.created_at, self.INDEX_CAP,

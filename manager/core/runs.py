@@ -9,7 +9,7 @@ takes limits from the bundle's plugin.yaml.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from enum import StrEnum
 from typing import Any
 
@@ -70,10 +70,10 @@ class RunRequest:
     isolation: Isolation = Isolation.CONTAINER
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["event"] = self.event.to_dict()
-        data["argv"] = list(self.argv)
-        data["allowed_globs"] = list(self.allowed_globs)
+        """The wire form (shallow: no deep copy on the hot path)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data.update(event=self.event.to_dict(), argv=list(self.argv), limits=asdict(self.limits),
+                    allowed_globs=list(self.allowed_globs))
         return data
 
     @classmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+from functools import cached_property
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any
 
@@ -96,9 +97,10 @@ class Manifest(_Model):
         entrypoint_argv(value)
         return value
 
-    @property
-    def argv(self) -> list[str]:
-        return entrypoint_argv(self.entrypoint)
+    @cached_property
+    def argv(self) -> tuple[str, ...]:
+        """Split once per manifest (every run's request carries it)."""
+        return tuple(entrypoint_argv(self.entrypoint))
 
     @property
     def memory_bytes(self) -> int:
