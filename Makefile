@@ -57,7 +57,7 @@ test: deps ## every test: unit, then integration with real Redis, Celery and Doc
 	@bash scripts/services.sh docker
 	@bash scripts/image.sh
 	@$(VENV)/bin/ruff check .
-	@$(PY) -m pytest -q --timeout 600 $(PYTEST_ARGS)
+	@$(PY) -m pytest -q --timeout 600 --durations=20 $(PYTEST_ARGS)
 
 unit: deps
 	@$(PY) -m pytest -q -m "not integration" $(PYTEST_ARGS)

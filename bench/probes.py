@@ -44,7 +44,8 @@ def round_trips(conn: redis.Redis, runs: int, one_run: Callable[[], object],
     and pool processes, Celery's events): the requests Redis read (INFO's
     total_reads_processed; a pipeline is one), minus the bench's own and minus the idle
     rate measured just before. The idle rate includes blocking reads that time out,
-    which a run restarts instead, so this errs high, not low."""
+    which a run restarts instead (and are counted as the run's), so this errs low by a
+    round trip or two; README's table is the count by construction."""
     def reads() -> int:
         return int(conn.info("stats")["total_reads_processed"])
 
