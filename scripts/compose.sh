@@ -50,7 +50,8 @@ build() {
       "async-timeout>=4.0.3" 2>&1 |
       grep -v -E "^\s*$|WARNING: Location" >&2 || true
     say "building titan-plugin-manager:local"
-    docker build -f deploy/Dockerfile -t titan-plugin-manager:local . 2>&1 |
+    # --force-rm: a step that fails (or a build cut short) leaves no container behind
+    docker build --force-rm -f deploy/Dockerfile -t titan-plugin-manager:local . 2>&1 |
       grep --line-buffered -E "^(Step|Successfully|ERROR|The command)" >&2 || true
     docker image inspect titan-plugin-manager:local >/dev/null || die "the service image did not build"
     service_stamp >build/.service-stamp

@@ -307,10 +307,14 @@ class Bus:
     def __init__(self, conn: redis.Redis, settings: Settings) -> None:
         self.conn = conn
         self.settings = settings
+        self.first_entry: dict[str, str] = {}  # event_id -> the entry it was first sent as
 
     def publish(self, event: dict[str, Any] | str | bytes) -> str:
         raw = event if isinstance(event, (str, bytes)) else json.dumps(event)
-        return self.conn.xadd(self.settings.event_stream, {"event": raw}).decode()
+        entry = self.conn.xadd(self.settings.event_stream, {"event": raw}).decode()
+        if isinstance(event, dict) and isinstance(event.get("event_id"), str):
+            self.first_entry.setdefault(event["event_id"], entry)
+        return entry
 
     def wait_event(self, match: Callable[[dict[str, Any]], bool], timeout: float = 60,
                    stream: str | None = None, after: str = "0-0") -> dict[str, Any]:
@@ -334,12 +338,15 @@ class Bus:
         raise AssertionError(f"no matching entry on {stream} within {timeout}s")
 
     def result_of(self, event_id: str, timeout: float = 60,
-                  after: str = "0-0") -> dict[str, Any]:
+                  after: str | None = None) -> dict[str, Any]:
         """The first event caused by `event_id` (a result or a failure event), read from
-        the stream after entry `after` (the event's own entry, when the caller has it)."""
+        the stream after entry `after`: by default the entry this bus first sent the
+        event as (what it causes comes later), else the stream's start. Reading the
+        whole shared stream for every result made tests slow and the bench noisy."""
+        start = after or self.first_entry.get(event_id, "0-0")
         return self.wait_event(lambda d: isinstance(d["event"], dict)
                                and d["event"].get("causation_id") == event_id, timeout,
-                               after=after)["event"]
+                               after=start)["event"]
 
     def dead_letter(self, entry_id: str, timeout: float = 30) -> dict[str, Any]:
         return self.wait_event(lambda d: d.get("entry_id") == entry_id, timeout,

@@ -91,7 +91,7 @@ def test_reload_takes_a_plugin_only_once_it_has_settled(plugins_dir: Path, regis
             event = Event(new_id("churn"), "churn.v1", "go")
             dispatcher.dispatch(event, registry.get("churner"), origin="api")
             event_ids.append(event.event_id)
-            time.sleep(0.2)
+            time.sleep(0.5)  # about 24 runs over the churn: enough versions, fewer cold runs
     finally:
         stop.set()
         for t in threads:
