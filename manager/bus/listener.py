@@ -126,9 +126,7 @@ class Listener:
     def read(self) -> tuple[Any, int]:
         """One round trip: what is owed, then the next batch (blocking), then the registry
         version. What is owed is dropped only once Redis has taken it."""
-        pipe = self.conn.pipeline(transaction=False)
-        for owed in self.owed:
-            owed(pipe)
+        pipe = self.owed_pipeline()
         pipe.xreadgroup(self.settings.consumer_group, self.consumer,
                         {self.settings.event_stream: ">"}, count=64,
                         block=self.settings.read_block_ms)
@@ -144,11 +142,15 @@ class Listener:
     def flush(self) -> None:
         """Sends what is owed now (on the way out; tests that drive poll() by hand)."""
         if self.owed:
-            pipe = self.conn.pipeline(transaction=False)
-            for owed in self.owed:
-                owed(pipe)
-            pipe.execute()
+            self.owed_pipeline().execute()
             self.owed.clear()
+
+    def owed_pipeline(self) -> redis.client.Pipeline:
+        """A pipeline holding what is owed (kept in `owed` until Redis has taken it)."""
+        pipe = self.conn.pipeline(transaction=False)
+        for owed in self.owed:
+            owed(pipe)
+        return pipe
 
     def handle_batch(self, entries: list[tuple[bytes, dict[bytes, bytes]]],
                      version: int | None = None) -> int:
