@@ -1,5 +1,6 @@
 """Celery's own configuration. The broker URL, queue and visibility timeout come from
-manager.core.config.Settings, added by manager.bus.dispatch.make_celery (nothing is read here)."""
+manager.core.config.Settings, added by manager.core.contract.make_celery (nothing is read
+here)."""
 
 task_serializer = "json"
 accept_content = ["json"]
@@ -13,7 +14,8 @@ task_acks_late = True
 task_reject_on_worker_lost = True
 # A run that failed raises RunFailed after its outcome is stored: acknowledged like any
 # finished run (it has its record and its failure event).
-task_acks_on_failure_or_timeout = True
+task_acks_on_failure = True
+task_acks_on_timeout = True
 worker_prefetch_multiplier = 1
 # Runs in flight finish when the broker connection drops; their outcome is stored when
 # Redis is back, and an acknowledgement lost with the old connection only costs a

@@ -26,10 +26,9 @@ from manager.core.errors import TitanError
 from manager.plugins.janitor import CacheJanitor
 from manager.plugins.loader import PluginStatus
 from manager.plugins.registry import Registry
-from manager.plugins.watch import PluginWatcher
+from manager.plugins.watch import PluginWatcher, SettleRetry
 
 log = logging.getLogger("titan.manager")
-RETRY_RELOAD_S = 2.0
 
 
 def api_server(app: Flask, settings: Settings) -> Any:
@@ -64,9 +63,9 @@ class Manager:
         self.janitor = CacheJanitor(settings)
         self.listener = Listener(listener_conn, settings, Registry(listener_conn, settings),
                                  self.dispatcher, housekeeping=self.housekeeping)
+        self.resettle = SettleRetry(self._safe_reload)
         self.app = create_app(settings, self.conn, self.registry, self.dispatcher,
-                              on_unsettled=self.retry_reload)
-        self._retry: threading.Timer | None = None
+                              on_reload=self.reloaded)
         self.server: Any = None
 
 
@@ -80,6 +79,12 @@ class Manager:
 
     def reload(self) -> dict[str, Any]:
         changes = self.registry.reload()
+        self.reloaded(changes)
+        return changes
+
+    def reloaded(self, changes: dict[str, Any]) -> None:
+        """After every reload (SIGHUP, the watcher, the API, a retry): what changed is
+        logged, and directories still being written are tried again until they settle."""
         metrics.count_reload(changes)
         log.info("plugins reloaded: %s", {k: len(v) for k, v in changes.items()})
         for item in changes["rejected"]:
@@ -87,18 +92,9 @@ class Manager:
         for item in changes["warnings"]:
             log.warning("plugin %s: %s", item["name"], "; ".join(item["warnings"]))
         if changes["unsettled"]:
-            log.warning("plugins still being written, old versions serving: %s; trying again",
-                        ", ".join(i["name"] for i in changes["unsettled"]))
-            self.retry_reload()
-        return changes
-
-    def retry_reload(self) -> None:
-        """One reload a little later (a directory was still being written)."""
-        if self._retry is not None and self._retry.is_alive():
-            return
-        self._retry = threading.Timer(RETRY_RELOAD_S, self._safe_reload)
-        self._retry.daemon = True
-        self._retry.start()
+            self.resettle.unsettled([i["name"] for i in changes["unsettled"]])
+        else:
+            self.resettle.settled()
 
     def plugin_counts(self) -> dict[str, int]:
         counts = dict.fromkeys((s.value for s in PluginStatus), 0)

@@ -5,20 +5,26 @@
 #   titan-plugin-manager:local the services, from wheels built here (`pip wheel`)
 #   titan-runtime:py3.11       what plugins run in (as make up builds it)
 # Settings (environment): TITAN_COMPOSE_PROJECT (titan), TITAN_WORKERS (3), TITAN_API_PORT,
-# TITAN_METRICS_PORT, TITAN_FLOWER_PORT, TITAN_MANAGER_NAME, TITAN_WORKERS_DIR.
+# TITAN_METRICS_PORT, TITAN_FLOWER_PORT, TITAN_MANAGER_NAME, TITAN_WORKERS_DIR, and the
+# images' and the env file's names (TITAN_BASE_IMAGE, TITAN_SERVICE_IMAGE,
+# TITAN_COMPOSE_ENV_FILE), which the tests set to their own.
 source "$(dirname "$0")/common.sh"
 cd "$ROOT"
 
 PROJECT="${TITAN_COMPOSE_PROJECT:-titan}"
 WORKERS="${TITAN_WORKERS:-3}"
-ENV_FILE="$ROOT/.env"  # compose reads it: the Redis password lives here (mode 0600)
+ENV_FILE="${TITAN_COMPOSE_ENV_FILE:-$ROOT/.env}"  # the Redis password lives here (0600)
+export TITAN_BASE_IMAGE="${TITAN_BASE_IMAGE:-titan-base:bookworm}"
+export TITAN_SERVICE_IMAGE="${TITAN_SERVICE_IMAGE:-titan-plugin-manager:local}"
+STAMP="build/.service-stamp-${TITAN_SERVICE_IMAGE//[:\/]/_}"
 export TITAN_INSTANCE="compose-$PROJECT"
 export TITAN_WORKERS_DIR="${TITAN_WORKERS_DIR:-/var/lib/titan/workers}"
 API="http://127.0.0.1:${TITAN_API_PORT:-8003}"
 
 compose() {
-  if docker compose version >/dev/null 2>&1; then docker compose -p "$PROJECT" "$@"
-  else docker-compose -p "$PROJECT" "$@"; fi
+  if docker compose version >/dev/null 2>&1; then
+    docker compose -p "$PROJECT" --env-file "$ENV_FILE" "$@"
+  else docker-compose -p "$PROJECT" --env-file "$ENV_FILE" "$@"; fi
 }
 
 need_compose() {
@@ -33,30 +39,31 @@ need_compose() {
 build() {
   # The base needs Debian's pip: plugin requirements are installed with the system's
   # Python as an unprivileged user (TITAN_INSTALL_SANDBOX=user). An older base lacks it.
-  if docker image inspect titan-base:bookworm >/dev/null 2>&1 &&
-     ! docker run --rm --network none titan-base:bookworm python3 -m pip --version >/dev/null 2>&1; then
-    docker rmi -f titan-base:bookworm titan-plugin-manager:local >/dev/null 2>&1 || true
+  if docker image inspect "$TITAN_BASE_IMAGE" >/dev/null 2>&1 &&
+     ! docker run --rm --network none "$TITAN_BASE_IMAGE" python3 -m pip --version >/dev/null 2>&1; then
+    docker rmi -f "$TITAN_BASE_IMAGE" "$TITAN_SERVICE_IMAGE" >/dev/null 2>&1 || true
   fi
-  bash "$ROOT/scripts/image.sh" titan-base:bookworm \
+  bash "$ROOT/scripts/image.sh" "$TITAN_BASE_IMAGE" \
     "python3,python3-venv,python3-pip,python-is-python3,redis-server,procps,ca-certificates"
   bash "$ROOT/scripts/image.sh"
   mkdir -p build/wheels build/plugin-wheels
-  if ! docker image inspect titan-plugin-manager:local >/dev/null 2>&1 ||
-     [ "$(cat build/.service-stamp 2>/dev/null)" != "$(service_stamp)" ]; then
+  if ! docker image inspect "$TITAN_SERVICE_IMAGE" >/dev/null 2>&1 ||
+     [ "$(cat "$STAMP" 2>/dev/null)" != "$(service_stamp)" ]; then
     say "building the project's wheels (pip wheel)"
     rm -f build/wheels/titan_plugin_manager-*.whl
     # async-timeout: redis-py needs it on the image's Python (Debian's 3.11.2), not here
     "$PY" -m pip wheel -q --disable-pip-version-check -w build/wheels ".[flower]" \
       "async-timeout>=4.0.3" 2>&1 |
       grep -v -E "^\s*$|WARNING: Location" >&2 || true
-    say "building titan-plugin-manager:local"
+    say "building $TITAN_SERVICE_IMAGE"
     # --force-rm: a step that fails (or a build cut short) leaves no container behind
-    docker build --force-rm -f deploy/Dockerfile -t titan-plugin-manager:local . 2>&1 |
+    docker build --force-rm -f deploy/Dockerfile --build-arg "BASE=$TITAN_BASE_IMAGE" \
+      -t "$TITAN_SERVICE_IMAGE" . 2>&1 |
       grep --line-buffered -E "^(Step|Successfully|ERROR|The command)" >&2 || true
-    docker image inspect titan-plugin-manager:local >/dev/null || die "the service image did not build"
-    service_stamp >build/.service-stamp
+    docker image inspect "$TITAN_SERVICE_IMAGE" >/dev/null || die "the service image did not build"
+    service_stamp >"$STAMP"
   else
-    say "image titan-plugin-manager:local is up to date"
+    say "image $TITAN_SERVICE_IMAGE is up to date"
   fi
   say "wheels for the plugins' requirements (containers reach no package index)"
   "$PY" -m manager.plugins.deps "${TITAN_PLUGINS_HOST_DIR:-$ROOT/plugins}" build/plugin-wheels >&2

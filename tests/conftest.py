@@ -4,9 +4,11 @@ the machine's Docker engine under this session's own instance label and are remo
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,8 +16,17 @@ import docker
 import pytest
 import redis
 import yaml
+from hoststate import MARK, HostState
 
-from harness import Bus, RedisServer, WorkerProcess, free_port, private_settings
+from harness import (
+    SESSION_DIR,
+    Bus,
+    RedisServer,
+    WorkerProcess,
+    free_port,
+    private_settings,
+    wait_until,
+)
 from manager.api.app import create_app
 from manager.bus.dispatch import Dispatcher
 from manager.bus.listener import Listener
@@ -26,6 +37,63 @@ from manager.service import api_server
 
 TEST_PLUGINS = Path(__file__).parent / "plugins"
 HOSTILE_PLUGINS = Path(__file__).parent / "hostile"
+BUILTINS = ("file_watcher", "shell_runner")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Marks every process started from here on as this session's, and keeps pytest's own
+    temporary files in one private directory that goes with the session."""
+    os.environ.setdefault(MARK, uuid.uuid4().hex)
+    os.environ[SESSION_DIR] = tempfile.mkdtemp(prefix="titan-test-", dir="/var/tmp")
+    config.stash[OWN_DIRS] = [os.environ[SESSION_DIR]]
+    if config.option.basetemp is None:
+        config.option.basetemp = tempfile.mkdtemp(prefix="titan-pytest-")
+        config.stash[OWN_DIRS].append(config.option.basetemp)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for path in config.stash.get(OWN_DIRS, []):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+OWN_DIRS = pytest.StashKey[list[str]]()
+HOST_SETTLE_S = 60  # containers go in the background, daemons take a moment to exit
+HOST_BEFORE = pytest.StashKey[HostState]()
+
+
+def _controls(config: pytest.Config) -> bool:
+    """The process that judges the host: the only one, or pytest-xdist's controller (its
+    workers run tests side by side and never see the whole session)."""
+    return not hasattr(config, "workerinput")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if _controls(session.config):
+        session.config.stash[HOST_BEFORE] = HostState.read(os.environ[MARK])
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """The host as the suite found it (tests/hoststate.py): any difference fails the
+    session, listed."""
+    before = session.config.stash.get(HOST_BEFORE, None)
+    if before is None:
+        return
+
+    def unchanged() -> bool:
+        return not before.changes(HostState.read(os.environ[MARK]))
+
+    try:
+        wait_until(unchanged, HOST_SETTLE_S, "the host to be as the suite found it")
+    except AssertionError:
+        changes = before.changes(HostState.read(os.environ[MARK]))
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        text = "the test suite changed the host:\n  " + "\n  ".join(changes)
+        if reporter is not None:
+            reporter.write_sep("!", "host changed", red=True)
+            reporter.write_line(text)
+        else:
+            print(text)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")
@@ -54,14 +122,26 @@ def public_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def copy_plugins(target: Path, names: list[str] | None = None,
+                 sources: tuple[Path, ...] = (TEST_PLUGINS, HOSTILE_PLUGINS)) -> Path:
+    """Copies plugins (by name, or every one of `sources`) into `target`."""
+    target.mkdir(parents=True, exist_ok=True)
+    for source in sources:
+        for src in sorted(source.iterdir()):
+            if src.is_dir() and (names is None or src.name in names):
+                shutil.copytree(src, target / src.name,
+                                ignore=shutil.ignore_patterns("__pycache__"))
+    return target
+
+
 @pytest.fixture(scope="session")
 def plugins_dir(files_dir: Path) -> Iterator[Path]:
-    """The built-in plugins plus tests/plugins; file_watcher may read files_dir."""
+    """The integration stack's plugins: tests/plugins, the hostile plugin and the
+    built-ins named in BUILTINS (their own tests need them), nothing else of plugins/;
+    file_watcher may read files_dir."""
     path = Path(tempfile.mkdtemp(prefix="titan-test-plugins-"))
-    for src in [*sorted((ROOT / "plugins").iterdir()), *sorted(TEST_PLUGINS.iterdir()),
-                *sorted(HOSTILE_PLUGINS.iterdir())]:
-        if src.is_dir():
-            shutil.copytree(src, path / src.name, ignore=shutil.ignore_patterns("__pycache__"))
+    copy_plugins(path)
+    copy_plugins(path, list(BUILTINS), (ROOT / "plugins",))
     for name in ("file_watcher", "hostile"):
         manifest = path / name / "plugin.yaml"
         data = yaml.safe_load(manifest.read_text())
@@ -69,6 +149,22 @@ def plugins_dir(files_dir: Path) -> Iterator[Path]:
         manifest.write_text(yaml.safe_dump(data))
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def unit_plugins() -> Iterator[Path]:
+    """The fast layer's plugins: test plugins with no requirements (nothing to install)."""
+    path = Path(tempfile.mkdtemp(prefix="titan-unit-plugins-"))
+    copy_plugins(path, [p.name for p in TEST_PLUGINS.iterdir()
+                        if not (p / "requirements.txt").exists()])
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def unit_settings(settings: Settings, unit_plugins: Path) -> Settings:
+    """The session's settings over the fast layer's plugins (no Docker, no workers)."""
+    return settings.with_(plugins_dir=unit_plugins)
 
 
 @pytest.fixture(scope="session")

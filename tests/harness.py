@@ -9,6 +9,7 @@ import ctypes
 import fcntl
 import json
 import os
+import random
 import shutil
 import socket
 import struct
@@ -31,6 +32,23 @@ from manager.core.config import ROOT, Settings
 from manager.core.record_store import RecordStore
 
 WORKER_START_S = 60
+SESSION_DIR = "TITANTEST_DIR"  # set by tests/conftest.py: removed when the session ends
+
+
+def mkdirs_private(path: Path) -> Path:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
+
+
+def session_dir() -> Path:
+    """A private (0700) directory of this test session's, on a disk-backed filesystem
+    (/var/tmp: plugin deps may hold shared libraries, which a noexec /tmp would refuse),
+    removed with everything in it when the session ends."""
+    path = os.environ.get(SESSION_DIR)
+    if not path:  # the bench and the soak, without the test session
+        path = tempfile.mkdtemp(prefix="titan-run-", dir="/var/tmp")
+        os.environ[SESSION_DIR] = path
+    return Path(path)
 
 
 def bridge_gateway(client: Any) -> str:
@@ -86,20 +104,25 @@ def new_id(prefix: str = "t") -> str:
 
 
 class RedisServer:
-    """A throwaway redis-server on a free loopback port."""
+    """A throwaway redis-server on a free loopback port, with a password of its own (any
+    local account can open a loopback port) and its data in a private (0700) directory."""
 
     def __init__(self, persist: bool = False) -> None:
         self.port = free_port()
         self.persist = persist
+        self.password = uuid.uuid4().hex
         self.workdir = tempfile.mkdtemp(prefix="titan-redis-")
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.url = f"redis://default:{self.password}@127.0.0.1:{self.port}/0"
         self.start()
 
     def start(self) -> None:
+        conf = Path(self.workdir) / "redis.conf"  # the password on no command line
+        conf.write_text(f"requirepass {self.password}\n")
+        conf.chmod(0o600)
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes" if self.persist else "no", "--appendfsync", "everysec",
-             "--dir", self.workdir],
+            ["redis-server", str(conf), "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "yes" if self.persist else "no",
+             "--appendfsync", "everysec", "--dir", self.workdir],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         conn = redis.Redis.from_url(self.url)
 
@@ -192,7 +215,7 @@ class DockerProxy(SocketProxy):
     """Stands in for the Docker engine's socket (a worker's DOCKER_HOST)."""
 
     def __init__(self, target: str = "/var/run/docker.sock") -> None:
-        path = os.path.join(tempfile.mkdtemp(prefix="titan-dproxy-"), "docker.sock")
+        path = os.path.join(tempfile.mkdtemp(prefix="dproxy-", dir=session_dir()), "docker.sock")
         super().__init__(path, target)
         self.path = path
         self.url = f"unix://{path}"
@@ -203,9 +226,9 @@ class RedisProxy(SocketProxy):
 
     family = socket.AF_INET
 
-    def __init__(self, port: int) -> None:
-        super().__init__(("127.0.0.1", free_port()), ("127.0.0.1", port))
-        self.url = f"redis://127.0.0.1:{self.listen_at[1]}/0"
+    def __init__(self, server: RedisServer) -> None:
+        super().__init__(("127.0.0.1", free_port()), ("127.0.0.1", server.port))
+        self.url = f"redis://default:{server.password}@127.0.0.1:{self.listen_at[1]}/0"
 
 
 SYSTEM_PYTHON = shutil.which("python3", path="/usr/bin:/bin") or "python3"
@@ -241,8 +264,22 @@ def private_settings(redis_url: str, plugins_dir: Path, run_dir: Path, **extra: 
         redis_url=redis_url, key_prefix=prefix, event_stream=f"{prefix}:events",
         dead_stream=f"{prefix}:events:dead", task_queue=f"{prefix}.plugins",
         instance=f"test-{uid}", plugins_dir=plugins_dir, run_dir=run_dir,
-        cache_dir=Path(tempfile.mkdtemp(prefix="titan-test-cache-", dir="/var/tmp")),
+        cache_dir=Path(tempfile.mkdtemp(prefix="cache-", dir=session_dir())),
         worker_name=f"testhost-{uid}", api_token="", **extra)
+
+
+def isolated(settings: Settings, conn: redis.Redis, **changes: Any) -> tuple[Settings, Any]:
+    """The session's Redis with keys, stream and queue of this test's own (a sweeper or a
+    runner must see only this test's runs), and its registry, loaded."""
+    from manager.plugins.registry import Registry
+
+    uid = uuid.uuid4().hex[:6]
+    mine = settings.with_(key_prefix=f"{settings.key_prefix}x{uid}",
+                          event_stream=f"{settings.event_stream}.{uid}",
+                          task_queue=f"{settings.task_queue}.{uid}", **changes)
+    registry = Registry(conn, mine)
+    registry.reload()
+    return mine, registry
 
 
 def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
@@ -258,6 +295,8 @@ def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
         "TITAN_PIP_INDEX_URL": settings.pip_index_url,
         "TITAN_REDIS_SENTINELS": settings.redis_sentinels,
         "TITAN_REDIS_MASTER": settings.redis_master,
+        # what a process SIGKILLed by a test cannot clean up goes with the session
+        "TMPDIR": str(mkdirs_private(session_dir() / "tmp")),
     })
     for f in dataclass_fields(Settings):
         value = getattr(settings, f.name)
@@ -393,28 +432,38 @@ def http_status(url: str, login: str | None = None, timeout: float = 10) -> int:
 
 class PrivateEngine:
     """A second Docker engine on this machine, with its own socket, data root, exec root
-    (and so its own containerd) and no bridge: another host in everything but the kernel.
-    Plugin containers need no network, so none is set up."""
+    (and so its own containerd) and its own bridge: another host in everything but the
+    kernel. Never `--bridge none`: dockerd then deletes the interface `docker0` even when
+    another engine owns it, and the host's containers lose their network. Its bridge is
+    made here, with an address of its own, and removed with the engine."""
 
     def __init__(self, image: str) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="titan-engine-", dir="/var/tmp"))
+        self.root = Path(tempfile.mkdtemp(prefix="engine-", dir=session_dir()))
         self.sock = self.root / "docker.sock"
         self.url = f"unix://{self.sock}"
+        self.bridge = f"titanbr{uuid.uuid4().hex[:8]}"  # IFNAMSIZ: at most 15 characters
         self.proc: subprocess.Popen | None = None
-        self.start()
-        subprocess.run(f"docker save {image} | docker -H {self.url} load -q", shell=True,
-                       check=True, capture_output=True, timeout=300)
+        make_bridge(self.bridge)
+        try:
+            self.start()
+            subprocess.run(f"docker save {image} | docker -H {self.url} load -q", shell=True,
+                           check=True, capture_output=True, timeout=300)
+        except BaseException:
+            self.destroy()
+            raise
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
             ["dockerd", "--host", self.url, "--data-root", str(self.root / "data"),
              "--exec-root", str(self.root / "exec"), "--pidfile", str(self.root / "pid"),
-             "--bridge", "none", "--iptables=false", "--ip6tables=false",
-             "--log-level", "warn"],
+             "--bridge", self.bridge, "--iptables=false", "--ip6tables=false",
+             "--ip-forward=false", "--ip-masq=false", "--log-level", "warn"],
             stdout=(self.root / "dockerd.log").open("ab"), stderr=subprocess.STDOUT)
         wait_until(self.answers, 60, "the private Docker engine")
 
     def answers(self) -> bool:
+        assert self.proc is not None and self.proc.poll() is None, \
+            (self.root / "dockerd.log").read_text()[-3000:]
         return subprocess.run(["docker", "-H", self.url, "info"], capture_output=True,
                               check=False).returncode == 0
 
@@ -426,7 +475,23 @@ class PrivateEngine:
 
     def destroy(self) -> None:
         self.stop()
+        subprocess.run(["ip", "link", "delete", self.bridge], check=False,
+                       capture_output=True)
         subprocess.run(["rm", "-rf", str(self.root)], check=False)
+
+
+def make_bridge(name: str) -> None:
+    """A bridge interface with a /24 that no interface or route of the host uses."""
+    used = subprocess.run(["ip", "-4", "route", "show", "table", "all"], capture_output=True,
+                          text=True, check=True).stdout
+    for third in random.sample(range(1, 255), 254):
+        prefix = f"10.231.{third}"
+        if f"{prefix}." not in used:
+            break
+    else:
+        raise RuntimeError("no free 10.231.x.0/24 for a private engine's bridge")
+    subprocess.run(["ip", "link", "add", name, "type", "bridge"], check=True)
+    subprocess.run(["ip", "addr", "add", f"{prefix}.1/24", "dev", name], check=True)
 
 
 class RedisNode:

@@ -24,16 +24,34 @@ pytestmark = pytest.mark.integration
 ACTIVE = ("pending", "queued", "throttled", "running", "retrying")
 
 
+def has_pip(image: str) -> bool:
+    return subprocess.run(["docker", "run", "--rm", "--network", "none", image, "python3",
+                           "-m", "pip", "--version"], capture_output=True,
+                          check=False).returncode == 0
+
+
 class ComposeStack:
+    """A compose project of the test's own: name, ports, directories, env file, and its
+    own service image (removed afterwards; a user's `titan-plugin-manager:local` is never
+    rebuilt). A base image the host already has is used as it is; else one is built under
+    the test's own name and removed afterwards."""
+
     def __init__(self, tmp: Path) -> None:
         uid = uuid.uuid4().hex[:8]
         self.project = f"titantest{uid}"
         self.manager = f"{self.project}-manager"
         self.plugins = tmp / "plugins"
-        shutil.copytree(ROOT / "plugins", self.plugins)
+        shutil.copytree(ROOT / "plugins" / "shell_runner", self.plugins / "shell_runner")
         self.workers_dir = Path(f"/var/lib/titan/test-{uid}")
         self.port = free_port()
+        self.env_file = tmp / "compose.env"
+        self.service_image = f"titan-plugin-manager:test-{uid}"
+        self.base_image = ("titan-base:bookworm" if has_pip("titan-base:bookworm")
+                           else f"titan-base:test-{uid}")
         self.env = {**{k: v for k, v in os.environ.items() if not k.startswith("TITAN_")},
+                    "TITAN_COMPOSE_ENV_FILE": str(self.env_file),
+                    "TITAN_SERVICE_IMAGE": self.service_image,
+                    "TITAN_BASE_IMAGE": self.base_image,
                     "TITAN_COMPOSE_PROJECT": self.project, "TITAN_MANAGER_NAME": self.manager,
                     "TITAN_API_PORT": str(self.port), "TITAN_METRICS_PORT": str(free_port()),
                     "TITAN_FLOWER_PORT": str(free_port()),
@@ -47,11 +65,21 @@ class ComposeStack:
                               timeout=900, check=False)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
+    def secret(self, name: str) -> str:
+        """A secret compose.sh generated into the project's env file."""
+        lines = self.env_file.read_text().splitlines()
+        return next(ln.split("=", 1)[1] for ln in lines if ln.startswith(f"{name}="))
+
     @property
     def token(self) -> str:
-        """The API's key, which compose.sh generated into .env."""
-        lines = (ROOT / ".env").read_text().splitlines()
-        return next(ln.split("=", 1)[1] for ln in lines if ln.startswith("TITAN_API_TOKEN="))
+        return self.secret("TITAN_API_TOKEN")
+
+    def remove_images(self) -> None:
+        """The images built for this project only (the stamp file goes with them)."""
+        mine = [self.service_image] + ([self.base_image] if "test-" in self.base_image else [])
+        subprocess.run(["docker", "rmi", "-f", *mine], capture_output=True, check=False)
+        stamp = self.service_image.replace(":", "_").replace("/", "_")
+        (ROOT / "build" / f".service-stamp-{stamp}").unlink(missing_ok=True)
 
     def api(self, method: str, path: str, body: object = None, token: str | None = None) -> dict:
         data = None if body is None else json.dumps(body).encode()
@@ -95,6 +123,7 @@ def compose(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComposeStack]:
         yield stack
     finally:
         stack.script("down")
+        stack.remove_images()
         left = stack.docker("ps", "-aq", "--filter",
                             f"label=com.docker.compose.project={stack.project}")
         left += stack.docker("ps", "-aq", "--filter",
@@ -114,8 +143,7 @@ def test_runs_spread_over_the_worker_containers(compose: ComposeStack) -> None:
     assert refused.value.code == 401
     flower = (f"http://127.0.0.1:{compose.env['TITAN_FLOWER_PORT']}/tasks/datatable?draw=1"
               "&start=0&length=10&order%5B0%5D%5Bcolumn%5D=0&columns%5B0%5D%5Bdata%5D=name")
-    login = next(ln.split("=", 1)[1] for ln in (ROOT / ".env").read_text().splitlines()
-                 if ln.startswith("TITAN_FLOWER_AUTH="))
+    login = compose.secret("TITAN_FLOWER_AUTH")
     wait_until(lambda: http_status(flower, login) == 200, 60, "Flower behind its login")
     assert http_status(flower) == 401
     runs = compose.finished(compose.burst(12))

@@ -191,6 +191,7 @@ def test_an_engine_stopped_during_warm_runs_fails_no_run(settings, conn, registr
     uid = uuid.uuid4().hex[:8]
     engine = PrivateEngine(settings.runtime_image)
     mine = settings.with_(task_queue=f"{settings.task_queue}.engine{uid}",
+                          event_stream=f"{settings.event_stream}.engine{uid}",
                           instance=f"{settings.instance}-engine{uid}", sandbox_retries=10,
                           retry_backoff_max=2)
     worker = WorkerProcess(mine, f"engine{uid}", concurrency=2, DOCKER_HOST=engine.url)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -162,10 +164,48 @@ def test_one_huge_file_hits_fsize(attack, settings) -> None:
     assert got["error"] == "EFBIG" and got["written"] == settings.fsize_bytes
 
 
-def test_memory_balloon_is_oom_killed(attack) -> None:
-    record, failure = attack("balloon")
-    assert record["status"] == "oom", record
-    assert failure["payload"]["reason"].startswith("killed: out of memory")
+BALLOONS = 10
+
+
+@pytest.fixture
+def loaded_machine() -> Iterator[None]:
+    """Every core busy on the host while the test runs (the engine's OOM flag lags behind
+    a container's exit most under load)."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            for _ in range(os.cpu_count() or 2)]
+    try:
+        yield
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+
+
+def test_memory_balloons_are_oom_killed_under_load(lane, conn, loaded_machine) -> None:
+    """The kernel's OOM kill is what every balloon's record says, on every lane, while
+    another run spins and the host's cores are busy."""
+    spin = new_id("spin")
+    lane.bus.publish({"event_id": spin, "topic": "hostile.v1", "event_type": "attack",
+                      "payload": {"attack": "cpu_spin"}})
+    balloons = [new_id("balloon") for _ in range(BALLOONS)]
+    for event_id in balloons:
+        lane.bus.publish({"event_id": event_id, "topic": "hostile.v1",
+                          "event_type": "attack", "payload": {"attack": "balloon"}})
+    for event_id in balloons:
+        failure = lane.bus.result_of(event_id, timeout=180)
+        assert failure["payload"]["status"] == "oom", failure["payload"]
+        assert failure["payload"]["reason"].startswith("killed: out of memory"), failure
+    assert lane.bus.result_of(spin, timeout=60)["payload"]["status"] == "timeout"
+    records = [r for r in records_of(conn, lane.settings, "hostile", 200)
+               if r["event_id"] in balloons]
+    assert sorted(r["status"] for r in records) == ["oom"] * BALLOONS
+
+
+def test_a_sigkill_without_memory_pressure_is_no_oom(attack) -> None:
+    record, failure = attack("kill_self")
+    assert record["status"] == "failed", record
+    assert record["reason"] == "exited with code 137 (killed by signal 9)", record
+    assert failure["payload"]["status"] == "failed"
 
 
 def test_no_container_is_ever_reused(attack, lane) -> None:

@@ -1,6 +1,8 @@
 """Installing a plugin never runs or reads anything on the host (SPEC §3): hostile
 requirements.txt files through the real reload path (the API's answer and /plugins), the
-CLI's validate, and a worker's first use of a bundle that never went through a reload."""
+CLI's validate, and a worker's first use of a bundle that never went through a reload.
+Refusals never reach pip and are fast tests; what asks the package index or runs pip is
+marked integration."""
 
 from __future__ import annotations
 
@@ -22,8 +24,6 @@ from manager.bus.dispatch import Dispatcher
 from manager.core.config import ROOT, Settings
 from manager.core.contract import make_celery
 from manager.plugins.registry import Registry
-
-pytestmark = pytest.mark.integration
 
 MANIFEST = """\
 name: {name}
@@ -125,6 +125,7 @@ def test_index_urls_are_refused_and_never_contacted(env) -> None:
     assert "line 1: options such as '--index-url' are not allowed" in errors
 
 
+@pytest.mark.integration
 def test_an_sdist_only_requirement_is_rejected_with_what_to_do(env) -> None:
     plugin(env, "sdist_only", "six==1.16.0\ndocopt==0.6.2\n")  # docopt ships no wheel
     errors = reload_rejects(env, "sdist_only")
@@ -132,6 +133,7 @@ def test_an_sdist_only_requirement_is_rejected_with_what_to_do(env) -> None:
     assert "pin a version that ships wheels, or vendor" in errors
 
 
+@pytest.mark.integration
 def test_a_misspelled_requirement_is_named_as_missing_from_the_index(env) -> None:
     plugin(env, "misspelled", "tabulat==0.9.0\n")  # the index answers 404 for `tabulat`
     errors = reload_rejects(env, "misspelled")
@@ -161,6 +163,7 @@ def test_validate_applies_the_same_rules(env, requirements: str, says: str) -> N
         assert line not in proc.stdout + proc.stderr
 
 
+@pytest.mark.integration
 def test_a_wheel_only_requirement_installs_at_reload(env) -> None:
     plugin(env, "wheels_ok", "six==1.16.0 ; python_version >= '3'\n")
     answer = env["client"].post("/plugins/reload").json

@@ -187,11 +187,3 @@ def test_endless_stdout_is_stopped_at_the_cap(bus: Bus, conn, settings) -> None:
     record = record_for(conn, settings, "chatty", event_id)
     assert record["stdout_truncated"] is True
     assert len(record["stdout"]) == settings.output_cap_bytes
-
-
-def test_memory_balloon_is_oom_killed(bus: Bus, conn, settings) -> None:
-    event_id = new_id()
-    bus.publish({"event_id": event_id, "topic": "test.v1", "event_type": "balloon"})
-    failure = bus.result_of(event_id)
-    assert failure["payload"]["status"] == "oom", failure
-    assert "out of memory" in failure["payload"]["reason"]

@@ -65,7 +65,6 @@ def _force(store: RecordStore, inv: str, status: Status) -> None:
     store.conn.hset(store.keys.invocation(inv), "status", json.dumps(status.value))
 
 
-@pytest.mark.integration
 @pytest.mark.parametrize("source", list(Status))
 def test_redis_enforces_the_table(conn, settings, source: Status) -> None:
     store = RecordStore(conn, settings.with_(event_stream=f"{settings.event_stream}.records"))
@@ -82,7 +81,6 @@ def test_redis_enforces_the_table(conn, settings, source: Status) -> None:
         assert store.get(inv).status is (target if expected else source)
 
 
-@pytest.mark.integration
 def test_finishing_is_atomic_and_happens_once(conn, settings) -> None:
     mine = settings.with_(event_stream=f"{settings.event_stream}.finish")
     store = RecordStore(conn, mine)
@@ -98,7 +96,6 @@ def test_finishing_is_atomic_and_happens_once(conn, settings) -> None:
     assert conn.zscore(store.keys.inflight, inv) is None
 
 
-@pytest.mark.integration
 def test_a_takeover_is_a_compare_and_set_on_the_owner(conn, settings) -> None:
     store = RecordStore(conn, settings)
     inv = _new(store)
@@ -117,7 +114,6 @@ def test_a_takeover_is_a_compare_and_set_on_the_owner(conn, settings) -> None:
 CLAIMABLE = frozenset({S.PENDING, S.QUEUED, S.THROTTLED, S.RETRYING})
 
 
-@pytest.mark.integration
 def test_a_claim_takes_the_record_the_slot_and_the_run_in_one_step(conn, settings) -> None:
     store = RecordStore(conn, settings)
     plugin = f"claim-{uuid.uuid4().hex[:6]}"
@@ -146,7 +142,6 @@ def test_a_claim_takes_the_record_the_slot_and_the_run_in_one_step(conn, setting
     assert conn.zcard(store.keys.plugin_slots(plugin)) == 0
 
 
-@pytest.mark.integration
 def test_a_run_is_created_only_within_its_budget(conn, settings) -> None:
     store = RecordStore(conn, settings.with_(fanout_budget=2))
     correlation, entry = uuid.uuid4().hex, uuid.uuid4().hex
@@ -166,7 +161,6 @@ def test_a_run_is_created_only_within_its_budget(conn, settings) -> None:
     assert store.get(over.invocation_id) is None  # nothing stored
 
 
-@pytest.mark.integration
 def test_a_transition_can_ride_in_a_callers_pipeline(conn, settings) -> None:
     store = RecordStore(conn, settings)
     inv = _new(store)

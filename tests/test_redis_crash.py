@@ -10,7 +10,6 @@ import shutil
 import signal
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +24,7 @@ from harness import (
     RedisServer,
     WorkerProcess,
     broker_drained,
+    isolated,
     new_id,
     private_settings,
     record_of,
@@ -128,7 +128,7 @@ def test_a_redis_crash_mid_burst_loses_nothing_and_doubles_nothing(crash_stack) 
 def test_a_redis_outage_while_the_outcome_is_stored_ends_in_one_record_and_one_event(
         plugins_dir, files_dir, tmp_path) -> None:
     server = RedisServer(persist=True)
-    proxy = RedisProxy(server.port)
+    proxy = RedisProxy(server)
     proxy.start()
     settings = private_settings(server.url, plugins_dir, tmp_path, allowed_roots=(files_dir,),
                                 visibility_timeout=5, restore_interval=1)
@@ -164,19 +164,6 @@ def test_a_redis_outage_while_the_outcome_is_stored_ends_in_one_record_and_one_e
         proxy.stop()
         server.stop()
         shutil.rmtree(settings.cache_dir, ignore_errors=True)
-
-
-def isolated(settings: Settings, conn: redis.Redis, **changes: object
-             ) -> tuple[Settings, Registry]:
-    """The session's Redis with keys, stream and queue of this test's own (the sweeper
-    must see only this test's runs)."""
-    uid = uuid.uuid4().hex[:6]
-    mine = settings.with_(key_prefix=f"{settings.key_prefix}x{uid}",
-                          event_stream=f"{settings.event_stream}.{uid}",
-                          task_queue=f"{settings.task_queue}.{uid}", **changes)
-    registry = Registry(conn, mine)
-    registry.reload()
-    return mine, registry
 
 
 def _drop_message(conn: redis.Redis, keys: Keys, invocation_id: str) -> None:
@@ -234,40 +221,6 @@ def test_a_run_whose_worker_and_message_vanished_is_swept_to_lost(
     assert REGISTRY.get_sample_value("titan_invocations_total",
                                      {"plugin": "sleeper", "status": "lost"}) == before + 1
     assert sweeper.sweep().lost == []  # terminal: never swept twice
-
-
-def test_the_sweeper_leaves_runs_that_are_held_or_waiting_in_the_queue(settings, conn) -> None:
-    """Without a read of the queue or of kombu's hash: a run with a lease is held; a sent
-    run is waiting while the queue has messages; once the queue is empty, it is re-queued
-    only after its message could have come back from a dead worker."""
-    from manager.core.records import InvocationRecord, Status
-
-    mine, registry = isolated(settings, conn, sweep_grace_s=2)
-    dispatcher = Dispatcher(conn, mine, make_celery(mine))
-    keys = Keys(mine.key_prefix)
-    sweeper = Sweeper(conn, mine, dispatcher)
-    held, queued = (registry.get("echo").request(Event(new_id(), "test.v1", "ping"), mine,
-                                                 "api", name + new_id())
-                    for name in ("held", "queued"))
-    for req in (held, queued):
-        dispatcher.records.create(InvocationRecord.from_request(req), 0)
-        dispatcher.send(req)  # no worker consumes this test's queue
-        conn.zadd(keys.inflight, {req.invocation_id: 0})
-    conn.set(keys.lease(held.invocation_id), "someone@host", ex=60)
-    report = sweeper.sweep()
-    assert report.suspected == [] and report.requeued == []
-    assert conn.zscore(keys.inflight, queued.invocation_id) > time.time()  # looked at later
-    conn.delete(mine.task_queue)  # the queue is empty: the message is late, or gone
-    conn.zadd(keys.inflight, {req.invocation_id: 0 for req in (held, queued)})
-    assert sweeper.sweep().suspected == [queued.invocation_id]
-    assert sweeper.sweep(time.time() + mine.sweep_grace_s + 1).requeued == []
-    patience = mine.effective_visibility_timeout + mine.restore_interval + mine.sweep_grace_s
-    report = sweeper.sweep(time.time() + patience + 1)
-    assert report.requeued == [queued.invocation_id] and report.lost == []
-    again = record_of(conn, mine, queued.invocation_id)
-    assert again["status"] == Status.QUEUED and again["requeues"] == 1
-    assert conn.llen(mine.task_queue) == 1  # sent again
-    assert record_of(conn, mine, held.invocation_id)["status"] == Status.QUEUED
 
 
 def test_a_pending_run_whose_message_never_reached_the_broker_is_sent_again(

@@ -24,8 +24,6 @@ from manager.plugins.registry import Registry
 from workers.runner import HOLDER_RECHECK_S, Later, Runner
 from workers.spec import RunResult, RunSpec
 
-pytestmark = pytest.mark.integration
-
 
 @dataclass
 class FakeSandbox:
@@ -80,7 +78,8 @@ class Rig:
 
 
 @pytest.fixture
-def rig(conn, settings) -> Iterator[Rig]:
+def rig(conn, unit_settings) -> Iterator[Rig]:
+    settings = unit_settings
     uid = uuid.uuid4().hex[:6]
     mine = settings.with_(key_prefix=f"{settings.key_prefix}r{uid}",
                           event_stream=f"{settings.event_stream}.r{uid}", sandbox_retries=2,

@@ -20,6 +20,7 @@ from manager.core.config import Settings
 from manager.core.errors import SandboxUnavailable
 from manager.core.records import Status
 from workers.container import ContainerHandle
+from workers.oom import OomWatch
 from workers.spec import Capture, RunResult, RunSpec
 
 WAIT_MARGIN_S = 60  # an engine's wait for a stopped container, beyond any run's timeout
@@ -27,6 +28,8 @@ LOST_STREAM = (OSError, SocketError, DockerException, requests.RequestException)
 
 
 class Engine(Protocol):
+    def oom_killed(self, watch: OomWatch | None) -> bool: ...
+
     def stopped_from_outside(self, container: ContainerHandle, result: RunResult,
                              state: dict[str, Any]) -> bool: ...
 
@@ -42,6 +45,7 @@ class Launched:
     state: Callable[[], dict[str, Any] | None] = lambda: None
     close: Callable[[], object] = lambda: None  # releases the output stream
     ready_at: float = field(default_factory=time.time)
+    oom: OomWatch | None = None  # the kernel's OOM notifications for its memory cgroup
 
 
 def execute(launched: Launched, spec: RunSpec, settings: Settings, engine: Engine,
@@ -62,8 +66,11 @@ def execute(launched: Launched, spec: RunSpec, settings: Settings, engine: Engin
     finally:
         timer.cancel()
         launched.close()
+        oom = engine.oom_killed(launched.oom)  # the kernel's word (and its watch released)
     result.finished_at = time.time()
     result.exit_code = state.get("ExitCode")
+    if oom:  # whatever the engine's flag says: it can lag behind the exit
+        state = {**state, "OOMKilled": True}
     if engine.stopped_from_outside(launched.container, result, state):
         raise SandboxUnavailable("the container was stopped from outside this worker "
                                  "(an engine shutdown or a docker stop)")

@@ -221,6 +221,7 @@ class WarmPool:
 
     def _discard(self, warm: Warm) -> None:
         warm.close()
+        self.sandbox.oom.killed(warm.oom)  # its watch ends with it
         if warm.container.remove():
             shutil.rmtree(warm.inbox, ignore_errors=True)
         elif not self.stopping.is_set():

@@ -23,6 +23,7 @@ from manager.core.records import Status
 from workers import options
 from workers.container import ContainerHandle
 from workers.execute import Launched, execute
+from workers.oom import OomWatch, OomWatcher
 from workers.options import (
     LABEL,
     LABEL_HOST,
@@ -60,6 +61,7 @@ class Sandbox:
     def __init__(self, settings: Settings, client: docker.DockerClient | None = None) -> None:
         self._client = client
         self._pulls: dict[str, float] = {}
+        self.oom = OomWatcher()
         self.settings = settings
         self.base_labels = {LABEL: "1", LABEL_INSTANCE: settings.instance,
                             LABEL_HOST: settings.worker_name}
@@ -112,7 +114,8 @@ class Sandbox:
                 container.container.start()
             except (DockerException, requests.RequestException) as exc:
                 raise SandboxUnavailable(f"cannot start container: {exc}") from exc
-            return execute(Launched(container, stream, close=stream.close), spec,
+            watch = self.oom.watch(container.id)
+            return execute(Launched(container, stream, close=stream.close, oom=watch), spec,
                            self.settings, self, t0)
         finally:
             container.remove()
@@ -154,6 +157,10 @@ class Sandbox:
     def images(self) -> list[str]:
         """The image names (repo:tag) present on this engine."""
         return sorted({t for img in self.client.images.list() for t in img.tags})
+
+    def oom_killed(self, watch: OomWatch | None) -> bool:
+        """Whether the kernel's OOM killer acted in the container (workers.oom)."""
+        return self.oom.killed(watch)
 
     def stopped_from_outside(self, container: ContainerHandle, result: RunResult,
                              state: dict[str, Any]) -> bool:

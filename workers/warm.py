@@ -30,6 +30,7 @@ from manager.plugins.deps import mkdirs, private_root
 from workers import options
 from workers.container import ContainerHandle
 from workers.execute import Launched, execute, write_event
+from workers.oom import OomWatch
 from workers.sandbox import Sandbox
 from workers.spec import PoolConfig, RunResult, RunSpec
 
@@ -52,6 +53,7 @@ class Warm:
     sock: socket.socket
     inbox: Path
     attached: Any = None  # the attach response, kept open with the socket
+    oom: OomWatch | None = None
     ready_at: float = field(default_factory=time.monotonic)
 
     def close(self) -> None:
@@ -125,7 +127,7 @@ def start_warm(sandbox: Sandbox, config: PoolConfig) -> Warm:
         container.remove()
         shutil.rmtree(inbox, ignore_errors=True)
         raise
-    return Warm(config, container, sock, inbox, attached)
+    return Warm(config, container, sock, inbox, attached, sandbox.oom.watch(container.id))
 
 
 def run_warm(sandbox: Sandbox, warm: Warm, spec: RunSpec) -> RunResult:
@@ -143,8 +145,8 @@ def run_warm(sandbox: Sandbox, warm: Warm, spec: RunSpec) -> RunResult:
     except OSError as exc:
         raise WarmBroken(f"the prewarmed container's stream is gone: {exc}") from exc
     ending = Ending(token)
-    result = execute(Launched(warm.container, ending.frames(warm.sock), ending.state), spec,
-                     sandbox.settings, sandbox, t0)
+    result = execute(Launched(warm.container, ending.frames(warm.sock), ending.state,
+                              oom=warm.oom), spec, sandbox.settings, sandbox, t0)
     result.extra["warm"] = True
     return result
 

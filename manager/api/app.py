@@ -42,7 +42,8 @@ PUBLIC_PATHS = ("/health", "/docs", "/openapi.json")  # and /docs/static/...
 
 
 def create_app(settings: Settings, conn: redis.Redis, registry: Registry,
-               dispatcher: Dispatcher, on_unsettled: Callable[[], object] | None = None) -> Flask:
+               dispatcher: Dispatcher,
+               on_reload: Callable[[dict[str, Any]], object] | None = None) -> Flask:
     """Flask app factory; every dependency is passed in (tests pass their own)."""
     app = Flask(__name__)
     app.json.sort_keys = False  # type: ignore[attr-defined]
@@ -51,7 +52,7 @@ def create_app(settings: Settings, conn: redis.Redis, registry: Registry,
                                          RecordStore(conn, settings),
                                          settings.event_limits,
                                          threading.BoundedSemaphore(max(1, settings.api_waiters)),
-                                         on_unsettled)
+                                         on_reload)
     app.before_request(_auth(settings))
     app.register_error_handler(TitanError, _titan_error)
     app.register_error_handler(redis.RedisError, _redis_error)

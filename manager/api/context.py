@@ -32,8 +32,9 @@ class ApiContext:
     limits: Limits
     # `?wait` holds a request thread: at most this many at once, the rest answer at once.
     waiters: threading.BoundedSemaphore
-    # Called when a reload left a plugin that was still being written on its old version.
-    on_unsettled: Callable[[], object] | None = None
+    # Told what every reload through the API changed (the manager logs it, counts it and
+    # retries directories that were still being written).
+    on_reload: Callable[[dict[str, Any]], object] | None = None
 
 
 def api_context() -> ApiContext:

@@ -135,9 +135,10 @@ def reload_plugins() -> Any:
     except Exception:
         metrics.count_reload(None)
         raise
-    metrics.count_reload(changes)
-    if changes["unsettled"] and ctx().on_unsettled is not None:
-        ctx().on_unsettled()  # the manager tries again shortly
+    if ctx().on_reload is not None:
+        ctx().on_reload(changes)  # the manager's: logged, and retried until settled
+    else:
+        metrics.count_reload(changes)
     return jsonify(changes)
 
 

@@ -32,6 +32,7 @@ class Backoff:
 REDIS_RECONNECT = Backoff(first=0.5, cap=10.0)  # a long-lived loop waiting for Redis
 STORE_OUTCOME = Backoff(first=0.2, cap=5.0)  # a finished run's outcome, until Redis answers
 RECORD_POLL = Backoff(first=0.01, cap=0.2, factor=1.5)  # reading a record until it is final
+RESETTLE = Backoff(first=1.0, cap=30.0)  # a plugin directory still being written
 
 
 def run_retry(cap: float) -> Backoff:

@@ -250,36 +250,37 @@ class Discovery:
 
 
 def _fingerprint(read: list[TreeFile] | PluginEntry) -> Any:
+    """A directory's content as one value: each file's path, mode and SHA-256."""
     if isinstance(read, PluginEntry):
         return read.errors
     return [(f.path, f.executable, hashlib.sha256(f.data).digest()) for f in read]
 
 
 def discover(plugins_dir: Path, settings: Settings) -> Discovery:
-    """Loads every plugin directory that has settled; one bad plugin never stops the
-    others. Directories still changing are read again, up to SETTLE_TRIES times."""
+    """Loads every plugin directory that has settled: two reads `reload_settle_ms` apart
+    with the same content, whatever the clocks and mtimes say (a file dated in the future
+    would otherwise never look quiet). One bad plugin never stops the others. Directories
+    still changing are read again, up to SETTLE_TRIES times; the caller retries the rest
+    later (manager.plugins.watch.SettleRetry)."""
     settle = settings.reload_settle_ms / 1000
     dirs = plugin_dirs(plugins_dir)
     result = Discovery({n: (d, None) for n, d in dirs.items() if isinstance(d, PluginEntry)})
     pending = [n for n, d in dirs.items() if isinstance(d, Path)]
+    first = {n: read_plugin(dirs[n], settings) for n in pending}  # type: ignore[arg-type]
     for _ in range(SETTLE_TRIES):
         if not pending:
             break
-        t0 = time.time()
-        first = {n: read_plugin(dirs[n], settings) for n in pending}  # type: ignore[arg-type]
         time.sleep(settle)
         still = []
         for name in pending:
             again = read_plugin(dirs[name], settings)  # type: ignore[arg-type]
-            quiet = isinstance(again, PluginEntry) or all(f.mtime <= t0 - settle for f in again)
-            if not quiet or _fingerprint(first[name]) != _fingerprint(again):
+            if _fingerprint(first[name]) != _fingerprint(again):
                 still.append(name)
+                first[name] = again  # the next try compares with this read
             elif isinstance(again, PluginEntry):
                 result.found[name] = (again, None)
             else:
                 result.found[name] = load_files(dirs[name], again, settings)  # type: ignore[arg-type]
         pending = still
-        if not pending:
-            break
     result.unsettled = pending
     return result

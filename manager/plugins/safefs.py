@@ -49,7 +49,6 @@ class TreeFile:
     path: str  # relative, '/'-separated
     data: bytes
     executable: bool
-    mtime: float = 0.0  # when it was last modified (a reload waits for a quiet directory)
 
 
 @contextmanager
@@ -214,7 +213,7 @@ def _walk(dir_fd: int, prefix: str, files: list[TreeFile], budget: list[int],
             raise UnsafePath(rel, f"more than {limits.max_files} files")
         data, st = read_regular(dir_fd, name, budget[0], rel)
         budget[0] -= len(data)
-        files.append(TreeFile(rel, data, bool(st.st_mode & 0o111), st.st_mtime))
+        files.append(TreeFile(rel, data, bool(st.st_mode & 0o111)))
 
 
 def gunzip_bounded(data: bytes, max_bytes: int) -> bytes:

@@ -110,6 +110,11 @@ def balloon():
         hoard.append(bytearray(8 * 1024 * 1024))
 
 
+def kill_self():
+    """Dies of SIGKILL with no memory pressure at all: not an OOM kill."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def tmp_listing():
     report(tmp=sorted(os.listdir("/tmp")))
 
@@ -231,5 +236,5 @@ def bad_output():
 ATTACKS = {f.__name__: f for f in (fork_bomb, cpu_spin, giant_line, binary_flood, stderr_flood,
                                    binary_small, fill_tmp, fill_shm, many_files, tmp_listing,
                                    open_files, huge_file, network, host, read_paths, event_size,
-                                   bad_output, marker, balloon)}
+                                   bad_output, marker, balloon, kill_self)}
 ATTACKS[ARGS["attack"]]()

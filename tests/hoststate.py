@@ -1,0 +1,116 @@
+"""What the test suite may not change on the host it runs on: taken before the first test
+and again after the last, and any difference fails the session (tests/conftest.py).
+
+Network interfaces and their addresses, the host engine's networks, containers, volumes
+and images, iptables rules, local users and groups (and their subordinate ids), the
+entries of /tmp, /var/tmp and /srv/titan, and every process the suite started. A process
+is the suite's when it carries the session's mark in its environment (set before the
+first test, inherited by everything started from then on, daemons included). The
+containers of other Titan instances (a stack `make up` started, whose pool comes and
+goes on its own) are not the suite's to judge.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+MARK = "TITANTEST_SESSION"  # not TITAN_*: the harness strips those from child environments
+TREES = (Path("/tmp"), Path("/var/tmp"))
+DEEP_TREES = (Path("/srv/titan"),)
+ID_FILES = (Path("/etc/passwd"), Path("/etc/group"), Path("/etc/subuid"), Path("/etc/subgid"))
+
+
+def _run(*cmd: str) -> str:
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    return done.stdout if done.returncode == 0 else ""
+
+
+def interfaces() -> frozenset[str]:
+    """Each interface with its addresses, as `name addr/len,addr/len`."""
+    out = []
+    for link in json.loads(_run("ip", "-j", "addr", "show") or "[]"):
+        addrs = sorted(f"{a['local']}/{a['prefixlen']}" for a in link.get("addr_info", [])
+                       if a.get("scope") != "link")
+        out.append(f"{link['ifname']} {','.join(addrs)}")
+    return frozenset(out)
+
+
+def engine(kind: str, *fmt: str) -> frozenset[str]:
+    """The host engine's objects of one kind (ids), other Titan instances' containers
+    left out."""
+    if kind == "container":
+        lines = _run("docker", "ps", "-aq", "--no-trunc", "--format",
+                     '{{.ID}} {{.Label "titan.instance"}}').split("\n")
+        return frozenset(line.split()[0] for line in lines if line.strip()
+                         and (len(line.split()) == 1 or line.split()[1].startswith("test-")))
+    return frozenset(x for x in _run("docker", kind, "ls", "-q", *fmt).split() if x)
+
+
+def iptables() -> frozenset[str]:
+    rules = []
+    for tool in ("iptables-save", "ip6tables-save"):
+        rules += [f"{tool}: {line}" for line in _run(tool).splitlines()
+                  if line and not line.startswith(("#", ":"))]
+    return frozenset(rules)
+
+
+def entries(root: Path, deep: bool) -> frozenset[str]:
+    if not root.is_dir():
+        return frozenset()
+    if not deep:
+        return frozenset(str(p) for p in root.iterdir())
+    return frozenset(str(p) for p in root.rglob("*"))
+
+
+def marked_processes(session: str) -> frozenset[str]:
+    """Processes whose environment carries this session's mark, but this one."""
+    found = []
+    needle = f"{MARK}={session}".encode()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        if int(pid) == os.getpid():
+            continue
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if needle in environ.split(b"\0"):
+            command = cmdline.replace(b"\0", b" ").decode(errors="replace")[:200]
+            found.append(f"{pid} {command}")
+    return frozenset(found)
+
+
+@dataclass(frozen=True)
+class HostState:
+    interfaces: frozenset[str]
+    engine_networks: frozenset[str]
+    containers: frozenset[str]
+    volumes: frozenset[str]
+    images: frozenset[str]
+    iptables: frozenset[str]
+    ids: frozenset[str]
+    files: frozenset[str]
+    processes: frozenset[str]
+
+    @classmethod
+    def read(cls, session: str, ignore: frozenset[str] = frozenset()) -> HostState:
+        ids = frozenset(f"{f}: {line}" for f in ID_FILES if f.exists()
+                        for line in f.read_text().splitlines())
+        files = frozenset().union(*(entries(t, False) for t in TREES),
+                                  *(entries(t, True) for t in DEEP_TREES)) - ignore
+        return cls(interfaces(), engine("network", "--no-trunc"), engine("container"),
+                   engine("volume"), engine("image", "--no-trunc"), iptables(), ids, files,
+                   marked_processes(session))
+
+    def changes(self, after: HostState) -> list[str]:
+        """What differs, one line per object: `+` appeared, `-` disappeared."""
+        out = []
+        for f in fields(self):
+            before, now = getattr(self, f.name), getattr(after, f.name)
+            out += [f"{f.name}: + {x}" for x in sorted(now - before)]
+            out += [f"{f.name}: - {x}" for x in sorted(before - now)]
+        return out

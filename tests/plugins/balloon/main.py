@@ -1,3 +1,0 @@
-blocks = []
-while True:
-    blocks.append(bytearray(4 * 1024 * 1024))

@@ -1,0 +1,152 @@
+"""The sweeper's judgements on a real Redis, without workers or Docker: a held run is left
+alone, a sent run waits while the queue moves, an unheld run is re-queued or marked lost
+only after its message could no longer come back, and a run is judged once."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import redis
+
+from harness import Bus, isolated, new_id, record_of
+from manager.bus.dispatch import Dispatcher
+from manager.bus.sweeper import Sweeper
+from manager.core.config import Settings
+from manager.core.contract import make_celery
+from manager.core.events import Event
+from manager.core.keys import Keys
+from manager.core.records import InvocationRecord, Status
+from manager.core.runs import RunRequest
+
+
+class Rig:
+    def __init__(self, conn: redis.Redis, settings: Settings, **changes: object) -> None:
+        self.conn = conn
+        self.settings, self.registry = isolated(settings, conn, **changes)
+        self.keys = Keys(self.settings.key_prefix)
+        self.dispatcher = Dispatcher(conn, self.settings, make_celery(self.settings))
+        self.sweeper = Sweeper(conn, self.settings, self.dispatcher)
+
+    @property
+    def patience(self) -> float:
+        """How long a sent run must look abandoned before it is."""
+        s = self.settings
+        return s.effective_visibility_timeout + s.restore_interval + s.sweep_grace_s
+
+    def run(self, plugin: str = "echo", sent: bool = True) -> RunRequest:
+        """A run past its deadline: recorded (pending), and sent (queued) unless not."""
+        req = self.registry.get(plugin).request(Event(new_id(), "test.v1", "ping"),
+                                                self.settings, "api", "sw" + new_id())
+        self.dispatcher.records.create(InvocationRecord.from_request(req), 0)
+        if sent:
+            self.dispatcher.send(req)  # no worker consumes this test's queue
+            self.dispatcher.records.transition(req.invocation_id, Status.QUEUED, deadline=0)
+        return req
+
+    def running(self, req: RunRequest, worker: str = "gone@host") -> None:
+        """The run was claimed by a worker (which then died) and its message is gone."""
+        assert self.dispatcher.records.transition(
+            req.invocation_id, Status.RUNNING, increment="attempts", deadline=0,
+            worker=worker).applied
+        self.conn.delete(self.settings.task_queue)
+
+    def status(self, req: RunRequest) -> dict:
+        return record_of(self.conn, self.settings, req.invocation_id)
+
+
+@pytest.fixture
+def rig(conn, unit_settings) -> Rig:
+    return Rig(conn, unit_settings, sweep_grace_s=2)
+
+
+def test_held_runs_and_runs_waiting_in_a_moving_queue_are_left_alone(rig: Rig) -> None:
+    """Without a read of the queue's contents or of kombu's hash: a run with a lease is
+    held; a sent run is waiting while the queue has messages; once the queue is empty,
+    it is re-queued only after its message could have come back from a dead worker."""
+    held, queued = rig.run(), rig.run()
+    rig.conn.set(rig.keys.lease(held.invocation_id), "someone@host", ex=60)
+    report = rig.sweeper.sweep()
+    assert report.suspected == [] and report.requeued == []
+    assert rig.conn.zscore(rig.keys.inflight, queued.invocation_id) > time.time()  # later
+    rig.conn.delete(rig.settings.task_queue)  # the queue is empty: the message is late, or gone
+    rig.conn.zadd(rig.keys.inflight, {r.invocation_id: 0 for r in (held, queued)})
+    assert rig.sweeper.sweep().suspected == [queued.invocation_id]
+    assert rig.sweeper.sweep(time.time() + rig.settings.sweep_grace_s + 1).requeued == []
+    report = rig.sweeper.sweep(time.time() + rig.patience + 1)
+    assert report.requeued == [queued.invocation_id] and report.lost == []
+    again = rig.status(queued)
+    assert again["status"] == "queued" and again["requeues"] == 1
+    assert "re-queued by the sweeper" in again["reason"]
+    assert rig.conn.llen(rig.settings.task_queue) == 1  # sent again
+    assert rig.status(held)["status"] == "queued"
+
+
+def test_a_pending_run_whose_message_never_left_is_sent_after_its_grace(rig: Rig) -> None:
+    req = rig.run(sent=False)
+    assert rig.sweeper.sweep().suspected == [req.invocation_id]
+    assert rig.sweeper.sweep().requeued == []  # within sweep_grace_s
+    report = rig.sweeper.sweep(time.time() + rig.settings.sweep_grace_s + 1)
+    assert report.requeued == [req.invocation_id]
+    (message,) = rig.conn.lrange(rig.settings.task_queue, 0, -1)
+    assert json.loads(message)["headers"]["id"] == req.invocation_id
+    assert rig.status(req)["status"] == "queued"
+
+
+def test_a_started_run_is_re_queued_while_its_retries_allow(rig: Rig) -> None:
+    req = rig.run("flaky")  # retries: 2
+    rig.running(req)
+    assert rig.sweeper.sweep().suspected == [req.invocation_id]
+    report = rig.sweeper.sweep(time.time() + rig.patience + 1)
+    assert report.requeued == [req.invocation_id]
+    record = rig.status(req)
+    assert record["status"] == "queued" and record["attempts"] == 1
+    assert "its worker gone@host stopped holding it" in record["reason"]
+
+
+def test_a_started_run_without_retries_is_lost_with_a_failure_event(rig: Rig) -> None:
+    req = rig.run("echo")  # no retries: running it again could run it twice
+    rig.running(req)
+    rig.sweeper.sweep()
+    report = rig.sweeper.sweep(time.time() + rig.patience + 1)
+    assert report.lost == [req.invocation_id] and report.requeued == []
+    lost = rig.status(req)
+    assert lost["status"] == "lost" and "gone@host" in lost["reason"]
+    failure = Bus(rig.conn, rig.settings).result_of(req.event.event_id, timeout=5)
+    assert failure["event_type"] == "invocation_failed"
+    assert failure["payload"]["status"] == "lost"
+    assert failure["payload"]["reason"] == lost["reason"]
+    assert rig.sweeper.sweep(time.time() + rig.patience + 1).lost == []  # judged once
+    assert rig.conn.zscore(rig.keys.inflight, req.invocation_id) is None
+
+
+def test_a_run_re_queued_too_often_is_lost(rig: Rig) -> None:
+    req = rig.run(sent=False)
+    for n in range(rig.settings.max_requeues):
+        rig.conn.delete(rig.settings.task_queue)
+        rig.conn.zadd(rig.keys.inflight, {req.invocation_id: 0})
+        rig.sweeper.sweep()
+        assert rig.sweeper.sweep(time.time() + rig.patience + 1).requeued == [req.invocation_id]
+        assert rig.status(req)["requeues"] == n + 1
+    rig.conn.delete(rig.settings.task_queue)
+    rig.conn.zadd(rig.keys.inflight, {req.invocation_id: 0})
+    rig.sweeper.sweep()
+    assert rig.sweeper.sweep(time.time() + rig.patience + 1).lost == [req.invocation_id]
+
+
+def test_finished_runs_are_dropped_from_the_sweepers_view(rig: Rig) -> None:
+    req = rig.run()
+    rig.running(req, "alive@host")
+    assert rig.dispatcher.records.finish(req.invocation_id, Status.SUCCEEDED, []).applied
+    rig.conn.zadd(rig.keys.inflight, {req.invocation_id: 0})  # a deadline left behind
+    assert rig.sweeper.sweep(time.time() + rig.patience + 1).lost == []
+    assert rig.conn.zscore(rig.keys.inflight, req.invocation_id) is None
+
+
+def test_one_sweeper_at_a_time(rig: Rig) -> None:
+    req = rig.run(sent=False)
+    rig.conn.set(rig.keys.sweep_lock, "another-process", px=60_000)
+    assert rig.sweeper.sweep().suspected == []  # the other one is sweeping
+    rig.conn.delete(rig.keys.sweep_lock)
+    assert rig.sweeper.sweep().suspected == [req.invocation_id]
