@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import docker
@@ -45,9 +47,9 @@ from harness import (  # noqa: E402
     Bus,
     RedisServer,
     WorkerProcess,
-    free_port,
     new_id,
     private_settings,
+    session_dir,
 )
 from manager.api.app import create_app  # noqa: E402
 from manager.bus.dispatch import Dispatcher  # noqa: E402
@@ -57,6 +59,8 @@ from manager.plugins.manifest import load_manifest  # noqa: E402
 from manager.plugins.registry import Registry  # noqa: E402
 from manager.service import api_server  # noqa: E402
 from workers import options  # noqa: E402
+from workers.execute import write_event  # noqa: E402
+from workers.identity import Identities, account_files  # noqa: E402
 from workers.sandbox import Sandbox  # noqa: E402
 from workers.spec import PoolConfig, RunSpec  # noqa: E402
 
@@ -83,18 +87,22 @@ def pct(values: list[float], q: float) -> float:
 class Bare:
     """The baseline: the same container and limits through the Docker SDK, no Titan."""
 
-    def __init__(self, settings, client: docker.DockerClient) -> None:
+    def __init__(self, settings, client: docker.DockerClient, directory: Path) -> None:
         manifest = load_manifest(PLUGIN_DIR / "noop")
-        event_file = Path(tempfile.mkstemp(suffix=".json", dir="/var/tmp")[1])
-        event_file.write_text("{}")
-        event_file.chmod(0o644)
+        self.identities = Identities(settings)
+        self.user = self.identities.take()  # a run's identity, as every container has
         config = PoolConfig("noop", "1.0.0", "sha256:bench", manifest.image,
                             tuple(manifest.argv), str(PLUGIN_DIR / "noop"),
                             manifest.run_limits(settings))
-        self.options = options.cold(RunSpec(config, "bench", "{}", str(event_file)), settings,
-                                    Sandbox(settings, client).base_labels)
+        spec = RunSpec(config, "bench", "{}")
+        spec = replace(spec, event_file=str(write_event(directory, spec, self.user)),
+                       user=self.user, accounts=account_files(directory, self.user))
+        self.options = options.cold(spec, settings, Sandbox(settings, client).base_labels)
         self.options.pop("log_config")  # a plain `docker run` keeps the default log driver
         self.client = client
+
+    def close(self) -> None:
+        self.identities.give_back(self.user)
 
     def run(self) -> float:
         t0 = time.perf_counter()
@@ -154,7 +162,7 @@ def measure(args: argparse.Namespace, bus: Bus, bare: Bare, client, settings) ->
         base.append(bare.run())
     memory = idle_memory(client, settings)
     trips = round_trips(bus.conn, args.runs // 2, lambda: e2e_once(bus), SETTLE_S)
-    return {"cli": cli_latency(args.api_url), "warm": warm, "cold": cold, "base": base,
+    return {"cli": cli_latency(args.api_socket), "warm": warm, "cold": cold, "base": base,
             "round_trips": trips,
             "gvisor_warm": gv_warm, "gvisor_cold": gv_cold,
             "memory": memory, "hits": hit_rate(bus, args.runs), "fair": fairness(bus),
@@ -234,25 +242,30 @@ def main() -> int:
                         Dispatcher(conn, settings, make_celery(settings)))
     thread = threading.Thread(target=listener.run, daemon=True)
     client = docker.from_env()
-    port = free_port()
+    args.api_socket = str(run_dir / "api.sock")
     api = api_server(create_app(settings, conn, Registry(conn, settings),
                                 Dispatcher(conn, settings, make_celery(settings))),
-                     settings.with_(api_port=port))
+                     settings, args.api_socket)
     threading.Thread(target=api.run, daemon=True).start()
-    args.api_url = f"http://127.0.0.1:{port}"
     try:
         for w in workers:
             w.wait_ready(conn)
         thread.start()
         print(f"{args.runs} sequential runs per side (warm, cold, bare; interleaved), "
               f"then a burst of {args.burst}")
-        m = measure(args, Bus(conn, settings), Bare(settings, client), client, settings)
+        bare = Bare(settings, client, run_dir)
+        try:
+            m = measure(args, Bus(conn, settings), bare, client, settings)
+        finally:
+            bare.close()
     finally:
         api.close()
         listener.stop()
         for w in workers:
             w.stop()
         server.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(session_dir(), ignore_errors=True)
     ok = report(args, m)
     print("result: " + ("every target met" if ok else "TARGET MISSED"))
     return 0 if ok else 1

@@ -91,17 +91,19 @@ def hit_rate(bus: Bus, runs: int) -> dict[str, float]:
     return rates
 
 
-def cli_latency(api_url: str, n: int = 10) -> dict[str, tuple[float, float]]:
+def cli_latency(api_socket: str, n: int = 10) -> dict[str, tuple[float, float]]:
     """Median wall time of `titan-plugins.py list|logs|health` run as an operator runs it
-    (the system's python3), and of fetching the same answer with curl (the floor)."""
+    (the system's python3, on its default channel: the API's socket), and of fetching the
+    same answer with curl on that socket (the floor)."""
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("TITAN_")},
-           "TITAN_API_URL": api_url}
+           "TITAN_API_URL": f"unix://{api_socket}"}
     out = {}
     for args, path in ((["list"], "/plugins"), (["logs", "noop"], "/plugins/noop/invocations"),
                        (["health"], "/health")):
         times = []
         for cmd in ([SYSTEM_PYTHON, str(ROOT / "titan-plugins.py"), *args],
-                    ["curl", "-s", "-o", "/dev/null", api_url + path]):
+                    ["curl", "-s", "-o", "/dev/null", "--unix-socket", api_socket,
+                     "http://titan" + path]):
             runs = []
             for _ in range(n):
                 t0 = time.perf_counter()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -28,6 +29,7 @@ from harness import (  # noqa: E402
     SentinelCluster,
     WorkerProcess,
     private_settings,
+    session_dir,
 )
 from manager.bus.dispatch import Dispatcher  # noqa: E402
 from manager.bus.listener import Listener  # noqa: E402
@@ -153,6 +155,8 @@ def main() -> int:
             cluster.close()
         else:
             server.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(session_dir(), ignore_errors=True)
     statuses: Counter = Counter()
     lost = [p for p in expected if terminal[p] == 0]
     duplicated = [p for p in expected if terminal[p] > 1 or results[p] > 1]

@@ -13,6 +13,7 @@ from typing import Any
 
 import waitress
 from flask import Flask
+from prometheus_client import CollectorRegistry, make_wsgi_app
 
 from manager.api.app import create_app
 from manager.bus.dispatch import Dispatcher
@@ -29,24 +30,51 @@ from manager.plugins.registry import Registry
 from manager.plugins.watch import PluginWatcher, SettleRetry
 
 log = logging.getLogger("titan.manager")
+METRICS_CONNECTIONS = 64
 
 
-def api_server(app: Flask, settings: Settings) -> Any:
+def api_server(app: Flask, settings: Settings, unix_socket: str | None = None) -> Any:
     """waitress (a production WSGI server) with the limits that keep one client from
     holding the API: a body over the limit is refused from its Content-Length before any
     of it is read, idle and half-sent connections are dropped after a short timeout, and
-    enough connections are allowed that a pile of them cannot lock the others out."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = settings.api_connection_limit + 256
-    if soft < wanted and (hard == resource.RLIM_INFINITY or hard >= wanted):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    enough connections are allowed that a pile of them cannot lock the others out.
+
+    On TCP (`api_host:api_port`, for curl and clients elsewhere) or, with `unix_socket`, on
+    a socket only root can open (0600 in the root-only run directory): the CLI's channel.
+    Each server has its own threads and connection limit, so a flood of TCP connections
+    from any local account never reaches the socket's."""
+    raise_nofile(settings)
+    where: dict[str, Any] = ({"unix_socket": unix_socket, "unix_socket_perms": "600"}
+                             if unix_socket else
+                             {"host": settings.api_host, "port": settings.api_port})
     return waitress.create_server(
-        app, host=settings.api_host, port=settings.api_port, threads=settings.api_threads,
-        connection_limit=settings.api_connection_limit,
+        app, threads=settings.api_threads, connection_limit=settings.api_connection_limit,
         channel_timeout=settings.api_channel_timeout,
         cleanup_interval=max(1, settings.api_channel_timeout // 4),
         max_request_body_size=app.config["MAX_CONTENT_LENGTH"],
-        ident="titan-plugin-manager")
+        # poll, not select: select cannot watch a descriptor numbered over 1024, and a
+        # thousand held connections take the process's descriptors past that
+        asyncore_use_poll=True, ident="titan-plugin-manager", **where)
+
+
+def metrics_server(registry: CollectorRegistry, settings: Settings) -> Any:
+    """/metrics on waitress with a bounded number of connections and threads of its own:
+    a flood of connections to its port costs the manager METRICS_CONNECTIONS descriptors
+    at most (prometheus-client's own server spends a thread and a descriptor on each, so a
+    local account could exhaust the process and take the API with it)."""
+    raise_nofile(settings)
+    return waitress.create_server(
+        make_wsgi_app(registry), host=settings.api_host, port=settings.metrics_port,
+        threads=2, connection_limit=METRICS_CONNECTIONS, channel_timeout=10,
+        cleanup_interval=2, asyncore_use_poll=True, ident="titan-metrics")
+
+
+def raise_nofile(settings: Settings) -> None:
+    """Descriptors for every server's connection limit (two API servers and /metrics)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 2 * settings.api_connection_limit + METRICS_CONNECTIONS + 512
+    if soft < wanted and (hard == resource.RLIM_INFINITY or hard >= wanted):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
 class Manager:
@@ -114,18 +142,25 @@ class Manager:
         self.reload()
         if watch:
             PluginWatcher(self.settings.plugins_dir, self._safe_reload).start()
-        metrics.serve(self.settings.metrics_port, self.settings.api_host,
-                      metrics.StateCollector(self.plugin_counts, self.queue_depths))
+        scraped = metrics_server(metrics.registry_for(
+            metrics.StateCollector(self.plugin_counts, self.queue_depths)), self.settings)
+        threading.Thread(target=scraped.run, name="metrics", daemon=True).start()
         listener = threading.Thread(target=self.listener.run, name="listener", daemon=True)
         listener.start()
         self.server = api_server(self.app, self.settings)  # beside the listener thread
+        self.settings.api_socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        local = api_server(self.app, self.settings, str(self.settings.api_socket))
+        threading.Thread(target=local.run, name="api-socket", daemon=True).start()
         signal.signal(signal.SIGHUP, lambda *_: self._safe_reload())
         signal.signal(signal.SIGTERM, lambda *_: self.shutdown())
         signal.signal(signal.SIGINT, lambda *_: self.shutdown())
-        log.info("API on http://%s:%d, metrics on :%d, listening to %s",
-                 self.settings.api_host, self.settings.api_port, self.settings.metrics_port,
-                 self.settings.event_stream)
-        self.server.run()  # until shutdown(); requests in progress finish first
+        log.info("API on http://%s:%d and %s, metrics on :%d, listening to %s",
+                 self.settings.api_host, self.settings.api_port, self.settings.api_socket,
+                 self.settings.metrics_port, self.settings.event_stream)
+        try:
+            self.server.run()  # until shutdown(); requests in progress finish first
+        finally:
+            local.close()
         listener.join(timeout=self.settings.read_block_ms / 1000 + 5)
         log.info("manager stopped")
 

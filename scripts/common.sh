@@ -12,7 +12,11 @@ REDIS_URL_FILE="$RUN_DIR/redis.url"
 if [ -z "${TITAN_REDIS_URL:-}" ] && [ -f "$REDIS_URL_FILE" ]; then
   TITAN_REDIS_URL="$(cat "$REDIS_URL_FILE")"
 fi
-REDIS_URL="${TITAN_REDIS_URL:-redis://127.0.0.1:6379/0}"
+# Redis on this host listens on a unix socket in the run directory (0700, root's): no
+# other local account can open it, fill its client slots, or stand in for it and collect
+# the password. TCP only for worker hosts (TITAN_REDIS_BIND) and for Redis HA.
+REDIS_SOCKET="$RUN_DIR/redis.sock"
+REDIS_URL="${TITAN_REDIS_URL:-unix://$REDIS_SOCKET?db=0}"
 # Redis HA (TITAN_REDIS_HA=1 make up): the Sentinels every process asks for the primary.
 SENTINELS_FILE="$RUN_DIR/redis.sentinels"
 if [ -z "${TITAN_REDIS_SENTINELS:-}" ] && [ -f "$SENTINELS_FILE" ]; then
@@ -60,5 +64,24 @@ wait_for() {
 }
 
 docker_ok() { docker info >/dev/null 2>&1; }
-redis_port() { local hp="${REDIS_URL#*://}"; hp="${hp##*@}"; hp="${hp%%/*}"; echo "${hp##*:}"; }
-redis_ok() { redis-cli --no-auth-warning -u "$REDIS_URL" ping 2>/dev/null | grep -q PONG; }
+redis_port() { echo "${TITAN_REDIS_PORT:-6379}"; }
+redis_secret() {  # the password in a redis:// or unix:// URL ("" when none)
+  local u="${1#*://}"
+  [[ "$u" == *@* ]] || { echo ""; return; }
+  u="${u%%@*}"; echo "${u#*:}"
+}
+redis_where() {  # what the URL names: a socket path, or host:port
+  local u="${1#*://}"; u="${u##*@}"; u="${u%%\?*}"
+  if [[ "$1" == unix://* ]]; then echo "the socket $u"; else echo "${u%%/*}"; fi
+}
+redis_cli() {  # redis-cli for $REDIS_URL (the password through the environment, never argv)
+  local secret; secret="$(redis_secret "$REDIS_URL")"
+  if [[ "$REDIS_URL" == unix://* ]]; then
+    local path="${REDIS_URL#*://}"; path="${path##*@}"; path="${path%%\?*}"
+    REDISCLI_AUTH="$secret" redis-cli --no-auth-warning -s "$path" "$@"
+  else
+    local hp="${REDIS_URL#*://}"; hp="${hp##*@}"; hp="${hp%%/*}"
+    REDISCLI_AUTH="$secret" redis-cli --no-auth-warning -h "${hp%:*}" -p "${hp##*:}" "$@"
+  fi
+}
+redis_ok() { redis_cli ping 2>/dev/null | grep -q PONG; }

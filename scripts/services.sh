@@ -65,23 +65,38 @@ start_redis() {
 }
 
 start_plain_redis() {
-  if redis_ok; then say "Redis answers on port $(redis_port)"; return; fi
+  local fsync="${TITAN_REDIS_APPENDFSYNC:-everysec}" secret port=0 bind="" hp
+  local ha=0; { [ "${TITAN_REDIS_HA:-0}" = 1 ] || [ -f "$SENTINELS_FILE" ]; } && ha=1
+  # A URL an older `make up` wrote (TCP on loopback): the same password, on the socket now.
+  if [ "$ha" = 0 ] && [ -z "${TITAN_REDIS_BIND:-}" ] && [ -f "$REDIS_URL_FILE" ] &&
+     [ "$(cat "$REDIS_URL_FILE")" = "$REDIS_URL" ] && [[ "$REDIS_URL" == redis://*@127.0.0.1:* ]]; then
+    REDIS_URL="unix://default:$(redis_secret "$REDIS_URL")@$REDIS_SOCKET?db=0"
+    (umask 077 && echo "$REDIS_URL" >"$REDIS_URL_FILE")
+  fi
+  if redis_ok; then say "Redis answers on $(redis_where "$REDIS_URL")"; return; fi
   command -v redis-server >/dev/null || die "redis-server is missing (run: make up)"
-  local port fsync="${TITAN_REDIS_APPENDFSYNC:-everysec}" secret
-  port="$(redis_port)"
   case "$fsync" in always|everysec|no) ;; *) die "TITAN_REDIS_APPENDFSYNC must be always, everysec or no" ;; esac
   if [ -z "${TITAN_REDIS_URL:-}" ]; then  # our own Redis: generate its password once
     secret="$(new_secret)"
-    REDIS_URL="redis://default:${secret}@127.0.0.1:${port}/0"
+    if [ "$ha" = 1 ]; then REDIS_URL="redis://default:${secret}@127.0.0.1:$(redis_port)/0"
+    else REDIS_URL="unix://default:${secret}@$REDIS_SOCKET?db=0"; fi
     (umask 077 && echo "$REDIS_URL" >"$REDIS_URL_FILE")
   fi
-  secret="${REDIS_URL#*://}"; secret="${secret%%@*}"; secret="${secret#*:}"
-  [[ "${REDIS_URL#*://}" == *@* ]] || secret=""
-  say "starting Redis on 127.0.0.1:$port, AOF appendfsync $fsync (log: $RUN_DIR/redis.log)"
+  secret="$(redis_secret "$REDIS_URL")"
+  # TCP only where it is asked for: a redis:// URL (Sentinel's replication, or one given
+  # by the environment) on loopback, and a private address for worker hosts (README: Add
+  # worker hosts). Everything on this host uses the socket.
+  if [[ "$REDIS_URL" == redis://* ]]; then
+    hp="${REDIS_URL#*://}"; hp="${hp##*@}"; hp="${hp%%/*}"
+    port="${hp##*:}"; bind="127.0.0.1 ${TITAN_REDIS_BIND:-}"
+  elif [ -n "${TITAN_REDIS_BIND:-}" ]; then port="$(redis_port)"; bind="$TITAN_REDIS_BIND"; fi
+  say "starting Redis on the socket $REDIS_SOCKET${bind:+ and ${bind% }:$port}, AOF appendfsync $fsync (log: $RUN_DIR/redis.log)"
   mkdir -p "$RUN_DIR/redis"
-  # TITAN_REDIS_BIND adds a private address for worker hosts (README: Add worker hosts)
-  { printf 'port %s\nbind 127.0.0.1 %s\ndaemonize yes\npidfile %s\nlogfile %s\ndir %s\n' \
-      "$port" "${TITAN_REDIS_BIND:-}" "$RUN_DIR/redis.pid" "$RUN_DIR/redis.log" "$RUN_DIR/redis"
+  { printf 'port %s\n' "$port"
+    [ -n "$bind" ] && printf 'bind %s\n' "$bind"
+    printf 'unixsocket %s\nunixsocketperm 700\n' "$REDIS_SOCKET"
+    printf 'daemonize yes\npidfile %s\nlogfile %s\ndir %s\n' \
+      "$RUN_DIR/redis.pid" "$RUN_DIR/redis.log" "$RUN_DIR/redis"
     printf 'appendonly yes\nappendfsync %s\nsave ""\n' "$fsync"
     # masterauth: so that, under Sentinel, a demoted primary can follow the new one
     [ -n "$secret" ] && printf 'requirepass %s\nmasterauth %s\n' "$secret" "$secret"
@@ -98,7 +113,7 @@ start_plain_redis() {
 start_redis_ha() {
   local port secret i
   command -v redis-server >/dev/null || die "redis-server is missing (run: make up)"
-  port="$(redis_port)"; secret="${REDIS_URL#*://}"; secret="${secret%%@*}"; secret="${secret#*:}"
+  port="$(redis_port)"; secret="$(redis_secret "$REDIS_URL")"
   # the primary is start_plain_redis's; the replica follows it, with the same password
   if ! pid_alive "$RUN_DIR/redis-replica.pid"; then
     mkdir -p "$RUN_DIR/redis-replica"
@@ -138,9 +153,13 @@ stop_pidfile() {
   rm -f "$file"
 }
 
+# Each plugin container runs as a host uid of its own (workers/identity.py): the leases
+# live in one host-wide directory, root's alone, on a tmpfs (empty again after a reboot).
+uid_leases() { mkdir -p "${TITAN_UID_DIR:-/run/titan/uids}"; chmod 700 "${TITAN_UID_DIR:-/run/titan/uids}"; }
+
 case "${1:-start}" in
-  start) start_docker; register_gvisor; start_redis ;;
-  docker) start_docker; register_gvisor ;;
+  start) start_docker; register_gvisor; uid_leases; start_redis ;;
+  docker) start_docker; register_gvisor; uid_leases ;;
   redis) start_redis ;;
   stop)
     for s in sentinel0 sentinel1 sentinel2 redis-replica redis; do stop_pidfile "$s"; done

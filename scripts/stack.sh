@@ -18,7 +18,7 @@ launch() {  # name, command...
 
 start() {
   [ -x "$PY" ] || die "no virtualenv; run: make up"
-  redis_ok || die "Redis does not answer on port $(redis_port) (or refuses the password in $REDIS_URL_FILE); run: make up"
+  redis_ok || die "Redis does not answer on $(redis_where "$REDIS_URL") (or refuses the password in $REDIS_URL_FILE); run: make up"
   mkdir -p "$RUN_DIR" "$PROMETHEUS_MULTIPROC_DIR"
   # The API's key: generated once (run/api.token, 0600; the CLI reads it there), unless
   # the environment brings one. Rotate: delete the file, then make plugins-down plugins-up.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 import threading
 import uuid
@@ -25,6 +26,7 @@ from harness import (
     WorkerProcess,
     free_port,
     private_settings,
+    session_dir,
     wait_until,
 )
 from manager.api.app import create_app
@@ -35,6 +37,7 @@ from manager.core.contract import make_celery
 from manager.plugins.registry import Registry
 from manager.service import api_server
 
+pytest_plugins = ("lanes",)  # the hostile plugin's lanes, for every file that attacks
 TEST_PLUGINS = Path(__file__).parent / "plugins"
 HOSTILE_PLUGINS = Path(__file__).parent / "hostile"
 BUILTINS = ("file_watcher", "shell_runner")
@@ -101,6 +104,16 @@ def redis_url() -> Iterator[str]:
     server = RedisServer()
     yield server.url
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def host_port() -> Iterator[int]:
+    """A TCP port the host listens on, on every address (a service a plugin must never
+    reach: it has no network)."""
+    with socket.socket() as listener:
+        listener.bind(("0.0.0.0", 0))
+        listener.listen(8)
+        yield listener.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -246,10 +259,14 @@ def client(app):
 
 @pytest.fixture(scope="session")
 def api_url(app, stack, settings: Settings) -> Iterator[str]:
-    """The API over HTTP (the CLI's way in), on a free port."""
+    """The API as the CLI reaches it by default: its own socket (unix://), served as the
+    manager serves it, beside the HTTP port."""
     port = free_port()
-    server = api_server(app, settings.with_(api_port=port))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{port}"
-    server.close()
+    socket_path = session_dir() / "api.sock"
+    servers = [api_server(app, settings.with_(api_port=port)),
+               api_server(app, settings, str(socket_path))]
+    for server in servers:
+        threading.Thread(target=server.run, daemon=True).start()
+    yield f"unix://{socket_path}"
+    for server in servers:
+        server.close()

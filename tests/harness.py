@@ -104,20 +104,24 @@ def new_id(prefix: str = "t") -> str:
 
 
 class RedisServer:
-    """A throwaway redis-server on a free loopback port, with a password of its own (any
-    local account can open a loopback port) and its data in a private (0700) directory."""
+    """A throwaway redis-server with a password of its own and its data in a private
+    (0700) directory: on a unix socket there (what `make up` starts), or, for tests that
+    put a proxy in front of it, on a free loopback port."""
 
-    def __init__(self, persist: bool = False) -> None:
-        self.port = free_port()
+    def __init__(self, persist: bool = False, tcp: bool = False) -> None:
+        self.port = free_port() if tcp else 0
         self.persist = persist
         self.password = uuid.uuid4().hex
         self.workdir = tempfile.mkdtemp(prefix="titan-redis-")
-        self.url = f"redis://default:{self.password}@127.0.0.1:{self.port}/0"
+        self.socket = f"{self.workdir}/redis.sock"
+        self.url = (f"redis://default:{self.password}@127.0.0.1:{self.port}/0" if tcp else
+                    f"unix://default:{self.password}@{self.socket}?db=0")
         self.start()
 
     def start(self) -> None:
         conf = Path(self.workdir) / "redis.conf"  # the password on no command line
-        conf.write_text(f"requirepass {self.password}\n")
+        conf.write_text(f"requirepass {self.password}\nunixsocket {self.socket}\n"
+                        "unixsocketperm 700\n")
         conf.chmod(0o600)
         self.proc = subprocess.Popen(
             ["redis-server", str(conf), "--port", str(self.port), "--bind", "127.0.0.1",
@@ -535,9 +539,14 @@ class RedisNode:
         self.proc.wait(10)
 
     def stop(self) -> None:
+        """SIGTERM; SIGKILL when it does not exit within 10 s (a replica busy resyncing)."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
-            self.proc.wait(10)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
 
 
 class SentinelCluster:
@@ -578,6 +587,8 @@ class SentinelCluster:
         self.primary, self.replica = self.replica, self.primary
 
     def close(self) -> None:
-        for node in (*self.sentinels, self.replica, self.primary):
-            node.stop()
-        shutil.rmtree(self.root, ignore_errors=True)
+        try:
+            for node in (*self.sentinels, self.replica, self.primary):
+                node.stop()
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)

@@ -100,7 +100,8 @@ def test_cli_list_trigger_show_health(api_url: str) -> None:
     ran = run_cli(api_url, "--json", "trigger", "shell_runner", "-e", event, "--wait")
     assert ran.returncode == 0, ran.stderr
     record = json.loads(ran.stdout)
-    assert json.loads(record["stdout"])["payload"]["stdout"] == "nobody\n"
+    # a host uid of its own, named in the container's own /etc/passwd
+    assert json.loads(record["stdout"])["payload"]["stdout"] == "plugin\n"
     shown = run_cli(api_url, "show", record["invocation_id"])
     assert "status succeeded" in shown.stdout
     assert run_cli(api_url, "health").returncode == 0

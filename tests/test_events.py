@@ -7,7 +7,7 @@ import json
 import pytest
 
 from manager.core.errors import EventError
-from manager.core.events import Event, Limits
+from manager.core.events import Event, Limits, from_outside
 
 GOOD = {"event_id": "test-001", "topic": "fs.v1", "event_type": "file_created",
         "payload": {"path": "/srv/titan/files/a.pdf"}}
@@ -84,3 +84,29 @@ def test_a_digest_is_matched_whole() -> None:
     assert check_digest(good) == good
     with pytest.raises(BundleError, match="invalid digest"):
         check_digest(good + "\n")
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    ({"topic": "plugins.v1"}, "reserved_topic"),
+    ({"topic": "Plugins.v1"}, "reserved_topic"),
+    ({"topic": "PLUGINS.V1"}, "reserved_topic"),
+    ({"source": "plugin:x"}, "forged_source"),
+    ({"source": "Plugin:x"}, "forged_source"),
+    ({"source": "PLUGIN:file_watcher@1.0.0"}, "forged_source"),
+])
+def test_reserved_names_are_reserved_whatever_their_case(change: dict, reason: str) -> None:
+    event = Event.from_dict({"event_id": "e1", "topic": "t.v1", "event_type": "x", **change})
+    with pytest.raises(EventError) as refused:
+        from_outside(event)
+    assert refused.value.details["reason"] == reason
+
+
+def test_the_api_schema_reserves_them_whatever_their_case() -> None:
+    from manager.api.models import EventIn
+
+    for change in ({"topic": "Plugins.v1"}, {"source": "Plugin:x"}):
+        with pytest.raises(ValueError):
+            EventIn.model_validate({"event_id": "e1", "topic": "t.v1", "event_type": "x",
+                                    **change})
+    EventIn.model_validate({"event_id": "e1", "topic": "plugins.v2", "event_type": "x",
+                            "source": "plugins-team"})

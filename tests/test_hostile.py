@@ -6,99 +6,16 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import threading
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
-import redis
+from lanes import report
 
-from harness import Bus, WorkerProcess, bridge_gateway, new_id, records_of, wait_until
-from manager.bus.dispatch import Dispatcher
-from manager.bus.listener import Listener
-from manager.core.config import Settings
-from manager.core.contract import make_celery
+from harness import Bus, bridge_gateway, new_id, records_of
 from manager.core.events import Event
-from manager.plugins.registry import Registry
+from workers.identity import RunIds
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("stack")]
-
-
-@dataclass
-class Lane:
-    """Where attacks run: prewarmed containers (the product's default) or cold ones, each
-    with the container alone between the plugin and the kernel, or gVisor as well."""
-
-    name: str
-    bus: Bus
-    settings: Settings
-    worker: WorkerProcess
-
-    @property
-    def warm(self) -> bool:
-        return not self.name.endswith("cold")
-
-    @property
-    def gvisor(self) -> bool:
-        return self.name.startswith("gvisor")
-
-
-@pytest.fixture(scope="module", params=["warm", "cold", "gvisor-warm", "gvisor-cold"])
-def lane(request, conn, settings, worker, listener) -> Iterator[Lane]:
-    if request.param == "warm":
-        yield Lane("warm", Bus(conn, settings), settings, worker)
-        return
-    name = request.param
-    mine = settings.with_(event_stream=f"{settings.event_stream}.{name}",
-                          task_queue=f"{settings.task_queue}.{name}",
-                          prewarm_size=0 if name.endswith("cold") else settings.prewarm_size,
-                          isolation="gvisor" if name.startswith("gvisor") else "container")
-    lane_worker = WorkerProcess(mine, name, concurrency=2, TITAN_ISOLATION=mine.isolation)
-    listener_conn = redis.Redis.from_url(mine.redis_url)
-    lane_listener = Listener(listener_conn, mine, Registry(listener_conn, mine),
-                             Dispatcher(conn, mine, make_celery(mine)))
-    thread = threading.Thread(target=lane_listener.run, daemon=True)
-    try:
-        lane_worker.wait_ready(conn)
-        thread.start()
-        yield Lane(name, Bus(conn, mine), mine, lane_worker)
-    finally:
-        lane_listener.stop()
-        lane_worker.stop()
-
-
-@pytest.fixture
-def attack(lane: Lane, conn, docker_client):
-    """Runs one attack on this lane; returns (record, the event it caused)."""
-    bus, settings, worker = lane.bus, lane.settings, lane.worker
-
-    def run(name: str, timeout: float = 60, **payload: Any) -> tuple[dict, dict]:
-        event_id = new_id(name.replace("_", "-"))
-        bus.publish({"event_id": event_id, "topic": "hostile.v1", "event_type": "attack",
-                     "payload": {"attack": name, **payload}})
-        caused = bus.result_of(event_id, timeout=timeout)
-        record = next(r for r in records_of(conn, settings, "hostile", 50)
-                      if r["event_id"] == event_id)
-        if not lane.warm:
-            assert not record["warm"], "the cold lane ran warm"
-        assert worker.proc.poll() is None, "the worker died"
-        gone = lambda: not docker_client.containers.list(  # noqa: E731
-            all=True, sparse=True, filters={"id": record["container_id"]})
-        if record["container_id"]:  # removed afterwards (in the background, when warm)
-            wait_until(gone, 15, "the run's container to be removed")
-        return record, caused
-
-    return run
-
-
-def report(result: tuple[dict, dict]) -> dict:
-    record, caused = result
-    assert record["status"] == "succeeded", record
-    return caused["payload"]
 
 
 # Resources
@@ -167,26 +84,14 @@ def test_one_huge_file_hits_fsize(attack, settings) -> None:
 BALLOONS = 10
 
 
-@pytest.fixture
-def loaded_machine() -> Iterator[None]:
-    """Every core busy on the host while the test runs (the engine's OOM flag lags behind
-    a container's exit most under load)."""
-    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
-            for _ in range(os.cpu_count() or 2)]
-    try:
-        yield
-    finally:
-        for hog in hogs:
-            hog.kill()
-            hog.wait()
-
-
-def test_memory_balloons_are_oom_killed_under_load(lane, conn, loaded_machine) -> None:
+def test_memory_balloons_are_oom_killed_under_load(lane, conn) -> None:
     """The kernel's OOM kill is what every balloon's record says, on every lane, while
-    another run spins and the host's cores are busy."""
-    spin = new_id("spin")
-    lane.bus.publish({"event_id": spin, "topic": "hostile.v1", "event_type": "attack",
-                      "payload": {"attack": "cpu_spin"}})
+    other runs spin (the engine's own flag lags behind a container's exit most under
+    load: under gVisor it was wrong for 3 of 20 OOM kills)."""
+    spins = [new_id("spin") for _ in range(2)]
+    for spin in spins:
+        lane.bus.publish({"event_id": spin, "topic": "hostile.v1", "event_type": "attack",
+                          "payload": {"attack": "cpu_spin"}})
     balloons = [new_id("balloon") for _ in range(BALLOONS)]
     for event_id in balloons:
         lane.bus.publish({"event_id": event_id, "topic": "hostile.v1",
@@ -195,7 +100,8 @@ def test_memory_balloons_are_oom_killed_under_load(lane, conn, loaded_machine) -
         failure = lane.bus.result_of(event_id, timeout=180)
         assert failure["payload"]["status"] == "oom", failure["payload"]
         assert failure["payload"]["reason"].startswith("killed: out of memory"), failure
-    assert lane.bus.result_of(spin, timeout=60)["payload"]["status"] == "timeout"
+    for spin in spins:
+        assert lane.bus.result_of(spin, timeout=60)["payload"]["status"] == "timeout"
     records = [r for r in records_of(conn, lane.settings, "hostile", 200)
                if r["event_id"] in balloons]
     assert sorted(r["status"] for r in records) == ["oom"] * BALLOONS
@@ -221,11 +127,10 @@ def test_no_container_is_ever_reused(attack, lane) -> None:
 
 # Network
 
-def test_no_egress_at_all(attack, settings, docker_client) -> None:
+def test_no_egress_at_all(attack, host_port: int, docker_client) -> None:
     gateway = bridge_gateway(docker_client)
-    redis_port = int(settings.redis_url.rsplit(":", 1)[1].split("/")[0])
-    got = report(attack("network", hostname="pypi.org", ip=gateway, port=redis_port,
-                        redis_port=redis_port, gateway=gateway))
+    got = report(attack("network", hostname="pypi.org", ip=gateway, port=host_port,
+                        redis_port=host_port, gateway=gateway))
     assert all(v != "connected" for v in got.values()), got
     assert got["hostname"] in ("gaierror", "EAI_AGAIN", "ENETUNREACH") or "gai" in got["hostname"]
 
@@ -247,9 +152,11 @@ def test_host_is_out_of_reach(attack, lane) -> None:
         assert got["mknod"] == "EPERM", got
     assert got["setuid_files"], "the image should hold setuid binaries for this test to mean much"
     assert got["su_stdout"] != "0" and got["su_code"] != 0
-    assert got["uid"] == got["euid"] == 65534
+    ids = RunIds.parse(lane.settings.run_ids)
+    assert ids.first_uid <= got["uid"] == got["euid"] <= ids.last_uid
     assert set(got["environ"]) <= {"EVENT_DATA", "EVENT_FILE", "PLUGIN_NAME", "PLUGIN_VERSION",
                                    "INVOCATION_ID", "HOME", "PATH", "LANG", "HOSTNAME",
+                                   "USER", "LOGNAME",
                                    "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED"}
     assert got["plugin_files"] == ["main.py", "plugin.yaml"]
     assert got["docker_sock"] is False
@@ -336,7 +243,8 @@ def test_payload_path_escapes_are_rejected_before_any_container(attack, planted,
 
 @pytest.mark.parametrize("how", ["root-only file", "root-only directory"])
 def test_a_payload_its_user_could_not_read_is_rejected(attack, planted, how: str) -> None:
-    """The worker copies a payload as root: it must read only what uid 65534 could."""
+    """The worker copies a payload as root: it copies only what the kernel let a run's
+    identity open."""
     inside = planted["inside"]
     private = inside / "private"
     private.mkdir(mode=0o755)
@@ -351,7 +259,8 @@ def test_a_payload_its_user_could_not_read_is_rejected(attack, planted, how: str
         private.rmdir()
     assert record["status"] == "rejected", record
     assert "ROOT-ONLY" not in json.dumps(record) + json.dumps(failure)
-    assert "65534" in record["reason"] and str(secret) in record["reason"], record["reason"]
+    assert "permission denied" in record["reason"] and str(secret) in record["reason"], \
+        record["reason"]
 
 
 def test_payload_path_mounts_only_that_file(attack, planted) -> None:

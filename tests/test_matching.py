@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ from manager.bus.matching import match
 from manager.core.config import Settings
 from manager.core.errors import PermissionDenied
 from manager.core.events import Event
+from manager.core.runs import RunUser
 from manager.plugins.loader import PluginEntry, PluginStatus
 from manager.plugins.manifest import Manifest
 from manager.plugins.permissions import glob_matches, mount_sources, open_payload_path
@@ -49,8 +53,12 @@ def test_glob_semantics() -> None:
     assert not glob_matches("/srv/ab/c", "/srv/a/**")
 
 
+# A run's identity (workers.identity hands these out; the kernel judges what it opens).
+JUDGE = RunUser(2000123, 2000000)
+
+
 def _open(path: str | None, globs: list[str], settings: Settings) -> str | None:
-    checked = open_payload_path({} if path is None else {"path": path}, globs, settings)
+    checked = open_payload_path({} if path is None else {"path": path}, globs, settings, JUDGE)
     if checked is None:
         return None
     checked.close()
@@ -91,7 +99,7 @@ def test_mount_sources_skip_missing_and_nested(public_dir: Path) -> None:
     settings = Settings.from_env(allowed_roots=(public_dir,))
     (public_dir / "a" / "b").mkdir(parents=True)
     globs = [f"{public_dir}/a/**", f"{public_dir}/a/b/*.txt", "/nonexistent-titan/**"]
-    assert mount_sources(globs, settings) == [f"{public_dir}/a"]
+    assert mount_sources(globs, settings, JUDGE) == [f"{public_dir}/a"]
 
 
 def test_mount_sources_refuse_a_directory_others_could_swap(public_dir: Path) -> None:
@@ -99,7 +107,7 @@ def test_mount_sources_refuse_a_directory_others_could_swap(public_dir: Path) ->
     (public_dir / "open" / "data").mkdir(parents=True)
     (public_dir / "open").chmod(0o777)  # anyone could rename data/ and plant a symlink
     with pytest.raises(PermissionDenied, match="could be swapped"):
-        mount_sources([f"{public_dir}/open/data/**"], settings)
+        mount_sources([f"{public_dir}/open/data/**"], settings, JUDGE)
 
 
 @pytest.mark.parametrize(("stdout", "count"), [
@@ -133,7 +141,7 @@ def test_a_payload_its_user_could_not_read_is_refused(public_dir: Path, how: str
     secret = private / "root-only.txt"
     secret.write_text("ROOT-ONLY")
     (secret if how.startswith("file") else private).chmod(int(how.split()[1], 8))
-    with pytest.raises(PermissionDenied, match="by uid 65534") as refused:
+    with pytest.raises(PermissionDenied, match="permission denied") as refused:
         _open(str(secret), [f"{public_dir}/**"], settings)
     assert "ROOT-ONLY" not in refused.value.message
     secret.chmod(0o644)
@@ -144,5 +152,51 @@ def test_a_payload_its_user_could_not_read_is_refused(public_dir: Path, how: str
 def test_a_glob_directory_its_user_could_not_read_is_refused(public_dir: Path) -> None:
     settings = Settings.from_env(allowed_roots=(public_dir,))
     (public_dir / "closed").mkdir(mode=0o700)
-    with pytest.raises(PermissionDenied, match="not readable by uid 65534"):
-        mount_sources([f"{public_dir}/closed/**"], settings)
+    with pytest.raises(PermissionDenied, match="permission denied"):
+        mount_sources([f"{public_dir}/closed/**"], settings, JUDGE)
+
+
+@pytest.mark.parametrize("denied", ["file", "directory"])
+def test_an_acl_entry_denying_the_runs_group_is_obeyed(public_dir: Path, denied: str) -> None:
+    """The kernel's verdict, not a re-implementation of it: a 0644 file in a 0755
+    directory is refused once an ACL entry denies the runs' group either of them."""
+    settings = Settings.from_env(allowed_roots=(public_dir,))
+    shared = public_dir / "shared"
+    shared.mkdir(mode=0o755)
+    note = shared / "note.txt"
+    note.write_text("ACL-PROTECTED")
+    note.chmod(0o644)
+    assert _open(str(note), [f"{public_dir}/**"], settings) == str(note)
+    target = note if denied == "file" else shared
+    subprocess.run(["setfacl", "-m", f"g:{JUDGE.gid}:---", str(target)], check=True)
+    with pytest.raises(PermissionDenied, match="permission denied") as refused:
+        _open(str(note), [f"{public_dir}/**"], settings)
+    assert "ACL-PROTECTED" not in refused.value.message
+    if denied == "directory":
+        with pytest.raises(PermissionDenied, match="permission denied"):
+            mount_sources([f"{shared}/**"], settings, JUDGE)
+
+
+def test_a_payload_over_the_limit_is_refused_by_its_size_sparse_or_not(
+        public_dir: Path) -> None:
+    settings = Settings.from_env(allowed_roots=(public_dir,))
+    sparse = public_dir / "sparse.bin"
+    with sparse.open("wb") as fh:
+        fh.truncate(1000 * 2**20)  # 1000 MiB that occupy no block
+    assert sparse.stat().st_blocks == 0
+    with pytest.raises(PermissionDenied, match=r"1048576000 bytes, over the limit of 134217728"):
+        _open(str(sparse), [f"{public_dir}/**"], settings)
+
+
+def test_a_refusal_names_the_path_the_event_gave_not_where_a_link_points(
+        public_dir: Path) -> None:
+    settings = Settings.from_env(allowed_roots=(public_dir,))
+    outside = Path(tempfile.mkdtemp(prefix="titan-elsewhere-", dir="/var/tmp"))
+    try:
+        (public_dir / "link").symlink_to(outside / "target.txt")
+        with pytest.raises(PermissionDenied) as refused:
+            _open(str(public_dir / "link"), [f"{public_dir}/**"], settings)
+        assert str(outside) not in refused.value.message, refused.value.message
+        assert str(public_dir / "link") in refused.value.message
+    finally:
+        shutil.rmtree(outside)

@@ -78,9 +78,11 @@ def test_exit_codes(api_url: str) -> None:
             down.returncode] == [0, 1, 5, 2, 4]
     assert "status failed" in failed.stdout and "queued" in slow.stdout
     assert json.loads(down.stdout)["error"]["code"] == "unreachable"
-    with http_server(b"<html>a web page</html>") as url:
-        html = run_cli(url, "list")
-    assert html.returncode == 4 and "not the Titan API" in html.stderr
+    for body in (b"<html>a web page</html>", b'{"plugins_count": 3}'):  # JSON, not ours
+        with http_server(body) as url:
+            other = run_cli(url, "list")
+        assert other.returncode == 1, other.stderr
+        assert f"not a Titan API at {url}" in other.stderr and "Traceback" not in other.stderr
 
 
 def test_a_misspelled_plugin_gets_the_nearest_names_and_exit_code_3(

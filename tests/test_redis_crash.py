@@ -127,7 +127,7 @@ def test_a_redis_crash_mid_burst_loses_nothing_and_doubles_nothing(crash_stack) 
 
 def test_a_redis_outage_while_the_outcome_is_stored_ends_in_one_record_and_one_event(
         plugins_dir, files_dir, tmp_path) -> None:
-    server = RedisServer(persist=True)
+    server = RedisServer(persist=True, tcp=True)
     proxy = RedisProxy(server)
     proxy.start()
     settings = private_settings(server.url, plugins_dir, tmp_path, allowed_roots=(files_dir,),

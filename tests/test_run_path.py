@@ -17,7 +17,7 @@ from manager.core.runs import RunLimits, RunRequest
 from workers.execute import classify
 from workers.results import decide
 from workers.spec import Capture, PoolConfig, RunResult, RunSpec
-from workers.warm import TAIL, Ending
+from workers.warm import TAIL, Ending, WarmBroken
 
 TOKEN = "ab" * 16
 LIMITS = RunLimits(timeout=5, memory_bytes=64 * 2**20, cpu_millis=500, pids=64)
@@ -53,6 +53,9 @@ def end(code: int = 0, oom: int = 0, token: str = TOKEN) -> bytes:
     return f"\x00TITAN-END:{token}:{code}:{oom}\n".encode()
 
 
+GO = f"\x00TITAN-GO:{TOKEN}\n".encode()
+
+
 def read(ending: Ending, sock: socket.socket) -> tuple[bytes, bytes]:
     out, err = b"", b""
     for o, e in ending.frames(sock):
@@ -63,8 +66,8 @@ def read(ending: Ending, sock: socket.socket) -> tuple[bytes, bytes]:
 
 def test_the_closing_line_ends_both_streams_and_is_never_output() -> None:
     ending = Ending(TOKEN)
-    sock = frames((1, b'{"topic": "a"}\n'), (2, b"log line\n"), (1, end(3)), (2, end(3)),
-                  (1, b"after the end"))
+    sock = frames((1, GO + b'{"topic": "a"}\n'), (2, b"log line\n"), (1, end(3)),
+                  (2, end(3)), (1, b"after the end"))
     assert read(ending, sock) == (b'{"topic": "a"}\n', b"log line\n")
     assert ending.state() == {"ExitCode": 3, "OOMKilled": False}
 
@@ -72,7 +75,8 @@ def test_the_closing_line_ends_both_streams_and_is_never_output() -> None:
 def test_a_closing_line_split_across_frames_is_still_found() -> None:
     line = end(0, 1)
     ending = Ending(TOKEN)
-    sock = frames((1, b"x" * (TAIL + 5) + line[:7]), (1, line[7:]), (2, line))
+    sock = frames((1, GO[:5]), (1, GO[5:] + b"x" * (TAIL + 5) + line[:7]), (1, line[7:]),
+                  (2, line))
     out, err = read(ending, sock)
     assert out == b"x" * (TAIL + 5) and err == b""
     assert ending.state() == {"ExitCode": 0, "OOMKilled": True}
@@ -81,15 +85,31 @@ def test_a_closing_line_split_across_frames_is_still_found() -> None:
 def test_a_forged_closing_line_is_plain_output_and_ends_nothing() -> None:
     forged = end(0, token="cd" * 16)
     ending = Ending(TOKEN)
-    out, _ = read(ending, frames((1, forged), (2, forged)))
+    out, _ = read(ending, frames((1, GO + forged), (2, forged)))
     assert out == forged and ending.state() is None  # the worker falls back to the engine
 
 
 def test_streams_that_disagree_give_no_state() -> None:
     ending = Ending(TOKEN)
-    read(ending, frames((1, end(0)), (2, end(1))))
+    read(ending, frames((1, GO + end(0)), (2, end(1))))
     assert ending.state() is None
 
+
+def test_a_stream_that_ends_before_the_launcher_took_the_run_is_a_broken_warm_start(
+        ) -> None:
+    """The container died (or was stopped) between the request and the launcher's GO:
+    nothing ran, and the run goes cold instead of failing."""
+    with pytest.raises(WarmBroken):
+        read(Ending(TOKEN), frames((2, b"Killed\n")))
+    with pytest.raises(WarmBroken):
+        read(Ending(TOKEN), frames((1, GO[:6])))
+
+
+def test_a_go_line_of_another_run_counts_as_output_of_a_started_run() -> None:
+    other = b"\x00TITAN-GO:" + b"cd" * 16 + b"\n"
+    ending = Ending(TOKEN)
+    out, _ = read(ending, frames((1, other), (1, end(0)), (2, end(0))))
+    assert out == other and ending.started
 
 # Classification
 

@@ -13,6 +13,7 @@ import pytest
 import redis
 from prometheus_client import REGISTRY
 
+from harness import session_dir
 from manager.core.beats import WorkerBeat
 from manager.core.config import Settings
 from manager.core.errors import SandboxUnavailable
@@ -21,20 +22,24 @@ from manager.core.records import InvocationRecord, Status
 from manager.core.runs import RunRequest
 from manager.core.slots import Grant
 from manager.plugins.registry import Registry
+from workers.identity import Identities
 from workers.runner import HOLDER_RECHECK_S, Later, Runner
 from workers.spec import RunResult, RunSpec
 
 
 @dataclass
 class FakeSandbox:
-    """Plays back outcomes instead of running containers."""
+    """Plays back outcomes instead of running containers (the identities are real: their
+    leases live in the session's own directory)."""
 
+    identities: Identities
     outcomes: list[RunResult | Exception] = field(default_factory=list)
     specs: list[RunSpec] = field(default_factory=list)
     docker_root: str = "/var/lib/docker"
 
     def run(self, spec: RunSpec) -> RunResult:
         self.specs.append(spec)
+        self.identities.give_back(spec.user)  # its container is gone with its outcome
         outcome = self.outcomes.pop(0)
         if isinstance(outcome, Exception):
             raise outcome
@@ -86,7 +91,7 @@ def rig(conn, unit_settings) -> Iterator[Rig]:
                           prewarm_size=0)
     registry = Registry(conn, mine)
     registry.reload()
-    sandbox = FakeSandbox()
+    sandbox = FakeSandbox(Identities(mine.with_(uid_dir=str(session_dir() / "uids"))))
     yield Rig(conn, mine, registry, sandbox, Runner(conn, mine, sandbox))  # type: ignore[arg-type]
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from harness import Bus, new_id
+from workers.identity import RunIds
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("stack")]
 
@@ -14,18 +15,19 @@ DOCUMENTED_ENV = {"EVENT_DATA", "EVENT_FILE", "PLUGIN_NAME", "PLUGIN_VERSION", "
 
 
 @pytest.fixture(scope="module")
-def report(conn, settings) -> dict:
+def report(conn, settings, host_port) -> dict:
     bus = Bus(conn, settings)
     event_id = new_id()
     bus.publish({"event_id": event_id, "topic": "test.v1", "event_type": "probe",
-                 "payload": {"port": settings.redis_url.rsplit(":", 1)[1].split("/")[0]}})
+                 "payload": {"port": str(host_port)}})
     result = bus.result_of(event_id)
     assert result["event_type"] == "probe_report", result
     return result["payload"]
 
 
-def test_runs_as_non_root_without_capabilities(report: dict) -> None:
-    assert report["uid"] == 65534 and report["gid"] == 65534
+def test_runs_as_non_root_without_capabilities(report: dict, settings) -> None:
+    ids = RunIds.parse(settings.run_ids)  # a uid of its own, the runs' shared group
+    assert ids.first_uid <= report["uid"] <= ids.last_uid and report["gid"] == ids.group
     assert int(report["cap_eff"], 16) == 0
     assert report["no_new_privs"] == "1"
 

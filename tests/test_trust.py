@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import SYSTEM_PYTHON, free_port, http_status, private_settings, wait_until
+from harness import SYSTEM_PYTHON, free_port, private_settings
 from manager.api.app import create_app
 from manager.bus.dispatch import Dispatcher
 from manager.core.config import ROOT, Settings
@@ -34,7 +34,6 @@ from manager.plugins.requirements import Requirements
 from manager.service import api_server
 
 pytestmark = pytest.mark.integration
-NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
 EVIL_SETUP = """\
 from setuptools import setup
 open({marker!r}, "w").write("pwned")
@@ -63,6 +62,16 @@ for path in READS:
 with open("/proc/self/status") as fh:
     report["caps"] = [ln.split()[1] for ln in fh if ln.startswith("CapEff")][0]
 report["sees"] = sorted(os.listdir("/"))
+import socket
+report["reached"] = []
+for family, address in CONNECT:
+    try:
+        with socket.socket(getattr(socket, family)) as sock:
+            sock.settimeout(2)
+            sock.connect(tuple(address) if family == "AF_INET" else address)
+        report["reached"].append(address)
+    except OSError:
+        pass
 print(json.dumps(report))
 """
 
@@ -80,16 +89,28 @@ def test_code_run_in_the_install_sandbox_reaches_nothing_on_the_host(settings: S
                f"/etc/{marker}", f"/usr/{marker}", f"/install/{marker}"]
     reads = ["/etc/shadow", str(run_dir / "redis.url"), str(ROOT / "setup.cfg"),
              "/root/.bashrc", "/etc/passwd"]
-    code = f"TARGETS = {targets!r}\nREADS = {reads!r}\n{HOSTILE}"
+    # what the host offers on its network: a TCP port on loopback, an abstract socket
+    tcp, abstract = socket.socket(), socket.socket(socket.AF_UNIX)
+    tcp.bind(("127.0.0.1", 0))
+    abstract.bind(f"\0titan-test-{marker}")
+    for listener in (tcp, abstract):
+        listener.listen(8)
+    connect = [("AF_INET", list(tcp.getsockname())), ("AF_UNIX", f"\0titan-test-{marker}")]
+    code = f"TARGETS = {targets!r}\nREADS = {reads!r}\nCONNECT = {connect!r}\n{HOSTILE}"
     sandbox = InstallSandbox(settings)
-    with sandbox.workspace(tmp_path / "private") as work:
-        done = sandbox.run(["/usr/bin/python3", "-I", "-c", code], work, 60)
-        assert done.returncode == 0, done.output
-        report = json.loads(done.output.strip().splitlines()[-1])
-        assert (work / marker).read_text() == "pwned"  # its own work directory, nothing else
+    try:
+        with sandbox.workspace(tmp_path / "private") as work:
+            done = sandbox.run(["/usr/bin/python3", "-I", "-c", code], work, 60)
+            assert done.returncode == 0, done.output
+            report = json.loads(done.output.strip().splitlines()[-1])
+            assert (work / marker).read_text() == "pwned"  # its own work directory only
+    finally:
+        tcp.close()
+        abstract.close()
     assert report["uid"] == settings.install_uid != 0 and report["caps"] == "0" * 16
     assert report["wrote"] == [f"/install/{marker}"], report
     assert report["read"] == [], report
+    assert report["reached"] == [], report  # no network at all where packages install
     assert "root" not in report["sees"] and "work" not in report["sees"], report["sees"]
     for path in targets[:-1]:
         assert not Path(path).exists(), f"the sandbox wrote {path} on the host"
@@ -112,127 +133,6 @@ def test_with_the_parser_bypassed_a_local_project_still_never_runs(settings: Set
         assert not marker.exists(), "a local project's setup.py ran on the host"
     finally:
         subprocess.run(["rm", "-rf", str(evil), str(marker)], check=False)
-
-
-# The run directory and the API's key, on the stack `make up` starts.
-
-@pytest.fixture(scope="module")
-def made_up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    """scripts/services.sh and scripts/stack.sh, as `make up` runs them, on a private run
-    directory, Redis port, API and metrics ports and container label."""
-    run_dir = tmp_path_factory.mktemp("made-up") / "run"
-    port = free_port()
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("TITAN_", "PROMETHEUS"))},
-           "TITAN_RUN_DIR": str(run_dir), "TITAN_API_PORT": str(free_port()),
-           "TITAN_METRICS_PORT": str(free_port()), "TITAN_WORKERS": "1",
-           "TITAN_FLOWER_PORT": str(free_port()),
-           "TITAN_INSTANCE": f"test-{uuid.uuid4().hex[:8]}",
-           "TITAN_REDIS_URL": f"redis://default:{uuid.uuid4().hex}@127.0.0.1:{port}/0"}
-
-    def script(*args: str) -> None:
-        proc = subprocess.run(["bash", *args], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=180, check=False)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-
-    script("scripts/services.sh", "redis")
-    try:
-        script("scripts/stack.sh", "start")
-        yield {"env": env, "run": run_dir, "api": f"http://127.0.0.1:{env['TITAN_API_PORT']}",
-               "restart": lambda: (script("scripts/stack.sh", "stop"),
-                                   script("scripts/stack.sh", "start"))}
-    finally:
-        script("scripts/stack.sh", "stop")
-        script("scripts/services.sh", "stop")
-
-
-def as_nobody(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*NOBODY, *argv], capture_output=True, text=True, timeout=120,
-                          check=False, env=env)
-
-
-def test_no_local_account_but_root_reads_the_run_directory(made_up: dict) -> None:
-    run_dir: Path = made_up["run"]
-    api = made_up["api"]
-    token = (run_dir / "api.token").read_text().strip()
-    req = urllib.request.Request(f"{api}/events", method="POST", data=json.dumps(
-        {"event_id": "private-1", "topic": "private.v1", "event_type": "stored",
-         "payload": {"secret": "s3cr3t-payload"}}).encode(),
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        assert resp.status == 202
-    aof = sorted((run_dir / "redis" / "appendonlydir").iterdir())
-    assert any(b"s3cr3t-payload" in p.read_bytes() for p in aof)  # the event is stored there
-    for path in [run_dir, *run_dir.rglob("*")]:
-        if run_dir / "cache" in path.parents:
-            continue  # inside the 0700 cache: modes are for the plugins' containers
-        mode = path.lstat().st_mode & 0o777
-        assert mode & 0o077 == 0, f"{path} is {oct(mode)}"
-    for path in [*aof, run_dir / "api.token", run_dir / "redis.url", run_dir / "manager.log"]:
-        proc = as_nobody("cat", str(path))
-        assert proc.returncode != 0 and "s3cr3t" not in proc.stdout, path
-    assert as_nobody("ls", str(run_dir)).returncode != 0
-
-
-def test_the_api_refuses_a_local_user_without_the_key(made_up: dict) -> None:
-    api = made_up["api"]
-    env = {**made_up["env"], "TITAN_API_URL": api}
-    env.pop("TITAN_REDIS_URL")
-    # (the CLI cannot run as another user here: its virtualenv's Python is root's)
-    reload = as_nobody("/usr/bin/python3", "-c", (
-        "import urllib.request, urllib.error\n"
-        f"req = urllib.request.Request({api + '/plugins/reload'!r}, method='POST')\n"
-        "try: urllib.request.urlopen(req)\n"
-        "except urllib.error.HTTPError as exc: print(exc.code)"))
-    assert reload.stdout.strip() == "401", reload.stdout + reload.stderr
-    wrong = subprocess.run([SYSTEM_PYTHON, str(ROOT / "titan-plugins.py"), "reload"],
-                           env={**env, "TITAN_API_TOKEN": "wrong"}, capture_output=True,
-                           text=True, timeout=120, check=False)
-    assert wrong.returncode == 1 and "unauthorized" in wrong.stderr, wrong.stderr
-    assert "run/api.token" in wrong.stderr
-    curl = as_nobody("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST",
-                     f"{api}/plugins/reload")
-    assert curl.stdout == "401"
-    assert as_nobody("curl", "-s", f"{api}/health").stdout.startswith("{")  # public
-    # root's CLI finds the key in the run directory by itself
-    mine = subprocess.run([SYSTEM_PYTHON, str(ROOT / "titan-plugins.py"), "list"], env=env,
-                          capture_output=True, text=True, timeout=120, check=False)
-    assert mine.returncode == 0 and "shell_runner" in mine.stdout, mine.stderr
-    # everything the services create under their umask 077 still works for the plugins:
-    # requirements installed by the unprivileged pip, code unpacked, runs on both paths
-    assert "INVALID" not in mine.stdout and "file_watcher" in mine.stdout, mine.stdout
-    for n in [*range(3), "restart", *range(3, 6)]:  # cold then warm, before and after a
-        if n == "restart":  # restart (make plugins-down plugins-up), with the cache kept
-            made_up["restart"]()
-            continue
-        ran = subprocess.run([SYSTEM_PYTHON, str(ROOT / "titan-plugins.py"), "--json",
-                              "trigger", "shell_runner", "--wait", "60", "-e", json.dumps(
-                                  {"topic": "system.v1", "event_type": "run_cmd",
-                                   "payload": {"command": f"echo private-{n}"}})],
-                             env=env, capture_output=True, text=True, timeout=120, check=False)
-        assert ran.returncode == 0, ran.stdout + ran.stderr
-        assert f"private-{n}" in json.loads(ran.stdout)["stdout"]
-
-
-def test_flower_is_up_behind_basic_auth_on_every_page(made_up: dict) -> None:
-    run_dir: Path = made_up["run"]
-    flower = f"http://127.0.0.1:{made_up['env']['TITAN_FLOWER_PORT']}"
-    auth = (run_dir / "flower.auth").read_text().strip()
-    assert auth.startswith("titan:") and (run_dir / "flower.auth").stat().st_mode & 0o077 == 0
-
-    wait_until(lambda: http_status(f"{flower}/", auth) == 200, 60, "Flower")
-    datatable = ("/tasks/datatable?draw=1&start=0&length=10&order%5B0%5D%5Bcolumn%5D=0"
-                 "&columns%5B0%5D%5Bdata%5D=name")
-    for page in ("/", "/tasks", datatable, "/workers", "/api/tasks", "/api/workers"):
-        assert http_status(flower + page) == 401, page
-        assert http_status(flower + page, "titan:wrong") == 401, page
-    assert http_status(flower + datatable, auth) == 200
-    assert http_status(f"{flower}/api/tasks", auth) == 200
-    assert auth.split(":", 1)[1] not in Path("/proc", str(flower_pid(run_dir)),
-                                             "cmdline").read_text()
-
-
-def flower_pid(run_dir: Path) -> int:
-    return int((run_dir / "flower.pid").read_text())
 
 
 # One client cannot hold the API.

@@ -11,14 +11,16 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from celery import Celery, signals
 
 from manager.core.clients import redis_client
 from manager.core.config import current
 from manager.core.contract import celery_settings
-from manager.core.errors import SandboxUnavailable
+from manager.core.errors import SandboxUnavailable, TitanError
 from workers.heartbeat import Heartbeat
+from workers.identity import RunIds
 from workers.runner import Runner
 from workers.sandbox import Sandbox
 
@@ -77,6 +79,11 @@ def _on_ready(sender: object = None, **_: object) -> None:
     and, on every beat, what this worker's own processes no longer use."""
     global _heartbeat
     settings = current()
+    try:  # every run's host identity must be one nobody else has
+        RunIds.parse(settings.run_ids).check_host(Path(settings.host_etc))
+    except TitanError as exc:
+        log.critical("%s", exc.message)
+        raise SystemExit(1) from None
     name = getattr(sender, "hostname", None) or f"{settings.worker_name}-{os.getpid()}"
     _heartbeat = Heartbeat(redis_client(settings), settings, name, Sandbox(settings),
                            pool_size(sender))

@@ -5,6 +5,7 @@ be running and where its output and its end come from."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -19,6 +20,7 @@ from docker.utils.socket import SocketError
 from manager.core.config import Settings
 from manager.core.errors import SandboxUnavailable
 from manager.core.records import Status
+from manager.core.runs import RunUser
 from workers.container import ContainerHandle
 from workers.oom import OomWatch
 from workers.spec import Capture, RunResult, RunSpec
@@ -78,12 +80,16 @@ def execute(launched: Launched, spec: RunSpec, settings: Settings, engine: Engin
     return result
 
 
-def write_event(directory: Path, spec: RunSpec) -> Path:
-    """The run's event as a read-only file in its private directory (EVENT_FILE), for
-    either launch: a cold container mounts it, a prewarmed one reads its inbox."""
+def write_event(directory: Path, spec: RunSpec, user: RunUser) -> Path:
+    """The run's event as a file in its private directory (EVENT_FILE) that its own uid
+    alone may read, for either launch: a cold container mounts it, a prewarmed one reads
+    its inbox."""
     path = directory / "event.json"
-    path.write_text(spec.event_json, encoding="utf-8")
-    path.chmod(0o444)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o400)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        os.fchown(fd, user.uid, user.gid)
+        fh.write(spec.event_json)
     return path
 
 

@@ -18,6 +18,7 @@ from manager.core.runs import Isolation, RunRequest
 from manager.plugins.deps import mkdirs
 from manager.plugins.permissions import PayloadFile, mount_sources, open_payload_path
 from workers.execute import write_event
+from workers.identity import account_files
 from workers.plugin_cache import PluginCache
 from workers.pool import WarmPool
 from workers.sandbox import Sandbox
@@ -44,12 +45,8 @@ class Execution:
     def run(self, req: RunRequest, code_dir: Path) -> RunResult | Refused:
         """Checks the payload path and the allowed directories, installs requirements,
         and runs one container. Raises SandboxUnavailable when the engine is unusable."""
-        forbidden = [self.sandbox.docker_root]
         try:
-            payload = open_payload_path(req.event.payload, req.allowed_globs, self.settings,
-                                        forbidden)
-            mounts = () if payload else tuple(mount_sources(req.allowed_globs, self.settings,
-                                                            forbidden))
+            payload, mounts = self.host_paths(req)
         except PermissionDenied as exc:
             return Refused(Status.REJECTED, exc.message)
         try:
@@ -60,6 +57,24 @@ class Execution:
         finally:
             if payload:
                 payload.close()
+
+    def host_paths(self, req: RunRequest) -> tuple[PayloadFile | None, tuple[str, ...]]:
+        """The payload file, or the allowed directories, as a run's identity may open them:
+        one taken for the checks (its verdict is any run's: every run has the same group,
+        and no host file belongs to a run's uid)."""
+        if "path" not in req.event.payload and not req.allowed_globs:
+            return None, ()
+        forbidden = [self.sandbox.docker_root]
+        judge = self.sandbox.identities.take()
+        try:
+            payload = open_payload_path(req.event.payload, req.allowed_globs, self.settings,
+                                        judge, forbidden)
+            if payload:
+                return payload, ()
+            return None, tuple(mount_sources(req.allowed_globs, self.settings, judge,
+                                             forbidden))
+        finally:
+            self.sandbox.identities.give_back(judge)
 
     def container(self, req: RunRequest, code_dir: Path, deps: Path | None,
                   payload: PayloadFile | None, mounts: tuple[str, ...]) -> RunResult:
@@ -88,16 +103,23 @@ class Execution:
         return result
 
     def cold(self, spec: RunSpec, payload: PayloadFile | None) -> RunResult:
-        """One fresh container in a private per-run directory (event file, payload copy),
-        removed afterwards whatever happened."""
+        """One fresh container, as a uid of its own, in a private per-run directory (event
+        file and payload copy, readable by that uid alone), removed afterwards whatever
+        happened; the uid is given back once the container is gone."""
         run_dir = mkdirs(self.cache.root / "runs", 0o700) / f"{spec.invocation_id}-{os.getpid()}"
         shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(mode=0o700)
+        user = self.sandbox.identities.take()
+        handed = False  # from then on the sandbox gives it back, with its container
         try:
-            event_file = write_event(run_dir, spec)
-            staged = payload.stage(run_dir) if payload else None
+            event_file = write_event(run_dir, spec, user)
+            staged = payload.stage(run_dir, user) if payload else None
+            accounts = account_files(run_dir, user)
+            handed = True
             return self.sandbox.run(replace(
-                spec, event_file=str(event_file),
+                spec, event_file=str(event_file), user=user, accounts=accounts,
                 payload=(staged, payload.path) if staged and payload else None))
         finally:
+            if not handed:
+                self.sandbox.identities.give_back(user)
             shutil.rmtree(run_dir, ignore_errors=True)

@@ -130,6 +130,10 @@ class Heartbeat(threading.Thread):
             try:
                 if beats % EVICT_EVERY == 0:
                     self.janitor.evict()
+                    taken_back = self.sandbox.identities.reclaim()
+                    if taken_back:
+                        log.warning("took back %d run uid(s) of killed workers: %s",
+                                    len(taken_back), ", ".join(map(str, taken_back)))
                 self.beat()
             except redis.RedisError as exc:
                 log.warning("heartbeat: Redis unavailable: %s", exc)

@@ -10,7 +10,8 @@ token from /proc or ptrace it) and a child subreaper. When the plugin exits, wha
 left running is killed and reaped, as when a cold container stops. Only then does it write
 the closing line, with the token, the exit status and whether the OOM killer struck, on
 stdout and on stderr, so the worker knows both streams are complete without waiting for
-the engine. SIGTERM (the timeout) is passed on to the plugin's process group.
+the engine. SIGTERM (the timeout) is passed on to the plugin's process group; SIGINT,
+SIGQUIT, SIGHUP and SIGPIPE are ignored (the plugin starts with them as usual).
 """
 
 import contextlib
@@ -23,6 +24,10 @@ import sys
 PR_SET_DUMPABLE = 4
 PR_SET_CHILD_SUBREAPER = 36
 READY = b"\x00TITAN-READY\n"
+# Ignored while it waits and while it follows the plugin (a signal from outside must not
+# end a container that is about to be handed a run); the plugin gets them back as a
+# fresh process has them.
+IGNORED = (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGPIPE)
 
 
 def prctl(option, value):
@@ -56,7 +61,8 @@ def start(run):
             null = os.open("/dev/null", os.O_RDONLY)
             os.dup2(null, 0)
             os.close(null)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            for signum in (signal.SIGTERM, *IGNORED):
+                signal.signal(signum, signal.SIG_DFL)
             step = run["argv"][0]
             os.execvpe(run["argv"][0], run["argv"], {**os.environ, **run["env"]})
         except OSError as exc:
@@ -98,11 +104,16 @@ def main():
     prctl(PR_SET_CHILD_SUBREAPER, 1)
     # PID 1 ignores signals it has no handler for: a stop before the run ends it at once.
     signal.signal(signal.SIGTERM, lambda *_: os._exit(143))
+    for signum in IGNORED:
+        signal.signal(signum, signal.SIG_IGN)
     os.write(1, READY)
     line = sys.stdin.buffer.readline()
     if not line:
         return 0
     run = json.loads(line)
+    # The worker knows from this line that the run is taken: a container that ends
+    # before it (killed, stopped) never started the plugin, and the run goes cold.
+    os.write(1, f"\x00TITAN-GO:{run['token']}\n".encode())
     before = oom_kills()
     child = start(run)
     signal.signal(signal.SIGTERM, lambda *_: forward(child))

@@ -13,7 +13,8 @@ from typing import Any
 import psutil
 from docker.types import Mount, Ulimit
 
-from manager.core.config import RUN_GID, RUN_UID, Settings
+from manager.core.config import Settings
+from manager.core.runs import RunUser
 from workers.spec import PoolConfig, RunSpec
 
 LABEL = "titan.managed"
@@ -24,10 +25,10 @@ LABEL_START = "titan.worker_start"  # with the pid: the owner, safe against pid 
 LABEL_INVOCATION = "titan.invocation"
 LABEL_PLUGIN = "titan.plugin"
 LABEL_POOL = "titan.pool"  # a prewarmed container, owned by its worker process
+LABEL_UID = "titan.uid"  # the host uid it runs as (workers.identity)
 CODE_DIR = "/plugin"
 DEPS_DIR = "/titan/deps"
 EVENT_PATH = "/titan/event.json"
-SANDBOX_USER = f"{RUN_UID}:{RUN_GID}"
 MAX_ENV_EVENT = 96 * 1024  # larger events are read from EVENT_FILE only
 # Under gVisor the engine's pids limit counts the sandbox's host threads, not the plugin's
 # processes: its kernel holds about 40 when idle and about 5 more per plugin process
@@ -53,17 +54,21 @@ def run_env(spec: RunSpec) -> dict[str, str]:
     return env
 
 
-def base(config: PoolConfig, settings: Settings, labels: dict[str, str]) -> dict[str, Any]:
-    """Everything a plugin's configuration fixes."""
+def base(config: PoolConfig, settings: Settings, labels: dict[str, str], user: RunUser,
+         accounts: dict[str, str]) -> dict[str, Any]:
+    """Everything a plugin's configuration fixes, for a container running as `user` (with
+    `accounts`, its /etc/passwd and /etc/group: workers.identity.account_files)."""
     s, limits = settings, config.limits
+    # USER and LOGNAME: the run's uid has no passwd entry in the image (getpass reads these)
     env = {"EVENT_FILE": EVENT_PATH, "PLUGIN_NAME": config.plugin,
-           "PLUGIN_VERSION": config.version, "HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1",
-           "PYTHONUNBUFFERED": "1"}
+           "PLUGIN_VERSION": config.version, "HOME": "/tmp", "USER": "plugin",
+           "LOGNAME": "plugin", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
     mounts = [bind(CODE_DIR, config.code_dir)]
     if config.deps_dir:
         mounts.append(bind(DEPS_DIR, config.deps_dir))
         env["PYTHONPATH"] = DEPS_DIR
     mounts += [bind(d, d) for d in config.read_only_dirs]
+    mounts += [bind(target, source) for target, source in accounts.items()]
     tmp = "rw,noexec,nosuid,nodev,mode=1777"
     # tmpfs pages are charged to the container's memory: filling /tmp (at most half of it)
     # and /dev/shm (at most an eighth) must end in ENOSPC, not in an OOM kill.
@@ -71,7 +76,7 @@ def base(config: PoolConfig, settings: Settings, labels: dict[str, str]) -> dict
     shm = min(s.shm_bytes, limits.memory_bytes // 8)
     return {
         "image": config.image, "command": list(config.argv), "environment": env,
-        "working_dir": CODE_DIR, "user": SANDBOX_USER, "network_mode": "none",
+        "working_dir": CODE_DIR, "user": user.docker, "network_mode": "none",
         "read_only": True, "mounts": mounts,
         "tmpfs": {"/tmp": f"{tmp},size={tmpfs},nr_inodes={s.tmpfs_inodes}",
                   "/dev/shm": f"{tmp},size={shm},nr_inodes=256"},
@@ -83,7 +88,8 @@ def base(config: PoolConfig, settings: Settings, labels: dict[str, str]) -> dict
                     Ulimit(name="core", soft=0, hard=0)],
         "init": True, "ipc_mode": "none", "log_config": {"type": "none", "config": {}},
         "stdin_open": False, "tty": False, "hostname": "plugin",
-        "labels": {**labels, **owner_labels(), LABEL_PLUGIN: config.plugin},
+        "labels": {**labels, **owner_labels(), LABEL_PLUGIN: config.plugin,
+                   LABEL_UID: user.label},
         **({"runtime": config.runtime} if config.runtime else {}),
     }
 
@@ -96,7 +102,8 @@ def host_pids(config: PoolConfig) -> int:
 
 def cold(spec: RunSpec, settings: Settings, labels: dict[str, str]) -> dict[str, Any]:
     """A cold container: the configuration's options plus the run's own."""
-    options = base(spec.config, settings, labels)
+    assert spec.user is not None, "a cold container runs as the identity taken for its run"
+    options = base(spec.config, settings, labels, spec.user, spec.accounts)
     options["environment"].update(run_env(spec))
     options["mounts"].append(bind(EVENT_PATH, spec.event_file))
     if spec.payload:

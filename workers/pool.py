@@ -23,7 +23,7 @@ from docker.errors import DockerException
 from manager.core import metrics
 from manager.core.config import Settings
 from workers.container import ContainerHandle
-from workers.options import LABEL_PID, LABEL_POOL
+from workers.options import LABEL_PID, LABEL_POOL, LABEL_UID
 from workers.sandbox import Sandbox
 from workers.spec import PoolConfig, RunSpec
 from workers.warm import READY_TIMEOUT_S, Warm, WarmUnavailable, start_warm
@@ -223,6 +223,7 @@ class WarmPool:
         warm.close()
         self.sandbox.oom.killed(warm.oom)  # its watch ends with it
         if warm.container.remove():
+            self.sandbox.identities.give_back(warm.user)
             shutil.rmtree(warm.inbox, ignore_errors=True)
         elif not self.stopping.is_set():
             with self.lock:
@@ -238,5 +239,6 @@ class WarmPool:
         except (DockerException, requests.RequestException):
             return
         for container in mine:
-            if container.id not in known:
-                ContainerHandle(container).remove()
+            if container.id not in known and ContainerHandle(container).remove():
+                labels = container.attrs.get("Labels") or {}
+                self.sandbox.identities.give_back_label(labels.get(LABEL_UID))

@@ -23,6 +23,7 @@ from manager.core.records import Status
 from workers import options
 from workers.container import ContainerHandle
 from workers.execute import Launched, execute
+from workers.identity import Identities
 from workers.oom import OomWatch, OomWatcher
 from workers.options import (
     LABEL,
@@ -32,6 +33,7 @@ from workers.options import (
     LABEL_PID,
     LABEL_POOL,
     LABEL_START,
+    LABEL_UID,
     pid_alive,
     started,
 )
@@ -62,6 +64,7 @@ class Sandbox:
         self._client = client
         self._pulls: dict[str, float] = {}
         self.oom = OomWatcher()
+        self.identities = Identities(settings)
         self.settings = settings
         self.base_labels = {LABEL: "1", LABEL_INSTANCE: settings.instance,
                             LABEL_HOST: settings.worker_name}
@@ -98,14 +101,17 @@ class Sandbox:
             container = self.create(options.cold(spec, self.settings, self.base_labels),
                                     spec.image)
         except ImageNotFound:  # not an outage: retrying cannot help
+            self.identities.give_back(spec.user)
             return RunResult(Status.FAILED, started_at=t0, finished_at=time.time(),
                              reason=self.image_missing(spec.image))
         except APIError as exc:
+            self.identities.give_back(spec.user)
             if exc.is_client_error():  # the engine refused this container: retrying won't help
                 return RunResult(Status.FAILED, started_at=t0, finished_at=time.time(),
                                  reason=self.refused(spec, exc))
             raise SandboxUnavailable(f"cannot create container: {exc}") from exc
         except (DockerException, requests.RequestException) as exc:
+            self.identities.give_back(spec.user)
             raise SandboxUnavailable(f"cannot create container: {exc}") from exc
         try:
             try:
@@ -118,7 +124,8 @@ class Sandbox:
             return execute(Launched(container, stream, close=stream.close, oom=watch), spec,
                            self.settings, self, t0)
         finally:
-            container.remove()
+            if container.remove():  # else the reaper removes it and ends the lease then
+                self.identities.give_back(spec.user)
 
     def refused(self, spec: RunSpec, exc: APIError) -> str:
         """Why the engine refused a container, with the fix when it lacks the runtime."""
@@ -223,6 +230,7 @@ class Sandbox:
             pooled = labels.get(LABEL_POOL) == "1"  # its process removes it after use
             if alive and (pooled or not (mine and invocation not in in_use)):
                 continue
-            ContainerHandle(c).remove()
+            if ContainerHandle(c).remove():
+                self.identities.give_back_label(labels.get(LABEL_UID))
             reaped.append(invocation or c.id[:12])
         return reaped

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from manager.core.records import Status
-from manager.core.runs import RunLimits
+from manager.core.runs import RunLimits, RunUser
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,8 @@ class RunSpec:
     event_json: str
     event_file: str = ""
     payload: tuple[str, str] | None = None  # (private host copy, path inside the container)
+    user: RunUser | None = None  # a cold container's identity (a warm one has its own)
+    accounts: dict[str, str] = field(default_factory=dict)  # its /etc/passwd, /etc/group
 
     @property
     def plugin(self) -> str:

@@ -26,10 +26,12 @@ from typing import Any
 from docker.utils.socket import demux_adaptor, frames_iter
 
 from manager.core.config import ROOT, Settings
+from manager.core.runs import RunUser
 from manager.plugins.deps import mkdirs, private_root
 from workers import options
 from workers.container import ContainerHandle
 from workers.execute import Launched, execute, write_event
+from workers.identity import account_files
 from workers.oom import OomWatch
 from workers.sandbox import Sandbox
 from workers.spec import PoolConfig, RunResult, RunSpec
@@ -52,6 +54,7 @@ class Warm:
     container: ContainerHandle
     sock: socket.socket
     inbox: Path
+    user: RunUser | None = None  # its identity, given back when it is removed
     attached: Any = None  # the attach response, kept open with the socket
     oom: OomWatch | None = None
     ready_at: float = field(default_factory=time.monotonic)
@@ -71,13 +74,15 @@ class WarmUnavailable(RuntimeError):
     """The image cannot run the launcher (no python3, or it exited at once)."""
 
 
-def warm_options(sandbox: Sandbox, config: PoolConfig, inbox: Path) -> dict[str, Any]:
+def warm_options(sandbox: Sandbox, config: PoolConfig, inbox: Path,
+                 user: RunUser) -> dict[str, Any]:
     """The configuration's options (workers.options.base) with the launcher waiting on
     stdin instead of the plugin; the run's own part reaches the launcher with the run.
     The launcher is PID 1 (no docker-init): non-dumpable, so the plugin (same uid) can
     read neither its environment nor /proc/1/fd/0, the stream its request came through.
     It reaps like an init: a subreaper that waits for every process before it reports."""
-    opts = options.base(config, sandbox.settings, sandbox.base_labels)
+    opts = options.base(config, sandbox.settings, sandbox.base_labels, user,
+                        account_files(inbox, user))
     opts["mounts"] += [options.bind(LAUNCHER_PATH, str(launcher_copy(sandbox.settings))),
                        options.bind(INBOX, str(inbox))]
     opts["environment"]["EVENT_FILE"] = f"{INBOX}/event.json"
@@ -104,9 +109,11 @@ def start_warm(sandbox: Sandbox, config: PoolConfig) -> Warm:
     runs = mkdirs(private_root(sandbox.settings.cache_dir) / "runs", 0o700)
     inbox = mkdirs(runs / f"warm-{secrets.token_hex(8)}", 0o711)
     os.chmod(inbox, 0o711)
+    user = sandbox.identities.take()
     try:
-        container = sandbox.create(warm_options(sandbox, config, inbox), config.image)
+        container = sandbox.create(warm_options(sandbox, config, inbox, user), config.image)
     except BaseException:
+        sandbox.identities.give_back(user)
         shutil.rmtree(inbox, ignore_errors=True)
         raise
     try:
@@ -125,16 +132,18 @@ def start_warm(sandbox: Sandbox, config: PoolConfig) -> Warm:
         sock.settimeout(None)
     except BaseException:
         container.remove()
+        sandbox.identities.give_back(user)
         shutil.rmtree(inbox, ignore_errors=True)
         raise
-    return Warm(config, container, sock, inbox, attached, sandbox.oom.watch(container.id))
+    return Warm(config, container, sock, inbox, user, attached, sandbox.oom.watch(container.id))
 
 
 def run_warm(sandbox: Sandbox, warm: Warm, spec: RunSpec) -> RunResult:
     """The warm launch: hands the run to the launcher (event file, then a one-line request
     with a per-run token); the one run loop follows it, to the launcher's closing line."""
     t0 = time.time()
-    write_event(warm.inbox, spec)
+    assert warm.user is not None
+    write_event(warm.inbox, spec, warm.user)
     token = secrets.token_hex(16)
     request = json.dumps({"token": token, "argv": list(spec.config.argv),
                           "env": options.run_env(spec)}) + "\n"
@@ -161,12 +170,15 @@ def alive(sock: socket.socket) -> bool:
 
 
 class Ending:
-    """Reads the attach stream until the launcher's closing line (with this run's token)
-    has ended both stdout and stderr, holding back each stream's tail until it is known
-    not to be that line, and never passing the line itself on."""
+    """Reads the attach stream from the launcher's line that takes the run (GO, with this
+    run's token; a stream that ends before it raises WarmBroken: nothing ran) until its
+    closing line has ended both stdout and stderr, holding back each stream's tail until
+    it is known not to be that line, and never passing either line on."""
 
     def __init__(self, token: str) -> None:
         self.token = token.encode()
+        self.go = b"\x00TITAN-GO:" + self.token + b"\n"
+        self.started = False
         self.tails = {1: b"", 2: b""}
         self.ends: dict[int, tuple[int, int]] = {}
 
@@ -174,6 +186,14 @@ class Ending:
         for stream, data in frames_iter(sock, tty=False):
             if stream not in self.tails or stream in self.ends:
                 continue
+            if stream == 1 and not self.started:
+                data = self.tails[1] + data
+                self.tails[1] = b""
+                if len(data) < len(self.go) and self.go.startswith(data):
+                    self.tails[1] = data  # the line is still arriving
+                    continue
+                self.started = True  # the launcher's: anything else means it ran already
+                data = data.removeprefix(self.go)
             buf = self.tails[stream] + data
             match = END_RE.search(buf)
             if match and match.group(1) == self.token:
@@ -185,6 +205,9 @@ class Ending:
                 yield demux_adaptor(stream, buf)
             if len(self.ends) == 2:
                 return
+        if not self.started:
+            raise WarmBroken("the prewarmed container ended before its launcher took the "
+                             "run")
         for stream, tail in self.tails.items():  # the stream ended without the closing line
             if tail:
                 yield demux_adaptor(stream, tail)

@@ -20,6 +20,7 @@ from manager.api.routes import routes
 from manager.bus.dispatch import Dispatcher
 from manager.core.config import Settings
 from manager.core.errors import (
+    API_HEADER,
     BadQuery,
     BudgetExceeded,
     DeadLetterNotFound,
@@ -54,12 +55,20 @@ def create_app(settings: Settings, conn: redis.Redis, registry: Registry,
                                          threading.BoundedSemaphore(max(1, settings.api_waiters)),
                                          on_reload)
     app.before_request(_auth(settings))
+    app.after_request(_mark)
     app.register_error_handler(TitanError, _titan_error)
     app.register_error_handler(redis.RedisError, _redis_error)
     app.register_error_handler(HTTPException, _http_error)
     app.register_blueprint(routes)
     app.register_blueprint(bus_routes)
     return app
+
+
+def _mark(response: Any) -> Any:
+    """Every answer says it is the Titan API: the CLI tells it from whatever else might
+    answer on its URL."""
+    response.headers[API_HEADER] = "1"
+    return response
 
 
 def _auth(settings: Settings) -> Any:

@@ -35,13 +35,13 @@ class EventIn(_Model):
 
     model_config = ConfigDict(extra="forbid", strict=True, regex_engine="python-re")
     event_id: str = Field(pattern=f"^{EVENT_ID_PATTERN}$")
-    topic: str = Field(pattern=rf"^(?!(?:{'|'.join(map(re.escape, sorted(RESERVED_TOPICS)))})$)"
+    topic: str = Field(pattern=rf"^(?!(?i:{'|'.join(map(re.escape, sorted(RESERVED_TOPICS)))})$)"
                        + f"{NAME_PATTERN}$",
                        description="`plugins.v1` is reserved for the manager's own events")
     event_type: str = Field(pattern=f"^{NAME_PATTERN}$")
     payload: dict[str, Any] = {}
     source: str | None = Field(None, max_length=MAX_OPTIONAL_LEN,
-                               pattern=f"^(?!{re.escape(PLUGIN_SOURCE)})",
+                               pattern=f"^(?!(?i:{re.escape(PLUGIN_SOURCE)}))",
                                description="default `api`; `plugin:*` is for plugin results")
     time: str | None = Field(None, max_length=MAX_OPTIONAL_LEN,
                              json_schema_extra={"format": "date-time"}, description="RFC 3339")

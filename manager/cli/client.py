@@ -1,23 +1,36 @@
-"""The CLI's client of the REST API: the token it sends, the errors it maps to exit codes,
-and reading an event argument (urllib: no HTTP library to import, so the CLI starts fast)."""
+"""The CLI's client of the REST API: where it talks (the API's root-only socket by default),
+whether its key may go there, the errors it maps to exit codes, and reading an event
+argument (http.client: no HTTP library to import, so the CLI starts fast).
+
+The key goes only to a server the CLI has verified: the socket in the run directory (a
+socket owned by root or by the CLI's own user, in directories no other account may
+write: nobody else can have put it there), or an https:// URL whose certificate checks
+out. Over plain http:// it is never sent: while the manager is down, any local account
+can listen on its port."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import socket
+import ssl
+import stat
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import click
+
+from manager.core.errors import API_HEADER
 
 TERMINAL = {"succeeded", "failed", "timeout", "oom", "output_limit", "rejected", "lost"}
 EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_UNREACHABLE, EXIT_WAIT = 1, 2, 3, 4, 5
 NOT_FOUND = {"plugin_not_found", "invocation_not_found"}
+TIMEOUT_S = 660  # longer than the longest ?wait
 
 
 class CliError(click.ClickException):
@@ -28,45 +41,126 @@ class CliError(click.ClickException):
             code, message, exit_code, details)
 
 
+def run_dir() -> Path:
+    root = Path(__file__).resolve().parents[2]
+    return Path(os.environ.get("TITAN_RUN_DIR") or root / "run")
+
+
+def default_api() -> str:
+    """TITAN_API_URL, else the socket `make up`'s manager listens on."""
+    return os.environ.get("TITAN_API_URL") or f"unix://{run_dir() / 'api.sock'}"
+
+
+def socket_problem(path: str) -> str | None:
+    """Why a socket cannot be trusted with the key: it must be a socket owned by root or
+    by this user, in directories that no other account may write (as ssh judges its
+    files). None when it can."""
+    mine = {0, os.getuid()}
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        return f"{path}: {exc.strerror}"
+    if not stat.S_ISSOCK(st.st_mode) or st.st_uid not in mine:
+        return f"{path} is not a socket of root's"
+    for parent in Path(path).parents:
+        st = os.lstat(parent)
+        sticky_and_ours = st.st_mode & stat.S_ISVTX and st.st_uid in mine
+        if st.st_uid not in mine or (st.st_mode & 0o022 and not sticky_and_ours):
+            return f"{parent} may be written by another account"
+    return None
+
+
+class UnixConnection(http.client.HTTPConnection):
+    """HTTP over a unix socket (the API's root-only channel)."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("titan", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.socket_path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
 class Api:
     def __init__(self, url: str, token: str | None) -> None:
         url = url.strip().rstrip("/")
         self.url = url if "://" in url else f"http://{url}"
+        self.parts = urlparse(self.url)
+        if self.parts.scheme not in ("unix", "http", "https"):
+            raise CliError("bad_url", f"TITAN_API_URL {self.url!r}: use unix:///path/to/"
+                           "api.sock, https://host:port or http://host:port", EXIT_USAGE)
         self.token = token
+
+    @property
+    def where(self) -> str:
+        return self.parts.path if self.parts.scheme == "unix" else self.url
+
+    def connection(self) -> http.client.HTTPConnection:
+        if self.parts.scheme == "unix":
+            return UnixConnection(self.parts.path, TIMEOUT_S)
+        if self.parts.scheme == "https":
+            return http.client.HTTPSConnection(self.parts.hostname or "", self.parts.port,
+                                               timeout=TIMEOUT_S,
+                                               context=ssl.create_default_context())
+        return http.client.HTTPConnection(self.parts.hostname or "", self.parts.port,
+                                          timeout=TIMEOUT_S)
+
+    def may_send_key(self) -> str | None:
+        """None when the key may go to this server; else why not."""
+        if self.parts.scheme == "https":
+            return None
+        if self.parts.scheme == "unix":
+            return socket_problem(self.parts.path)
+        return (f"{self.url} is plain HTTP: any local account can listen there while the "
+                "manager is down; use the socket (the default) or https://")
 
     def call(self, method: str, path: str, body: bytes | None = None,
              ok: tuple[int, ...] = (200, 202)) -> tuple[int, Any]:
-        req = urllib.request.Request(self.url + path, data=body, method=method,
-                                     headers={"Content-Type": "application/json"})
-        if self.token:
-            req.add_header("Authorization", f"Bearer {self.token}")
+        headers = {"Content-Type": "application/json"}
+        withheld = self.may_send_key() if self.token else None
+        if self.token and withheld is None:
+            headers["Authorization"] = f"Bearer {self.token}"
+        conn = self.connection()
         try:
-            with urllib.request.urlopen(req, timeout=660) as resp:
-                return resp.status, self._json(resp.status, resp.read())
-        except urllib.error.HTTPError as exc:
-            data = self._json(exc.code, exc.read())
-            if exc.code in ok:
-                return exc.code, data
-            err = data.get("error", {}) if isinstance(data, dict) else {}
-            message = err.get("message", exc.reason)
-            if exc.code == 401:
-                message += (" (the CLI sends TITAN_API_TOKEN, or the token in run/api.token, "
-                            "which only root can read)")
-            code = str(err.get("code", exc.code))
-            raise CliError(code, message, EXIT_NOT_FOUND if code in NOT_FOUND else EXIT_FAILED,
-                           details=err.get("details")) from None
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise CliError("unreachable", f"cannot reach the API at {self.url}: {reason} "
-                           "(is it up? try: make up)", EXIT_UNREACHABLE) from None
+            conn.request(method, (self.parts.path if self.parts.scheme != "unix" else "")
+                         + path, body=body, headers=headers)
+            resp = conn.getresponse()
+            raw, status = resp.read(), resp.status
+            is_api = resp.getheader(API_HEADER) is not None
+        except (OSError, http.client.HTTPException) as exc:
+            raise CliError("unreachable", f"cannot reach the API at {self.where}: {exc} (is "
+                           "it up? try: make up)", EXIT_UNREACHABLE) from None
+        finally:
+            conn.close()
+        if not is_api:
+            raise CliError("not_an_api", f"not a Titan API at {self.where} (HTTP {status}; "
+                           "wrong TITAN_API_URL?)", EXIT_FAILED)
+        data = self._json(status, raw)
+        if status < 400 or status in ok:
+            return status, data
+        err = data.get("error", {}) if isinstance(data, dict) else {}
+        message = err.get("message", http.client.responses.get(status, str(status)))
+        if status == 401:
+            message += (f" (the key was withheld: {withheld})" if withheld else
+                        " (the CLI sends TITAN_API_TOKEN, or the token in run/api.token, "
+                        "which only root can read)")
+        code = str(err.get("code", status))
+        raise CliError(code, message, EXIT_NOT_FOUND if code in NOT_FOUND else EXIT_FAILED,
+                       details=err.get("details"))
 
     def _json(self, status: int, raw: bytes) -> Any:
         try:
             return json.loads(raw or b"null")
         except ValueError:
-            raise CliError("not_an_api", f"{self.url} answered HTTP {status} with something "
-                           "that is not the Titan API's JSON (wrong TITAN_API_URL?)",
-                           EXIT_UNREACHABLE) from None
+            raise CliError("not_an_api", f"not a Titan API at {self.where}: HTTP {status} "
+                           "with something that is not its JSON", EXIT_FAILED) from None
 
 
 def api_token() -> str | None:
@@ -75,9 +169,8 @@ def api_token() -> str | None:
     if os.environ.get("TITAN_API_TOKEN"):
         return os.environ["TITAN_API_TOKEN"]
     root = Path(__file__).resolve().parents[2]
-    run_dir = Path(os.environ.get("TITAN_RUN_DIR") or root / "run")
     try:
-        token = (run_dir / "api.token").read_text().strip()
+        token = (run_dir() / "api.token").read_text().strip()
         if token:
             return token
     except OSError:

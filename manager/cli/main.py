@@ -10,7 +10,6 @@ every output is valid JSON on stdout (JSON Lines for `logs -f`), errors included
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from typing import Any
@@ -23,6 +22,7 @@ from manager.cli.client import (
     TERMINAL,
     Api,
     api_token,
+    default_api,
     poll_record,
     read_event,
 )
@@ -88,8 +88,8 @@ class Cli(click.Group):
 
 @click.group(cls=Cli)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--api", default=lambda: os.environ.get("TITAN_API_URL", "http://localhost:8003"),
-              show_default="$TITAN_API_URL or http://localhost:8003")
+@click.option("--api", default=default_api,
+              show_default="$TITAN_API_URL, or the socket run/api.sock")
 @click.pass_context
 def cli(ctx: click.Context, as_json: bool, api: str) -> None:
     """Titan Plugin Manager: list, trigger and inspect sandboxed plugins."""

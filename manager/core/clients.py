@@ -12,7 +12,7 @@ Lua scripts missing on the new primary are loaded again (redis-py's Script on NO
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
@@ -30,16 +30,28 @@ FAILOVER_RETRY = Retry(ExponentialWithJitterBackoff(cap=2.0, base=0.1), retries=
 
 
 def password_and_db(settings: Settings) -> tuple[str | None, int]:
+    """The password and db of redis_url: redis://[user:pw@]host:port/DB, or
+    unix://[user:pw@]/path/to/redis.sock?db=DB."""
     url = urlparse(settings.redis_url)
-    return (unquote(url.password) if url.password else None,
-            int((url.path or "/0").strip("/") or 0))
+    if url.scheme == "unix":
+        db = parse_qs(url.query).get("db", ["0"])[0]
+    else:
+        db = (url.path or "/0").strip("/") or "0"
+    return (unquote(url.password) if url.password else None, int(db))
+
+
+def is_socket(settings: Settings) -> bool:
+    """Redis on this host's unix socket (what `make up` starts), not over TCP."""
+    return urlparse(settings.redis_url).scheme == "unix"
 
 
 def redis_client(settings: Settings) -> redis.Redis:
     options: dict[str, Any] = {
         "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
-        "health_check_interval": 30, "socket_keepalive": True, "socket_connect_timeout": 5,
+        "health_check_interval": 30,
         "socket_timeout": max(30, settings.read_block_ms / 1000 + 10)}
+    if not is_socket(settings):
+        options.update(socket_keepalive=True, socket_connect_timeout=5)
     if not settings.sentinel_addresses:
         return redis.Redis.from_url(settings.redis_url, retry=RETRY, **options)
     password, db = password_and_db(settings)

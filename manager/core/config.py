@@ -11,9 +11,6 @@ from typing import Any
 from manager.core.events import Limits
 
 ROOT = Path(__file__).resolve().parents[2]
-# The user every plugin runs as (SPEC §4): a host file reaches a run only if this user
-# could read it on the host.
-RUN_UID = RUN_GID = 65534
 
 
 def _number(name: str, default: Any, kind: type) -> Any:
@@ -60,6 +57,8 @@ class Settings:
     instance: str = "default"
     api_host: str = "127.0.0.1"
     api_port: int = 8003
+    # The CLI's channel: a socket only root can open (in the root-only run directory).
+    api_socket: Path = ROOT / "run" / "api.sock"
     api_token: str = ""
     # One client must not hold the API: requests run on api_threads threads, of which at
     # most api_waiters wait for a run (`?wait`); idle or slow connections are dropped after
@@ -70,6 +69,11 @@ class Settings:
     api_connection_limit: int = 1000
     metrics_port: int = 8004
     task_queue: str = "titan.plugins"
+    # The host ids of runs (workers.identity): the first is the group every run shares, the
+    # others are uids, one per live container; held through files in uid_dir (host-wide).
+    run_ids: str = "2000000-2099999"
+    uid_dir: str = "/run/titan/uids"
+    host_etc: str = "/"  # where the host's /etc is seen from (compose workers: a mount)
     # Host roots that plugins may be granted (SPEC §4); system and project paths never are.
     allowed_roots: tuple[Path, ...] = (Path("/srv/titan"),)
     # The one package index requirements.txt is installed from (wheels only).
@@ -100,7 +104,8 @@ class Settings:
     nofile_limit: int = 256
     fsize_bytes: int = 32 * 1024**2  # below the tmpfs size, so one file cannot fill /tmp
     max_results: int = 100
-    max_payload_bytes: int = 1024**3  # a payload file is copied for its run
+    # A payload file is copied for its run: refused by its size (sparse or not) above this.
+    max_payload_bytes: int = 128 * 1024**2
     max_manifest_bytes: int = 64 * 1024
     max_bundle_bytes: int = 32 * 1024**2
     max_plugin_files: int = 2000
@@ -147,6 +152,7 @@ class Settings:
         values: dict[str, Any] = {
             "plugins_dir": Path(_str("TITAN_PLUGINS_DIR", str(ROOT / "plugins"))),
             "run_dir": run_dir,
+            "api_socket": Path(_str("TITAN_API_SOCKET", str(run_dir / "api.sock"))),
             # {hostname}: one cache per worker container sharing a host directory (compose)
             "cache_dir": Path(_str("TITAN_CACHE_DIR", str(run_dir / "cache")).replace(
                 "{hostname}", socket.gethostname())),

@@ -5,11 +5,11 @@ rest). Both sides import it; neither builds a Celery app any other way."""
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlparse
 
 from celery import Celery
 
-from manager.core.clients import password_and_db
+from manager.core.clients import is_socket, password_and_db
 from manager.core.config import Settings
 from manager.core.keys import Keys
 
@@ -45,8 +45,12 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
 
 
 def broker_url(settings: Settings) -> str:
-    """redis_url, or kombu's list of Sentinels (`sentinel://...;sentinel://...`) carrying
-    the primary's password and db."""
+    """redis_url as kombu spells it: a unix socket as `redis+socket://`, or the list of
+    Sentinels (`sentinel://...;sentinel://...`) carrying the primary's password and db."""
+    if is_socket(settings):
+        url = urlparse(settings.redis_url)
+        _, db = password_and_db(settings)
+        return f"redis+socket://{url.netloc}{url.path}?virtual_host={db}"
     if not settings.sentinel_addresses:
         return settings.redis_url
     password, db = password_and_db(settings)

@@ -1,8 +1,11 @@
-"""One error tree for the project; every error carries the context to act on it."""
+"""One error tree for the project; every error carries the context to act on it. Errors
+cross the API as `to_dict()`, in answers that carry API_HEADER."""
 
 from __future__ import annotations
 
 from typing import Any
+
+API_HEADER = "X-Titan-Api"  # on every answer of the API: how the CLI knows the API answered
 
 
 class TitanError(Exception):

@@ -133,13 +133,13 @@ def from_outside(event: Event) -> Event:
     """Provenance for events from external producers (the API's event and trigger bodies,
     and dead letters replayed through it): `source` defaults to `api`, a producer may not
     pose as a plugin, and the manager's own topics are not theirs to publish."""
-    if event.topic in RESERVED_TOPICS:
+    if event.topic.casefold() in RESERVED_TOPICS:  # Plugins.v1 would read as plugins.v1
         raise EventError(f"topic {event.topic!r} is reserved for the manager's own events "
                          "(a run's invocation_failed); publish on a topic of your own",
                          field="topic", reason="reserved_topic")
     if event.source is None:
         return Event(**{**asdict(event), "source": "api"})
-    if event.source.startswith(PLUGIN_SOURCE):
+    if event.source.casefold().startswith(PLUGIN_SOURCE):
         raise EventError(f"source {event.source!r:.80} is reserved for plugin results",
                          field="source", reason="forged_source")
     return event

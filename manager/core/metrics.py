@@ -8,7 +8,7 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -98,8 +98,9 @@ class TreeCollector(Collector):
         return iter(MultiProcessCollector.merge(files, accumulate=True))
 
 
-def serve(port: int, host: str, state: StateCollector) -> None:
-    """Starts the /metrics HTTP server in a daemon thread."""
+def registry_for(state: StateCollector) -> CollectorRegistry:
+    """What /metrics shows: every process's metrics (the multiprocess directory, when
+    set) and the manager's state."""
     registry = CollectorRegistry()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry.register(TreeCollector(os.environ["PROMETHEUS_MULTIPROC_DIR"]))
@@ -108,4 +109,4 @@ def serve(port: int, host: str, state: StateCollector) -> None:
 
         registry = REGISTRY
     registry.register(state)
-    start_http_server(port, addr=host, registry=registry)
+    return registry

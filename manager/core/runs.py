@@ -36,6 +36,24 @@ class Isolation(StrEnum):
 
 
 @dataclass(frozen=True)
+class RunUser:
+    """The host identity one container runs as (workers.identity takes them): a uid of its own and
+    the group every run shares."""
+
+    uid: int
+    gid: int
+    lease: str = ""  # the token of the host-wide lease on the uid (also the container's label)
+
+    @property
+    def docker(self) -> str:
+        return f"{self.uid}:{self.gid}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.uid}:{self.lease}"
+
+
+@dataclass(frozen=True)
 class RunLimits:
     timeout: int
     memory_bytes: int

@@ -97,10 +97,11 @@ def install_requirements(reqs: Requirements, settings: Settings) -> Path:
         sandbox = InstallSandbox(settings)
         with sandbox.workspace(mkdirs(root / "deps")) as work:
             listed = sandbox.put(work, "requirements.txt", reqs.text())
+            wheels = download(sandbox, work, listed, settings, reqs)
             done = sandbox.pip(["install", *PIP_OPTIONS, "--no-warn-script-location",
-                                *pip_source(settings, sandbox), *pip_target(settings),
+                                "--no-index", "--find-links", wheels, *pip_target(settings),
                                 "--target", f"{sandbox.inside(work)}/site", "-r", listed],
-                               work, PIP_TIMEOUT_S)
+                               work, PIP_TIMEOUT_S)  # no network at all
             if done.returncode != 0:
                 raise DependencyError(pip_failure(done.output, settings, reqs),
                                       exit_code=done.returncode)
@@ -112,6 +113,23 @@ def install_requirements(reqs: Requirements, settings: Settings) -> Path:
                 shutil.rmtree(target)
             shutil.move(site, target)  # a rename, unless the workspace is elsewhere
     return target
+
+
+def download(sandbox: InstallSandbox, work: Path, listed: str, settings: Settings,
+             reqs: Requirements) -> str:
+    """Resolves and downloads the wheels (nothing of a package runs) into the work
+    directory; the only step with a network. Returns the wheel directory as pip sees it
+    (the operator's local wheels, when they are the source)."""
+    if settings.pip_find_links:
+        return sandbox.wheels
+    wheels = f"{sandbox.inside(work)}/wheels"
+    done = sandbox.pip(["download", *PIP_OPTIONS, *pip_source(settings, sandbox),
+                        *pip_target(settings), "--dest", wheels, "-r", listed],
+                       work, PIP_TIMEOUT_S, network=True)
+    if done.returncode != 0:
+        raise DependencyError(pip_failure(done.output, settings, reqs),
+                              exit_code=done.returncode)
+    return wheels
 
 
 def touch(path: Path) -> None:
@@ -152,7 +170,7 @@ def download_wheels(plugins_dir: Path, dest: Path, settings: Settings) -> list[s
             result = sandbox.pip(["download", *PIP_OPTIONS, *pip_source(settings, sandbox),
                                   *pip_target(settings), "--dest",
                                   f"{sandbox.inside(work)}/wheels", "-r", listed],
-                                 work, PIP_TIMEOUT_S)
+                                 work, PIP_TIMEOUT_S, network=True)
             if result.returncode != 0:
                 raise DependencyError(f"{req}: " + pip_failure(result.output, settings, lines))
             for wheel in (work / "wheels").glob("*.whl"):

@@ -13,8 +13,10 @@ a line it missed cannot hurt the host. pip runs
   the caches, Redis's data and the home directories are not in it at all;
 - with the system's Python (`/usr/bin/python3`, Debian's `python3-pip`), so nothing of
   the project's own environment has to be visible inside;
-- in its own PID, IPC and UTS namespaces, killed with its parent; the network is shared
-  (it fetches from the operator's index).
+- in its own PID, IPC and UTS namespaces, killed with its parent, and in two steps:
+  `pip download` (wheels only: nothing of a package runs) shares the host's network to
+  reach the operator's index; `pip install --no-index` of those wheels runs in a fresh
+  network namespace, with no network at all (no host port, no abstract socket).
 
 Bubblewrap needs to create namespaces. Inside a container that may not (compose's
 services run under Docker's default seccomp profile), `install_sandbox = user` runs pip
@@ -100,18 +102,19 @@ class InstallSandbox:
         for path in (work, work / "tmp"):
             os.chown(path, self.settings.install_uid, self.settings.install_uid)
 
-    def command(self, argv: list[str], work: Path) -> list[str]:
+    def command(self, argv: list[str], work: Path, network: bool = False) -> list[str]:
         """The full command line: bwrap (or nothing), then setpriv, then `argv`."""
         uid = str(self.settings.install_uid)
         drop = ["/usr/bin/setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
                 "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all", "--"]
         if self.settings.install_sandbox == "user":
             return [*drop, *argv]
-        return [*self._bwrap(work), *drop, *argv]
+        return [*self._bwrap(work, network), *drop, *argv]
 
-    def _bwrap(self, work: Path) -> list[str]:
+    def _bwrap(self, work: Path, network: bool) -> list[str]:
         argv = ["bwrap", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
                 "--unshare-cgroup-try", "--die-with-parent", "--new-session",
+                *([] if network else ["--unshare-net"]),
                 "--ro-bind", "/usr", "/usr", "--perms", "0755", "--dir", "/etc"]
         for link in ("bin", "sbin", "lib", "lib64", "lib32"):
             if os.path.islink(f"/{link}"):
@@ -143,26 +146,30 @@ class InstallSandbox:
                    PATH="/usr/bin:/bin", PYTHONNOUSERSITE="1", LANG="C.UTF-8")
         return env
 
-    def pip(self, pip_args: list[str], work: Path, timeout: float) -> Finished:
+    def pip(self, pip_args: list[str], work: Path, timeout: float,
+            network: bool = False) -> Finished:
         """Runs the system's pip; its output is returned, never shown as it is (see
-        manager.plugins.deps: only the line naming the failing requirement is)."""
-        return self.run([PYTHON, "-I", "-m", "pip", *pip_args], work, timeout)
+        manager.plugins.deps: only the line naming the failing requirement is). The
+        network only for `pip download` (wheels only)."""
+        return self.run([PYTHON, "-I", "-m", "pip", *pip_args], work, timeout, network)
 
-    def run(self, argv: list[str], work: Path, timeout: float) -> Finished:
-        """Runs `argv` in the sandbox over `work` (tests run hostile code this way).
-        Without bwrap, one install at a time per host: what one leaves running is killed
-        afterwards, and that must never be another's pip."""
+    def run(self, argv: list[str], work: Path, timeout: float,
+            network: bool = False) -> Finished:
+        """Runs `argv` in the sandbox over `work` (tests run hostile code this way), with
+        no network unless asked. Without bwrap, one install at a time per host: what one
+        leaves running is killed afterwards, and that must never be another's pip."""
         if self.settings.install_sandbox != "user":
-            return self._run(argv, work, timeout)
+            return self._run(argv, work, timeout, network)
         lock = self.settings.cache_dir / "locks" / "install-user.lock"
         lock.parent.mkdir(parents=True, exist_ok=True)
         with open(lock, "w") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
-            return self._run(argv, work, timeout)
+            return self._run(argv, work, timeout, network)
 
-    def _run(self, argv: list[str], work: Path, timeout: float) -> Finished:
+    def _run(self, argv: list[str], work: Path, timeout: float, network: bool) -> Finished:
         try:
-            proc = subprocess.run(self.command(argv, work), capture_output=True, text=True,
+            proc = subprocess.run(self.command(argv, work, network), capture_output=True,
+                                  text=True,
                                   timeout=timeout, check=False, env=self.environment(work),
                                   cwd=work)
         except FileNotFoundError as exc:

@@ -3,9 +3,12 @@
 Allowed paths are an allow-list: a glob must lie under one of the operator's roots
 (`TITAN_ALLOWED_ROOTS`), and never under a system path or this project's own data (run
 directory, cache, Redis data, the Docker engine's data, home directories), whatever the
-setting says. A glob's base is resolved at load and again at run time. A payload path is
-opened once, component by component without following symlinks, checked through that
-descriptor, and copied from it, so a swap after the check cannot change what a run sees.
+setting says. A glob's base is resolved at load and again at run time. Whether a run may
+read a path is the kernel's verdict, not this module's: the path is opened once, with a
+run's identity (manager.plugins.as_user: its uid and the runs' group, no capabilities),
+component by component without following symlinks, and what is checked and copied is
+that descriptor, so a swap after the check cannot change what a run sees. A refusal names
+the rule and the path the event gave, never where a link pointed.
 """
 
 from __future__ import annotations
@@ -19,10 +22,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from manager.core.config import ROOT, RUN_GID, RUN_UID, Settings
+from manager.core.config import ROOT, Settings
 from manager.core.errors import PermissionDenied
+from manager.core.runs import RunUser
+from manager.plugins.as_user import Refusal, open_as
 from manager.plugins.manifest import SYSTEM_PATHS, check_glob, glob_base
-from manager.plugins.safefs import UnsafePath, copy_fd, fd, open_path, reopen_for_reading
+from manager.plugins.safefs import UnsafePath, copy_fd, open_path
 
 NEVER_GRANTED = (*SYSTEM_PATHS, "/home", "/var/lib/containerd", "/var/lib/redis",
                  "/var/log", "/var/spool", "/var/mail", "/var/backups", "/opt/containerd")
@@ -128,10 +133,11 @@ def swappable_by(path: str) -> str | None:
     return None
 
 
-def mount_sources(globs: Iterable[str], settings: Settings,
+def mount_sources(globs: Iterable[str], settings: Settings, judge: RunUser,
                   extra_forbidden: Iterable[str] = ()) -> list[str]:
-    """Host directories to bind-mount read-only (at the same path) for these globs.
-    A base that a non-root user could swap for a symlink is refused."""
+    """Host directories to bind-mount read-only (at the same path) for these globs, each
+    one a run's identity (`judge`) can open. A base that a non-root user could swap for
+    a symlink is refused."""
     dirs = set()
     for glob in globs:
         resolved = resolved_glob(glob, settings)
@@ -142,11 +148,11 @@ def mount_sources(globs: Iterable[str], settings: Settings,
         if problem:
             raise PermissionDenied(f"allowed directory {base} {problem}", path=base)
         try:
-            os.close(open_path(base, (RUN_UID, RUN_GID)))
-        except (UnsafePath, FileNotFoundError) as exc:
-            reason = exc.reason if isinstance(exc, UnsafePath) else "does not exist"
-            raise PermissionDenied(f"allowed directory {base}: {reason} (the plugin's user); "
-                                   "a run reads only what its user could", path=base) from None
+            os.close(open_as(base, judge.uid, judge.gid, directory=True))
+        except Refusal as exc:
+            raise PermissionDenied(f"allowed directory {base}: {_refused(exc)} for the runs' "
+                                   f"identity (group {judge.gid}); a run reads only what the "
+                                   "kernel lets it", path=base) from None
         weak = swappable_by(base)
         if weak:
             raise PermissionDenied(f"allowed directory {base} could be swapped by a non-root "
@@ -157,23 +163,33 @@ def mount_sources(globs: Iterable[str], settings: Settings,
     return sorted(d for d in dirs if not any(d != o and d.startswith(o + "/") for o in dirs))
 
 
+def _refused(exc: Refusal) -> str:
+    if exc.missing:
+        return "does not exist"
+    if exc.denied:
+        return "permission denied"
+    if exc.linked:
+        return "a symlink (or a file where a directory was due) is on the way"
+    return exc.args[0] if exc.args else "cannot be opened"
+
+
 @dataclass
 class PayloadFile:
-    """A checked payload path: its resolved name and, when it exists, an O_PATH descriptor
-    of exactly the object that was checked."""
+    """A checked payload path: its resolved name and, when it exists, a read-only
+    descriptor of exactly the object a run's identity opened."""
 
     path: str
     requested: str
     handle: int | None = None
     size: int = 0
 
-    def stage(self, directory: Path) -> str | None:
-        """Copies the checked object into a private per-run file; returns its host path."""
+    def stage(self, directory: Path, user: RunUser) -> str | None:
+        """Copies the checked object into a per-run file that `user` alone may read;
+        returns its host path."""
         if self.handle is None:
             return None
         target = directory / "payload"
-        with fd(reopen_for_reading(self.handle)) as readable:
-            copy_fd(readable, str(target), self.size)
+        copy_fd(self.handle, str(target), self.size, (user.uid, user.gid))
         return str(target)
 
     def close(self) -> None:
@@ -183,12 +199,13 @@ class PayloadFile:
 
 
 def open_payload_path(payload: dict[str, Any], globs: Iterable[str], settings: Settings,
-                      extra_forbidden: Iterable[str] = ()) -> PayloadFile | None:
-    """Resolves `payload.path`, checks it against the globs and roots, and opens it.
+                      judge: RunUser, extra_forbidden: Iterable[str] = ()) -> PayloadFile | None:
+    """Resolves `payload.path`, checks it against the globs and roots, and opens it as
+    `judge` (a run's identity), refusing it by its size before a byte is read.
 
-    Raises PermissionDenied naming the path. A missing path is allowed (the run sees
-    ENOENT); a directory, a hardlinked or special file, or a path that changes while it
-    is checked is refused."""
+    Raises PermissionDenied naming the path the event gave. A missing path is allowed (the
+    run sees ENOENT); a directory, a hardlinked or special file, a path the kernel does not
+    let the run's identity open, or one that changes while it is checked is refused."""
     path = payload.get("path")
     if path is None:
         return None
@@ -205,16 +222,16 @@ def open_payload_path(payload: dict[str, Any], globs: Iterable[str], settings: S
                                path=path) from None
     _check_allowed(path, real, globs, settings, extra_forbidden)
     try:
-        handle = open_path(real, (RUN_UID, RUN_GID))
-    except FileNotFoundError:
-        return PayloadFile(real, path)
-    except UnsafePath as exc:
-        if "by uid" in exc.reason:  # the plugin's user could not read it on the host
-            raise PermissionDenied(f"payload.path {path!r}: {exc.path} {exc.reason} (the "
-                                   "plugin's user); a run reads only what its user could",
-                                   path=path) from None
-        raise PermissionDenied(f"payload.path {path!r} changed while it was checked "
-                               f"({exc.reason}); refused", path=path) from None
+        handle = open_as(real, judge.uid, judge.gid)
+    except Refusal as exc:
+        if exc.missing:
+            return PayloadFile(real, path)
+        if exc.denied:
+            raise PermissionDenied(f"payload.path {path!r}: permission denied for the runs' "
+                                   f"identity (group {judge.gid}); a run reads only what the "
+                                   "kernel lets it", path=path) from None
+        raise PermissionDenied(f"payload.path {path!r} changed while it was checked or is "
+                               "not a plain file; refused", path=path) from None
     checked = PayloadFile(real, path, handle)
     try:
         checked.size = _checked_size(path, os.fstat(handle), settings)
@@ -230,9 +247,8 @@ def _check_allowed(path: str, real: str, globs: Iterable[str], settings: Setting
     allowed = [g for g in (resolved_glob(g, settings) for g in globs) if g]
     problem = path_problem(real, settings, extra_forbidden)
     if problem or not any(glob_matches(real, g) for g in allowed):
-        raise PermissionDenied(f"payload.path {path!r} (resolves to {real!r}) is outside the "
-                               "plugin's allowed paths", path=path, resolved=real,
-                               allowed=globs, problem=problem)
+        raise PermissionDenied(f"payload.path {path!r} is outside the plugin's allowed "
+                               "paths", path=path, allowed=globs)
 
 
 def _checked_size(path: str, st: os.stat_result, settings: Settings) -> int:
@@ -245,5 +261,6 @@ def _checked_size(path: str, st: os.stat_result, settings: Settings) -> int:
         raise PermissionDenied(f"payload.path {path!r} is a hardlinked file; refused", path=path)
     if st.st_size > settings.max_payload_bytes:
         raise PermissionDenied(f"payload.path {path!r} is {st.st_size} bytes, over the limit "
-                               f"of {settings.max_payload_bytes}", path=path)
+                               f"of {settings.max_payload_bytes} (TITAN_MAX_PAYLOAD_BYTES)",
+                               path=path)
     return st.st_size

@@ -110,6 +110,14 @@ def balloon():
         hoard.append(bytearray(8 * 1024 * 1024))
 
 
+def linger():
+    """Holds a secret in its environment and /tmp for a while, then says who it was."""
+    with open("/tmp/secret.txt", "w") as fh:
+        fh.write("RUN-SECRET")
+    time.sleep(float(ARGS.get("seconds", 3)))
+    report(uid=os.getuid(), gid=os.getgid())
+
+
 def kill_self():
     """Dies of SIGKILL with no memory pressure at all: not an OOM kill."""
     os.kill(os.getpid(), signal.SIGKILL)
@@ -236,5 +244,5 @@ def bad_output():
 ATTACKS = {f.__name__: f for f in (fork_bomb, cpu_spin, giant_line, binary_flood, stderr_flood,
                                    binary_small, fill_tmp, fill_shm, many_files, tmp_listing,
                                    open_files, huge_file, network, host, read_paths, event_size,
-                                   bad_output, marker, balloon, kill_self)}
+                                   bad_output, marker, balloon, kill_self, linger)}
 ATTACKS[ARGS["attack"]]()
