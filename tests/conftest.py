@@ -36,6 +36,7 @@ from manager.core.config import ROOT, Settings
 from manager.core.contract import make_celery
 from manager.plugins.registry import Registry
 from manager.service import api_server
+from workers.identity import Identities
 
 pytest_plugins = ("lanes",)  # the hostile plugin's lanes, for every file that attacks
 TEST_PLUGINS = Path(__file__).parent / "plugins"
@@ -81,6 +82,9 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     before = session.config.stash.get(HOST_BEFORE, None)
     if before is None:
         return
+    # Run uids leased by workers the tests SIGKILLed on purpose: here /proc shows every
+    # process of the host, so nothing runs as them once their owner is gone.
+    Identities(Settings.from_env()).reclaim(older_than_s=0)
 
     def unchanged() -> bool:
         return not before.changes(HostState.read(os.environ[MARK]))

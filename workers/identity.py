@@ -151,13 +151,16 @@ class Identities:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.directory / str(uid))
 
-    def reclaim(self) -> list[int]:
-        """Takes back the uids of dead owners that no process runs as any more."""
+    def reclaim(self, older_than_s: float | None = None) -> list[int]:
+        """Takes back the uids of dead owners that no process runs as any more, once
+        their lease is older than any run (`older_than_s`, by default: the process table
+        may not show every container's processes, as inside a compose worker)."""
         try:
             names = os.listdir(self.directory)
         except FileNotFoundError:
             return []
-        candidates = [int(n) for n in names if n.isdigit() and self._owner_gone(int(n))]
+        age = self.max_age_s if older_than_s is None else older_than_s
+        candidates = [int(n) for n in names if n.isdigit() and self._owner_gone(int(n), age)]
         if not candidates:
             return []
         taken_back = []
@@ -166,14 +169,14 @@ class Identities:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one reclaimer at a time, host-wide
             in_use = uids_in_use()
             for uid in candidates:
-                if uid not in in_use and self._owner_gone(uid):
+                if uid not in in_use and self._owner_gone(uid, age):
                     self._release(uid)
                     taken_back.append(uid)
         finally:
             os.close(lock)
         return taken_back
 
-    def _owner_gone(self, uid: int) -> bool:
+    def _owner_gone(self, uid: int, older_than_s: float) -> bool:
         path = self.directory / str(uid)
         try:
             text = path.read_text()
@@ -182,7 +185,7 @@ class Identities:
             return False
         pid, start = [*text.split(), "", ""][:2]
         alive = pid.isdigit() and pid_alive(int(pid)) and started(int(pid)) == start
-        return not alive and age > self.max_age_s
+        return not alive and age > older_than_s
 
 
 def account_files(directory: Path, user: RunUser) -> dict[str, str]:
