@@ -50,6 +50,7 @@ from harness import (  # noqa: E402
     new_id,
     private_settings,
     session_dir,
+    wired,
 )
 from manager.api.app import create_app  # noqa: E402
 from manager.bus.dispatch import Dispatcher  # noqa: E402
@@ -59,9 +60,9 @@ from manager.plugins.manifest import load_manifest  # noqa: E402
 from manager.plugins.registry import Registry  # noqa: E402
 from manager.service import api_server  # noqa: E402
 from workers import options  # noqa: E402
-from workers.execute import write_event  # noqa: E402
-from workers.identity import Identities, account_files  # noqa: E402
-from workers.sandbox import Sandbox  # noqa: E402
+from workers.engine import Engine  # noqa: E402
+from workers.files import account_files, write_event  # noqa: E402
+from workers.identity import Identities  # noqa: E402
 from workers.spec import PoolConfig, RunSpec  # noqa: E402
 
 PLUGIN_DIR = ROOT / "bench" / "plugins"
@@ -97,7 +98,7 @@ class Bare:
         spec = RunSpec(config, "bench", "{}")
         spec = replace(spec, event_file=str(write_event(directory, spec, self.user)),
                        user=self.user, accounts=account_files(directory, self.user))
-        self.options = options.cold(spec, settings, Sandbox(settings, client).base_labels)
+        self.options = options.cold(spec, settings, Engine(settings, client).base_labels)
         self.options.pop("log_config")  # a plain `docker run` keeps the default log driver
         self.client = client
 
@@ -235,16 +236,16 @@ def main() -> int:
     run_dir = Path(tempfile.mkdtemp(prefix="titan-bench-"))
     settings = private_settings(server.url, PLUGIN_DIR, run_dir)
     conn = counted_client(settings.redis_url)  # its round trips are not the product's
-    Registry(conn, settings).reload()
+    Registry(wired(conn, settings)).reload()
     workers = [WorkerProcess(settings, f"bench{i}", concurrency=1) for i in (1, 2)]
-    listener = Listener(redis.Redis.from_url(settings.redis_url), settings,
-                        Registry(redis.Redis.from_url(settings.redis_url), settings),
-                        Dispatcher(conn, settings, make_celery(settings)))
+    listener = Listener(wired(redis.Redis.from_url(settings.redis_url), settings),
+                        Registry(wired(redis.Redis.from_url(settings.redis_url), settings)),
+                        Dispatcher(wired(conn, settings), make_celery(settings)))
     thread = threading.Thread(target=listener.run, daemon=True)
     client = docker.from_env()
     args.api_socket = str(run_dir / "api.sock")
-    api = api_server(create_app(settings, conn, Registry(conn, settings),
-                                Dispatcher(conn, settings, make_celery(settings))),
+    api = api_server(create_app(wired(conn, settings), Registry(wired(conn, settings)),
+                                Dispatcher(wired(conn, settings), make_celery(settings))),
                      settings, args.api_socket)
     threading.Thread(target=api.run, daemon=True).start()
     try:

@@ -14,8 +14,7 @@ from pathlib import Path
 import docker
 import redis
 
-from harness import SYSTEM_PYTHON, Bus, new_id
-from manager.core.record_store import RecordStore
+from harness import SYSTEM_PYTHON, Bus, new_id, wired
 
 ROOT = Path(__file__).resolve().parent.parent
 HOG_S = 3.0
@@ -63,7 +62,7 @@ def round_trips(conn: redis.Redis, runs: int, one_run: Callable[[], object],
 def fairness(bus: Bus) -> tuple[float, float]:
     """12 runs of a slow plugin queued on the two workers, then one event for another
     plugin: (its queue wait, one slow run's length), from their records."""
-    records = RecordStore(bus.conn, bus.settings)
+    records = wired(bus.conn, bus.settings).records
     hogs = [new_id("hog") for _ in range(12)]
     for event_id in hogs:
         bus.publish({"event_id": event_id, "topic": "bench.v1", "event_type": "hog",
@@ -83,7 +82,7 @@ def fairness(bus: Bus) -> tuple[float, float]:
 def hit_rate(bus: Bus, runs: int) -> dict[str, float]:
     """The share of the measured runs of each prewarmed plugin that found a prewarmed
     container (titan_prewarm_hits_total over hits + misses), from their records."""
-    records = RecordStore(bus.conn, bus.settings)
+    records = wired(bus.conn, bus.settings).records
     rates = {}
     for plugin in ("noop", "noop_gvisor"):
         recent = [r for r in records.for_plugin(plugin, runs) if r.warm is not None]

@@ -30,6 +30,7 @@ from harness import (  # noqa: E402
     WorkerProcess,
     private_settings,
     session_dir,
+    wired,
 )
 from manager.bus.dispatch import Dispatcher  # noqa: E402
 from manager.bus.listener import Listener  # noqa: E402
@@ -88,13 +89,14 @@ def main() -> int:
         server = RedisServer(persist=True)
         settings = private_settings(server.url, PLUGINS, run_dir, **soak)
     conn = redis_client(settings)
-    Registry(conn, settings).reload()
+    Registry(wired(conn, settings)).reload()
     listener_conn = redis_client(settings)
-    dispatcher = Dispatcher(conn, settings, make_celery(settings))
-    listener = Listener(listener_conn, settings, Registry(listener_conn, settings), dispatcher,
-                        housekeeping=Sweeper(listener_conn, settings, dispatcher).maybe_sweep)
+    dispatcher = Dispatcher(wired(conn, settings), make_celery(settings))
+    listening = wired(listener_conn, settings)
+    listener = Listener(listening, Registry(listening), dispatcher,
+                        housekeeping=Sweeper(listening, dispatcher).maybe_sweep)
     workers = [WorkerProcess(settings, f"soak{i}", concurrency=1) for i in (1, 2)]
-    store = RecordStore(conn, settings)
+    store = wired(conn, settings).records
     expected = {(f"soak-{n}", p) for n in range(args.events)
                 for p in MATCHES["x" if n % 2 else "y"]}
     try:

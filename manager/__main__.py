@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from manager.core.config import current
+from manager.core.config import Settings
 from manager.core.errors import TitanError
 from manager.service import Manager
 
@@ -18,9 +18,11 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        manager = Manager(current())
+        manager = Manager(Settings.from_env())
     except TitanError as exc:
         parser.exit(2, f"error: {exc.message}\n")
+    except ValueError as exc:  # a setting (TITAN_*) with a value it cannot have
+        parser.exit(2, f"error: {exc}\n")
     manager.serve(watch=args.watch)
 
 

@@ -20,10 +20,10 @@ from manager.bus.dispatch import Dispatcher
 from manager.bus.listener import Listener
 from manager.bus.sweeper import Sweeper
 from manager.core import metrics
-from manager.core.clients import redis_client
 from manager.core.config import Settings
 from manager.core.contract import make_celery
 from manager.core.errors import TitanError
+from manager.core.wiring import Wiring
 from manager.plugins.janitor import CacheJanitor
 from manager.plugins.loader import PluginStatus
 from manager.plugins.registry import Registry
@@ -83,19 +83,19 @@ class Manager:
             raise TitanError("TITAN_API_TOKEN is not set: the API never runs without a key "
                              "(make up generates one into run/api.token)")
         self.settings = settings
-        self.conn = redis_client(settings)
-        self.registry = Registry(self.conn, settings)
-        self.dispatcher = Dispatcher(self.conn, settings, make_celery(settings))
-        listener_conn = redis_client(settings)
-        self.sweeper = Sweeper(listener_conn, settings, self.dispatcher)
+        self.wiring = Wiring.connect(settings)  # the API's
+        listening = Wiring.connect(settings)  # the listener's blocking reads, the sweeper
+        self.conn = self.wiring.conn
+        self.registry = Registry(self.wiring)
+        self.dispatcher = Dispatcher(self.wiring, make_celery(settings))
+        self.sweeper = Sweeper(listening, self.dispatcher)
         self.janitor = CacheJanitor(settings)
-        self.listener = Listener(listener_conn, settings, Registry(listener_conn, settings),
-                                 self.dispatcher, housekeeping=self.housekeeping)
+        self.listener = Listener(listening, Registry(listening), self.dispatcher,
+                                 housekeeping=self.housekeeping)
         self.resettle = SettleRetry(self._safe_reload)
-        self.app = create_app(settings, self.conn, self.registry, self.dispatcher,
+        self.app = create_app(self.wiring, self.registry, self.dispatcher,
                               on_reload=self.reloaded)
         self.server: Any = None
-
 
     def housekeeping(self) -> None:
         """On the listener's housekeeping tick: abandoned runs, then this host's cache."""

@@ -28,6 +28,7 @@ from harness import (
     private_settings,
     session_dir,
     wait_until,
+    wired,
 )
 from manager.api.app import create_app
 from manager.bus.dispatch import Dispatcher
@@ -205,14 +206,14 @@ def docker_client() -> docker.DockerClient:
 
 @pytest.fixture(scope="session")
 def registry(conn: redis.Redis, settings: Settings) -> Registry:
-    reg = Registry(conn, settings)
+    reg = Registry(wired(conn, settings))
     reg.reload()
     return reg
 
 
 @pytest.fixture(scope="session")
 def dispatcher(conn: redis.Redis, settings: Settings) -> Dispatcher:
-    return Dispatcher(conn, settings, make_celery(settings))
+    return Dispatcher(wired(conn, settings), make_celery(settings))
 
 
 @pytest.fixture(scope="session")
@@ -232,8 +233,8 @@ def worker(settings: Settings, conn: redis.Redis, registry: Registry,
 @pytest.fixture(scope="session")
 def listener(conn: redis.Redis, settings: Settings, registry: Registry,
              dispatcher: Dispatcher) -> Iterator[Listener]:
-    lst = Listener(redis.Redis.from_url(settings.redis_url), settings,
-                   Registry(redis.Redis.from_url(settings.redis_url), settings), dispatcher)
+    lst = Listener(wired(redis.Redis.from_url(settings.redis_url), settings),
+                   Registry(wired(redis.Redis.from_url(settings.redis_url), settings)), dispatcher)
     thread = threading.Thread(target=lst.run, daemon=True)
     thread.start()
     yield lst
@@ -253,7 +254,7 @@ def bus(conn: redis.Redis, settings: Settings) -> Bus:
 
 @pytest.fixture(scope="session")
 def app(settings: Settings, conn: redis.Redis, registry: Registry, dispatcher: Dispatcher):
-    return create_app(settings, conn, registry, dispatcher)
+    return create_app(wired(conn, settings), registry, dispatcher)
 
 
 @pytest.fixture

@@ -22,14 +22,13 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable
-from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
 import redis
 
 from manager.core.config import ROOT, Settings
-from manager.core.record_store import RecordStore
+from manager.core.wiring import Wiring
 
 WORKER_START_S = 60
 SESSION_DIR = "TITANTEST_DIR"  # set by tests/conftest.py: removed when the session ends
@@ -93,10 +92,7 @@ def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
 def broker_drained(conn: redis.Redis, settings: Settings) -> bool:
     """No task message is left: none queued, none delivered and unacknowledged (a late
     duplicate could only come from one of those)."""
-    from manager.core.keys import Keys
-
-    return not conn.llen(settings.task_queue) and not conn.hlen(
-        Keys(settings.key_prefix).unacked)
+    return not conn.llen(settings.task_queue) and not conn.hlen(settings.keys.unacked)
 
 
 def new_id(prefix: str = "t") -> str:
@@ -161,16 +157,19 @@ class SocketProxy:
         self.target = target
         self.server: socket.socket | None = None
         self.conns: list[socket.socket] = []
+        self.lock = threading.Lock()  # a cut and a connection being set up never overlap
 
     def start(self) -> None:
         if self.family == socket.AF_UNIX:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.listen_at)
-        self.server = socket.socket(self.family)
-        self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.server.bind(self.listen_at)
-        self.server.listen(64)
-        threading.Thread(target=self._accept, args=(self.server,), daemon=True).start()
+        server = socket.socket(self.family)
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(self.listen_at)
+        server.listen(64)
+        with self.lock:
+            self.server = server
+        threading.Thread(target=self._accept, args=(server,), daemon=True).start()
 
     def _accept(self, server: socket.socket) -> None:
         while True:
@@ -184,7 +183,12 @@ class SocketProxy:
             except OSError:
                 client.close()
                 continue
-            self.conns += [client, upstream]
+            with self.lock:
+                if self.server is not server:  # cut while this one was being set up
+                    client.close()
+                    upstream.close()
+                    return
+                self.conns += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
@@ -200,19 +204,21 @@ class SocketProxy:
                 dst.shutdown(socket.SHUT_WR)
 
     def stop(self) -> None:
-        """The server 'goes down': no new connections, and open ones are cut."""
-        if self.server is not None:
-            self.server.close()
-            self.server = None
+        """The server 'goes down': no new connections, and open ones are cut (one being
+        set up at this moment too)."""
+        with self.lock:
+            server, self.server = self.server, None
+            conns, self.conns = self.conns, []
+        if server is not None:
+            server.close()
         if self.family == socket.AF_UNIX:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.listen_at)
-        for c in self.conns:
+        for c in conns:
             with contextlib.suppress(OSError):
                 c.shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(OSError):
                 c.close()
-        self.conns.clear()
 
 
 class DockerProxy(SocketProxy):
@@ -252,11 +258,11 @@ def run_cli(api_url: str, *args: str, stdin: str | None = None, timeout: float =
 def records_of(conn: redis.Redis, settings: Settings, plugin: str,
                limit: int = 200) -> list[dict[str, Any]]:
     """A plugin's recent records, as the API shows them."""
-    return [r.public() for r in RecordStore(conn, settings).for_plugin(plugin, limit)]
+    return [r.public() for r in wired(conn, settings).records.for_plugin(plugin, limit)]
 
 
 def record_of(conn: redis.Redis, settings: Settings, invocation_id: str) -> dict[str, Any]:
-    record = RecordStore(conn, settings).get(invocation_id)
+    record = wired(conn, settings).records.get(invocation_id)
     return record.public() if record else {}
 
 
@@ -272,6 +278,11 @@ def private_settings(redis_url: str, plugins_dir: Path, run_dir: Path, **extra: 
         worker_name=f"testhost-{uid}", api_token="", **extra)
 
 
+def wired(conn: redis.Redis, settings: Settings) -> Wiring:
+    """A process's wiring (manager.core.wiring) over the test's connection."""
+    return Wiring.connect(settings, conn)
+
+
 def isolated(settings: Settings, conn: redis.Redis, **changes: Any) -> tuple[Settings, Any]:
     """The session's Redis with keys, stream and queue of this test's own (a sweeper or a
     runner must see only this test's runs), and its registry, loaded."""
@@ -281,7 +292,7 @@ def isolated(settings: Settings, conn: redis.Redis, **changes: Any) -> tuple[Set
     mine = settings.with_(key_prefix=f"{settings.key_prefix}x{uid}",
                           event_stream=f"{settings.event_stream}.{uid}",
                           task_queue=f"{settings.task_queue}.{uid}", **changes)
-    registry = Registry(conn, mine)
+    registry = Registry(wired(conn, mine))
     registry.reload()
     return mine, registry
 
@@ -302,10 +313,10 @@ def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
         # what a process SIGKILLed by a test cannot clean up goes with the session
         "TMPDIR": str(mkdirs_private(session_dir() / "tmp")),
     })
-    for f in dataclass_fields(Settings):
-        value = getattr(settings, f.name)
+    for name in Settings.model_fields:
+        value = getattr(settings, name)
         if isinstance(value, int | float) and not isinstance(value, bool):
-            env[f"TITAN_{f.name.upper()}"] = str(value)
+            env[f"TITAN_{name.upper()}"] = str(value)
     env.update(extra)
     return env
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import redis
 
-from harness import Bus, WorkerProcess, new_id, records_of, wait_until
+from harness import Bus, WorkerProcess, new_id, records_of, wait_until, wired
 from manager.bus.dispatch import Dispatcher
 from manager.bus.listener import Listener
 from manager.core.config import Settings
@@ -52,8 +52,8 @@ def lane(request, conn, settings, worker, listener) -> Iterator[Lane]:
                           isolation="gvisor" if name.startswith("gvisor") else "container")
     lane_worker = WorkerProcess(mine, name, concurrency=2, TITAN_ISOLATION=mine.isolation)
     listener_conn = redis.Redis.from_url(mine.redis_url)
-    lane_listener = Listener(listener_conn, mine, Registry(listener_conn, mine),
-                             Dispatcher(conn, mine, make_celery(mine)))
+    lane_listener = Listener(wired(listener_conn, mine), Registry(wired(listener_conn, mine)),
+                             Dispatcher(wired(conn, mine), make_celery(mine)))
     thread = threading.Thread(target=lane_listener.run, daemon=True)
     try:
         lane_worker.wait_ready(conn)

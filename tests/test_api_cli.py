@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from harness import Bus, new_id, run_cli
+from harness import Bus, new_id, run_cli, wired
 from manager.api.app import create_app
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("stack")]
@@ -77,7 +77,7 @@ def test_bad_requests_get_json_errors_naming_the_problem(client) -> None:
 
 
 def test_token_protects_everything_but_health(settings, conn, registry, dispatcher) -> None:
-    app = create_app(settings.with_(api_token="s3cret"), conn, registry, dispatcher)
+    app = create_app(wired(conn, settings.with_(api_token="s3cret")), registry, dispatcher)
     client = app.test_client()
     assert client.get("/plugins").status_code == 401
     assert client.get("/plugins", headers={"Authorization": "Bearer wrong"}).status_code == 401

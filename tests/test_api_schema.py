@@ -14,7 +14,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from harness import WorkerProcess
+from harness import WorkerProcess, wired
 from manager.api.app import create_app
 from manager.bus.dispatch import Dispatcher
 from manager.core.contract import make_celery
@@ -33,12 +33,13 @@ def private_app(conn, settings, tmp_path_factory) -> Iterator[object]:
                           event_stream=f"{settings.event_stream}.s{uid}",
                           dead_stream=f"{settings.dead_stream}.s{uid}",
                           task_queue=f"{settings.task_queue}.s{uid}", api_token=TOKEN)
-    registry = Registry(conn, mine)
+    registry = Registry(wired(conn, mine))
     registry.reload()
     worker = WorkerProcess(mine, "schema", concurrency=1)
     try:
         worker.wait_ready(conn)
-        yield create_app(mine, conn, registry, Dispatcher(conn, mine, make_celery(mine)))
+        yield create_app(wired(conn, mine), registry,
+                         Dispatcher(wired(conn, mine), make_celery(mine)))
     finally:
         worker.stop()
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import WorkerProcess, new_id, record_of, wait_until
+from harness import WorkerProcess, new_id, record_of, wait_until, wired
 from manager.api.app import create_app
 from manager.bus.dispatch import Dispatcher
 from manager.core.config import ROOT
@@ -157,7 +157,7 @@ def test_an_absent_image_is_a_load_warning_and_a_fast_clear_failure(settings, co
     worker = WorkerProcess(mine, "images", concurrency=1)
     try:
         worker.wait_ready(conn)
-        registry = Registry(conn, mine)
+        registry = Registry(wired(conn, mine))
         wait_until(lambda: registry.worker_engines().images, 30, "the worker to report its images")
         answer = registry.reload()
         assert [a["name"] for a in answer["added"]] == ["slim"]  # still loads: hosts differ
@@ -166,7 +166,7 @@ def test_an_absent_image_is_a_load_warning_and_a_fast_clear_failure(settings, co
         assert "titan-runtime:py3.11" in warned["warnings"][0]
         assert registry.get("slim").warnings == tuple(warned["warnings"])
         t0 = time.monotonic()
-        inv, _ = Dispatcher(conn, mine, make_celery(mine)).dispatch(
+        inv, _ = Dispatcher(wired(conn, mine), make_celery(mine)).dispatch(
             Event(new_id(), "author.v1", "slim"), registry.get("slim"), "api")
         done = wait_until(lambda: (r := record_of(conn, mine, inv))["status"] not in (
             "pending", "queued", "running", "retrying") and r, 60, "the run to fail")
@@ -198,7 +198,7 @@ def test_test_plugin_manager_checks_discovery(settings, tmp_path) -> None:
 
 def test_docs_load_without_the_token_while_the_api_needs_it(settings, conn, registry,
                                                             dispatcher) -> None:
-    client = create_app(settings.with_(api_token="s3cret"), conn, registry,
+    client = create_app(wired(conn, settings.with_(api_token="s3cret")), registry,
                         dispatcher).test_client()
     for path in ("/docs", "/openapi.json", "/docs/static/swagger-ui-bundle.js", "/health"):
         assert client.get(path).status_code in (200, 503), path

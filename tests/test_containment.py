@@ -28,6 +28,7 @@ from harness import (
     private_settings,
     records_of,
     wait_until,
+    wired,
 )
 from manager.api.app import create_app
 from manager.bus.dispatch import Dispatcher
@@ -224,7 +225,7 @@ def test_crafted_bundles_write_nothing_outside_the_cache(settings, conn, tmp_pat
         "a directory, then a file of the same name": [_member("a", tarfile.DIRTYPE),
                                                       _member("a")],
     }
-    cache = PluginCache(Registry(conn, settings), settings)
+    cache = PluginCache(Registry(wired(conn, settings)), settings)
     for what, members in crafted.items():
         digest, bundle = _tar(members)
         conn.set(f"{settings.key_prefix}:bundle:{digest}", bundle)
@@ -267,10 +268,10 @@ def test_adopting_an_installed_tree_never_follows_symlinks(tmp_path) -> None:
 def budget_stack(redis_url, plugins_dir, files_dir, tmp_path, conn) -> Iterator[dict]:
     mine = private_settings(redis_url, plugins_dir, tmp_path, fanout_budget=10,
                             allowed_roots=(files_dir,))
-    registry = Registry(conn, mine)
+    registry = Registry(wired(conn, mine))
     registry.reload()
-    listener = Listener(redis.Redis.from_url(redis_url), mine, registry,
-                        Dispatcher(conn, mine, make_celery(mine)))
+    listener = Listener(wired(redis.Redis.from_url(redis_url), mine), registry,
+                        Dispatcher(wired(conn, mine), make_celery(mine)))
     worker = WorkerProcess(mine, "budget", concurrency=2)
     thread = threading.Thread(target=listener.run, daemon=True)
     try:
@@ -307,10 +308,10 @@ def test_a_redelivered_entry_is_charged_once(redis_url, plugins_dir, tmp_path, c
     """A stream entry handled again (reclaimed after a crash, or delivered again) is not
     charged again, so it is never dead-lettered as over budget after its plugin ran."""
     mine = private_settings(redis_url, plugins_dir, tmp_path, fanout_budget=1)
-    registry = Registry(conn, mine)
+    registry = Registry(wired(conn, mine))
     registry.reload()
-    listener = Listener(redis.Redis.from_url(redis_url), mine, registry,
-                        Dispatcher(conn, mine, make_celery(mine)))  # no worker: runs wait
+    listener = Listener(wired(redis.Redis.from_url(redis_url), mine), registry,
+                        Dispatcher(wired(conn, mine), make_celery(mine)))  # no worker: runs wait
     ensure_group(conn, mine)
     event_id = new_id("again")
     entry = Bus(conn, mine).publish({"event_id": event_id, "topic": "test.v1",
@@ -338,7 +339,7 @@ def test_the_worker_applies_the_registrys_limits_clamped_to_its_maxima(
         f.path, f.data.replace(b'memory: "96Mi"', b'memory: "2Gi"'), False) for f in files]
     digest, bundle = build_bundle(greedy)
     conn.set(f"{settings.key_prefix}:bundle:{digest}", bundle)
-    dispatcher = Dispatcher(conn, mine, make_celery(mine))
+    dispatcher = Dispatcher(wired(conn, mine), make_celery(mine))
     bus = Bus(conn, settings)
     try:
         worker.wait_ready(conn)
@@ -367,7 +368,7 @@ def _record(request: RunRequest):
 
 def test_external_producers_cannot_pose_as_plugins(settings, conn, registry, dispatcher,
                                                    bus) -> None:
-    client = create_app(settings, conn, registry, dispatcher).test_client()
+    client = create_app(wired(conn, settings), registry, dispatcher).test_client()
     forged = {"event_id": new_id(), "topic": "fs.v1", "event_type": "file_created",
               "source": "plugin:file_watcher@1.0.0", "causation_id": "made-up", "hops": 3}
     for url in ("/events", "/plugins/echo/trigger"):

@@ -28,6 +28,7 @@ from harness import (
     record_of,
     records_of,
     wait_until,
+    wired,
 )
 from manager.api.app import create_app
 from manager.bus.dispatch import Dispatcher
@@ -35,7 +36,6 @@ from manager.bus.listener import Listener, ensure_group
 from manager.core.config import Settings
 from manager.core.contract import make_celery
 from manager.core.events import Event
-from manager.core.record_store import RecordStore
 from manager.core.records import InvocationRecord, Status
 from manager.plugins.registry import Registry
 
@@ -50,7 +50,7 @@ def own(settings: Settings, **changes) -> Settings:
 def dispatch(conn, settings: Settings, registry, plugin: str, topic: str, event_type: str,
              **payload) -> tuple[str, str]:
     event = Event(new_id(), topic, event_type, payload)
-    invocation_id, _ = Dispatcher(conn, settings, make_celery(settings)).dispatch(
+    invocation_id, _ = Dispatcher(wired(conn, settings), make_celery(settings)).dispatch(
         event, registry.get(plugin), "api")
     return invocation_id, event.event_id
 
@@ -123,7 +123,7 @@ def test_pending_entries_of_a_dead_listener_are_reclaimed_without_duplicates(
     read = conn.xreadgroup(mine.consumer_group, "dead-listener", {mine.event_stream: ">"})
     assert len(read[0][1]) == 2
     dispatcher.dispatch(Event.from_dict(crashed_after), registry.get("echo"))
-    rescuer = Listener(conn, mine, registry, dispatcher, "rescuer")
+    rescuer = Listener(wired(conn, mine), registry, dispatcher, "rescuer")
     assert rescuer.reclaim() == 2
     rescuer.flush()  # its acknowledgements would ride with its next read
     assert conn.xpending(mine.event_stream, mine.consumer_group)["pending"] == 0
@@ -232,14 +232,14 @@ def test_redis_restart_is_survived_by_listener_workers_and_api(plugins_dir: Path
     server = RedisServer(persist=True)
     mine = private_settings(server.url, plugins_dir, tmp_path)
     conn = redis.Redis.from_url(mine.redis_url)
-    registry = Registry(conn, mine)
+    registry = Registry(wired(conn, mine))
     registry.reload()
-    dispatcher = Dispatcher(conn, mine, make_celery(mine))
-    listener = Listener(redis.Redis.from_url(mine.redis_url), mine,
-                        Registry(redis.Redis.from_url(mine.redis_url), mine), dispatcher)
+    dispatcher = Dispatcher(wired(conn, mine), make_celery(mine))
+    listener = Listener(wired(redis.Redis.from_url(mine.redis_url), mine),
+                        Registry(wired(redis.Redis.from_url(mine.redis_url), mine)), dispatcher)
     thread = threading.Thread(target=listener.run, daemon=True)
     worker = WorkerProcess(mine, "survivor", concurrency=1)
-    client = create_app(mine, conn, registry, dispatcher).test_client()
+    client = create_app(wired(conn, mine), registry, dispatcher).test_client()
     bus = Bus(conn, mine)
     try:
         worker.wait_ready(conn)
@@ -274,11 +274,11 @@ def test_retention_trims_by_age_and_length_and_records_expire(settings, conn) ->
 
     for _ in range(500):
         publish_event(conn, mine, Event(new_id(), "t", "e"))
-    Listener(conn, mine, Registry(conn, mine), None).trim()  # type: ignore[arg-type]
+    Listener(wired(conn, mine), Registry(wired(conn, mine)), None).trim()  # type: ignore[arg-type]
     entries = conn.xrange(mine.event_stream)
     assert all(int(e[0].split(b"-")[0]) > old_ms + 10 for e in entries)
     assert len(entries) <= mine.stream_maxlen + 100  # MAXLEN ~ trims whole nodes
-    store = RecordStore(conn, mine)
+    store = wired(conn, mine).records
     store.create(InvocationRecord("ret-1", "retention_probe", "1.0.0", "sha256:x", "e", "t",
                                   "e", "api", Status.QUEUED, time.time()), time.time() + 60)
     assert store.get("ret-1").status is Status.QUEUED

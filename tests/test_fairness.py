@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import WorkerProcess, new_id, private_settings, record_of, wait_until
+from harness import WorkerProcess, new_id, private_settings, record_of, wait_until, wired
 from manager.bus.dispatch import Dispatcher
 from manager.core.contract import make_celery
 from manager.core.events import Event
@@ -45,13 +45,13 @@ def fair(redis_url: str, conn, tmp_path: Path) -> Iterator[dict]:
         (plugins / name / "main.py").write_text(MAIN)
     (tmp_path / "run").mkdir()
     mine = private_settings(redis_url, plugins, tmp_path / "run", throttle_backoff_max=2)
-    registry = Registry(conn, mine)
+    registry = Registry(wired(conn, mine))
     registry.reload()
     worker = WorkerProcess(mine, f"fair{uuid.uuid4().hex[:6]}", concurrency=SLOTS)
     try:
         worker.wait_ready(conn)
         yield {"settings": mine, "registry": registry,
-               "dispatcher": Dispatcher(conn, mine, make_celery(mine))}
+               "dispatcher": Dispatcher(wired(conn, mine), make_celery(mine))}
     finally:
         worker.stop()
         shutil.rmtree(mine.cache_dir, ignore_errors=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import WorkerProcess, new_id, private_settings, record_of, wait_until
+from harness import WorkerProcess, new_id, private_settings, record_of, wait_until, wired
 from manager.bus.dispatch import Dispatcher
 from manager.core.beats import WorkerBeat
 from manager.core.contract import make_celery
@@ -49,7 +49,7 @@ def plugins(root: Path) -> Path:
 def setup(redis_url: str, conn, tmp_path: Path) -> Iterator[dict]:
     (tmp_path / "run").mkdir()
     mine = private_settings(redis_url, plugins(tmp_path / "plugins"), tmp_path / "run")
-    yield {"settings": mine, "registry": Registry(conn, mine)}
+    yield {"settings": mine, "registry": Registry(wired(conn, mine))}
     shutil.rmtree(mine.cache_dir, ignore_errors=True)
 
 
@@ -72,7 +72,7 @@ def test_a_gvisor_plugin_runs_on_a_user_space_kernel(setup: dict, conn) -> None:
     settings, registry = setup["settings"], setup["registry"]
     registry.reload()
     worker = WorkerProcess(settings, f"gv{uuid.uuid4().hex[:6]}", concurrency=1)
-    dispatcher = Dispatcher(conn, settings, make_celery(settings))
+    dispatcher = Dispatcher(wired(conn, settings), make_celery(settings))
     try:
         worker.wait_ready(conn)
         kernels = {}
@@ -95,7 +95,7 @@ def test_a_gvisor_plugin_runs_on_a_user_space_kernel(setup: dict, conn) -> None:
 def test_an_engine_without_the_runtime_is_named_at_reload_and_fails_the_run_at_once(
         setup: dict, conn) -> None:
     settings = setup["settings"].with_(gvisor_runtime="runsc-absent")
-    registry = Registry(conn, settings)
+    registry = Registry(wired(conn, settings))
     worker = WorkerProcess(settings, f"nogv{uuid.uuid4().hex[:6]}", concurrency=1,
                            TITAN_GVISOR_RUNTIME="runsc-absent")
     try:
@@ -106,7 +106,7 @@ def test_an_engine_without_the_runtime_is_named_at_reload_and_fails_the_run_at_o
         assert "boxed" in warned and "plain" not in warned, changes
         assert "Docker runtime 'runsc-absent', which no live worker's engine has" \
             in warned["boxed"][0]
-        inv, _ = Dispatcher(conn, settings, make_celery(settings)).dispatch(
+        inv, _ = Dispatcher(wired(conn, settings), make_celery(settings)).dispatch(
             Event(new_id(), "gv.v1", "boxed"), registry.get("boxed"), "api")
         record = wait_until(lambda: (r := record_of(conn, settings, inv))
                             and r["status"] not in ("pending", "queued", "running") and r,

@@ -21,6 +21,7 @@ from harness import (
     record_of,
     records_of,
     wait_until,
+    wired,
 )
 from manager.bus.dispatch import Dispatcher
 from manager.bus.listener import Listener, ensure_group
@@ -52,7 +53,7 @@ def test_containers_left_by_an_engine_outage_are_reaped_without_a_restart(
     try:
         worker.wait_ready(conn)
         pid = worker.proc.pid
-        dispatcher = Dispatcher(conn, mine, make_celery(mine))
+        dispatcher = Dispatcher(wired(conn, mine), make_celery(mine))
         invs = [dispatcher.dispatch(Event(new_id("heal"), "test.v1", "ping"),
                                     registry.get("echo"), "api")[0] for _ in range(12)]
         wait_until(lambda: any(record_of(conn, mine, i).get("status") == "running"
@@ -111,13 +112,13 @@ def test_a_poisoned_entry_delays_none_of_its_batch_and_is_dead_lettered(settings
                           task_queue=f"{settings.task_queue}.{uid}", max_deliveries=3,
                           reclaim_idle_ms=0)
     ensure_group(conn, mine)
-    dispatcher = PoisonedDispatcher(conn, mine, make_celery(mine))
+    dispatcher = PoisonedDispatcher(wired(conn, mine), make_celery(mine))
     events = [new_id("batch") for _ in range(10)]
     dispatcher.poison = events[4]
     for event_id in events:
         conn.xadd(mine.event_stream, {"event": json.dumps(
             {"event_id": event_id, "topic": "test.v1", "event_type": "ping"})})
-    listener = Listener(conn, mine, registry, dispatcher, consumer="c1")
+    listener = Listener(wired(conn, mine), registry, dispatcher, consumer="c1")
     assert listener.poll() == 10  # one batch: nine dispatched, the poisoned one pending
     listener.flush()  # the acknowledgements ride with the next read; send them now
     dispatched = {r["event_id"] for r in records_of(conn, mine, "echo", 1000)}
@@ -158,7 +159,7 @@ def test_a_container_stopped_from_outside_is_retried_not_failed(
     mine = settings.with_(task_queue=f"{settings.task_queue}.stop{uid}",
                           instance=f"{settings.instance}-stop{uid}", retry_backoff_max=1)
     worker = WorkerProcess(mine, f"stopped{uid}", concurrency=1)
-    dispatcher = Dispatcher(conn, mine, make_celery(mine))
+    dispatcher = Dispatcher(wired(conn, mine), make_celery(mine))
     entry = registry.get(plugin)
     try:
         worker.wait_ready(conn)
@@ -195,7 +196,7 @@ def test_an_engine_stopped_during_warm_runs_fails_no_run(settings, conn, registr
                           instance=f"{settings.instance}-engine{uid}", sandbox_retries=10,
                           retry_backoff_max=2)
     worker = WorkerProcess(mine, f"engine{uid}", concurrency=2, DOCKER_HOST=engine.url)
-    dispatcher = Dispatcher(conn, mine, make_celery(mine))
+    dispatcher = Dispatcher(wired(conn, mine), make_celery(mine))
     entry = registry.get("sleeper")
     try:
         worker.wait_ready(conn)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import private_settings
+from harness import private_settings, wired
 from manager.api.app import create_app
 from manager.bus.dispatch import Dispatcher
 from manager.core.config import ROOT, Settings
@@ -52,9 +52,9 @@ def env(redis_url: str, tmp_path: Path, conn) -> Iterator[dict]:
     plugins = tmp_path / "plugins"
     plugins.mkdir()
     settings = private_settings(redis_url, plugins, tmp_path / "run")
-    registry = Registry(conn, settings)
-    client = create_app(settings, conn, registry,
-                        Dispatcher(conn, settings, make_celery(settings))).test_client()
+    registry = Registry(wired(conn, settings))
+    client = create_app(wired(conn, settings), registry,
+                        Dispatcher(wired(conn, settings), make_celery(settings))).test_client()
     marker = Path(f"/tmp/titan-pwned-{uuid.uuid4().hex[:8]}")
     yield {"settings": settings, "plugins": plugins, "client": client, "marker": marker,
            "tmp": tmp_path}
@@ -190,7 +190,7 @@ def test_a_worker_applies_the_same_rules_to_a_bundle_it_fetches(env, conn, requi
              TreeFile("requirements.txt", requirements, False)]
     digest, bundle = build_bundle(files)
     conn.set(f"{settings.key_prefix}:bundle:{digest}", bundle)
-    cache = PluginCache(Registry(conn, settings), settings)
+    cache = PluginCache(Registry(wired(conn, settings)), settings)
     with pytest.raises(Exception, match=re.escape(says)) as info:
         cache.deps_dir(cache.code_dir(digest))
     assert not any(line in json.dumps(str(info.value)) for line in secret_lines())

@@ -19,7 +19,7 @@ from manager.core.runs import RunUser
 from manager.plugins.loader import PluginEntry, PluginStatus
 from manager.plugins.manifest import Manifest
 from manager.plugins.permissions import glob_matches, mount_sources, open_payload_path
-from workers.results import OutputError, parse_output
+from workers.classify import OutputError, parse_output
 
 
 def entry(name: str, *triggers: tuple[str, str], status=PluginStatus.LOADED) -> PluginEntry:

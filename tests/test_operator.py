@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from harness import SYSTEM_PYTHON, Bus, new_id, run_cli, wait_until
+from harness import SYSTEM_PYTHON, Bus, new_id, run_cli, wait_until, wired
 from manager.core.config import ROOT
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("stack")]
@@ -270,8 +270,8 @@ def test_a_reload_with_a_rejected_plugin_counts_as_partial(client, settings, con
     (plugins / "typo").mkdir(parents=True)
     (plugins / "typo" / "plugin.yaml").write_text("name: typo\n")
     mine = settings.with_(plugins_dir=plugins, key_prefix=f"{settings.key_prefix}{new_id()}")
-    own = create_app(mine, conn, Registry(conn, mine),
-                     Dispatcher(conn, mine, make_celery(mine))).test_client()
+    own = create_app(wired(conn, mine), Registry(wired(conn, mine)),
+                     Dispatcher(wired(conn, mine), make_celery(mine))).test_client()
     before = count("partial")
     assert own.post("/plugins/reload").json["rejected"][0]["name"] == "typo"
     assert count("partial") == before + 1

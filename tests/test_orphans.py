@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from harness import WorkerProcess, new_id, wait_until
+from harness import WorkerProcess, new_id, wait_until, wired
 from manager.bus.dispatch import Dispatcher
 from manager.core.contract import make_celery
 from manager.core.events import Event
@@ -24,7 +24,7 @@ def test_restarted_worker_reaps_the_orphan_container(settings, conn, registry,
     worker = WorkerProcess(own, "orphans", concurrency=1)
     try:
         worker.wait_ready(conn)
-        dispatcher = Dispatcher(conn, own, make_celery(own))
+        dispatcher = Dispatcher(wired(conn, own), make_celery(own))
         dispatcher.dispatch(Event(new_id(), "test.v1", "slow"), registry.get("slow"), "api")
         (container,) = wait_until(lambda: docker_client.containers.list(filters=labels), 60,
                                   "the plugin's container")
@@ -52,7 +52,7 @@ def test_a_killed_workers_prewarmed_containers_are_reaped(settings, conn, regist
     worker = WorkerProcess(own, "pooled", concurrency=1)
     try:
         worker.wait_ready(conn)
-        Dispatcher(conn, own, make_celery(own)).dispatch(Event(new_id(), "test.v1", "ping"),
+        Dispatcher(wired(conn, own), make_celery(own)).dispatch(Event(new_id(), "test.v1", "ping"),
                                                          registry.get("echo"), "api")
         wait_until(lambda: docker_client.containers.list(sparse=True, filters=pooled), 60,
                    "a prewarmed container waiting for the next run")

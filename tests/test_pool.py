@@ -12,7 +12,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from harness import WorkerProcess, new_id, private_settings, record_of, wait_until
+from harness import WorkerProcess, new_id, private_settings, record_of, wait_until, wired
 from manager.bus.dispatch import Dispatcher
 from manager.core.config import Settings
 from manager.core.contract import make_celery
@@ -42,13 +42,13 @@ def many(redis_url: str, conn, tmp_path: Path) -> Iterator[dict]:
     (tmp_path / "run").mkdir()
     mine: Settings = private_settings(redis_url, plugins, tmp_path / "run", prewarm_max=4,
                                       prewarm_size=1)
-    registry = Registry(conn, mine)
+    registry = Registry(wired(conn, mine))
     registry.reload()
     worker = WorkerProcess(mine, f"pool{uuid.uuid4().hex[:6]}", concurrency=1)
     try:
         worker.wait_ready(conn)
         yield {"settings": mine, "registry": registry, "names": names,
-               "dispatcher": Dispatcher(conn, mine, make_celery(mine))}
+               "dispatcher": Dispatcher(wired(conn, mine), make_celery(mine))}
     finally:
         worker.stop()
         shutil.rmtree(mine.cache_dir, ignore_errors=True)

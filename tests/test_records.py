@@ -12,12 +12,14 @@ from dataclasses import fields
 
 import pytest
 
+from harness import wired
 from manager.core.errors import BudgetExceeded
-from manager.core.record_store import Charge, Claimed, Outcome, RecordStore
+from manager.core.record_store import Charge, Claimed, RecordStore, Written
 from manager.core.records import (
     ACTIVE,
     TERMINAL,
     InvocationRecord,
+    Outcome,
     Status,
     allowed,
 )
@@ -67,28 +69,30 @@ def _force(store: RecordStore, inv: str, status: Status) -> None:
 
 @pytest.mark.parametrize("source", list(Status))
 def test_redis_enforces_the_table(conn, settings, source: Status) -> None:
-    store = RecordStore(conn, settings.with_(event_stream=f"{settings.event_stream}.records"))
+    store = wired(conn, settings.with_(event_stream=f"{settings.event_stream}.records")).records
     for target in Status:
         inv = _new(store)
         _force(store, inv, source)
         if target.terminal:
-            outcome = store.finish(inv, target, [json.dumps({"x": 1})])
+            written = store.store(inv, Outcome(target, events=(json.dumps({"x": 1}),)))
         else:
-            outcome = store.transition(inv, target)
+            written = store.transition(inv, target)
         expected = allowed(source, target) and not (target is S.RUNNING and source is S.RUNNING)
-        assert outcome.applied == expected, (source, target)  # running->running: takeover only
-        assert outcome.found is source
+        assert written.applied == expected, (source, target)  # running->running: takeover only
+        assert written.found is source
         assert store.get(inv).status is (target if expected else source)
 
 
-def test_finishing_is_atomic_and_happens_once(conn, settings) -> None:
+def test_storing_a_runs_end_is_atomic_and_happens_once(conn, settings) -> None:
     mine = settings.with_(event_stream=f"{settings.event_stream}.finish")
-    store = RecordStore(conn, mine)
+    store = wired(conn, mine).records
     inv = _new(store)
     assert store.transition(inv, Status.RUNNING, increment="attempts", worker="w1").applied
     events = [json.dumps({"event_id": f"{inv}-r1"}), json.dumps({"event_id": f"{inv}-r2"})]
-    first = store.finish(inv, Status.SUCCEEDED, events, result_event_ids=[f"{inv}-r1"])
-    again = store.finish(inv, Status.SUCCEEDED, events, result_event_ids=[f"{inv}-r1"])
+    ended = Outcome(Status.SUCCEEDED, events=tuple(events),
+                    fields={"result_event_ids": [f"{inv}-r1"]})
+    first = store.store(inv, ended)
+    again = store.store(inv, ended)
     assert first.applied and not again.applied and again.found is Status.SUCCEEDED
     assert conn.xlen(mine.event_stream) == 2
     record = store.get(inv)
@@ -97,7 +101,7 @@ def test_finishing_is_atomic_and_happens_once(conn, settings) -> None:
 
 
 def test_a_takeover_is_a_compare_and_set_on_the_owner(conn, settings) -> None:
-    store = RecordStore(conn, settings)
+    store = wired(conn, settings).records
     inv = _new(store)
     store.transition(inv, Status.RUNNING, increment="attempts", worker="dead@host")
     running = frozenset({Status.RUNNING})
@@ -115,35 +119,38 @@ CLAIMABLE = frozenset({S.PENDING, S.QUEUED, S.THROTTLED, S.RETRYING})
 
 
 def test_a_claim_takes_the_record_the_slot_and_the_run_in_one_step(conn, settings) -> None:
-    store = RecordStore(conn, settings)
+    store = wired(conn, settings).records
     plugin = f"claim-{uuid.uuid4().hex[:6]}"
     first, second, done = (_new(store, S.QUEUED) for _ in range(3))
     for inv in (first, second, done):
         store.conn.hset(store.keys.invocation(inv), "plugin", json.dumps(plugin))
     claimed = store.claim(SlotAsk(plugin, first, 1, 1.0), CLAIMABLE, time.time() + 60,
-                          worker="w1")
+                          holder="w1", worker="w1")
     assert claimed.grant is Grant.GRANTED
     assert claimed.record.status is S.QUEUED and claimed.record.attempts == 0  # as it was
     now = store.get(first)
     assert now.status is S.RUNNING and now.attempts == 1 and now.worker == "w1"
     assert conn.zscore(store.keys.plugin_slots(plugin), first) is not None
+    assert conn.get(store.keys.lease(first)) == b"w1"  # held, by its claimer
     # the cap holds: the second run is left as it was, and told why
-    capped = store.claim(SlotAsk(plugin, second, 1, 1.0), CLAIMABLE, time.time() + 60)
+    capped = store.claim(SlotAsk(plugin, second, 1, 1.0), CLAIMABLE, time.time() + 60, "w1")
     assert capped.grant is Grant.CONCURRENCY and store.get(second).status is S.QUEUED
     # a final run is not claimable: no slot, no change, the record to say why
     _force(store, done, S.SUCCEEDED)
-    final = store.claim(SlotAsk(plugin, done, None, 1.0), CLAIMABLE, time.time() + 60)
+    final = store.claim(SlotAsk(plugin, done, None, 1.0), CLAIMABLE, time.time() + 60, "w1")
     assert final.grant is None and final.record.status is S.SUCCEEDED
     assert conn.zcard(store.keys.plugin_slots(plugin)) == 1
-    gone = store.claim(SlotAsk(plugin, "no-such-run", None, 1.0), CLAIMABLE, time.time())
+    gone = store.claim(SlotAsk(plugin, "no-such-run", None, 1.0), CLAIMABLE, time.time(), "w1")
     assert gone == Claimed(None, None)
-    # storing the outcome frees the slot in the same step, whatever the outcome found
-    assert store.finish(first, S.SUCCEEDED, [], slot_of=plugin).applied
+    assert conn.get(store.keys.lease(second)) is None  # not claimed: not held
+    # storing the outcome frees the slot and ends the hold in the same step
+    assert store.store(first, Outcome(S.SUCCEEDED), slot_of=plugin).applied
     assert conn.zcard(store.keys.plugin_slots(plugin)) == 0
+    assert conn.get(store.keys.lease(first)) is None
 
 
 def test_a_run_is_created_only_within_its_budget(conn, settings) -> None:
-    store = RecordStore(conn, settings.with_(fanout_budget=2))
+    store = wired(conn, settings.with_(fanout_budget=2)).records
     correlation, entry = uuid.uuid4().hex, uuid.uuid4().hex
     made = []
     for _ in range(3):  # one entry charged for two runs, however often it is handled
@@ -162,12 +169,12 @@ def test_a_run_is_created_only_within_its_budget(conn, settings) -> None:
 
 
 def test_a_transition_can_ride_in_a_callers_pipeline(conn, settings) -> None:
-    store = RecordStore(conn, settings)
+    store = wired(conn, settings).records
     inv = _new(store)
     conn.script_flush()  # the pipelined form needs no script Redis has already seen
     pipe = conn.pipeline(transaction=False)
     store.queue_transition(pipe, inv, S.QUEUED, sources=frozenset({S.PENDING}))
     pipe.get(store.keys.invocation(inv) + ":nothing")
     applied, _ = pipe.execute()
-    assert Outcome.of(applied) == Outcome(True, S.PENDING)
+    assert Written.of(applied) == Written(True, S.PENDING)
     assert store.get(inv).status is S.QUEUED

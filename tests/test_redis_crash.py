@@ -30,6 +30,7 @@ from harness import (
     record_of,
     records_of,
     wait_until,
+    wired,
 )
 from manager.api.app import create_app
 from manager.bus.dispatch import Dispatcher
@@ -58,13 +59,13 @@ class CrashStack:
             visibility_timeout=10, restore_interval=2, reclaim_idle_ms=2000, housekeeping_s=2,
             sweep_grace_s=5, sweep_interval_s=5, **changes)
         self.conn = redis.Redis.from_url(self.server.url)
-        self.registry = Registry(self.conn, self.settings)
+        self.registry = Registry(wired(self.conn, self.settings))
         self.registry.reload()
-        self.dispatcher = Dispatcher(self.conn, self.settings, make_celery(self.settings))
+        self.dispatcher = Dispatcher(wired(self.conn, self.settings), make_celery(self.settings))
         listener_conn = redis.Redis.from_url(self.server.url)
-        self.sweeper = Sweeper(listener_conn, self.settings, self.dispatcher)
-        self.listener = Listener(listener_conn, self.settings,
-                                 Registry(listener_conn, self.settings), self.dispatcher,
+        self.sweeper = Sweeper(wired(listener_conn, self.settings), self.dispatcher)
+        self.listener = Listener(wired(listener_conn, self.settings),
+                                 Registry(wired(listener_conn, self.settings)), self.dispatcher,
                                  housekeeping=self.sweeper.maybe_sweep)
         self.workers = [WorkerProcess(self.settings, f"crash{n}", concurrency=1)
                         for n in range(workers)]
@@ -133,19 +134,23 @@ def test_a_redis_outage_while_the_outcome_is_stored_ends_in_one_record_and_one_e
     settings = private_settings(server.url, plugins_dir, tmp_path, allowed_roots=(files_dir,),
                                 visibility_timeout=5, restore_interval=1)
     conn = redis.Redis.from_url(server.url)
-    registry = Registry(conn, settings)
+    registry = Registry(wired(conn, settings))
     registry.reload()
     worker = WorkerProcess(settings.with_(redis_url=proxy.url), "outage", concurrency=1)
     try:
         worker.wait_ready(conn)
         event = Event(new_id("outage"), "test.v1", "sleep", {"seconds": 2})
-        inv, _ = Dispatcher(conn, settings, make_celery(settings)).dispatch(
+        inv, _ = Dispatcher(wired(conn, settings), make_celery(settings)).dispatch(
             event, registry.get("sleeper"), "api")
         wait_until(lambda: record_of(conn, settings, inv).get("status") == "running", 60,
                    "the run to start")
         proxy.stop()  # Redis vanishes for the worker while its container runs and finishes
-        wait_until(lambda: "Redis unreachable" in worker.log.read_text(), 60,
-                   "the worker to fail storing the outcome")
+        try:
+            wait_until(lambda: "Redis unreachable" in worker.log.read_text(), 60,
+                       "the worker to fail storing the outcome")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; the record: {record_of(conn, settings, inv)}; the "
+                                 f"worker's log: {worker.log.read_text()[-3000:]}") from None
         assert record_of(conn, settings, inv)["status"] == "running"
         proxy.start()
         done = wait_until(lambda: (r := record_of(conn, settings, inv))["status"] not in ACTIVE
@@ -182,13 +187,13 @@ def test_a_run_whose_worker_and_message_vanished_is_swept_to_lost(
         settings, conn, docker_client) -> None:
     mine, registry = isolated(settings, conn, sweep_grace_s=1, visibility_timeout=3600)
     worker = WorkerProcess(mine, "vanishing", concurrency=1)
-    sweeper = Sweeper(conn, mine, Dispatcher(conn, mine, make_celery(mine)))
+    sweeper = Sweeper(wired(conn, mine), Dispatcher(wired(conn, mine), make_celery(mine)))
     before = REGISTRY.get_sample_value("titan_invocations_total",
                                        {"plugin": "sleeper", "status": "lost"}) or 0
     try:
         worker.wait_ready(conn)
         event = Event(new_id("vanish"), "test.v1", "sleep", {"seconds": 30})
-        inv, _ = Dispatcher(conn, mine, make_celery(mine)).dispatch(
+        inv, _ = Dispatcher(wired(conn, mine), make_celery(mine)).dispatch(
             event, registry.get("sleeper"), "api")
         wait_until(lambda: record_of(conn, mine, inv).get("status") == "running", 60, "running")
         lease = Keys(mine.key_prefix).lease(inv)
@@ -228,11 +233,11 @@ def test_a_pending_run_whose_message_never_reached_the_broker_is_sent_again(
     from manager.core.records import InvocationRecord
 
     mine, registry = isolated(settings, conn, sweep_grace_s=0)
-    dispatcher = Dispatcher(conn, mine, make_celery(mine))
+    dispatcher = Dispatcher(wired(conn, mine), make_celery(mine))
     req = registry.get("echo").request(Event(new_id(), "test.v1", "ping"), mine, "api",
                                        "vanished" + new_id())
     dispatcher.records.create(InvocationRecord.from_request(req), 0)
-    sweeper = Sweeper(conn, mine, dispatcher)
+    sweeper = Sweeper(wired(conn, mine), dispatcher)
     assert sweeper.sweep().suspected == [req.invocation_id]
     assert sweeper.sweep().requeued == [req.invocation_id]
     worker = WorkerProcess(mine, "resend", concurrency=1)
@@ -250,9 +255,9 @@ def test_an_event_answered_202_survives_a_redis_crash(plugins_dir, tmp_path) -> 
     try:
         settings = private_settings(server.url, plugins_dir, tmp_path)
         conn = redis.Redis.from_url(server.url)
-        registry = Registry(conn, settings)
-        client = create_app(settings, conn, registry,
-                            Dispatcher(conn, settings, make_celery(settings))).test_client()
+        registry = Registry(wired(conn, settings))
+        client = create_app(wired(conn, settings), registry,
+                            Dispatcher(wired(conn, settings), make_celery(settings))).test_client()
         event_id = new_id("durable")
         resp = client.post("/events", json={"event_id": event_id, "topic": "t", "event_type": "e"})
         assert resp.status_code == 202

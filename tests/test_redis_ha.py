@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import SentinelCluster, WorkerProcess, new_id, record_of, wait_until
+from harness import SentinelCluster, WorkerProcess, new_id, record_of, wait_until, wired
 from manager.api.app import create_app
 from manager.bus.dispatch import Dispatcher
 from manager.bus.listener import Listener
@@ -41,10 +41,11 @@ def ha_stack(cluster: SentinelCluster, plugins_dir: Path, tmp_path: Path) -> Ite
     settings = cluster.settings(plugins_dir, tmp_path, visibility_timeout=20,
                                 restore_interval=2, reclaim_idle_ms=3000, housekeeping_s=2)
     conn = redis_client(settings)
-    Registry(conn, settings).reload()
-    dispatcher = Dispatcher(conn, settings, make_celery(settings))
+    Registry(wired(conn, settings)).reload()
+    dispatcher = Dispatcher(wired(conn, settings), make_celery(settings))
     listener_conn = redis_client(settings)
-    listener = Listener(listener_conn, settings, Registry(listener_conn, settings), dispatcher)
+    listening = wired(listener_conn, settings)
+    listener = Listener(listening, Registry(listening), dispatcher)
     workers = [WorkerProcess(settings, f"ha{n}{uuid.uuid4().hex[:4]}", concurrency=1)
                for n in range(2)]
     thread = threading.Thread(target=listener.run, daemon=True)
@@ -53,7 +54,7 @@ def ha_stack(cluster: SentinelCluster, plugins_dir: Path, tmp_path: Path) -> Ite
             w.wait_ready(conn)
         thread.start()
         yield {"settings": settings, "conn": conn, "dispatcher": dispatcher,
-               "client": create_app(settings, conn, Registry(conn, settings),
+               "client": create_app(wired(conn, settings), Registry(wired(conn, settings)),
                                     dispatcher).test_client()}
     finally:
         listener.stop()

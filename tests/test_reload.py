@@ -15,7 +15,7 @@ import docker
 import pytest
 import redis
 
-from harness import Bus, WorkerProcess, new_id, private_settings, records_of, wait_until
+from harness import Bus, WorkerProcess, new_id, private_settings, records_of, wait_until, wired
 from manager.api.app import create_app
 from manager.bus.dispatch import Dispatcher
 from manager.bus.listener import Listener
@@ -81,11 +81,11 @@ def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     write_plugin(plugins, "versioned", "1.0.0")
     settings = private_settings(redis_url, plugins, tmp_path_factory.mktemp("reload-run"))
     conn = redis.Redis.from_url(redis_url)
-    registry = Registry(conn, settings)
+    registry = Registry(wired(conn, settings))
     registry.reload()
-    dispatcher = Dispatcher(conn, settings, make_celery(settings))
-    listener = Listener(redis.Redis.from_url(redis_url), settings,
-                        Registry(redis.Redis.from_url(redis_url), settings), dispatcher)
+    dispatcher = Dispatcher(wired(conn, settings), make_celery(settings))
+    listener = Listener(wired(redis.Redis.from_url(redis_url), settings),
+                        Registry(wired(redis.Redis.from_url(redis_url), settings)), dispatcher)
     elsewhere = Path(tempfile.mkdtemp(prefix="titan-elsewhere-"))
     remote = settings.with_(cache_dir=elsewhere / "empty-cache")  # nothing shared on disk
     worker = WorkerProcess(remote, "remote", concurrency=2, cwd=elsewhere)
@@ -94,7 +94,7 @@ def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         worker.wait_ready(conn)
         thread.start()
         yield Stack(settings, conn, registry, Bus(conn, settings), plugins,
-                    create_app(settings, conn, registry, dispatcher).test_client())
+                    create_app(wired(conn, settings), registry, dispatcher).test_client())
     finally:
         listener.stop()
         worker.stop()

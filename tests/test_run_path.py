@@ -1,12 +1,11 @@
 """Unit tests (pure logic, no services): the pieces of the run path that decide what a
-user sees — output capture, the end of a prewarmed run (the launcher's closing line),
-the classification of a finished container, and the outcome stored from it."""
+user sees: output capture, the end of a prewarmed run (the launcher's GO and closing
+lines), the verdict on every cause of a run's end on every lane, and the Outcome stored."""
 
 from __future__ import annotations
 
 import json
-import socket
-import struct
+from collections.abc import Iterator
 
 import pytest
 
@@ -14,9 +13,8 @@ from manager.core.config import Settings
 from manager.core.events import Event
 from manager.core.records import Status
 from manager.core.runs import RunLimits, RunRequest
-from workers.execute import classify
-from workers.results import decide
-from workers.spec import Capture, PoolConfig, RunResult, RunSpec
+from workers.classify import Verdict, outcome, verdict
+from workers.spec import Capture, End, PoolConfig, RunEnd, RunSpec
 from workers.warm import TAIL, Ending, WarmBroken
 
 TOKEN = "ab" * 16
@@ -40,13 +38,9 @@ def test_capture_keeps_up_to_the_cap_and_says_when_more_came() -> None:
 # Ending: the launcher's closing line on a multiplexed attach stream
 
 
-def frames(*chunks: tuple[int, bytes]) -> socket.socket:
-    """A socket whose peer sent these (stream, data) frames, then closed."""
-    mine, theirs = socket.socketpair()
-    for stream, data in chunks:
-        theirs.sendall(struct.pack(">BxxxL", stream, len(data)) + data)
-    theirs.close()
-    return mine
+def frames(*chunks: tuple[int, bytes]) -> Iterator[tuple[int, bytes]]:
+    """The (stream, payload) frames a container's attach stream gave, then its end."""
+    return iter(chunks)
 
 
 def end(code: int = 0, oom: int = 0, token: str = TOKEN) -> bytes:
@@ -56,11 +50,13 @@ def end(code: int = 0, oom: int = 0, token: str = TOKEN) -> bytes:
 GO = f"\x00TITAN-GO:{TOKEN}\n".encode()
 
 
-def read(ending: Ending, sock: socket.socket) -> tuple[bytes, bytes]:
+def read(ending: Ending, chunks: Iterator[tuple[int, bytes]]) -> tuple[bytes, bytes]:
     out, err = b"", b""
-    for o, e in ending.frames(sock):
-        out += o or b""
-        err += e or b""
+    for stream, data in ending.frames(chunks):
+        if stream == 1:
+            out += data
+        else:
+            err += data
     return out, err
 
 
@@ -120,30 +116,33 @@ def spec() -> RunSpec:
     return RunSpec(config, "inv", "{}", "/e")
 
 
-@pytest.mark.parametrize(("extra", "state", "code", "status", "reason"), [
-    ({"timed_out": True}, {}, 137, Status.TIMEOUT, "timed out after 5s"),
-    ({"output_limit": True}, {}, 137, Status.OUTPUT_LIMIT, "stderr exceeded 1024 bytes"),
-    ({}, {"OOMKilled": True}, 137, Status.OOM, "out of memory (limit 67108864 bytes)"),
-    ({}, {}, 3, Status.FAILED, "exited with code 3: boom"),
-    ({}, {}, 143, Status.FAILED, "exited with code 143 (killed by signal 15): boom"),
-    ({}, {}, 0, Status.SUCCEEDED, None),
-])
-def test_classify(extra: dict, state: dict, code: int, status: Status,
-                  reason: str | None) -> None:
-    result = RunResult(Status.RUNNING, exit_code=code, stderr=b"starting\nboom\n\n",
-                       extra=extra)
-    classify(result, state, spec(), 1024)
-    assert result.status is status
-    assert result.reason == reason or (reason and reason in (result.reason or "")), result.reason
+LANES = ["runc-cold", "runc-warm", "gvisor-cold", "gvisor-warm"]
+CAUSES = [  # every cause of a run's end, with what a person is told
+    (End.TIMED_OUT, 137, b"", Status.TIMEOUT, "timed out after 5s"),
+    (End.OUTPUT_CAP, 137, b"x" * 1024, Status.OUTPUT_LIMIT, "stderr exceeded 1024 bytes"),
+    (End.OOM, 137, b"", Status.OOM, "killed: out of memory (limit 67108864 bytes)"),
+    (End.STOPPED, 143, b"", Status.RETRYING,
+     "the container was stopped from outside this worker (an engine shutdown or a docker "
+     "stop)"),
+    (End.EXITED, 3, b"", Status.FAILED, "exited with code 3: boom"),
+    (End.EXITED, 137, b"", Status.FAILED, "exited with code 137 (killed by signal 9): boom"),
+    (End.EXITED, 0, b"", Status.SUCCEEDED, None),
+]
 
 
-def test_a_timeout_wins_over_the_oom_it_caused() -> None:
-    result = RunResult(Status.RUNNING, exit_code=137, extra={"timed_out": True})
-    classify(result, {"OOMKilled": True}, spec(), 1024)
-    assert result.status is Status.TIMEOUT
+@pytest.mark.parametrize("lane", LANES)
+@pytest.mark.parametrize(("cause", "code", "stdout", "status", "reason"), CAUSES)
+def test_the_verdict_on_every_cause_on_every_lane(lane: str, cause: End, code: int,
+                                                  stdout: bytes, status: Status,
+                                                  reason: str | None) -> None:
+    """The same end means the same on every lane: classification is pure and sees only
+    the RunEnd (the lane is what the run loop read it from)."""
+    end = RunEnd(cause, code, stdout, b"starting\nboom\n\n", False,
+                 cause is End.OUTPUT_CAP, warm=lane.endswith("warm"))
+    assert verdict(end, spec(), 1024) == Verdict(status, reason)
 
 
-# decide: a classified result -> what is stored
+# outcome: a verdict and what the plugin wrote -> what is stored
 
 
 def request() -> RunRequest:
@@ -151,15 +150,20 @@ def request() -> RunRequest:
                       (), 0, None, Event("e1", "t.v1", "go", correlation_id="c1"))
 
 
-def test_decide_turns_output_into_result_events_with_derived_ids() -> None:
+def ended(stdout: bytes, code: int = 0) -> RunEnd:
+    return RunEnd(End.EXITED, code, stdout, started_wall=100.0, finished_wall=100.5,
+                  ready_s=0.01, container_id="c0ffee", warm=True)
+
+
+def test_output_becomes_result_events_with_derived_ids() -> None:
     lines = [{"topic": "t.v1", "event_type": "done", "payload": {"n": n}} for n in (1, 2)]
-    result = RunResult(Status.SUCCEEDED, exit_code=0,
-                       stdout="\n".join(json.dumps(x) for x in lines).encode())
-    decided = decide(request(), result, Settings())
-    assert decided.status is Status.SUCCEEDED
-    events = [json.loads(e) for e in decided.events]
+    end = ended("\n".join(json.dumps(x) for x in lines).encode())
+    stored = outcome(request(), end, verdict(end, spec(), 1024), Settings())
+    assert stored.status is Status.SUCCEEDED
+    events = [json.loads(e) for e in stored.events]
     assert [e["event_id"] for e in events] == ["inv1-r1", "inv1-r2"]
-    assert decided.fields["result_event_ids"] == ["inv1-r1", "inv1-r2"]
+    assert stored.fields["result_event_ids"] == ["inv1-r1", "inv1-r2"]
+    assert stored.fields["warm"] is True and stored.fields["duration_s"] == 0.5
     assert all(e["causation_id"] == "e1" and e["correlation_id"] == "c1" and e["hops"] == 1
                and e["source"] == "plugin:p@1.0.0" for e in events)
 
@@ -171,14 +175,14 @@ def test_decide_turns_output_into_result_events_with_derived_ids() -> None:
      "which only the worker publishes"),
     (b"\xff", "not UTF-8"),
 ])
-def test_decide_fails_a_run_whose_output_breaks_the_contract(stdout: bytes, says: str) -> None:
-    decided = decide(request(), RunResult(Status.SUCCEEDED, exit_code=0, stdout=stdout),
-                     Settings())
-    assert decided.status is Status.FAILED and says in (decided.reason or "")
-    assert decided.events == [] and decided.fields["result_event_ids"] == []
+def test_output_that_breaks_the_contract_fails_the_run(stdout: bytes, says: str) -> None:
+    end = ended(stdout)
+    stored = outcome(request(), end, verdict(end, spec(), 1024), Settings())
+    assert stored.status is Status.FAILED and says in (stored.reason or "")
+    assert stored.events == () and stored.fields["result_event_ids"] == []
 
 
-def test_decide_keeps_a_failed_runs_status_and_publishes_nothing() -> None:
-    result = RunResult(Status.TIMEOUT, reason="timed out after 5s", stdout=b'{"x": 1}')
-    decided = decide(request(), result, Settings())
-    assert decided.status is Status.TIMEOUT and decided.events == []
+def test_a_run_that_did_not_succeed_publishes_nothing_it_printed() -> None:
+    end = RunEnd(End.TIMED_OUT, 137, b'{"topic": "t", "event_type": "e", "payload": {}}')
+    stored = outcome(request(), end, verdict(end, spec(), 1024), Settings())
+    assert stored.status is Status.TIMEOUT and stored.events == ()

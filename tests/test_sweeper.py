@@ -10,14 +10,13 @@ import time
 import pytest
 import redis
 
-from harness import Bus, isolated, new_id, record_of
+from harness import Bus, isolated, new_id, record_of, wired
 from manager.bus.dispatch import Dispatcher
 from manager.bus.sweeper import Sweeper
 from manager.core.config import Settings
 from manager.core.contract import make_celery
 from manager.core.events import Event
-from manager.core.keys import Keys
-from manager.core.records import InvocationRecord, Status
+from manager.core.records import InvocationRecord, Outcome, Status
 from manager.core.runs import RunRequest
 
 
@@ -25,9 +24,9 @@ class Rig:
     def __init__(self, conn: redis.Redis, settings: Settings, **changes: object) -> None:
         self.conn = conn
         self.settings, self.registry = isolated(settings, conn, **changes)
-        self.keys = Keys(self.settings.key_prefix)
-        self.dispatcher = Dispatcher(conn, self.settings, make_celery(self.settings))
-        self.sweeper = Sweeper(conn, self.settings, self.dispatcher)
+        self.keys = self.settings.keys
+        self.dispatcher = Dispatcher(wired(conn, self.settings), make_celery(self.settings))
+        self.sweeper = Sweeper(wired(conn, self.settings), self.dispatcher)
 
     @property
     def patience(self) -> float:
@@ -138,7 +137,7 @@ def test_a_run_re_queued_too_often_is_lost(rig: Rig) -> None:
 def test_finished_runs_are_dropped_from_the_sweepers_view(rig: Rig) -> None:
     req = rig.run()
     rig.running(req, "alive@host")
-    assert rig.dispatcher.records.finish(req.invocation_id, Status.SUCCEEDED, []).applied
+    assert rig.dispatcher.records.store(req.invocation_id, Outcome(Status.SUCCEEDED)).applied
     rig.conn.zadd(rig.keys.inflight, {req.invocation_id: 0})  # a deadline left behind
     assert rig.sweeper.sweep(time.time() + rig.patience + 1).lost == []
     assert rig.conn.zscore(rig.keys.inflight, req.invocation_id) is None

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import SYSTEM_PYTHON, free_port, private_settings
+from harness import SYSTEM_PYTHON, free_port, private_settings, wired
 from manager.api.app import create_app
 from manager.bus.dispatch import Dispatcher
 from manager.core.config import ROOT, Settings
@@ -142,9 +142,9 @@ def exposed(redis_url: str, plugins_dir: Path, tmp_path: Path, conn) -> Iterator
     """The API as the manager serves it (waitress with the manager's limits), with a
     queue no worker reads: triggered runs stay queued, so every `?wait` waits."""
     mine = private_settings(redis_url, plugins_dir, tmp_path, api_port=free_port())
-    registry = Registry(conn, mine)
+    registry = Registry(wired(conn, mine))
     registry.reload()
-    app = create_app(mine, conn, registry, Dispatcher(conn, mine, make_celery(mine)))
+    app = create_app(wired(conn, mine), registry, Dispatcher(wired(conn, mine), make_celery(mine)))
     server = api_server(app, mine)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -251,9 +251,9 @@ def dead_id(bus, entry_id: str) -> str:
 
 def test_triggers_are_charged_to_their_correlation(settings, conn, registry) -> None:
     mine = settings.with_(fanout_budget=3)
-    client = create_app(mine, conn, registry, Dispatcher(
-        conn, mine.with_(task_queue=f"{mine.task_queue}.nobody"), make_celery(mine))
-    ).test_client()
+    nobody_reads = mine.with_(task_queue=f"{mine.task_queue}.nobody")
+    client = create_app(wired(conn, mine), registry,
+                        Dispatcher(wired(conn, nobody_reads), make_celery(mine))).test_client()
     event = {"event_id": f"budget-{uuid.uuid4().hex[:8]}", "topic": "test.v1",
              "event_type": "ping"}
     statuses = [client.post("/plugins/echo/trigger", json=event).status_code for _ in range(4)]
@@ -295,7 +295,7 @@ def test_bundles_no_kept_version_names_are_deleted(redis_url: str, conn, tmp_pat
     plugins = tmp_path / "plugins"
     (plugins / "churn").mkdir(parents=True)
     mine = private_settings(redis_url, plugins, tmp_path / "run")
-    registry = Registry(conn, mine)
+    registry = Registry(wired(conn, mine))
     digests = []
     for n in range(Registry.HISTORY + 3):
         (plugins / "churn" / "plugin.yaml").write_text(

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import PrivateEngine, WorkerProcess, new_id, record_of, wait_until
+from harness import PrivateEngine, WorkerProcess, new_id, record_of, wait_until, wired
 from manager.bus.dispatch import Dispatcher
 from manager.core.contract import make_celery
 from manager.core.events import Event
@@ -50,7 +50,7 @@ def test_a_burst_spreads_over_two_hosts_and_survives_one_of_them(settings, conn,
     there = WorkerProcess(host_b, f"hostb{uid}", concurrency=2, cwd=elsewhere,
                           DOCKER_HOST=engine.url)
     after = None
-    dispatcher = Dispatcher(conn, mine, make_celery(mine))
+    dispatcher = Dispatcher(wired(conn, mine), make_celery(mine))
     try:
         here.wait_ready(conn)
         there.wait_ready(conn)

@@ -1,8 +1,9 @@
-"""Worker heartbeat, in the worker's main process: liveness, the Docker engine's state and
-the runs this worker holds (for /health, for a second delivery's takeover decision and
-for the sweeper), and self-healing: every beat it removes this worker's containers that
-no run of its processes is using, so what an engine restart left behind is gone within
-one interval, without restarting the worker."""
+"""The worker's heartbeat, in its main process: liveness, the Docker engine's state, its
+slots (for the fair share), the images and runtimes its engine has (for reload's
+checks), and self-healing: every beat it removes this worker's containers that no run of
+its processes holds, so what an engine restart left behind is gone within one interval,
+without restarting the worker. Started and stopped with the worker as a Celery bootstep
+(HeartbeatStep), after the range of run ids is checked against the host's accounts."""
 
 from __future__ import annotations
 
@@ -13,17 +14,20 @@ import os
 import shutil
 import threading
 import time
+from pathlib import Path
+from typing import Any
 
 import psutil
 import redis
-from celery.worker import state as worker_state
+from celery import bootsteps
 
 from manager.core.beats import WorkerBeat
 from manager.core.config import Settings
 from manager.core.errors import SandboxUnavailable
-from manager.core.keys import Keys
+from manager.core.wiring import Wiring
 from manager.plugins.janitor import CacheJanitor
-from workers.sandbox import Sandbox
+from workers.engine import Engine
+from workers.identity import RunIds
 
 log = logging.getLogger(__name__)
 INTERVAL_S = 3.0
@@ -32,78 +36,55 @@ IMAGES_S = 30.0
 EVICT_EVERY = 20  # beats: the cache is checked about once a minute
 
 
-def held_runs() -> set[str]:
-    """Invocation ids this worker has accepted (active) or prefetched (reserved)."""
-    for _ in range(5):
-        try:
-            return {r.id for r in (*worker_state.active_requests,
-                                   *worker_state.reserved_requests)}
-        except RuntimeError:  # the sets changed while being read
-            continue
-    return set()
-
-
-def active_plugins() -> dict[str, str]:
-    """Invocation id -> plugin, for the runs this worker is executing (whose worker slot
-    leases its beat renews)."""
-    for _ in range(5):
-        try:
-            return {r.id: str(((r.kwargs or {}).get("request") or {}).get("plugin", ""))
-                    for r in list(worker_state.active_requests)}
-        except RuntimeError:  # the set changed while being read
-            continue
-    return {}
-
-
 def child_pids() -> set[int]:
     """This process's children (the worker's pool processes)."""
     return {child.pid for child in psutil.Process().children()}
 
 
 class Heartbeat(threading.Thread):
-    def __init__(self, conn: redis.Redis, settings: Settings, name: str,
-                 sandbox: Sandbox, slots: int) -> None:
+    def __init__(self, wiring: Wiring, name: str, engine: Engine, slots: int) -> None:
         super().__init__(name="titan-heartbeat", daemon=True)
-        self.conn = conn
-        self.settings = settings
-        self.sandbox = sandbox
-        self.keys = Keys(settings.key_prefix)
+        self.wiring = wiring
+        self.conn = wiring.conn
+        self.settings = wiring.settings
+        self.engine = engine
+        self.keys = wiring.keys
         self.name_ = name
         self.slots = slots
         self.stopping = threading.Event()
         self._docker_ok = False
         self._docker_error: str | None = None
         self._images: tuple[float, list[str], set[str]] = (0.0, [], set())
-        self.janitor = CacheJanitor(settings)
+        self.janitor = CacheJanitor(self.settings)
 
     def docker_state(self) -> None:
         try:
-            self.sandbox.ping()
+            self.engine.ping()
             self._docker_ok, self._docker_error = True, None
         except SandboxUnavailable as exc:
             self._docker_ok, self._docker_error = False, exc.message[:300]
 
     def beat(self) -> None:
         self.docker_state()
-        # Containers are listed before the held runs are read: a container created after
-        # the snapshot belongs to a run accepted before it, so it is never taken for waste.
+        # Containers are listed before their runs' holds are read: a container created
+        # after the listing belongs to a run claimed before it, so it is never waste.
         if self._docker_ok:
-            reaped = self.sandbox.reap(child_pids(), held_runs)
+            reaped = self.engine.reap(child_pids(), self.wiring.slots.held)
             if reaped:
                 log.warning("reaped %d container(s) no run uses: %s", len(reaped),
                             ", ".join(reaped))
         WorkerBeat(self.name_, os.getpid(), self._docker_ok, self._docker_error,
-                   tuple(sorted(held_runs())), tuple(self.images()), self.slots,
-                   tuple(sorted(self._images[2]))).save(self.conn, self.keys,
-                                                        active=active_plugins())
+                   tuple(self.images()), self.slots,
+                   tuple(sorted(self._images[2]))).save(self.conn, self.keys)
+        self.wiring.slots.renew(self.name_, self.slots)
 
     def images(self) -> list[str]:
         """The engine's images and runtimes (for reload's checks), refreshed every
         IMAGES_S; returns the images."""
         if self._docker_ok and time.monotonic() - self._images[0] > IMAGES_S:
             try:
-                self._images = (time.monotonic(), self.sandbox.images()[:1000],
-                                self.sandbox.runtimes())
+                self._images = (time.monotonic(), self.engine.images()[:1000],
+                                self.engine.runtimes())
             except Exception as exc:
                 log.warning("cannot list images and runtimes: %s", exc)
         return self._images[1]
@@ -111,7 +92,7 @@ class Heartbeat(threading.Thread):
     def reap_at_start(self) -> None:
         """What killed workers on this host left: containers and per-run directories."""
         try:
-            reaped = self.sandbox.reap()
+            reaped = self.engine.reap()
             if reaped:
                 log.warning("reaped %d orphaned container(s): %s", len(reaped),
                             ", ".join(reaped))
@@ -130,7 +111,7 @@ class Heartbeat(threading.Thread):
             try:
                 if beats % EVICT_EVERY == 0:
                     self.janitor.evict()
-                    taken_back = self.sandbox.identities.reclaim()
+                    taken_back = self.engine.identities.reclaim()
                     if taken_back:
                         log.warning("took back %d run uid(s) of killed workers: %s",
                                     len(taken_back), ", ".join(map(str, taken_back)))
@@ -145,3 +126,27 @@ class Heartbeat(threading.Thread):
         self.stopping.set()
         with contextlib.suppress(redis.RedisError):
             WorkerBeat(self.name_, os.getpid(), False).remove(self.conn, self.keys)
+
+
+class HeartbeatStep(bootsteps.StartStopStep):
+    """The heartbeat as a worker component (registered in workers.celery_app): started
+    once the worker's pool is, stopped with the worker. A range of run ids that the host
+    already uses is an unrecoverable error: the worker does not start."""
+
+    requires = {"celery.worker.components:Pool"}
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        self.heartbeat: Heartbeat | None = None
+
+    def start(self, worker: Any) -> None:
+        settings = Settings.from_env()
+        RunIds.parse(settings.run_ids).check_host(Path(settings.host_etc))
+        self.heartbeat = Heartbeat(Wiring.connect(settings), worker.hostname, Engine(settings),
+                                   int(worker.concurrency or os.cpu_count() or 1))
+        self.heartbeat.reap_at_start()
+        self.heartbeat.start()
+
+    def stop(self, worker: Any) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.stop()

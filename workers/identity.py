@@ -188,24 +188,6 @@ class Identities:
         return not alive and age > older_than_s
 
 
-def account_files(directory: Path, user: RunUser) -> dict[str, str]:
-    """/etc/passwd and /etc/group for a container running as `user` (its uid has no entry
-    in the image, and `whoami`, `ls -l`, pwd.getpwuid() look there): root, and the run's
-    own account `plugin` in the group `plugins`. Written into the container's private
-    directory; returns {path inside the container: host path}."""
-    files = {"/etc/passwd": "root:x:0:0:root:/root:/usr/sbin/nologin\n"
-                            f"plugin:x:{user.uid}:{user.gid}:Titan plugin:/tmp:"
-                            "/usr/sbin/nologin\n",
-             "/etc/group": f"root:x:0:\nplugins:x:{user.gid}:\n"}
-    mounts = {}
-    for target, text in files.items():
-        path = directory / f"etc-{Path(target).name}"
-        path.write_text(text)
-        path.chmod(0o444)
-        mounts[target] = str(path)
-    return mounts
-
-
 def uids_in_use() -> set[int]:
     """Every uid some process of this host (as far as /proc shows) runs as."""
     found: set[int] = set()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from manager.core.config import Settings
 from manager.core.errors import BundleError
-from manager.plugins.deps import install_requirements, locked, mkdirs, private_root, touch
+from manager.plugins.deps import install_requirements, touch
 from manager.plugins.loader import REQUIREMENTS
 from manager.plugins.registry import Registry
 from manager.plugins.requirements import parse_requirements
@@ -30,6 +30,9 @@ from manager.plugins.safefs import (
     bundle_members,
     fd,
     gunzip_bounded,
+    locked,
+    mkdirs,
+    private_root,
     read_regular,
     write_tree,
 )

@@ -23,10 +23,10 @@ from docker.errors import DockerException
 from manager.core import metrics
 from manager.core.config import Settings
 from workers.container import ContainerHandle
+from workers.engine import Engine
 from workers.options import LABEL_PID, LABEL_POOL, LABEL_UID
-from workers.sandbox import Sandbox
 from workers.spec import PoolConfig, RunSpec
-from workers.warm import READY_TIMEOUT_S, Warm, WarmUnavailable, start_warm
+from workers.warm import READY_TIMEOUT_S, Warm, WarmUnavailable, prewarm
 
 log = logging.getLogger(__name__)
 PREWARM_WAIT_S = 0.5  # a run waits this long for a prewarm already under way
@@ -41,10 +41,10 @@ class WarmPool:
     expires idle containers, drains configurations no longer current, and removes used
     ones."""
 
-    def __init__(self, settings: Settings, sandbox: Sandbox,
+    def __init__(self, settings: Settings, engine: Engine,
                  current_digests: Callable[[], set[str]] | None = None) -> None:
         self.settings = settings
-        self.sandbox = sandbox
+        self.engine = engine
         self.current_digests = current_digests
         self.idle: dict[PoolConfig, list[Warm]] = {}
         self.wanted: dict[PoolConfig, float] = {}  # configurations in use, and when
@@ -185,7 +185,7 @@ class WarmPool:
                     del self.wanted[key]
                     stale += self.idle.pop(key, [])
             for key, ready in self.idle.items():
-                keep = [w for w in ready if now - w.ready_at <= self.settings.prewarm_idle_s]
+                keep = [w for w in ready if now - w.ready_mono <= self.settings.prewarm_idle_s]
                 stale += [w for w in ready if w not in keep]
                 self.idle[key] = keep
         for warm in stale:
@@ -204,7 +204,7 @@ class WarmPool:
 
     def _start(self, key: PoolConfig) -> bool:
         try:
-            warm = start_warm(self.sandbox, key)
+            warm = prewarm(self.engine, key)
         except WarmUnavailable as exc:
             log.warning("image %s cannot be prewarmed (%s): its runs stay cold", key.image, exc)
             self.unwarmable.add(key.image)
@@ -220,10 +220,9 @@ class WarmPool:
         return False
 
     def _discard(self, warm: Warm) -> None:
-        warm.close()
-        self.sandbox.oom.killed(warm.oom)  # its watch ends with it
+        self.engine.oom.killed(warm.oom)  # its watch ends with it
         if warm.container.remove():
-            self.sandbox.identities.give_back(warm.user)
+            self.engine.identities.give_back(warm.user)
             shutil.rmtree(warm.inbox, ignore_errors=True)
         elif not self.stopping.is_set():
             with self.lock:
@@ -235,10 +234,11 @@ class WarmPool:
         with self.lock:
             known = self.busy | {w.container.id for ws in self.idle.values() for w in ws}
         try:
-            mine = self.sandbox.mine({LABEL_POOL: "1", LABEL_PID: str(os.getpid())})
+            mine = self.engine.mine({LABEL_POOL: "1", LABEL_PID: str(os.getpid())})
         except (DockerException, requests.RequestException):
             return
         for container in mine:
-            if container.id not in known and ContainerHandle(container).remove():
+            if container.id not in known and ContainerHandle(self.engine.client,
+                                                             container).remove():
                 labels = container.attrs.get("Labels") or {}
-                self.sandbox.identities.give_back_label(labels.get(LABEL_UID))
+                self.engine.identities.give_back_label(labels.get(LABEL_UID))

@@ -1,12 +1,11 @@
-"""What a sandbox run takes (a RunSpec: its plugin's PoolConfig and what the run adds) and
-what it gives back (RunResult), shared by the cold and the prewarmed paths."""
+"""What a container run takes (a RunSpec: its plugin's PoolConfig and what the run adds)
+and how it ended (RunEnd), shared by the cold and the prewarmed launches."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from enum import StrEnum
 
-from manager.core.records import Status
 from manager.core.runs import RunLimits, RunUser
 
 
@@ -61,24 +60,37 @@ class RunSpec:
         return self.config.limits.memory_bytes
 
 
-@dataclass
-class RunResult:
-    status: Status
-    reason: str | None = None
-    exit_code: int | None = None
+class End(StrEnum):
+    """Why a container's run ended, as the run loop saw it (classify judges each)."""
+
+    EXITED = "exited"  # its process exited by itself (or was killed from inside)
+    TIMED_OUT = "timed_out"  # this worker stopped it at its timeout
+    OUTPUT_CAP = "output_cap"  # this worker killed it at its first byte over a cap
+    OOM = "oom"  # the kernel's OOM killer struck in its memory cgroup
+    STOPPED = "stopped"  # the engine stopped it, not this worker (an engine shutdown)
+
+
+@dataclass(frozen=True)
+class RunEnd:
+    """How one container's run ended: the cause, the exit code, what it wrote (each
+    stream capped), and when (wall clock; ready_s is how long the container took to be
+    ready for the run: near 0 when it was prewarmed)."""
+
+    cause: End
+    exit_code: int | None
     stdout: bytes = b""
     stderr: bytes = b""
     stdout_truncated: bool = False
     stderr_truncated: bool = False
-    started_at: float = 0.0
-    finished_at: float = 0.0
-    container_start_s: float = 0.0
+    started_wall: float = 0.0
+    finished_wall: float = 0.0
+    ready_s: float = 0.0
     container_id: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    warm: bool = False
 
     @property
     def duration_s(self) -> float:
-        return max(0.0, self.finished_at - self.started_at)
+        return max(0.0, self.finished_wall - self.started_wall)
 
 
 class Capture:

@@ -1,4 +1,4 @@
-"""Celery tasks: thin wrappers around Runner.
+"""The Celery task: a thin wrapper around its process's Delivery.
 
 A Redis error never counts as "task finished": the message is rejected with requeue (or,
 when Redis is down, stays unacknowledged and comes back after the visibility timeout).
@@ -9,6 +9,7 @@ Flower shows it as a failure; the message is acknowledged all the same.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import redis
@@ -16,12 +17,16 @@ from celery import Task
 from celery.exceptions import Reject, Retry
 from kombu.exceptions import OperationalError
 
+from manager.core.config import Settings
 from manager.core.contract import RUN_TASK
 from manager.core.errors import NotReplicated, OutcomeNotStored
-from manager.core.records import Status
+from manager.core.records import Outcome, Status
 from manager.core.runs import RunRequest
-from workers.celery_app import app, runner
-from workers.runner import Finished, Later
+from manager.core.wiring import Wiring
+from workers.celery_app import app
+from workers.delivery import Delivery
+from workers.engine import Engine
+from workers.next import Again, Done
 
 log = logging.getLogger(__name__)
 BROKER_DOWN = (redis.ConnectionError, redis.TimeoutError, OperationalError, OutcomeNotStored,
@@ -33,13 +38,33 @@ class RunFailed(Exception):
     (already recorded, with its failure event)."""
 
 
-@app.task(name=RUN_TASK, bind=True, max_retries=None, throws=(RunFailed,))
-def run_plugin(self: Task, request: dict[str, Any]) -> str:
+class RunTask(Task):
+    """The run task, with its process's Delivery: built on the first run in a pool
+    process (after the fork: it holds connections), then reused (Celery's documented way
+    to keep per-process resources on a task)."""
+
+    _process: tuple[int, Delivery] | None = None
+
+    @property
+    def delivery(self) -> Delivery:
+        if self._process is None or self._process[0] != os.getpid():
+            settings = Settings.from_env()
+            self._process = (os.getpid(), Delivery(Wiring.connect(settings), Engine(settings)))
+        return self._process[1]
+
+    def close(self) -> None:
+        """The pool process stops: what its delivery started goes (prewarmed containers)."""
+        if self._process is not None and self._process[0] == os.getpid():
+            self._process[1].close()
+
+
+@app.task(name=RUN_TASK, base=RunTask, bind=True, max_retries=None, throws=(RunFailed,))
+def run_plugin(self: RunTask, request: dict[str, Any]) -> str:
     """Runs one plugin on one event; returns the final status."""
     req = RunRequest.from_dict(request)
-    run = runner()
+    delivery = self.delivery
     try:
-        decision = run.execute(req, self.request.hostname or run.settings.worker_name)
+        done = delivery.deliver(req, self.request.hostname or delivery.settings.worker_name)
     except BROKER_DOWN as exc:
         log.warning("invocation %s: Redis unavailable (%s); the message goes back",
                     req.invocation_id, exc)
@@ -48,22 +73,22 @@ def run_plugin(self: Task, request: dict[str, Any]) -> str:
         # A fault of ours, not the plugin's: still a record and a failure event.
         log.exception("invocation %s failed inside the worker", req.invocation_id)
         try:
-            decision = run.conclude(req, Status.FAILED,
-                                    f"internal error: {type(exc).__name__}: {exc}")
+            done = delivery.store(req, Outcome(Status.FAILED, f"internal error: "
+                                                              f"{type(exc).__name__}: {exc}"))
         except BROKER_DOWN:
             raise Reject(exc, requeue=True) from None
-    if isinstance(decision, Later):
+    if isinstance(done, Again):
         try:
-            raise self.retry(kwargs={"request": decision.request.to_dict()},
-                             countdown=decision.countdown)
+            raise self.retry(kwargs={"request": done.request.to_dict()},
+                             countdown=done.countdown)
         except Retry:
             raise
         except BROKER_DOWN as exc:
             raise Reject(exc, requeue=True) from None
-    return finished(decision)
+    return finished(done)
 
 
-def finished(decision: Finished) -> str:
-    if decision.failed:
-        raise RunFailed(f"{decision.status}: {decision.reason or decision.status}")
-    return decision.status
+def finished(done: Done) -> str:
+    if done.failed:
+        raise RunFailed(f"{done.status}: {done.reason or done.status}")
+    return done.status

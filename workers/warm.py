@@ -1,42 +1,39 @@
-"""The warm launch strategy: a container created and started ahead (with every
-protection and its configuration's mounts) waiting in the product's launcher, then handed
-one run. The run writes its event into the container's read-only inbox, hands the
-launcher a one-line request with a per-run token, and is followed by the one run loop
-(workers.execute) until the launcher's closing line (with that token) ends both streams:
-over without waiting for the engine's exit path. The pool (workers.pool) decides which
-containers exist.
+"""The warm launch: a container created and started ahead (`prewarm`: every protection,
+its configuration's mounts, a uid of its own) waits in the product's launcher; a run is
+handed to it (`handed_over`): its event written into the container's read-only inbox, a
+one-line request with a per-run token sent to the launcher, which says GO (with the
+token) before it starts the plugin and, once the plugin and all it left behind are gone,
+ends both streams with a closing line (the token, the exit status, whether the OOM killer
+struck): over without waiting for the engine's exit path. A container that ends before its
+GO never started the plugin: WarmBroken, and the run goes cold. The pool (workers.pool)
+decides which containers exist, and removes each after its one run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import re
 import secrets
 import shutil
-import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from docker.utils.socket import demux_adaptor, frames_iter
-
 from manager.core.config import ROOT, Settings
 from manager.core.runs import RunUser
-from manager.plugins.deps import mkdirs, private_root
+from manager.plugins.safefs import mkdirs, private_root
 from workers import options
-from workers.container import ContainerHandle
-from workers.execute import Launched, execute, write_event
-from workers.identity import account_files
+from workers.container import STDERR, STDOUT, ContainerHandle
+from workers.engine import Engine
+from workers.files import account_files, write_event
 from workers.oom import OomWatch
-from workers.sandbox import Sandbox
-from workers.spec import PoolConfig, RunResult, RunSpec
+from workers.run_loop import Launched
+from workers.spec import PoolConfig, RunSpec
 
-log = logging.getLogger(__name__)
 LAUNCHER = ROOT / "workers" / "launcher.py"  # copied into the cache: a path the engine sees
 LAUNCHER_PATH = "/titan/launcher.py"
 INBOX = "/titan/in"
@@ -52,18 +49,15 @@ class Warm:
 
     config: PoolConfig
     container: ContainerHandle
-    sock: socket.socket
     inbox: Path
-    user: RunUser | None = None  # its identity, given back when it is removed
-    attached: Any = None  # the attach response, kept open with the socket
+    user: RunUser  # its identity, given back when it is removed
     oom: OomWatch | None = None
-    ready_at: float = field(default_factory=time.monotonic)
+    ready_mono: float = field(default_factory=time.monotonic)
 
-    def close(self) -> None:
-        """Our socket and the attach response's (each holds the connection open)."""
-        for stream in (self.sock, self.attached):
-            with contextlib.suppress(OSError, AttributeError):
-                stream.close()
+    def alive(self) -> bool:
+        """Whether its launcher still waits: a container that the engine stopped meanwhile
+        (a restart, a docker stop) has ended its stream; a waiting launcher says nothing."""
+        return not self.container.readable(0)
 
 
 class WarmBroken(RuntimeError):
@@ -74,16 +68,16 @@ class WarmUnavailable(RuntimeError):
     """The image cannot run the launcher (no python3, or it exited at once)."""
 
 
-def warm_options(sandbox: Sandbox, config: PoolConfig, inbox: Path,
+def warm_options(engine: Engine, config: PoolConfig, inbox: Path,
                  user: RunUser) -> dict[str, Any]:
     """The configuration's options (workers.options.base) with the launcher waiting on
     stdin instead of the plugin; the run's own part reaches the launcher with the run.
     The launcher is PID 1 (no docker-init): non-dumpable, so the plugin (same uid) can
     read neither its environment nor /proc/1/fd/0, the stream its request came through.
     It reaps like an init: a subreaper that waits for every process before it reports."""
-    opts = options.base(config, sandbox.settings, sandbox.base_labels, user,
+    opts = options.base(config, engine.settings, engine.base_labels, user,
                         account_files(inbox, user))
-    opts["mounts"] += [options.bind(LAUNCHER_PATH, str(launcher_copy(sandbox.settings))),
+    opts["mounts"] += [options.bind(LAUNCHER_PATH, str(launcher_copy(engine.settings))),
                        options.bind(INBOX, str(inbox))]
     opts["environment"]["EVENT_FILE"] = f"{INBOX}/event.json"
     opts["labels"][options.LABEL_POOL] = "1"
@@ -104,73 +98,52 @@ def launcher_copy(settings: Settings) -> Path:
     return target
 
 
-def start_warm(sandbox: Sandbox, config: PoolConfig) -> Warm:
+def prewarm(engine: Engine, config: PoolConfig) -> Warm:
     """Creates, attaches to and starts one container, and waits for its launcher."""
-    runs = mkdirs(private_root(sandbox.settings.cache_dir) / "runs", 0o700)
+    runs = mkdirs(private_root(engine.settings.cache_dir) / "runs", 0o700)
     inbox = mkdirs(runs / f"warm-{secrets.token_hex(8)}", 0o711)
     os.chmod(inbox, 0o711)
-    user = sandbox.identities.take()
+    user = engine.identities.take()
+    container: ContainerHandle | None = None
     try:
-        container = sandbox.create(warm_options(sandbox, config, inbox, user), config.image)
+        container = engine.create(warm_options(engine, config, inbox, user), config.image)
+        container.attach(stdin=True)
+        container.start()
+        if not container.readable(READY_TIMEOUT_S):
+            raise WarmUnavailable(f"no launcher answered within {READY_TIMEOUT_S}s")
+        said = next(container.frames(), None)
+        if said is None or said[1] != READY:
+            raise WarmUnavailable(f"launcher said {said[1][:80] if said else 'nothing'!r}")
     except BaseException:
-        sandbox.identities.give_back(user)
+        if container is None or container.remove():
+            engine.identities.give_back(user)
         shutil.rmtree(inbox, ignore_errors=True)
         raise
-    try:
-        attached = sandbox.client.api.attach_socket(container.id, params={
-            "stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
-        # A socket of our own on the same connection (the attach response keeps its own).
-        sock = socket.socket(fileno=os.dup(attached.fileno()))
-        container.container.start()
-        sock.settimeout(READY_TIMEOUT_S)
-        try:
-            _, data = next(frames_iter(sock, tty=False))
-        except (StopIteration, TimeoutError, OSError) as exc:
-            raise WarmUnavailable(f"no launcher answered: {exc or 'it exited'}") from None
-        if data != READY:
-            raise WarmUnavailable(f"launcher said {data[:80]!r}")
-        sock.settimeout(None)
-    except BaseException:
-        container.remove()
-        sandbox.identities.give_back(user)
-        shutil.rmtree(inbox, ignore_errors=True)
-        raise
-    return Warm(config, container, sock, inbox, user, attached, sandbox.oom.watch(container.id))
+    return Warm(config, container, inbox, user, engine.oom.watch(container.id))
 
 
-def run_warm(sandbox: Sandbox, warm: Warm, spec: RunSpec) -> RunResult:
-    """The warm launch: hands the run to the launcher (event file, then a one-line request
-    with a per-run token); the one run loop follows it, to the launcher's closing line."""
-    t0 = time.time()
-    assert warm.user is not None
+@contextlib.contextmanager
+def handed_over(warm: Warm, spec: RunSpec) -> Iterator[Launched]:
+    """Hands the run to a prewarmed container's launcher (the event file, then a one-line
+    request with a per-run token). The container is the pool's to remove afterwards."""
+    started_wall = time.time()
+    if not warm.alive():
+        raise WarmBroken("the prewarmed container is gone (its stream has ended)")
     write_event(warm.inbox, spec, warm.user)
     token = secrets.token_hex(16)
     request = json.dumps({"token": token, "argv": list(spec.config.argv),
                           "env": options.run_env(spec)}) + "\n"
     try:
-        if not alive(warm.sock):
-            raise WarmBroken("the prewarmed container is gone (its stream has ended)")
-        warm.sock.sendall(request.encode())
+        warm.container.send(request.encode())
     except OSError as exc:
         raise WarmBroken(f"the prewarmed container's stream is gone: {exc}") from exc
     ending = Ending(token)
-    result = execute(Launched(warm.container, ending.frames(warm.sock), ending.state,
-                              oom=warm.oom), spec, sandbox.settings, sandbox, t0)
-    result.extra["warm"] = True
-    return result
-
-
-def alive(sock: socket.socket) -> bool:
-    """Whether a waiting launcher's stream is still open: a container that the engine
-    stopped meanwhile (a restart, a docker stop) has closed it. Reads nothing."""
-    try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
-    except BlockingIOError:
-        return True  # open, and nothing to read: the launcher is waiting
+    yield Launched(warm.container, ending.frames(warm.container.frames()), started_wall,
+                   started_wall, ending.state, warm.oom, warm=True)
 
 
 class Ending:
-    """Reads the attach stream from the launcher's line that takes the run (GO, with this
+    """Reads the run's frames from the launcher's line that takes the run (GO, with this
     run's token; a stream that ends before it raises WarmBroken: nothing ran) until its
     closing line has ended both stdout and stderr, holding back each stream's tail until
     it is known not to be that line, and never passing either line on."""
@@ -179,18 +152,18 @@ class Ending:
         self.token = token.encode()
         self.go = b"\x00TITAN-GO:" + self.token + b"\n"
         self.started = False
-        self.tails = {1: b"", 2: b""}
+        self.tails = {STDOUT: b"", STDERR: b""}
         self.ends: dict[int, tuple[int, int]] = {}
 
-    def frames(self, sock: socket.socket) -> Iterator[tuple[bytes | None, bytes | None]]:
-        for stream, data in frames_iter(sock, tty=False):
+    def frames(self, frames: Iterator[tuple[int, bytes]]) -> Iterator[tuple[int, bytes]]:
+        for stream, data in frames:
             if stream not in self.tails or stream in self.ends:
                 continue
-            if stream == 1 and not self.started:
-                data = self.tails[1] + data
-                self.tails[1] = b""
+            if stream == STDOUT and not self.started:
+                data = self.tails[STDOUT] + data
+                self.tails[STDOUT] = b""
                 if len(data) < len(self.go) and self.go.startswith(data):
-                    self.tails[1] = data  # the line is still arriving
+                    self.tails[STDOUT] = data  # the line is still arriving
                     continue
                 self.started = True  # the launcher's: anything else means it ran already
                 data = data.removeprefix(self.go)
@@ -202,7 +175,7 @@ class Ending:
             else:
                 buf, self.tails[stream] = buf[:-TAIL], buf[-TAIL:]
             if buf:
-                yield demux_adaptor(stream, buf)
+                yield stream, buf
             if len(self.ends) == 2:
                 return
         if not self.started:
@@ -210,11 +183,11 @@ class Ending:
                              "run")
         for stream, tail in self.tails.items():  # the stream ended without the closing line
             if tail:
-                yield demux_adaptor(stream, tail)
+                yield stream, tail
 
     def state(self) -> dict[str, Any] | None:
         """The exit status the launcher reported on both streams, or None."""
-        if len(self.ends) != 2 or self.ends[1] != self.ends[2]:
+        if len(self.ends) != 2 or self.ends[STDOUT] != self.ends[STDERR]:
             return None
-        code, oom = self.ends[1]
+        code, oom = self.ends[STDOUT]
         return {"ExitCode": code, "OOMKilled": bool(oom)}

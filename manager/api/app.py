@@ -33,7 +33,7 @@ from manager.core.errors import (
     TitanError,
     VersionNotFound,
 )
-from manager.core.record_store import RecordStore
+from manager.core.wiring import Wiring
 from manager.plugins.registry import Registry
 
 STATUS_CODES = {EventError: 400, BadQuery: 400, BudgetExceeded: 429, PluginNotFound: 404,
@@ -42,15 +42,15 @@ STATUS_CODES = {EventError: 400, BadQuery: 400, BudgetExceeded: 429, PluginNotFo
 PUBLIC_PATHS = ("/health", "/docs", "/openapi.json")  # and /docs/static/...
 
 
-def create_app(settings: Settings, conn: redis.Redis, registry: Registry,
-               dispatcher: Dispatcher,
+def create_app(wiring: Wiring, registry: Registry, dispatcher: Dispatcher,
                on_reload: Callable[[dict[str, Any]], object] | None = None) -> Flask:
     """Flask app factory; every dependency is passed in (tests pass their own)."""
+    settings = wiring.settings
     app = Flask(__name__)
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.config["MAX_CONTENT_LENGTH"] = settings.max_event_bytes + 64 * 1024
-    app.extensions["titan"] = ApiContext(settings, conn, registry, dispatcher,
-                                         RecordStore(conn, settings),
+    app.extensions["titan"] = ApiContext(settings, wiring.conn, registry, dispatcher,
+                                         wiring.records, wiring.keys,
                                          settings.event_limits,
                                          threading.BoundedSemaphore(max(1, settings.api_waiters)),
                                          on_reload)

@@ -16,6 +16,7 @@ from manager.bus.dispatch import Dispatcher
 from manager.core.clients import check_replicated, confirm_replicated
 from manager.core.config import Settings
 from manager.core.events import Event, Limits
+from manager.core.keys import Keys
 from manager.core.record_store import RecordStore
 from manager.plugins.registry import Registry
 
@@ -29,6 +30,7 @@ class ApiContext:
     registry: Registry
     dispatcher: Dispatcher
     records: RecordStore
+    keys: Keys
     limits: Limits
     # `?wait` holds a request thread: at most this many at once, the rest answer at once.
     waiters: threading.BoundedSemaphore

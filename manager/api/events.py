@@ -16,7 +16,6 @@ from manager.api.models import DeadLetters, EntryOutcome, EventIn, LimitQuery, P
 from manager.api.spec import ERRORS, api
 from manager.core.errors import DeadLetterNotFound, EventError
 from manager.core.events import Event, from_outside
-from manager.core.keys import Keys
 
 bus_routes = Blueprint("titan_bus", __name__)
 
@@ -68,7 +67,7 @@ def entry_outcome(entry_id: str) -> Any:
     """What the listener did with a published entry: not yet handled, dead-lettered (with
     its reason), or the run each matching plugin got, or the earlier run it duplicates.
     Kept for a few minutes after the entry was handled."""
-    raw = ctx().conn.hgetall(Keys(ctx().settings.key_prefix).entry_outcome(entry_id))
+    raw = ctx().conn.hgetall(ctx().keys.entry_outcome(entry_id))
     fields = {k.decode(): v.decode() for k, v in raw.items()}
     runs = [{"plugin": name, **json.loads(value)} for name, value in sorted(fields.items())
             if not name.startswith("_")]

@@ -44,7 +44,6 @@ from manager.core.errors import (
     PluginUnavailable,
 )
 from manager.core.events import Event, from_outside
-from manager.core.keys import Keys
 from manager.core.record_store import Charge
 from manager.core.records import Status
 from manager.plugins.loader import PluginEntry
@@ -87,7 +86,7 @@ def health() -> Any:
     try:
         c.conn.ping()
         state["redis"] = {"ok": True}
-        workers = WorkerBeat.all(c.conn, Keys(c.settings.key_prefix))
+        workers = WorkerBeat.all(c.conn, c.keys)
     except redis.RedisError as exc:
         state["redis"] = {"ok": False, "error": str(exc)}
         workers = []

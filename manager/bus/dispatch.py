@@ -11,13 +11,12 @@ from collections.abc import Callable
 import redis
 from celery import Celery
 
-from manager.core.config import Settings
 from manager.core.contract import RUN_TASK
 from manager.core.events import Event
-from manager.core.keys import Keys
-from manager.core.record_store import Charge, RecordStore
+from manager.core.record_store import Charge
 from manager.core.records import InvocationRecord, Status
 from manager.core.runs import RunRequest
+from manager.core.wiring import Wiring
 from manager.plugins.loader import PluginEntry
 
 Owed = Callable[[redis.client.Pipeline], object]  # a write that rides in a later pipeline
@@ -28,12 +27,12 @@ QUEUED_GRACE_S = 120  # how often the sweeper looks at a queued run's message
 class Dispatcher:
     """Records the run, then enqueues it; idempotent per (event, plugin) for bus events."""
 
-    def __init__(self, conn: redis.Redis, settings: Settings, celery: Celery) -> None:
-        self.conn = conn
-        self.settings = settings
+    def __init__(self, wiring: Wiring, celery: Celery) -> None:
+        self.conn = wiring.conn
+        self.settings = wiring.settings
         self.celery = celery
-        self.records = RecordStore(conn, settings)
-        self.keys = Keys(settings.key_prefix)
+        self.records = wiring.records
+        self.keys = wiring.keys
 
     def dispatch(self, event: Event, plugin: PluginEntry, origin: str = "bus",
                  charge: Charge | None = None, owed: list[Owed] | None = None,

@@ -28,9 +28,9 @@ from manager.core import metrics
 from manager.core.config import Settings
 from manager.core.errors import BudgetExceeded, EventError
 from manager.core.events import Event
-from manager.core.keys import Keys
 from manager.core.record_store import Charge
 from manager.core.retry import REDIS_RECONNECT
+from manager.core.wiring import Wiring
 from manager.plugins.loader import PluginEntry
 from manager.plugins.registry import Registry
 
@@ -66,15 +66,15 @@ class Listener:
     pending, comes back through XAUTOCLAIM, and after `max_deliveries` deliveries it is
     dead-lettered as `unprocessable` with its last error."""
 
-    def __init__(self, conn: redis.Redis, settings: Settings, registry: Registry,
-                 dispatcher: Dispatcher, consumer: str | None = None,
+    def __init__(self, wiring: Wiring, registry: Registry, dispatcher: Dispatcher,
+                 consumer: str | None = None,
                  housekeeping: Callable[[], object] | None = None) -> None:
-        self.conn = conn
-        self.settings = settings
+        self.conn = wiring.conn
+        self.settings = settings = wiring.settings
         self.registry = registry
         self.dispatcher = dispatcher
         self.owed: list[Owed] = []  # writes that ride in the next read's pipeline
-        self.keys = Keys(settings.key_prefix)
+        self.keys = wiring.keys
         self.consumer = consumer or f"{settings.worker_name}-{id(self):x}"
         self.limits = settings.event_limits
         self.housekeeping = housekeeping

@@ -1,10 +1,11 @@
 """The sweeper: no run stays `pending`, `queued`, `throttled`, `running` or `retrying`
 past its deadline (SPEC §4).
 
-A run past its deadline is left alone while a worker holds it: the worker's beat renews a
-lease per run it holds (accepted, prefetched or scheduled), so that is one key per run,
-never a read of the broker's queue or of kombu's `unacked` hash. An unheld run is judged by
-what its status proves:
+A run past its deadline is left alone while a process holds it: the process running it
+renews its lease (manager.core.slots), so that is one key per run, never a read of the
+broker's queue or of kombu's `unacked` hash. A run a worker has prefetched but not started
+is not held; it is waiting, and starts well within the patience below (one run's length at
+most). An unheld run is judged by what its status proves:
 
 - `pending`: its message was never sent (the record is marked `queued` only after the
   send). Abandoned once it has looked so for `sweep_grace_s`.
@@ -27,24 +28,15 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-import redis
-
 from manager.bus.dispatch import QUEUED_GRACE_S, Dispatcher
 from manager.core import metrics
-from manager.core.beats import WorkerBeat
-from manager.core.config import Settings
-from manager.core.keys import Keys
-from manager.core.record_store import RecordStore
-from manager.core.records import InvocationRecord, Status
+from manager.core.records import InvocationRecord, Outcome, Status
 from manager.core.runs import RunRequest
+from manager.core.wiring import Wiring
 
 log = logging.getLogger(__name__)
 ALIVE_RECHECK_S = 300  # a run still held or queued is looked at again after this long
 
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 
 @dataclass
@@ -55,13 +47,13 @@ class SweepReport:
 
 
 class Sweeper:
-    def __init__(self, conn: redis.Redis, settings: Settings, dispatcher: Dispatcher) -> None:
-        self.conn = conn
-        self.settings = settings
+    def __init__(self, wiring: Wiring, dispatcher: Dispatcher) -> None:
+        self.conn = wiring.conn
+        self.settings = wiring.settings
         self.dispatcher = dispatcher
-        self.records = RecordStore(conn, settings)
-        self.keys = Keys(settings.key_prefix)
-        self._release = conn.register_script(_RELEASE)
+        self.records = wiring.records
+        self.slots = wiring.slots
+        self.keys = wiring.keys
         self._last = 0.0
 
     def maybe_sweep(self) -> None:
@@ -84,7 +76,7 @@ class Sweeper:
         try:
             return self._sweep(time.time() if now is None else now)
         finally:
-            self._release(keys=[self.keys.sweep_lock], args=[token])
+            self.records.scripts.unlock(keys=[self.keys.sweep_lock], args=[token])
 
     def _sweep(self, now: float) -> SweepReport:
         report = SweepReport()
@@ -95,7 +87,7 @@ class Sweeper:
             if suspects:
                 self.conn.delete(self.keys.sweep_suspects)
             return report
-        held = WorkerBeat.leased(self.conn, self.keys, due)
+        held = self.slots.held(due)
         queue_moving = bool(self.conn.llen(self.settings.task_queue))
         waiting = set(held)
         for invocation_id in (i for i in due if i not in held):
@@ -141,13 +133,14 @@ class Sweeper:
             if outcome.applied:
                 self.dispatcher.enqueue(request)
                 metrics.REQUEUED.labels(plugin=record.plugin).inc()
-                metrics.RETRIES.labels(plugin=record.plugin, reason="abandoned").inc()
+                metrics.RETRIES.labels(plugin=record.plugin,
+                                       reason=metrics.RetryReason.ABANDONED).inc()
                 report.requeued.append(record.invocation_id)
                 log.warning("sweeper: re-queued %s (%s)", record.invocation_id, record.status)
             return
         reason = f"lost: {self._what_vanished(record)}"
         failure = request.failure_event(Status.LOST.value, reason) if request else None
-        outcome = self.records.conclude(record.invocation_id, Status.LOST, reason, [], failure)
+        outcome = self.records.store(record.invocation_id, Outcome(Status.LOST, reason), failure)
         if outcome.applied:
             metrics.INVOCATIONS.labels(plugin=record.plugin, status=Status.LOST.value).inc()
             report.lost.append(record.invocation_id)

@@ -26,6 +26,7 @@ from urllib.parse import urlparse
 import click
 
 from manager.core.errors import API_HEADER
+from manager.core.retry import CLI_RECORD_POLL
 
 TERMINAL = {"succeeded", "failed", "timeout", "oom", "output_limit", "rejected", "lost"}
 EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_UNREACHABLE, EXIT_WAIT = 1, 2, 3, 4, 5
@@ -207,15 +208,14 @@ def read_event(value: str) -> bytes:
     return raw
 
 
-def poll_record(api: Api, queued: dict[str, Any], deadline: float,
-                first: float = 0.1) -> tuple[int, Any]:
+def poll_record(api: Api, queued: dict[str, Any], deadline: float) -> tuple[int, Any]:
     """Reads the run's record until it is final or the deadline passes (the API answered
     at once because its waiting slots were all taken, or the run came from the bus)."""
-    delay = first
-    while time.monotonic() < deadline:
+    for delay in CLI_RECORD_POLL.delays():
+        if time.monotonic() >= deadline:
+            return 202, queued
         time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
         _, record = api.call("GET", queued["record"])
         if record.get("status") in TERMINAL:
             return 200, record
-        delay = min(delay * 1.5, 1.0)
-    return 202, queued
+    raise AssertionError("unreachable: the delays never end")

@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from manager.cli.client import EXIT_NOT_FOUND, CliError, read_event
-from manager.core.config import current
+from manager.core.config import Settings
 from manager.core.errors import EventError, SandboxUnavailable
 from manager.core.events import Event
 from manager.core.runs import RunRequest
@@ -21,27 +21,27 @@ from manager.plugins.engines import Engines, image_warning, runtime_warning
 from manager.plugins.loader import PluginEntry, discover, load_plugin
 
 
-def local_engine() -> Engines:
+def local_engine(settings: Settings) -> Engines:
     """Images and runtimes of the local engine (None each when there is no engine)."""
     import requests
     from docker.errors import DockerException
 
-    from workers.sandbox import Sandbox
+    from workers.engine import Engine
 
     try:
-        sandbox = Sandbox(current())
-        return Engines(set(sandbox.images()), sandbox.runtimes())
+        engine = Engine(settings)
+        return Engines(set(engine.images()), engine.runtimes())
     except (SandboxUnavailable, DockerException, requests.RequestException):
         return Engines(None, None)
 
 
-def checked(entry: PluginEntry, engine: Engines) -> PluginEntry:
+def checked(entry: PluginEntry, engine: Engines, settings: Settings) -> PluginEntry:
     from dataclasses import replace
 
     where = "this machine's Docker engine"
     warnings = tuple(w for w in (
-        image_warning(entry, engine.images, current(), where),
-        runtime_warning(entry, engine.runtimes, current(), f"{where} lacks")) if w)
+        image_warning(entry, engine.images, settings, where),
+        runtime_warning(entry, engine.runtimes, settings, f"{where} lacks")) if w)
     return replace(entry, warnings=warnings) if warnings else entry
 
 
@@ -76,19 +76,19 @@ def plugin_dir(value: str, plugins_dir: Path) -> Path:
 def validate(ctx: click.Context, directory: str | None, every: bool) -> None:
     """Check a plugin (a directory, or a name under the plugins directory), or all of them,
     by the rules a reload applies."""
-    settings = current()
-    engine = local_engine()
+    settings = Settings.from_env()
+    engine = local_engine(settings)
     if every:
         root = Path(directory) if directory else settings.plugins_dir
         if not root.is_dir():
             raise click.BadParameter(f"{directory} is not a directory")
         found = discover(root.resolve(), settings).found
-        entries = [checked(e, engine) for e, _ in found.values()]
+        entries = [checked(e, engine, settings) for e, _ in found.values()]
     else:
         if directory is None:
             raise click.UsageError("give a plugin DIRECTORY, or --all")
         path = plugin_dir(directory, settings.plugins_dir)
-        entries = [checked(load_plugin(path.resolve(), settings)[0], engine)]
+        entries = [checked(load_plugin(path.resolve(), settings)[0], engine, settings)]
     data: Any = [e.public() for e in entries] if every else entries[0].public()
     ctx.obj["out"](data, "\n".join(entry_line(e) for e in entries))
     if not entries or any(not e.runnable for e in entries):
@@ -107,7 +107,7 @@ def new(ctx: click.Context, name: str, topic: str, event_type: str,
     """Create plugins/NAME: a commented plugin.yaml, main.py, a sample event, a README."""
     from manager.plugins.scaffold import scaffold
 
-    settings = current()
+    settings = Settings.from_env()
     try:
         target = scaffold(plugins_dir or settings.plugins_dir, name, topic, event_type, settings)
     except ValueError as exc:
@@ -131,7 +131,7 @@ def new(ctx: click.Context, name: str, topic: str, event_type: str,
 def run_local(ctx: click.Context, directory: str, event: str) -> None:
     """Run a plugin (a directory, or a name under the plugins directory) once, locally, in
     the same sandbox as a worker (no Redis)."""
-    settings = current()
+    settings = Settings.from_env()
     entry, bundle = load_plugin(plugin_dir(directory, settings.plugins_dir).resolve(),
                                 settings)
     if not entry.runnable or entry.manifest is None or bundle is None:
@@ -141,38 +141,47 @@ def run_local(ctx: click.Context, directory: str, event: str) -> None:
     except EventError as exc:
         raise click.BadParameter(exc.message, param_hint="-e") from None
     req = entry.request(ev, settings, "cli")
-    report = _execute(req, bundle)
+    report = _execute(req, bundle, settings)
     ctx.obj["out"](report, _describe(report))
     if report["status"] != "succeeded":
         sys.exit(1)
 
 
-def _execute(req: RunRequest, bundle: bytes) -> dict[str, Any]:
-    from workers.execution import Execution, Refused
+def _execute(req: RunRequest, bundle: bytes, settings: Settings) -> dict[str, Any]:
+    """The run's steps as a worker takes them (prepare, launch and the run loop, classify),
+    without Redis: nothing is claimed or stored, and the container is always cold."""
+    from manager.core.records import Outcome, Status
+    from workers.classify import outcome, verdict
+    from workers.cold import Refusal
+    from workers.engine import Engine
+    from workers.launch import run_container
     from workers.plugin_cache import PluginCache
-    from workers.results import decide
-    from workers.sandbox import Sandbox
+    from workers.prepare import prepare
 
-    settings = current()
-    cache = PluginCache(None, settings)
-    t0 = time.monotonic()
+    cache, engine, t0 = PluginCache(None, settings), Engine(settings), time.monotonic()
+    report: dict[str, Any] = {"invocation_id": req.invocation_id, "results": []}
     try:
-        result = Execution(settings, Sandbox(settings), cache).run(
-            req, cache.code_dir(req.digest, bundle))
+        prepared = prepare(req, settings, engine, cache, bundle)
+        if isinstance(prepared, Outcome):
+            return {**report, "status": prepared.status.value, "reason": prepared.reason}
+        try:
+            end = run_container(prepared, engine, None, settings, cache.root / "runs")
+        finally:
+            prepared.close()
+    except Refusal as exc:
+        return {**report, "status": exc.status.value, "reason": exc.reason}
     except SandboxUnavailable as exc:
         raise click.ClickException(f"{exc.message} (is a Docker engine running? make up "
                                    "starts one)") from None
-    if isinstance(result, Refused):
-        return {"invocation_id": req.invocation_id, "status": result.status.value,
-                "reason": result.reason, "results": []}
-    decided = decide(req, result, settings)
-    return {"invocation_id": req.invocation_id, "status": decided.status.value,
-            "reason": decided.reason, "exit_code": result.exit_code,
-            "duration_s": round(result.duration_s, 3),
-            "container_start_s": round(result.container_start_s, 3),
+    judged = verdict(end, prepared.spec, settings.output_cap_bytes)
+    ended = (outcome(req, end, judged, settings) if judged.status.terminal else
+             Outcome(Status.FAILED, f"sandbox_unavailable: {judged.reason}"))
+    return {**report, "status": ended.status.value, "reason": ended.reason,
+            "exit_code": end.exit_code, "duration_s": round(end.duration_s, 3),
+            "container_start_s": round(end.ready_s, 3),
             "total_s": round(time.monotonic() - t0, 3),
-            "results": [json.loads(e) for e in decided.events],
-            "stdout": decided.fields["stdout"], "stderr": decided.fields["stderr"]}
+            "results": [json.loads(e) for e in ended.events],
+            "stdout": ended.fields.get("stdout", ""), "stderr": ended.fields.get("stderr", "")}
 
 
 def _describe(report: dict[str, Any]) -> str:

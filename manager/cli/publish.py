@@ -17,19 +17,17 @@ from manager.cli.client import (
     poll_record,
     read_event,
 )
-
-POLL = (0.05, 0.5, 1.5)  # first delay, cap, factor
+from manager.core.retry import CLI_ENTRY_POLL
 
 
 def wait_handled(api: Api, entry_id: str, deadline: float) -> dict[str, Any] | None:
     """The listener's account of the entry, once it has handled it (None: not in time)."""
-    delay = POLL[0]
-    while True:
+    for delay in CLI_ENTRY_POLL.delays():
         _, outcome = api.call("GET", f"/events/entries/{entry_id}")
         if outcome["handled"] or time.monotonic() >= deadline:
             return outcome if outcome["handled"] else None
         time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-        delay = min(delay * POLL[2], POLL[1])
+    raise AssertionError("unreachable: the delays never end")
 
 
 def run_line(run: dict[str, Any], record: dict[str, Any] | None, event_id: str) -> str:
@@ -75,7 +73,7 @@ def publish(ctx: click.Context, event: str, wait: float | None) -> None:
     for run in outcome["runs"]:
         if not run["duplicate"]:
             ref = {"record": f"/invocations/{run['invocation_id']}"}
-            status, record = poll_record(api, ref, deadline, first=0.05)
+            status, record = poll_record(api, ref, deadline)
             records[run["invocation_id"]] = record if status == 200 else None
     lines = [run_line(r, records.get(r["invocation_id"]), data["event_id"])
              for r in outcome["runs"]] or ["  no plugin's trigger matches it"]

@@ -1,7 +1,7 @@
 """The one factory for Redis clients: every process builds its connections here, with
 the project's retry and health-check options, straight to `redis_url` or through Sentinel
 (`redis_sentinels`), and the one place that confirms a write reached the replicas.
-(Docker clients: `workers.sandbox`.)
+(Docker clients: `workers.engine`.)
 
 Through Sentinel, a client asks the Sentinels for the primary and follows a failover by
 itself: a connection error, or a ReadOnlyError from a primary that was demoted, drops

@@ -1,41 +1,28 @@
-"""Every setting, read from the environment in one place, once per process."""
+"""Every setting, read from the environment (TITAN_*) in one place, once per process, by
+pydantic-settings: types checked and converted by a maintained library, an error naming
+the variable. Each process builds its Settings once at start (manager.core.wiring)."""
 
 from __future__ import annotations
 
-import os
 import socket
-from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from manager.core.events import Limits
+from manager.core.keys import Keys
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _number(name: str, default: Any, kind: type) -> Any:
-    """An int or float variable; empty means the default; anything else names the problem."""
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return kind(raw)
-    except ValueError as exc:
-        what = "an integer" if kind is int else "a number"
-        raise ValueError(f"{name} must be {what}, got {raw!r}") from exc
+class Settings(BaseSettings):
+    """Typed settings; `Settings.from_env()` reads TITAN_* (an empty value means the
+    default); keyword overrides win (tests use them)."""
 
-
-def _str(name: str, default: str) -> str:
-    return os.environ.get(name) or default
-
-
-def _paths(raw: str) -> tuple[Path, ...]:
-    return tuple(Path(p) for p in raw.replace(",", ":").split(":") if p.strip())
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Typed settings; `Settings.from_env()` is the only reader of TITAN_* variables."""
+    model_config = SettingsConfigDict(env_prefix="TITAN_", env_ignore_empty=True,
+                                      frozen=True, extra="forbid")
 
     redis_url: str = "redis://127.0.0.1:6379/0"  # with Sentinel: its password and db only
     # Redis behind Sentinel: "host:port,host:port,...", and the primary's name there.
@@ -51,14 +38,15 @@ class Settings:
     key_prefix: str = "titan"
     plugins_dir: Path = ROOT / "plugins"
     run_dir: Path = ROOT / "run"
-    cache_dir: Path = ROOT / "run" / "cache"
+    # {hostname}: one cache per worker container sharing a host directory (compose)
+    cache_dir: Path = Path("{run_dir}/cache")
     runtime_image: str = "titan-runtime:py3.11"
     runtime_python: str = "3.11"
     instance: str = "default"
     api_host: str = "127.0.0.1"
     api_port: int = 8003
     # The CLI's channel: a socket only root can open (in the root-only run directory).
-    api_socket: Path = ROOT / "run" / "api.sock"
+    api_socket: Path = Path("{run_dir}/api.sock")
     api_token: str = ""
     # One client must not hold the API: requests run on api_threads threads, of which at
     # most api_waiters wait for a run (`?wait`); idle or slow connections are dropped after
@@ -75,7 +63,7 @@ class Settings:
     uid_dir: str = "/run/titan/uids"
     host_etc: str = "/"  # where the host's /etc is seen from (compose workers: a mount)
     # Host roots that plugins may be granted (SPEC §4); system and project paths never are.
-    allowed_roots: tuple[Path, ...] = (Path("/srv/titan"),)
+    allowed_roots: Annotated[tuple[Path, ...], NoDecode] = (Path("/srv/titan"),)
     # The one package index requirements.txt is installed from (wheels only).
     pip_index_url: str = "https://pypi.org/simple"
     pip_find_links: str = ""  # a local directory of wheels used instead of any index
@@ -129,10 +117,10 @@ class Settings:
     throttle_backoff_max: int = 30
     # Fairness: while other plugins wait, one plugin holds at most this part of the worker
     # slots the live workers report (at least one slot).
-    plugin_share: float = 0.5
+    plugin_share: float = Field(0.5, gt=0, le=1)
     # Isolation: "container" lets each manifest choose (`isolation:`); "gvisor" runs every
     # plugin under gVisor. The engine must have the runtime registered under this name.
-    isolation: str = "container"
+    isolation: Literal["container", "gvisor"] = "container"
     gvisor_runtime: str = "runsc"
     finish_budget_s: int = 3600  # how long a finished run waits for Redis to come back
     sweep_interval_s: int = 30  # how often the manager looks for abandoned runs
@@ -143,40 +131,41 @@ class Settings:
     max_deliveries: int = 5  # a stream entry that fails this often is dead-lettered
     housekeeping_s: int = 15  # how often the manager reclaims, trims and sweeps
     read_block_ms: int = 1000
-    worker_name: str = field(default_factory=socket.gethostname)
+    worker_name: str = Field(default_factory=socket.gethostname)
+
+    @field_validator("allowed_roots", mode="before")
+    @classmethod
+    def _paths(cls, raw: Any) -> Any:
+        """A colon- (or comma-) separated list of directories."""
+        if isinstance(raw, str):
+            return tuple(Path(p) for p in raw.replace(",", ":").split(":") if p.strip())
+        return raw
+
+    @model_validator(mode="after")
+    def _derived(self) -> Settings:
+        """Paths under the run directory unless given; {hostname} in the cache's."""
+        for name in ("cache_dir", "api_socket"):
+            value = str(getattr(self, name))
+            value = value.replace("{run_dir}", str(self.run_dir))
+            object.__setattr__(self, name, Path(value.replace("{hostname}",
+                                                              socket.gethostname())))
+        return self
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
-        """Builds settings from TITAN_* variables; keyword overrides win (tests use them)."""
-        run_dir = Path(_str("TITAN_RUN_DIR", str(ROOT / "run")))
-        values: dict[str, Any] = {
-            "plugins_dir": Path(_str("TITAN_PLUGINS_DIR", str(ROOT / "plugins"))),
-            "run_dir": run_dir,
-            "api_socket": Path(_str("TITAN_API_SOCKET", str(run_dir / "api.sock"))),
-            # {hostname}: one cache per worker container sharing a host directory (compose)
-            "cache_dir": Path(_str("TITAN_CACHE_DIR", str(run_dir / "cache")).replace(
-                "{hostname}", socket.gethostname())),
-            "allowed_roots": _paths(_str("TITAN_ALLOWED_ROOTS", "/srv/titan")),
-            "worker_name": _str("TITAN_WORKER_NAME", socket.gethostname()),
-        }
-        for f in fields(cls):
-            env = "TITAN_" + f.name.upper()
-            if f.name in values:
-                continue
-            if f.type in ("int", int, "float", float):
-                kind = int if f.type in ("int", int) else float
-                values[f.name] = _number(env, f.default, kind)
-            elif f.type in ("str", str):
-                values[f.name] = _str(env, f.default)  # type: ignore[arg-type]
-        values.update(overrides)
-        settings = cls(**values)
-        if settings.isolation not in ("container", "gvisor"):
-            raise ValueError("TITAN_ISOLATION must be container or gvisor, got "
-                             f"{settings.isolation!r}")
-        if not 0 < settings.plugin_share <= 1:
-            raise ValueError("TITAN_PLUGIN_SHARE must be above 0 and at most 1, got "
-                             f"{settings.plugin_share}")
-        return settings
+        """TITAN_* variables and keyword overrides; a bad value raises ValueError naming
+        the variable and what it must be."""
+        try:
+            return cls(**overrides)
+        except ValidationError as exc:
+            problems = [f"TITAN_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}, got "
+                        f"{e.get('input')!r}" for e in exc.errors()]
+            raise ValueError("; ".join(problems)) from None
+
+    @property
+    def keys(self) -> Keys:
+        """Every Redis key of this instance (its prefix)."""
+        return Keys(self.key_prefix)
 
     @property
     def event_limits(self) -> Limits:
@@ -198,15 +187,4 @@ class Settings:
         return self.visibility_timeout or self.max_timeout + 300
 
     def with_(self, **changes: Any) -> Settings:
-        return replace(self, **changes)
-
-
-_current: Settings | None = None
-
-
-def current() -> Settings:
-    """This process's settings: read from the environment once, on first use."""
-    global _current
-    if _current is None:
-        _current = Settings.from_env()
-    return _current
+        return self.model_copy(update=changes)

@@ -11,7 +11,6 @@ from celery import Celery
 
 from manager.core.clients import is_socket, password_and_db
 from manager.core.config import Settings
-from manager.core.keys import Keys
 
 RUN_TASK = "titan.run_plugin"
 
@@ -20,7 +19,7 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
     """The part of Celery's configuration that comes from Settings (celeryconfig.py holds
     the rest)."""
     restore_every = max(1, min(10, settings.restore_interval))
-    keys = Keys(settings.key_prefix)
+    keys = settings.keys
     return {
         "broker_url": broker_url(settings),
         "task_default_queue": settings.task_queue,

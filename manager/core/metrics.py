@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import os
 from collections.abc import Callable, Iterator
+from enum import StrEnum
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -44,6 +45,15 @@ CONTAINER_READY = Histogram("titan_container_ready_seconds",
 RELOADS = Counter("titan_reloads_total", "Registry reloads: ok, partial (a plugin was "
                   "rejected) or failed", ["result"])
 RETRIES = Counter("titan_retries_total", "Runs sent again, by why", ["plugin", "reason"])
+
+
+class RetryReason(StrEnum):
+    """Why a run is sent again (the `reason` label of titan_retries_total)."""
+
+    SANDBOX_UNAVAILABLE = "sandbox_unavailable"
+    MANIFEST = "manifest"  # the plugin failed and its manifest allows `retries:`
+    SECOND_DELIVERY = "second_delivery"
+    ABANDONED = "abandoned"  # the sweeper found it abandoned (manager.bus.sweeper)
 
 
 def count_reload(changes: dict[str, list] | None) -> None:

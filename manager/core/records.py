@@ -57,6 +57,22 @@ def allowed(source: Status, target: Status) -> bool:
 
 
 @dataclass(frozen=True)
+class Outcome:
+    """A run's end as the record store takes it, whatever ended it (its container, a
+    refusal before any, its retries spent, the sweeper): the terminal status, the reason,
+    the result events (encoded; none unless it succeeded) and the record's other fields.
+    A run that did not succeed also gets its failure event when stored."""
+
+    status: Status
+    reason: str | None = None
+    events: tuple[str, ...] = ()
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        assert self.status.terminal, f"an outcome is terminal, not {self.status}"
+
+
+@dataclass(frozen=True)
 class InvocationRecord:
     """One run. `request` is the run request, kept so a lost message can be sent again."""
 

@@ -33,6 +33,8 @@ REDIS_RECONNECT = Backoff(first=0.5, cap=10.0)  # a long-lived loop waiting for 
 STORE_OUTCOME = Backoff(first=0.2, cap=5.0)  # a finished run's outcome, until Redis answers
 RECORD_POLL = Backoff(first=0.01, cap=0.2, factor=1.5)  # reading a record until it is final
 RESETTLE = Backoff(first=1.0, cap=30.0)  # a plugin directory still being written
+CLI_RECORD_POLL = Backoff(first=0.05, cap=1.0, factor=1.5)  # the CLI reading a run's record
+CLI_ENTRY_POLL = Backoff(first=0.05, cap=0.5, factor=1.5)  # ... what the listener did with an entry
 
 
 def run_retry(cap: float) -> Backoff:

@@ -13,7 +13,6 @@ manager installs at reload, workers on first use.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 import re
@@ -23,14 +22,13 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from manager.core.config import Settings
 from manager.core.errors import DependencyError
 from manager.plugins.installer import InstallSandbox, adopt
 from manager.plugins.requirements import Requirements, parse_requirements
+from manager.plugins.safefs import locked, mkdirs, private_root
 
 PIP_TIMEOUT_S = 600
 NO_WHEEL_RE = re.compile(r"No matching distribution found for (\S+)")
@@ -51,30 +49,6 @@ def on_index(project: str, index_url: str) -> bool:
         return exc.code != 404
     except (urllib.error.URLError, OSError, ValueError):
         return True
-
-
-@contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """An exclusive lock shared by every process on this host."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def mkdirs(path: Path, mode: int = 0o755) -> Path:
-    path.mkdir(parents=True, exist_ok=True, mode=mode)
-    return path
-
-
-def private_root(cache_dir: Path) -> Path:
-    """The cache root is root's alone: host users cannot reach event files or code in it."""
-    mkdirs(cache_dir, 0o700)
-    os.chmod(cache_dir, 0o700)
-    return cache_dir
 
 
 def deps_key(reqs: Requirements, settings: Settings) -> str:
@@ -181,10 +155,10 @@ def download_wheels(plugins_dir: Path, dest: Path, settings: Settings) -> list[s
 
 
 if __name__ == "__main__":  # python -m manager.plugins.deps PLUGINS_DIR DEST
-    from manager.core.config import current
+    from manager.core.config import Settings
 
     print("wheels for:", ", ".join(download_wheels(Path(sys.argv[1]), Path(sys.argv[2]),
-                                                   current())) or "nothing")
+                                                   Settings.from_env())) or "nothing")
 
 
 def pip_failure(output: str, settings: Settings, reqs: Requirements) -> str:

@@ -54,7 +54,7 @@ MODES = ("bwrap", "user")
 
 
 @dataclass(frozen=True)
-class Finished:
+class Completed:
     returncode: int
     output: str
 
@@ -147,14 +147,14 @@ class InstallSandbox:
         return env
 
     def pip(self, pip_args: list[str], work: Path, timeout: float,
-            network: bool = False) -> Finished:
+            network: bool = False) -> Completed:
         """Runs the system's pip; its output is returned, never shown as it is (see
         manager.plugins.deps: only the line naming the failing requirement is). The
         network only for `pip download` (wheels only)."""
         return self.run([PYTHON, "-I", "-m", "pip", *pip_args], work, timeout, network)
 
     def run(self, argv: list[str], work: Path, timeout: float,
-            network: bool = False) -> Finished:
+            network: bool = False) -> Completed:
         """Runs `argv` in the sandbox over `work` (tests run hostile code this way), with
         no network unless asked. Without bwrap, one install at a time per host: what one
         leaves running is killed afterwards, and that must never be another's pip."""
@@ -166,7 +166,7 @@ class InstallSandbox:
             fcntl.flock(fh, fcntl.LOCK_EX)
             return self._run(argv, work, timeout, network)
 
-    def _run(self, argv: list[str], work: Path, timeout: float, network: bool) -> Finished:
+    def _run(self, argv: list[str], work: Path, timeout: float, network: bool) -> Completed:
         try:
             proc = subprocess.run(self.command(argv, work, network), capture_output=True,
                                   text=True,
@@ -183,7 +183,7 @@ class InstallSandbox:
         if proc.returncode != 0 and "bwrap:" in proc.stderr and "pip" not in proc.stderr:
             raise DependencyError(f"the install sandbox could not start: "
                                   f"{proc.stderr.strip()[-300:]}")
-        return Finished(proc.returncode, proc.stderr + proc.stdout)
+        return Completed(proc.returncode, proc.stderr + proc.stdout)
 
 
 def adopt(tree: Path) -> None:

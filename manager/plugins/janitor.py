@@ -23,7 +23,7 @@ import redis
 
 from manager.core.config import Settings
 from manager.core.keys import Keys
-from manager.plugins.deps import locked, private_root
+from manager.plugins.safefs import locked, private_root
 
 log = logging.getLogger(__name__)
 MARGIN_S = 60

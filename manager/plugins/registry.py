@@ -14,11 +14,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import redis
-
-from manager.core.config import Settings
 from manager.core.errors import PluginNotFound, VersionNotFound
-from manager.core.keys import Keys
+from manager.core.wiring import Wiring
 from manager.plugins.engines import Engines
 from manager.plugins.janitor import collect_bundles
 from manager.plugins.loader import PluginEntry, discover
@@ -33,10 +30,10 @@ class Registry:
 
     HISTORY = 5
 
-    def __init__(self, conn: redis.Redis, settings: Settings) -> None:
-        self.conn = conn
-        self.settings = settings
-        self.keys = Keys(settings.key_prefix)
+    def __init__(self, wiring: Wiring) -> None:
+        self.conn = wiring.conn
+        self.settings = wiring.settings
+        self.keys = wiring.keys
         self._cache: tuple[int, dict[str, PluginEntry]] | None = None
 
     def reload(self, plugins_dir: Path | None = None) -> dict[str, list[Any]]:

@@ -9,6 +9,7 @@ a second time, and nothing follows a symlink.
 from __future__ import annotations
 
 import errno
+import fcntl
 import io
 import os
 import re
@@ -18,7 +19,7 @@ import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 O_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
@@ -200,6 +201,30 @@ def _walk(dir_fd: int, prefix: str, files: list[TreeFile], budget: list[int],
         data, st = read_regular(dir_fd, name, budget[0], rel)
         budget[0] -= len(data)
         files.append(TreeFile(rel, data, bool(st.st_mode & 0o111)))
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive lock shared by every process on this host."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def mkdirs(path: Path, mode: int = 0o755) -> Path:
+    path.mkdir(parents=True, exist_ok=True, mode=mode)
+    return path
+
+
+def private_root(cache_dir: Path) -> Path:
+    """The cache root is root's alone: host users cannot reach event files or code in it."""
+    mkdirs(cache_dir, 0o700)
+    os.chmod(cache_dir, 0o700)
+    return cache_dir
 
 
 def gunzip_bounded(data: bytes, max_bytes: int) -> bytes:

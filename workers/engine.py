@@ -1,9 +1,8 @@
-"""The Docker engine, for a worker process: one client, the labels that mark its work,
-images, reaping, and the cold launch strategy (one fresh, locked-down container per run,
-SPEC §4): created with every protection (workers.options), attached to before it starts
-so no output is missed and none goes to a log driver on the host's disk, followed to its
-end by the one run loop (workers.execute), and removed.
-"""
+"""The Docker engine, as one worker process uses it: one client, the labels that mark its
+work, creating containers (an absent image pulled once when a registry answers), what
+the engine can run (images, runtimes), the kernel's OOM verdicts (workers.oom), the run
+identities (workers.identity), whether a container was stopped from outside, and reaping
+what no run uses."""
 
 from __future__ import annotations
 
@@ -19,10 +18,7 @@ from docker.errors import APIError, DockerException, ImageNotFound
 
 from manager.core.config import Settings
 from manager.core.errors import SandboxUnavailable
-from manager.core.records import Status
-from workers import options
 from workers.container import ContainerHandle
-from workers.execute import Launched, execute
 from workers.identity import Identities
 from workers.oom import OomWatch, OomWatcher
 from workers.options import (
@@ -37,10 +33,9 @@ from workers.options import (
     pid_alive,
     started,
 )
-from workers.spec import RunResult, RunSpec
+from workers.spec import RunSpec
 
 log = logging.getLogger(__name__)
-SIGNAL_EXITS = (128 + 9, 128 + 15)  # SIGKILL, SIGTERM: what a stop from outside ends with
 KILL_EVENT_WAIT_S = 1.0
 DOCKER_TIMEOUT_S = 30
 PULL_RETRY_S = 60
@@ -57,8 +52,8 @@ def connect_docker() -> docker.DockerClient:
         raise SandboxUnavailable(f"Docker engine unreachable: {exc}") from exc
 
 
-class Sandbox:
-    """The engine as a worker process uses it; `run` is the cold launch."""
+class Engine:
+    """Per worker process (and `titan-plugins run`)."""
 
     def __init__(self, settings: Settings, client: docker.DockerClient | None = None) -> None:
         self._client = client
@@ -87,45 +82,11 @@ class Sandbox:
     def create(self, opts: dict[str, Any], image: str) -> ContainerHandle:
         """Creates a container; an absent image is pulled once when a registry answers."""
         try:
-            return ContainerHandle(self.client.containers.create(**opts))
+            return ContainerHandle.create(self.client, opts)
         except ImageNotFound:
             if not self._pull(image):
                 raise
-            return ContainerHandle(self.client.containers.create(**opts))
-
-    def run(self, spec: RunSpec) -> RunResult:
-        """One cold run to completion. Raises SandboxUnavailable only when the engine (or
-        the image) cannot be used, so the caller may retry; plugin failures are results."""
-        t0 = time.time()
-        try:
-            container = self.create(options.cold(spec, self.settings, self.base_labels),
-                                    spec.image)
-        except ImageNotFound:  # not an outage: retrying cannot help
-            self.identities.give_back(spec.user)
-            return RunResult(Status.FAILED, started_at=t0, finished_at=time.time(),
-                             reason=self.image_missing(spec.image))
-        except APIError as exc:
-            self.identities.give_back(spec.user)
-            if exc.is_client_error():  # the engine refused this container: retrying won't help
-                return RunResult(Status.FAILED, started_at=t0, finished_at=time.time(),
-                                 reason=self.refused(spec, exc))
-            raise SandboxUnavailable(f"cannot create container: {exc}") from exc
-        except (DockerException, requests.RequestException) as exc:
-            self.identities.give_back(spec.user)
-            raise SandboxUnavailable(f"cannot create container: {exc}") from exc
-        try:
-            try:
-                stream = self.client.api.attach(container.id, stdout=True, stderr=True,
-                                                stream=True, demux=True, logs=False)
-                container.container.start()
-            except (DockerException, requests.RequestException) as exc:
-                raise SandboxUnavailable(f"cannot start container: {exc}") from exc
-            watch = self.oom.watch(container.id)
-            return execute(Launched(container, stream, close=stream.close, oom=watch), spec,
-                           self.settings, self, t0)
-        finally:
-            if container.remove():  # else the reaper removes it and ends the lease then
-                self.identities.give_back(spec.user)
+            return ContainerHandle.create(self.client, opts)
 
     def refused(self, spec: RunSpec, exc: APIError) -> str:
         """Why the engine refused a container, with the fix when it lacks the runtime."""
@@ -169,15 +130,12 @@ class Sandbox:
         """Whether the kernel's OOM killer acted in the container (workers.oom)."""
         return self.oom.killed(watch)
 
-    def stopped_from_outside(self, container: ContainerHandle, result: RunResult,
-                             state: dict[str, Any]) -> bool:
-        """A signal death this worker did not cause (its timeout, its output cap), that the
-        engine reports as its own kill of the container. Asked only for such deaths."""
-        if result.extra.get("timed_out") or result.extra.get("output_limit") or \
-                state.get("OOMKilled") or result.exit_code not in SIGNAL_EXITS:
-            return False
+    def stopped_from_outside(self, container: ContainerHandle, started_wall: float) -> bool:
+        """Whether the engine itself killed or stopped the container (an engine shutdown, a
+        docker stop), as its event log tells: asked only for a signal death this worker
+        did not cause (its timeout, its output cap) and the kernel did not (OOM)."""
         try:  # the engine logs its kill just after it signals: look a moment ahead
-            events = self.client.events(since=int(result.started_at) - 1,
+            events = self.client.events(since=int(started_wall) - 1,
                                         until=time.time() + KILL_EVENT_WAIT_S,
                                         filters={"container": container.id,
                                                  "event": ["kill", "stop", "die"]},
@@ -208,21 +166,24 @@ class Sandbox:
             all=True, sparse=True, filters={"label": [f"{k}={v}" for k, v in labels.items()]})
 
     def reap(self, children: set[int] | None = None,
-             held: Callable[[], set[str]] | None = None) -> list[str]:
+             held: Callable[[list[str]], set[str]] | None = None) -> list[str]:
         """Removes this host's containers that no run is using: those whose worker process
-        is gone, and those of `children` (this worker's processes) whose invocation is not
-        in `held()` (left over by a start or remove that failed while the engine was away).
-        `held` is read after the containers are listed, so a run accepted meanwhile is
-        never mistaken for waste."""
+        is gone, and those of `children` (this worker's processes) whose run nobody holds
+        (`held`: which of these runs a live process holds; a container left over by a
+        start or remove that failed while the engine was away). The holds are read after
+        the containers are listed, so a run claimed meanwhile is never mistaken for waste."""
         try:
             containers = self.mine({})
         except (DockerException, requests.RequestException) as exc:
             log.warning("cannot list containers to reap: %s", exc)
             return []
-        in_use = held() if held else set()
+        labelled = [(c, c.attrs.get("Labels") or {}) for c in containers]
+        candidates = [labels.get(LABEL_INVOCATION, "") for _, labels in labelled
+                      if children is not None and int(labels.get(LABEL_PID, "0") or 0)
+                      in children and labels.get(LABEL_INVOCATION)]
+        in_use = held(candidates) if held and candidates else set()
         reaped = []
-        for c in containers:
-            labels = c.attrs.get("Labels") or {}
+        for c, labels in labelled:
             pid = int(labels.get(LABEL_PID, "0") or 0)
             alive = pid_alive(pid) and labels.get(LABEL_START) in (None, started(pid))
             invocation = labels.get(LABEL_INVOCATION, "")
@@ -230,7 +191,7 @@ class Sandbox:
             pooled = labels.get(LABEL_POOL) == "1"  # its process removes it after use
             if alive and (pooled or not (mine and invocation not in in_use)):
                 continue
-            if ContainerHandle(c).remove():
+            if ContainerHandle(self.client, c).remove():
                 self.identities.give_back_label(labels.get(LABEL_UID))
             reaped.append(invocation or c.id[:12])
         return reaped

@@ -1,0 +1,27 @@
+-- A run's record, created within its fan-out budget (charged first; nothing is stored
+-- when the budget is spent) unless its dedup key already names a run.
+local k = {record = KEYS[1], index = KEYS[2], inflight = KEYS[3], waiting = KEYS[4],
+           dedup = KEYS[5], budget = KEYS[6], charged = KEYS[7]}  -- '' when not used
+-- {id, ttl, created_at, index_cap, dedup_ttl, deadline, record_prefix, charge: {runs,
+-- budget, ttl} or absent, fields: {name: JSON}}
+local a = cjson.decode(ARGV[1])
+if a.charge then
+  local used = charge(k.budget, k.charged, a.charge.runs, a.charge.ttl)
+  if used > a.charge.budget then return {-1, used, false} end
+end
+if k.dedup ~= '' then
+  local existing = redis.call('GET', k.dedup)
+  if existing then
+    return {0, existing, status_of(a.record_prefix .. existing) or false}
+  end
+  redis.call('SET', k.dedup, a.id, 'EX', a.dedup_ttl)
+end
+hset_fields(k.record, a.fields)
+count_waiting(k.record, k.waiting, nil, status_of(k.record))
+redis.call('EXPIRE', k.record, a.ttl)
+redis.call('ZADD', k.index, a.created_at, a.id)
+redis.call('ZREMRANGEBYSCORE', k.index, '-inf', a.created_at - a.ttl)
+redis.call('ZREMRANGEBYRANK', k.index, 0, -a.index_cap - 1)
+redis.call('EXPIRE', k.index, a.ttl)
+redis.call('ZADD', k.inflight, a.deadline, a.id)
+return {1, a.id, false}

@@ -1,0 +1,108 @@
+-- Functions shared by the record and slot scripts (prepended to each script at load:
+-- manager/core/scripts.py). Every record field is stored as the JSON of its value.
+
+-- Redis's own clock: slot leases and worker beats are judged by one clock, whatever the
+-- clocks of the hosts that write them say.
+local function now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+
+local function status_of(record)
+  local raw = redis.call('HGET', record, 'status')
+  if not raw then return nil end
+  return cjson.decode(raw)
+end
+
+local function set_of(list)
+  local set = {}
+  for _, item in ipairs(list) do set[item] = true end
+  return set
+end
+
+local function hset_fields(record, fields)
+  local flat = {}
+  for name, value in pairs(fields) do
+    flat[#flat + 1] = name
+    flat[#flat + 1] = value
+  end
+  if #flat > 0 then redis.call('HSET', record, unpack(flat)) end
+end
+
+-- Runs waiting in the queue (status queued), counted per plugin in one hash as part of
+-- every status change, so the count is exact: the fair share (acquire_slot) reads it to
+-- know whether another plugin has a run waiting its turn. A throttled run is not counted:
+-- it already had its turn and waits for a slot it may not take.
+local function count_waiting(record, waiting, from, to)
+  local before, after = from == 'queued', to == 'queued'
+  if before == after then return end
+  local plugin = cjson.decode(redis.call('HGET', record, 'plugin'))
+  if redis.call('HINCRBY', waiting, plugin, after and 1 or -1) <= 0 then
+    redis.call('HDEL', waiting, plugin)
+  end
+end
+
+-- The fan-out budget: `runs` more for a correlation (its counter), counted once per
+-- stream entry however often it is delivered (a second charge finds what the first
+-- counted; no entry key: counted every time). Returns the runs counted so far.
+local function charge(counter, charged, runs, ttl)
+  if charged ~= '' then
+    local before = redis.call('GET', charged)
+    if before then return tonumber(before) end
+  end
+  local used = redis.call('INCRBY', counter, runs)
+  redis.call('EXPIRE', counter, ttl, 'NX')
+  if charged ~= '' then redis.call('SET', charged, used, 'EX', ttl) end
+  return used
+end
+
+-- Worker slots (manager.core.slots), leased on Redis's clock. Expired leases (a worker
+-- that died holding one) are dropped first, so a crash never leaks a slot for long.
+-- `ask`: {plugin, id, cap (0: none), lease_s, share, beat_ttl}. Returns 'granted',
+-- 'concurrency' (the manifest's cap) or 'share' (over the fair share while another
+-- plugin waits).
+local function acquire_slot(slots, waiting, workers, ask)
+  local t = now()
+  redis.call('ZREMRANGEBYSCORE', slots, '-inf', t)
+  if redis.call('ZSCORE', slots, ask.id) then return 'granted' end
+  local held = redis.call('ZCARD', slots)
+  if ask.cap > 0 and held >= ask.cap then return 'concurrency' end
+  local counts = redis.call('HGETALL', waiting)
+  local others = false
+  for i = 1, #counts, 2 do
+    if counts[i] ~= ask.plugin and tonumber(counts[i + 1]) > 0 then others = true; break end
+  end
+  if others then
+    local total = 0
+    local beats = redis.call('HGETALL', workers)
+    for i = 1, #beats, 2 do
+      local n, at = string.match(beats[i + 1], '^(%d+) ([%d.]+)$')
+      if n and tonumber(at) > t - ask.beat_ttl then total = total + tonumber(n) end
+    end
+    if held >= math.max(1, math.floor(total * ask.share)) then return 'share' end
+  end
+  redis.call('ZADD', slots, t + ask.lease_s, ask.id)
+  redis.call('EXPIRE', slots, math.ceil(ask.lease_s) + 60)
+  return 'granted'
+end
+
+-- One transition: applied only from one of `change.sources` (a list of statuses);
+-- `change.owner` makes it a compare-and-set on the record's worker; `change.deadline`
+-- re-arms the sweeper's clock (absent: keep, false: drop); `change.fields` (status
+-- first among them) are the new field values, each as JSON. Returns {applied, status
+-- found}.
+local function transition(record, inflight, waiting, id, change)
+  local found = status_of(record)
+  if not found then return {0, false} end
+  if not set_of(change.sources)[found] then return {0, found} end
+  if change.owner and cjson.decode(redis.call('HGET', record, 'worker') or 'null')
+      ~= change.owner then
+    return {0, found}
+  end
+  if change.increment then redis.call('HINCRBY', record, change.increment, 1) end
+  hset_fields(record, change.fields)
+  count_waiting(record, waiting, found, status_of(record))
+  if change.deadline == false then redis.call('ZREM', inflight, id)
+  elseif change.deadline then redis.call('ZADD', inflight, change.deadline, id) end
+  return {1, found}
+end

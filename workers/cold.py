@@ -1,0 +1,83 @@
+"""The cold launch: one fresh container for the run (SPEC §4), created with every
+protection (workers.options) as a uid of its own, in a private per-run directory (its
+event file, its payload copy and its account files, readable by that uid alone), attached
+to before it starts (no output is missed, none goes to a log driver on the host's disk).
+When the run is over the container is removed and, once it is gone, its uid given back."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import requests
+from docker.errors import APIError, DockerException, ImageNotFound
+
+from manager.core.errors import SandboxUnavailable
+from manager.core.records import Status
+from manager.plugins.permissions import PayloadFile
+from manager.plugins.safefs import mkdirs
+from workers import options
+from workers.container import ContainerHandle
+from workers.engine import Engine
+from workers.files import account_files, write_event
+from workers.run_loop import Launched
+from workers.spec import RunSpec
+
+
+class Refusal(Exception):
+    """The engine will not run this container (its image is absent, or it refused the
+    options): the run ends `failed` with the reason, retrying cannot help."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.status = Status.FAILED
+        self.reason = reason
+
+
+@contextlib.contextmanager
+def launched_cold(engine: Engine, spec: RunSpec, payload: PayloadFile | None,
+                  runs_dir: Path) -> Iterator[Launched]:
+    """A started container for the run, removed afterwards whatever happened. Raises
+    Refusal, or SandboxUnavailable when the engine cannot be used (the caller may retry)."""
+    run_dir = mkdirs(runs_dir, 0o700) / f"{spec.invocation_id}-{os.getpid()}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(mode=0o700)
+    started_wall = time.time()
+    user = engine.identities.take()
+    container: ContainerHandle | None = None
+    try:
+        staged = payload.stage(run_dir, user) if payload else None
+        spec = replace(spec, event_file=str(write_event(run_dir, spec, user)), user=user,
+                       accounts=account_files(run_dir, user),
+                       payload=(staged, payload.path) if staged and payload else None)
+        container = create(engine, spec)
+        try:
+            container.attach()
+            container.start()
+        except (DockerException, requests.RequestException, OSError) as exc:
+            raise SandboxUnavailable(f"cannot start container: {exc}") from exc
+        yield Launched(container, container.frames(), started_wall, time.time(),
+                       oom=engine.oom.watch(container.id))
+    finally:
+        if container is None or container.remove():  # else the reaper removes it, and
+            engine.identities.give_back(user)        # ends the lease then
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def create(engine: Engine, spec: RunSpec) -> ContainerHandle:
+    try:
+        return engine.create(options.cold(spec, engine.settings, engine.base_labels),
+                             spec.image)
+    except ImageNotFound:  # not an outage: retrying cannot help
+        raise Refusal(engine.image_missing(spec.image)) from None
+    except APIError as exc:
+        if exc.is_client_error():  # the engine refused this container
+            raise Refusal(engine.refused(spec, exc)) from None
+        raise SandboxUnavailable(f"cannot create container: {exc}") from exc
+    except (DockerException, requests.RequestException) as exc:
+        raise SandboxUnavailable(f"cannot create container: {exc}") from exc

@@ -1,0 +1,142 @@
+"""One delivery of a run's task message, through the steps of a run in their order:
+claim (workers.claim) -> prepare (workers.prepare) -> launch and the run loop
+(workers.launch) -> classify (workers.classify) -> store (workers.store). Every record
+change goes through the record store's transitions; what the task does next is the
+delivery's answer (workers.next): Done, or Again in a while."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import redis
+
+from manager.core import metrics
+from manager.core.errors import NotReplicated, SandboxUnavailable
+from manager.core.metrics import RetryReason
+from manager.core.records import Outcome, Status
+from manager.core.retry import run_retry
+from manager.core.runs import RunRequest
+from manager.core.wiring import Wiring
+from manager.plugins.registry import Registry
+from workers.claim import RUNNING_GRACE_S, Keeper, claim
+from workers.classify import outcome, verdict
+from workers.cold import Refusal
+from workers.engine import Engine
+from workers.launch import run_container
+from workers.next import Again, Done, Next
+from workers.plugin_cache import PluginCache
+from workers.pool import WarmPool
+from workers.prepare import prepare
+from workers.spec import RunEnd
+from workers.store import persist, store
+
+log = logging.getLogger(__name__)
+RETRYABLE = {Status.FAILED, Status.TIMEOUT, Status.OOM}  # only with `retries:` in the manifest
+REPLICATION_RECHECK_S = 5  # a stored outcome no replica confirmed yet is looked at again
+
+
+class Delivery:
+    """Per worker process (built on its first run, after the fork): the engine, the local
+    caches, the prewarm pool, and the keeper of the holds of the runs it executes."""
+
+    def __init__(self, wiring: Wiring, engine: Engine,
+                 container_step: Callable[..., RunEnd] = run_container) -> None:
+        self.wiring = wiring
+        self.settings = wiring.settings
+        self.engine = engine
+        self.run_container = container_step  # launch and run loop (tests play back ends)
+        registry = Registry(wiring)
+        self.cache = PluginCache(registry, self.settings)
+        self.pool = WarmPool(self.settings, engine, lambda: {
+            e.digest for e in registry.entries().values() if e.digest})
+        self.keeper = Keeper(wiring.slots)
+
+    def deliver(self, req: RunRequest, worker: str) -> Next:
+        """Claims the run and, with its slot, runs it to its stored outcome; or says why it
+        waits (throttled, held by a live process, the engine unusable, the manifest's
+        retries) or ran nothing. An outcome no replica confirmed yet is confirmed later
+        (its message is acknowledged only then), without holding a slot."""
+        try:
+            claimed = claim(self.wiring, req, worker)
+            if not isinstance(claimed, int):
+                return claimed
+            with self.keeper.holding(req, worker):
+                return self.run(req, claimed)
+        except NotReplicated as exc:
+            log.warning("invocation %s: %s; confirming again in %ss", req.invocation_id,
+                        exc.message, REPLICATION_RECHECK_S)
+            return Again(req, REPLICATION_RECHECK_S)
+
+    def run(self, req: RunRequest, attempt: int) -> Next:
+        """The claimed attempt; its slot is freed with its stored outcome (Done), else
+        here, with its hold (another attempt follows, or an error). Only then does the
+        prewarm pool remove the used container and start its replacement: neither
+        competes with the run's last steps for the CPU."""
+        stored = False
+        try:
+            done = self.attempt(req, attempt)
+            stored = isinstance(done, Done)
+            return done
+        finally:
+            if not stored:
+                self.let_go(req)
+            self.pool.replenish()
+
+    def attempt(self, req: RunRequest, attempt: int) -> Next:
+        prepared = prepare(req, self.settings, self.engine, self.cache)
+        if isinstance(prepared, Outcome):
+            return self.store(req, prepared)
+        try:
+            end = self.run_container(prepared, self.engine,
+                                     self.pool if req.prewarm else None, self.settings,
+                                     self.cache.root / "runs")
+        except Refusal as exc:
+            return self.store(req, Outcome(exc.status, exc.reason))
+        except SandboxUnavailable as exc:
+            return self.unavailable(req, attempt, exc.message)
+        finally:
+            prepared.close()
+        judged = verdict(end, prepared.spec, self.settings.output_cap_bytes)
+        if judged.status is Status.RETRYING:  # the engine's end, not the plugin's
+            return self.unavailable(req, attempt, judged.reason or "")
+        metrics.CONTAINER_START.observe(end.ready_s)
+        metrics.DURATION.labels(plugin=req.plugin).observe(end.duration_s)
+        if judged.status in RETRYABLE and attempt <= req.retries:
+            return self.again(req, attempt, RetryReason.MANIFEST,
+                              f"{judged.status.value}: {judged.reason}",
+                              exit_code=end.exit_code)
+        return self.store(req, outcome(req, end, judged, self.settings))
+
+    def store(self, req: RunRequest, ended: Outcome) -> Done:
+        """The run's end, stored (workers.store): the one way a run ends."""
+        store(self.wiring, req, ended)
+        return Done(ended.status, ended.reason)
+
+    def unavailable(self, req: RunRequest, attempt: int, why: str) -> Next:
+        reason = f"sandbox_unavailable: {why}"
+        if attempt > self.settings.sandbox_retries:
+            return self.store(req, Outcome(Status.FAILED, reason))
+        return self.again(req, attempt, RetryReason.SANDBOX_UNAVAILABLE, reason)
+
+    def again(self, req: RunRequest, attempt: int, why: RetryReason, reason: str,
+              **changes: object) -> Again:
+        """This attempt is over and another one follows (status retrying)."""
+        countdown = run_retry(self.settings.retry_backoff_max).delay(attempt - 1)
+        metrics.RETRIES.labels(plugin=req.plugin, reason=why).inc()
+        persist(lambda: self.wiring.records.transition(
+            req.invocation_id, Status.RETRYING, reason=reason,
+            deadline=time.time() + countdown + RUNNING_GRACE_S, **changes),
+            self.settings.finish_budget_s, req.invocation_id)
+        return Again(req.next_attempt(), countdown)
+
+    def let_go(self, req: RunRequest) -> None:
+        try:
+            self.wiring.slots.let_go(req.plugin, req.invocation_id)
+        except redis.RedisError as exc:  # the hold and the slot expire by themselves
+            log.warning("could not let go of %s's slot and hold: %s", req.invocation_id, exc)
+
+    def close(self) -> None:
+        """This pool process stops: its prewarmed containers go."""
+        self.pool.close()

@@ -1,0 +1,41 @@
+"""Launch: a run's container, prewarmed when one is ready for its configuration (never for
+a run whose mounts depend on its event: a payload file), else cold, and followed to its
+end by the run loop. A warm start that broke before its launcher took the run (nothing
+ran) becomes a cold one."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from manager.core import metrics
+from manager.core.config import Settings
+from workers.cold import launched_cold
+from workers.engine import Engine
+from workers.pool import WarmPool
+from workers.prepare import Prepared
+from workers.run_loop import follow
+from workers.spec import RunEnd
+from workers.warm import WarmBroken, handed_over
+
+
+def run_container(prepared: Prepared, engine: Engine, pool: WarmPool | None,
+                  settings: Settings, runs_dir: Path) -> RunEnd:
+    """Raises SandboxUnavailable when the engine cannot be used, and cold.Refusal when it
+    will not run this container."""
+    spec, t0 = prepared.spec, time.monotonic()
+    warm = pool.take(spec) if pool is not None and prepared.payload is None else None
+    end = None
+    if warm is not None:
+        try:
+            with handed_over(warm, spec) as launched:
+                end = follow(launched, spec, settings, engine)
+        except WarmBroken:
+            end = None  # it never started the plugin: a cold container instead
+        finally:
+            pool.done(warm)  # type: ignore[union-attr]
+    if end is None:
+        with launched_cold(engine, spec, prepared.payload, runs_dir) as launched:
+            end = follow(launched, spec, settings, engine)
+    metrics.CONTAINER_READY.observe(time.monotonic() - t0 - end.duration_s + end.ready_s)
+    return end
