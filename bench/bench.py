@@ -4,7 +4,9 @@
 Latency: event XADDed -> result event read, sequentially, on the warm path (prewarmed
 single-use containers) and on the cold path (a plugin with `prewarm: false`), each with
 runc and with gVisor (`isolation: gvisor`), interleaved with a bare Docker SDK run
-(create, start, wait, read output, remove) of the same image, command and limits.
+(create, start, wait, read output, remove) of the same image, command and limits; the
+seed's file_watcher on a Markdown file, warm against its own cold runs; and what gVisor's
+seccomp filter (--oci-seccomp) costs a bare gVisor run.
 Throughput: bursts of events through two workers (warm path) vs. the same containers run
 cold and directly by two threads at once, two of each, interleaved. Also reports the
 memory one idle prewarmed container holds, and the Redis round trips of a warm run (every
@@ -24,8 +26,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 
 import docker
@@ -34,7 +36,8 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from probes import (  # noqa: E402  (bench/ is the script's directory)
+from bare import Bare  # noqa: E402  (bench/ is the script's directory)
+from probes import (  # noqa: E402
     cli_latency,
     counted_client,
     fairness,
@@ -42,6 +45,7 @@ from probes import (  # noqa: E402  (bench/ is the script's directory)
     idle_memory,
     round_trips,
 )
+from tree import plugin_tree  # noqa: E402
 
 from harness import (  # noqa: E402
     Bus,
@@ -56,20 +60,15 @@ from manager.api.app import create_app  # noqa: E402
 from manager.bus.dispatch import Dispatcher  # noqa: E402
 from manager.bus.listener import Listener  # noqa: E402
 from manager.core.contract import make_celery  # noqa: E402
-from manager.plugins.manifest import load_manifest  # noqa: E402
 from manager.plugins.registry import Registry  # noqa: E402
 from manager.service import api_server  # noqa: E402
-from workers import options  # noqa: E402
-from workers.engine import Engine  # noqa: E402
-from workers.files import account_files, write_event  # noqa: E402
-from workers.identity import Identities  # noqa: E402
-from workers.spec import PoolConfig, RunSpec  # noqa: E402
 
-PLUGIN_DIR = ROOT / "bench" / "plugins"
 COLD_TARGET = 1.15  # cold end-to-end p50 vs a bare run
-WARM_P50_TARGET = 0.10  # warm end-to-end p50 vs a bare cold run
+WARM_P50_TARGET = 0.06  # warm end-to-end p50 vs a bare cold run
 WARM_P99_TARGET = 0.4
-GVISOR_WARM_TARGET = 0.30  # a gVisor warm run vs a bare cold runc run
+GVISOR_WARM_TARGET = 0.20  # a gVisor warm run vs a bare cold runc run
+FILES_WARM_TARGET = 0.15  # file_watcher warm p50 vs its own cold p50
+HIT_TARGET = 0.95  # prewarm hit rate of each prewarmed plugin measured
 THROUGHPUT_TARGET = 1.0  # warm burst vs direct parallel cold runs
 CLI_TARGET_S = 0.35  # list, logs and health, end to end, with the system's python3
 FAIR_TARGET = 1.5  # another plugin's queue wait behind a hog, in lengths of one hog run (a
@@ -85,42 +84,25 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-class Bare:
-    """The baseline: the same container and limits through the Docker SDK, no Titan."""
-
-    def __init__(self, settings, client: docker.DockerClient, directory: Path) -> None:
-        manifest = load_manifest(PLUGIN_DIR / "noop")
-        self.identities = Identities(settings)
-        self.user = self.identities.take()  # a run's identity, as every container has
-        config = PoolConfig("noop", "1.0.0", "sha256:bench", manifest.image,
-                            tuple(manifest.argv), str(PLUGIN_DIR / "noop"),
-                            manifest.run_limits(settings))
-        spec = RunSpec(config, "bench", "{}")
-        spec = replace(spec, event_file=str(write_event(directory, spec, self.user)),
-                       user=self.user, accounts=account_files(directory, self.user))
-        self.options = options.cold(spec, settings, Engine(settings, client).base_labels)
-        self.options.pop("log_config")  # a plain `docker run` keeps the default log driver
-        self.client = client
-
-    def close(self) -> None:
-        self.identities.give_back(self.user)
-
-    def run(self) -> float:
-        t0 = time.perf_counter()
-        out = self.client.containers.run(**self.options, remove=True, stdout=True)
-        assert b"tock" in out, out
-        return time.perf_counter() - t0
-
-
-def e2e_once(bus: Bus, event_type: str = "tick") -> float:
+def e2e_once(bus: Bus, event_type: str = "tick", markdown: Path | None = None) -> float:
+    """One event to its result; with `markdown`, a file_watcher event naming that file."""
     event_id = new_id("bench")
+    event = {"event_id": event_id, "topic": "bench.v1", "event_type": event_type}
+    if markdown:
+        event.update(topic="fs.v1", payload={"path": str(markdown), "mime_type": "text/markdown"})
     t0 = time.perf_counter()
-    entry = bus.publish({"event_id": event_id, "topic": "bench.v1", "event_type": event_type})
+    entry = bus.publish(event)
     # read on from the event's own entry: the bench parsing the whole stream each time
     # would compete for the CPU with the listener it measures
-    result = bus.result_of(event_id, timeout=60, after=entry)
-    assert result["event_type"] == "tock", result
+    result = bus.result_of(event_id, timeout=120, after=entry)
+    assert result["event_type"] == ("file_text_extracted" if markdown else "tock"), result
     return time.perf_counter() - t0
+
+
+def settle(seconds: float) -> Callable[[], None]:
+    """A pause, so that what the step before started (a used container's removal, its
+    replacement) is done before the next measurement: latency is measured at light load."""
+    return lambda: time.sleep(seconds)
 
 
 def burst(bus: Bus, n: int) -> float:
@@ -147,27 +129,35 @@ def direct_parallel(bare: Bare, n: int, concurrency: int) -> float:
     return time.perf_counter() - t0
 
 
-def measure(args: argparse.Namespace, bus: Bus, bare: Bare, client, settings) -> dict:
-    kinds = ("tick", "tick_gvisor", "tick_cold", "tick_gvisor_cold")
-    for kind in (*kinds, None) * 4:  # warm-up: every worker process has run each plugin
-        e2e_once(bus, kind) if kind else bare.run()  # once (its pool)
-        time.sleep(SETTLE_S)
-    warm, cold, base, gv_warm, gv_cold = [], [], [], [], []
+def measure(args: argparse.Namespace, bus: Bus, bares: dict[str, Bare], client, settings
+            ) -> dict:
+    md = args.markdown
+    steps = {"settle_warm": settle(SETTLE_S), "warm": lambda: e2e_once(bus),
+             "settle_files": settle(SETTLE_S),
+             "files_warm": lambda: e2e_once(bus, "file_created", md),
+             "settle_gvisor": settle(SETTLE_S),
+             "gvisor_warm": lambda: e2e_once(bus, "tick_gvisor"),
+             "settle": settle(GVISOR_SETTLE_S),  # gVisor's replacement starts slower
+             "cold": lambda: e2e_once(bus, "tick_cold"),
+             "gvisor_cold": lambda: e2e_once(bus, "tick_gvisor_cold"),
+             "files_cold": lambda: e2e_once(bus, "file_created_cold", md),
+             **{name: bare.run for name, bare in bares.items()}}
+    for _ in range(4):  # warm-up: every worker process has run each plugin once (its pool)
+        for name, step in steps.items():
+            step()
+            time.sleep(0 if name.startswith("settle") else SETTLE_S)
+    times: dict[str, list[float]] = {name: [] for name in steps
+                                     if not name.startswith("settle")}
     for _ in range(args.runs):  # interleaved, so drift hits every side alike
-        warm.append(e2e_once(bus))
-        gv_warm.append(e2e_once(bus, "tick_gvisor"))
-        time.sleep(GVISOR_SETTLE_S)  # light load: the replacements (gVisor's start slower)
-        # are ready by now, and do not start during the cold runs
-        cold.append(e2e_once(bus, "tick_cold"))
-        gv_cold.append(e2e_once(bus, "tick_gvisor_cold"))
-        base.append(bare.run())
+        for name, step in steps.items():
+            took = step()
+            if took is not None:
+                times[name].append(took)
     memory = idle_memory(client, settings)
     trips = round_trips(bus.conn, args.runs // 2, lambda: e2e_once(bus), SETTLE_S)
-    return {"cli": cli_latency(args.api_socket), "warm": warm, "cold": cold, "base": base,
-            "round_trips": trips,
-            "gvisor_warm": gv_warm, "gvisor_cold": gv_cold,
+    return {"cli": cli_latency(args.api_socket), **times, "round_trips": trips,
             "memory": memory, "hits": hit_rate(bus, args.runs), "fair": fairness(bus),
-            **bursts(args, bus, bare)}
+            **bursts(args, bus, bares["base"])}
 
 
 def bursts(args: argparse.Namespace, bus: Bus, bare: Bare) -> dict[str, float]:
@@ -180,16 +170,25 @@ def bursts(args: argparse.Namespace, bus: Bus, bare: Bare) -> dict[str, float]:
     return times
 
 
+LATENCIES = (("titan warm path", "warm"), ("titan cold path", "cold"),
+             ("gvisor warm path", "gvisor_warm"), ("gvisor cold path", "gvisor_cold"),
+             ("bare docker run", "base"), ("bare gvisor run", "base_gvisor"),
+             ("  no seccomp", "base_gvisor_unconfined"),
+             ("file_watcher warm", "files_warm"), ("file_watcher cold", "files_cold"))
+
+
 def report(args: argparse.Namespace, m: dict) -> bool:
-    ms = {k: (statistics.median(m[k]) * 1000, pct(m[k], 0.99) * 1000)
-          for k in ("warm", "cold", "base", "gvisor_warm", "gvisor_cold")}
+    ms = {k: (statistics.median(m[k]) * 1000, pct(m[k], 0.99) * 1000) for _, k in LATENCIES}
     b50, b99 = ms["base"]
-    for label, key in (("titan warm path", "warm"), ("titan cold path", "cold"),
-                       ("gvisor warm path", "gvisor_warm"), ("gvisor cold path", "gvisor_cold"),
-                       ("bare docker run", "base")):
+    for label, key in LATENCIES:
         p50, p99 = ms[key]
-        print(f"latency  {label:<16} p50 {p50:7.1f} ms ({p50 / b50:.3f} x bare)  "
+        print(f"latency  {label:<17} p50 {p50:7.1f} ms ({p50 / b50:.3f} x bare)  "
               f"p99 {p99:7.1f} ms ({p99 / b99:.3f} x bare)")
+    seccomp = ms["base_gvisor"][0] / ms["base_gvisor_unconfined"][0]
+    files = ms["files_warm"][0] / ms["files_cold"][0]
+    print(f"gvisor   its seccomp filter (--oci-seccomp): a bare gVisor run takes {seccomp:.3f} x "
+          "the same run without it")
+    print(f"files    file_watcher on a Markdown file, warm p50 {files:.3f} x its cold p50")
     events = args.burst * BURSTS
     tp_titan, tp_direct = events / m["t_titan"], events / m["t_direct"]
     print(f"throughput titan warm, 2 workers  {tp_titan:6.2f} events/s "
@@ -209,6 +208,9 @@ def report(args: argparse.Namespace, m: dict) -> bool:
     print(f"fairness another plugin waited {fair_wait:.2f} s behind 12 queued runs of a "
           f"{hog:.2f} s plugin on 2 workers ({fair_wait / hog:.2f} x one run)")
     checks = {
+        f"file_watcher warm p50 <= {FILES_WARM_TARGET} x its cold p50": files <= FILES_WARM_TARGET,
+        **{f"prewarm hit rate of {plugin} >= {HIT_TARGET:.0%}": rate >= HIT_TARGET
+           for plugin, rate in m["hits"].items()},
         f"redis round trips per warm run <= {ROUND_TRIPS_TARGET}":
             m["round_trips"] <= ROUND_TRIPS_TARGET,
         f"fair wait <= {FAIR_TARGET} x one slow run": fair_wait / hog <= FAIR_TARGET,
@@ -234,7 +236,9 @@ def main() -> int:
 
     server = RedisServer()
     run_dir = Path(tempfile.mkdtemp(prefix="titan-bench-"))
-    settings = private_settings(server.url, PLUGIN_DIR, run_dir)
+    files = Path(tempfile.mkdtemp(prefix="titan-bench-files-", dir="/var/tmp"))
+    plugins, args.markdown = plugin_tree(run_dir, files)
+    settings = private_settings(server.url, plugins, run_dir, allowed_roots=(files,))
     conn = counted_client(settings.redis_url)  # its round trips are not the product's
     Registry(wired(conn, settings)).reload()
     workers = [WorkerProcess(settings, f"bench{i}", concurrency=1) for i in (1, 2)]
@@ -254,11 +258,15 @@ def main() -> int:
         thread.start()
         print(f"{args.runs} sequential runs per side (warm, cold, bare; interleaved), "
               f"then a burst of {args.burst}")
-        bare = Bare(settings, client, run_dir)
+        bares = {name: Bare(settings, client, run_dir / name, runtime, seccomp)
+                 for name, runtime, seccomp in (
+                     ("base", None, True), ("base_gvisor", settings.gvisor_runtime, True),
+                     ("base_gvisor_unconfined", settings.gvisor_runtime, False))}
         try:
-            m = measure(args, Bus(conn, settings), bare, client, settings)
+            m = measure(args, Bus(conn, settings), bares, client, settings)
         finally:
-            bare.close()
+            for bare in bares.values():
+                bare.close()
     finally:
         api.close()
         listener.stop()
@@ -266,6 +274,7 @@ def main() -> int:
             w.stop()
         server.stop()
         shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(files, ignore_errors=True)
         shutil.rmtree(session_dir(), ignore_errors=True)
     ok = report(args, m)
     print("result: " + ("every target met" if ok else "TARGET MISSED"))

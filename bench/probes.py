@@ -21,20 +21,29 @@ HOG_S = 3.0
 IDLE_S = 8.0  # how long Redis's idle traffic (beats, blocking reads timing out) is measured
 
 
-class Counted(redis.connection.Connection):
-    """A connection that counts its own round trips (each send waits for its replies):
-    the bench's own reads and writes are taken out of what Redis counts."""
+class Counter:
+    """Counts the bench's own round trips (each send waits for its replies): they are
+    taken out of what Redis counts."""
 
     sent = 0
 
+
+class CountedTcp(redis.Connection):
     def send_packed_command(self, command, check_health=True):  # type: ignore[no-untyped-def]
-        Counted.sent += 1
+        Counter.sent += 1
+        return super().send_packed_command(command, check_health)
+
+
+class CountedUnix(redis.UnixDomainSocketConnection):
+    def send_packed_command(self, command, check_health=True):  # type: ignore[no-untyped-def]
+        Counter.sent += 1
         return super().send_packed_command(command, check_health)
 
 
 def counted_client(url: str) -> redis.Redis:
-    return redis.Redis(connection_pool=redis.ConnectionPool.from_url(
-        url, connection_class=Counted))
+    """A client on `url` (a unix socket, as `make up` serves Redis, or TCP)."""
+    kind = CountedUnix if url.startswith("unix://") else CountedTcp
+    return redis.Redis(connection_pool=redis.ConnectionPool.from_url(url, connection_class=kind))
 
 
 def round_trips(conn: redis.Redis, runs: int, one_run: Callable[[], object],
@@ -48,14 +57,14 @@ def round_trips(conn: redis.Redis, runs: int, one_run: Callable[[], object],
     def reads() -> int:
         return int(conn.info("stats")["total_reads_processed"])
 
-    r0, own0, t0 = reads(), Counted.sent, time.monotonic()
+    r0, own0, t0 = reads(), Counter.sent, time.monotonic()
     time.sleep(IDLE_S)
-    idle = (reads() - r0 - (Counted.sent - own0)) / (time.monotonic() - t0)
-    r0, own0, t0 = reads(), Counted.sent, time.monotonic()
+    idle = (reads() - r0 - (Counter.sent - own0)) / (time.monotonic() - t0)
+    r0, own0, t0 = reads(), Counter.sent, time.monotonic()
     for _ in range(runs):
         one_run()
         time.sleep(settle_s)
-    served = reads() - r0 - (Counted.sent - own0)
+    served = reads() - r0 - (Counter.sent - own0)
     return (served - max(0.0, idle) * (time.monotonic() - t0)) / runs
 
 
@@ -84,7 +93,7 @@ def hit_rate(bus: Bus, runs: int) -> dict[str, float]:
     container (titan_prewarm_hits_total over hits + misses), from their records."""
     records = wired(bus.conn, bus.settings).records
     rates = {}
-    for plugin in ("noop", "noop_gvisor"):
+    for plugin in ("noop", "noop_gvisor", "file_watcher"):
         recent = [r for r in records.for_plugin(plugin, runs) if r.warm is not None]
         rates[plugin] = sum(bool(r.warm) for r in recent) / max(1, len(recent))
     return rates

@@ -15,25 +15,33 @@ start_docker() {
 
 # gVisor (the `isolation: gvisor` tier): Debian's runsc, registered with the engine under
 # TITAN_GVISOR_RUNTIME with --network=none (without it a network_mode=none container fails:
-# "cannot run with network enabled in root network namespace"). The runtime is added to
-# /etc/docker/daemon.json, other keys kept; an engine this script started reloads it on
-# SIGHUP. Another engine is told how, not touched.
-runtime_ok() { docker info --format '{{json .Runtimes}}' 2>/dev/null | grep -q "\"$GVISOR\""; }
+# "cannot run with network enabled in root network namespace") and --oci-seccomp (without
+# it runsc ignores the container's seccomp profile, and a plugin may unshare namespaces in
+# gVisor's kernel that runc refuses). The runtime is added to /etc/docker/daemon.json,
+# other keys kept, an older registration without those arguments brought up to date; an
+# engine this script started reloads it on SIGHUP. Another engine is told how, not touched.
+GVISOR_ARGS='["--network=none","--oci-seccomp"]'
+runtime_ok() {
+  docker info --format "{{json (index .Runtimes \"$GVISOR\")}}" 2>/dev/null |
+    /usr/bin/python3 -c 'import json,sys; want=json.loads(sys.argv[1]); got=json.load(sys.stdin) or {}; sys.exit(not set(want) <= set(got.get("runtimeArgs") or []))' "$GVISOR_ARGS"
+}
 
 register_gvisor() {
   GVISOR="${TITAN_GVISOR_RUNTIME:-runsc}"
   runtime_ok && return
   local runsc; runsc="$(command -v runsc)" || {
     say "runsc is not installed: isolation: gvisor is unavailable (make up installs it)"; return; }
-  /usr/bin/python3 - "/etc/docker/daemon.json" "$GVISOR" "$runsc" <<'PY'
+  /usr/bin/python3 - "/etc/docker/daemon.json" "$GVISOR" "$runsc" "$GVISOR_ARGS" <<'PY'
 import json, os, sys
-path, name, runsc = sys.argv[1:4]
+path, name, runsc, args = sys.argv[1:5]
 try:
     with open(path) as fh:
         conf = json.load(fh)
 except FileNotFoundError:
     conf = {}
-conf.setdefault("runtimes", {})[name] = {"path": runsc, "runtimeArgs": ["--network=none"]}
+entry = conf.setdefault("runtimes", {}).setdefault(name, {"path": runsc})
+entry["runtimeArgs"] = [*(a for a in entry.get("runtimeArgs") or [] if a not in json.loads(args)),
+                        *json.loads(args)]
 os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
 with open(path + ".titan", "w") as fh:
     json.dump(conf, fh, indent=2)

@@ -603,3 +603,17 @@ class SentinelCluster:
                 node.stop()
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
+
+
+def running_a_plugin(container: Any) -> bool:
+    """Whether a (runc) container's plugin process runs now. A cold container's is
+    `python main.py`; a prewarmed one's interpreter was started ahead (`python
+    /titan/zygote.py`, as in an idle one), so it runs a plugin once its inbox holds an
+    event and until the launcher has ended the run (only the launcher is left then)."""
+    args = [" ".join(p) for p in container.top(ps_args="-eo pid,args")["Processes"] or []]
+    if any("main.py" in a for a in args):
+        return True
+    inbox = [m["Source"] for m in container.attrs.get("Mounts", [])
+             if m.get("Destination") == "/titan/in"]
+    return bool(inbox) and os.path.exists(os.path.join(inbox[0], "event.json")) and any(
+        "/titan/zygote.py" in a for a in args)

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from lanes import Lane, report
 
-from harness import SYSTEM_PYTHON, WorkerProcess, new_id, wait_until
+from harness import SYSTEM_PYTHON, WorkerProcess, new_id, running_a_plugin, wait_until
 from workers.identity import RunIds
 from workers.options import LABEL_POOL
 
@@ -74,8 +74,7 @@ def busy(docker_client: Any, lane: Lane) -> list[Any]:
                     "titan.invocation"):
                 out.append(container)  # runsc hides its processes from `docker top`
             continue
-        if any("main.py" in " ".join(p) for p in container.top(ps_args="-eo pid,args")
-               ["Processes"]):
+        if running_a_plugin(container):
             out.append(container)
     return out
 

@@ -109,7 +109,7 @@ def test_payload_path_swapped_during_the_check_never_reads_the_target(
                 run_dir = stage / str(n)
                 run_dir.mkdir()
                 try:
-                    staged = checked.stage(run_dir, JUDGE)
+                    staged = checked.stage(run_dir / "payload", JUDGE)
                 finally:
                     checked.close()
                 assert staged and Path(staged).read_text() == "decoy"

@@ -146,6 +146,9 @@ def test_host_is_out_of_reach(attack, lane) -> None:
         assert got[key] in ("EROFS", "EACCES"), (key, got[key])
     assert got["date_set"] == "exit 1" and got["mount"] != "ok"
     assert got["raw_socket"] == "EPERM", got
+    # gVisor too: runsc applies the container's seccomp profile (registered with
+    # --oci-seccomp), so its kernel refuses new namespaces as the host's does under runc
+    assert got["unshare_user"] == "EPERM" and got["unshare_mount"] == "EPERM", got
     if lane.gvisor:  # gVisor's kernel makes the node, but it leads to no host device
         assert got["mknod"] in ("EPERM", "ok") and got["device_read"] != "ok", got
     else:
@@ -273,6 +276,28 @@ def test_payload_path_mounts_only_that_file(attack, planted) -> None:
     finally:
         other.unlink()
     assert got == {ok: "read:fine", str(other): "ENOENT"}
+
+
+def test_a_warm_run_gets_its_payload_file_as_a_cold_one_does(attack, lane, planted) -> None:
+    """A payload file no longer makes a run cold: its checked copy is put where the
+    prewarmed container has a private directory mounted. Either way the run reads the
+    one file the event named, its own (0400, its uid), alone in its directory, and can
+    change nothing."""
+    ok = planted["inside"] / "ok.txt"
+    views, warm = [], 0
+    for _ in range(10):  # until two were prewarmed (the first run of this configuration
+        record, caused = attack("payload_view", path=str(ok))  # starts its pool)
+        views.append(report((record, caused)))
+        warm += bool(record["warm"])
+        if warm == 2 or not lane.warm:
+            break
+    assert warm == 2 or not lane.warm, f"{warm} of {len(views)} runs were prewarmed"
+    for got in views:
+        assert got["text"] == "fine" and got["mode"] == "0o400" and got["mine"], got
+        assert got["beside"] == ["ok.txt"], got
+        for change in ("write", "create", "chmod", "unlink"):
+            assert got[change] in ("EROFS", "EACCES", "EPERM"), (change, got)
+    assert ok.read_text() == "fine" and oct(ok.stat().st_mode & 0o777) == "0o644"
 
 
 # Events

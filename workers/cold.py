@@ -51,7 +51,7 @@ def launched_cold(engine: Engine, spec: RunSpec, payload: PayloadFile | None,
     user = engine.identities.take()
     container: ContainerHandle | None = None
     try:
-        staged = payload.stage(run_dir, user) if payload else None
+        staged = payload.stage(run_dir / "payload", user) if payload else None
         spec = replace(spec, event_file=str(write_event(run_dir, spec, user)), user=user,
                        accounts=account_files(run_dir, user),
                        payload=(staged, payload.path) if staged and payload else None)

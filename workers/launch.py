@@ -1,7 +1,7 @@
-"""Launch: a run's container, prewarmed when one is ready for its configuration (never for
-a run whose mounts depend on its event: a payload file), else cold, and followed to its
-end by the run loop. A warm start that broke before its launcher took the run (nothing
-ran) becomes a cold one."""
+"""Launch: a run's container, prewarmed when one is ready for its configuration (a payload
+file included: its copy goes where the container has a private directory mounted), else
+cold, and followed to its end by the run loop. A warm start that broke before its
+launcher took the run (nothing ran) becomes a cold one."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from workers.pool import WarmPool
 from workers.prepare import Prepared
 from workers.run_loop import follow
 from workers.spec import RunEnd
-from workers.warm import WarmBroken, handed_over
+from workers.warm import WarmBroken, handed_over, takes_payload
 
 
 def run_container(prepared: Prepared, engine: Engine, pool: WarmPool | None,
@@ -24,11 +24,12 @@ def run_container(prepared: Prepared, engine: Engine, pool: WarmPool | None,
     """Raises SandboxUnavailable when the engine cannot be used, and cold.Refusal when it
     will not run this container."""
     spec, t0 = prepared.spec, time.monotonic()
-    warm = pool.take(spec) if pool is not None and prepared.payload is None else None
+    warmable = pool is not None and takes_payload(spec.config, prepared.payload)
+    warm = pool.take(spec) if warmable else None  # type: ignore[union-attr]
     end = None
     if warm is not None:
         try:
-            with handed_over(warm, spec) as launched:
+            with handed_over(warm, spec, prepared.payload) as launched:
                 end = follow(launched, spec, settings, engine)
         except WarmBroken:
             end = None  # it never started the plugin: a cold container instead

@@ -12,18 +12,28 @@ the closing line, with the token, the exit status and whether the OOM killer str
 stdout and on stderr, so the worker knows both streams are complete without waiting for
 the engine. SIGTERM (the timeout) is passed on to the plugin's process group; SIGINT,
 SIGQUIT, SIGHUP and SIGPIPE are ignored (the plugin starts with them as usual).
+
+Started with `--zygote INTERPRETER` (a Python entrypoint), it first starts the plugin's
+interpreter (workers/zygote.py) the same way, before it has read anything of a run, and
+says it is ready once that interpreter has imported what it preloads; the run's argv and
+environment then go to that interpreter instead of to exec. An entrypoint that is not
+the one it was started for is exec'd as usual, and the interpreter is killed unused.
 """
 
 import contextlib
 import ctypes
+import fcntl
 import json
 import os
+import select
 import signal
 import sys
 
 PR_SET_DUMPABLE = 4
 PR_SET_CHILD_SUBREAPER = 36
 READY = b"\x00TITAN-READY\n"
+LINGER_S = 30  # after the closing line, at most (a worker that died removes nothing)
+ZYGOTE = "/titan/zygote.py"
 # Ignored while it waits and while it follows the plugin (a signal from outside must not
 # end a container that is about to be handed a run); the plugin gets them back as a
 # fresh process has them.
@@ -49,7 +59,10 @@ def oom_kills():
     return 0
 
 
-def start(run):
+def start(argv, env, fds=()):
+    """Forks the plugin's process and execs `argv` in it, as a container's first process
+    would be: its own process group, first for the OOM killer, /dev/null on stdin, default
+    signal handling. `fds` (read end, write end) become its fds 3 and 4."""
     pid = os.fork()
     if pid == 0:  # the plugin
         step = "setting up"
@@ -61,14 +74,45 @@ def start(run):
             null = os.open("/dev/null", os.O_RDONLY)
             os.dup2(null, 0)
             os.close(null)
+            moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in fds]
+            for target, fd in enumerate(moved, start=3):
+                os.dup2(fd, target)  # inheritable, unlike the pipe's own ends
             for signum in (signal.SIGTERM, *IGNORED):
                 signal.signal(signum, signal.SIG_DFL)
-            step = run["argv"][0]
-            os.execvpe(run["argv"][0], run["argv"], {**os.environ, **run["env"]})
+            step = argv[0]
+            os.execvpe(argv[0], argv, env)
         except OSError as exc:
             os.write(2, f"{step}: {exc.strerror}\n".encode())
             os._exit(127)
     return pid
+
+
+class Zygote:
+    """The plugin's interpreter, started ahead (workers/zygote.py): its pid and the pipe
+    its run goes down."""
+
+    def __init__(self, interpreter):
+        self.interpreter = interpreter
+        request_r, self.request_w = os.pipe()
+        ready_r, ready_w = os.pipe()
+        self.pid = start([interpreter, ZYGOTE], dict(os.environ), (request_r, ready_w))
+        os.close(request_r)
+        os.close(ready_w)
+        self.ready = os.read(ready_r, 1) == b"R"  # it has preloaded, or it is gone
+        os.close(ready_r)
+
+    def hand(self, argv, env):
+        """Sends the run: NUL-separated, the argv's length first."""
+        data = "\0".join([str(len(argv)), *argv, *(f"{k}={v}" for k, v in env.items())])
+        view = memoryview(data.encode("utf-8", "surrogateescape"))
+        while view:
+            view = view[os.write(self.request_w, view):]
+        os.close(self.request_w)
+
+    def kill(self):
+        os.close(self.request_w)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
 
 
 def forward(child):
@@ -106,6 +150,12 @@ def main():
     signal.signal(signal.SIGTERM, lambda *_: os._exit(143))
     for signum in IGNORED:
         signal.signal(signum, signal.SIG_IGN)
+    zygote = None
+    if sys.argv[1:2] == ["--zygote"]:
+        zygote = Zygote(sys.argv[2])
+        if not zygote.ready:
+            zygote.kill()
+            zygote = None
     os.write(1, READY)
     line = sys.stdin.buffer.readline()
     if not line:
@@ -115,13 +165,25 @@ def main():
     # before it (killed, stopped) never started the plugin, and the run goes cold.
     os.write(1, f"\x00TITAN-GO:{run['token']}\n".encode())
     before = oom_kills()
-    child = start(run)
+    env = {**os.environ, **run["env"]}
+    if zygote is not None and run["argv"][0] == zygote.interpreter:
+        zygote.hand(run["argv"], run["env"])
+        child = zygote.pid
+    else:
+        if zygote is not None:
+            zygote.kill()
+        child = start(run["argv"], env)
     signal.signal(signal.SIGTERM, lambda *_: forward(child))
     code = wait_all(child)
     oom = int(oom_kills() > before)
     end = f"\x00TITAN-END:{run['token']}:{code}:{oom}\n".encode()
     os.write(1, end)
     os.write(2, end)
+    # Nothing of the run is left, but the container stays until the worker removes it:
+    # its exit would set the engine tearing it down while the closing line is still on
+    # its way out (measured: 2.4 ms later to the worker than any line before it).
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(143))
+    select.select([sys.stdin], [], [], LINGER_S)
     return 0
 
 

@@ -15,6 +15,7 @@ from docker.types import Mount, Ulimit
 
 from manager.core.config import Settings
 from manager.core.runs import RunUser
+from workers import gvisor_seccomp
 from workers.spec import PoolConfig, RunSpec
 
 LABEL = "titan.managed"
@@ -80,7 +81,8 @@ def base(config: PoolConfig, settings: Settings, labels: dict[str, str], user: R
         "read_only": True, "mounts": mounts,
         "tmpfs": {"/tmp": f"{tmp},size={tmpfs},nr_inodes={s.tmpfs_inodes}",
                   "/dev/shm": f"{tmp},size={shm},nr_inodes=256"},
-        "cap_drop": ["ALL"], "security_opt": ["no-new-privileges"],
+        "cap_drop": ["ALL"],
+        "security_opt": ["no-new-privileges", *gvisor_seccomp.security_opt(config.runtime)],
         "pids_limit": host_pids(config), "mem_limit": limits.memory_bytes,
         "memswap_limit": limits.memory_bytes, "nano_cpus": limits.cpu_millis * 1_000_000,
         "ulimits": [Ulimit(name="nofile", soft=s.nofile_limit, hard=s.nofile_limit),

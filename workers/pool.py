@@ -22,11 +22,12 @@ from docker.errors import DockerException
 
 from manager.core import metrics
 from manager.core.config import Settings
+from manager.core.errors import SandboxUnavailable
 from workers.container import ContainerHandle
 from workers.engine import Engine
 from workers.options import LABEL_PID, LABEL_POOL, LABEL_UID
 from workers.spec import PoolConfig, RunSpec
-from workers.warm import READY_TIMEOUT_S, Warm, WarmUnavailable, prewarm
+from workers.warm import READY_TIMEOUT_S, PrewarmStopped, Warm, WarmUnavailable, prewarm
 
 log = logging.getLogger(__name__)
 PREWARM_WAIT_S = 0.5  # a run waits this long for a prewarm already under way
@@ -209,7 +210,8 @@ class WarmPool:
             log.warning("image %s cannot be prewarmed (%s): its runs stay cold", key.image, exc)
             self.unwarmable.add(key.image)
             return False
-        except (DockerException, requests.RequestException, OSError) as exc:
+        except (DockerException, requests.RequestException, OSError, PrewarmStopped,
+                SandboxUnavailable) as exc:  # the engine's moment, not the image's
             log.warning("prewarming %s failed: %s", key.plugin, exc)
             return False
         with self.lock:
@@ -223,7 +225,7 @@ class WarmPool:
         self.engine.oom.killed(warm.oom)  # its watch ends with it
         if warm.container.remove():
             self.engine.identities.give_back(warm.user)
-            shutil.rmtree(warm.inbox, ignore_errors=True)
+            shutil.rmtree(warm.home, ignore_errors=True)
         elif not self.stopping.is_set():
             with self.lock:
                 self.to_remove.append(warm)  # the engine may be away: again next time

@@ -13,7 +13,12 @@ from manager.core.config import Settings
 from manager.core.errors import BundleError, DependencyError, PermissionDenied
 from manager.core.records import Outcome, Status
 from manager.core.runs import Isolation, RunRequest
-from manager.plugins.permissions import PayloadFile, mount_sources, open_payload_path
+from manager.plugins.permissions import (
+    PayloadFile,
+    mount_sources,
+    open_payload_path,
+    payload_dirs,
+)
 from workers.engine import Engine
 from workers.plugin_cache import PluginCache
 from workers.spec import PoolConfig, RunSpec
@@ -53,7 +58,8 @@ def prepare(req: RunRequest, settings: Settings, engine: Engine, cache: PluginCa
     config = PoolConfig(req.plugin, req.version, req.digest, req.image, req.argv,
                         str(code_dir), req.limits.clamped(settings),
                         str(deps) if deps else None, mounts,
-                        settings.gvisor_runtime if req.isolation is Isolation.GVISOR else None)
+                        settings.gvisor_runtime if req.isolation is Isolation.GVISOR else None,
+                        payload_dirs(req.allowed_globs, settings) if payload else ())
     return Prepared(RunSpec(config, req.invocation_id, req.event.encode()), payload)
 
 

@@ -24,6 +24,9 @@ class PoolConfig:
     deps_dir: str | None = None
     read_only_dirs: tuple[str, ...] = ()
     runtime: str | None = None  # the engine's runtime (runsc for gVisor); None: its default
+    # Where a run's payload file may lie (its runs name one): a prewarmed container has an
+    # empty private directory of its own mounted at each, for the run's checked copy.
+    payload_dirs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,11 @@
 """The warm launch: a container created and started ahead (`prewarm`: every protection,
-its configuration's mounts, a uid of its own) waits in the product's launcher; a run is
-handed to it (`handed_over`): its event written into the container's read-only inbox, a
-one-line request with a per-run token sent to the launcher, which says GO (with the
-token) before it starts the plugin and, once the plugin and all it left behind are gone,
+its configuration's mounts, a uid of its own) waits in the product's launcher, and for a
+Python entrypoint with the plugin's interpreter already started (workers/zygote.py); a
+run is handed to it (`handed_over`): its event written into the container's read-only
+inbox, its payload file's checked copy into the private directory mounted where that
+file lies, a one-line request with a per-run token sent to the launcher, which says GO
+(with the token) before it starts the plugin and, once the plugin and all it left behind
+are gone,
 ends both streams with a closing line (the token, the exit status, whether the OOM killer
 struck): over without waiting for the engine's exit path. A container that ends before its
 GO never started the plugin: WarmBroken, and the run goes cold. The pool (workers.pool)
@@ -25,6 +28,7 @@ from typing import Any
 
 from manager.core.config import ROOT, Settings
 from manager.core.runs import RunUser
+from manager.plugins.permissions import PayloadFile
 from manager.plugins.safefs import mkdirs, private_root
 from workers import options
 from workers.container import STDERR, STDOUT, ContainerHandle
@@ -34,9 +38,20 @@ from workers.oom import OomWatch
 from workers.run_loop import Launched
 from workers.spec import PoolConfig, RunSpec
 
-LAUNCHER = ROOT / "workers" / "launcher.py"  # copied into the cache: a path the engine sees
+# Copied into the cache (a path the engine sees), mounted read-only at /titan.
+TOOLS = {"/titan/launcher.py": ROOT / "workers" / "launcher.py",
+         "/titan/zygote.py": ROOT / "workers" / "zygote.py"}
 LAUNCHER_PATH = "/titan/launcher.py"
 INBOX = "/titan/in"
+# `python main.py` and the like: what the plugin's interpreter, started ahead, can run.
+PYTHON_RE = re.compile(r"python(3(\.\d+)?)?\Z")
+# Where the container's own files are: no payload directory is mounted over them.
+OWN_PATHS = ("/plugin", "/titan", "/tmp", "/dev")
+# Memory the launcher and the preloaded interpreter hold, added to a prewarmed container's
+# limit so that the plugin has what it declared (measured idle: 5 MiB for the launcher
+# under runc, 7 MiB under gVisor, 5 MiB for the modules preloaded). Without it a plugin
+# that fills its /tmp (half its memory) under gVisor was OOM-killed instead of ENOSPC.
+HEADROOM_BYTES = 16 * 1024**2
 READY = b"\x00TITAN-READY\n"
 READY_TIMEOUT_S = 15
 TAIL = 160  # bytes held back per stream until it is known they are not the closing line
@@ -49,10 +64,18 @@ class Warm:
 
     config: PoolConfig
     container: ContainerHandle
-    inbox: Path
+    home: Path  # its private directory on the host: the inbox, account files, payload dirs
     user: RunUser  # its identity, given back when it is removed
     oom: OomWatch | None = None
     ready_mono: float = field(default_factory=time.monotonic)
+
+    @property
+    def inbox(self) -> Path:
+        return self.home / "in"
+
+    def payload_dir(self, index: int) -> Path:
+        """The host directory mounted at the configuration's payload_dirs[index]."""
+        return self.home / f"payload-{index}"
 
     def alive(self) -> bool:
         """Whether its launcher still waits: a container that the engine stopped meanwhile
@@ -68,7 +91,26 @@ class WarmUnavailable(RuntimeError):
     """The image cannot run the launcher (no python3, or it exited at once)."""
 
 
-def warm_options(engine: Engine, config: PoolConfig, inbox: Path,
+class PrewarmStopped(RuntimeError):
+    """The container was stopped or killed from outside (an engine shutting down) before
+    its launcher answered: says nothing of the image; another one is started later."""
+
+
+STOPPED_EXITS = {128 + 9, 128 + 15}  # SIGKILL, SIGTERM (the launcher's own exit for it)
+
+
+def interpreter(config: PoolConfig, settings: Settings) -> str | None:
+    """The interpreter to start ahead for this configuration's entrypoint (`python
+    main.py`, `python3 app.py --flag`), or None: its runs exec their entrypoint. Options
+    for the interpreter itself (`python -u`, `-m`) are left to exec: they change how it
+    starts."""
+    argv = config.argv
+    if not settings.warm_interpreter or len(argv) < 2 or argv[1].startswith("-"):
+        return None
+    return argv[0] if PYTHON_RE.match(argv[0]) else None
+
+
+def warm_options(engine: Engine, config: PoolConfig, home: Path,
                  user: RunUser) -> dict[str, Any]:
     """The configuration's options (workers.options.base) with the launcher waiting on
     stdin instead of the plugin; the run's own part reaches the launcher with the run.
@@ -76,60 +118,100 @@ def warm_options(engine: Engine, config: PoolConfig, inbox: Path,
     read neither its environment nor /proc/1/fd/0, the stream its request came through.
     It reaps like an init: a subreaper that waits for every process before it reports."""
     opts = options.base(config, engine.settings, engine.base_labels, user,
-                        account_files(inbox, user))
-    opts["mounts"] += [options.bind(LAUNCHER_PATH, str(launcher_copy(engine.settings))),
-                       options.bind(INBOX, str(inbox))]
+                        account_files(home, user))
+    tools = tools_copy(engine.settings)
+    opts["mounts"] += [options.bind(target, str(tools / Path(target).name)) for target in TOOLS]
+    opts["mounts"].append(options.bind(INBOX, str(home / "in")))
+    opts["mounts"] += [options.bind(target, str(home / f"payload-{i}"))
+                       for i, target in enumerate(config.payload_dirs)]
     opts["environment"]["EVENT_FILE"] = f"{INBOX}/event.json"
     opts["labels"][options.LABEL_POOL] = "1"
-    return {**opts, "command": ["python3", "-I", LAUNCHER_PATH], "stdin_open": True,
-            "init": False}
+    opts["mem_limit"] += HEADROOM_BYTES
+    opts["memswap_limit"] += HEADROOM_BYTES
+    command = ["python3", "-I", LAUNCHER_PATH]
+    python = interpreter(config, engine.settings)
+    if python:
+        command += ["--zygote", python]
+    return {**opts, "command": command, "stdin_open": True, "init": False}
 
 
-def launcher_copy(settings: Settings) -> Path:
-    """The launcher at a path the Docker engine can see: the worker's cache is at the same
-    path on the host and in a worker container, its code is not."""
-    target = private_root(settings.cache_dir) / "launcher.py"
-    source = LAUNCHER.read_bytes()
-    if not target.exists() or target.read_bytes() != source:
-        tmp = target.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_bytes(source)
-        tmp.chmod(0o444)
-        os.replace(tmp, target)
-    return target
+def tools_copy(settings: Settings) -> Path:
+    """The launcher and the zygote at paths the Docker engine can see: the worker's cache
+    is at the same path on the host and in a worker container, its code is not."""
+    directory = mkdirs(private_root(settings.cache_dir) / "tools", 0o755)
+    for name in (Path(target).name for target in TOOLS):
+        source = (ROOT / "workers" / name).read_bytes()
+        target = directory / name
+        if not target.exists() or target.read_bytes() != source:
+            tmp = target.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_bytes(source)
+            tmp.chmod(0o444)
+            os.replace(tmp, target)
+    return directory
+
+
+def takes_payload(config: PoolConfig, payload: PayloadFile | None) -> bool:
+    """Whether a prewarmed container of `config` can be handed this run's payload file:
+    none, or one inside a payload directory it has mounted (never over its own files)."""
+    if payload is None:
+        return True
+    if any(_overlaps(d, own) for d in config.payload_dirs for own in OWN_PATHS):
+        return False
+    return payload.handle is None or place(config, payload.path) is not None
+
+
+def place(config: PoolConfig, path: str) -> tuple[int, str] | None:
+    """(index of the payload directory, path inside it) for a payload file at `path`."""
+    for index, base in enumerate(config.payload_dirs):
+        if path.startswith(base.rstrip("/") + "/"):
+            return index, os.path.relpath(path, base)
+    return None
+
+
+def _overlaps(a: str, b: str) -> bool:
+    return a == b or a.startswith(b + "/") or b.startswith(a + "/")
 
 
 def prewarm(engine: Engine, config: PoolConfig) -> Warm:
     """Creates, attaches to and starts one container, and waits for its launcher."""
     runs = mkdirs(private_root(engine.settings.cache_dir) / "runs", 0o700)
-    inbox = mkdirs(runs / f"warm-{secrets.token_hex(8)}", 0o711)
-    os.chmod(inbox, 0o711)
+    home = mkdirs(runs / f"warm-{secrets.token_hex(8)}", 0o711)
+    for directory in (home, *(home / f"payload-{i}" for i in range(len(config.payload_dirs))),
+                      home / "in"):
+        directory.mkdir(mode=0o711, exist_ok=True)
+        os.chmod(directory, 0o711)
     user = engine.identities.take()
     container: ContainerHandle | None = None
     try:
-        container = engine.create(warm_options(engine, config, inbox, user), config.image)
+        container = engine.create(warm_options(engine, config, home, user), config.image)
         container.attach(stdin=True)
         container.start()
         if not container.readable(READY_TIMEOUT_S):
             raise WarmUnavailable(f"no launcher answered within {READY_TIMEOUT_S}s")
         said = next(container.frames(), None)
+        if said is None and container.wait(READY_TIMEOUT_S).get("ExitCode") in STOPPED_EXITS:
+            raise PrewarmStopped("stopped before its launcher answered")
         if said is None or said[1] != READY:
             raise WarmUnavailable(f"launcher said {said[1][:80] if said else 'nothing'!r}")
     except BaseException:
         if container is None or container.remove():
             engine.identities.give_back(user)
-        shutil.rmtree(inbox, ignore_errors=True)
+        shutil.rmtree(home, ignore_errors=True)
         raise
-    return Warm(config, container, inbox, user, engine.oom.watch(container.id))
+    return Warm(config, container, home, user, engine.oom.watch(container.id))
 
 
 @contextlib.contextmanager
-def handed_over(warm: Warm, spec: RunSpec) -> Iterator[Launched]:
-    """Hands the run to a prewarmed container's launcher (the event file, then a one-line
-    request with a per-run token). The container is the pool's to remove afterwards."""
+def handed_over(warm: Warm, spec: RunSpec, payload: PayloadFile | None) -> Iterator[Launched]:
+    """Hands the run to a prewarmed container's launcher (the event file, the payload
+    file's checked copy, then a one-line request with a per-run token). The container is
+    the pool's to remove afterwards."""
     started_wall = time.time()
     if not warm.alive():
         raise WarmBroken("the prewarmed container is gone (its stream has ended)")
     write_event(warm.inbox, spec, warm.user)
+    if payload is not None and payload.handle is not None:
+        stage_payload(warm, payload)
     token = secrets.token_hex(16)
     request = json.dumps({"token": token, "argv": list(spec.config.argv),
                           "env": options.run_env(spec)}) + "\n"
@@ -140,6 +222,22 @@ def handed_over(warm: Warm, spec: RunSpec) -> Iterator[Launched]:
     ending = Ending(token)
     yield Launched(warm.container, ending.frames(warm.container.frames()), started_wall,
                    started_wall, ending.state, warm.oom, warm=True)
+
+
+def stage_payload(warm: Warm, payload: PayloadFile) -> None:
+    """The checked copy, readable by the run's uid alone, at the payload's path inside the
+    private directory the container has mounted where that path lies; the directories on
+    the way are root's, as a cold container's mount points are."""
+    placed = place(warm.config, payload.path)
+    if placed is None:
+        raise WarmBroken(f"{payload.path} lies outside this container's payload directories")
+    index, relative = placed
+    target = warm.payload_dir(index)
+    for part in Path(relative).parts[:-1]:
+        target = target / part
+        target.mkdir(mode=0o755, exist_ok=True)
+        os.chmod(target, 0o755)  # whatever the umask: the run's uid passes through
+    payload.stage(target / Path(relative).name, warm.user)
 
 
 class Ending:

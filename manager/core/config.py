@@ -104,6 +104,9 @@ class Settings(BaseSettings):
     prewarm_size: int = 1  # ready containers per plugin configuration
     prewarm_max: int = 4  # ready containers in all
     prewarm_idle_s: int = 300  # a ready container unused this long is removed
+    # A prewarmed container of a Python entrypoint holds the plugin's interpreter, started
+    # and with common modules imported before the event (workers/zygote.py).
+    warm_interpreter: bool = True
     # Retention.
     record_ttl: int = 7 * 24 * 3600
     stream_maxlen: int = 100_000

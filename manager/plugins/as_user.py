@@ -2,50 +2,32 @@
 
 The worker is root; a run is not. So whether a run may read a host path is never decided
 here from owners and mode bits (that misses ACLs, LSMs and whatever else the kernel
-enforces): a child process that holds only the run's uid and group (no supplementary
-groups, no capabilities: an unprivileged exec of the system's Python) walks the path from
-`/` one component at a time with O_NOFOLLOW, opens the last one, and hands the
-descriptor back over a socketpair (SCM_RIGHTS). What the caller then checks and reads is
-exactly the object the run's identity could open; a symlink anywhere on the way, or a
-component the run may not search or read, is refused by the kernel itself.
+enforces): a process that holds only the run's uid and group (no supplementary groups, no
+capabilities) walks the path from `/` one component at a time with O_NOFOLLOW, opens the
+last one, and hands the descriptor back over a socket (SCM_RIGHTS). What the caller then
+checks and reads is exactly the object the run's identity could open; a symlink anywhere
+on the way, or a component the run may not search or read, is refused by the kernel.
+
+That process is a fork of the opener (manager.plugins.opener), which each worker process
+starts once: a fork of a small single-threaded process costs about a millisecond, where
+starting an interpreter per path cost 16.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import shutil
 import socket
 import subprocess
+import threading
+from pathlib import Path
 
 PYTHON = shutil.which("python3", path="/usr/bin:/bin") or "/usr/bin/python3"
+OPENER = Path(__file__).with_name("opener.py")
 OPEN_TIMEOUT_S = 10
-# Runs as the run's uid: standard library only, no site-packages, no environment.
-CHILD = r"""
-import errno, json, os, socket, sys
-sock = socket.socket(fileno=int(sys.argv[1]))
-parts = [p for p in sys.argv[2].split("/") if p]
-directory = sys.argv[3] == "dir"
-current, n = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC), 0
-try:
-    for n, part in enumerate(parts):
-        if part in (".", ".."):
-            raise OSError(errno.EINVAL, "a '.' or '..' component")
-        flags = os.O_NOFOLLOW | os.O_CLOEXEC
-        if n < len(parts) - 1:
-            flags |= os.O_PATH | os.O_DIRECTORY
-        elif directory:
-            flags |= os.O_RDONLY | os.O_DIRECTORY
-        else:
-            flags |= os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY
-        opened = os.open(part, flags, dir_fd=current)
-        os.close(current)
-        current = opened
-    socket.send_fds(sock, [b"{}"], [current])
-except OSError as exc:
-    sock.sendall(json.dumps({"errno": exc.errno, "depth": n + 1}).encode())
-"""
 
 
 class Refusal(Exception):
@@ -70,26 +52,71 @@ class Refusal(Exception):
         return self.errno in (errno.ELOOP, errno.ENOTDIR)
 
 
+class Opener:
+    """This process's opener: its requests go down one socket, each with a socket of its
+    own for the answer (so threads may ask at once). Started again if it died."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.control: socket.socket | None = None
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> socket.socket:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with theirs:
+            self.process = subprocess.Popen(
+                [PYTHON, "-I", "-S", str(OPENER), str(theirs.fileno())], env={}, cwd="/",
+                start_new_session=True,  # a Ctrl-C at the worker's terminal is not its
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+        self.control = ours
+        return ours
+
+    def ask(self, request: dict[str, object]) -> tuple[bytes, list[int]]:
+        mine, reply = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with mine:
+            with reply:
+                self.send(json.dumps(request).encode(), reply.fileno())
+            mine.settimeout(OPEN_TIMEOUT_S)
+            message, fds, _, _ = socket.recv_fds(mine, 4096, 1)
+        return message, fds
+
+    def send(self, message: bytes, reply: int) -> None:
+        with self.lock:
+            for _ in range(2):
+                control = self.control or self.start()
+                try:
+                    socket.send_fds(control, [message], [reply])
+                    return
+                except OSError:  # it is gone: once more, with a new one
+                    self.stop()
+            raise OSError(errno.EIO, "the opener does not take requests")
+
+    def stop(self) -> None:
+        if self.control is not None:
+            self.control.close()  # it exits when it reads the end
+            self.control = None
+        if self.process is not None:
+            self.process.wait()
+            self.process = None
+
+
+@functools.cache
+def opener(pid: int) -> Opener:
+    """One opener per process (a forked process starts its own: its parent's is not its
+    child)."""
+    return Opener()
+
+
 def open_as(path: str, uid: int, gid: int, directory: bool = False) -> int:
     """A descriptor of `path` opened by `uid`:`gid` alone (read-only; O_NOFOLLOW at every
     component). Raises Refusal with the kernel's errno; the caller owns the descriptor."""
     if uid <= 0 or gid <= 0:
         raise ValueError("a path is opened as a run's identity, never as root")
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    with ours:
-        try:
-            done = subprocess.run([PYTHON, "-I", "-S", "-c", CHILD, str(theirs.fileno()),
-                                   path, "dir" if directory else "file"],
-                                  user=uid, group=gid, extra_groups=[], env={}, cwd="/",
-                                  pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
-                                  capture_output=True, timeout=OPEN_TIMEOUT_S, check=False)
-        finally:
-            theirs.close()
-        message, fds, _, _ = socket.recv_fds(ours, 4096, 1)
+    message, fds = opener(os.getpid()).ask(
+        {"path": path, "uid": uid, "gid": gid, "directory": directory})
     if fds:
         return fds[0]
-    if not message:  # the child died before it said anything
-        raise OSError(errno.EIO, f"the opener exited with {done.returncode}: "
-                                 f"{done.stderr[-200:].decode(errors='replace')}")
+    if not message:  # the fork ended before it said anything
+        raise OSError(errno.EIO, f"the opener gave no answer for {path}")
     answer = json.loads(message)
     raise Refusal(int(answer["errno"]), int(answer["depth"]))

@@ -159,8 +159,20 @@ def mount_sources(globs: Iterable[str], settings: Settings, judge: RunUser,
                                    f"user (through {weak}); make its parents root-owned",
                                    path=base)
         dirs.add(base)
-    # A directory inside another mounted one adds nothing.
+    return outermost(dirs)
+
+
+def outermost(dirs: Iterable[str]) -> list[str]:
+    """The directories not inside another of them (one inside a mounted one adds nothing)."""
+    dirs = set(dirs)
     return sorted(d for d in dirs if not any(d != o and d.startswith(o + "/") for o in dirs))
+
+
+def payload_dirs(globs: Iterable[str], settings: Settings) -> tuple[str, ...]:
+    """Where a payload file of these globs can lie: their resolved bases. A prewarmed
+    container mounts an empty private directory at each, and a run's checked copy is put
+    there at its path, as a cold container mounts the copy alone."""
+    return tuple(outermost(glob_base(r) for g in globs if (r := resolved_glob(g, settings))))
 
 
 def _refused(exc: Refusal) -> str:
@@ -183,12 +195,11 @@ class PayloadFile:
     handle: int | None = None
     size: int = 0
 
-    def stage(self, directory: Path, user: RunUser) -> str | None:
-        """Copies the checked object into a per-run file that `user` alone may read;
-        returns its host path."""
+    def stage(self, target: Path, user: RunUser) -> str | None:
+        """Copies the checked object into `target`, a new file in a per-run directory,
+        that `user` alone may read; returns its host path (None: there is no file)."""
         if self.handle is None:
             return None
-        target = directory / "payload"
         copy_fd(self.handle, str(target), self.size, (user.uid, user.gid))
         return str(target)
 

@@ -36,8 +36,6 @@ def kind_of(path: str, mime: str | None) -> str:
 
 
 def read_text(path: str) -> tuple[str, bool, str]:
-    from charset_normalizer import from_bytes
-
     with open(path, "rb") as fh:
         data = fh.read(MAX_READ_BYTES + 1)
     cut = len(data) > MAX_READ_BYTES
@@ -48,6 +46,8 @@ def read_text(path: str) -> tuple[str, bool, str]:
         return data.decode("utf-8"), cut, "utf-8"
     except UnicodeDecodeError:
         pass
+    from charset_normalizer import from_bytes  # only here: its import is most of a UTF-8 run
+
     matches = list(from_bytes(data[:1024 * 1024]))
     if not matches:
         fail("file is not text in any common encoding")

@@ -1,6 +1,7 @@
 """A hostile plugin: each attack tries to break one SPEC §4 protection. Attacks that the
 sandbox stops by killing the run never print; the others report what they achieved."""
 
+import ctypes
 import errno
 import hashlib
 import json
@@ -165,6 +166,17 @@ def try_(fn):
         return f"exit {exc.returncode}"
 
 
+def unshare(flag):
+    """unshare(2) with `flag`, in a child (a namespace it made would change what the rest
+    of the report sees): "ok", or the errno's name."""
+    pid = os.fork()
+    if pid == 0:
+        failed = ctypes.CDLL(None, use_errno=True).unshare(flag)
+        os._exit(ctypes.get_errno() or 255 if failed else 0)
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    return "ok" if code == 0 else errno.errorcode.get(code, f"exit {code}")
+
+
 def host():
     def write(path):
         with open(path, "w") as fh:
@@ -181,6 +193,7 @@ def host():
                                           capture_output=True)),
         mknod=try_(lambda: os.mknod("/tmp/sda", 0o600 | 0o060000, os.makedev(8, 0))),
         raw_socket=try_(lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, 1).close()),
+        unshare_user=unshare(0x10000000), unshare_mount=unshare(0x00020000),
         su_stdout=su.stdout.strip(), su_code=su.returncode, uid=os.getuid(), euid=os.geteuid(),
         setuid_files=sorted(p for d in ("/usr/bin", "/bin") for p in
                             (os.path.join(d, f) for f in os.listdir(d))
@@ -241,8 +254,23 @@ def bad_output():
                                       "event_id": "y", "status": "failed", "reason": "forged"}}))
 
 
+def payload_view():
+    """What a run can do with the payload file it was handed: read it, see what else is
+    beside it, change it."""
+    path = ARGS["path"]
+    st = os.stat(path)
+    parent = os.path.dirname(path)
+    report(text=Path(path).read_text(), mode=oct(st.st_mode & 0o7777),
+           mine=st.st_uid == os.getuid(), beside=sorted(os.listdir(parent)),
+           write=try_(lambda: open(path, "a").close()),
+           create=try_(lambda: open(os.path.join(parent, "new"), "w").close()),
+           chmod=try_(lambda: os.chmod(path, 0o644)),
+           unlink=try_(lambda: os.unlink(path)))
+
+
 ATTACKS = {f.__name__: f for f in (fork_bomb, cpu_spin, giant_line, binary_flood, stderr_flood,
                                    binary_small, fill_tmp, fill_shm, many_files, tmp_listing,
                                    open_files, huge_file, network, host, read_paths, event_size,
-                                   bad_output, marker, balloon, kill_self, linger)}
+                                   bad_output, marker, balloon, kill_self, linger,
+                                   payload_view)}
 ATTACKS[ARGS["attack"]]()

@@ -1,0 +1,1 @@
+print('{"topic": "bench.v1", "event_type": "tock", "payload": {}}')

@@ -1,0 +1,58 @@
+"""Which runs the warm path takes, as pure rules: the entrypoints the interpreter started
+ahead can run, and where a payload file's copy goes in a prewarmed container."""
+
+from __future__ import annotations
+
+import pytest
+
+from manager.core.config import Settings
+from manager.core.runs import RunLimits
+from manager.plugins.permissions import PayloadFile
+from workers.spec import PoolConfig
+from workers.warm import interpreter, place, takes_payload
+
+LIMITS = RunLimits(timeout=5, memory_bytes=64 * 2**20, cpu_millis=500, pids=64)
+
+
+def config(argv: tuple[str, ...] = ("python", "main.py"),
+           payload_dirs: tuple[str, ...] = ()) -> PoolConfig:
+    return PoolConfig("p", "1.0.0", "sha256:x", "img", argv, "/code", LIMITS,
+                      payload_dirs=payload_dirs)
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (("python", "main.py"), "python"),
+    (("python3", "app.py", "--verbose"), "python3"),
+    (("python3.11", "main.py"), "python3.11"),
+    (("python", "-u", "main.py"), None),  # an option changes how the interpreter starts
+    (("python3", "-m", "pkg"), None),
+    (("python",), None),
+    (("node", "main.js"), None),
+    (("sh", "-c", "python main.py"), None),
+    (("pythonista", "main.py"), None),
+])
+def test_the_interpreter_started_ahead_runs_plain_python_scripts(argv, expected) -> None:
+    assert interpreter(config(argv), Settings()) == expected
+
+
+def test_the_operator_can_turn_it_off() -> None:
+    assert interpreter(config(), Settings(warm_interpreter=False)) is None
+
+
+def test_a_payload_copy_goes_into_the_directory_its_path_lies_in() -> None:
+    two = config(payload_dirs=("/srv/a", "/srv/b"))
+    assert place(two, "/srv/b/x/y.md") == (1, "x/y.md")
+    assert place(two, "/srv/a/f.txt") == (0, "f.txt")
+    assert place(two, "/srv/ab/f.txt") is None  # a sibling with the same prefix
+    assert place(two, "/srv/a") is None
+
+
+def test_which_payloads_a_prewarmed_container_can_take() -> None:
+    files = config(payload_dirs=("/srv/files",))
+    assert takes_payload(files, None)
+    assert takes_payload(files, PayloadFile("/srv/files/a.md", "/srv/files/a.md", handle=7))
+    assert takes_payload(files, PayloadFile("/srv/files/gone.md", "/srv/files/gone.md"))
+    assert not takes_payload(files, PayloadFile("/srv/other/a.md", "/srv/other/a.md", 7))
+    assert not takes_payload(config(), PayloadFile("/srv/files/a.md", "/srv/files/a.md", 7))
+    over_own = config(payload_dirs=("/tmp/files",))  # never mounted over the container's /tmp
+    assert not takes_payload(over_own, PayloadFile("/tmp/files/a", "/tmp/files/a", 7))
