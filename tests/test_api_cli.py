@@ -121,3 +121,15 @@ def test_cli_failures_exit_non_zero_with_a_reason(api_url: str, tmp_path) -> Non
     assert no_history.returncode == 1 and "no earlier version" in no_history.stderr
     unreachable = run_cli("http://127.0.0.1:1", "list")
     assert unreachable.returncode == 4 and "cannot reach the API" in unreachable.stderr
+
+
+def test_standing_says_where_a_run_is(client) -> None:
+    event = {"event_id": new_id(), "topic": "test.v1", "event_type": "ping"}
+    done = client.post("/plugins/echo/trigger?wait=60", json=event).json
+    standing = client.get(f"/invocations/{done['invocation_id']}/standing")
+    assert standing.status_code == 200, standing.json
+    at = standing.json
+    assert (at["plugin"], at["status"], at["ahead"], at["running"]) == (
+        "echo", "succeeded", 0, 0)
+    assert 0 <= at["queued_s"] <= done["started_at"] - done["created_at"] + 0.001
+    assert client.get("/invocations/nope/standing").status_code == 404

@@ -206,3 +206,22 @@ def test_docs_load_without_the_token_while_the_api_needs_it(settings, conn, regi
     assert client.get("/plugins").status_code == 401
     authed = client.get("/plugins", headers={"Authorization": "Bearer s3cret"})
     assert authed.status_code == 200
+
+
+def test_triggering_an_invalid_plugin_says_why(settings, conn, tmp_path) -> None:
+    plugins = tmp_path / "plugins"
+    write(plugins, "broken", "print()\n", "privileged: true\n")
+    uid = new_id("inv")
+    mine = settings.with_(plugins_dir=plugins, key_prefix=f"{settings.key_prefix}{uid}",
+                          task_queue=f"{settings.task_queue}.{uid}")
+    registry = Registry(wired(conn, mine))
+    registry.reload()
+    app = create_app(wired(conn, mine), registry, Dispatcher(wired(conn, mine),
+                                                             make_celery(mine)))
+    app.config["TESTING"] = True
+    answer = app.test_client().post(
+        "/plugins/broken/trigger",
+        json={"event_id": new_id(), "topic": "author.v1", "event_type": "broken"})
+    assert answer.status_code == 409, answer.json
+    message = answer.json["error"]["message"]
+    assert message.startswith("plugin 'broken' is invalid: ") and "privileged" in message

@@ -190,3 +190,33 @@ def test_a_yaml_syntax_error_names_the_file_line_and_column() -> None:
     errs = errors_of(GOOD + "retries: [1\nx: 2\n")  # a list never closed
     assert len(errs) == 1 and "<byte string>" not in errs[0], errs
     assert re.search(r"plugin\.yaml:\d+:\d+: yaml: ", errs[0]), errs
+
+
+@pytest.mark.parametrize(("old", "new", "said"), [
+    ("topic: chat.v1", "topic: chat.[v1", "never closed"),
+    ("event_type: user_message", "event_type: user_[]m", "never closed"),
+    ("topic: chat.v1", "topic: chat.v1]", "no '['"),
+    ("/srv/titan/data/**", "/srv/titan/data/[ab/*", "never closed"),
+])
+def test_a_character_class_that_does_not_close_is_refused(old: str, new: str, said: str
+                                                          ) -> None:
+    errs = errors_of(GOOD.replace(old, new))
+    assert any(said in e for e in errs), errs
+
+
+@pytest.mark.parametrize("pattern", ["chat.[v]1", "chat.v[0-9]", "chat.[]]", "c*.[a-c]?"])
+def test_closed_character_classes_load(pattern: str) -> None:
+    m = parse_manifest(GOOD.replace("topic: chat.v1", f'topic: "{pattern}"').encode(),
+                       "plugin.yaml", 64 * 1024)
+    assert m.triggers[0].topic == pattern
+
+
+@pytest.mark.parametrize(("old", "new", "hint"), [
+    ("  - topic: chat.v1", "\t- topic: chat.v1", "indent with spaces"),
+    ("version: 0.1.0", "version: 0.1.0\ndescription: a: b", "needs quotes"),
+    ('["/srv/titan/data/**"]}}', '["/srv/titan/data/**"}}', "closing ']'"),
+    ("entrypoint: python main.py", "entrypoint python main.py", "key: value"),
+])
+def test_a_yaml_slip_gets_a_hint(old: str, new: str, hint: str) -> None:
+    (error,) = errors_of(GOOD.replace(old, new))
+    assert error.startswith("plugin.yaml:") and "; hint: " in error and hint in error, error

@@ -56,12 +56,16 @@ def test_json_on_every_command_parses(api_url: str, bus: Bus, conn, settings) ->
     record = json.loads(ran.stdout)
     assert ran.returncode == 0 and record["status"] == "succeeded"
     for args in (["list"], ["health"], ["show", record["invocation_id"]], ["logs", "echo"],
-                 ["dead", "-n", "3"], ["publish", "-e", event()], ["reload"]):
+                 ["dead", "-n", "3"], ["publish", "-e", event()], ["reload"],
+                 ["versions", "echo"]):
         for where in ("before", "after"):
             argv = ["--json", *args] if where == "before" else [*args, "--json"]
             done = run_cli(api_url, *argv)
             assert done.returncode == 0, (argv, done.stderr)
             json.loads(done.stdout)
+    kept = run_cli(api_url, "versions", "echo")
+    assert kept.returncode == 0 and re.search(r"^\*\s+0\.1\.0\s+\w{12}\s", kept.stdout,
+                                              re.MULTILINE), kept.stdout
     missing = run_cli(api_url, "--json", "show", "no-such-run")
     assert missing.returncode == 3  # not found
     assert json.loads(missing.stdout)["error"]["code"] == "invocation_not_found"
@@ -77,6 +81,13 @@ def test_exit_codes(api_url: str) -> None:
     assert [ok.returncode, failed.returncode, slow.returncode, usage.returncode,
             down.returncode] == [0, 1, 5, 2, 4]
     assert "status failed" in failed.stdout and "queued" in slow.stdout
+    # a wait that runs out says so, where the run stands, and how to follow it
+    inv = slow.stdout.split("invocation ")[1].split()[0]
+    assert "the wait ran out after 0.3s: run " + inv + " of sleeper is " in slow.stderr, slow
+    assert re.search(r"is (queued for [\d.]+s, behind \d+ unstarted run\(s\), with \d+ "
+                     r"running|running \(it waited [\d.]+s before it started\))", slow.stderr)
+    assert f"show {inv}" in slow.stderr and "logs -f sleeper" in slow.stderr
+    assert re.search(r"queued_s: [\d.]+\n  duration_s: ", ok.stdout), ok.stdout
     assert json.loads(down.stdout)["error"]["code"] == "unreachable"
     for body in (b"<html>a web page</html>", b'{"plugins_count": 3}'):  # JSON, not ours
         with http_server(body) as url:

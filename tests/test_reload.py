@@ -4,6 +4,7 @@ working directory with an empty cache (it has no access to the plugins directory
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 import threading
@@ -19,7 +20,7 @@ from harness import Bus, WorkerProcess, new_id, private_settings, records_of, wa
 from manager.api.app import create_app
 from manager.bus.dispatch import Dispatcher
 from manager.bus.listener import Listener
-from manager.cli.main import plugin_table
+from manager.cli.text import plugin_table, reload_text, versions_text
 from manager.core.config import Settings
 from manager.core.contract import make_celery
 from manager.plugins.registry import Registry
@@ -179,6 +180,7 @@ def test_a_broken_update_keeps_the_old_version_serving(stack: Stack, broken: dic
     (rejected,) = changes["rejected"]
     assert rejected["name"] == "versioned" and rejected["serving"]["version"] == "2.0.0"
     assert any(error in e for e in rejected["errors"]), rejected
+    assert reload_text(changes).startswith("rejected: versioned (serving 2.0.0 (")
     shown = stack.client.get("/plugins/versioned").json
     assert shown["status"] == "loaded" and shown["version"] == "2.0.0"
     assert any(error in e for e in shown["errors"])
@@ -199,6 +201,8 @@ def test_rollback_restores_the_earlier_digest_until_the_directory_changes(stack:
     listed = plugin_table(stack.client.get("/plugins").json).splitlines()
     assert any(ln.startswith("versioned") and "1.0.0 (rolled back)" in ln for ln in listed)
     assert {v["digest"] for v in shown["versions"]} >= {v1, v2}
+    serving = [ln for ln in versions_text(shown).splitlines() if ln.startswith("*")]
+    assert len(serving) == 1 and serving[0].split()[1:3] == ["1.0.0", v1[7:19]], serving
     assert stack.answer("versioned")["payload"]["code"] == "1.0.0"
     stack.registry.reload()  # the directory still holds 2.0.0: the rollback stays
     assert stack.registry.get("versioned").digest == v1
@@ -211,7 +215,9 @@ def test_rollback_restores_the_earlier_digest_until_the_directory_changes(stack:
 def test_only_the_last_five_versions_are_kept(stack: Stack) -> None:
     for minor in range(7):
         write_plugin(stack.plugins, "versioned", f"4.{minor}.0")
-        stack.registry.reload()
+        changes = stack.registry.reload()
+    assert re.fullmatch(r"updated: versioned 4\.5\.0 \(\w{12}\) -> 4\.6\.0 \(\w{12}\)",
+                        reload_text(changes)), reload_text(changes)
     kept = [e.version for e in stack.registry.versions("versioned")]
     assert kept == ["4.6.0", "4.5.0", "4.4.0", "4.3.0", "4.2.0"]
 

@@ -101,13 +101,19 @@ class Delivery:
         judged = verdict(end, prepared.spec, self.settings.output_cap_bytes)
         if judged.status is Status.RETRYING:  # the engine's end, not the plugin's
             return self.unavailable(req, attempt, judged.reason or "")
+        labels = {"plugin": req.plugin, "warm": str(end.warm).lower(),
+                  "isolation": req.isolation.value}
         metrics.CONTAINER_START.observe(end.ready_s)
-        metrics.DURATION.labels(plugin=req.plugin).observe(end.duration_s)
+        metrics.DURATION.labels(**labels).observe(end.duration_s)
         if judged.status in RETRYABLE and attempt <= req.retries:
             return self.again(req, attempt, RetryReason.MANIFEST,
                               f"{judged.status.value}: {judged.reason}",
                               exit_code=end.exit_code)
-        return self.store(req, outcome(req, end, judged, self.settings))
+        done = self.store(req, outcome(req, end, judged, self.settings))
+        if req.dispatched_at:  # (a message sent before the field existed has none)
+            metrics.EVENT_TO_RESULT.labels(**labels).observe(
+                max(0.0, time.time() - req.dispatched_at))
+        return done
 
     def store(self, req: RunRequest, ended: Outcome) -> Done:
         """The run's end, stored (workers.store): the one way a run ends."""

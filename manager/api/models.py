@@ -143,6 +143,16 @@ class Queued(BaseModel):
                          "waiting slot was taken: poll `record` instead")
 
 
+class Standing(BaseModel):
+    invocation_id: str
+    plugin: str
+    status: str
+    queued_s: float = Field(description="since the run was recorded, until it started (or "
+                            "until now, if it has not)")
+    ahead: int = Field(description="unfinished runs recorded before it that have not started")
+    running: int = Field(description="runs running now, on every worker")
+
+
 class Published(BaseModel):
     event_id: str
     entry_id: str

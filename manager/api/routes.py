@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from manager.api.models import (
     ReloadOut,
     RollbackIn,
     RollbackOut,
+    Standing,
     WaitQuery,
 )
 from manager.api.spec import ERRORS, api, query
@@ -149,7 +151,8 @@ def trigger(name: str) -> Any:
     """Runs this plugin on the event, regardless of its triggers; with ?wait, the record."""
     entry = plugin_or_404(name)
     if not entry.runnable:
-        raise PluginUnavailable(f"plugin {name!r} is {entry.status.value}", plugin=name,
+        why = f": {'; '.join(entry.errors)}" if entry.errors else ""
+        raise PluginUnavailable(f"plugin {name!r} is {entry.status.value}{why}", plugin=name,
                                 errors=list(entry.errors))
     event: Event = g.event
     wait = query(WaitQuery).wait
@@ -183,6 +186,22 @@ def get_invocation(invocation_id: str) -> Any:
         raise InvocationNotFound(f"no invocation {invocation_id!r} (unknown or expired)",
                                  invocation_id=invocation_id)
     return jsonify(record.public())
+
+
+@routes.get("/invocations/<invocation_id>/standing")
+@api.validate(resp=Resp(HTTP_200=Standing, **ERRORS))
+def get_standing(invocation_id: str) -> Any:
+    """Where a run stands: how long it has waited, and how many runs are ahead of it (a
+    wait that ran out says so)."""
+    record = ctx().records.get(invocation_id)
+    if record is None:
+        raise InvocationNotFound(f"no invocation {invocation_id!r} (unknown or expired)",
+                                 invocation_id=invocation_id)
+    ahead, running = (0, 0) if record.status.terminal else ctx().records.standing(record)
+    until = record.started_at if record.started_at else time.time()
+    return jsonify({"invocation_id": invocation_id, "plugin": record.plugin,
+                    "status": record.status.value, "ahead": ahead, "running": running,
+                    "queued_s": round(max(0.0, until - record.created_at), 3)})
 
 
 @routes.get("/plugins/<name>/invocations")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import redis
 from celery import Celery
@@ -42,7 +43,7 @@ class Dispatcher:
         sending); API triggers always make a new run. `charge` is counted against the
         fan-out budget with the record (BudgetExceeded when spent); `owed`: see send()."""
         now = time.time()
-        request = plugin.request(event, self.settings, origin)
+        request = replace(plugin.request(event, self.settings, origin), dispatched_at=now)
         record = InvocationRecord.from_request(request, Status.PENDING, now)
         dedup = self.keys.dispatched(event.event_id, plugin.name) if origin == "bus" else None
         invocation_id, created, found = self.records.create(record, now + PENDING_GRACE_S,

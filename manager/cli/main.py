@@ -27,6 +27,15 @@ from manager.cli.client import (
     read_event,
 )
 from manager.cli.publish import publish
+from manager.cli.text import (
+    describe,
+    log_entry,
+    plugin_table,
+    reload_text,
+    table,
+    versions_text,
+)
+from manager.cli.waits import command_name, ran_out
 
 FOLLOW_WINDOW = 100  # runs read on each poll of `logs -f`
 FOLLOW_POLL_S = 0.5
@@ -34,32 +43,6 @@ FOLLOW_POLL_S = 0.5
 
 def out(ctx: click.Context, data: Any, text: str) -> None:
     click.echo(json.dumps(data, indent=2) if ctx.obj["json"] else text)
-
-
-def table(rows: list[list[Any]], headers: list[str]) -> str:
-    cells = [headers] + [["" if c is None else str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-                     for r in cells)
-
-
-def produced(rec: dict[str, Any]) -> list[str]:
-    """What the run published: one line per result event (its payload cut short)."""
-    return [f"  -> {r['topic']}/{r['event_type']} {r['payload'][:120]}  ({r['event_id']})"
-            for r in rec.get("results") or []]
-
-
-def describe(rec: dict[str, Any]) -> str:
-    lines = [f"invocation {rec['invocation_id']}  plugin {rec.get('plugin')}@"
-             f"{rec.get('version')}  status {rec.get('status')}"]
-    for key in ("reason", "exit_code", "duration_s", "attempts", "worker", "warm"):
-        if rec.get(key) not in (None, "", []):
-            lines.append(f"  {key}: {rec[key]}")
-    lines += produced(rec)
-    for stream in ("stdout", "stderr"):
-        if rec.get(stream):
-            lines.append(f"  {stream}:\n    " + rec[stream].rstrip()[:4000].replace("\n", "\n    "))
-    return "\n".join(lines)
 
 
 class Cli(click.Group):
@@ -97,17 +80,6 @@ def cli(ctx: click.Context, as_json: bool, api: str) -> None:
                "out": lambda data, text: out(ctx, data, text)}
 
 
-def plugin_table(data: dict[str, Any]) -> str:
-    """`list`'s table: invalid plugins in capitals, a rolled-back one marked."""
-    rows = [[p["name"], p["status"].upper() if p["status"] != "loaded" else p["status"],
-             (p["version"] or "") + (" (rolled back)" if p.get("rolled_back_from") else ""),
-             (p["digest"] or "")[7:19],
-             ", ".join(f"{t['topic']}/{t['event_type']}" for t in p["triggers"]),
-             "; ".join([*p["errors"], *(f"warning: {w}" for w in p.get("warnings", []))])]
-            for p in data["plugins"]]
-    return table(rows, ["NAME", "STATUS", "VERSION", "DIGEST", "TRIGGERS", "PROBLEMS"])
-
-
 @cli.command("list")
 @click.pass_context
 def list_(ctx: click.Context) -> None:
@@ -138,8 +110,9 @@ def trigger(ctx: click.Context, name: str, event: str, wait: float | None) -> No
             sys.exit(EXIT_FAILED)
         return
     out(ctx, data, f"{data['status']}: invocation {data['invocation_id']} "
-                   f"(see: titan-plugins show {data['invocation_id']})")
+                   f"(see: {command_name()} show {data['invocation_id']})")
     if wait:
+        ran_out(ctx.obj["api"], data["invocation_id"], wait)
         sys.exit(EXIT_WAIT)
 
 
@@ -148,11 +121,17 @@ def trigger(ctx: click.Context, name: str, event: str, wait: float | None) -> No
 def reload(ctx: click.Context) -> None:
     """Rediscover plugins/ and report what changed."""
     _, data = ctx.obj["api"].call("POST", "/plugins/reload")
-    text = [f"{k}: {', '.join(i if isinstance(i, str) else i['name'] for i in v) or '-'}"
-            for k, v in data.items()]
-    text += [f"  {r['name']}: {'; '.join(r['errors'])}" for r in data["rejected"]]
-    text += [f"  {w['name']}: {'; '.join(w['warnings'])}" for w in data.get("warnings", [])]
-    out(ctx, data, "\n".join(text))
+    out(ctx, data, reload_text(data))
+
+
+@cli.command()
+@click.argument("name")
+@click.pass_context
+def versions(ctx: click.Context, name: str) -> None:
+    """The kept versions of plugin NAME, newest first (* serves now; `rollback NAME
+    VERSION` puts one back)."""
+    _, data = ctx.obj["api"].call("GET", f"/plugins/{name}")
+    out(ctx, data["versions"], versions_text(data))
 
 
 @cli.command()
@@ -174,22 +153,6 @@ def show(ctx: click.Context, invocation_id: str) -> None:
     """One invocation record."""
     _, data = ctx.obj["api"].call("GET", f"/invocations/{invocation_id}")
     out(ctx, data, describe(data))
-
-
-def log_entry(rec: dict[str, Any]) -> str:
-    """One run as `logs` shows it: a status line, what it published, then the plugin's
-    log (stderr)."""
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rec.get("created_at") or 0))
-    head = f"{when}  {rec['invocation_id']}  {rec['status']}"
-    if rec.get("duration_s") is not None:
-        head += f"  {rec['duration_s']}s"
-    if rec.get("reason"):
-        head += f"  {rec['reason']}"
-    lines = [head, *produced(rec)]
-    stderr = (rec.get("stderr") or "").rstrip()
-    if stderr:
-        lines.append("  " + stderr[-4000:].replace("\n", "\n  "))
-    return "\n".join(lines)
 
 
 def runs_of(api: Api, name: str, limit: int) -> list[dict[str, Any]]:

@@ -17,6 +17,7 @@ from manager.cli.client import (
     poll_record,
     read_event,
 )
+from manager.cli.waits import queued_s, ran_out
 from manager.core.retry import CLI_ENTRY_POLL
 
 
@@ -37,6 +38,10 @@ def run_line(run: dict[str, Any], record: dict[str, Any] | None, event_id: str) 
                 "one, to run it again)")
     status = record["status"] if record else "queued"
     line = f"  {run['plugin']}: {status}  {run['invocation_id']}"
+    if record and queued_s(record) is not None:
+        line += f"  queued {queued_s(record)}s"
+    if record and record.get("duration_s") is not None:
+        line += f"  ran {record['duration_s']}s"
     if record and record.get("reason"):
         line += f"  {record['reason']}"
     for r in (record or {}).get("results") or []:
@@ -65,6 +70,8 @@ def publish(ctx: click.Context, event: str, wait: float | None) -> None:
     if outcome is None:
         ctx.obj["out"]({**data, "handled": False}, f"{head}\nnot handled by the listener in "
                        f"{wait:g}s (is it running? make status)")
+        click.echo(f"the wait ran out after {wait:g}s: the listener has not read stream entry "
+                   f"{data['entry_id']} yet (is it running? make status)", err=True)
         sys.exit(EXIT_WAIT)
     if outcome["dead"]:
         ctx.obj["out"]({**data, **outcome}, f"{head}\ndead-lettered: {outcome['dead']}")
@@ -78,6 +85,10 @@ def publish(ctx: click.Context, event: str, wait: float | None) -> None:
     lines = [run_line(r, records.get(r["invocation_id"]), data["event_id"])
              for r in outcome["runs"]] or ["  no plugin's trigger matches it"]
     ctx.obj["out"]({**data, **outcome, "records": records}, "\n".join([head, *lines]))
+    unfinished = [r["invocation_id"] for r in outcome["runs"] if not r["duplicate"]
+                  and records.get(r["invocation_id"]) is None]
+    for invocation_id in unfinished:
+        ran_out(api, invocation_id, wait)
     if any(r is None for r in records.values()):
         sys.exit(EXIT_WAIT)
     if any(r["status"] != "succeeded" for r in records.values() if r):

@@ -66,8 +66,14 @@ def topic_label(topic: str, known: set[str]) -> str:
     """Topics named by loaded triggers keep their name; the rest are `other`, so a
     producer cannot grow the label set without bound."""
     return topic if topic in known else "other"
-DURATION = Histogram("titan_invocation_duration_seconds", "Plugin run wall time", ["plugin"],
-                     buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600))
+RUN_LABELS = ["plugin", "warm", "isolation"]  # warm: true/false; isolation: container/gvisor
+DURATION = Histogram("titan_invocation_duration_seconds", "Plugin run wall time", RUN_LABELS,
+                     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120,
+                              300, 600))
+EVENT_TO_RESULT = Histogram(
+    "titan_event_to_result_seconds", "From the event matched (its run recorded) to the run's "
+    "outcome stored and its result events published", RUN_LABELS,
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600))
 CONTAINER_START = Histogram("titan_container_start_seconds", "Container create+start time",
                             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
 

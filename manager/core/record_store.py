@@ -29,6 +29,9 @@ from manager.core.retry import RECORD_POLL
 from manager.core.scripts import Scripts, named
 from manager.core.slots import LEASE_TTL_S, Grant, SlotAsk, grant_of
 
+WAITING = frozenset({Status.PENDING, Status.QUEUED, Status.THROTTLED, Status.RETRYING})
+STANDING_CAP = 10_000  # unfinished runs looked at to say where one stands
+
 
 def encode_fields(values: dict[str, Any]) -> dict[str, str]:
     """Field values for the scripts' HSET, each as JSON."""
@@ -222,6 +225,24 @@ class RecordStore:
         for i in ids:
             pipe.hgetall(self.keys.invocation(i.decode()))
         return [InvocationRecord.from_hash(raw) for raw in pipe.execute() if raw]
+
+    def standing(self, record: InvocationRecord, cap: int = STANDING_CAP) -> tuple[int, int]:
+        """Where an unfinished run stands: (runs recorded before it that have not
+        started, runs running now), among the unfinished runs (at most `cap` looked at)."""
+        ids = self.conn.zrange(self.keys.inflight, 0, cap - 1)
+        pipe = self.conn.pipeline(transaction=False)
+        for i in ids:
+            pipe.hmget(self.keys.invocation(i.decode()), "status", "created_at")
+        ahead = running = 0
+        for status, created in pipe.execute():
+            if status is None or created is None:
+                continue  # expired meanwhile
+            status = Status(json.loads(status))
+            if status is Status.RUNNING:
+                running += 1
+            elif status in WAITING and json.loads(created) < record.created_at:
+                ahead += 1
+        return ahead, running
 
     def due(self, now: float, limit: int = 500) -> list[str]:
         """Non-terminal runs whose deadline has passed (the sweeper's candidates)."""

@@ -43,6 +43,12 @@ class Trigger(_Model):
     topic: Annotated[str, Field(pattern=PATTERN_RE)]
     event_type: Annotated[str, Field(pattern=PATTERN_RE)]
 
+    @field_validator("topic", "event_type")
+    @classmethod
+    def _classes(cls, value: str) -> str:
+        check_classes(value)
+        return value
+
 
 class Resources(_Model):
     cpu: str = "500m"
@@ -169,6 +175,23 @@ def glob_base(glob: str) -> str:
     return "/" + "/".join(parts)
 
 
+def check_classes(pattern: str) -> None:
+    """Refuses a pattern whose character classes do not close (`chat.[v1` would match
+    only the literal text, never what its author meant) or a ']' that opens none."""
+    i = 0
+    while i < len(pattern):
+        if pattern[i] == "]":
+            raise ValueError(f"{pattern!r} has a ']' with no '[' before it")
+        if pattern[i] == "[":
+            start = i + 1 + (pattern[i + 1:i + 2] == "!")
+            end = pattern.find("]", start + 1)  # a ']' first in the class is one of it
+            if end < 0:
+                raise ValueError(f"{pattern!r} has a '[' that is never closed; a character "
+                                 "class is [abc] or [a-z]")
+            i = end
+        i += 1
+
+
 def check_glob(glob: str) -> None:
     """Refuses relative globs, '..', and globs reaching system paths (SPEC §4)."""
     if not glob.startswith("/"):
@@ -186,6 +209,7 @@ def check_glob(glob: str) -> None:
             raise ValueError(f"fs glob {glob!r} reaches the system path {system}")
     if "docker.sock" in glob:
         raise ValueError(f"fs glob {glob!r} names the Docker socket")
+    check_classes(glob)
 
 
 def parse_manifest(text: bytes, path: str, max_bytes: int) -> Manifest:

@@ -103,10 +103,30 @@ def yaml_place(exc: yaml.YAMLError, path: str) -> str:
     return f"{path}:{mark.line + 1}:{mark.column + 1}: " if mark else f"{path}: "
 
 
+# PyYAML's words for the usual slips, and what to do about each
+HINTS = (
+    ("'\\t'", "indent with spaces: YAML does not allow tabs there"),
+    ("mapping values are not allowed here", "a value that holds ': ' needs quotes, as in "
+     "description: \"a: b\"; a key indented deeper than the line above is read as part of "
+     "that line's value"),
+    ("could not find expected ':'", "each line of a mapping is key: value"),
+    ("did not find expected key", "the keys of one mapping line up; check the indentation"),
+    ("expected <block end>", "the items of one list or mapping line up (check the "
+     "indentation), and every quote opened is closed"),
+    ("found unexpected end of stream", "a quote or bracket opened here is never closed"),
+    ("expected ',' or ']'", "a [list] needs commas between items and its closing ']'"),
+    ("expected ',' or '}'", "a {mapping} needs commas between items and its closing '}'"),
+)
+
+
 def yaml_problem(exc: yaml.YAMLError) -> str:
-    """What is wrong, in PyYAML's words, without its copy of the line."""
+    """What is wrong, in PyYAML's words without its copy of the line, and a hint for the
+    usual slips."""
     problem = getattr(exc, "problem", None)
     if problem is None:
-        return str(exc).split("\n", 1)[0]
-    context = getattr(exc, "context", None)
-    return f"{problem} ({context})" if context else str(problem)
+        said = str(exc).split("\n", 1)[0]
+    else:
+        context = getattr(exc, "context", None)
+        said = f"{problem} ({context})" if context else str(problem)
+    hints = [hint for words, hint in HINTS if words in said]
+    return f"{said}; hint: {hints[0]}" if hints else said

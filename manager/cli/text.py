@@ -1,0 +1,91 @@
+"""How the CLI prints what the API answers (text; `--json` prints the answer itself)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from manager.cli.waits import queued_s
+
+
+def table(rows: list[list[Any]], headers: list[str]) -> str:
+    cells = [headers] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in cells)
+
+
+def produced(rec: dict[str, Any]) -> list[str]:
+    """What the run published: one line per result event (its payload cut short)."""
+    return [f"  -> {r['topic']}/{r['event_type']} {r['payload'][:120]}  ({r['event_id']})"
+            for r in rec.get("results") or []]
+
+
+def describe(rec: dict[str, Any]) -> str:
+    lines = [f"invocation {rec['invocation_id']}  plugin {rec.get('plugin')}@"
+             f"{rec.get('version')}  status {rec.get('status')}"]
+    shown = {**rec, "queued_s": queued_s(rec)}
+    for key in ("reason", "exit_code", "queued_s", "duration_s", "attempts", "worker", "warm"):
+        if shown.get(key) not in (None, "", []):
+            lines.append(f"  {key}: {shown[key]}")
+    lines += produced(rec)
+    for stream in ("stdout", "stderr"):
+        if rec.get(stream):
+            lines.append(f"  {stream}:\n    " + rec[stream].rstrip()[:4000].replace("\n", "\n    "))
+    return "\n".join(lines)
+
+
+def plugin_table(data: dict[str, Any]) -> str:
+    """`list`'s table: invalid plugins in capitals, a rolled-back one marked."""
+    rows = [[p["name"], p["status"].upper() if p["status"] != "loaded" else p["status"],
+             (p["version"] or "") + (" (rolled back)" if p.get("rolled_back_from") else ""),
+             (p["digest"] or "")[7:19],
+             ", ".join(f"{t['topic']}/{t['event_type']}" for t in p["triggers"]),
+             "; ".join([*p["errors"], *(f"warning: {w}" for w in p.get("warnings", []))])]
+            for p in data["plugins"]]
+    return table(rows, ["NAME", "STATUS", "VERSION", "DIGEST", "TRIGGERS", "PROBLEMS"])
+
+
+def log_entry(rec: dict[str, Any]) -> str:
+    """One run as `logs` shows it: a status line, what it published, then the plugin's
+    log (stderr)."""
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rec.get("created_at") or 0))
+    head = f"{when}  {rec['invocation_id']}  {rec['status']}"
+    if queued_s(rec) is not None:
+        head += f"  queued {queued_s(rec)}s"
+    if rec.get("duration_s") is not None:
+        head += f"  ran {rec['duration_s']}s"
+    if rec.get("reason"):
+        head += f"  {rec['reason']}"
+    lines = [head, *produced(rec)]
+    stderr = (rec.get("stderr") or "").rstrip()
+    if stderr:
+        lines.append("  " + stderr[-4000:].replace("\n", "\n  "))
+    return "\n".join(lines)
+
+
+def reload_text(data: dict[str, Any]) -> str:
+    """`reload`'s answer: each change with its version and digest, what still serves a
+    rejected or unsettled plugin, then errors and warnings."""
+    def ref(r: dict[str, Any] | None) -> str:
+        return f"{r['version']} ({r['digest'][7:19]})" if r else "nothing"
+
+    lines = [f"added: {a['name']} {ref(a)}" for a in data["added"]]
+    lines += [f"updated: {u['name']} {ref(u['from'])} -> {ref(u['to'])}"
+              for u in data["updated"]]
+    lines += [f"removed: {name}" for name in data["removed"]]
+    lines += [f"rejected: {r['name']} (serving {ref(r.get('serving'))}): "
+              f"{'; '.join(r['errors'])}" for r in data["rejected"]]
+    lines += [f"unsettled: {u['name']} (still being written; serving {ref(u.get('serving'))})"
+              for u in data.get("unsettled", [])]
+    lines += [f"warning: {w['name']}: {'; '.join(w['warnings'])}"
+              for w in data.get("warnings", [])]
+    return "\n".join(lines) or "no changes"
+
+
+def versions_text(data: dict[str, Any]) -> str:
+    """`versions NAME`: the kept versions, newest first, the serving one marked."""
+    rows = [["*" if v["serving"] else "", v["version"], v["digest"][7:19],
+             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v["loaded_at"] or 0))]
+            for v in data["versions"]]
+    return table(rows, ["", "VERSION", "DIGEST", "LOADED"])

@@ -1,0 +1,43 @@
+"""What a wait says when it runs out, and the time a run spent in the queue: a user who
+waited and got no result is told how long, where the run stands, and how to follow it."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import click
+
+from manager.cli.client import Api
+
+NOT_STARTED = ("pending", "queued", "throttled", "retrying")
+
+
+def command_name() -> str:
+    """How the operator ran this CLI, for the commands it suggests (`python3
+    titan-plugins.py` and the virtualenv's `titan-plugins` are the same CLI)."""
+    given = sys.argv[0] or "titan-plugins"
+    return f"python3 {given}" if given.endswith(".py") else os.path.basename(given)
+
+
+def queued_s(rec: dict[str, Any]) -> float | None:
+    """From the run's record to the start of the attempt that ran (None: not started)."""
+    if rec.get("started_at") and rec.get("created_at"):
+        return round(max(0.0, rec["started_at"] - rec["created_at"]), 3)
+    return None
+
+
+def ran_out(api: Api, invocation_id: str, waited: float) -> None:
+    """Says on stderr that the wait ran out: the run's status, how long it has waited,
+    how many runs are ahead of it, and the commands that follow it."""
+    _, at = api.call("GET", f"/invocations/{invocation_id}/standing")
+    me, plugin = command_name(), at["plugin"]
+    if at["status"] in NOT_STARTED:
+        where = (f"{at['status']} for {at['queued_s']}s, behind {at['ahead']} unstarted "
+                 f"run(s), with {at['running']} running")
+    else:
+        where = f"{at['status']} (it waited {at['queued_s']}s before it started)"
+    click.echo(f"the wait ran out after {waited:g}s: run {invocation_id} of {plugin} is "
+               f"{where}\n  follow it: {me} show {invocation_id}  |  {me} logs -f {plugin}",
+               err=True)
