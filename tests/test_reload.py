@@ -183,6 +183,9 @@ def test_a_broken_update_keeps_the_old_version_serving(stack: Stack, broken: dic
     assert reload_text(changes).startswith("rejected: versioned (serving 2.0.0 (")
     shown = stack.client.get("/plugins/versioned").json
     assert shown["status"] == "loaded" and shown["version"] == "2.0.0"
+    listed = plugin_table(stack.client.get("/plugins").json).splitlines()
+    assert any(re.match(r"versioned\s+loaded, edit REJECTED\s+2\.0\.0\s", ln)
+               for ln in listed), listed
     assert any(error in e for e in shown["errors"])
     assert stack.answer("versioned")["payload"]["code"] == "2.0.0"
 

@@ -35,9 +35,18 @@ def describe(rec: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def status_of(plugin: dict[str, Any]) -> str:
+    """A plugin's status for `list`: INVALID in capitals; a loaded one whose directory
+    now holds an edit that was rejected says so (its VERSION is the one still serving)."""
+    if plugin["status"] != "loaded":
+        return plugin["status"].upper()
+    return "loaded, edit REJECTED" if plugin["errors"] else "loaded"
+
+
 def plugin_table(data: dict[str, Any]) -> str:
-    """`list`'s table: invalid plugins in capitals, a rolled-back one marked."""
-    rows = [[p["name"], p["status"].upper() if p["status"] != "loaded" else p["status"],
+    """`list`'s table: invalid plugins in capitals, a rolled-back one marked, a rejected
+    edit named beside the version that still serves."""
+    rows = [[p["name"], status_of(p),
              (p["version"] or "") + (" (rolled back)" if p.get("rolled_back_from") else ""),
              (p["digest"] or "")[7:19],
              ", ".join(f"{t['topic']}/{t['event_type']}" for t in p["triggers"]),
