@@ -29,6 +29,7 @@ import redis
 
 from manager.core.config import ROOT, Settings
 from manager.core.wiring import Wiring
+from workers.warm import INBOX, ZYGOTE_PATH
 
 WORKER_START_S = 60
 SESSION_DIR = "TITANTEST_DIR"  # set by tests/conftest.py: removed when the session ends
@@ -614,6 +615,6 @@ def running_a_plugin(container: Any) -> bool:
     if any("main.py" in a for a in args):
         return True
     inbox = [m["Source"] for m in container.attrs.get("Mounts", [])
-             if m.get("Destination") == "/titan/in"]
+             if m.get("Destination") == INBOX]
     return bool(inbox) and os.path.exists(os.path.join(inbox[0], "event.json")) and any(
-        "/titan/zygote.py" in a for a in args)
+        ZYGOTE_PATH in a for a in args)

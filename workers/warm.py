@@ -39,9 +39,10 @@ from workers.run_loop import Launched
 from workers.spec import PoolConfig, RunSpec
 
 # Copied into the cache (a path the engine sees), mounted read-only at /titan.
-TOOLS = {"/titan/launcher.py": ROOT / "workers" / "launcher.py",
-         "/titan/zygote.py": ROOT / "workers" / "zygote.py"}
 LAUNCHER_PATH = "/titan/launcher.py"
+ZYGOTE_PATH = "/titan/zygote.py"  # (workers/launcher.py's ZYGOTE: it imports nothing of ours)
+TOOLS = {LAUNCHER_PATH: ROOT / "workers" / "launcher.py",
+         ZYGOTE_PATH: ROOT / "workers" / "zygote.py"}
 INBOX = "/titan/in"
 # `python main.py` and the like: what the plugin's interpreter, started ahead, can run.
 PYTHON_RE = re.compile(r"python(3(\.\d+)?)?\Z")

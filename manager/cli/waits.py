@@ -9,9 +9,7 @@ from typing import Any
 
 import click
 
-from manager.cli.client import Api
-
-NOT_STARTED = ("pending", "queued", "throttled", "retrying")
+from manager.cli.client import TERMINAL, Api
 
 
 def command_name() -> str:
@@ -33,7 +31,7 @@ def ran_out(api: Api, invocation_id: str, waited: float) -> None:
     how many runs are ahead of it, and the commands that follow it."""
     _, at = api.call("GET", f"/invocations/{invocation_id}/standing")
     me, plugin = command_name(), at["plugin"]
-    if at["status"] in NOT_STARTED:
+    if at["status"] not in TERMINAL and at["status"] != "running":  # not started yet
         where = (f"{at['status']} for {at['queued_s']}s, behind {at['ahead']} unstarted "
                  f"run(s), with {at['running']} running")
     else:

@@ -24,12 +24,12 @@ from manager.core.config import Settings
 from manager.core.errors import BudgetExceeded
 from manager.core.events import Event
 from manager.core.keys import Keys
-from manager.core.records import TRANSITIONS, InvocationRecord, Outcome, Status
+from manager.core.records import ACTIVE, TRANSITIONS, InvocationRecord, Outcome, Status
 from manager.core.retry import RECORD_POLL
 from manager.core.scripts import Scripts, named
 from manager.core.slots import LEASE_TTL_S, Grant, SlotAsk, grant_of
 
-WAITING = frozenset({Status.PENDING, Status.QUEUED, Status.THROTTLED, Status.RETRYING})
+WAITING = ACTIVE - {Status.RUNNING}  # unfinished runs that have not started
 STANDING_CAP = 10_000  # unfinished runs looked at to say where one stands
 
 
