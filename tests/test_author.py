@@ -57,7 +57,8 @@ def test_new_scaffolds_a_plugin_that_validates_and_runs(settings, tmp_path) -> N
     made = cli(settings, "new", "greeter", "--topic", "chat.v1", "--event-type",
                "user_message", "--dir", str(tmp_path))
     assert made.returncode == 0, made.stderr
-    assert "loaded" in made.stdout and "titan-plugins.py run" in made.stdout
+    assert ": draft" in made.stdout and "titan-plugins.py run" in made.stdout
+    assert "delete the line `draft: true`" in made.stdout
     d = tmp_path / "greeter"
     assert sorted(p.name for p in d.iterdir()) == ["README.md", "event.json", "main.py",
                                                   "plugin.yaml"]
@@ -82,6 +83,45 @@ def test_new_scaffolds_a_plugin_that_validates_and_runs(settings, tmp_path) -> N
     newline = cli(settings, "new", "x\n", "--dir", str(tmp_path))
     assert newline.returncode == 2 and "not a valid plugin name" in newline.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["greeter"]
+
+
+def test_a_draft_stays_out_of_service_until_its_author_deletes_the_line(
+        settings, conn, tmp_path) -> None:
+    """`new` makes a draft: no reload (the watcher's, anyone's) puts it in service, no
+    event runs it, a trigger says why; deleting `draft: true` is the author's word."""
+    from manager.bus.matching import match
+    from manager.cli.text import plugin_table, reload_text
+    from manager.plugins.scaffold import scaffold
+
+    mine = settings.with_(plugins_dir=tmp_path, key_prefix=f"{settings.key_prefix}{new_id()}")
+    d = scaffold(tmp_path, "greeter", "chat.v1", "user_message", mine)
+    registry = Registry(wired(conn, mine))
+    client = create_app(wired(conn, mine), registry, Dispatcher(
+        wired(conn, mine), make_celery(mine))).test_client()
+    event = Event(new_id(), "chat.v1", "user_message")
+    first = registry.reload()
+    assert first["added"] == [] and [x["name"] for x in first["drafts"]] == ["greeter"]
+    assert "draft: greeter 0.1.0" in reload_text(first) and "serving nothing" in reload_text(first)
+    assert registry.get("greeter").status == "draft"
+    assert match(event, registry.entries().values()) == []
+    listed = client.get("/plugins").json
+    assert "DRAFT" in plugin_table(listed).splitlines()[1]
+    refused = client.post("/plugins/greeter/trigger", json=event.to_dict())
+    assert refused.status_code == 409, refused.json
+    assert "is a draft" in refused.json["error"]["message"]
+    assert f"`draft: true` is deleted from {d}/plugin.yaml" in refused.json["error"]["message"]
+    manifest = (d / "plugin.yaml").read_text()
+    (d / "plugin.yaml").write_text(re.sub(r"(?m)^draft: true.*\n", "", manifest))
+    ready = registry.reload()
+    assert [x["name"] for x in ready["added"]] == ["greeter"] and ready["drafts"] == []
+    assert [e.name for e in match(event, registry.entries().values())] == ["greeter"]
+    # a draft of the next version leaves the one in service serving, and says so
+    (d / "plugin.yaml").write_text(manifest.replace("version: 0.1.0", "version: 0.2.0"))
+    edited = registry.reload()
+    assert edited["drafts"][0]["serving"]["version"] == "0.1.0" and edited["updated"] == []
+    serving = registry.get("greeter")
+    assert (serving.status, serving.version, serving.draft) == ("loaded", "0.1.0", "0.2.0")
+    assert "loaded, DRAFT 0.2.0 waits" in plugin_table(client.get("/plugins").json)
 
 
 def test_new_never_writes_through_a_planted_symlink(settings, tmp_path) -> None:

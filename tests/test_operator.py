@@ -243,7 +243,12 @@ def flower_view(client, state, received: threading.Event) -> None:
                "Flower's view of both runs")
     assert state.tasks[good["invocation_id"]].name == "plugin:echo"
     assert state.tasks[bad["invocation_id"]].name == "plugin:failing"
-    assert "exited with code 3" in state.tasks[bad["invocation_id"]].exception
+    # the run's summary, not the worker's words: what it published, or the plugin's stderr
+    shown = state.tasks[good["invocation_id"]].result
+    assert "succeeded in" in shown and "1 result event(s)" in shown and "-> test.v1/pong" in shown
+    failure = state.tasks[bad["invocation_id"]].exception
+    assert "failed in" in failure and "exited with code 3" in failure
+    assert "about to fail" in failure and "database is on fire" in failure
     assert not [t for t in state.tasks.values() if t.name == "titan.run_plugin"]
 
 

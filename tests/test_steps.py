@@ -252,3 +252,28 @@ def test_the_run_gets_the_requests_limits_clamped_by_this_worker(rig: Rig) -> No
     delivery(wired(rig.conn, strict), rig.played).deliver(req, "w@h")
     (spec,) = rig.played.specs
     assert spec.limits.memory_bytes == 32 * 1024**2 and spec.limits.timeout == 3
+
+
+def test_a_summary_says_what_operators_look_for_in_flower() -> None:
+    """Flower shows the task's result (or failure): a run's status, time and path, then
+    what it published, or its reason and the end of the plugin's stderr."""
+    from manager.core.records import Outcome
+    from workers.next import SHOWN_RESULTS, STDERR_TAIL, summarize
+
+    results = [{"event_id": f"i-r{n}", "topic": "chat.v1", "event_type": "counted",
+                "payload": f'{{"n": {n}}}'} for n in range(1, 6)]
+    good = summarize(Outcome(Status.SUCCEEDED, None, fields={
+        "duration_s": 0.042, "warm": True, "results": results}))
+    lines = good.splitlines()
+    assert lines[0] == "succeeded in 0.042s (warm): 5 result event(s)"
+    assert lines[1:1 + SHOWN_RESULTS] == [f'-> chat.v1/counted {{"n": {n}}}'
+                                          for n in range(1, 1 + SHOWN_RESULTS)]
+    assert lines[-1] == "... and 2 more"
+    stderr = "x" * 1000 + "\nTraceback (most recent call last):\nKeyError: 'text'\n"
+    bad = summarize(Outcome(Status.FAILED, "exited with code 1: KeyError: 'text'", fields={
+        "duration_s": 0.3, "warm": False, "stderr": stderr}))
+    head, tail = bad.split("\nstderr (its end):\n")
+    assert head == "failed in 0.3s (cold): exited with code 1: KeyError: 'text'"
+    assert tail == stderr.rstrip()[-STDERR_TAIL:] and tail.endswith("KeyError: 'text'")
+    refused = summarize(Outcome(Status.REJECTED, "path outside the plugin's permissions"))
+    assert refused == "rejected: path outside the plugin's permissions"

@@ -118,7 +118,7 @@ class Delivery:
     def store(self, req: RunRequest, ended: Outcome) -> Done:
         """The run's end, stored (workers.store): the one way a run ends."""
         store(self.wiring, req, ended)
-        return Done(ended.status, ended.reason)
+        return Done.of(ended)
 
     def unavailable(self, req: RunRequest, attempt: int, why: str) -> Next:
         reason = f"sandbox_unavailable: {why}"

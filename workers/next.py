@@ -6,8 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from manager.core.records import Status
+from manager.core.records import Outcome, Status
 from manager.core.runs import RunRequest
+
+SHOWN_RESULTS = 3  # result events a summary names; the record has them all
+STDERR_TAIL = 400  # characters of a failed run's stderr a summary ends with
 
 
 class Skipped(StrEnum):
@@ -21,10 +24,40 @@ class Skipped(StrEnum):
 class Done:
     status: Status | Skipped
     reason: str | None = None
+    # What Flower shows for the run: the task's result, or its failure's message.
+    summary: str = ""
+
+    @classmethod
+    def of(cls, ended: Outcome) -> Done:
+        return cls(ended.status, ended.reason, summarize(ended))
 
     @property
     def failed(self) -> bool:
         return isinstance(self.status, Status) and self.status is not Status.SUCCEEDED
+
+
+def summarize(ended: Outcome) -> str:
+    """A run's end in a few lines, for operators who look at Flower rather than the record:
+    the status, time and path; then what it published, or the reason and the tail of the
+    plugin's stderr (where a plugin says what went wrong)."""
+    fields = ended.fields
+    took = ""
+    if "duration_s" in fields:
+        took = f" in {fields['duration_s']}s ({'warm' if fields.get('warm') else 'cold'})"
+    if ended.status is Status.SUCCEEDED:
+        results = fields.get("results", [])
+        lines = [f"succeeded{took}: {len(results)} result event(s)"]
+        lines += [f"-> {r['topic']}/{r['event_type']} {r['payload']}"
+                  for r in results[:SHOWN_RESULTS]]
+        if len(results) > SHOWN_RESULTS:
+            lines.append(f"... and {len(results) - SHOWN_RESULTS} more")
+        return "\n".join(lines)
+    text = f"{ended.status.value}{took}: {ended.reason or ended.status.value}"
+    tail = (fields.get("stderr") or "").rstrip()
+    if tail:
+        cut = len(tail) > STDERR_TAIL
+        text += f"\nstderr{' (its end)' if cut else ''}:\n{tail[-STDERR_TAIL:]}"
+    return text
 
 
 @dataclass(frozen=True)

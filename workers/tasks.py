@@ -60,7 +60,7 @@ class RunTask(Task):
 
 @app.task(name=RUN_TASK, base=RunTask, bind=True, max_retries=None, throws=(RunFailed,))
 def run_plugin(self: RunTask, request: dict[str, Any]) -> str:
-    """Runs one plugin on one event; returns the final status."""
+    """Runs one plugin on one event; returns its summary (workers.next.summarize)."""
     req = RunRequest.from_dict(request)
     delivery = self.delivery
     try:
@@ -89,6 +89,7 @@ def run_plugin(self: RunTask, request: dict[str, Any]) -> str:
 
 
 def finished(done: Done) -> str:
+    """What Flower shows: a run's summary as the task's result, or as its failure."""
     if done.failed:
-        raise RunFailed(f"{done.status}: {done.reason or done.status}")
-    return done.status
+        raise RunFailed(done.summary or f"{done.status}: {done.reason or done.status}")
+    return done.summary or done.status.value

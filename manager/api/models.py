@@ -100,12 +100,15 @@ class Trigger(BaseModel):
 class PluginOut(BaseModel):
     model_config = ConfigDict(extra="allow")
     name: str
-    status: str
+    status: str = Field(description="loaded, invalid or draft (valid, left out of service "
+                        "until `draft: true` is deleted from its plugin.yaml)")
     version: str | None
     digest: str | None
     errors: list[str]
     warnings: list[str]
     triggers: list[Trigger]
+    draft: str | None = Field(None, description="a loaded plugin whose directory now holds "
+                              "a draft: that draft's version (the loaded one still serves)")
 
 
 class PluginList(BaseModel):
@@ -128,6 +131,8 @@ class ReloadOut(BaseModel):
     updated: list[dict[str, Any]]
     removed: list[str]
     rejected: list[dict[str, Any]]
+    drafts: list[dict[str, Any]] = Field([], description="plugins marked `draft: true`, left "
+                                         "out of service; `serving`: what still serves")
     warnings: list[dict[str, Any]]
     unsettled: list[dict[str, Any]] = Field([], description="plugins whose directory was "
                                             "still being written: their old version serves")

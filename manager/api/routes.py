@@ -151,8 +151,7 @@ def trigger(name: str) -> Any:
     """Runs this plugin on the event, regardless of its triggers; with ?wait, the record."""
     entry = plugin_or_404(name)
     if not entry.runnable:
-        why = f": {'; '.join(entry.errors)}" if entry.errors else ""
-        raise PluginUnavailable(f"plugin {name!r} is {entry.status.value}{why}", plugin=name,
+        raise PluginUnavailable(entry.unavailable, plugin=name, status=entry.status.value,
                                 errors=list(entry.errors))
     event: Event = g.event
     wait = query(WaitQuery).wait

@@ -18,7 +18,7 @@ from manager.core.errors import EventError, SandboxUnavailable
 from manager.core.events import Event
 from manager.core.runs import RunRequest
 from manager.plugins.engines import Engines, image_warning, runtime_warning
-from manager.plugins.loader import PluginEntry, discover, load_plugin
+from manager.plugins.loader import PluginEntry, PluginStatus, discover, load_plugin
 
 
 def local_engine(settings: Settings) -> Engines:
@@ -45,9 +45,15 @@ def checked(entry: PluginEntry, engine: Engines, settings: Settings) -> PluginEn
     return replace(entry, warnings=warnings) if warnings else entry
 
 
+DRAFT_NOTE = ("a draft: reloads leave it out of service; when it is ready, delete the line "
+              "`draft: true` from {path}/plugin.yaml")
+
+
 def entry_line(entry: PluginEntry) -> str:
     problems = [*entry.errors, *(f"warning: {w}" for w in entry.warnings)]
     head = f"{entry.name}: {entry.status.value} {entry.version or ''} {entry.digest or ''}"
+    if entry.status is PluginStatus.DRAFT:
+        problems.insert(0, DRAFT_NOTE.format(path=_shown(Path(entry.path))))
     return head.rstrip() + "".join(f"\n  {p}" for p in problems)
 
 
@@ -91,7 +97,7 @@ def validate(ctx: click.Context, directory: str | None, every: bool) -> None:
         entries = [checked(load_plugin(path.resolve(), settings)[0], engine, settings)]
     data: Any = [e.public() for e in entries] if every else entries[0].public()
     ctx.obj["out"](data, "\n".join(entry_line(e) for e in entries))
-    if not entries or any(not e.runnable for e in entries):
+    if not entries or any(not e.valid for e in entries):
         sys.exit(1)
 
 
@@ -117,10 +123,11 @@ def new(ctx: click.Context, name: str, topic: str, event_type: str,
     text = (f"created {rel}/ (plugin.yaml, main.py, event.json, README.md): "
             f"{entry.status.value}\nnext:\n"
             f"  python3 titan-plugins.py run {rel} -e @{rel}/event.json\n"
+            f"  {DRAFT_NOTE.format(path=rel)}, then:\n"
             f"  python3 titan-plugins.py reload")
     ctx.obj["out"]({"path": str(target), **entry.public()}, text + "".join(
         f"\n  error: {e}" for e in entry.errors))
-    if not entry.runnable:
+    if not entry.valid:
         sys.exit(1)
 
 
@@ -134,7 +141,7 @@ def run_local(ctx: click.Context, directory: str, event: str) -> None:
     settings = Settings.from_env()
     entry, bundle = load_plugin(plugin_dir(directory, settings.plugins_dir).resolve(),
                                 settings)
-    if not entry.runnable or entry.manifest is None or bundle is None:
+    if not entry.valid or entry.manifest is None or bundle is None:
         raise click.ClickException(entry_line(entry))
     try:
         ev = Event.decode(read_event(event))

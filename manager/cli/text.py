@@ -36,11 +36,14 @@ def describe(rec: dict[str, Any]) -> str:
 
 
 def status_of(plugin: dict[str, Any]) -> str:
-    """A plugin's status for `list`: INVALID in capitals; a loaded one whose directory
-    now holds an edit that was rejected says so (its VERSION is the one still serving)."""
+    """A plugin's status for `list`: INVALID or DRAFT in capitals; a loaded one whose
+    directory now holds an edit that was rejected, or a draft, says so (its VERSION is the
+    one still serving)."""
     if plugin["status"] != "loaded":
         return plugin["status"].upper()
-    return "loaded, edit REJECTED" if plugin["errors"] else "loaded"
+    if plugin["errors"]:
+        return "loaded, edit REJECTED"
+    return f"loaded, DRAFT {plugin['draft']} waits" if plugin.get("draft") else "loaded"
 
 
 def plugin_table(data: dict[str, Any]) -> str:
@@ -85,6 +88,8 @@ def reload_text(data: dict[str, Any]) -> str:
     lines += [f"removed: {name}" for name in data["removed"]]
     lines += [f"rejected: {r['name']} (serving {ref(r.get('serving'))}): "
               f"{'; '.join(r['errors'])}" for r in data["rejected"]]
+    lines += [f"draft: {d['name']} {ref(d)} (out of service until `draft: true` is deleted; "
+              f"serving {ref(d.get('serving'))})" for d in data.get("drafts", [])]
     lines += [f"unsettled: {u['name']} (still being written; serving {ref(u.get('serving'))})"
               for u in data.get("unsettled", [])]
     lines += [f"warning: {w['name']}: {'; '.join(w['warnings'])}"

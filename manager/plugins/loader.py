@@ -50,6 +50,7 @@ REQUIREMENTS = "requirements.txt"
 class PluginStatus(StrEnum):
     LOADED = "loaded"
     INVALID = "invalid"
+    DRAFT = "draft"  # valid, marked `draft: true`: reloads leave it out of service
 
 
 @dataclass(frozen=True)
@@ -67,10 +68,28 @@ class PluginEntry:
     loaded_at: float = field(default_factory=time.time)
     # Set after a rollback: the directory's digest that reloads must not put back.
     rolled_back_from: str | None = None
+    # A serving entry whose directory now holds a draft: that draft's version.
+    draft: str | None = None
 
     @property
     def runnable(self) -> bool:
+        """In service: what events and triggers may run."""
         return self.status is PluginStatus.LOADED and self.manifest is not None
+
+    @property
+    def valid(self) -> bool:
+        """Passes every check (a draft too): what `run` and `validate` accept."""
+        return self.status is not PluginStatus.INVALID and self.manifest is not None
+
+    @property
+    def unavailable(self) -> str:
+        """Why this entry takes no runs, in words that say what to do."""
+        if self.status is PluginStatus.DRAFT:
+            return (f"plugin {self.name!r} is a draft: reloads leave it out of service until "
+                    f"the line `draft: true` is deleted from {self.path}/plugin.yaml (then "
+                    "reload)")
+        why = f": {'; '.join(self.errors)}" if self.errors else ""
+        return f"plugin {self.name!r} is {self.status.value}{why}"
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -88,7 +107,7 @@ class PluginEntry:
             version=data.get("version"), digest=data.get("digest"),
             errors=tuple(data.get("errors") or ()), loaded_at=data.get("loaded_at", 0.0),
             warnings=tuple(data.get("warnings") or ()),
-            rolled_back_from=data.get("rolled_back_from"),
+            rolled_back_from=data.get("rolled_back_from"), draft=data.get("draft"),
             manifest=Manifest.model_validate_json(json.dumps(manifest)) if manifest else None,
         )
 
@@ -105,6 +124,7 @@ class PluginEntry:
             "resources": m.resources.model_dump() if m else None,
             "permissions": m.permissions.model_dump(mode="json") if m else None,
             "loaded_at": self.loaded_at, "rolled_back_from": self.rolled_back_from,
+            "draft": self.draft,
         }
 
     def ref(self) -> dict[str, Any]:
@@ -216,7 +236,8 @@ def load_files(plugin_dir: Path, files: list[TreeFile], settings: Settings,
     if errors:
         return invalid(*errors, version=manifest.version)
     digest, bundle = build_bundle(files)
-    entry = PluginEntry(name, PluginStatus.LOADED, str(plugin_dir), version=manifest.version,
+    status = PluginStatus.DRAFT if manifest.draft else PluginStatus.LOADED
+    entry = PluginEntry(name, status, str(plugin_dir), version=manifest.version,
                         digest=digest, manifest=manifest)
     return entry, bundle
 

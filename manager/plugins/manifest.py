@@ -93,6 +93,9 @@ class Manifest(_Model):
     retries: Annotated[int, Field(ge=0, le=10)] = 0  # re-runs after failed/timeout/oom
     concurrency: Annotated[int, Field(ge=1, le=1000)] | None = None  # across all workers
     prewarm: bool = True  # false: every run starts a cold container
+    # true: reloads leave this content out of service (`new` writes it; the author deletes
+    # the line when the plugin is ready), so an unfinished plugin never runs by accident
+    draft: bool = False
     isolation: Isolation = Isolation.CONTAINER  # gvisor: a user-space kernel in between
     resources: Resources = Resources()
     permissions: Permissions = Permissions()

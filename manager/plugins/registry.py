@@ -18,7 +18,7 @@ from manager.core.errors import PluginNotFound, VersionNotFound
 from manager.core.wiring import Wiring
 from manager.plugins.engines import Engines
 from manager.plugins.janitor import collect_bundles
-from manager.plugins.loader import PluginEntry, discover
+from manager.plugins.loader import PluginEntry, PluginStatus, discover
 
 
 class Registry:
@@ -43,7 +43,8 @@ class Registry:
         old = self.entries(fresh=True)
         engines = self.worker_engines()
         changes: dict[str, list[Any]] = {"added": [], "updated": [], "removed": [],
-                                         "rejected": [], "warnings": [], "unsettled": []}
+                                         "rejected": [], "drafts": [], "warnings": [],
+                                         "unsettled": []}
         pipe = self.conn.pipeline()
         for name, (entry, bundle) in found.found.items():
             warnings = engines.warnings(entry, self.settings)
@@ -68,13 +69,17 @@ class Registry:
                  before: PluginEntry | None, changes: dict[str, list[Any]],
                  pipe: Any) -> PluginEntry:
         """The entry to publish for one plugin found on disk, noting what changed."""
+        kept = before if before and before.runnable else None
+        if entry.status is PluginStatus.DRAFT:  # out of service until its author says so
+            changes["drafts"].append({"name": name, **entry.ref(),
+                                      "serving": kept.ref() if kept else None})
+            return replace(kept, errors=(), draft=entry.version) if kept else entry
         if not entry.runnable:
-            kept = before if before and before.runnable else None
             changes["rejected"].append({"name": name, "errors": list(entry.errors),
                                         "serving": kept.ref() if kept else None})
-            return replace(kept, errors=entry.errors) if kept else entry
+            return replace(kept, errors=entry.errors, draft=None) if kept else entry
         if before and before.rolled_back_from == entry.digest:
-            return replace(before, errors=())  # stays rolled back until the dir changes
+            return replace(before, errors=(), draft=None)  # rolled back until the dir changes
         if before is None or not before.runnable:
             changes["added"].append({"name": name, **entry.ref()})
         elif before.digest != entry.digest:

@@ -16,6 +16,8 @@ MANIFEST = """\
 # {name}: a Titan plugin. Every key is here; unknown keys are errors.
 name: {name}                   # must equal the directory name; [a-z][a-z0-9_]{{0,63}}
 version: 0.1.0                 # semantic version, shown in /plugins and in result events
+draft: true                    # reloads leave a draft out of service: delete this line
+                               # when {name} is ready, then reload
 description: Says what {name} does
 triggers:                      # at least one; exact names or globs ("fs.*", "*")
   - topic: {topic}
@@ -65,8 +67,12 @@ README = """\
 
 Runs on `{topic}`/`{event_type}` events and publishes `{topic}`/`{event_type}_handled`.
 
+It is a draft until the line `draft: true` is deleted from `plugin.yaml`: reloads leave
+a draft out of service, so nothing runs it before it is ready.
+
 ```bash
 python3 titan-plugins.py run {path} -e @{path}/event.json   # one local sandboxed run
+sed -i '/^draft: true/d' {path}/plugin.yaml                 # ready: out of draft
 python3 titan-plugins.py reload                             # load it into the running stack
 python3 titan-plugins.py trigger {name} --wait -e @{path}/event.json
 python3 titan-plugins.py logs {name}
