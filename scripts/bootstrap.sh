@@ -13,7 +13,7 @@ command -v curl >/dev/null || need+=(curl)
 command -v bwrap >/dev/null || need+=(bubblewrap)
 # gVisor's runsc, for plugins with `isolation: gvisor` (registered by services.sh).
 command -v runsc >/dev/null || need+=(runsc)
-# POSIX ACLs on files plugins may read (README: Security; the tests grant and deny them).
+# POSIX ACLs on files plugins may read (docs/security.md; the tests grant and deny them).
 command -v setfacl >/dev/null || need+=(acl)
 /usr/bin/python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 python3 -m venv --help >/dev/null 2>&1 || need+=(python3-venv)

@@ -92,7 +92,7 @@ start_plain_redis() {
   fi
   secret="$(redis_secret "$REDIS_URL")"
   # TCP only where it is asked for: a redis:// URL (Sentinel's replication, or one given
-  # by the environment) on loopback, and a private address for worker hosts (README: Add
+  # by the environment) on loopback, and a private address for worker hosts (docs/architecture.md: Add
   # worker hosts). Everything on this host uses the socket.
   if [[ "$REDIS_URL" == redis://* ]]; then
     hp="${REDIS_URL#*://}"; hp="${hp##*@}"; hp="${hp%%/*}"

@@ -95,8 +95,8 @@ class Engine:
         if runtime and "runtime" in why.lower():
             return (f"isolation: gvisor needs the Docker runtime {runtime!r}, which this "
                     f"worker's engine ({self.settings.worker_name}) lacks: register it with "
-                    "the engine (make up does it for the engine it starts; see README, "
-                    f"gVisor). The engine said: {why}")
+                    "the engine (make up does it for the engine it starts; see "
+                    f"docs/architecture.md, gVisor). The engine said: {why}")
         return f"the Docker engine refused the container: {why}"
 
     def _pull(self, image: str) -> bool:

@@ -54,7 +54,7 @@ def plugin_table(data: dict[str, Any]) -> str:
              (p["digest"] or "")[7:19],
              ", ".join(f"{t['topic']}/{t['event_type']}" for t in p["triggers"]),
              "; ".join([*p["errors"], *(f"warning: {w}" for w in p.get("warnings", []))])]
-            for p in data["plugins"]]
+            for p in sorted(data["plugins"], key=lambda p: p["name"])]
     return table(rows, ["NAME", "STATUS", "VERSION", "DIGEST", "TRIGGERS", "PROBLEMS"])
 
 

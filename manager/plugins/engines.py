@@ -57,4 +57,4 @@ def runtime_warning(entry: PluginEntry, runtimes: set[str] | None, settings: Set
         return None
     return (f"isolation: gvisor needs the Docker runtime {settings.gvisor_runtime!r}, which "
             f"{where}; its runs fail at once until it is registered (make up does it for "
-            "the engine it starts; see README, gVisor)")
+            "the engine it starts; see docs/architecture.md, gVisor)")

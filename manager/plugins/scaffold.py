@@ -44,7 +44,7 @@ MAIN = '''\
 In:  EVENT_FILE (the event as a JSON file; EVENT_DATA holds it too when small),
      PLUGIN_NAME, PLUGIN_VERSION, INVOCATION_ID.
 Out: one JSON object per line on stdout, each with topic, event_type and payload.
-     stderr is the plugin's log (titan-plugins logs {name}).
+     stderr is the plugin's log (python3 titan-plugins.py logs {name}).
 """
 
 import json
