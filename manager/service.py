@@ -19,6 +19,7 @@ from manager.api.app import create_app
 from manager.bus.dispatch import Dispatcher
 from manager.bus.listener import Listener
 from manager.bus.sweeper import Sweeper
+from manager.bus.timers import Timers
 from manager.core import metrics
 from manager.core.config import Settings
 from manager.core.contract import make_celery
@@ -93,6 +94,8 @@ class Manager:
         self.listener = Listener(listening, Registry(listening), self.dispatcher,
                                  housekeeping=self.housekeeping)
         self.resettle = SettleRetry(self._safe_reload)
+        clock = Wiring.connect(settings)  # the timers' own: a tick never waits on a read
+        self.timers = Timers(clock, Registry(clock))
         self.app = create_app(self.wiring, self.registry, self.dispatcher,
                               on_reload=self.reloaded)
         self.server: Any = None
@@ -147,6 +150,8 @@ class Manager:
         threading.Thread(target=scraped.run, name="metrics", daemon=True).start()
         listener = threading.Thread(target=self.listener.run, name="listener", daemon=True)
         listener.start()
+        timers = threading.Thread(target=self.timers.run, name="timers", daemon=True)
+        timers.start()
         self.server = api_server(self.app, self.settings)  # beside the listener thread
         self.settings.api_socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         local = api_server(self.app, self.settings, str(self.settings.api_socket))
@@ -162,6 +167,7 @@ class Manager:
         finally:
             local.close()
         listener.join(timeout=self.settings.read_block_ms / 1000 + 5)
+        timers.join(timeout=5)
         log.info("manager stopped")
 
     def _safe_reload(self) -> None:
@@ -172,8 +178,9 @@ class Manager:
             log.exception("reload on SIGHUP failed")
 
     def shutdown(self) -> None:
-        log.info("stopping: listener first, then the API")
+        log.info("stopping: listener and timers first, then the API")
         self.listener.stop()
+        self.timers.stop()
         # waitress's loop ends on SystemExit: it stops accepting, lets the requests in
         # progress finish, and returns.
         raise SystemExit(0)

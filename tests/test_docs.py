@@ -54,6 +54,9 @@ EXPECT = {
         '"words": 3', "word_count"],
     "sed -i 's/^version: 0.1.0/version: 0.2.0/'": ["updated: word_count 0.1.0", "* ",
                                                    "0.1.0 (rolled back)"],
+    "cp -r plugins/shell_runner plugins/disk_report": [
+        "*/5 * * * * (UTC), next 3", "added: disk_report 1.0.0",
+        "timer '*/5 * * * *', next ", "status succeeded", "Filesystem"],
     "import json": ["plugin:shell_runner@", "system.v1/cmd_result"],
     "export REDISCLI_AUTH=\"$(sed -E 's|.*://[^:]*:([^@]*)@.*|\\1|' run/redis.url)\"": [
         "titan:events", "event"],

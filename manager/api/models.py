@@ -97,6 +97,16 @@ class Trigger(BaseModel):
     event_type: str
 
 
+class TimerOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    schedule: str | None = None
+    every: str | None = None
+    timezone: str
+    catch_up: str
+    key: str
+    next: list[str]
+
+
 class PluginOut(BaseModel):
     model_config = ConfigDict(extra="allow")
     name: str
@@ -106,7 +116,9 @@ class PluginOut(BaseModel):
     digest: str | None
     errors: list[str]
     warnings: list[str]
-    triggers: list[Trigger]
+    triggers: list[Trigger | TimerOut] = Field(description="event triggers (topic, "
+                                               "event_type) and timers, each with its next "
+                                               "three fire times")
     draft: str | None = Field(None, description="a loaded plugin whose directory now holds "
                               "a draft: that draft's version (the loaded one still serves)")
 

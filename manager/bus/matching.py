@@ -8,6 +8,7 @@ from fnmatch import fnmatchcase
 from manager.core.events import Event
 from manager.plugins.loader import PluginEntry
 from manager.plugins.manifest import Trigger
+from manager.plugins.schedule import TICK, TIMER_TOPIC, Schedule
 
 
 def trigger_matches(trigger: Trigger, topic: str, event_type: str) -> bool:
@@ -15,16 +16,28 @@ def trigger_matches(trigger: Trigger, topic: str, event_type: str) -> bool:
     return fnmatchcase(topic, trigger.topic) and fnmatchcase(event_type, trigger.event_type)
 
 
+def fires(trigger: Trigger | Schedule, event: Event, plugin: str) -> bool:
+    """An event trigger matches by topic and type; a timer only by its own ticks (the tick
+    names the plugin and the timer's key), so another plugin's clock never runs this one."""
+    if isinstance(trigger, Schedule):
+        payload = event.payload if isinstance(event.payload, dict) else {}
+        return (event.topic == TIMER_TOPIC and event.event_type == TICK
+                and payload.get("plugin") == plugin and payload.get("timer") == trigger.key)
+    return trigger_matches(trigger, event.topic, event.event_type)
+
+
 def known_topics(plugins: Iterable[PluginEntry]) -> set[str]:
     """The exact (not glob) topics that runnable plugins trigger on."""
-    return {t.topic for p in plugins if p.runnable and p.manifest is not None
-            for t in p.manifest.triggers if not any(c in t.topic for c in "*?[")}
+    return {TIMER_TOPIC if isinstance(t, Schedule) else t.topic
+            for p in plugins if p.runnable and p.manifest is not None
+            for t in p.manifest.triggers
+            if isinstance(t, Schedule) or not any(c in t.topic for c in "*?[")}
 
 
 def match(event: Event, plugins: Iterable[PluginEntry]) -> list[PluginEntry]:
     """Runnable plugins with at least one trigger matching the event, in name order."""
     return sorted(
         (p for p in plugins if p.runnable and p.manifest is not None
-         and any(trigger_matches(t, event.topic, event.event_type) for t in p.manifest.triggers)),
+         and any(fires(t, event, p.name) for t in p.manifest.triggers)),
         key=lambda p: p.name,
     )

@@ -212,3 +212,28 @@ def _shown(path: Path) -> str:
         return str(path.resolve().relative_to(Path.cwd()))
     except ValueError:
         return str(path)
+
+
+@click.command()
+@click.argument("spec")
+@click.option("--next", "count", type=click.IntRange(1, 1000), default=5, show_default=True,
+              help="How many fire times to show.")
+@click.option("--timezone", default="UTC", show_default=True, help="An IANA time zone.")
+@click.pass_context
+def schedule(ctx: click.Context, spec: str, count: int, timezone: str) -> None:
+    """Preview a timer: the next fire times of SPEC, cron ("*/5 * * * *", six fields with
+    seconds first, or @hourly) or an interval ("30s", "5m"), as plugin.yaml would take it."""
+    from pydantic import ValidationError
+
+    from manager.core.events import rfc3339
+    from manager.plugins.schedule import schedule_of
+
+    try:
+        timer = schedule_of(spec, timezone)
+    except ValidationError as exc:
+        raise click.BadParameter("; ".join(str(e["msg"]).removeprefix("Value error, ")
+                                           for e in exc.errors()), param_hint="SPEC") from None
+    times = [rfc3339(t) for t in timer.next_times(time.time(), count)]
+    ctx.obj["out"]({"spec": timer.spec, "timezone": timezone, "next": times},
+                   f"{timer.spec} ({timezone}), next {count}:\n" + "\n".join(
+                       f"  {t}" for t in times))

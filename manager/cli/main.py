@@ -50,7 +50,8 @@ class Cli(click.Group):
     commands (the plugin loader, Docker) only when one of them runs: the API commands
     answer without loading any of it."""
 
-    LAZY = {"new": "new", "run": "run_local", "validate": "validate"}  # manager.cli.local
+    LAZY = {"new": "new", "run": "run_local", "validate": "validate",  # manager.cli.local
+            "schedule": "schedule"}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted([*super().list_commands(ctx), *self.LAZY])

@@ -46,13 +46,22 @@ def status_of(plugin: dict[str, Any]) -> str:
     return f"loaded, DRAFT {plugin['draft']} waits" if plugin.get("draft") else "loaded"
 
 
+def trigger_text(trigger: dict[str, Any]) -> str:
+    """An event trigger as topic/event_type; a timer as its spec and its next fire time."""
+    if "topic" in trigger:
+        return f"{trigger['topic']}/{trigger['event_type']}"
+    spec = trigger.get("schedule") or f"every {trigger['every']}"
+    zone = "" if trigger["timezone"] == "UTC" else f" {trigger['timezone']}"
+    return f"timer '{spec}'{zone}, next {trigger['next'][0]}"
+
+
 def plugin_table(data: dict[str, Any]) -> str:
     """`list`'s table: invalid plugins in capitals, a rolled-back one marked, a rejected
     edit named beside the version that still serves."""
     rows = [[p["name"], status_of(p),
              (p["version"] or "") + (" (rolled back)" if p.get("rolled_back_from") else ""),
              (p["digest"] or "")[7:19],
-             ", ".join(f"{t['topic']}/{t['event_type']}" for t in p["triggers"]),
+             ", ".join(trigger_text(t) for t in p["triggers"]),
              "; ".join([*p["errors"], *(f"warning: {w}" for w in p.get("warnings", []))])]
             for p in sorted(data["plugins"], key=lambda p: p["name"])]
     return table(rows, ["NAME", "STATUS", "VERSION", "DIGEST", "TRIGGERS", "PROBLEMS"])

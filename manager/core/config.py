@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     api_channel_timeout: int = 10
     api_connection_limit: int = 1000
     metrics_port: int = 8004
+    # Timer triggers: the manager looks for due ticks every timer_pass_s; a tick found
+    # later than timer_grace_s after its time was missed (catch_up decides what it fires).
+    timer_pass_s: float = 0.2
+    timer_grace_s: float = 2.0
     task_queue: str = "titan.plugins"
     # The host ids of runs (workers.identity): the first is the group every run shares, the
     # others are uids, one per live container; held through files in uid_dir (host-wide).

@@ -161,7 +161,13 @@ def check_limits(raw: bytes, limits: Limits) -> str:
 
 
 def now_rfc3339() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return rfc3339(datetime.now(UTC).timestamp())
+
+
+def rfc3339(ts: float) -> str:
+    """An epoch time as events carry times: RFC 3339, UTC, to the millisecond."""
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
 
 
 def _check_str(data: dict[str, Any], name: str, pattern: re.Pattern[str], chars: str) -> None:

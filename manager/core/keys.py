@@ -75,6 +75,18 @@ class Keys:
         return f"{self.prefix}:replication-probe"
 
     @property
+    def timer_fired(self) -> str:
+        """Hash: `plugin:timer key` -> the scheduled time (epoch s) of its last tick, fired
+        or skipped (manager/core/lua/tick.lua writes it with the tick's event)."""
+        return f"{self.prefix}:timers:fired"
+
+    @property
+    def timer_since(self) -> str:
+        """Hash: `plugin:timer key` -> when the registry put that timer in service; ticks
+        scheduled before it are never fired (a new or restored schedule starts next)."""
+        return f"{self.prefix}:timers:since"
+
+    @property
     def sweep_lock(self) -> str:
         """String: held by the one process sweeping abandoned runs."""
         return f"{self.prefix}:sweep:lock"

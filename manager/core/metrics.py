@@ -44,6 +44,11 @@ CONTAINER_READY = Histogram("titan_container_ready_seconds",
                             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
 RELOADS = Counter("titan_reloads_total", "Registry reloads: ok, partial (a plugin was "
                   "rejected) or failed", ["result"])
+TIMER_TICKS = Counter("titan_timer_ticks_total", "Timer ticks: fired on time, late (a "
+                      "catch-up after a tick was missed) or skipped", ["plugin", "outcome"])
+TIMER_LATENESS = Histogram("titan_timer_lateness_seconds", "From a tick's scheduled time to "
+                           "its event on the bus", ["plugin"],
+                           buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 30, 300, 3600))
 RETRIES = Counter("titan_retries_total", "Runs sent again, by why", ["plugin", "reason"])
 
 

@@ -37,3 +37,4 @@ class Scripts:
         self.renew = conn.register_script(source("renew"))
         self.hold = conn.register_script(source("hold"))
         self.unlock = conn.register_script(source("unlock"))
+        self.tick = conn.register_script(source("tick"))

@@ -41,6 +41,7 @@ from manager.plugins.safefs import (
     open_subdir,
     read_tree,
 )
+from manager.plugins.schedule import Schedule
 
 SETTLE_TRIES = 4  # a directory still changing after this many reads keeps its old version
 
@@ -119,7 +120,8 @@ class PluginEntry:
             "digest": self.digest, "errors": list(self.errors),
             "warnings": list(self.warnings), "path": self.path,
             "description": m.description if m else None,
-            "triggers": [t.model_dump() for t in m.triggers] if m else [],
+            "triggers": [t.view(time.time()) if isinstance(t, Schedule) else t.model_dump()
+                         for t in m.triggers] if m else [],
             "image": m.image if m else None, "timeout": m.timeout if m else None,
             "resources": m.resources.model_dump() if m else None,
             "permissions": m.permissions.model_dump(mode="json") if m else None,
@@ -162,20 +164,6 @@ def build_bundle(files: list[TreeFile]) -> tuple[str, bytes]:
     tar_bytes = raw.getvalue()
     digest = "sha256:" + hashlib.sha256(tar_bytes).hexdigest()
     return digest, gzip.compress(tar_bytes, compresslevel=6, mtime=0)
-
-
-def check_limits(manifest: Manifest, settings: Settings) -> list[str]:
-    """Resources the operator does not allow (SPEC §3: at most the operator's maximum)."""
-    errors = []
-    if manifest.timeout > settings.max_timeout:
-        errors.append(f"timeout: {manifest.timeout}s is above the maximum {settings.max_timeout}s")
-    if manifest.memory_bytes > settings.max_memory_bytes:
-        errors.append(f"resources.memory: {manifest.resources.memory} is above the maximum "
-                      f"{settings.max_memory_bytes} bytes")
-    if manifest.cpu_millis > settings.max_cpu_millis:
-        errors.append(f"resources.cpu: {manifest.resources.cpu} is above the maximum "
-                      f"{settings.max_cpu_millis}m")
-    return errors
 
 
 def plugin_requirements(files: list[TreeFile]) -> Requirements | None:
@@ -226,7 +214,7 @@ def load_files(plugin_dir: Path, files: list[TreeFile], settings: Settings,
                                        settings.max_manifest_bytes)
     except ManifestError as exc:
         return invalid(*exc.errors)
-    errors = check_limits(manifest, settings) + check_globs(manifest.allowed_globs, settings)
+    errors = manifest.over_limits(settings) + check_globs(manifest.allowed_globs, settings)
     try:
         reqs = plugin_requirements(files)
         if reqs is not None and install:

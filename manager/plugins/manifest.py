@@ -10,11 +10,21 @@ from pathlib import Path, PurePosixPath
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+)
 
 from manager.core.config import Settings
 from manager.core.errors import ManifestError
 from manager.core.runs import Isolation, RunLimits
+from manager.plugins.globs import check_classes, check_glob
+from manager.plugins.schedule import Schedule
 from manager.plugins.yaml_strict import (
     StrictLoader,
     format_error,
@@ -25,10 +35,7 @@ from manager.plugins.yaml_strict import (
 
 NAME_RE = r"^[a-z][a-z0-9_]{0,63}$"
 SEMVER_RE = r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$"
-GLOB_PART_RE = re.compile(r"^[A-Za-z0-9._*?\[\]-]*$")
 PATTERN_RE = r"^[A-Za-z0-9._*?\[\]-]{1,128}$"
-SYSTEM_PATHS = ("/etc", "/proc", "/sys", "/dev", "/boot", "/usr", "/var/run", "/run",
-                "/bin", "/sbin", "/lib", "/lib64", "/root", "/var/lib/docker")
 MEMORY_RE = re.compile(r"^(\d+(?:\.\d+)?)(Ki|Mi|Gi|K|M|G)?$")
 MEMORY_UNITS = {None: 1, "K": 1000, "M": 1000**2, "G": 1000**3,
                 "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3}
@@ -48,6 +55,19 @@ class Trigger(_Model):
     def _classes(cls, value: str) -> str:
         check_classes(value)
         return value
+
+
+def _trigger_kind(value: Any) -> str:
+    """An item with `schedule` or `every` is a timer; any other, an event trigger."""
+    if isinstance(value, dict):
+        return "on_schedule" if {"schedule", "every"} & set(value) else "on_event"
+    return "on_schedule" if isinstance(value, Schedule) else "on_event"
+
+
+TRIGGER_KINDS = ("on_event", "on_schedule")  # in a validation error's place: not a key
+AnyTrigger = Annotated[
+    Annotated[Trigger, Tag("on_event")] | Annotated[Schedule, Tag("on_schedule")],
+    Discriminator(_trigger_kind)]
 
 
 class Resources(_Model):
@@ -86,7 +106,7 @@ class Manifest(_Model):
     name: Annotated[str, Field(pattern=NAME_RE)]
     version: Annotated[str, Field(pattern=SEMVER_RE)]
     description: Annotated[str, Field(max_length=1000)] = ""
-    triggers: Annotated[tuple[Trigger, ...], Field(min_length=1, max_length=64)]
+    triggers: Annotated[tuple[AnyTrigger, ...], Field(min_length=1, max_length=64)]
     entrypoint: Annotated[str, Field(min_length=1, max_length=1000)]
     image: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}$")]
     timeout: Annotated[int, Field(gt=0)] = 30
@@ -106,6 +126,10 @@ class Manifest(_Model):
         entrypoint_argv(value)
         return value
 
+    @property
+    def schedules(self) -> tuple[Schedule, ...]:
+        return tuple(t for t in self.triggers if isinstance(t, Schedule))
+
     @cached_property
     def argv(self) -> tuple[str, ...]:
         """Split once per manifest (every run's request carries it)."""
@@ -122,6 +146,20 @@ class Manifest(_Model):
     @property
     def allowed_globs(self) -> tuple[str, ...]:
         return self.permissions.fs.allow
+
+    def over_limits(self, settings: Settings) -> list[str]:
+        """What the operator does not allow (SPEC §3: at most the operator's maximum)."""
+        errors = []
+        if self.timeout > settings.max_timeout:
+            errors.append(f"timeout: {self.timeout}s is above the maximum "
+                          f"{settings.max_timeout}s")
+        if self.memory_bytes > settings.max_memory_bytes:
+            errors.append(f"resources.memory: {self.resources.memory} is above the maximum "
+                          f"{settings.max_memory_bytes} bytes")
+        if self.cpu_millis > settings.max_cpu_millis:
+            errors.append(f"resources.cpu: {self.resources.cpu} is above the maximum "
+                          f"{settings.max_cpu_millis}m")
+        return errors
 
     def run_limits(self, settings: Settings) -> RunLimits:
         """This manifest's limits, clamped to the operator's maxima."""
@@ -168,53 +206,6 @@ def parse_memory(value: str) -> int:
     return size
 
 
-def glob_base(glob: str) -> str:
-    """The directory part of a glob before its first wildcard: what gets bind-mounted."""
-    parts: list[str] = []
-    for part in PurePosixPath(glob).parts[1:]:
-        if any(c in part for c in "*?["):
-            break
-        parts.append(part)
-    return "/" + "/".join(parts)
-
-
-def check_classes(pattern: str) -> None:
-    """Refuses a pattern whose character classes do not close (`chat.[v1` would match
-    only the literal text, never what its author meant) or a ']' that opens none."""
-    i = 0
-    while i < len(pattern):
-        if pattern[i] == "]":
-            raise ValueError(f"{pattern!r} has a ']' with no '[' before it")
-        if pattern[i] == "[":
-            start = i + 1 + (pattern[i + 1:i + 2] == "!")
-            end = pattern.find("]", start + 1)  # a ']' first in the class is one of it
-            if end < 0:
-                raise ValueError(f"{pattern!r} has a '[' that is never closed; a character "
-                                 "class is [abc] or [a-z]")
-            i = end
-        i += 1
-
-
-def check_glob(glob: str) -> None:
-    """Refuses relative globs, '..', and globs reaching system paths (SPEC §4)."""
-    if not glob.startswith("/"):
-        raise ValueError(f"fs glob {glob!r} must be an absolute path")
-    parts = PurePosixPath(glob).parts[1:]
-    if any(p in ("..", ".") for p in parts) or "//" in glob:
-        raise ValueError(f"fs glob {glob!r} must not contain '..', '.' or '//'")
-    if not all(GLOB_PART_RE.fullmatch(p) for p in parts):
-        raise ValueError(f"fs glob {glob!r} has characters outside [A-Za-z0-9._*?[]-]")
-    base = glob_base(glob)
-    if base == "/":
-        raise ValueError(f"fs glob {glob!r} reaches the root filesystem")
-    for system in SYSTEM_PATHS:
-        if base == system or base.startswith(system + "/"):
-            raise ValueError(f"fs glob {glob!r} reaches the system path {system}")
-    if "docker.sock" in glob:
-        raise ValueError(f"fs glob {glob!r} names the Docker socket")
-    check_classes(glob)
-
-
 def parse_manifest(text: bytes, path: str, max_bytes: int) -> Manifest:
     """Validates plugin.yaml bytes; raises ManifestError listing every field at fault, each
     as `path:line:column: field: what is wrong` in plain words."""
@@ -235,7 +226,8 @@ def parse_manifest(text: bytes, path: str, max_bytes: int) -> Manifest:
         return Manifest.model_validate_json(json.dumps(data, default=str))
     except ValidationError as exc:
         marks = positions(text)
-        found = exc.errors()
+        found = [{**e, "loc": tuple(p for p in e["loc"] if p not in TRIGGER_KINDS)}
+                 for e in exc.errors()]
         inner = {tuple(e["loc"][:n]) for e in found for n in range(1, len(e["loc"]))}
         # an invalid item is not also reported as "none" (too_short) for its list
         errors = [format_error(err, path, marks, _keys_at) for err in found
@@ -246,9 +238,10 @@ def parse_manifest(text: bytes, path: str, max_bytes: int) -> Manifest:
 def _keys_at(loc: tuple[Any, ...]) -> list[str]:
     """The keys a mapping may hold at this place of plugin.yaml."""
     names = [p for p in loc if isinstance(p, str)]
-    model: Any = {(): Manifest, ("triggers",): Trigger, ("resources",): Resources,
-                  ("permissions",): Permissions, ("permissions", "fs"): FsPermissions}.get(
-        tuple(names))
+    if tuple(names) == ("triggers",):
+        return [*Trigger.model_fields, *Schedule.model_fields]
+    model: Any = {(): Manifest, ("resources",): Resources, ("permissions",): Permissions,
+                  ("permissions", "fs"): FsPermissions}.get(tuple(names))
     return list(model.model_fields) if model else []
 
 

@@ -26,7 +26,7 @@ from manager.core.config import ROOT, Settings
 from manager.core.errors import PermissionDenied
 from manager.core.runs import RunUser
 from manager.plugins.as_user import Refusal, open_as
-from manager.plugins.manifest import SYSTEM_PATHS, check_glob, glob_base
+from manager.plugins.globs import SYSTEM_PATHS, check_glob, glob_base
 from manager.plugins.safefs import UnsafePath, copy_fd, open_path
 
 NEVER_GRANTED = (*SYSTEM_PATHS, "/home", "/var/lib/containerd", "/var/lib/redis",

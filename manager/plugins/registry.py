@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,8 @@ class Registry:
 
     HISTORY = 5
 
-    def __init__(self, wiring: Wiring) -> None:
+    def __init__(self, wiring: Wiring, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock  # when a timer comes into service (tests bring their own)
         self.conn = wiring.conn
         self.settings = wiring.settings
         self.keys = wiring.keys
@@ -46,12 +48,14 @@ class Registry:
                                          "rejected": [], "drafts": [], "warnings": [],
                                          "unsettled": []}
         pipe = self.conn.pipeline()
+        published: dict[str, PluginEntry] = {}
         for name, (entry, bundle) in found.found.items():
             warnings = engines.warnings(entry, self.settings)
             if warnings:
                 entry = replace(entry, warnings=warnings)
                 changes["warnings"].append({"name": name, "warnings": list(warnings)})
             entry = self._changed(name, entry, bundle, old.get(name), changes, pipe)
+            published[name] = entry
             pipe.hset(self.keys.registry, name, json.dumps(entry.to_dict()))
         for name in found.unsettled:
             before = old.get(name)
@@ -60,6 +64,8 @@ class Registry:
         changes["removed"] = sorted(set(old) - set(found.found) - set(found.unsettled))
         if changes["removed"]:
             pipe.hdel(self.keys.registry, *changes["removed"])
+        unsettled = {n: old[n] for n in found.unsettled if n in old}
+        self._timers(pipe, old, {**published, **unsettled})
         pipe.incr(self.keys.registry_version)
         pipe.execute()
         collect_bundles(self.conn, self.keys)
@@ -95,6 +101,19 @@ class Registry:
         if before is None or before.digest != entry.digest:
             self._remember(pipe, entry, before)
         return entry
+
+    def _timers(self, pipe: Any, before: dict[str, PluginEntry],
+                after: dict[str, PluginEntry]) -> None:
+        """In the registry's own transaction: a timer that comes into service (a new or
+        changed schedule, a rollback's) starts at its next tick; one that leaves forgets
+        its ticks, so a schedule that comes back never fires for the time it was away."""
+        old, new = timers_of(before), timers_of(after)
+        for timer in new - old:
+            pipe.hset(self.keys.timer_since, timer, repr(self.clock()))
+            pipe.hdel(self.keys.timer_fired, timer)
+        if old - new:
+            pipe.hdel(self.keys.timer_since, *(old - new))
+            pipe.hdel(self.keys.timer_fired, *(old - new))
 
     def worker_engines(self) -> Engines:
         """What the live workers' engines can run (from their heartbeats)."""
@@ -133,6 +152,7 @@ class Registry:
                          rolled_back_from=current.rolled_back_from or current.digest)
         pipe = self.conn.pipeline()
         pipe.hset(self.keys.registry, name, json.dumps(target.to_dict()))
+        self._timers(pipe, {name: current}, {name: target})
         pipe.incr(self.keys.registry_version)
         pipe.execute()
         return {"name": name, "from": current.ref(), "to": target.ref()}
@@ -157,3 +177,10 @@ class Registry:
 
     def bundle(self, digest: str) -> bytes | None:
         return self.conn.get(self.keys.bundle(digest))
+
+
+def timers_of(entries: dict[str, PluginEntry]) -> set[str]:
+    """The timers in service: `plugin:key` of each schedule of each runnable entry."""
+    return {f"{name}:{schedule.key}" for name, entry in entries.items()
+            if entry.runnable and entry.manifest is not None
+            for schedule in entry.manifest.schedules}
