@@ -68,11 +68,15 @@ class Timers:
         self.stopping = threading.Event()
 
     def run(self) -> None:
+        """Passes until stopped. Nothing ends the thread but stop(): a failed pass is
+        logged and the next one tries the same ticks again (none was recorded)."""
         while not self.stopping.wait(self.settings.timer_pass_s):
             try:
                 self.run_once()
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                log.warning("timers: Redis unavailable (%s); the tick is tried again", exc)
+            except redis.RedisError as exc:  # down, failing over, read-only for a moment
+                log.warning("timers: Redis refused a pass (%s); the tick is tried again", exc)
+            except Exception:
+                log.exception("timers: a pass failed; the tick is tried again")
 
     def stop(self) -> None:
         self.stopping.set()
@@ -86,7 +90,11 @@ class Timers:
                 continue
             for schedule in entry.manifest.schedules:
                 timer = f"{entry.name}:{schedule.key}"
-                due = schedule.due(now)
+                try:
+                    due = schedule.due(now)
+                except ValueError:  # croniter's: no earlier time (one timer, not the pass)
+                    log.exception("timer %s of %s has no due time", schedule.spec, entry.name)
+                    continue
                 if self.handled.get(timer) == due:
                     continue
                 handled = self.consider(entry.name, schedule, due, now)
