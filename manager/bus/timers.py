@@ -65,12 +65,13 @@ class Timers:
         self.clock = clock
         self.scripts = Scripts(wiring.conn)
         self.handled: dict[str, float] = {}  # timer -> the last due time this process settled
+        self.next_due: float | None = None  # the soonest tick after the last pass
         self.stopping = threading.Event()
 
     def run(self) -> None:
         """Passes until stopped. Nothing ends the thread but stop(): a failed pass is
         logged and the next one tries the same ticks again (none was recorded)."""
-        while not self.stopping.wait(self.settings.timer_pass_s):
+        while not self.stopping.wait(self.pause()):
             try:
                 self.run_once()
             except redis.RedisError as exc:  # down, failing over, read-only for a moment
@@ -81,20 +82,31 @@ class Timers:
     def stop(self) -> None:
         self.stopping.set()
 
+    def pause(self) -> float:
+        """Until the next pass: `timer_pass_s`, or less when a tick falls due sooner, so a
+        tick goes out within milliseconds of its time (the registry is read on each pass,
+        so a reload is seen within `timer_pass_s`)."""
+        wait = self.settings.timer_pass_s
+        if self.next_due is not None:
+            wait = min(wait, self.next_due - self.clock() + 0.001)
+        return max(0.0, wait)
+
     def run_once(self) -> list[Tick]:
         """Every due tick of every runnable plugin, handled once by this process."""
         now = self.clock()
-        ticks = []
+        ticks: list[Tick] = []
+        self.next_due = None
         for entry in self.registry.entries().values():
             if not entry.runnable or entry.manifest is None:
                 continue
             for schedule in entry.manifest.schedules:
                 timer = f"{entry.name}:{schedule.key}"
                 try:
-                    due = schedule.due(now)
-                except ValueError:  # croniter's: no earlier time (one timer, not the pass)
+                    due, (upcoming,) = schedule.due(now), schedule.next_times(now, 1)
+                except ValueError:  # croniter's: no such time (one timer, not the pass)
                     log.exception("timer %s of %s has no due time", schedule.spec, entry.name)
                     continue
+                self.next_due = min(upcoming, self.next_due or upcoming)
                 if self.handled.get(timer) == due:
                     continue
                 handled = self.consider(entry.name, schedule, due, now)
