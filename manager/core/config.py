@@ -57,8 +57,8 @@ class Settings(BaseSettings):
     api_connection_limit: int = 1000
     metrics_port: int = 8004
     # Timer triggers: the manager looks for due ticks at each tick and at least every
-    # timer_pass_s (a reload is seen within it); a tick found
-    # later than timer_grace_s after its time was missed (catch_up decides what it fires).
+    # timer_pass_s (a reload is seen within it); a tick not fired within timer_grace_s
+    # of its time was missed (catch_up decides what it fires).
     timer_pass_s: float = 0.2
     timer_grace_s: float = 2.0
     task_queue: str = "titan.plugins"
