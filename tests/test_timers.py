@@ -298,10 +298,16 @@ def test_a_manager_killed_and_restarted_catches_up_by_its_policy(
     events = ticks(conn, timed)
     times = scheduled(events)
     assert len(set(times)) == len(times), Counter(times).most_common(3)
-    caught = [e["payload"]["scheduled_at"] for e in events[before:] if e["payload"]["late"]]
-    assert len(caught) == late, caught
-    if late:  # the most recent missed tick, fired beside the first one due after the restart
-        assert all(lateness(e) >= 1 for e in events[before:] if e["payload"]["late"])
+    after = events[before:]
+    resumed = next(e for e in after if not e["payload"]["late"])  # the first on time
+    # what was fired for the time nobody ran: the catch-up (a later pass that a loaded
+    # machine delays past a tick may catch up again, and is not this test's question)
+    caught = [e for e in after if epoch(e["payload"]["scheduled_at"])
+              < epoch(resumed["payload"]["scheduled_at"])]
+    assert [e["payload"]["late"] for e in caught] == [True] * late, caught
+    if late:  # the most recent missed tick: the one just before the first due after it
+        assert epoch(resumed["payload"]["scheduled_at"]) - epoch(
+            caught[0]["payload"]["scheduled_at"]) == 1
 
 
 def epoch(text: str) -> float:
