@@ -493,7 +493,16 @@ class PrivateEngine:
         self.stop()
         subprocess.run(["ip", "link", "delete", self.bridge], check=False,
                        capture_output=True)
+        unmount_under(self.root)
         subprocess.run(["rm", "-rf", str(self.root)], check=False)
+
+
+def unmount_under(root: Path) -> None:
+    """What a stopped engine left mounted under its directory (the overlay of a container
+    it was creating as it stopped), deepest first, so that the directory can go."""
+    points = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    for point in sorted((p for p in points if p.startswith(f"{root}/")), key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], check=False, capture_output=True)
 
 
 def make_bridge(name: str) -> None:
