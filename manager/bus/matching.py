@@ -20,9 +20,9 @@ def fires(trigger: Trigger | Schedule, event: Event, plugin: str) -> bool:
     """An event trigger matches by topic and type; a timer only by its own ticks (the tick
     names the plugin and the timer's key), so another plugin's clock never runs this one."""
     if isinstance(trigger, Schedule):
-        payload = event.payload if isinstance(event.payload, dict) else {}
         return (event.topic == TIMER_TOPIC and event.event_type == TICK
-                and payload.get("plugin") == plugin and payload.get("timer") == trigger.key)
+                and event.payload.get("plugin") == plugin
+                and event.payload.get("timer") == trigger.key)
     return trigger_matches(trigger, event.topic, event.event_type)
 
 

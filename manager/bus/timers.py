@@ -100,7 +100,7 @@ class Timers:
             if not entry.runnable or entry.manifest is None:
                 continue
             for schedule in entry.manifest.schedules:
-                timer = f"{entry.name}:{schedule.key}"
+                timer = schedule.timer(entry.name)
                 try:
                     due, (upcoming,) = schedule.due(now), schedule.next_times(now, 1)
                 except ValueError:  # croniter's: no such time (one timer, not the pass)
@@ -125,7 +125,7 @@ class Timers:
         pipe = self.wiring.conn.pipeline(transaction=False)
         self.scripts.tick(
             keys=[keys.timer_fired, keys.timer_since, self.settings.event_stream],
-            args=[named(timer=f"{plugin}:{schedule.key}", due=due, prev=prev, since=now,
+            args=[named(timer=schedule.timer(plugin), due=due, prev=prev, since=now,
                         late=late, catch_up=schedule.catch_up.value,
                         maxlen=self.settings.stream_maxlen,
                         event=tick_event(plugin, schedule, due, now, late).encode(),

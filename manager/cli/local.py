@@ -227,12 +227,13 @@ def schedule(ctx: click.Context, spec: str, count: int, timezone: str) -> None:
 
     from manager.core.events import rfc3339
     from manager.plugins.schedule import schedule_of
+    from manager.plugins.yaml_strict import plain
 
     try:
         timer = schedule_of(spec, timezone)
     except ValidationError as exc:
-        raise click.BadParameter("; ".join(str(e["msg"]).removeprefix("Value error, ")
-                                           for e in exc.errors()), param_hint="SPEC") from None
+        raise click.BadParameter("; ".join(plain(e) for e in exc.errors()),
+                                 param_hint="SPEC") from None
     times = [rfc3339(t) for t in timer.next_times(time.time(), count)]
     ctx.obj["out"]({"spec": timer.spec, "timezone": timezone, "next": times},
                    f"{timer.spec} ({timezone}), next {count}:\n" + "\n".join(

@@ -181,6 +181,6 @@ class Registry:
 
 def timers_of(entries: dict[str, PluginEntry]) -> set[str]:
     """The timers in service: `plugin:key` of each schedule of each runnable entry."""
-    return {f"{name}:{schedule.key}" for name, entry in entries.items()
+    return {schedule.timer(name) for name, entry in entries.items()
             if entry.runnable and entry.manifest is not None
             for schedule in entry.manifest.schedules}

@@ -12,7 +12,7 @@ import json
 import re
 import zoneinfo
 from enum import StrEnum
-from functools import cache
+from functools import cache, cached_property
 from typing import Annotated, Any
 
 from croniter import CroniterBadDateError, CroniterError, croniter
@@ -100,8 +100,10 @@ class Schedule(BaseModel):
     @field_validator("schedule")
     @classmethod
     def _cron(cls, value: str | None) -> str | None:
+        """Kept as checked: without the spaces around it."""
         if value is not None:
-            check_cron(value.strip())
+            value = value.strip()
+            check_cron(value)
         return value
 
     @field_validator("every")
@@ -132,30 +134,36 @@ class Schedule(BaseModel):
     @property
     def spec(self) -> str:
         """How people write it: the cron line, or `every 30s`."""
-        return self.schedule.strip() if self.schedule is not None else f"every {self.every}"
+        return self.schedule if self.schedule is not None else f"every {self.every}"
 
-    @property
+    @cached_property
     def key(self) -> str:
         """Its clock's identity: what decides when it fires (not its payload or catch-up
         policy). A changed clock is a new timer, which starts at its next tick."""
-        clock = json.dumps([self.schedule and self.schedule.strip(), self.every,
-                            self.timezone])
+        clock = json.dumps([self.schedule, self.every, self.timezone])
         return hashlib.sha256(clock.encode()).hexdigest()[:12]
+
+    def timer(self, plugin: str) -> str:
+        """This clock of this plugin, as the registry and the manager's timers name it."""
+        return f"{plugin}:{self.key}"
+
+    def _cron_from(self, ts: float) -> croniter:
+        assert self.schedule is not None
+        return croniter(self.schedule, dt.datetime.fromtimestamp(ts, zone(self.timezone)),
+                        second_at_beginning=True)
 
     def due(self, now: float) -> float:
         """The latest scheduled time at or before `now` (epoch seconds)."""
         if self.every is not None:
             period = parse_every(self.every)
             return float(int(now // period) * period)
-        start = dt.datetime.fromtimestamp(now + 1e-6, zone(self.timezone))
-        return croniter(self.schedule.strip(), start, second_at_beginning=True).get_prev(float)
+        return self._cron_from(now + 1e-6).get_prev(float)
 
     def previous(self, due: float) -> float:
         """The scheduled time before `due` (one of them)."""
         if self.every is not None:
             return due - parse_every(self.every)
-        start = dt.datetime.fromtimestamp(due, zone(self.timezone))
-        return croniter(self.schedule.strip(), start, second_at_beginning=True).get_prev(float)
+        return self._cron_from(due).get_prev(float)
 
     def next_times(self, now: float, count: int) -> list[float]:
         """The next `count` scheduled times after `now`."""
@@ -163,16 +171,14 @@ class Schedule(BaseModel):
             period = parse_every(self.every)
             first = self.due(now) + period
             return [first + n * period for n in range(count)]
-        it = croniter(self.schedule.strip(), dt.datetime.fromtimestamp(now, zone(self.timezone)),
-                      second_at_beginning=True)
+        it = self._cron_from(now)
         return [it.get_next(float) for _ in range(count)]
 
     def between(self, after: float, before: float, cap: int = 1000) -> int:
         """How many scheduled times lie strictly between two of them (at most `cap`)."""
         if self.every is not None:
             return max(0, min(cap, int((before - after) // parse_every(self.every)) - 1))
-        it = croniter(self.schedule.strip(), dt.datetime.fromtimestamp(after, zone(self.timezone)),
-                      second_at_beginning=True)
+        it = self._cron_from(after)
         count = 0
         while count < cap and it.get_next(float) < before:
             count += 1

@@ -70,8 +70,12 @@ def format_error(err: Any, path: str, marks: dict[tuple[Any, ...], tuple[int, in
         return f"{where}{field}: unknown key (not allowed){hint}"
     if err["type"] == "string_pattern_mismatch" and str(loc[-1]) in PATTERNS:
         return f"{where}{field}: {PATTERNS[str(loc[-1])]}, got {err.get('input')!r:.60}"
-    msg = PLAIN.get(err["type"]) or err["msg"].removeprefix("Value error, ")
-    return f"{where}{field}: {msg}"
+    return f"{where}{field}: {plain(err)}"
+
+
+def plain(err: Any) -> str:
+    """A pydantic error's words without pydantic's wrapping ("Value error, ...")."""
+    return PLAIN.get(err["type"]) or str(err["msg"]).removeprefix("Value error, ")
 
 
 def positions(text: bytes) -> dict[tuple[Any, ...], tuple[int, int]]:
