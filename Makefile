@@ -9,10 +9,18 @@ FILES_DIR ?= /srv/titan/files
 TEST_STREAMS ?= 2
 export TITAN_RUN_DIR ?= $(CURDIR)/$(RUN_DIR)
 # The Redis URL (with its password) that `make up` generated, for Flower and the CLI tools.
-export TITAN_REDIS_URL ?= $(shell cat $(RUN_DIR)/redis.url 2>/dev/null)
+export TITAN_REDIS_URL ?= $(shell cat $(TITAN_RUN_DIR)/redis.url 2>/dev/null)
+# Redis over TLS (HA, worker hosts): the tools here present the manager's certificate.
+ifneq ($(filter rediss://%,$(TITAN_REDIS_URL)),)
+export TITAN_REDIS_TLS_CA ?= $(TITAN_RUN_DIR)/tls/trust.crt
+export TITAN_REDIS_TLS_CERT ?= $(TITAN_RUN_DIR)/tls/clients/manager.crt
+export TITAN_REDIS_TLS_KEY ?= $(TITAN_RUN_DIR)/tls/clients/manager.key
+endif
 
 .PHONY: up down deps services image plugins-up plugins-down plugins-list plugins-reload \
-        plugins-logs status flower test unit lint bench soak soak-ha compose-up compose-down
+        plugins-logs status flower test unit lint bench soak soak-ha compose-up compose-down \
+        worker-cert tls-check tls-rotate-ca tls-retire-ca tls-rotate-server redis-rotate-password \
+        redis-retire-password
 
 up: deps services image ## install what is missing, start Redis, Docker, manager and workers
 	@mkdir -p $(FILES_DIR)
@@ -85,7 +93,19 @@ soak: deps ## 2,000 events, 3 plugins, 2 workers, a worker SIGKILLed twice: noth
 	@bash scripts/image.sh
 	@$(PY) bench/soak.py $(SOAK_ARGS)
 
-soak-ha: deps ## the soak with Redis behind Sentinel: the primary SIGKILLed, the replica promoted
+soak-ha: deps ## the soak with Redis behind Sentinel (TLS): the primary SIGKILLed, nobody restarting it
 	@bash scripts/services.sh docker
 	@bash scripts/image.sh
 	@$(PY) bench/soak.py --ha $(SOAK_ARGS)
+
+# Redis across hosts (docs/architecture.md, Add worker hosts and Rotation).
+worker-cert: ## a worker host's bundle (certificate, key, CA, settings) as a tar on stdout
+	@test -n "$(NAME)" || { echo "usage: make -s worker-cert NAME=worker-b > worker-b.tar" >&2; exit 2; }
+	@test -s $(TITAN_RUN_DIR)/redis.remote.env || { echo "Redis listens on this host only: start it with TITAN_REDIS_BIND=<private address> make up" >&2; exit 1; }
+	@$(CLI) tls bundle "$(NAME)" --env $(TITAN_RUN_DIR)/redis.remote.env
+
+tls-check: ## when each certificate of run/tls expires (exit 1 within 30 days)
+	@$(CLI) tls check
+
+tls-rotate-ca tls-retire-ca tls-rotate-server redis-rotate-password redis-retire-password:
+	@bash scripts/tls.sh $(@:tls-%=%)

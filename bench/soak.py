@@ -26,7 +26,6 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from harness import (  # noqa: E402
     RedisServer,
-    SentinelCluster,
     WorkerProcess,
     private_settings,
     session_dir,
@@ -40,6 +39,7 @@ from manager.core.contract import make_celery  # noqa: E402
 from manager.core.record_store import RecordStore  # noqa: E402
 from manager.core.records import Status  # noqa: E402
 from manager.plugins.registry import Registry  # noqa: E402
+from redis_nodes import SentinelCluster  # noqa: E402
 
 PLUGINS = ROOT / "bench" / "soak_plugins"
 MATCHES = {"x": ("soak_a", "soak_b"), "y": ("soak_a", "soak_c")}
@@ -74,8 +74,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events", type=int, default=2000)
     parser.add_argument("--timeout", type=float, default=1800, help="seconds for the whole run")
-    parser.add_argument("--ha", action="store_true", help="Redis with a replica and three "
-                        "Sentinels; the primary is SIGKILLed (and the replica promoted) "
+    parser.add_argument("--ha", action="store_true", help="Redis with two replicas and three "
+                        "Sentinels over TLS; the primary is SIGKILLed (a replica promoted) "
                         "instead of Redis being restarted")
     args = parser.parse_args()
     soak = {"visibility_timeout": 10, "restore_interval": 2, "reclaim_idle_ms": 5000,
@@ -121,10 +121,9 @@ def main() -> int:
             if redis_crash and done >= redis_crash:
                 redis_crash = 0
                 if server is None:
-                    cluster.fail_over()
-                    print(f"  killed the Redis primary (SIGKILL) at {done} runs done; the "
-                          "replica was promoted; starting the old primary again")
-                    cluster.replica.start()  # it rejoins as a replica
+                    cluster.fail_over()  # and nobody starts the old primary again
+                    print(f"  killed the Redis primary (SIGKILL) at {done} runs done; a "
+                          "replica was promoted; the other confirms its writes")
                 else:
                     server.crash()
                     print(f"  killed Redis (SIGKILL) at {done} runs done; starting it again")

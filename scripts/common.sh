@@ -24,6 +24,17 @@ if [ -z "${TITAN_REDIS_SENTINELS:-}" ] && [ -f "$SENTINELS_FILE" ]; then
   export TITAN_REDIS_MIN_REPLICAS="${TITAN_REDIS_MIN_REPLICAS:-1}"
 fi
 export TITAN_RUN_DIR="$RUN_DIR"
+# Redis beyond this host (TITAN_REDIS_BIND, HA) speaks TLS only, with client certificates
+# from the project's CA in run/tls/ (manager/core/certs.py). Processes here present
+# their own certificate (set per process by stack.sh; the manager's for the CLI tools).
+TLS_DIR="$RUN_DIR/tls"
+REMOTE_ENV_FILE="$RUN_DIR/redis.remote.env"  # what a worker host needs (make worker-cert)
+redis_tls_wanted() { [ "${TITAN_REDIS_HA:-0}" = 1 ] || [ -f "$SENTINELS_FILE" ] || [ -n "${TITAN_REDIS_BIND:-}" ]; }
+tls_env() {  # exports the TLS settings of client NAME when the URL is rediss://
+  [[ "$REDIS_URL" == rediss://* ]] || return 0
+  export TITAN_REDIS_TLS_CA="$TLS_DIR/trust.crt" TITAN_REDIS_TLS_CERT="$TLS_DIR/clients/$1.crt" \
+    TITAN_REDIS_TLS_KEY="$TLS_DIR/clients/$1.key"
+}
 API_TOKEN_FILE="$RUN_DIR/api.token"
 FLOWER_AUTH_FILE="$RUN_DIR/flower.auth"
 
@@ -80,8 +91,10 @@ redis_cli() {  # redis-cli for $REDIS_URL (the password through the environment,
     local path="${REDIS_URL#*://}"; path="${path##*@}"; path="${path%%\?*}"
     REDISCLI_AUTH="$secret" redis-cli --no-auth-warning -s "$path" "$@"
   else
-    local hp="${REDIS_URL#*://}"; hp="${hp##*@}"; hp="${hp%%/*}"
-    REDISCLI_AUTH="$secret" redis-cli --no-auth-warning -h "${hp%:*}" -p "${hp##*:}" "$@"
+    local hp="${REDIS_URL#*://}" tls=(); hp="${hp##*@}"; hp="${hp%%/*}"
+    [[ "$REDIS_URL" == rediss://* ]] && tls=(--tls --cacert "$TLS_DIR/trust.crt"
+      --cert "$TLS_DIR/clients/manager.crt" --key "$TLS_DIR/clients/manager.key")
+    REDISCLI_AUTH="$secret" redis-cli --no-auth-warning "${tls[@]}" -h "${hp%:*}" -p "${hp##*:}" "$@"
   fi
 }
 redis_ok() { redis_cli ping 2>/dev/null | grep -q PONG; }

@@ -60,23 +60,67 @@ PY
 
 # Redis runs with a password (anyone who can write to Redis can queue runs and forge
 # bundles), with AOF, and under umask 077 (set in common.sh): its data directory and
-# append-only files are root's alone (0700/0600), like everything else in the run directory. appendfsync everysec loses at most about one second of writes on
-# a power loss or kernel crash, and nothing on a process crash; `always` loses nothing.
+# append-only files are root's alone (0700/0600), like everything else in the run
+# directory. appendfsync everysec loses at most about one second of writes on a power loss
+# or kernel crash, and nothing on a process crash; `always` loses nothing.
 start_redis() {
-  if [ "${TITAN_REDIS_HA:-0}" = 1 ] || [ -f "$SENTINELS_FILE" ]; then
+  if redis_tls_wanted; then
+    ha_url
+    tls_certs
     redis_ok || start_plain_redis
-    start_redis_ha
+    [ "${TITAN_REDIS_HA:-0}" = 1 ] || [ -f "$SENTINELS_FILE" ] && start_redis_ha
     wait_for redis_ok 20 || die "Redis did not start; see $RUN_DIR/redis.log"
+    remote_env
     return
   fi
   start_plain_redis
 }
 
+# The address other hosts (and, under HA, the Sentinels) reach the data nodes at.
+node_addr() { local b="${TITAN_REDIS_BIND:-127.0.0.1}"; echo "${b%% *}"; }
+ha() { [ "${TITAN_REDIS_HA:-0}" = 1 ] || [ -f "$SENTINELS_FILE" ]; }
+
+# HA: every process here reaches the primary over TCP, TLS: rediss:// (an older plain
+# redis:// URL keeps its password). Not HA: the socket here, TLS for other hosts only.
+ha_url() {
+  ha || return 0
+  if [[ "$REDIS_URL" != rediss://* ]]; then
+    local secret; secret="$(redis_secret "$REDIS_URL")"; [ -n "$secret" ] || secret="$(new_secret)"
+    REDIS_URL="rediss://default:${secret}@$(node_addr):$(redis_port)/0"
+    (umask 077 && echo "$REDIS_URL" >"$REDIS_URL_FILE")
+  fi
+  tls_env manager
+}
+
+# The CA, the certificate of this host's Redis nodes (every address they listen on) and
+# the local clients' certificates: made once, the server's again when an address is new.
+tls_certs() {
+  local hosts=(127.0.0.1 localhost "$(hostname)") a
+  for a in ${TITAN_REDIS_BIND:-}; do hosts+=("$a"); done
+  "$PY" "$ROOT/titan-plugins.py" tls init "${hosts[@]/#/--host=}" >&2
+}
+
+tls_lines() {  # TLS only, client certificates required, replication and Sentinel too
+  printf 'port 0\ntls-port %s\ntls-cert-file %s\ntls-key-file %s\ntls-ca-cert-file %s\n' \
+    "$1" "$TLS_DIR/servers/redis.crt" "$TLS_DIR/servers/redis.key" "$TLS_DIR/trust.crt"
+  printf 'tls-auth-clients yes\ntls-replication yes\n'
+}
+
+# What a worker host needs besides its certificate (make worker-cert puts both in its bundle).
+remote_env() {
+  [ -n "${TITAN_REDIS_BIND:-}" ] || { rm -f "$REMOTE_ENV_FILE"; return; }
+  local secret; secret="$(redis_secret "$REDIS_URL")"
+  { echo "TITAN_REDIS_URL=rediss://default:${secret}@$(node_addr):$(redis_port)/0"
+    if ha; then
+      echo "TITAN_REDIS_SENTINELS=$(node_addr):26379,$(node_addr):26380,$(node_addr):26381"
+      echo "TITAN_REDIS_MIN_REPLICAS=${TITAN_REDIS_MIN_REPLICAS:-1}"
+    fi; } >"$REMOTE_ENV_FILE"
+}
+
 start_plain_redis() {
-  local fsync="${TITAN_REDIS_APPENDFSYNC:-everysec}" secret port=0 bind="" hp
-  local ha=0; { [ "${TITAN_REDIS_HA:-0}" = 1 ] || [ -f "$SENTINELS_FILE" ]; } && ha=1
+  local fsync="${TITAN_REDIS_APPENDFSYNC:-everysec}" secret port=0 bind="" tls=0
   # A URL an older `make up` wrote (TCP on loopback): the same password, on the socket now.
-  if [ "$ha" = 0 ] && [ -z "${TITAN_REDIS_BIND:-}" ] && [ -f "$REDIS_URL_FILE" ] &&
+  if ! ha && [ -z "${TITAN_REDIS_BIND:-}" ] && [ -f "$REDIS_URL_FILE" ] &&
      [ "$(cat "$REDIS_URL_FILE")" = "$REDIS_URL" ] && [[ "$REDIS_URL" == redis://*@127.0.0.1:* ]]; then
     REDIS_URL="unix://default:$(redis_secret "$REDIS_URL")@$REDIS_SOCKET?db=0"
     (umask 077 && echo "$REDIS_URL" >"$REDIS_URL_FILE")
@@ -84,23 +128,20 @@ start_plain_redis() {
   if redis_ok; then say "Redis answers on $(redis_where "$REDIS_URL")"; return; fi
   command -v redis-server >/dev/null || die "redis-server is missing (run: make up)"
   case "$fsync" in always|everysec|no) ;; *) die "TITAN_REDIS_APPENDFSYNC must be always, everysec or no" ;; esac
-  if [ -z "${TITAN_REDIS_URL:-}" ]; then  # our own Redis: generate its password once
-    secret="$(new_secret)"
-    if [ "$ha" = 1 ]; then REDIS_URL="redis://default:${secret}@127.0.0.1:$(redis_port)/0"
-    else REDIS_URL="unix://default:${secret}@$REDIS_SOCKET?db=0"; fi
+  if [ -z "${TITAN_REDIS_URL:-}" ] && [[ "$REDIS_URL" != rediss://* ]]; then  # ours: a password, once
+    REDIS_URL="unix://default:$(new_secret)@$REDIS_SOCKET?db=0"
     (umask 077 && echo "$REDIS_URL" >"$REDIS_URL_FILE")
   fi
   secret="$(redis_secret "$REDIS_URL")"
-  # TCP only where it is asked for: a redis:// URL (Sentinel's replication, or one given
-  # by the environment) on loopback, and a private address for worker hosts (docs/architecture.md: Add
-  # worker hosts). Everything on this host uses the socket.
-  if [[ "$REDIS_URL" == redis://* ]]; then
-    hp="${REDIS_URL#*://}"; hp="${hp##*@}"; hp="${hp%%/*}"
-    port="${hp##*:}"; bind="127.0.0.1 ${TITAN_REDIS_BIND:-}"
-  elif [ -n "${TITAN_REDIS_BIND:-}" ]; then port="$(redis_port)"; bind="$TITAN_REDIS_BIND"; fi
-  say "starting Redis on the socket $REDIS_SOCKET${bind:+ and ${bind% }:$port}, AOF appendfsync $fsync (log: $RUN_DIR/redis.log)"
+  # TCP only where it is asked for, and then TLS only: a private address for worker hosts
+  # (docs/architecture.md: Add worker hosts), and HA's nodes. The socket for this host.
+  if redis_tls_wanted; then port="$(redis_port)"; bind="127.0.0.1 ${TITAN_REDIS_BIND:-}"; tls=1
+  elif [[ "$REDIS_URL" == redis://* ]]; then  # a loopback URL the environment gave
+    local hp="${REDIS_URL#*://}"; hp="${hp##*@}"; hp="${hp%%/*}"
+    port="${hp##*:}"; bind="127.0.0.1"; fi
+  say "starting Redis on the socket $REDIS_SOCKET${bind:+ and port $port on ${bind% }}$([ $tls = 1 ] && echo ' (TLS only)'), AOF appendfsync $fsync (log: $RUN_DIR/redis.log)"
   mkdir -p "$RUN_DIR/redis"
-  { printf 'port %s\n' "$port"
+  { if [ $tls = 1 ]; then tls_lines "$port"; else printf 'port %s\n' "$port"; fi
     [ -n "$bind" ] && printf 'bind %s\n' "$bind"
     printf 'unixsocket %s\nunixsocketperm 700\n' "$REDIS_SOCKET"
     printf 'daemonize yes\npidfile %s\nlogfile %s\ndir %s\n' \
@@ -114,41 +155,47 @@ start_plain_redis() {
   wait_for redis_ok 20 || die "Redis did not start; see $RUN_DIR/redis.log"
 }
 
-# TITAN_REDIS_HA=1: a primary, one replica and three Sentinels (quorum 2), all with the
-# same generated password, pid files, logs and data in the run directory. Every process
-# then finds the primary through the Sentinels (run/redis.sentinels) and waits for one
-# replica to confirm what it acknowledges (TITAN_REDIS_MIN_REPLICAS=1).
+# TITAN_REDIS_HA=1: a primary, two replicas and three Sentinels (quorum 2), TLS between
+# all of them, one generated password, pid files, logs and data in the run directory.
+# Every process finds the primary through the Sentinels (run/redis.sentinels) and waits
+# for one replica to confirm what it acknowledges (TITAN_REDIS_MIN_REPLICAS=1). Two
+# replicas: after losing any one data node, a primary and a replica to confirm its writes
+# remain, with nobody restarting anything.
 start_redis_ha() {
-  local port secret i
+  local port secret i addr
   command -v redis-server >/dev/null || die "redis-server is missing (run: make up)"
-  port="$(redis_port)"; secret="$(redis_secret "$REDIS_URL")"
-  # the primary is start_plain_redis's; the replica follows it, with the same password
-  if ! pid_alive "$RUN_DIR/redis-replica.pid"; then
-    mkdir -p "$RUN_DIR/redis-replica"
-    { printf 'port %s\nbind 127.0.0.1 %s\ndaemonize yes\npidfile %s\nlogfile %s\ndir %s\n' \
-        "$((port + 1))" "${TITAN_REDIS_BIND:-}" "$RUN_DIR/redis-replica.pid" \
-        "$RUN_DIR/redis-replica.log" "$RUN_DIR/redis-replica"
+  port="$(redis_port)"; secret="$(redis_secret "$REDIS_URL")"; addr="$(node_addr)"
+  for i in 1 2; do
+    local name="redis-replica$i"
+    pid_alive "$RUN_DIR/$name.pid" && continue
+    mkdir -p "$RUN_DIR/$name"
+    { tls_lines "$((port + i))"
+      printf 'bind 127.0.0.1 %s\ndaemonize yes\npidfile %s\nlogfile %s\ndir %s\n' \
+        "${TITAN_REDIS_BIND:-}" "$RUN_DIR/$name.pid" "$RUN_DIR/$name.log" "$RUN_DIR/$name"
       printf 'appendonly yes\nappendfsync %s\nsave ""\nrequirepass %s\nmasterauth %s\n' \
         "${TITAN_REDIS_APPENDFSYNC:-everysec}" "$secret" "$secret"
-      printf 'replicaof 127.0.0.1 %s\n' "$port"
-    } >"$RUN_DIR/redis-replica.conf"
-    redis-server "$RUN_DIR/redis-replica.conf" >/dev/null
-  fi
+      printf 'replica-announce-ip %s\nreplicaof %s %s\n' "$addr" "$addr" "$port"
+    } >"$RUN_DIR/$name.conf"
+    redis-server "$RUN_DIR/$name.conf" >/dev/null
+  done
   local sentinels=()
   for i in 0 1 2; do
     local sp=$((26379 + i)) name="sentinel$i"
-    sentinels+=("127.0.0.1:$sp")
+    sentinels+=("$addr:$sp")
     pid_alive "$RUN_DIR/$name.pid" && continue
-    { printf 'port %s\nbind 127.0.0.1\ndaemonize yes\npidfile %s\nlogfile %s\ndir %s\n' \
-        "$sp" "$RUN_DIR/$name.pid" "$RUN_DIR/$name.log" "$RUN_DIR"
-      printf 'requirepass %s\nsentinel monitor titan 127.0.0.1 %s 2\n' "$secret" "$port"
+    { tls_lines "$sp"
+      printf 'bind 127.0.0.1 %s\ndaemonize yes\npidfile %s\nlogfile %s\ndir %s\n' \
+        "${TITAN_REDIS_BIND:-}" "$RUN_DIR/$name.pid" "$RUN_DIR/$name.log" "$RUN_DIR"
+      printf 'sentinel announce-ip %s\n' "$addr"
+      printf 'requirepass %s\nsentinel monitor titan %s %s 2\n' "$secret" "$addr" "$port"
       printf 'sentinel auth-pass titan %s\nsentinel down-after-milliseconds titan 2000\n' "$secret"
       printf 'sentinel failover-timeout titan 10000\n'
     } >"$RUN_DIR/$name.conf"  # Sentinel rewrites its own file: it stays in run/, 0600
     redis-server "$RUN_DIR/$name.conf" --sentinel >/dev/null
   done
   (IFS=,; echo "${sentinels[*]}") >"$SENTINELS_FILE"
-  say "Redis HA: data nodes 127.0.0.1:$port and :$((port + 1)) (the Sentinels ${sentinels[*]} know which is the primary)"
+  export TITAN_REDIS_SENTINELS="$(cat "$SENTINELS_FILE")"
+  say "Redis HA (TLS): data nodes $addr:$port, :$((port + 1)), :$((port + 2)) (the Sentinels ${sentinels[*]} know which is the primary)"
 }
 
 stop_pidfile() {
@@ -170,7 +217,7 @@ case "${1:-start}" in
   docker) start_docker; register_gvisor; uid_leases ;;
   redis) start_redis ;;
   stop)
-    for s in sentinel0 sentinel1 sentinel2 redis-replica redis; do stop_pidfile "$s"; done
-    rm -f "$SENTINELS_FILE"; stop_pidfile dockerd ;;
+    for s in sentinel0 sentinel1 sentinel2 redis-replica redis-replica1 redis-replica2 redis; do stop_pidfile "$s"; done
+    rm -f "$SENTINELS_FILE" "$REMOTE_ENV_FILE"; stop_pidfile dockerd ;;
   *) die "usage: $0 start|docker|redis|stop" ;;
 esac

@@ -30,13 +30,16 @@ start() {
   local any_running=0 i
   for f in "$RUN_DIR"/manager.pid "$RUN_DIR"/worker*.pid; do pid_alive "$f" && any_running=1; done
   [ $any_running = 1 ] || rm -f "$PROMETHEUS_MULTIPROC_DIR"/*.db
+  tls_env manager  # each process its own client certificate (Redis over TLS only)
   launch manager "$PY" -m manager ${TITAN_WATCH:+--watch}
   # Flower, behind basic auth on every page and its API; the credentials are generated
   # once into run/flower.auth (0600) and reach Flower through its environment, never a
   # command line (which every local user can read).
   [ -s "$FLOWER_AUTH_FILE" ] || printf 'titan:%s\n' "$(new_secret)" >"$FLOWER_AUTH_FILE"
+  tls_env flower
   FLOWER_BASIC_AUTH="$(cat "$FLOWER_AUTH_FILE")" launch flower "$VENV/bin/celery" \
     -A workers.celery_app flower --address=127.0.0.1 --port="${TITAN_FLOWER_PORT:-5555}"
+  tls_env workers
   for ((i = 1; i <= WORKERS; i++)); do
     launch "worker$i" "$VENV/bin/celery" -A workers.celery_app worker -Q "${TITAN_TASK_QUEUE:-titan.plugins}" \
       -n "worker$i@%h" -c "$CONCURRENCY" -P prefork --loglevel INFO --without-gossip --without-mingle

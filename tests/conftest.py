@@ -37,6 +37,7 @@ from manager.core.config import ROOT, Settings
 from manager.core.contract import make_celery
 from manager.plugins.registry import Registry
 from manager.service import api_server
+from redis_nodes import tls_lines
 from workers.identity import Identities
 
 pytest_plugins = ("lanes",)  # the hostile plugin's lanes, for every file that attacks
@@ -105,10 +106,19 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
-    server = RedisServer()
-    yield server.url
+def redis_server() -> Iterator[RedisServer]:
+    """The session's Redis: the socket, and a TLS-only port that requires a client
+    certificate (`tls_url`: what a worker on another host connects to)."""
+    tls_port = free_port()
+    server = RedisServer(conf=tuple(tls_lines(tls_port)[1:]))  # the socket stays
+    server.tls_url = f"rediss://default:{server.password}@127.0.0.1:{tls_port}/0"
+    yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server: RedisServer) -> str:
+    return redis_server.url
 
 
 @pytest.fixture(scope="session")

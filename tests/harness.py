@@ -105,9 +105,12 @@ class RedisServer:
     (0700) directory: on a unix socket there (what `make up` starts), or, for tests that
     put a proxy in front of it, on a free loopback port."""
 
-    def __init__(self, persist: bool = False, tcp: bool = False) -> None:
+    def __init__(self, persist: bool = False, tcp: bool = False,
+                 conf: tuple[str, ...] = ()) -> None:
         self.port = free_port() if tcp else 0
         self.persist = persist
+        self.conf_lines = conf  # more configuration (tests/redis_nodes.py: a TLS port)
+        self.tls_url = ""  # that port's rediss:// URL, when the caller opened one
         self.password = uuid.uuid4().hex
         self.workdir = tempfile.mkdtemp(prefix="titan-redis-")
         self.socket = f"{self.workdir}/redis.sock"
@@ -117,8 +120,8 @@ class RedisServer:
 
     def start(self) -> None:
         conf = Path(self.workdir) / "redis.conf"  # the password on no command line
-        conf.write_text(f"requirepass {self.password}\nunixsocket {self.socket}\n"
-                        "unixsocketperm 700\n")
+        conf.write_text("\n".join([f"requirepass {self.password}", f"unixsocket {self.socket}",
+                                   "unixsocketperm 700", *self.conf_lines]) + "\n")
         conf.chmod(0o600)
         self.proc = subprocess.Popen(
             ["redis-server", str(conf), "--port", str(self.port), "--bind", "127.0.0.1",
@@ -311,6 +314,9 @@ def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
         "TITAN_PIP_INDEX_URL": settings.pip_index_url,
         "TITAN_REDIS_SENTINELS": settings.redis_sentinels,
         "TITAN_REDIS_MASTER": settings.redis_master,
+        "TITAN_REDIS_TLS_CA": settings.redis_tls_ca,
+        "TITAN_REDIS_TLS_CERT": settings.redis_tls_cert,
+        "TITAN_REDIS_TLS_KEY": settings.redis_tls_key,
         # what a process SIGKILLed by a test cannot clean up goes with the session
         "TMPDIR": str(mkdirs_private(session_dir() / "tmp")),
     })
@@ -517,102 +523,6 @@ def make_bridge(name: str) -> None:
         raise RuntimeError("no free 10.231.x.0/24 for a private engine's bridge")
     subprocess.run(["ip", "link", "add", name, "type", "bridge"], check=True)
     subprocess.run(["ip", "addr", "add", f"{prefix}.1/24", "dev", name], check=True)
-
-
-class RedisNode:
-    """One redis-server (a data node, or a Sentinel) on a free port, with its own dir."""
-
-    def __init__(self, root: Path, name: str, lines: list[str], password: str,
-                 sentinel: bool = False) -> None:
-        self.port = free_port()
-        self.password = password
-        self.dir = root / name
-        self.dir.mkdir()
-        self.conf = self.dir / "redis.conf"
-        self.conf.write_text("\n".join([f"port {self.port}", "bind 127.0.0.1",
-                                        f"dir {self.dir}", f"requirepass {self.password}",
-                                        *lines]) + "\n")
-        self.sentinel = sentinel
-        self.proc: subprocess.Popen | None = None
-        self.start()
-
-    def start(self) -> None:
-        args = ["redis-server", str(self.conf)] + (["--sentinel"] if self.sentinel else [])
-        self.proc = subprocess.Popen(args, stdout=(self.dir / "log").open("ab"),
-                                     stderr=subprocess.STDOUT)
-        wait_until(lambda: self.ping(), 20, f"redis on {self.port}")
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, password=self.password, socket_timeout=2)
-
-    def ping(self) -> bool:
-        try:
-            return bool(self.client().ping())
-        except redis.RedisError:
-            return False
-
-    def role(self) -> str:
-        return self.client().info("replication")["role"]
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        """SIGTERM; SIGKILL when it does not exit within 10 s (a replica busy resyncing)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-
-class SentinelCluster:
-    """A primary, a replica and three Sentinels (quorum 2) on free ports, one password."""
-
-    def __init__(self) -> None:
-        self.password = uuid.uuid4().hex
-        self.root = Path(tempfile.mkdtemp(prefix="titan-ha-"))
-        data = ["appendonly yes", "appendfsync everysec", 'save ""',
-                f"masterauth {self.password}"]
-        self.primary = RedisNode(self.root, "primary", data, self.password)
-        self.replica = RedisNode(self.root, "replica",
-                                 [*data, f"replicaof 127.0.0.1 {self.primary.port}"],
-                                 self.password)
-        wait_until(lambda: self.replica.client().info("replication")["master_link_status"]
-                   == "up", 30, "the replica to sync")
-        self.sentinels = [RedisNode(self.root, f"sentinel{n}", [
-            f"sentinel monitor titan 127.0.0.1 {self.primary.port} 2",
-            f"sentinel auth-pass titan {self.password}",
-            "sentinel down-after-milliseconds titan 1000",
-            "sentinel failover-timeout titan 5000"], self.password, sentinel=True)
-            for n in range(3)]
-        wait_until(lambda: all(int(s.client().sentinel_master("titan")["num-other-sentinels"])
-                               == 2 for s in self.sentinels), 30, "the Sentinels to meet")
-
-    def settings(self, plugins_dir: Path, run_dir: Path, **extra: object) -> Settings:
-        return private_settings(
-            f"redis://default:{self.password}@127.0.0.1:{self.primary.port}/0", plugins_dir,
-            run_dir, redis_sentinels=",".join(f"127.0.0.1:{s.port}" for s in self.sentinels),
-            redis_master="titan", redis_min_replicas=1, **extra)
-
-    def fail_over(self) -> None:
-        """SIGKILLs the primary; returns once Sentinel promoted the replica. The nodes'
-        names are swapped: `primary` is the new one, `replica` the one that died."""
-        self.primary.kill()
-        wait_until(lambda: self.replica.role() == "master", 60,
-                   "Sentinel to promote the replica")
-        self.primary, self.replica = self.replica, self.primary
-
-    def close(self) -> None:
-        try:
-            for node in (*self.sentinels, self.replica, self.primary):
-                node.stop()
-        finally:
-            shutil.rmtree(self.root, ignore_errors=True)
 
 
 def running_a_plugin(container: Any) -> bool:

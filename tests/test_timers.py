@@ -22,7 +22,6 @@ import pytest
 import redis
 
 from harness import (
-    SentinelCluster,
     free_port,
     new_id,
     records_of,
@@ -36,6 +35,7 @@ from manager.core.errors import ManifestError
 from manager.plugins.manifest import parse_manifest
 from manager.plugins.registry import Registry
 from manager.plugins.schedule import Schedule, schedule_of
+from redis_nodes import SentinelCluster
 
 TEST_PLUGINS = Path(__file__).parent / "plugins"
 BASE = "name: t\nversion: 1.0.0\nentrypoint: python main.py\nimage: x\ntriggers:\n"
@@ -328,8 +328,7 @@ def test_a_sentinel_failover_loses_and_doubles_no_tick(tmp_path: Path) -> None:
         timed_plugin(s.plugins_dir, "every: 4s")
         proc = manager_process(s, tmp_path, "m")
         try:
-            conn = redis.Redis.from_url(f"redis://default:{cluster.password}@127.0.0.1:"
-                                        f"{cluster.primary.port}/0")
+            conn = cluster.primary.client()
             wait_until(lambda: len(ticks(conn, s)) >= 2, 60, "two ticks")
             cluster.fail_over()
             conn = cluster.primary.client()

@@ -1,7 +1,9 @@
 """A second worker host, for real: a second Docker engine with its own socket, data root,
 exec root and bridge (another host in everything but the kernel, tests/harness.py's
 PrivateEngine), the runtime image loaded into it, and a worker on it with its own cache
-and no filesystem shared with the manager (it fetches bundles from Redis). A burst spreads
+and no filesystem shared with the manager (it fetches bundles from Redis). Both hosts'
+workers reach Redis as another host would: over TLS only, verifying its certificate and
+presenting their own (`rediss://`, the CA's client certificate). A burst spreads
 over both hosts; that worker is SIGKILLed mid-burst; every event ends succeeded exactly
 once; its leftover containers on the second engine are reaped by the next worker started
 there."""
@@ -23,6 +25,7 @@ from harness import PrivateEngine, WorkerProcess, new_id, record_of, wait_until,
 from manager.bus.dispatch import Dispatcher
 from manager.core.contract import make_celery
 from manager.core.events import Event
+from redis_nodes import tls_settings
 
 pytestmark = pytest.mark.integration
 ACTIVE = ("pending", "queued", "throttled", "running", "retrying")
@@ -35,10 +38,11 @@ def containers_on(engine: PrivateEngine, instance: str) -> list[str]:
     return listed.stdout.split()
 
 
-def test_a_burst_spreads_over_two_hosts_and_survives_one_of_them(settings, conn,
-                                                                    registry) -> None:
+def test_a_burst_spreads_over_two_hosts_and_survives_one_of_them(settings, conn, registry,
+                                                                    redis_server) -> None:
     uid = uuid.uuid4().hex[:8]
-    mine = settings.with_(task_queue=f"{settings.task_queue}.hosts{uid}",
+    mine = settings.with_(redis_url=redis_server.tls_url, **tls_settings(),
+                          task_queue=f"{settings.task_queue}.hosts{uid}",
                           event_stream=f"{settings.event_stream}.hosts{uid}",
                           instance=f"{settings.instance}-hosts{uid}", visibility_timeout=10,
                           restore_interval=2, prewarm_size=0)
@@ -54,6 +58,9 @@ def test_a_burst_spreads_over_two_hosts_and_survives_one_of_them(settings, conn,
     try:
         here.wait_ready(conn)
         there.wait_ready(conn)
+        tls_port = redis_server.tls_url.rsplit(":", 1)[1].split("/")[0]
+        assert any(c["laddr"].endswith(f":{tls_port}") for c in conn.client_list()), \
+            "the workers are not on the TLS port"
         events = [Event(new_id("hosts"), "test.v1", "sleep", {"seconds": 3})
                   for _ in range(24)]
         invs = [dispatcher.dispatch(e, registry.get("sleeper"), "api")[0] for e in events]

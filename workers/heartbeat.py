@@ -22,6 +22,7 @@ import redis
 from celery import bootsteps
 
 from manager.core.beats import WorkerBeat
+from manager.core.clients import describe
 from manager.core.config import Settings
 from manager.core.errors import SandboxUnavailable
 from manager.core.wiring import Wiring
@@ -117,7 +118,7 @@ class Heartbeat(threading.Thread):
                                     len(taken_back), ", ".join(map(str, taken_back)))
                 self.beat()
             except redis.RedisError as exc:
-                log.warning("heartbeat: Redis unavailable: %s", exc)
+                log.warning("heartbeat: Redis unavailable: %s", describe(exc, self.settings))
             except Exception:
                 log.exception("heartbeat failed")
             self.stopping.wait(INTERVAL_S)

@@ -39,6 +39,7 @@ from manager.api.models import (
 from manager.api.spec import ERRORS, api, query
 from manager.core import metrics
 from manager.core.beats import WorkerBeat
+from manager.core.clients import describe
 from manager.core.errors import (
     BadQuery,
     InvocationNotFound,
@@ -90,7 +91,7 @@ def health() -> Any:
         state["redis"] = {"ok": True}
         workers = WorkerBeat.all(c.conn, c.keys)
     except redis.RedisError as exc:
-        state["redis"] = {"ok": False, "error": str(exc)}
+        state["redis"] = {"ok": False, "error": describe(exc, c.settings)}
         workers = []
     engines = [w for w in workers if w.docker_ok]
     state["docker"] = {"ok": bool(engines), "workers_reporting": len(engines),

@@ -25,6 +25,7 @@ import redis
 from manager.bus.dispatch import Dispatcher, Owed
 from manager.bus.matching import known_topics, match
 from manager.core import metrics
+from manager.core.clients import describe
 from manager.core.config import Settings
 from manager.core.errors import BudgetExceeded, EventError
 from manager.core.events import Event
@@ -93,7 +94,8 @@ class Listener:
                 failures = 0
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 group_ok, wait = False, REDIS_RECONNECT.delay(failures)
-                log.warning("listener: Redis unavailable (%s); retrying in %.1fs", exc, wait)
+                log.warning("listener: Redis unavailable (%s); retrying in %.1fs",
+                            describe(exc, self.settings), wait)
                 self.stopping.wait(wait)
                 failures += 1
             except Exception:

@@ -54,9 +54,13 @@ class Cli(click.Group):
             "schedule": "schedule"}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted([*super().list_commands(ctx), *self.LAZY])
+        return sorted([*super().list_commands(ctx), *self.LAZY, "tls"])
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name == "tls":  # the CA (manager.cli.tls), for make up and the operator
+            from manager.cli.tls import tls
+
+            return tls
         if name in self.LAZY:
             from manager.cli import local
 

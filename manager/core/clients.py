@@ -11,6 +11,8 @@ Lua scripts missing on the new primary are loaded again (redis-py's Script on NO
 
 from __future__ import annotations
 
+import socket
+import ssl
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
@@ -45,6 +47,62 @@ def is_socket(settings: Settings) -> bool:
     return urlparse(settings.redis_url).scheme == "unix"
 
 
+def uses_tls(settings: Settings) -> bool:
+    """rediss://: every connection (to the data nodes and to the Sentinels) is TLS."""
+    return urlparse(settings.redis_url).scheme == "rediss"
+
+
+def tls_options(settings: Settings) -> dict[str, Any]:
+    """redis-py's TLS options: the server's certificate must chain to the project's CA and
+    name the address connected to; our own certificate is presented. The handshake, and so
+    both checks, comes before any command: the password is never sent to a server that
+    failed them."""
+    if not uses_tls(settings):
+        return {}
+    return {"ssl_ca_certs": settings.redis_tls_ca, "ssl_cert_reqs": "required",
+            "ssl_check_hostname": True, "ssl_min_version": ssl.TLSVersion.TLSv1_2,
+            "ssl_certfile": settings.redis_tls_cert or None,
+            "ssl_keyfile": settings.redis_tls_key or None}
+
+
+def describe(exc: Exception, settings: Settings) -> str:
+    """A Redis error as an operator should read it: a plain redis:// URL whose port
+    speaks TLS only says how to connect instead."""
+    url = urlparse(settings.redis_url)
+    if (isinstance(exc, redis.ConnectionError) and url.scheme == "redis"
+            and not settings.sentinel_addresses and speaks_tls(url.hostname or "127.0.0.1",
+                                                               url.port or 6379)):
+        return (f"Redis at {url.hostname}:{url.port or 6379} accepts TLS only: use a "
+                "rediss:// URL (TITAN_REDIS_URL) and set TITAN_REDIS_TLS_CA, "
+                "TITAN_REDIS_TLS_CERT and TITAN_REDIS_TLS_KEY to the bundle from `make "
+                "worker-cert` (docs/architecture.md, Add worker hosts)")
+    if isinstance(exc, redis.ConnectionError) and uses_tls(settings):
+        if "certificate verify failed" in str(exc):
+            return (f"{exc}: the server's certificate does not chain to "
+                    f"{settings.redis_tls_ca} or does not name {url.hostname} (is this our "
+                    "Redis? the password was not sent)")
+        if not settings.redis_tls_cert:
+            return (f"{exc} (no client certificate: Redis requires one; set "
+                    "TITAN_REDIS_TLS_CERT and TITAN_REDIS_TLS_KEY from `make worker-cert`)")
+    return str(exc)
+
+
+def speaks_tls(host: str, port: int) -> bool:
+    """Whether the port answers a TLS ClientHello (nothing secret is sent: the handshake
+    is not verified and nothing follows it)."""
+    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    probe.check_hostname = False
+    probe.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection((host, port), timeout=2) as raw, \
+                probe.wrap_socket(raw, server_hostname=host):
+            return True
+    except ssl.SSLError as exc:  # a TLS alert (no client certificate) is TLS too
+        return "alert" in str(exc).lower() or "certificate" in str(exc).lower()
+    except OSError:
+        return False
+
+
 def redis_client(settings: Settings) -> redis.Redis:
     options: dict[str, Any] = {
         "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
@@ -52,14 +110,17 @@ def redis_client(settings: Settings) -> redis.Redis:
         "socket_timeout": max(30, settings.read_block_ms / 1000 + 10)}
     if not is_socket(settings):
         options.update(socket_keepalive=True, socket_connect_timeout=5)
+    tls = tls_options(settings)
     if not settings.sentinel_addresses:
-        return redis.Redis.from_url(settings.redis_url, retry=RETRY, **options)
+        return redis.Redis.from_url(settings.redis_url, retry=RETRY, **options, **tls)
     password, db = password_and_db(settings)
+    tls_flag = {"ssl": True, **tls} if tls else {}
     sentinel = Sentinel(settings.sentinel_addresses,
                         sentinel_kwargs={"password": password, "socket_timeout": 2,
-                                         "socket_connect_timeout": 2})
+                                         "socket_connect_timeout": 2, **tls_flag})
     return sentinel.master_for(settings.redis_master, redis_class=redis.Redis,
-                               password=password, db=db, retry=FAILOVER_RETRY, **options)
+                               password=password, db=db, retry=FAILOVER_RETRY, **options,
+                               **tls_flag)
 
 
 def confirm_replicated(pipe: Any, settings: Settings) -> None:

@@ -4,9 +4,11 @@ the variable. Each process builds its Settings once at start (manager.core.wirin
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlparse
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -15,6 +17,15 @@ from manager.core.events import Limits
 from manager.core.keys import Keys
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def _loopback(host: str) -> bool:
+    if host in ("", "localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class Settings(BaseSettings):
@@ -32,6 +43,12 @@ class Settings(BaseSettings):
     # only once this many replicas confirm them (WAIT), within redis_wait_ms.
     redis_min_replicas: int = 0
     redis_wait_ms: int = 2000
+    # rediss:// (Redis beyond this host): the CA bundle the server's certificate must chain
+    # to, and this process's client certificate and key (run/tls/, or a worker host's
+    # bundle from `make worker-cert`).
+    redis_tls_ca: str = ""
+    redis_tls_cert: str = ""
+    redis_tls_key: str = ""
     event_stream: str = "titan:events"
     dead_stream: str = "titan:events:dead"
     consumer_group: str = "titan-plugin-manager"
@@ -150,6 +167,23 @@ class Settings(BaseSettings):
         return raw
 
     @model_validator(mode="after")
+    def _channel(self) -> Settings:
+        """The password never crosses a network in clear: plain redis:// only to this
+        host's loopback; rediss:// needs the CA to check the server against."""
+        url = urlparse(self.redis_url)
+        hosts = [url.hostname or ""] + [h for h, _ in self.sentinel_addresses]
+        if url.scheme == "redis" and not all(_loopback(h) for h in hosts):
+            raise ValueError(
+                f"plain redis:// to {', '.join(h for h in hosts if not _loopback(h))} "
+                "would send the password and every event in clear: use rediss:// with "
+                "TITAN_REDIS_TLS_CA, TITAN_REDIS_TLS_CERT and TITAN_REDIS_TLS_KEY "
+                "(`make worker-cert`; docs/architecture.md, Add worker hosts)")
+        if url.scheme == "rediss" and not self.redis_tls_ca:
+            raise ValueError("rediss:// needs TITAN_REDIS_TLS_CA (the CA bundle the "
+                             "server's certificate must chain to)")
+        return self
+
+    @model_validator(mode="after")
     def _derived(self) -> Settings:
         """Paths under the run directory unless given; {hostname} in the cache's."""
         for name in ("cache_dir", "api_socket"):
@@ -167,7 +201,8 @@ class Settings(BaseSettings):
             return cls(**overrides)
         except ValidationError as exc:
             problems = [f"TITAN_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}, got "
-                        f"{e.get('input')!r}" for e in exc.errors()]
+                        f"{e.get('input')!r}" if e["loc"] else
+                        str(e["msg"]).removeprefix("Value error, ") for e in exc.errors()]
             raise ValueError("; ".join(problems)) from None
 
     @property

@@ -9,7 +9,7 @@ from urllib.parse import quote, urlparse
 
 from celery import Celery
 
-from manager.core.clients import is_socket, password_and_db
+from manager.core.clients import is_socket, password_and_db, tls_options
 from manager.core.config import Settings
 
 RUN_TASK = "titan.run_plugin"
@@ -22,6 +22,8 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
     keys = settings.keys
     return {
         "broker_url": broker_url(settings),
+        # rediss://: kombu hands these to redis-py (the CA, our certificate, name check)
+        "broker_use_ssl": tls_options(settings) or None,
         "task_default_queue": settings.task_queue,
         "broker_transport_options": {
             **sentinel_options(settings),
@@ -62,8 +64,10 @@ def sentinel_options(settings: Settings) -> dict[str, Any]:
     if not settings.sentinel_addresses:
         return {}
     password, _ = password_and_db(settings)
+    tls = tls_options(settings)
     return {"master_name": settings.redis_master,
-            "sentinel_kwargs": {"password": password, "socket_timeout": 2}}
+            "sentinel_kwargs": {"password": password, "socket_timeout": 2,
+                                **({"ssl": True, **tls} if tls else {})}}
 
 
 def make_celery(settings: Settings, name: str = "titan") -> Celery:

@@ -1,0 +1,159 @@
+"""Redis across hosts, for tests and the soak: a private CA (manager.core.certs, as `make
+up` makes one), Redis nodes and Sentinels that speak TLS only and require client
+certificates, and a Sentinel cluster of a primary, two replicas and three Sentinels."""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import subprocess
+import tempfile
+import uuid
+from pathlib import Path
+
+import redis
+
+from harness import free_port, private_settings, session_dir, wait_until
+from manager.core import certs
+from manager.core.certs import Kind
+from manager.core.config import Settings
+
+
+@functools.cache
+def project_ca() -> Path:
+    """This process's CA (a run directory's tls/, as `make up` lays it out): server
+    certificate `redis` for 127.0.0.1 and localhost, client certificate `client`."""
+    where = Path(tempfile.mkdtemp(prefix="run-", dir=session_dir())) / "tls"
+    certs.new_ca(where)
+    certs.issue(where, Kind.SERVER, "redis", ["127.0.0.1", "localhost"])
+    certs.issue(where, Kind.CLIENT, "client")
+    return where
+
+
+def tls_settings(ca: Path | None = None) -> dict[str, str]:
+    """Settings keywords of a client presenting the CA's `client` certificate."""
+    ca = ca or project_ca()
+    return {"redis_tls_ca": str(ca / "trust.crt"),
+            "redis_tls_cert": str(ca / "clients/client.crt"),
+            "redis_tls_key": str(ca / "clients/client.key")}
+
+
+def tls_lines(port: int, ca: Path | None = None) -> list[str]:
+    """A node's TLS configuration: TLS only, client certificates required, replication and
+    Sentinel traffic over TLS too (what scripts/services.sh writes)."""
+    ca = ca or project_ca()
+    return ["port 0", f"tls-port {port}", f"tls-cert-file {ca}/servers/redis.crt",
+            f"tls-key-file {ca}/servers/redis.key", f"tls-ca-cert-file {ca}/trust.crt",
+            "tls-auth-clients yes", "tls-replication yes"]
+
+
+def tls_client(port: int, password: str, **extra: object) -> redis.Redis:
+    ca = project_ca()
+    return redis.Redis(port=port, password=password, socket_timeout=2, ssl=True,
+                       ssl_ca_certs=str(ca / "trust.crt"),
+                       ssl_certfile=str(ca / "clients/client.crt"),
+                       ssl_keyfile=str(ca / "clients/client.key"), **extra)
+
+
+class RedisNode:
+    """One redis-server (a data node, or a Sentinel) on a free port, TLS only, with its
+    own dir."""
+
+    def __init__(self, root: Path, name: str, lines: list[str], password: str,
+                 sentinel: bool = False) -> None:
+        self.port = free_port()
+        self.password = password
+        self.dir = root / name
+        self.dir.mkdir()
+        self.conf = self.dir / "redis.conf"
+        self.conf.write_text("\n".join([*tls_lines(self.port), "bind 127.0.0.1",
+                                        f"dir {self.dir}", f"requirepass {self.password}",
+                                        *lines]) + "\n")
+        self.sentinel = sentinel
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        args = ["redis-server", str(self.conf)] + (["--sentinel"] if self.sentinel else [])
+        self.proc = subprocess.Popen(args, stdout=(self.dir / "log").open("ab"),
+                                     stderr=subprocess.STDOUT)
+        wait_until(lambda: self.ping(), 20, f"redis on {self.port}")
+
+    def client(self) -> redis.Redis:
+        return tls_client(self.port, self.password)
+
+    def ping(self) -> bool:
+        try:
+            return bool(self.client().ping())
+        except redis.RedisError:
+            return False
+
+    def role(self) -> str:
+        return self.client().info("replication")["role"]
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        """SIGTERM; SIGKILL when it does not exit within 10 s (a replica busy resyncing)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+class SentinelCluster:
+    """A primary, two replicas and three Sentinels (quorum 2) on free ports, one password,
+    TLS between all of them and to every client: what `TITAN_REDIS_HA=1 make up` starts.
+    Losing any one data node leaves a primary with a replica to confirm its writes."""
+
+    def __init__(self) -> None:
+        self.password = uuid.uuid4().hex
+        self.root = Path(tempfile.mkdtemp(prefix="titan-ha-"))
+        data = ["appendonly yes", "appendfsync everysec", 'save ""',
+                f"masterauth {self.password}"]
+        self.primary = RedisNode(self.root, "primary", data, self.password)
+        self.replicas = [RedisNode(self.root, f"replica{n}",
+                                   [*data, f"replicaof 127.0.0.1 {self.primary.port}"],
+                                   self.password) for n in (1, 2)]
+        wait_until(lambda: all(r.client().info("replication")["master_link_status"] == "up"
+                               for r in self.replicas), 30, "the replicas to sync")
+        self.sentinels = [RedisNode(self.root, f"sentinel{n}", [
+            f"sentinel monitor titan 127.0.0.1 {self.primary.port} 2",
+            f"sentinel auth-pass titan {self.password}",
+            "sentinel down-after-milliseconds titan 1000",
+            "sentinel failover-timeout titan 5000"], self.password, sentinel=True)
+            for n in range(3)]
+        wait_until(lambda: all(int(s.client().sentinel_master("titan")["num-other-sentinels"])
+                               == 2 for s in self.sentinels), 30, "the Sentinels to meet")
+        self.dead: list[RedisNode] = []
+
+    def settings(self, plugins_dir: Path, run_dir: Path, **extra: object) -> Settings:
+        return private_settings(
+            f"rediss://default:{self.password}@127.0.0.1:{self.primary.port}/0", plugins_dir,
+            run_dir, redis_sentinels=",".join(f"127.0.0.1:{s.port}" for s in self.sentinels),
+            redis_master="titan", redis_min_replicas=1, **tls_settings(), **extra)
+
+    def fail_over(self) -> None:
+        """SIGKILLs the primary; returns once Sentinel promoted a replica. Nobody starts
+        the dead node again: `primary` is the new one, `dead` holds the old."""
+        old = self.primary
+        old.kill()
+        wait_until(lambda: any(r.role() == "master" for r in self.replicas), 60,
+                   "Sentinel to promote a replica")
+        self.primary = next(r for r in self.replicas if r.role() == "master")
+        self.replicas = [r for r in self.replicas if r is not self.primary]
+        self.dead.append(old)
+
+    def close(self) -> None:
+        try:
+            for node in (*self.sentinels, *self.replicas, *self.dead, self.primary):
+                node.stop()
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+
