@@ -16,6 +16,7 @@ from flask import Flask
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
 from manager.api.app import create_app
+from manager.api.https import HttpsFront
 from manager.bus.dispatch import Dispatcher
 from manager.bus.listener import Listener
 from manager.bus.sweeper import Sweeper
@@ -152,23 +153,38 @@ class Manager:
         listener.start()
         timers = threading.Thread(target=self.timers.run, name="timers", daemon=True)
         timers.start()
-        self.server = api_server(self.app, self.settings)  # beside the listener thread
         self.settings.api_socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        front = self.tcp_server()  # beside the listener thread
         local = api_server(self.app, self.settings, str(self.settings.api_socket))
         threading.Thread(target=local.run, name="api-socket", daemon=True).start()
         signal.signal(signal.SIGHUP, lambda *_: self._safe_reload())
         signal.signal(signal.SIGTERM, lambda *_: self.shutdown())
         signal.signal(signal.SIGINT, lambda *_: self.shutdown())
-        log.info("API on http://%s:%d and %s, metrics on :%d, listening to %s",
-                 self.settings.api_host, self.settings.api_port, self.settings.api_socket,
+        log.info("API on %s://%s:%d and %s, metrics on :%d, listening to %s",
+                 "https" if front else "http", self.settings.api_host,
+                 self.settings.api_port, self.settings.api_socket,
                  self.settings.metrics_port, self.settings.event_stream)
         try:
             self.server.run()  # until shutdown(); requests in progress finish first
         finally:
             local.close()
+            if front:
+                front.stop()
         listener.join(timeout=self.settings.read_block_ms / 1000 + 5)
         timers.join(timeout=5)
         log.info("manager stopped")
+
+    def tcp_server(self) -> HttpsFront | None:
+        """The API's TCP port: waitress itself, or with TITAN_API_TLS=1 the HTTPS front
+        (manager.api.https) passing to a waitress of its own on a private socket."""
+        if not self.settings.api_tls:
+            self.server = api_server(self.app, self.settings)
+            return None
+        behind = self.settings.api_socket.with_name("api-https.sock")
+        self.server = api_server(self.app, self.settings, str(behind))
+        front = HttpsFront(self.settings, str(behind))
+        front.start()
+        return front
 
     def _safe_reload(self) -> None:
         try:

@@ -19,6 +19,9 @@ export TITAN_SERVICE_IMAGE="${TITAN_SERVICE_IMAGE:-titan-plugin-manager:local}"
 STAMP="build/.service-stamp-${TITAN_SERVICE_IMAGE//[:\/]/_}"
 export TITAN_INSTANCE="compose-$PROJECT"
 export TITAN_WORKERS_DIR="${TITAN_WORKERS_DIR:-/var/lib/titan/workers}"
+# The project's CA and certificates (Redis speaks TLS only, client certificates required).
+COMPOSE_RUN="${TITAN_COMPOSE_RUN_DIR:-$RUN_DIR/compose-$PROJECT}"
+export TITAN_TLS_DIR="$COMPOSE_RUN/tls"
 API="http://127.0.0.1:${TITAN_API_PORT:-8003}"
 
 compose() {
@@ -66,7 +69,9 @@ build() {
     say "image $TITAN_SERVICE_IMAGE is up to date"
   fi
   say "wheels for the plugins' requirements (containers reach no package index)"
-  "$PY" -m manager.plugins.deps "${TITAN_PLUGINS_HOST_DIR:-$ROOT/plugins}" build/plugin-wheels >&2
+  # (the services' Redis settings are theirs, not this host tool's)
+  env -u TITAN_REDIS_SENTINELS -u TITAN_REDIS_MIN_REPLICAS \
+    "$PY" -m manager.plugins.deps "${TITAN_PLUGINS_HOST_DIR:-$ROOT/plugins}" build/plugin-wheels >&2
 }
 
 service_stamp() {  # what the service image is made of
@@ -84,8 +89,20 @@ secrets() {  # generated once into .env (0600): Redis password, API key, Flower'
   chmod 600 "$ENV_FILE"
 }
 
+# The CA, one server certificate naming every Redis node and Sentinel (their service
+# names, which they announce), a client certificate per service, and the TLS lines of
+# every node's configuration.
+certificates() {
+  local hosts=(redis redis-replica redis-replica2 sentinel sentinel2 sentinel3 localhost 127.0.0.1)
+  (umask 077; mkdir -p "$COMPOSE_RUN")
+  TITAN_RUN_DIR="$COMPOSE_RUN" "$PY" "$ROOT/titan-plugins.py" tls init "${hosts[@]/#/--host=}" >&2
+  printf '%s\n' 'port 0' 'tls-port 6379' 'tls-cert-file /run/titan/tls/server.crt' \
+    'tls-key-file /run/titan/tls/server.key' 'tls-ca-cert-file /run/titan/tls/ca.crt' \
+    'tls-auth-clients yes' 'tls-replication yes' >"$TITAN_TLS_DIR/node.conf"
+}
+
 up() {
-  if [ "${TITAN_REDIS_HA:-0}" = 1 ]; then  # profile ha: a replica and three Sentinels
+  if [ "${TITAN_REDIS_HA:-0}" = 1 ]; then  # profile ha: two replicas and three Sentinels
     export COMPOSE_PROFILES=ha TITAN_REDIS_MIN_REPLICAS="${TITAN_REDIS_MIN_REPLICAS:-1}"
     export TITAN_REDIS_SENTINELS="sentinel:26379,sentinel2:26379,sentinel3:26379"
   fi
@@ -93,6 +110,7 @@ up() {
   need_compose
   build
   secrets
+  certificates
   mkdir -p "$TITAN_WORKERS_DIR" /srv/titan/files
   say "starting the compose project '$PROJECT' with $WORKERS workers"
   compose up -d --scale "worker=$WORKERS"
@@ -105,6 +123,7 @@ down() {
   need_compose
   [ -f "$ENV_FILE" ] || secrets  # compose refuses the file without the password variable
   COMPOSE_PROFILES=ha compose down --volumes --remove-orphans  # the ha profile's too
+  rm -rf "$COMPOSE_RUN"  # its CA goes with its data: the next up makes a new one
   # What the workers started on the host's engine is not part of the project.
   local left
   left="$(docker ps -aq --filter "label=titan.instance=$TITAN_INSTANCE")"

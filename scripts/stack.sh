@@ -8,6 +8,13 @@ CONCURRENCY="${TITAN_WORKER_CONCURRENCY:-1}"
 export PROMETHEUS_MULTIPROC_DIR="$RUN_DIR/metrics"
 export TITAN_REDIS_URL="$REDIS_URL"
 API="http://${TITAN_API_HOST:-127.0.0.1}:${TITAN_API_PORT:-8003}"
+CURL=(curl -fsS)
+# TITAN_API_TLS=1: HTTPS on the API's port with a certificate of the project's CA, which
+# curl and the CLI check (run/tls/trust.crt).
+if [ "${TITAN_API_TLS:-0}" = 1 ]; then
+  API="https://${TITAN_API_HOST:-127.0.0.1}:${TITAN_API_PORT:-8003}"
+  CURL=(curl -fsS --cacert "$TLS_DIR/trust.crt")
+fi
 
 launch() {  # name, command...
   local name="$1"; shift
@@ -30,6 +37,10 @@ start() {
   local any_running=0 i
   for f in "$RUN_DIR"/manager.pid "$RUN_DIR"/worker*.pid; do pid_alive "$f" && any_running=1; done
   [ $any_running = 1 ] || rm -f "$PROMETHEUS_MULTIPROC_DIR"/*.db
+  if [ "${TITAN_API_TLS:-0}" = 1 ]; then
+    local hosts=(127.0.0.1 localhost "$(hostname)" "${TITAN_API_HOST:-127.0.0.1}")
+    "$PY" "$ROOT/titan-plugins.py" tls init "${hosts[@]/#/--api-host=}" >&2
+  fi
   tls_env manager  # each process its own client certificate (Redis over TLS only)
   launch manager "$PY" -m manager ${TITAN_WATCH:+--watch}
   # Flower, behind basic auth on every page and its API; the credentials are generated
@@ -44,8 +55,8 @@ start() {
     launch "worker$i" "$VENV/bin/celery" -A workers.celery_app worker -Q "${TITAN_TASK_QUEUE:-titan.plugins}" \
       -n "worker$i@%h" -c "$CONCURRENCY" -P prefork --loglevel INFO --without-gossip --without-mingle
   done
-  wait_for "curl -fsS $API/openapi.json" 30 || die "the API did not come up; see $RUN_DIR/manager.log"
-  wait_for "curl -fsS $API/health" 40 || { curl -sS "$API/health" >&2; die "not healthy; see $RUN_DIR/*.log"; }
+  wait_for "${CURL[*]} $API/openapi.json" 30 || die "the API did not come up; see $RUN_DIR/manager.log"
+  wait_for "${CURL[*]} $API/health" 40 || { "${CURL[@]}" "$API/health" >&2; die "not healthy; see $RUN_DIR/*.log"; }
   say "Titan Plugin Manager is up: API $API (docs $API/docs), metrics :${TITAN_METRICS_PORT:-8004}/metrics, Flower http://127.0.0.1:${TITAN_FLOWER_PORT:-5555} (user:password in $FLOWER_AUTH_FILE)"
 }
 

@@ -1,13 +1,17 @@
 """Redis across hosts, for tests and the soak: a private CA (manager.core.certs, as `make
 up` makes one), Redis nodes and Sentinels that speak TLS only and require client
-certificates, and a Sentinel cluster of a primary, two replicas and three Sentinels."""
+certificates, a Sentinel cluster of a primary, two replicas and three Sentinels, and an
+impostor: a TLS server that records what a client sends it."""
 
 from __future__ import annotations
 
 import functools
 import shutil
+import socket
+import ssl
 import subprocess
 import tempfile
+import threading
 import uuid
 from pathlib import Path
 
@@ -157,3 +161,34 @@ class SentinelCluster:
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
 
+
+class Impostor:
+    """A TLS server on a free loopback port with the certificate it was given, recording
+    every byte a client sends it once the handshake is done."""
+
+    def __init__(self, cert: Path) -> None:
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(cert, cert.with_suffix(".key"))
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.received = bytearray()
+        self.handshakes = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                raw, _ = self.server.accept()
+            except OSError:
+                return
+            try:
+                with self.context.wrap_socket(raw, server_side=True) as tls:
+                    self.handshakes += 1
+                    while chunk := tls.recv(4096):
+                        self.received += chunk
+                        tls.sendall(b"+OK\r\n")
+            except (ssl.SSLError, OSError):
+                raw.close()
+
+    def close(self) -> None:
+        self.server.close()

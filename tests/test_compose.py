@@ -50,6 +50,7 @@ class ComposeStack:
                            else f"titan-base:test-{uid}")
         self.env = {**{k: v for k, v in os.environ.items() if not k.startswith("TITAN_")},
                     "TITAN_COMPOSE_ENV_FILE": str(self.env_file),
+                    "TITAN_COMPOSE_RUN_DIR": str(tmp / "compose-run"),
                     "TITAN_SERVICE_IMAGE": self.service_image,
                     "TITAN_BASE_IMAGE": self.base_image,
                     "TITAN_COMPOSE_PROJECT": self.project, "TITAN_MANAGER_NAME": self.manager,

@@ -39,6 +39,8 @@ ELSEWHERE = {
     "tests/test_worker_hosts.py serves Redis to a second engine's worker",
     "git clone <this repository> titan && cd titan": "a second machine; "
     "tests/test_worker_hosts.py starts a worker host on a second Docker engine",
+    "make tls-check": "needs Redis with TLS (TITAN_REDIS_BIND); tests/test_tls_rotation.py "
+    "runs this block as written against one, a worker host writing throughout",
 }
 # What a reader sees from a block (by the start of its first command), beyond its exit
 # status 0.

@@ -8,10 +8,7 @@ message that names the fix; a worker host's bundle connects as it is."""
 from __future__ import annotations
 
 import io
-import socket
-import ssl
 import tarfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,39 +25,7 @@ from manager.core.clients import describe, redis_client
 from manager.core.config import Settings
 from manager.core.wiring import Wiring
 from manager.plugins.registry import Registry
-from redis_nodes import project_ca, tls_settings
-
-
-class Impostor:
-    """A TLS server on a free loopback port with the certificate it was given, recording
-    every byte a client sends it once the handshake is done."""
-
-    def __init__(self, cert: Path) -> None:
-        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.context.load_cert_chain(cert, cert.with_suffix(".key"))
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        self.received = bytearray()
-        self.handshakes = 0
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                raw, _ = self.server.accept()
-            except OSError:
-                return
-            try:
-                with self.context.wrap_socket(raw, server_side=True) as tls:
-                    self.handshakes += 1
-                    while chunk := tls.recv(4096):
-                        self.received += chunk
-                        tls.sendall(b"+OK\r\n")
-            except (ssl.SSLError, OSError):
-                raw.close()
-
-    def close(self) -> None:
-        self.server.close()
+from redis_nodes import Impostor, project_ca, tls_settings
 
 
 @pytest.fixture

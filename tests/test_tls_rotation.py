@@ -1,13 +1,11 @@
-"""Rotation without losing an event, as README's steps do it (`make tls-rotate-server`,
-`tls-rotate-ca` then `tls-retire-ca`, `redis-rotate-password` then
-`redis-retire-password`, and a new `make worker-cert` bundle between two steps), against
-the Redis `make up` starts with TITAN_REDIS_BIND (TLS only, client certificates). A
-worker host keeps writing the whole time; every event it wrote is there at the end; each
-step lets in exactly the bundles it should."""
+"""Rotation without losing an event: README's block (Rotating certificates and the Redis
+password) run as written, line by line, against the Redis `make up` starts with
+TITAN_REDIS_BIND (TLS only, client certificates). A worker host keeps writing the whole
+time and installs each new bundle as it comes; every event it wrote is there at the end;
+each step lets in exactly the bundles it should."""
 
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 import tarfile
@@ -26,9 +24,16 @@ pytestmark = pytest.mark.integration
 STREAM = "rotation:events"
 
 
+def readme_steps() -> list[str]:
+    """The commands of README's rotation block, as written (comments dropped)."""
+    text = (ROOT / "README.md").read_text()
+    block = "make tls-check" + text.split("```sh\nmake tls-check", 1)[1].split("```", 1)[0]
+    return [line.split("#", 1)[0].strip() for line in block.splitlines() if line.strip()]
+
+
 class Site:
-    """A run directory with the Redis `make up` starts for worker hosts, and the make
-    targets as an operator types them."""
+    """A run directory with the Redis `make up` starts for worker hosts, and the commands
+    an operator types in the project's directory."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -37,28 +42,32 @@ class Site:
                         TITAN_REDIS_PORT=str(free_port()))
         subprocess.run(["bash", "scripts/services.sh", "redis"], cwd=ROOT, env=self.env,
                        check=True, capture_output=True, timeout=120)
-        self.bundles = 0
+        self.bundles: list[Settings] = []
 
-    def make(self, *args: str) -> str:
-        done = subprocess.run(["make", "-s", "--no-print-directory", *args], cwd=ROOT,
+    def run(self, command: str) -> str:
+        done = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", command], cwd=ROOT,
                               env=self.env, capture_output=True, timeout=300, check=False)
-        assert done.returncode == 0, done.stderr.decode()
+        assert done.returncode == 0, (command, done.stderr.decode())
         return done.stdout.decode(errors="replace")
 
-    def worker_cert(self) -> Settings:
-        """`make -s worker-cert NAME=host-b > host-b.tar`, unpacked on "host b"."""
-        self.bundles += 1
-        into = self.root / f"host-b-{self.bundles}"
-        done = subprocess.run(["make", "-s", "--no-print-directory", "worker-cert",
-                               "NAME=host-b"], cwd=ROOT, env=self.env, capture_output=True,
-                              timeout=60, check=True)
-        with tarfile.open(fileobj=io.BytesIO(done.stdout)) as tar:
-            tar.extractall(into, filter="data")
+    def worker_cert(self, command: str) -> Settings:
+        """`make -s worker-cert NAME=worker-b > worker-b.tar` in the project's directory,
+        the tar then taken to "host b" and unpacked there."""
+        self.run(command)
+        tar_path = ROOT / command.rsplit(">", 1)[1].strip()
+        into = self.root / f"host-b-{len(self.bundles)}"
+        try:
+            with tarfile.open(tar_path) as tar:
+                tar.extractall(into, filter="data")
+        finally:
+            tar_path.unlink()
         env = dict(line.split("=", 1) for line in (into / "titan.env").read_text().split())
-        return Settings.from_env(
+        bundle = Settings.from_env(
             redis_url=env["TITAN_REDIS_URL"], redis_tls_ca=str(into / "tls/ca.crt"),
             redis_tls_cert=str(into / "tls/client.crt"),
             redis_tls_key=str(into / "tls/client.key"))
+        self.bundles.append(bundle)
+        return bundle
 
     def stop(self) -> None:
         subprocess.run(["bash", "scripts/services.sh", "stop"], cwd=ROOT, env=self.env,
@@ -101,34 +110,38 @@ def site(tmp_path: Path) -> Iterator[Site]:
         s.stop()
 
 
-def test_every_rotation_step_keeps_the_writes_and_lets_in_what_it_should(site: Site) -> None:
-    first = site.worker_cert()
+def test_readmes_rotation_steps_keep_every_write_and_let_in_what_they_should(
+        site: Site) -> None:
+    steps = readme_steps()
+    assert len(steps) == 8 and steps[0] == "make tls-check", steps
+    first = site.worker_cert("make -s worker-cert NAME=worker-b > worker-b.tar")
     writer = Writer(first)
     writer.start()
     wait_until(lambda: writer.written > 20, 30, "the worker host to write")
-
-    site.make("tls-rotate-server")
-    assert lets_in(first)
-
-    site.make("tls-rotate-ca")  # step 1: the new CA trusted beside the old
-    second = site.worker_cert()
-    assert lets_in(first) and lets_in(second)
-    writer.bundle = second  # host b installs its new bundle
-    site.make("tls-retire-ca")  # step 2: servers under the new CA, the old one gone
-    assert lets_in(second) and not lets_in(first)
-
-    site.make("redis-rotate-password")  # a second password beside the first
-    third = site.worker_cert()
-    assert lets_in(second) and lets_in(third)
-    writer.bundle = third
-    site.make("redis-retire-password")
-    assert lets_in(third) and not lets_in(second)
+    before_ca = first
+    for step in steps:
+        if "worker-cert" in step:
+            previous = site.bundles[-1]
+            bundle = site.worker_cert(step)
+            assert lets_in(bundle) and lets_in(previous), step  # both, between two steps
+            writer.bundle = bundle  # host b installs it
+            continue
+        out = site.run(step)
+        newest = site.bundles[-1]
+        assert lets_in(newest), step
+        if step == "make tls-check":
+            assert "servers/redis.crt" in out and "clients/worker-b.crt" in out, out
+        if step == "make tls-rotate-ca":
+            before_ca = newest
+        if step == "make tls-retire-ca":
+            assert not lets_in(before_ca), "a bundle of the retired CA is still let in"
+        if step == "make redis-retire-password":
+            assert not lets_in(site.bundles[-2]), "the retired password is still accepted"
 
     before = writer.written
     wait_until(lambda: writer.written > before + 20, 30, "writes after the last step")
     writer.stopping.set()
     writer.join(10)
-    assert "days" in site.make("tls-check")
-    seen = {int(f[b"n"]) for _, f in redis_client(third).xrange(STREAM)}
+    seen = {int(f[b"n"]) for _, f in redis_client(site.bundles[-1]).xrange(STREAM)}
     assert seen == set(range(writer.written)), sorted(set(range(writer.written)) - seen)
     assert writer.errors == []  # its connection outlived every step

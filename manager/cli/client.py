@@ -52,6 +52,15 @@ def default_api() -> str:
     return os.environ.get("TITAN_API_URL") or f"unix://{run_dir() / 'api.sock'}"
 
 
+def api_tls_context() -> ssl.SSLContext:
+    """What an https:// API must prove: a certificate of TITAN_API_CA, else of the
+    project's CA (run/tls/trust.crt, which TITAN_API_TLS=1 make up serves with), else of
+    the system's CAs; always for the host name in the URL."""
+    default = run_dir() / "tls" / "trust.crt"
+    cafile = os.environ.get("TITAN_API_CA") or (str(default) if default.exists() else None)
+    return ssl.create_default_context(cafile=cafile)
+
+
 def socket_problem(path: str) -> str | None:
     """Why a socket cannot be trusted with the key: it must be a socket owned by root or
     by this user, in directories that no other account may write (as ssh judges its
@@ -108,8 +117,7 @@ class Api:
             return UnixConnection(self.parts.path, TIMEOUT_S)
         if self.parts.scheme == "https":
             return http.client.HTTPSConnection(self.parts.hostname or "", self.parts.port,
-                                               timeout=TIMEOUT_S,
-                                               context=ssl.create_default_context())
+                                               timeout=TIMEOUT_S, context=api_tls_context())
         return http.client.HTTPConnection(self.parts.hostname or "", self.parts.port,
                                           timeout=TIMEOUT_S)
 

@@ -32,18 +32,22 @@ def tls() -> None:
 
 @tls.command()
 @click.option("--host", "hosts", multiple=True, help="An address Redis is reached at.")
-def init(hosts: tuple[str, ...]) -> None:
-    """Make what is missing: the CA, the Redis server certificate (naming every --host,
-    reissued when one is new), and the local processes' client certificates."""
+@click.option("--api-host", "api_hosts", multiple=True,
+              help="An address the API's HTTPS port is reached at (TITAN_API_TLS=1).")
+def init(hosts: tuple[str, ...], api_hosts: tuple[str, ...]) -> None:
+    """Make what is missing: the CA, the server certificates of Redis (naming every
+    --host) and of the API (every --api-host), each reissued when an address is new, and
+    the local processes' client certificates."""
     where = tls_dir()
     if not (where / "ca.crt").exists():
         certs.new_ca(where)
         click.echo(f"made a private CA in {where}")
-    server = where / "servers" / f"{SERVER}.crt"
-    if (not server.exists() or not set(hosts) <= certs.names_in(server)
-            or not certs.signed_by_current(where, server)):
-        certs.issue(where, Kind.SERVER, SERVER, list(hosts))
-        click.echo(f"issued the Redis server certificate for {', '.join(hosts)}")
+    for name, names in ((SERVER, hosts), ("api", api_hosts)):
+        server = where / "servers" / f"{name}.crt"
+        if names and (not server.exists() or not set(names) <= certs.names_in(server)
+                      or not certs.signed_by_current(where, server)):
+            certs.issue(where, Kind.SERVER, name, list(names))
+            click.echo(f"issued the {name} server certificate for {', '.join(names)}")
     for name in LOCAL_CLIENTS:
         cert = where / "clients" / f"{name}.crt"
         if not cert.exists() or not certs.signed_by_current(where, cert):

@@ -65,6 +65,10 @@ class Settings(BaseSettings):
     # The CLI's channel: a socket only root can open (in the root-only run directory).
     api_socket: Path = Path("{run_dir}/api.sock")
     api_token: str = ""
+    # HTTPS on api_port (TITAN_API_TLS=1), with a certificate of the project's CA.
+    api_tls: bool = False
+    api_tls_cert: Path = Path("{run_dir}/tls/servers/api.crt")
+    api_tls_key: Path = Path("{run_dir}/tls/servers/api.key")
     # One client must not hold the API: requests run on api_threads threads, of which at
     # most api_waiters wait for a run (`?wait`); idle or slow connections are dropped after
     # api_channel_timeout seconds; at most api_connection_limit connections are open.
@@ -186,7 +190,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _derived(self) -> Settings:
         """Paths under the run directory unless given; {hostname} in the cache's."""
-        for name in ("cache_dir", "api_socket"):
+        for name in ("cache_dir", "api_socket", "api_tls_cert", "api_tls_key"):
             value = str(getattr(self, name))
             value = value.replace("{run_dir}", str(self.run_dir))
             object.__setattr__(self, name, Path(value.replace("{hostname}",
