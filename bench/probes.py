@@ -18,6 +18,7 @@ from harness import SYSTEM_PYTHON, Bus, new_id, wired
 
 ROOT = Path(__file__).resolve().parent.parent
 HOG_S = 3.0
+CROWD_S = 1.0
 IDLE_S = 8.0  # how long Redis's idle traffic (beats, blocking reads timing out) is measured
 
 
@@ -85,6 +86,28 @@ def fairness(bus: Bus) -> tuple[float, float]:
     for event_id in hogs:
         bus.result_of(event_id, timeout=300)
     lengths = [r.duration_s or 0 for r in records.for_plugin("hog", 12)]
+    return (tick.started_at or 0) - tick.created_at, statistics.median(lengths)
+
+
+def crowd(bus: Bus) -> tuple[float, float]:
+    """5 plugins with 5 queued runs each on the two workers, then one event for another
+    plugin: (its queue wait, one crowd run's length), from their records."""
+    records = wired(bus.conn, bus.settings).records
+    names = [f"crowd{n}" for n in range(1, 6)]
+    runs = [(name, new_id(name)) for name in names for _ in range(5)]
+    for name, event_id in runs:
+        bus.publish({"event_id": event_id, "topic": "bench.v1", "event_type": name,
+                     "payload": {"seconds": CROWD_S}})
+    while sum(r.status == "running" for name in names
+              for r in records.for_plugin(name, 5)) < 2:
+        time.sleep(0.05)
+    quick = new_id("crowd")
+    bus.publish({"event_id": quick, "topic": "bench.v1", "event_type": "tick"})
+    bus.result_of(quick, timeout=120)
+    tick = next(r for r in records.for_plugin("noop", 50) if r.event_id == quick)
+    for _, event_id in runs:
+        bus.result_of(event_id, timeout=300)
+    lengths = [r.duration_s or 0 for name in names for r in records.for_plugin(name, 5)]
     return (tick.started_at or 0) - tick.created_at, statistics.median(lengths)
 
 

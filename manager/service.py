@@ -9,6 +9,7 @@ import logging
 import resource
 import signal
 import threading
+import time
 from typing import Any
 
 import waitress
@@ -23,8 +24,9 @@ from manager.bus.sweeper import Sweeper
 from manager.bus.timers import Timers
 from manager.core import metrics
 from manager.core.config import Settings
-from manager.core.contract import make_celery
+from manager.core.contract import make_celery, queued_tasks
 from manager.core.errors import TitanError
+from manager.core.lines import Line, lines
 from manager.core.wiring import Wiring
 from manager.plugins.janitor import CacheJanitor
 from manager.plugins.loader import PluginStatus
@@ -134,10 +136,13 @@ class Manager:
             counts[entry.status.value] += 1
         return counts
 
+    def plugin_lines(self) -> dict[str, Line]:
+        return lines(self.conn, self.wiring.keys, self.registry.entries(), time.time())
+
     def queue_depths(self) -> dict[str, int]:
         s = self.settings
         pending = self.conn.xpending(s.event_stream, s.consumer_group)
-        return {s.task_queue: self.conn.llen(s.task_queue),
+        return {s.task_queue: queued_tasks(self.conn, s),
                 "events_pending": int(pending["pending"]) if pending else 0,
                 "dead_letters": self.conn.xlen(s.dead_stream)}
 
@@ -147,7 +152,8 @@ class Manager:
         if watch:
             PluginWatcher(self.settings.plugins_dir, self._safe_reload).start()
         scraped = metrics_server(metrics.registry_for(
-            metrics.StateCollector(self.plugin_counts, self.queue_depths)), self.settings)
+            metrics.StateCollector(self.plugin_counts, self.queue_depths, self.plugin_lines)),
+            self.settings)
         threading.Thread(target=scraped.run, name="metrics", daemon=True).start()
         listener = threading.Thread(target=self.listener.run, name="listener", daemon=True)
         listener.start()

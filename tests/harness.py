@@ -28,6 +28,7 @@ from typing import Any
 import redis
 
 from manager.core.config import ROOT, Settings
+from manager.core.contract import queued_tasks
 from manager.core.wiring import Wiring
 from workers.warm import INBOX, ZYGOTE_PATH
 
@@ -93,7 +94,7 @@ def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
 def broker_drained(conn: redis.Redis, settings: Settings) -> bool:
     """No task message is left: none queued, none delivered and unacknowledged (a late
     duplicate could only come from one of those)."""
-    return not conn.llen(settings.task_queue) and not conn.hlen(settings.keys.unacked)
+    return not queued_tasks(conn, settings) and not conn.hlen(settings.keys.unacked)
 
 
 def new_id(prefix: str = "t") -> str:

@@ -172,6 +172,16 @@ def test_a_plugin_alone_may_use_every_slot_but_only_its_share_while_others_wait(
     assert waiting(rig) == {}
 
 
+def test_a_plugins_weight_scales_its_share(rig: Rig) -> None:
+    rig.wiring.slots.renew("w@h", 4)
+    rig.request("sleeper")  # another plugin waits
+    slots = rig.wiring.slots
+    assert [slots.acquire("echo", f"w{n}", None, 60, weight=2) for n in range(5)] == [
+        *[Grant.GRANTED] * 4, Grant.SHARE]  # weight 2: twice the half
+    assert [slots.acquire("chatty", f"c{n}", None, 60) for n in range(3)] == [
+        *[Grant.GRANTED] * 2, Grant.SHARE]  # weight 1: the half
+
+
 def test_a_slot_lives_while_its_run_is_held_and_frees_itself_after(rig: Rig) -> None:
     """Leases on Redis's clock (TIME), renewed by the process running the run."""
     keys = rig.wiring.keys

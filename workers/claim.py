@@ -37,7 +37,8 @@ def claim(wiring: Wiring, req: RunRequest, worker: str) -> int | Next:
     """The attempt that starts now (the run is this delivery's, with a slot), or what the
     task does instead."""
     claimed = wiring.records.claim(
-        wiring.slots.ask(req.plugin, req.invocation_id, req.concurrency), CLAIMABLE,
+        wiring.slots.ask(req.plugin, req.invocation_id, req.concurrency, weight=req.weight),
+        CLAIMABLE,
         running_deadline(req), holder=worker, **running_fields(worker))
     record = claimed.record
     if record is None:
@@ -70,7 +71,8 @@ def take_over(wiring: Wiring, req: RunRequest, record: InvocationRecord,
         metrics.RETRIES.labels(plugin=req.plugin, reason=RetryReason.SECOND_DELIVERY).inc()
         return Again(req, HOLDER_RECHECK_S)
     holder = record.worker or "?"
-    grant = wiring.slots.acquire(req.plugin, req.invocation_id, req.concurrency)
+    grant = wiring.slots.acquire(req.plugin, req.invocation_id, req.concurrency,
+                                 weight=req.weight)
     if grant is not Grant.GRANTED:
         return throttle(wiring, req, record, grant)
     written = wiring.records.transition(

@@ -107,6 +107,11 @@ class TimerOut(BaseModel):
     next: list[str]
 
 
+class QueueOut(BaseModel):
+    depth: int = Field(description="runs in line (pending, queued, throttled, retrying)")
+    oldest_wait_s: float | None = Field(description="how long the oldest has waited")
+
+
 class PluginOut(BaseModel):
     model_config = ConfigDict(extra="allow")
     name: str
@@ -121,6 +126,9 @@ class PluginOut(BaseModel):
                                                "three fire times")
     draft: str | None = Field(None, description="a loaded plugin whose directory now holds "
                               "a draft: that draft's version (the loaded one still serves)")
+    weight: int | None = Field(None, description="its turns in the queue and share of "
+                               "slots, relative to weight 1 (manifest `weight`)")
+    queue: QueueOut = Field(description="its runs sent and not yet running")
 
 
 class PluginList(BaseModel):

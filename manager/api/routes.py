@@ -47,6 +47,7 @@ from manager.core.errors import (
     PluginUnavailable,
 )
 from manager.core.events import Event, from_outside
+from manager.core.lines import lines
 from manager.core.record_store import Charge
 from manager.core.records import Status
 from manager.plugins.loader import PluginEntry
@@ -105,15 +106,20 @@ def health() -> Any:
 @routes.get("/plugins")
 @api.validate(resp=Resp(HTTP_200=PluginList, **ERRORS))
 def list_plugins() -> Any:
-    """Every plugin: status, version, digest, triggers, errors and warnings."""
-    return jsonify({"plugins": [e.public() for e in ctx().registry.entries().values()]})
+    """Every plugin: status, version, digest, triggers, errors, warnings and its line of
+    runs waiting (depth, how long the oldest has waited)."""
+    entries = ctx().registry.entries()
+    line = lines(ctx().conn, ctx().keys, entries, time.time())
+    return jsonify({"plugins": [{**e.public(), "queue": line[name].public()}
+                                for name, e in entries.items()]})
 
 
 @routes.get("/plugins/<name>")
 @api.validate(resp=Resp(HTTP_200=PluginOut, **ERRORS))
 def get_plugin(name: str) -> Any:
     """One plugin, with its kept versions."""
-    data = plugin_or_404(name).public()
+    data = {**plugin_or_404(name).public(),
+            "queue": lines(ctx().conn, ctx().keys, [name], time.time())[name].public()}
     data["versions"] = [{**e.ref(), "loaded_at": e.loaded_at,
                          "serving": e.digest == data["digest"]}
                         for e in ctx().registry.versions(name)]

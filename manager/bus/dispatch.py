@@ -12,7 +12,7 @@ from dataclasses import replace
 import redis
 from celery import Celery
 
-from manager.core.contract import RUN_TASK
+from manager.core.contract import PRIORITY_LEVELS, RUN_TASK
 from manager.core.events import Event
 from manager.core.record_store import Charge
 from manager.core.records import InvocationRecord, Status
@@ -23,6 +23,14 @@ from manager.plugins.loader import PluginEntry
 Owed = Callable[[redis.client.Pipeline], object]  # a write that rides in a later pipeline
 PENDING_GRACE_S = 60  # a record still pending this long was never sent: send it again
 QUEUED_GRACE_S = 120  # how often the sweeper looks at a queued run's message
+
+
+def priority_of(ahead: int, weight: int) -> int:
+    """Fair queueing: a run's level is how many runs of its plugin are in line before it,
+    per unit of weight (weight 2: two runs a level). Workers take level 0 first, so a
+    plugin's next run comes before anyone's run after theirs: a quiet plugin's single run
+    waits for one run of each busy plugin at most, not for their backlogs."""
+    return min(PRIORITY_LEVELS - 1, ahead // max(1, weight))
 
 
 class Dispatcher:
@@ -46,32 +54,34 @@ class Dispatcher:
         request = replace(plugin.request(event, self.settings, origin), dispatched_at=now)
         record = InvocationRecord.from_request(request, Status.PENDING, now)
         dedup = self.keys.dispatched(event.event_id, plugin.name) if origin == "bus" else None
-        invocation_id, created, found = self.records.create(record, now + PENDING_GRACE_S,
-                                                            dedup, charge)
-        if not created:
-            existing = self.records.get(invocation_id) if found is Status.PENDING else None
+        made = self.records.create(record, now + PENDING_GRACE_S, dedup, charge)
+        if not made.created:
+            existing = self.records.get(made.invocation_id) if made.found is Status.PENDING \
+                else None
             if existing is None or existing.request is None:
-                return invocation_id, False  # already sent, running or done (or expired)
+                return made.invocation_id, False  # already sent, running or done (or expired)
             request = RunRequest.from_dict(existing.request)
-        self.send(request, owed)
-        return invocation_id, True
+        self.send(request, owed, priority=priority_of(made.ahead, request.weight))
+        return made.invocation_id, True
 
-    def enqueue(self, request: RunRequest) -> None:
-        """The task message. Its `kwargsrepr` (what Flower shows as the arguments) names
-        the run instead of Celery's repr of the whole request: shorter to read, and not
-        computed on every run's hot path."""
+    def enqueue(self, request: RunRequest, priority: int = 0) -> None:
+        """The task message, at `priority` (0 first: priority_of). Its `kwargsrepr` (what
+        Flower shows as the arguments) names the run instead of Celery's repr of the whole
+        request: shorter to read, and not computed on every run's hot path."""
         shown = {"plugin": request.plugin, "version": request.version,
                  "event_id": request.event.event_id, "attempt": request.attempt}
         self.celery.send_task(RUN_TASK, kwargs={"request": request.to_dict()},
                               queue=self.settings.task_queue, task_id=request.invocation_id,
                               shadow=f"plugin:{request.plugin}", argsrepr="()",
+                              priority=priority,
                               kwargsrepr=repr(shown))
 
-    def send(self, request: RunRequest, owed: list[Owed] | None = None) -> None:
+    def send(self, request: RunRequest, owed: list[Owed] | None = None,
+             priority: int = 0) -> None:
         """Hands the request to the broker, then marks the record queued (sent): at once,
         or added to `owed`, writes the caller sends soon in a pipeline (the listener's next
         read). Until then the record says pending, which a worker claims like queued."""
-        self.enqueue(request)
+        self.enqueue(request, priority)
         queued = {"sources": frozenset({Status.PENDING}),
                   "deadline": time.time() + QUEUED_GRACE_S}
         if owed is None:

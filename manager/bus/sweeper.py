@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 from manager.bus.dispatch import QUEUED_GRACE_S, Dispatcher
 from manager.core import metrics
+from manager.core.contract import queued_tasks
 from manager.core.records import InvocationRecord, Outcome, Status
 from manager.core.runs import RunRequest
 from manager.core.wiring import Wiring
@@ -88,7 +89,7 @@ class Sweeper:
                 self.conn.delete(self.keys.sweep_suspects)
             return report
         held = self.slots.held(due)
-        queue_moving = bool(self.conn.llen(self.settings.task_queue))
+        queue_moving = bool(queued_tasks(self.conn, self.settings))
         waiting = set(held)
         for invocation_id in (i for i in due if i not in held):
             record = self.records.get(invocation_id)

@@ -61,10 +61,18 @@ def plugin_table(data: dict[str, Any]) -> str:
     rows = [[p["name"], status_of(p),
              (p["version"] or "") + (" (rolled back)" if p.get("rolled_back_from") else ""),
              (p["digest"] or "")[7:19],
-             ", ".join(trigger_text(t) for t in p["triggers"]),
+             ", ".join(trigger_text(t) for t in p["triggers"]), queue_text(p.get("queue")),
              "; ".join([*p["errors"], *(f"warning: {w}" for w in p.get("warnings", []))])]
             for p in sorted(data["plugins"], key=lambda p: p["name"])]
-    return table(rows, ["NAME", "STATUS", "VERSION", "DIGEST", "TRIGGERS", "PROBLEMS"])
+    return table(rows, ["NAME", "STATUS", "VERSION", "DIGEST", "TRIGGERS", "QUEUED",
+                        "PROBLEMS"])
+
+
+def queue_text(line: dict[str, Any] | None) -> str:
+    """`3, oldest 12.5s`, or `0`."""
+    if not line or not line["depth"]:
+        return "0"
+    return f"{line['depth']}, oldest {line['oldest_wait_s']:.1f}s"
 
 
 def log_entry(rec: dict[str, Any]) -> str:

@@ -13,6 +13,11 @@ from manager.core.clients import is_socket, password_and_db, tls_options
 from manager.core.config import Settings
 
 RUN_TASK = "titan.run_plugin"
+# Fair queueing: a run's priority is its place in its plugin's line (divided by the
+# plugin's weight), 0 first, one Redis list per level (kombu's `priority_steps`, named
+# QUEUE, QUEUE:1, ... QUEUE:9 by its `sep`), so every plugin's next run comes before any
+# plugin's run after it (manager.bus.dispatch).
+PRIORITY_LEVELS = 10
 
 
 def celery_settings(settings: Settings) -> dict[str, Any]:
@@ -33,6 +38,8 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
             "unacked_restore_interval": restore_every,
             "unacked_restore_throttle": max(1, settings.restore_interval // restore_every),
             "socket_keepalive": True,
+            "priority_steps": list(range(PRIORITY_LEVELS)),
+            "sep": ":",
             # kombu's bookkeeping of delivered messages, under this instance's prefix.
             "unacked_key": keys.unacked,
             "unacked_index_key": keys.unacked_index,
@@ -43,6 +50,20 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
             # kombu, which reconnects everything itself.
         },
     }
+
+
+def queue_keys(settings: Settings) -> list[str]:
+    """The Redis lists the task queue is made of, one per priority level."""
+    return [settings.task_queue,
+            *(f"{settings.task_queue}:{n}" for n in range(1, PRIORITY_LEVELS))]
+
+
+def queued_tasks(conn: Any, settings: Settings) -> int:
+    """Task messages in the queue, every level."""
+    pipe = conn.pipeline(transaction=False)
+    for key in queue_keys(settings):
+        pipe.llen(key)
+    return sum(pipe.execute())
 
 
 def broker_url(settings: Settings) -> str:

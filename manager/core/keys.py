@@ -63,6 +63,11 @@ class Keys:
         record scripts."""
         return f"{self.prefix}:waiting"
 
+    def plugin_line(self, plugin: str) -> str:
+        """Sorted set: a plugin's runs sent and not yet running, by creation time (its
+        queue depth and oldest waiting run; lib.lua's line_of spells the same name)."""
+        return f"{self.waiting}:{plugin}"
+
     @property
     def worker_slots(self) -> str:
         """Hash: worker name -> "slots beat-time", written with each beat (the fair share's

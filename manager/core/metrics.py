@@ -87,22 +87,30 @@ class StateCollector(Collector):
     """Gauges computed at scrape time from Redis: plugins by status, queue depths."""
 
     def __init__(self, plugin_counts: Callable[[], dict[str, int]],
-                 queue_depths: Callable[[], dict[str, int]]) -> None:
+                 queue_depths: Callable[[], dict[str, int]],
+                 plugin_lines: Callable[[], dict[str, Any]] = dict) -> None:
         self.plugin_counts = plugin_counts
         self.queue_depths = queue_depths
+        self.plugin_lines = plugin_lines
 
     def collect(self) -> Iterator[Any]:
         plugins = GaugeMetricFamily("titan_plugins", "Plugins in the registry", labels=["status"])
         queues = GaugeMetricFamily("titan_queue_depth", "Entries waiting", labels=["queue"])
+        depth = GaugeMetricFamily("titan_plugin_queue_depth", "A plugin's runs sent and "
+                                  "not yet running", labels=["plugin"])
+        oldest = GaugeMetricFamily("titan_plugin_oldest_wait_seconds", "How long a "
+                                   "plugin's oldest run in line has waited", labels=["plugin"])
         try:
             for status, n in self.plugin_counts().items():
                 plugins.add_metric([status], n)
             for queue, n in self.queue_depths().items():
                 queues.add_metric([queue], n)
+            for plugin, line in self.plugin_lines().items():
+                depth.add_metric([plugin], line.depth)
+                oldest.add_metric([plugin], line.oldest_wait_s or 0.0)
         except Exception:  # a scrape during a Redis outage still serves the counters
             pass
-        yield plugins
-        yield queues
+        yield from (plugins, queues, depth, oldest)
 
 
 class TreeCollector(Collector):

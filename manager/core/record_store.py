@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 
@@ -79,6 +79,17 @@ class Claimed:
     record: InvocationRecord | None
 
 
+class Created(NamedTuple):
+    """What create found: the run's id (the existing one under a dedup key), whether it
+    was stored now, the existing record's status, and how many runs of its plugin were in
+    line before it (its priority: fair queueing)."""
+
+    invocation_id: str
+    created: bool
+    found: Status | None
+    ahead: int
+
+
 class RecordStore:
     """Reads and changes invocation records; takes its Redis connection as a parameter."""
 
@@ -91,10 +102,9 @@ class RecordStore:
         self.scripts = Scripts(conn)
 
     def create(self, record: InvocationRecord, deadline: float, dedup_key: str | None = None,
-               charge: Charge | None = None) -> tuple[str, bool, Status | None]:
+               charge: Charge | None = None) -> Created:
         """Stores a new record unless `dedup_key` already names one, charging `charge` to
-        the budget first (BudgetExceeded, and nothing stored, when it is spent). Returns
-        (id, created, status of the existing record)."""
+        the budget first (BudgetExceeded, and nothing stored, when it is spent)."""
         s = self.settings
         keys = [self.keys.invocation(record.invocation_id),
                 self.keys.plugin_invocations(record.plugin), self.keys.inflight,
@@ -105,7 +115,7 @@ class RecordStore:
         values["status"] = record.status
         budget = {"runs": charge.runs, "budget": s.fanout_budget,
                   "ttl": s.fanout_ttl} if charge else None
-        created, inv, status = self.scripts.create(keys=keys, args=[named(
+        created, inv, status, *ahead = self.scripts.create(keys=keys, args=[named(
             id=record.invocation_id, ttl=s.record_ttl, created_at=record.created_at,
             index_cap=self.INDEX_CAP, dedup_ttl=s.dedup_ttl, deadline=deadline,
             record_prefix=self.keys.invocation(""), charge=budget,
@@ -118,7 +128,8 @@ class RecordStore:
                 correlation_id=charge.correlation if charge else None)
         found = Status(status.decode() if isinstance(status, bytes) else status) \
             if status else None
-        return inv.decode() if isinstance(inv, bytes) else inv, bool(created), found
+        return Created(inv.decode() if isinstance(inv, bytes) else inv, bool(created), found,
+                       int(ahead[0]) if ahead else 0)
 
     def get(self, invocation_id: str) -> InvocationRecord | None:
         raw = self.conn.hgetall(self.keys.invocation(invocation_id))

@@ -87,6 +87,7 @@ class RunRequest:
     attempt: int = 1  # the attempt this message was sent for (the record counts them all)
     isolation: Isolation = Isolation.CONTAINER
     dispatched_at: float = 0.0  # when the event was matched and the run recorded (epoch s)
+    weight: int = 1  # the manifest's: turns in the queue and share of slots (fair queueing)
 
     def to_dict(self) -> dict[str, Any]:
         """The wire form (shallow: no deep copy on the hot path)."""

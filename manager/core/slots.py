@@ -4,8 +4,8 @@ by the executing worker's beat), and the two rules that can make a run wait for 
 
 - `concurrency: N` in the manifest caps the plugin's runs at N, always.
 - The fair share: while another plugin has runs waiting in the queue, no plugin holds
-  more than `TITAN_PLUGIN_SHARE` of the worker slots the live workers report (at least
-  one). A plugin alone on the system may use every slot. The share never raises a
+  more than `TITAN_PLUGIN_SHARE` times its `weight` of the worker slots the live workers
+  report (at least one). A plugin alone on the system may use every slot. The share never raises a
   manifest's cap. A run over its share goes to the back of the queue at once (the
   runner), behind the other plugin's run, so the freed slot goes to that run.
 
@@ -56,6 +56,7 @@ class SlotAsk:
     cap: int | None  # the manifest's `concurrency` (None: no cap)
     share: float
     lease_s: float = SLOT_LEASE_S
+    weight: int = 1  # the manifest's: scales the share
 
     def keys(self, keys: Keys) -> list[str]:
         return [keys.plugin_slots(self.plugin), keys.waiting, keys.worker_slots]
@@ -63,7 +64,8 @@ class SlotAsk:
     def named(self) -> dict[str, Any]:
         """acquire_slot's argument table (manager/core/lua/lib.lua)."""
         return {"plugin": self.plugin, "id": self.invocation_id, "cap": self.cap or 0,
-                "lease_s": self.lease_s, "share": self.share, "beat_ttl": TTL_S}
+                "lease_s": self.lease_s, "share": self.share, "weight": self.weight,
+                "beat_ttl": TTL_S}
 
 
 class Slots:
@@ -78,12 +80,12 @@ class Slots:
         self.scripts = Scripts(conn)
 
     def ask(self, plugin: str, invocation_id: str, cap: int | None,
-            lease_s: float = SLOT_LEASE_S) -> SlotAsk:
-        return SlotAsk(plugin, invocation_id, cap, self.share, lease_s)
+            lease_s: float = SLOT_LEASE_S, weight: int = 1) -> SlotAsk:
+        return SlotAsk(plugin, invocation_id, cap, self.share, lease_s, weight)
 
     def acquire(self, plugin: str, invocation_id: str, cap: int | None,
-                lease_s: float = SLOT_LEASE_S) -> Grant:
-        ask = self.ask(plugin, invocation_id, cap, lease_s)
+                lease_s: float = SLOT_LEASE_S, weight: int = 1) -> Grant:
+        ask = self.ask(plugin, invocation_id, cap, lease_s, weight)
         return grant_of(self.scripts.acquire(keys=ask.keys(self.keys),
                                              args=[named(**ask.named())]))
 

@@ -126,7 +126,7 @@ class PluginEntry:
             "resources": m.resources.model_dump() if m else None,
             "permissions": m.permissions.model_dump(mode="json") if m else None,
             "loaded_at": self.loaded_at, "rolled_back_from": self.rolled_back_from,
-            "draft": self.draft,
+            "draft": self.draft, "weight": m.weight if m else None,
         }
 
     def ref(self) -> dict[str, Any]:
@@ -142,7 +142,8 @@ class PluginEntry:
                           version=self.version, digest=self.digest, image=m.image,
                           argv=tuple(m.argv), limits=m.run_limits(settings),
                           allowed_globs=tuple(m.allowed_globs), retries=m.retries,
-                          concurrency=m.concurrency, event=event, origin=origin,
+                          concurrency=m.concurrency, weight=m.weight, event=event,
+                          origin=origin,
                           prewarm=m.prewarm, isolation=self.isolation(settings))
 
     def isolation(self, settings: Settings) -> Isolation:

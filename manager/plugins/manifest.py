@@ -112,6 +112,7 @@ class Manifest(_Model):
     timeout: Annotated[int, Field(gt=0)] = 30
     retries: Annotated[int, Field(ge=0, le=10)] = 0  # re-runs after failed/timeout/oom
     concurrency: Annotated[int, Field(ge=1, le=1000)] | None = None  # across all workers
+    weight: Annotated[int, Field(ge=1, le=10)] = 1  # turns in the queue, relative to others
     prewarm: bool = True  # false: every run starts a cold container
     # true: reloads leave this content out of service (`new` writes it; the author deletes
     # the line when the plugin is ready), so an unfinished plugin never runs by accident

@@ -16,12 +16,13 @@ if k.dedup ~= '' then
   end
   redis.call('SET', k.dedup, a.id, 'EX', a.dedup_ttl)
 end
+local ahead = redis.call('ZCARD', line_of(k.waiting, cjson.decode(a.fields.plugin)))
 hset_fields(k.record, a.fields)
-count_waiting(k.record, k.waiting, nil, status_of(k.record))
+status_changed(k.record, k.waiting, a.id, nil, status_of(k.record))
 redis.call('EXPIRE', k.record, a.ttl)
 redis.call('ZADD', k.index, a.created_at, a.id)
 redis.call('ZREMRANGEBYSCORE', k.index, '-inf', a.created_at - a.ttl)
 redis.call('ZREMRANGEBYRANK', k.index, 0, -a.index_cap - 1)
 redis.call('EXPIRE', k.index, a.ttl)
 redis.call('ZADD', k.inflight, a.deadline, a.id)
-return {1, a.id, false}
+return {1, a.id, false, ahead}  -- ahead: runs of its plugin before it in line

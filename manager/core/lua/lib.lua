@@ -42,6 +42,34 @@ local function count_waiting(record, waiting, from, to)
   end
 end
 
+-- Each plugin's line: its runs sent and not yet running (pending, queued, throttled or
+-- retrying), a sorted set by creation time whose key is the `waiting` hash's plus ':' and
+-- the plugin's name. Its size is the plugin's queue depth, its first member the run that
+-- has waited longest, and a new run's place in it decides the run's priority (fair
+-- queueing: manager.bus.dispatch).
+local IN_LINE = set_of({'pending', 'queued', 'throttled', 'retrying'})
+
+local function line_of(waiting, plugin)
+  return waiting .. ':' .. plugin
+end
+
+local function line_up(record, waiting, id, from, to)
+  local before, after = IN_LINE[from] or false, IN_LINE[to] or false
+  if before == after then return end
+  local line = line_of(waiting, cjson.decode(redis.call('HGET', record, 'plugin')))
+  if after then
+    redis.call('ZADD', line, cjson.decode(redis.call('HGET', record, 'created_at')), id)
+  else
+    redis.call('ZREM', line, id)
+  end
+end
+
+-- Every status change keeps both counts: the waiting hash and the plugin's line.
+local function status_changed(record, waiting, id, from, to)
+  count_waiting(record, waiting, from, to)
+  line_up(record, waiting, id, from, to)
+end
+
 -- The fan-out budget: `runs` more for a correlation (its counter), counted once per
 -- stream entry however often it is delivered (a second charge finds what the first
 -- counted; no entry key: counted every time). Returns the runs counted so far.
@@ -58,7 +86,7 @@ end
 
 -- Worker slots (manager.core.slots), leased on Redis's clock. Expired leases (a worker
 -- that died holding one) are dropped first, so a crash never leaks a slot for long.
--- `ask`: {plugin, id, cap (0: none), lease_s, share, beat_ttl}. Returns 'granted',
+-- `ask`: {plugin, id, cap (0: none), lease_s, share, weight, beat_ttl}. Returns 'granted',
 -- 'concurrency' (the manifest's cap) or 'share' (over the fair share while another
 -- plugin waits).
 local function acquire_slot(slots, waiting, workers, ask)
@@ -79,7 +107,10 @@ local function acquire_slot(slots, waiting, workers, ask)
       local n, at = string.match(beats[i + 1], '^(%d+) ([%d.]+)$')
       if n and tonumber(at) > t - ask.beat_ttl then total = total + tonumber(n) end
     end
-    if held >= math.max(1, math.floor(total * ask.share)) then return 'share' end
+    -- a plugin's weight scales its share (weight 2: twice the slots of weight 1)
+    if held >= math.max(1, math.floor(total * ask.share * ask.weight)) then
+      return 'share'
+    end
   end
   redis.call('ZADD', slots, t + ask.lease_s, ask.id)
   redis.call('EXPIRE', slots, math.ceil(ask.lease_s) + 60)
@@ -101,7 +132,7 @@ local function transition(record, inflight, waiting, id, change)
   end
   if change.increment then redis.call('HINCRBY', record, change.increment, 1) end
   hset_fields(record, change.fields)
-  count_waiting(record, waiting, found, status_of(record))
+  status_changed(record, waiting, id, found, status_of(record))
   if change.deadline == false then redis.call('ZREM', inflight, id)
   elseif change.deadline then redis.call('ZADD', inflight, change.deadline, id) end
   return {1, found}

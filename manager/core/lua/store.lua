@@ -13,6 +13,6 @@ for _, event in ipairs(a.events) do
   redis.call('XADD', k.stream, 'MAXLEN', '~', a.maxlen, '*', 'event', event)
 end
 hset_fields(k.record, a.fields)
-count_waiting(k.record, k.waiting, found, nil)
+status_changed(k.record, k.waiting, a.id, found, nil)
 redis.call('ZREM', k.inflight, a.id)
 return {1, found}
