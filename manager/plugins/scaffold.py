@@ -29,6 +29,7 @@ retries: 0                     # re-runs after failed, timeout or oom; 0 to 10
 prewarm: true                  # false: every run starts a cold container
 isolation: container           # gvisor: also a user-space kernel (gVisor) in between
 # concurrency: 1               # optional: at most this many runs at once, on all workers
+weight: 1                      # turns in the queue vs other plugins (1 to 10; 2: twice)
 resources:
   cpu: "500m"                  # millicores ("250m") or cores ("0.5"); at most {max_cpu}m
   memory: "256Mi"              # Ki/Mi/Gi or K/M/G; from 6Mi to {max_memory}
