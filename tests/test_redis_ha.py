@@ -86,10 +86,10 @@ def test_a_primary_killed_mid_burst_loses_and_doubles_nothing(cluster: SentinelC
                "runs to succeed before the crash")
     killed = time.monotonic()
     cluster.fail_over()  # the primary dies mid-burst; nobody restarts anything
-    # A producer keeps posting, sending a 503 again (as its contract says): within 30 s
-    # of the kill, every POST is accepted again.
+    # A producer keeps posting for 35 s, sending a 503 again (as its contract says):
+    # from 30 s after the kill on, every POST is accepted.
     answers: list[tuple[float, int]] = []
-    for _ in range(20):
+    while time.monotonic() - killed < 35:
         event_id = new_id("ha")
         while (code := publish(client, event_id)) != 202:
             assert code == 503, code
@@ -97,9 +97,9 @@ def test_a_primary_killed_mid_burst_loses_and_doubles_nothing(cluster: SentinelC
             time.sleep(0.2)
         answers.append((time.monotonic() - killed, code))
         events.append(event_id)
-    accepted_again = next(t for t, code in answers if code == 202)
-    assert accepted_again < 30, answers
-    assert all(code == 202 for t, code in answers if t > accepted_again), answers
+        time.sleep(0.3)
+    assert next(t for t, code in answers if code == 202) < 30, answers
+    assert all(code == 202 for t, code in answers if t > 30), answers
 
     def settled() -> bool:
         done = [r for r in records() if r["event_id"] in events and r["status"] not in ACTIVE]
@@ -122,8 +122,10 @@ def test_a_primary_killed_mid_burst_loses_and_doubles_nothing(cluster: SentinelC
         if event.get("causation_id") in events:
             results[event["causation_id"]] = results.get(event["causation_id"], 0) + 1
     assert all(results.get(e) == 1 for e in events), results
-    # and the new primary's writes are confirmed by the remaining replica, nobody's doing
-    assert cluster.primary.client().info("replication")["connected_slaves"] == 1
+    # and the remaining replica follows the new primary (Sentinel's doing, nobody else's;
+    # it may be reconnecting at any one moment, so this waits for it)
+    wait_until(lambda: cluster.primary.client().info("replication")["connected_slaves"] == 1,
+               60, "the remaining replica to follow the new primary")
 
 
 def test_an_event_no_replica_confirms_is_a_503_naming_the_replica(cluster: SentinelCluster,
