@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import logging
 import os
 import random
@@ -118,8 +119,14 @@ class Identities:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         lease = secrets.token_hex(8)
         owner = f"{os.getpid()} {started(os.getpid())} {lease}\n".encode()
-        for _ in range(TAKE_TRIES):
-            uid = random.randint(self.ids.first_uid, self.ids.last_uid)
+        first, last = self.ids.first_uid, self.ids.last_uid
+        start = random.randint(first, last)
+        # random picks spread the leases; when they keep hitting held ones (a nearly full
+        # range), every uid is tried once, so "none free" is only said when it is true
+        candidates = itertools.chain(
+            (random.randint(first, last) for _ in range(TAKE_TRIES)),
+            range(start, last + 1), range(first, start))
+        for uid in candidates:
             try:
                 fd = os.open(self.directory / str(uid),
                              os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -128,8 +135,8 @@ class Identities:
             with contextlib.closing(os.fdopen(fd, "wb")) as fh:
                 fh.write(owner)
             return RunUser(uid, self.ids.group, lease)
-        raise TitanError(f"no free run uid in {self.directory} after {TAKE_TRIES} tries "
-                         "(TITAN_RUN_IDS too small for this host's containers?)")
+        raise TitanError(f"no free run uid in {self.directory}: all {last - first + 1} are "
+                         "held (TITAN_RUN_IDS too small for this host's containers?)")
 
     def give_back(self, user: RunUser | None) -> None:
         """Ends the lease once its container is gone (never someone else's lease on the
