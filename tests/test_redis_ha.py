@@ -97,7 +97,7 @@ def test_a_primary_killed_mid_burst_loses_and_doubles_nothing(cluster: SentinelC
             time.sleep(0.2)
         answers.append((time.monotonic() - killed, code))
         events.append(event_id)
-        time.sleep(0.3)
+        time.sleep(0.5)
     assert next(t for t, code in answers if code == 202) < 30, answers
     assert all(code == 202 for t, code in answers if t > 30), answers
 
