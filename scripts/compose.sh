@@ -19,9 +19,14 @@ export TITAN_SERVICE_IMAGE="${TITAN_SERVICE_IMAGE:-titan-plugin-manager:local}"
 STAMP="build/.service-stamp-${TITAN_SERVICE_IMAGE//[:\/]/_}"
 export TITAN_INSTANCE="compose-$PROJECT"
 export TITAN_WORKERS_DIR="${TITAN_WORKERS_DIR:-/var/lib/titan/workers}"
+export TITAN_WORKERS_HOME="$TITAN_WORKERS_DIR/$PROJECT"  # removed by down
 # The project's CA and certificates (Redis speaks TLS only, client certificates required).
 COMPOSE_RUN="${TITAN_COMPOSE_RUN_DIR:-$RUN_DIR/compose-$PROJECT}"
 export TITAN_TLS_DIR="$COMPOSE_RUN/tls"
+export TITAN_SECRETS_HOST_DIR="$COMPOSE_RUN/secrets"
+# The network's bridge, named so the firewall rule can name it before it exists.
+export TITAN_BRIDGE="tt$(printf '%s' "$PROJECT" | sha256sum | cut -c1-11)"
+FIREWALL_TAG="titan-compose:$PROJECT"
 API="http://127.0.0.1:${TITAN_API_PORT:-8003}"
 
 compose() {
@@ -89,6 +94,64 @@ secrets() {  # generated once into .env (0600): Redis password, API key, Flower'
   chmod 600 "$ENV_FILE"
 }
 
+env_value() { sed -n "s/^$1=//p" "$ENV_FILE" | tail -n 1; }
+
+# The services' uids (Redis and its Sentinels, Flower): picked once per
+# project into the env file from 1900000-1999999, each one no host account or group has
+# and no process runs as (the run uids are 2000000 and up, the install uid 64999).
+service_uids() {
+  local name uid
+  for name in TITAN_REDIS_UID TITAN_FLOWER_UID; do
+    if ! grep -qs "^$name=" "$ENV_FILE"; then
+      while :; do
+        uid=$((1900000 + $(od -An -N4 -tu4 /dev/urandom) % 100000))
+        getent passwd "$uid" >/dev/null || getent group "$uid" >/dev/null && continue
+        ps -eo uid=,gid= | grep -qw "$uid" && continue
+        grep -qs "=$uid\$" "$ENV_FILE" && continue
+        break
+      done
+      printf '%s=%s\n' "$name" "$uid" >>"$ENV_FILE"
+    fi
+    export "$name=$(env_value "$name")"
+  done
+}
+
+# One file per secret and reader, 0400 and owned by the uid that reads it; a service is
+# given only its own (compose.yaml `secrets:`). Keys of the TLS certificates likewise.
+secret_files() {
+  local dir="$TITAN_SECRETS_HOST_DIR" pw url reader
+  pw="$(env_value TITAN_REDIS_PASSWORD)"
+  url="rediss://default:$pw@redis:6379/0"
+  rm -rf "$dir"
+  (umask 077; mkdir -p "$dir"/{redis,manager,workers,flower}
+   printf '%s' "$pw" >"$dir/redis/redis_password"
+   for reader in manager workers flower; do printf '%s' "$url" >"$dir/$reader/titan_redis_url"; done
+   printf '%s' "$(env_value TITAN_API_TOKEN)" >"$dir/manager/titan_api_token"
+   printf 'basic_auth = [%s]\n' "\"$(env_value TITAN_FLOWER_AUTH)\"" >"$dir/flower/flowerconfig.py")
+  chown -R "$TITAN_REDIS_UID:$TITAN_REDIS_UID" "$dir/redis"
+  chown -R "$TITAN_FLOWER_UID:$TITAN_FLOWER_UID" "$dir/flower"
+  find "$dir" -type f -exec chmod 400 {} +
+  # certificates are public (their directory stays root's); each key is its reader's
+  chmod 644 "$TITAN_TLS_DIR"/*.crt "$TITAN_TLS_DIR"/servers/*.crt "$TITAN_TLS_DIR"/clients/*.crt
+  chown root:root "$TITAN_TLS_DIR"/clients/*.key
+  chown "$TITAN_REDIS_UID:$TITAN_REDIS_UID" "$TITAN_TLS_DIR/servers/redis.key"
+  chown "$TITAN_FLOWER_UID:$TITAN_FLOWER_UID" "$TITAN_TLS_DIR/clients/flower.key"
+  chmod 400 "$TITAN_TLS_DIR"/servers/redis.key "$TITAN_TLS_DIR"/clients/*.key
+}
+
+# The project's bridge answers root only (root's docker-proxy delivers the ports
+# published on 127.0.0.1): no other host account reaches a service at its container
+# address. The rule names the bridge, so it holds before the network exists; `down`
+# removes it.
+firewall() {
+  local rule=(OUTPUT -o "$TITAN_BRIDGE" -m owner ! --uid-owner 0
+              -m comment --comment "$FIREWALL_TAG" -j REJECT)
+  case "$1" in
+    on) iptables -C "${rule[@]}" 2>/dev/null || iptables -I "${rule[@]}" ;;
+    off) while iptables -D "${rule[@]}" 2>/dev/null; do :; done ;;
+  esac
+}
+
 # The CA, one server certificate naming every Redis node and Sentinel (their service
 # names, which they announce), a client certificate per service, and the TLS lines of
 # every node's configuration.
@@ -110,8 +173,11 @@ up() {
   need_compose
   build
   secrets
+  service_uids
   certificates
-  mkdir -p "$TITAN_WORKERS_DIR" /srv/titan/files
+  secret_files
+  firewall on
+  mkdir -p "$TITAN_WORKERS_HOME" /srv/titan/files
   say "starting the compose project '$PROJECT' with $WORKERS workers"
   compose up -d --scale "worker=$WORKERS"
   wait_for "curl -fsS $API/health | grep -q '\"count\":$WORKERS'" 120 ||
@@ -122,12 +188,15 @@ up() {
 down() {
   need_compose
   [ -f "$ENV_FILE" ] || secrets  # compose refuses the file without the password variable
+  service_uids
   COMPOSE_PROFILES=ha compose down --volumes --remove-orphans  # the ha profile's too
+  firewall off
   rm -rf "$COMPOSE_RUN"  # its CA goes with its data: the next up makes a new one
   # What the workers started on the host's engine is not part of the project.
   local left
   left="$(docker ps -aq --filter "label=titan.instance=$TITAN_INSTANCE")"
   [ -z "$left" ] || docker rm -f $left >/dev/null
+  rm -rf "$TITAN_WORKERS_HOME"  # every worker's cache, the killed ones' too
   say "compose project '$PROJECT' is down"
 }
 

@@ -1,119 +1,59 @@
 """The compose deployment, for real: images built here with no registry, a private project
 (name, ports, manager container name, directories) so it never meets a user's stack, 3
-worker containers, the seed's `docker exec <manager> kill -HUP 1`, a worker container
-killed mid-burst with nothing lost, and nothing left behind after `down`."""
+worker containers, the seed's `docker exec <manager> kill -HUP 1`; tried as an attacker
+would: a host account probing the containers' addresses, every service's privileges and
+environment, a worker container killed mid-run; and nothing left behind after `down`."""
 
 from __future__ import annotations
 
 import json
-import os
+import pwd
 import shutil
 import subprocess
 import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from harness import free_port, http_status, wait_until
-from manager.core.config import ROOT
+from compose_stack import ComposeStack
+from harness import http_status, wait_until
+from manager.core.slots import HELD_FOR_S
 
 pytestmark = pytest.mark.integration
-ACTIVE = ("pending", "queued", "throttled", "running", "retrying")
-
-
-def has_pip(image: str) -> bool:
-    return subprocess.run(["docker", "run", "--rm", "--network", "none", image, "python3",
-                           "-m", "pip", "--version"], capture_output=True,
-                          check=False).returncode == 0
-
-
-class ComposeStack:
-    """A compose project of the test's own: name, ports, directories, env file, and its
-    own service image (removed afterwards; a user's `titan-plugin-manager:local` is never
-    rebuilt). A base image the host already has is used as it is; else one is built under
-    the test's own name and removed afterwards."""
-
-    def __init__(self, tmp: Path) -> None:
-        uid = uuid.uuid4().hex[:8]
-        self.project = f"titantest{uid}"
-        self.manager = f"{self.project}-manager"
-        self.plugins = tmp / "plugins"
-        shutil.copytree(ROOT / "plugins" / "shell_runner", self.plugins / "shell_runner")
-        self.workers_dir = Path(f"/var/lib/titan/test-{uid}")
-        self.port = free_port()
-        self.env_file = tmp / "compose.env"
-        self.service_image = f"titan-plugin-manager:test-{uid}"
-        self.base_image = ("titan-base:bookworm" if has_pip("titan-base:bookworm")
-                           else f"titan-base:test-{uid}")
-        self.env = {**{k: v for k, v in os.environ.items() if not k.startswith("TITAN_")},
-                    "TITAN_COMPOSE_ENV_FILE": str(self.env_file),
-                    "TITAN_COMPOSE_RUN_DIR": str(tmp / "compose-run"),
-                    "TITAN_SERVICE_IMAGE": self.service_image,
-                    "TITAN_BASE_IMAGE": self.base_image,
-                    "TITAN_COMPOSE_PROJECT": self.project, "TITAN_MANAGER_NAME": self.manager,
-                    "TITAN_API_PORT": str(self.port), "TITAN_METRICS_PORT": str(free_port()),
-                    "TITAN_FLOWER_PORT": str(free_port()),
-                    "TITAN_WORKERS_DIR": str(self.workers_dir),
-                    "TITAN_PLUGINS_HOST_DIR": str(self.plugins),
-                    "TITAN_VISIBILITY_TIMEOUT": "10", "TITAN_RESTORE_INTERVAL": "2"}
-
-    def script(self, action: str) -> None:
-        proc = subprocess.run(["bash", str(ROOT / "scripts" / "compose.sh"), action],
-                              env=self.env, cwd=ROOT, capture_output=True, text=True,
-                              timeout=900, check=False)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-    def secret(self, name: str) -> str:
-        """A secret compose.sh generated into the project's env file."""
-        lines = self.env_file.read_text().splitlines()
-        return next(ln.split("=", 1)[1] for ln in lines if ln.startswith(f"{name}="))
-
-    @property
-    def token(self) -> str:
-        return self.secret("TITAN_API_TOKEN")
-
-    def remove_images(self) -> None:
-        """The images built for this project only (the stamp file goes with them)."""
-        mine = [self.service_image] + ([self.base_image] if "test-" in self.base_image else [])
-        subprocess.run(["docker", "rmi", "-f", *mine], capture_output=True, check=False)
-        stamp = self.service_image.replace(":", "_").replace("/", "_")
-        (ROOT / "build" / f".service-stamp-{stamp}").unlink(missing_ok=True)
-
-    def api(self, method: str, path: str, body: object = None, token: str | None = None) -> dict:
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data,
-                                     method=method, headers={
-                                         "Content-Type": "application/json",
-                                         "Authorization": f"Bearer {token or self.token}"})
-        with urllib.request.urlopen(req, timeout=120) as resp:
-            return json.loads(resp.read())
-
-    def docker(self, *args: str) -> str:
-        return subprocess.run(["docker", *args], capture_output=True, text=True,
-                              check=True).stdout
-
-    def records(self, plugin: str) -> list[dict]:
-        return self.api("GET", f"/plugins/{plugin}/invocations?limit=200")["invocations"]
-
-    def burst(self, n: int) -> list[str]:
-        ids = [f"compose-{uuid.uuid4().hex[:10]}" for _ in range(n)]
-        for event_id in ids:
-            self.api("POST", "/events", {"event_id": event_id, "topic": "system.v1",
-                                         "event_type": "run_cmd",
-                                         "payload": {"command": "echo spread"}})
-        return ids
-
-    def finished(self, ids: list[str], timeout: float = 180) -> list[dict]:
-        def done() -> list[dict] | None:
-            mine = [r for r in self.records("shell_runner") if r["event_id"] in ids]
-            ok = len({r["event_id"] for r in mine}) == len(ids) and all(
-                r["status"] not in ACTIVE for r in mine)
-            return mine if ok else None
-
-        return wait_until(done, timeout, f"{len(ids)} shell_runner runs to finish")
+PORTS = (6379, 26379, 8003, 8004, 5555)  # every port a service listens on
+# Run as another host account: which (address, port) a service of ours answers at.
+# Redis is told by a TLS handshake its certificate (our CA) passes; the API, its metrics
+# and Flower by what only they say (Flower's /healthcheck needs no login).
+PROBE = r"""
+import json, socket, ssl, sys
+answered = []
+for ip, port in json.loads(sys.argv[1]):
+    try:
+        with socket.create_connection((ip, port), 3) as raw:
+            if port in (6379, 26379):
+                ctx = ssl.create_default_context(cadata=sys.argv[2])
+                ctx.check_hostname = False
+                with ctx.wrap_socket(raw):
+                    answered.append([ip, port])
+                continue
+            path = b"/healthcheck" if port == 5555 else b"/health"
+            raw.sendall(b"GET " + path + b" HTTP/1.0\r\nHost: probe\r\n\r\n")
+            raw.settimeout(3)
+            reply = b""
+            while len(reply) < 65536:
+                chunk = raw.recv(4096)
+                if not chunk:
+                    break
+                reply += chunk
+    except (OSError, ssl.SSLError):
+        continue
+    body = reply.partition(b"\r\n\r\n")[2]
+    if b'"redis"' in body or b"titan_" in body or body.strip() == b"OK":
+        answered.append([ip, port])
+print(json.dumps(answered))
+"""
 
 
 @pytest.fixture(scope="module")
@@ -131,9 +71,15 @@ def compose(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComposeStack]:
                              f"label=titan.instance=compose-{stack.project}")
         networks = stack.docker("network", "ls", "-q", "--filter", f"name={stack.project}")
         volumes = stack.docker("volume", "ls", "-q", "--filter", f"name={stack.project}")
+        firewall = subprocess.run(["iptables", "-S", "OUTPUT"], capture_output=True,
+                                  text=True, check=False).stdout
+        caches = stack.workers_dir / stack.project
+        leftover = caches.exists()
         shutil.rmtree(stack.workers_dir, ignore_errors=True)
         assert not (left.strip() or networks.strip() or volumes.strip()), (left, networks,
                                                                           volumes)
+        assert not leftover, f"compose-down left the workers' caches in {caches}"
+        assert f"titan-compose:{stack.project}" not in firewall, firewall
 
 
 def test_runs_spread_over_the_worker_containers(compose: ComposeStack) -> None:
@@ -172,18 +118,99 @@ def test_sighup_to_pid_1_of_the_manager_reloads_plugins_edited_on_the_host(
     assert json.loads(record["stdout"])["payload"] == {"from": "compose"}
 
 
-def test_a_worker_container_killed_mid_burst_loses_nothing(compose: ComposeStack) -> None:
-    workers = compose.docker("ps", "-q", "--filter",
-                             f"label=com.docker.compose.project={compose.project}",
-                             "--filter", "label=com.docker.compose.service=worker").split()
-    assert len(workers) == 3
-    ids = compose.burst(12)
-    wait_until(lambda: any(r["status"] == "running" for r in compose.records("shell_runner")
-                           if r["event_id"] in ids), 60, "runs in flight")
-    compose.docker("kill", workers[0])
-    runs = compose.finished(ids, timeout=240)
+def addresses(compose: ComposeStack) -> list[tuple[str, int]]:
+    """Every (address, port) of every service container of the project."""
+    found = []
+    for info in compose.containers():
+        for network in info["NetworkSettings"]["Networks"].values():
+            if network.get("IPAddress"):
+                found += [(network["IPAddress"], port) for port in PORTS]
+    return found
+
+
+def probe(compose: ComposeStack, targets: list[tuple[str, int]], uid: int | None) -> list[list]:
+    """What answers the probe, run as root (uid None) or as the host account `uid`."""
+    ca = (Path(compose.env["TITAN_COMPOSE_RUN_DIR"]) / "tls" / "trust.crt").read_text()
+    drop = [] if uid is None else ["setpriv", f"--reuid={uid}", f"--regid={uid}",
+                                   "--clear-groups", "--"]
+    proc = subprocess.run([*drop, "/usr/bin/python3", "-I", "-c", PROBE, json.dumps(targets),
+                           ca], capture_output=True, text=True, timeout=300, check=True)
+    return json.loads(proc.stdout)
+
+
+def test_no_service_answers_a_host_account_at_its_container_address(
+        compose: ComposeStack) -> None:
+    """The project's bridge answers root only (its docker-proxy delivers the ports
+    published on 127.0.0.1); the same probe as root finds every service there."""
+    targets = addresses(compose)
+    ip = {service: info["NetworkSettings"]["Networks"][f"{compose.project}_default"]
+          ["IPAddress"] for service in ("redis", "manager", "flower")
+          for info in compose.containers(service)}
+    stranger = 1_700_000 + uuid.uuid4().int % 100_000
+    assert probe(compose, targets, stranger) == []
+    assert sorted(map(tuple, probe(compose, targets, None))) == sorted([
+        (ip["redis"], 6379), (ip["manager"], 8003), (ip["manager"], 8004),
+        (ip["flower"], 5555)])
+    assert http_status(f"http://127.0.0.1:{compose.port}/health") == 200  # published
+
+
+def test_every_service_runs_with_least_privilege_and_no_secret_in_its_environment(
+        compose: ComposeStack) -> None:
+    secrets = [compose.secret(name) for name in
+               ("TITAN_REDIS_PASSWORD", "TITAN_API_TOKEN", "TITAN_FLOWER_AUTH")]
+    secrets.append(secrets[-1].split(":", 1)[1])
+    services = {info["Config"]["Labels"]["com.docker.compose.service"]: info
+                for info in compose.containers()}
+    assert set(services) == {"redis", "manager", "worker", "flower"}, set(services)
+    for service, info in services.items():
+        host, config = info["HostConfig"], info["Config"]
+        shown = json.dumps([config["Env"], config["Cmd"], config["Entrypoint"], info["Args"]])
+        assert not [s for s in secrets if s in shown], f"{service} shows a secret"
+        assert host["CapDrop"] == ["ALL"] and host["ReadonlyRootfs"], service
+        assert "no-new-privileges:true" in host["SecurityOpt"], service
+        assert host["Memory"] > 0 and host["PidsLimit"] > 0, service
+        assert host["RestartPolicy"]["Name"] == "unless-stopped", service
+        if service in ("redis", "flower"):  # a uid of its own that no host account has
+            uid = int(config["User"].split(":")[0])
+            assert uid >= 1_900_000 and not host.get("CapAdd"), (service, config["User"])
+            with pytest.raises(KeyError):
+                pwd.getpwuid(uid)
+        else:  # root for pip's uid switch (and the workers' Docker socket): six capabilities
+            assert config["User"] in ("", "0", "root"), service
+            assert set(host["CapAdd"]) == {"CHOWN", "DAC_OVERRIDE", "FOWNER", "SETUID",
+                                           "SETGID", "KILL"}, (service, host["CapAdd"])
+        files = compose.docker("exec", info["Id"], "stat", "-c", "%a %u %n",
+                               "-L", *[m["Destination"] for m in info["Mounts"]
+                                       if m["Destination"].startswith("/run/secrets/")])
+        owner = config["User"].split(":")[0] or "0"
+        for line in files.splitlines():
+            mode, uid_, _ = line.split()
+            assert (mode, uid_) == ("400", owner), (service, line)
+    assert "titan_api_token" not in json.dumps(services["worker"]["Mounts"])  # only its own
+
+
+def test_a_worker_container_killed_mid_run_loses_nothing_and_leaves_nothing(
+        compose: ComposeStack) -> None:
+    """`docker kill -s KILL` of the worker container running a run: the run is re-queued
+    by the sweeper one lease after its hold lapsed (kombu's visibility timeout here is its
+    default, 15 min: waiting for it would time the test out), every event succeeds once,
+    and the dead worker's plugin containers are removed by the workers still alive."""
+    ids = compose.burst(9, "sleeper")
+    running = wait_until(lambda: [r for r in compose.records("sleeper")
+                                  if r["event_id"] in ids and r["status"] == "running"],
+                         120, "a run in flight")[0]
+    victim = next(info for info in compose.containers("worker")
+                  if running["worker"] == f"worker@{info['Config']['Hostname']}")
+    label = f"label=titan.worker_container={victim['Id']}"
+    assert compose.docker("ps", "-aq", "--filter", label).split(), "its plugin container"
+    compose.docker("kill", "-s", "KILL", victim["Id"])
+    runs = compose.finished(ids, timeout=HELD_FOR_S + 10 + 3 * 10 + 60, plugin="sleeper")
     per_event = {e: [r for r in runs if r["event_id"] == e] for e in ids}
     assert all(len(v) == 1 for v in per_event.values()), per_event  # none doubled
     assert {r["status"] for r in runs} == {"succeeded"}, [
         (r["status"], r["reason"]) for r in runs]
     assert all(len(r["result_event_ids"]) == 1 for r in runs)
+    again = next(r for r in runs if r["invocation_id"] == running["invocation_id"])
+    assert again["requeues"] == 1 and again["worker"] != running["worker"], again
+    wait_until(lambda: not compose.docker("ps", "-aq", "--filter", label).split(), 60,
+               "the dead worker's plugin containers to be reaped")

@@ -9,6 +9,7 @@ import time
 
 import pytest
 import redis
+from prometheus_client import REGISTRY
 
 from harness import Bus, isolated, new_id, record_of, wired
 from manager.bus.dispatch import Dispatcher
@@ -18,6 +19,7 @@ from manager.core.contract import make_celery
 from manager.core.events import Event
 from manager.core.records import InvocationRecord, Outcome, Status
 from manager.core.runs import RunRequest
+from manager.core.slots import HELD_FOR_S, LEASE_TTL_S
 
 
 class Rig:
@@ -93,31 +95,55 @@ def test_a_pending_run_whose_message_never_left_is_sent_after_its_grace(rig: Rig
     assert rig.status(req)["status"] == "queued"
 
 
-def test_a_started_run_is_re_queued_while_its_retries_allow(rig: Rig) -> None:
-    req = rig.run("flaky")  # retries: 2
+def test_a_running_run_whose_process_died_is_re_queued_at_once(rig: Rig) -> None:
+    """Unheld and due means its process stopped renewing a lease ago: no wait for kombu's
+    visibility timeout, and no `retries` needed (its plugin did not fail)."""
+    req = rig.run("echo")  # no retries
     rig.running(req)
-    assert rig.sweeper.sweep().suspected == [req.invocation_id]
-    report = rig.sweeper.sweep(time.time() + rig.patience + 1)
-    assert report.requeued == [req.invocation_id]
+    report = rig.sweeper.sweep()
+    assert report.requeued == [req.invocation_id] and report.suspected == []
     record = rig.status(req)
     assert record["status"] == "queued" and record["attempts"] == 1
     assert "its worker gone@host stopped holding it" in record["reason"]
+    assert rig.conn.llen(rig.settings.task_queue) == 1  # sent again
 
 
-def test_a_started_run_without_retries_is_lost_with_a_failure_event(rig: Rig) -> None:
-    req = rig.run("echo")  # no retries: running it again could run it twice
+def test_a_run_whose_process_keeps_dying_is_lost_with_a_failure_event(rig: Rig) -> None:
+    req = rig.run("echo")
+    counted = {"plugin": "echo", "status": "lost"}
+    before = REGISTRY.get_sample_value("titan_invocations_total", counted) or 0
+    for _ in range(rig.settings.max_requeues):
+        rig.running(req)
+        assert rig.sweeper.sweep().requeued == [req.invocation_id]
     rig.running(req)
-    rig.sweeper.sweep()
-    report = rig.sweeper.sweep(time.time() + rig.patience + 1)
+    report = rig.sweeper.sweep()
     assert report.lost == [req.invocation_id] and report.requeued == []
     lost = rig.status(req)
     assert lost["status"] == "lost" and "gone@host" in lost["reason"]
+    assert lost["requeues"] == rig.settings.max_requeues
     failure = Bus(rig.conn, rig.settings).result_of(req.event.event_id, timeout=5)
     assert failure["event_type"] == "invocation_failed"
     assert failure["payload"]["status"] == "lost"
     assert failure["payload"]["reason"] == lost["reason"]
+    assert REGISTRY.get_sample_value("titan_invocations_total", counted) == before + 1
     assert rig.sweeper.sweep(time.time() + rig.patience + 1).lost == []  # judged once
     assert rig.conn.zscore(rig.keys.inflight, req.invocation_id) is None
+
+
+def test_a_held_runs_deadline_moves_on_with_its_lease(rig: Rig) -> None:
+    """The process running a run renews its lease and its deadline together; once the run
+    is stored, a late renewal extends neither."""
+    req = rig.run("echo")
+    rig.running(req, "alive@host")
+    slots = wired(rig.conn, rig.settings).slots
+    slots.hold(req.plugin, req.invocation_id, "alive@host", take=True)
+    deadline = rig.conn.zscore(rig.keys.inflight, req.invocation_id)
+    assert time.time() + LEASE_TTL_S < deadline <= time.time() + HELD_FOR_S + 1
+    assert rig.sweeper.sweep().requeued == []
+    assert rig.dispatcher.records.store(req.invocation_id, Outcome(Status.SUCCEEDED)).applied
+    slots.hold(req.plugin, req.invocation_id, "alive@host")
+    assert rig.conn.zscore(rig.keys.inflight, req.invocation_id) is None
+    assert rig.conn.get(rig.keys.lease(req.invocation_id)) is None
 
 
 def test_a_run_re_queued_too_often_is_lost(rig: Rig) -> None:

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
 import pytest
 
 from harness import SYSTEM_PYTHON, free_port, private_settings, wired
@@ -114,6 +115,45 @@ def test_code_run_in_the_install_sandbox_reaches_nothing_on_the_host(settings: S
     assert "root" not in report["sees"] and "work" not in report["sees"], report["sees"]
     for path in targets[:-1]:
         assert not Path(path).exists(), f"the sandbox wrote {path} on the host"
+
+
+RUNAWAY = """\
+import os, resource, signal
+resource.setrlimit(resource.RLIMIT_NPROC, (200, 200))  # this uid's, so the host is safe
+if os.fork() == 0:  # a spawner that outruns a list-then-kill: it forks while being killed
+    os.setsid()
+    while True:
+        try:
+            if os.fork() == 0:
+                signal.pause()
+        except OSError:
+            pass
+print("started")
+"""
+
+
+def test_without_bwrap_nothing_the_install_uid_started_outlives_the_step(
+        settings: Settings, tmp_path: Path) -> None:
+    """TITAN_INSTALL_SANDBOX=user (compose): no PID namespace of its own, so what code at
+    install time leaves running, a spawner forking all the while included, is ended by
+    kill(-1) as the install uid (a uid of this test's own: nothing else's is near it)."""
+    uid = 1_800_000 + uuid.uuid4().int % 100_000
+    own = settings.with_(install_sandbox="user", install_uid=uid,
+                         cache_dir=tmp_path / "cache")
+    sandbox = InstallSandbox(own)
+    try:
+        with sandbox.workspace(tmp_path / "private") as work:
+            done = sandbox.run([SYSTEM_PYTHON, "-I", "-c", RUNAWAY], work, 60)
+        assert done.returncode == 0 and "started" in done.output, done.output
+        left = [p.pid for p in psutil.process_iter(["uids", "status"])  # the dead: zombies
+                if p.info["uids"] and uid in (p.info["uids"].real, p.info["uids"].saved)
+                and p.info["status"] != psutil.STATUS_ZOMBIE]
+        assert left == []
+    finally:
+        for _ in range(50):  # whatever a failure left, ended here
+            if subprocess.run(["pkill", "-KILL", "-U", str(uid)], check=False).returncode:
+                break
+            time.sleep(0.1)
 
 
 def test_with_the_parser_bypassed_a_local_project_still_never_runs(settings: Settings,

@@ -21,14 +21,13 @@ from manager.core.metrics import RetryReason
 from manager.core.records import InvocationRecord, Status
 from manager.core.retry import run_retry
 from manager.core.runs import RunRequest
-from manager.core.slots import Grant, Slots
+from manager.core.slots import HELD_FOR_S, Grant, Slots
 from manager.core.wiring import Wiring
-from workers.container import STOP_GRACE_S
 from workers.next import Again, Done, Next, Skipped
 
 log = logging.getLogger(__name__)
 CLAIMABLE = frozenset({Status.PENDING, Status.QUEUED, Status.THROTTLED, Status.RETRYING})
-RUNNING_GRACE_S = 60  # beyond timeout + stop grace, before the sweeper looks at a run
+RUNNING_GRACE_S = 60  # beyond a waiting run's countdown, before the sweeper looks at it
 HOLDER_RECHECK_S = 10  # a second delivery waits this long while the first holder lives
 HOLD_RENEW_S = 3.0  # a run's hold (LEASE_TTL_S) is renewed this often while it runs
 
@@ -39,7 +38,7 @@ def claim(wiring: Wiring, req: RunRequest, worker: str) -> int | Next:
     claimed = wiring.records.claim(
         wiring.slots.ask(req.plugin, req.invocation_id, req.concurrency, weight=req.weight),
         CLAIMABLE,
-        running_deadline(req), holder=worker, **running_fields(worker))
+        running_deadline(), holder=worker, **running_fields(worker))
     record = claimed.record
     if record is None:
         log.warning("invocation %s has no record (expired?); dropping", req.invocation_id)
@@ -54,8 +53,10 @@ def claim(wiring: Wiring, req: RunRequest, worker: str) -> int | Next:
     return started(req, record)
 
 
-def running_deadline(req: RunRequest) -> float:
-    return time.time() + req.limits.timeout + STOP_GRACE_S + RUNNING_GRACE_S
+def running_deadline() -> float:
+    """A running run's sweeper deadline: moved on with its hold (Slots.hold) for as long
+    as its process lives, whatever the run's timeout."""
+    return time.time() + HELD_FOR_S
 
 
 def running_fields(worker: str) -> dict[str, object]:
@@ -77,7 +78,7 @@ def take_over(wiring: Wiring, req: RunRequest, record: InvocationRecord,
         return throttle(wiring, req, record, grant)
     written = wiring.records.transition(
         req.invocation_id, Status.RUNNING, sources=frozenset({Status.RUNNING}),
-        owner=holder, deadline=running_deadline(req), increment="attempts",
+        owner=holder, deadline=running_deadline(), increment="attempts",
         **running_fields(worker))
     if not written.applied:  # another delivery got there first
         wiring.slots.release(req.plugin, req.invocation_id)

@@ -14,15 +14,17 @@ from typing import Any
 
 import docker
 import requests
-from docker.errors import APIError, DockerException, ImageNotFound
+from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 
 from manager.core.config import Settings
 from manager.core.errors import SandboxUnavailable
 from workers.container import ContainerHandle
+from workers.home import GONE, own_container
 from workers.identity import Identities
 from workers.oom import OomWatch, OomWatcher
 from workers.options import (
     LABEL,
+    LABEL_CONTAINER,
     LABEL_HOST,
     LABEL_INSTANCE,
     LABEL_INVOCATION,
@@ -61,8 +63,28 @@ class Engine:
         self.oom = OomWatcher()
         self.identities = Identities(settings)
         self.settings = settings
-        self.base_labels = {LABEL: "1", LABEL_INSTANCE: settings.instance,
-                            LABEL_HOST: settings.worker_name}
+
+    @cached_property
+    def base_labels(self) -> dict[str, str]:
+        """What marks this process's containers; its own container's id when it runs in
+        one on this engine (workers.home)."""
+        labels = {LABEL: "1", LABEL_INSTANCE: self.settings.instance,
+                  LABEL_HOST: self.settings.worker_name}
+        if self.home:
+            labels[LABEL_CONTAINER] = self.home
+        return labels
+
+    @cached_property
+    def home(self) -> str:
+        """This worker's container on this engine, or ""."""
+        own = own_container()
+        if not own:
+            return ""
+        try:
+            self.client.containers.get(own)
+        except (DockerException, requests.RequestException):
+            return ""  # not on this engine (or not a container at all)
+        return own
 
     @property
     def client(self) -> docker.DockerClient:
@@ -195,3 +217,33 @@ class Engine:
                 self.identities.give_back_label(labels.get(LABEL_UID))
             reaped.append(invocation or c.id[:12])
         return reaped
+
+    def reap_strays(self) -> list[str]:
+        """Removes the containers of this instance's worker containers on this engine that
+        are no longer running (workers.home); only a worker in a container here looks."""
+        if not self.home:
+            return []
+        try:
+            strays = self.client.containers.list(all=True, sparse=True, filters={"label": [
+                f"{LABEL}=1", f"{LABEL_INSTANCE}={self.settings.instance}", LABEL_CONTAINER]})
+        except (DockerException, requests.RequestException) as exc:
+            log.warning("cannot list containers to reap: %s", exc)
+            return []
+        owners = {(c.attrs.get("Labels") or {}).get(LABEL_CONTAINER, "") for c in strays}
+        gone = {owner for owner in owners - {self.home, ""} if self.owner_gone(owner)}
+        reaped = []
+        for c in strays:
+            labels = c.attrs.get("Labels") or {}
+            if labels.get(LABEL_CONTAINER) in gone:
+                if ContainerHandle(self.client, c).remove():
+                    self.identities.give_back_label(labels.get(LABEL_UID))
+                reaped.append(labels.get(LABEL_INVOCATION) or c.id[:12])
+        return reaped
+
+    def owner_gone(self, container_id: str) -> bool:
+        try:
+            return self.client.containers.get(container_id).status in GONE
+        except NotFound:
+            return True
+        except (DockerException, requests.RequestException):
+            return False  # unknown: looked at again next time

@@ -74,6 +74,10 @@ class Heartbeat(threading.Thread):
             if reaped:
                 log.warning("reaped %d container(s) no run uses: %s", len(reaped),
                             ", ".join(reaped))
+            strays = self.engine.reap_strays()
+            if strays:
+                log.warning("reaped %d container(s) of worker containers that are gone: %s",
+                            len(strays), ", ".join(strays))
         WorkerBeat(self.name_, os.getpid(), self._docker_ok, self._docker_error,
                    tuple(self.images()), self.slots,
                    tuple(sorted(self._images[2]))).save(self.conn, self.keys)

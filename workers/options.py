@@ -27,6 +27,7 @@ LABEL_INVOCATION = "titan.invocation"
 LABEL_PLUGIN = "titan.plugin"
 LABEL_POOL = "titan.pool"  # a prewarmed container, owned by its worker process
 LABEL_UID = "titan.uid"  # the host uid it runs as (workers.identity)
+LABEL_CONTAINER = "titan.worker_container"  # the worker's own container (workers.home)
 CODE_DIR = "/plugin"
 DEPS_DIR = "/titan/deps"
 EVENT_PATH = "/titan/event.json"

@@ -7,6 +7,10 @@ broker's queue or of kombu's `unacked` hash. A run a worker has prefetched but n
 is not held; it is waiting, and starts well within the patience below (one run's length at
 most). An unheld run is judged by what its status proves:
 
+- `running`: its process died (killed, its container or host gone). Its deadline moves on
+  with its lease and passes one lease after the lease lapsed, so it is swept at once,
+  not after kombu's visibility timeout: the dead worker's message, when kombu puts it
+  back, finds the run finished or held by its new process and runs nothing.
 - `pending`: its message was never sent (the record is marked `queued` only after the
   send). Abandoned once it has looked so for `sweep_grace_s`.
 - any later status: a message was sent before the status was written, so it is waiting in
@@ -15,8 +19,9 @@ most). An unheld run is judged by what its status proves:
   taken to be waiting its turn; once the queue is empty and the run has been unheld for
   that window plus `sweep_grace_s`, its message is gone (Redis lost it).
 
-An abandoned run is re-queued when it never started, or when its manifest's retries still
-allow another attempt; otherwise it is marked `lost`, with a failure event. Re-queuing a
+An abandoned run is re-queued (its plugin did not fail: its process or its message
+vanished), at most `max_requeues` times; then it is marked `lost`, with a failure event
+(a plugin that takes its worker down every time ends there). Re-queuing a
 run whose message was only late is harmless: the second delivery finds it finished or
 held. One process sweeps at a time, behind a lock in Redis.
 """
@@ -95,6 +100,8 @@ class Sweeper:
             record = self.records.get(invocation_id)
             if record is None or record.status.terminal:
                 self.records.forget(invocation_id)
+            elif record.status is Status.RUNNING:
+                self._abandoned(record, report)
             elif record.status is not Status.PENDING and queue_moving:
                 waiting.add(invocation_id)  # its message waits its turn in the queue
                 continue
@@ -123,9 +130,10 @@ class Sweeper:
 
     def _abandoned(self, record: InvocationRecord, report: SweepReport) -> None:
         request = RunRequest.from_dict(record.request) if record.request else None
-        started = record.status is Status.RUNNING
-        may_run = request is not None and record.requeues < self.settings.max_requeues and (
-            not started or record.attempts <= request.retries)
+        # A run whose process died runs again, as kombu's redelivery of its message would:
+        # its plugin did not fail. At most max_requeues times (a plugin that kills its
+        # worker every time ends `lost`).
+        may_run = request is not None and record.requeues < self.settings.max_requeues
         if may_run and request is not None:
             outcome = self.records.transition(
                 record.invocation_id, Status.QUEUED, increment="requeues",

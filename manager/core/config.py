@@ -5,13 +5,20 @@ the variable. Each process builds its Settings once at start (manager.core.wirin
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
 
 from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SecretsSettingsSource,
+    SettingsConfigDict,
+)
 
 from manager.core.events import Limits
 from manager.core.keys import Keys
@@ -161,6 +168,22 @@ class Settings(BaseSettings):
     housekeeping_s: int = 15  # how often the manager reclaims, trims and sweeps
     read_block_ms: int = 1000
     worker_name: str = Field(default_factory=socket.gethostname)
+
+    @classmethod
+    def settings_customise_sources(
+            cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Secrets as files: with TITAN_SECRETS_DIR (compose: /run/secrets), a file named
+        after a variable (`titan_redis_url`, `titan_api_token`) gives its value, so no
+        secret has to be in a process's environment, where `docker inspect` and every
+        child see it. The environment still wins."""
+        secrets_dir = os.environ.get("TITAN_SECRETS_DIR")
+        files = ((SecretsSettingsSource(settings_cls, secrets_dir=secrets_dir),)
+                 if secrets_dir else ())
+        return (init_settings, env_settings, *files)
 
     @field_validator("allowed_roots", mode="before")
     @classmethod

@@ -30,6 +30,9 @@ from manager.core.scripts import Scripts, named
 
 SLOT_LEASE_S = 30  # a worker slot taken by a run lasts this long unless its worker renews it
 LEASE_TTL_S = 10  # a run's holder lease lasts this long unless the process running it renews it
+# A held run's sweeper deadline, renewed with its lease: it passes one whole lease after
+# the lease lapsed, so a run the sweeper finds due and unheld has lost its process.
+HELD_FOR_S = 2 * LEASE_TTL_S
 
 
 class Grant(StrEnum):
@@ -99,12 +102,15 @@ class Slots:
                                                                       slots=slots)])
 
     def hold(self, plugin: str, invocation_id: str, holder: str, take: bool = False) -> None:
-        """A run in progress, renewed by the process running it: its holder lease and its
-        worker slot's lease (both end soon after that process dies). `take`: the lease is
-        set even when there is none (a takeover); else only a live one is renewed."""
-        self.scripts.hold(keys=[self.keys.lease(invocation_id), self.keys.plugin_slots(plugin)],
+        """A run in progress, renewed by the process running it: its holder lease, its
+        worker slot's lease and its sweeper deadline (all end soon after that process
+        dies). `take`: the lease is set even when there is none (a takeover); else only a
+        live one is renewed."""
+        self.scripts.hold(keys=[self.keys.lease(invocation_id),
+                                self.keys.plugin_slots(plugin), self.keys.inflight],
                           args=[named(id=invocation_id, holder=holder, lease_ttl=LEASE_TTL_S,
-                                      slot_lease_s=SLOT_LEASE_S, take=take or None)])
+                                      slot_lease_s=SLOT_LEASE_S, held_for=HELD_FOR_S,
+                                      take=take or None)])
 
     def held(self, invocation_ids: list[str]) -> set[str]:
         """The runs among these that a live process holds (their lease has not expired)."""

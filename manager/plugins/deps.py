@@ -92,10 +92,11 @@ def install_requirements(reqs: Requirements, settings: Settings) -> Path:
 def download(sandbox: InstallSandbox, work: Path, listed: str, settings: Settings,
              reqs: Requirements) -> str:
     """Resolves and downloads the wheels (nothing of a package runs) into the work
-    directory; the only step with a network. Returns the wheel directory as pip sees it
-    (the operator's local wheels, when they are the source)."""
+    directory; the only step with a network. Returns the wheel directory as pip sees it:
+    with the operator's local wheels, the part of them kept for exactly these
+    requirements (download_wheels), so no other plugin's wheels change what resolves."""
     if settings.pip_find_links:
-        return sandbox.wheels
+        return f"{sandbox.wheels}/{deps_key(reqs, settings)}"
     wheels = f"{sandbox.inside(work)}/wheels"
     done = sandbox.pip(["download", *PIP_OPTIONS, *pip_source(settings, sandbox),
                         *pip_target(settings), "--dest", wheels, "-r", listed],
@@ -130,7 +131,9 @@ def pip_target(settings: Settings) -> list[str]:
 
 def download_wheels(plugins_dir: Path, dest: Path, settings: Settings) -> list[str]:
     """Fills a wheel directory for the plugins' validated requirements (for hosts whose
-    containers reach no index: compose). pip runs in the install sandbox; only regular
+    containers reach no index: compose), one subdirectory per set of requirements (its
+    deps_key): an install finds only what its own requirements resolved to, never a
+    version another plugin's brought in. pip runs in the install sandbox; only regular
     `.whl` files come out of it. Returns the plugins it did."""
     done = []
     sandbox = InstallSandbox(settings)
@@ -147,9 +150,10 @@ def download_wheels(plugins_dir: Path, dest: Path, settings: Settings) -> list[s
                                  work, PIP_TIMEOUT_S, network=True)
             if result.returncode != 0:
                 raise DependencyError(f"{req}: " + pip_failure(result.output, settings, lines))
+            own = mkdirs(dest / deps_key(lines, settings))
             for wheel in (work / "wheels").glob("*.whl"):
                 if wheel.is_file() and not wheel.is_symlink():
-                    shutil.copyfile(wheel, dest / wheel.name)
+                    shutil.copyfile(wheel, own / wheel.name)
         done.append(req.parent.name)
     return done
 

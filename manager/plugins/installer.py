@@ -31,14 +31,14 @@ import fcntl
 import os
 import secrets
 import shutil
+import signal
 import stat
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-import psutil
+from typing import IO
 
 from manager.core.config import Settings
 from manager.core.errors import DependencyError
@@ -46,6 +46,7 @@ from manager.core.errors import DependencyError
 WORK = "/install"  # the work directory, as pip sees it
 WHEELS = "/wheels"  # the operator's local wheel directory (TITAN_PIP_FIND_LINKS)
 PYTHON = "/usr/bin/python3"
+OUTPUT_TAIL = 256 * 1024  # of a step's output, kept: the end says what failed
 PUBLIC_ETC = ("resolv.conf", "hosts", "nsswitch.conf", "host.conf", "gai.conf", "services",
               "protocols", "ssl", "ca-certificates", "debian_version", "os-release")
 PASS_ENV = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy",
@@ -167,23 +168,37 @@ class InstallSandbox:
             return self._run(argv, work, timeout, network)
 
     def _run(self, argv: list[str], work: Path, timeout: float, network: bool) -> Completed:
-        try:
-            proc = subprocess.run(self.command(argv, work, network), capture_output=True,
-                                  text=True,
-                                  timeout=timeout, check=False, env=self.environment(work),
-                                  cwd=work)
-        except FileNotFoundError as exc:
-            raise DependencyError(f"the install sandbox needs {exc.filename} (make up installs "
-                                  "bubblewrap and python3-pip)") from None
-        except subprocess.TimeoutExpired as exc:
-            raise DependencyError(f"pip install timed out after {timeout:.0f}s") from exc
-        finally:
-            if self.settings.install_sandbox == "user":  # no PID namespace ends them
-                kill_all(self.settings.install_uid)
-        if proc.returncode != 0 and "bwrap:" in proc.stderr and "pip" not in proc.stderr:
+        """The step ends when its first process does: what it left running (holding the
+        output files or not) is killed then, so its output is read from files, never
+        from pipes a leftover could keep open."""
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            try:
+                proc = subprocess.Popen(self.command(argv, work, network), stdout=out,
+                                        stderr=err, env=self.environment(work), cwd=work)
+            except FileNotFoundError as exc:
+                raise DependencyError(f"the install sandbox needs {exc.filename} (make up "
+                                      "installs bubblewrap and python3-pip)") from None
+            try:
+                returncode = proc.wait(timeout)
+            except subprocess.TimeoutExpired as exc:
+                proc.kill()
+                proc.wait()
+                raise DependencyError(f"pip install timed out after {timeout:.0f}s") from exc
+            finally:
+                if self.settings.install_sandbox == "user":  # no PID namespace ends them
+                    kill_all(self.settings.install_uid)
+            stdout, stderr = tail(out), tail(err)
+        if returncode != 0 and "bwrap:" in stderr and "pip" not in stderr:
             raise DependencyError(f"the install sandbox could not start: "
-                                  f"{proc.stderr.strip()[-300:]}")
-        return Completed(proc.returncode, proc.stderr + proc.stdout)
+                                  f"{stderr.strip()[-300:]}")
+        return Completed(returncode, stderr + stdout)
+
+
+def tail(output: IO[bytes], limit: int = OUTPUT_TAIL) -> str:
+    """The last `limit` bytes a step wrote (pip's failure is at the end)."""
+    size = output.seek(0, os.SEEK_END)
+    output.seek(max(0, size - limit))
+    return output.read().decode(errors="replace")
 
 
 def adopt(tree: Path) -> None:
@@ -206,10 +221,22 @@ def adopt(tree: Path) -> None:
 
 
 def kill_all(uid: int) -> None:
-    """SIGKILLs every process of `uid` (whatever pip left running), before its output is
-    taken over."""
-    for proc in psutil.process_iter(["uids"]):
-        uids = proc.info.get("uids")
-        if uids and uid in (uids.real, uids.effective, uids.saved):
-            with contextlib.suppress(psutil.Error):
-                proc.kill()
+    """SIGKILLs every process of `uid` in this PID namespace (whatever pip left running)
+    before its output is taken over: kill(-1) sent as that uid, which the kernel delivers
+    to all of them in one pass that no fork can slip past (a fork that races it is
+    undone), where a listing then a kill per process could miss a fast-forking one."""
+    child = os.fork()
+    if child == 0:  # only system calls here: the parent may have other threads
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            with contextlib.suppress(ProcessLookupError):  # none left
+                os.kill(-1, signal.SIGKILL)
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(child, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise DependencyError(f"could not end what the install uid {uid} left running")
