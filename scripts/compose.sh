@@ -182,7 +182,20 @@ up() {
   compose up -d --scale "worker=$WORKERS"
   wait_for "curl -fsS $API/health | grep -q '\"count\":$WORKERS'" 120 ||
     { curl -sS "$API/health" >&2; die "not healthy; see: docker-compose -p $PROJECT logs"; }
+  if [ "${TITAN_REDIS_HA:-0}" = 1 ]; then  # a failover needs every Sentinel to know them
+    local sentinel
+    for sentinel in sentinel sentinel2 sentinel3; do
+      wait_for "[ \"\$(sentinel_replicas $sentinel)\" = 2 ]" 60 ||
+        die "$sentinel does not see both replicas; see: docker-compose -p $PROJECT logs"
+    done
+  fi
   say "Titan Plugin Manager (compose) is up: API $API, metrics :${TITAN_METRICS_PORT:-8004}, Flower :${TITAN_FLOWER_PORT:-5555}"
+}
+
+sentinel_replicas() {  # how many replicas Sentinel service $1 knows
+  compose exec -T "$1" sh -c 'REDISCLI_AUTH="$(cat /run/secrets/redis_password)" redis-cli \
+    --tls --cacert /run/titan/tls/ca.crt --cert /run/titan/tls/server.crt \
+    --key /run/titan/tls/server.key -p 26379 sentinel replicas titan' | grep -c '^flags$'
 }
 
 down() {

@@ -176,7 +176,8 @@ class Checkout:
                 if all(any(e in s for s in seen) for e in expect):
                     break
             proc.send_signal(signal.SIGINT)
-            return proc.wait(timeout), "".join(seen)
+            rest, _ = proc.communicate(timeout=timeout)  # what it said on its way out too
+            return proc.returncode, "".join(seen) + (rest or "")
         finally:
             if proc.poll() is None:
                 proc.kill()

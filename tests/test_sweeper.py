@@ -146,6 +146,23 @@ def test_a_held_runs_deadline_moves_on_with_its_lease(rig: Rig) -> None:
     assert rig.conn.get(rig.keys.lease(req.invocation_id)) is None
 
 
+def test_a_lease_lost_with_a_failover_is_taken_back_by_its_live_holder(rig: Rig) -> None:
+    """A promoted replica may lack the last renewals: the process still running the run
+    takes its lease back (the record says the run is its own), so the sweeper never
+    re-queues a live run; a holder the record does not name gets nothing."""
+    req = rig.run("echo")
+    rig.running(req, "alive@host")
+    slots = wired(rig.conn, rig.settings).slots
+    lease = rig.keys.lease(req.invocation_id)
+    rig.conn.delete(lease)
+    slots.hold(req.plugin, req.invocation_id, "stale@host")
+    assert rig.conn.get(lease) is None
+    slots.hold(req.plugin, req.invocation_id, "alive@host")
+    assert rig.conn.get(lease) == b"alive@host"
+    rig.conn.zadd(rig.keys.inflight, {req.invocation_id: 0})
+    assert rig.sweeper.sweep().requeued == []  # held
+
+
 def test_a_run_re_queued_too_often_is_lost(rig: Rig) -> None:
     req = rig.run(sent=False)
     for n in range(rig.settings.max_requeues):

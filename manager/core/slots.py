@@ -107,7 +107,8 @@ class Slots:
         dies). `take`: the lease is set even when there is none (a takeover); else only a
         live one is renewed."""
         self.scripts.hold(keys=[self.keys.lease(invocation_id),
-                                self.keys.plugin_slots(plugin), self.keys.inflight],
+                                self.keys.plugin_slots(plugin), self.keys.inflight,
+                                self.keys.invocation(invocation_id)],
                           args=[named(id=invocation_id, holder=holder, lease_ttl=LEASE_TTL_S,
                                       slot_lease_s=SLOT_LEASE_S, held_for=HELD_FOR_S,
                                       take=take or None)])
