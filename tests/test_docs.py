@@ -165,9 +165,12 @@ class Checkout:
 
     def run_service(self, text: str, expect: list[str], timeout: float) -> tuple[int, str]:
         """A Python block that serves until Ctrl-C: stopped once it printed what it is for."""
+        # Ctrl-C as a user's terminal gives it: a suite started in the background by a
+        # shell without job control inherits SIGINT ignored, and Python keeps it so.
         proc = subprocess.Popen([*self.enter(), str(ROOT / ".venv/bin/python"), "-c", text],
                                 cwd=self.dir, env=self.env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+                                stderr=subprocess.STDOUT, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         seen: list[str] = []
         try:
             assert proc.stdout is not None
