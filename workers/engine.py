@@ -14,7 +14,7 @@ from typing import Any
 
 import docker
 import requests
-from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+from docker.errors import APIError, DockerException, ImageNotFound
 
 from manager.core.config import Settings
 from manager.core.errors import SandboxUnavailable
@@ -213,10 +213,14 @@ class Engine:
             pooled = labels.get(LABEL_POOL) == "1"  # its process removes it after use
             if alive and (pooled or not (mine and invocation not in in_use)):
                 continue
-            if ContainerHandle(self.client, c).remove():
-                self.identities.give_back_label(labels.get(LABEL_UID))
-            reaped.append(invocation or c.id[:12])
+            reaped.append(self.discard(c, labels))
         return reaped
+
+    def discard(self, container: Any, labels: dict[str, str]) -> str:
+        """Removes a container no run uses and gives its run uid back; names it."""
+        if ContainerHandle(self.client, container).remove():
+            self.identities.give_back_label(labels.get(LABEL_UID))
+        return labels.get(LABEL_INVOCATION) or container.id[:12]
 
     def reap_strays(self) -> list[str]:
         """Removes the containers of this instance's worker containers on this engine that
@@ -230,20 +234,19 @@ class Engine:
             log.warning("cannot list containers to reap: %s", exc)
             return []
         owners = {(c.attrs.get("Labels") or {}).get(LABEL_CONTAINER, "") for c in strays}
-        gone = {owner for owner in owners - {self.home, ""} if self.owner_gone(owner)}
-        reaped = []
-        for c in strays:
-            labels = c.attrs.get("Labels") or {}
-            if labels.get(LABEL_CONTAINER) in gone:
-                if ContainerHandle(self.client, c).remove():
-                    self.identities.give_back_label(labels.get(LABEL_UID))
-                reaped.append(labels.get(LABEL_INVOCATION) or c.id[:12])
-        return reaped
+        gone = self.gone(owners - {self.home, ""})
+        return [self.discard(c, labels) for c in strays
+                if (labels := c.attrs.get("Labels") or {}).get(LABEL_CONTAINER) in gone]
 
-    def owner_gone(self, container_id: str) -> bool:
+    def gone(self, container_ids: set[str]) -> set[str]:
+        """Which of these containers the engine no longer runs (one listing for all;
+        none when the engine does not answer: they are looked at again next time)."""
+        if not container_ids:
+            return set()
         try:
-            return self.client.containers.get(container_id).status in GONE
-        except NotFound:
-            return True
+            listed = self.client.containers.list(all=True, sparse=True,
+                                                 filters={"id": sorted(container_ids)})
         except (DockerException, requests.RequestException):
-            return False  # unknown: looked at again next time
+            return set()
+        alive = {c.id for c in listed if c.status not in GONE}
+        return container_ids - alive
