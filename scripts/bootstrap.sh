@@ -15,13 +15,24 @@ command -v bwrap >/dev/null || need+=(bubblewrap)
 command -v runsc >/dev/null || need+=(runsc)
 # POSIX ACLs on files plugins may read (docs/security.md; the tests grant and deny them).
 command -v setfacl >/dev/null || need+=(acl)
+# The egress proxy (manager/egress): Debian's Squid, run by services.sh as its own uid;
+# installed without starting the distribution's service (which would listen on :3128).
+command -v squid >/dev/null || need+=(squid)
 /usr/bin/python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 python3 -m venv --help >/dev/null 2>&1 || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   [ "$(id -u)" = 0 ] || die "missing system packages: ${need[*]} (install them as root)"
   say "installing system packages: ${need[*]}"
   apt-get update -qq
+  no_start=0
+  if [ ! -e /usr/sbin/policy-rc.d ]; then  # no service starts from a package's install
+    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d; chmod 755 /usr/sbin/policy-rc.d; no_start=1
+  fi
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  if [ $no_start = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
+  if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+    systemctl disable --now squid >/dev/null 2>&1 || true  # ours is started by make up
+  fi
 fi
 
 stamp="$VENV/.titan-installed"

@@ -21,27 +21,33 @@ start_docker() {
 # other keys kept, an older registration without those arguments brought up to date; an
 # engine this script started reloads it on SIGHUP. Another engine is told how, not touched.
 GVISOR_ARGS='["--network=none","--oci-seccomp"]'
-runtime_ok() {
-  docker info --format "{{json (index .Runtimes \"$GVISOR\")}}" 2>/dev/null |
-    /usr/bin/python3 -c 'import json,sys; want=json.loads(sys.argv[1]); got=json.load(sys.stdin) or {}; sys.exit(not set(want) <= set(got.get("runtimeArgs") or []))' "$GVISOR_ARGS"
+# A run of a gVisor plugin with an egress grant joins the egress network through gVisor's
+# own network stack: a second registration without --network=none.
+GVISOR_NET_ARGS='["--oci-seccomp"]'
+runtime_ok() {  # name, args (JSON)
+  docker info --format "{{json (index .Runtimes \"$1\")}}" 2>/dev/null |
+    /usr/bin/python3 -c 'import json,sys; want=json.loads(sys.argv[1]); got=json.load(sys.stdin) or {}; sys.exit(not set(want) <= set(got.get("runtimeArgs") or []))' "$2"
 }
 
 register_gvisor() {
   GVISOR="${TITAN_GVISOR_RUNTIME:-runsc}"
-  runtime_ok && return
+  GVISOR_NET="${TITAN_GVISOR_NET_RUNTIME:-runsc-net}"
+  runtime_ok "$GVISOR" "$GVISOR_ARGS" && runtime_ok "$GVISOR_NET" "$GVISOR_NET_ARGS" && return
   local runsc; runsc="$(command -v runsc)" || {
     say "runsc is not installed: isolation: gvisor is unavailable (make up installs it)"; return; }
-  /usr/bin/python3 - "/etc/docker/daemon.json" "$GVISOR" "$runsc" "$GVISOR_ARGS" <<'PY'
+  /usr/bin/python3 - "/etc/docker/daemon.json" "$runsc" "$GVISOR" "$GVISOR_ARGS" "$GVISOR_NET" "$GVISOR_NET_ARGS" <<'PY'
 import json, os, sys
-path, name, runsc, args = sys.argv[1:5]
+path, runsc, *pairs = sys.argv[1:]
 try:
     with open(path) as fh:
         conf = json.load(fh)
 except FileNotFoundError:
     conf = {}
-entry = conf.setdefault("runtimes", {}).setdefault(name, {"path": runsc})
-entry["runtimeArgs"] = [*(a for a in entry.get("runtimeArgs") or [] if a not in json.loads(args)),
-                        *json.loads(args)]
+for name, args in zip(pairs[::2], pairs[1::2]):
+    entry = conf.setdefault("runtimes", {}).setdefault(name, {"path": runsc})
+    entry["runtimeArgs"] = [*(a for a in entry.get("runtimeArgs") or []
+                              if a not in json.loads(args) and a != "--network=none"),
+                            *json.loads(args)]
 os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
 with open(path + ".titan", "w") as fh:
     json.dump(conf, fh, indent=2)
@@ -49,13 +55,21 @@ os.chmod(path + ".titan", 0o644)
 os.replace(path + ".titan", path)
 PY
   if pid_alive "$RUN_DIR/dockerd.pid"; then
-    say "registering the gVisor runtime $GVISOR with the engine (SIGHUP)"
+    say "registering the gVisor runtimes $GVISOR and $GVISOR_NET with the engine (SIGHUP)"
     kill -HUP "$(cat "$RUN_DIR/dockerd.pid")"
-    wait_for runtime_ok 20 || say "the engine did not load runtime $GVISOR; see $RUN_DIR/dockerd.log"
+    wait_for "runtime_ok $GVISOR '$GVISOR_ARGS' && runtime_ok $GVISOR_NET '$GVISOR_NET_ARGS'" 20 ||
+      say "the engine did not load the gVisor runtimes; see $RUN_DIR/dockerd.log"
   else
-    say "added runtime $GVISOR to /etc/docker/daemon.json; this engine was not started by" \
-        "make up: reload it (kill -HUP its dockerd) to enable isolation: gvisor"
+    say "added runtimes $GVISOR and $GVISOR_NET to /etc/docker/daemon.json; this engine was" \
+        "not started by make up: reload it (kill -HUP its dockerd) to enable isolation: gvisor"
   fi
+}
+
+# The egress proxy (manager/egress/proxy.py): Squid as its own uid on the internal network
+# that runs with a net grant join; started (or its configuration reloaded) here.
+start_proxy() {
+  [ -x "$PY" ] || return 0
+  "$PY" -m manager.egress.proxy start >&2 || die "the egress proxy did not start (above)"
 }
 
 # Redis runs with a password (anyone who can write to Redis can queue runs and forge
@@ -213,11 +227,14 @@ stop_pidfile() {
 uid_leases() { mkdir -p "${TITAN_UID_DIR:-/run/titan/uids}"; chmod 700 "${TITAN_UID_DIR:-/run/titan/uids}"; }
 
 case "${1:-start}" in
-  start) start_docker; register_gvisor; uid_leases; start_redis ;;
+  start) start_docker; register_gvisor; uid_leases; start_proxy; start_redis ;;
   docker) start_docker; register_gvisor; uid_leases ;;
+  proxy) start_proxy ;;
   redis) start_redis ;;
   stop)
     for s in sentinel0 sentinel1 sentinel2 redis-replica redis-replica1 redis-replica2 redis; do stop_pidfile "$s"; done
-    rm -f "$SENTINELS_FILE" "$REMOTE_ENV_FILE"; stop_pidfile dockerd ;;
-  *) die "usage: $0 start|docker|redis|stop" ;;
+    rm -f "$SENTINELS_FILE" "$REMOTE_ENV_FILE"
+    [ -x "$PY" ] && docker_ok && "$PY" -m manager.egress.proxy stop || true
+    stop_pidfile dockerd ;;
+  *) die "usage: $0 start|docker|redis|proxy|stop" ;;
 esac

@@ -9,8 +9,9 @@ from pathlib import Path
 from manager.core.config import ROOT
 
 # A part may import itself and the parts of a lower rank (workers run beside the bus).
-RANKS = {"manager.core": 0, "manager.plugins": 1, "manager.bus": 2, "workers": 2,
-         "manager.api": 3, "manager.cli": 4, "manager.service": 5, "manager.__main__": 6}
+RANKS = {"manager.core": 0, "manager.plugins": 1, "manager.egress": 1, "manager.bus": 2,
+         "workers": 2, "manager.api": 3, "manager.cli": 4, "manager.service": 5,
+         "manager.__main__": 6}
 
 
 def part_of(module: str) -> str | None:

@@ -24,7 +24,7 @@ from manager.plugins.safefs import mkdirs
 from workers import options
 from workers.container import ContainerHandle
 from workers.engine import Engine
-from workers.files import account_files, write_event
+from workers.files import SECRETS_PATH, account_files, secrets_dir, write_event, write_secrets
 from workers.run_loop import Launched
 from workers.spec import RunSpec
 
@@ -50,12 +50,16 @@ def launched_cold(engine: Engine, spec: RunSpec, payload: PayloadFile | None,
     started_wall = time.time()
     user = engine.identities.take()
     container: ContainerHandle | None = None
+    secrets = None
     try:
+        if spec.config.secrets:
+            secrets = secrets_dir(engine.settings, run_dir.name)
+            write_secrets(secrets, spec.secrets, user)
         staged = payload.stage(run_dir / "payload", user) if payload else None
         spec = replace(spec, event_file=str(write_event(run_dir, spec, user)), user=user,
                        accounts=account_files(run_dir, user),
                        payload=(staged, payload.path) if staged and payload else None)
-        container = create(engine, spec)
+        container = create(engine, spec, str(secrets) if secrets else None)
         try:
             container.attach()
             container.start()
@@ -67,12 +71,16 @@ def launched_cold(engine: Engine, spec: RunSpec, payload: PayloadFile | None,
         if container is None or container.remove():  # else the reaper removes it, and
             engine.identities.give_back(user)        # ends the lease then
         shutil.rmtree(run_dir, ignore_errors=True)
+        if secrets is not None:
+            shutil.rmtree(secrets, ignore_errors=True)
 
 
-def create(engine: Engine, spec: RunSpec) -> ContainerHandle:
+def create(engine: Engine, spec: RunSpec, secrets: str | None) -> ContainerHandle:
+    opts = options.cold(spec, engine.settings, engine.base_labels)
+    if secrets:
+        opts["mounts"].append(options.bind(SECRETS_PATH, secrets))
     try:
-        return engine.create(options.cold(spec, engine.settings, engine.base_labels),
-                             spec.image)
+        return engine.create(opts, spec.image)
     except ImageNotFound:  # not an outage: retrying cannot help
         raise Refusal(engine.image_missing(spec.image)) from None
     except APIError as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import redis
 
@@ -18,12 +19,14 @@ from manager.core.metrics import RetryReason
 from manager.core.records import Outcome, Status
 from manager.core.retry import run_retry
 from manager.core.runs import RunRequest
+from manager.core.secrets import SecretError, SecretStore
 from manager.core.wiring import Wiring
 from manager.plugins.registry import Registry
 from workers.claim import RUNNING_GRACE_S, Keeper, claim
 from workers.classify import outcome, verdict
 from workers.cold import Refusal
 from workers.engine import Engine
+from workers.grants import Gate
 from workers.launch import run_container
 from workers.next import Again, Done, Next
 from workers.plugin_cache import PluginCache
@@ -52,6 +55,8 @@ class Delivery:
         self.pool = WarmPool(self.settings, engine, lambda: {
             e.digest for e in registry.entries().values() if e.digest})
         self.keeper = Keeper(wiring.slots)
+        self.gate = Gate(self.settings, engine, SecretStore(wiring.conn, wiring.keys,
+                                                            self.settings.secrets_key))
 
     def deliver(self, req: RunRequest, worker: str) -> Next:
         """Claims the run and, with its slot, runs it to its stored outcome; or says why it
@@ -89,9 +94,14 @@ class Delivery:
         if isinstance(prepared, Outcome):
             return self.store(req, prepared)
         try:
-            end = self.run_container(prepared, self.engine,
-                                     self.pool if req.prewarm else None, self.settings,
-                                     self.cache.root / "runs")
+            with self.gate.given(req, prepared.spec) as given:
+                prepared.spec = given.spec
+                end = self.run_container(prepared, self.engine,
+                                         self.pool if req.prewarm else None, self.settings,
+                                         self.cache.root / "runs")
+            end = given.masked(end)
+        except SecretError as exc:
+            return self.store(req, Outcome(Status.FAILED, exc.message))
         except Refusal as exc:
             return self.store(req, Outcome(exc.status, exc.reason))
         except SandboxUnavailable as exc:
@@ -109,7 +119,10 @@ class Delivery:
             return self.again(req, attempt, RetryReason.MANIFEST,
                               f"{judged.status.value}: {judged.reason}",
                               exit_code=end.exit_code)
-        done = self.store(req, outcome(req, end, judged, self.settings))
+        ended = outcome(req, end, judged, self.settings)
+        if given.grant is not None:
+            ended = replace(ended, fields={**ended.fields, "egress": given.connections})
+        done = self.store(req, ended)
         if req.dispatched_at:  # (a message sent before the field existed has none)
             metrics.EVENT_TO_RESULT.labels(**labels).observe(
                 max(0.0, time.time() - req.dispatched_at))

@@ -1,12 +1,16 @@
 """The files a run reads on the host, each readable by the run's own uid alone: its event
-(EVENT_FILE), and the account files that name its uid inside its container."""
+(EVENT_FILE), the account files that name its uid inside its container, and its secrets
+(/run/secrets, on a tmpfs)."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
+from manager.core.config import Settings
 from manager.core.runs import RunUser
+from manager.core.secrets import SecretError
 from workers.spec import RunSpec
 
 
@@ -39,3 +43,47 @@ def account_files(directory: Path, user: RunUser) -> dict[str, str]:
         path.chmod(0o444)
         mounts[target] = str(path)
     return mounts
+
+
+SECRETS_PATH = "/run/secrets"
+
+
+def secrets_home(settings: Settings) -> Path:
+    """The tmpfs that secret files are written on (never a disk: a value must not outlive
+    its run in a file system's free blocks); mounted here when it is not one yet."""
+    path = settings.secret_files_dir
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o711)
+    if not _is_tmpfs(path):
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o",
+                               "size=16m,mode=0711,nosuid,nodev,noexec", "titan-secrets",
+                               str(path)], capture_output=True, text=True)
+        if done.returncode or not _is_tmpfs(path):
+            raise SecretError(f"secrets need a tmpfs at {path} (TITAN_SECRET_FILES_DIR), "
+                              f"and mounting one failed: {done.stderr.strip()}")
+    return path
+
+
+def _is_tmpfs(path: Path) -> bool:
+    with open("/proc/self/mounts", encoding="utf-8") as fh:
+        return any(line.split()[1:3] == [str(path), "tmpfs"] for line in fh)
+
+
+def secrets_dir(settings: Settings, name: str) -> Path:
+    """A private directory for one container's secrets (root's, listable: the names are
+    no secret), mounted read-only at /run/secrets."""
+    path = secrets_home(settings) / name
+    path.mkdir(mode=0o755, exist_ok=True)
+    os.chmod(path, 0o755)
+    return path
+
+
+def write_secrets(directory: Path, secrets: tuple[tuple[str, bytes], ...],
+                  user: RunUser) -> None:
+    """Each secret as a file that the run's own uid alone may read (0400)."""
+    for name, value in secrets:
+        fd = os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o400)
+        with os.fdopen(fd, "wb") as fh:
+            os.fchown(fd, user.uid, user.gid)
+            fh.write(value)

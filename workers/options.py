@@ -50,7 +50,7 @@ def bind(target: str, source: str) -> Mount:
 def run_env(spec: RunSpec) -> dict[str, str]:
     """The run's own environment: its invocation id, and the event itself when it is small
     enough for one variable (EVENT_FILE always has it)."""
-    env = {"INVOCATION_ID": spec.invocation_id}
+    env = {"INVOCATION_ID": spec.invocation_id, **dict(spec.proxy_env)}
     if len(spec.event_json.encode()) <= MAX_ENV_EVENT:
         env["EVENT_DATA"] = spec.event_json
     return env
@@ -78,7 +78,8 @@ def base(config: PoolConfig, settings: Settings, labels: dict[str, str], user: R
     shm = min(s.shm_bytes, limits.memory_bytes // 8)
     return {
         "image": config.image, "command": list(config.argv), "environment": env,
-        "working_dir": CODE_DIR, "user": user.docker, "network_mode": "none",
+        "working_dir": CODE_DIR, "user": user.docker,
+        "network_mode": config.network or "none",
         "read_only": True, "mounts": mounts,
         "tmpfs": {"/tmp": f"{tmp},size={tmpfs},nr_inodes={s.tmpfs_inodes}",
                   "/dev/shm": f"{tmp},size={shm},nr_inodes=256"},

@@ -226,6 +226,8 @@ class WarmPool:
         if warm.container.remove():
             self.engine.identities.give_back(warm.user)
             shutil.rmtree(warm.home, ignore_errors=True)
+            if warm.secrets is not None:
+                shutil.rmtree(warm.secrets, ignore_errors=True)
         elif not self.stopping.is_set():
             with self.lock:
                 self.to_remove.append(warm)  # the engine may be away: again next time

@@ -57,10 +57,19 @@ def prepare(req: RunRequest, settings: Settings, engine: Engine, cache: PluginCa
         return Outcome(Status.FAILED, exc.message)
     config = PoolConfig(req.plugin, req.version, req.digest, req.image, req.argv,
                         str(code_dir), req.limits.clamped(settings),
-                        str(deps) if deps else None, mounts,
-                        settings.gvisor_runtime if req.isolation is Isolation.GVISOR else None,
-                        payload_dirs(req.allowed_globs, settings) if payload else ())
+                        str(deps) if deps else None, mounts, runtime(req, settings),
+                        payload_dirs(req.allowed_globs, settings) if payload else (),
+                        settings.egress_network if req.net_allow else None,
+                        bool(req.secrets))
     return Prepared(RunSpec(config, req.invocation_id, req.event.encode()), payload)
+
+
+def runtime(req: RunRequest, settings: Settings) -> str | None:
+    """The engine's runtime: gVisor's (with its own network stack when the run has an
+    egress grant: the plain one is registered with --network=none), or the default."""
+    if req.isolation is not Isolation.GVISOR:
+        return None
+    return settings.gvisor_net_runtime if req.net_allow else settings.gvisor_runtime
 
 
 def host_paths(req: RunRequest, settings: Settings,

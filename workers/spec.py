@@ -27,6 +27,11 @@ class PoolConfig:
     # Where a run's payload file may lie (its runs name one): a prewarmed container has an
     # empty private directory of its own mounted at each, for the run's checked copy.
     payload_dirs: tuple[str, ...] = ()
+    # The egress network its containers join (a plugin with permissions.net.allow), or
+    # None: network_mode none.
+    network: str | None = None
+    # Where its runs find their secrets (/run/secrets): a private directory is mounted.
+    secrets: bool = False
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,8 @@ class RunSpec:
     payload: tuple[str, str] | None = None  # (private host copy, path inside the container)
     user: RunUser | None = None  # a cold container's identity (a warm one has its own)
     accounts: dict[str, str] = field(default_factory=dict)  # its /etc/passwd, /etc/group
+    proxy_env: tuple[tuple[str, str], ...] = ()  # its egress credentials (HTTP_PROXY, ...)
+    secrets: tuple[tuple[str, bytes], ...] = field(default=(), repr=False)  # name, value
 
     @property
     def plugin(self) -> str:

@@ -33,7 +33,7 @@ from manager.plugins.safefs import mkdirs, private_root
 from workers import options
 from workers.container import STDERR, STDOUT, ContainerHandle
 from workers.engine import Engine
-from workers.files import account_files, write_event
+from workers.files import SECRETS_PATH, account_files, secrets_dir, write_event, write_secrets
 from workers.oom import OomWatch
 from workers.run_loop import Launched
 from workers.spec import PoolConfig, RunSpec
@@ -68,11 +68,13 @@ class Warm:
     home: Path  # its private directory on the host: the inbox, account files, payload dirs
     user: RunUser  # its identity, given back when it is removed
     oom: OomWatch | None = None
+    secrets: Path | None = None  # on the secrets tmpfs, mounted at /run/secrets
     ready_mono: float = field(default_factory=time.monotonic)
 
     @property
     def inbox(self) -> Path:
         return self.home / "in"
+
 
     def payload_dir(self, index: int) -> Path:
         """The host directory mounted at the configuration's payload_dirs[index]."""
@@ -111,8 +113,8 @@ def interpreter(config: PoolConfig, settings: Settings) -> str | None:
     return argv[0] if PYTHON_RE.match(argv[0]) else None
 
 
-def warm_options(engine: Engine, config: PoolConfig, home: Path,
-                 user: RunUser) -> dict[str, Any]:
+def warm_options(engine: Engine, config: PoolConfig, home: Path, user: RunUser,
+                 secrets: Path | None = None) -> dict[str, Any]:
     """The configuration's options (workers.options.base) with the launcher waiting on
     stdin instead of the plugin; the run's own part reaches the launcher with the run.
     The launcher is PID 1 (no docker-init): non-dumpable, so the plugin (same uid) can
@@ -125,6 +127,8 @@ def warm_options(engine: Engine, config: PoolConfig, home: Path,
     opts["mounts"].append(options.bind(INBOX, str(home / "in")))
     opts["mounts"] += [options.bind(target, str(home / f"payload-{i}"))
                        for i, target in enumerate(config.payload_dirs)]
+    if secrets is not None:
+        opts["mounts"].append(options.bind(SECRETS_PATH, str(secrets)))
     opts["environment"]["EVENT_FILE"] = f"{INBOX}/event.json"
     opts["labels"][options.LABEL_POOL] = "1"
     opts["mem_limit"] += HEADROOM_BYTES
@@ -183,8 +187,11 @@ def prewarm(engine: Engine, config: PoolConfig) -> Warm:
         os.chmod(directory, 0o711)
     user = engine.identities.take()
     container: ContainerHandle | None = None
+    private = None
     try:
-        container = engine.create(warm_options(engine, config, home, user), config.image)
+        private = secrets_dir(engine.settings, home.name) if config.secrets else None
+        container = engine.create(warm_options(engine, config, home, user, private),
+                                  config.image)
         container.attach(stdin=True)
         container.start()
         if not container.readable(READY_TIMEOUT_S):
@@ -198,8 +205,10 @@ def prewarm(engine: Engine, config: PoolConfig) -> Warm:
         if container is None or container.remove():
             engine.identities.give_back(user)
         shutil.rmtree(home, ignore_errors=True)
+        if private is not None:
+            shutil.rmtree(private, ignore_errors=True)
         raise
-    return Warm(config, container, home, user, engine.oom.watch(container.id))
+    return Warm(config, container, home, user, engine.oom.watch(container.id), private)
 
 
 @contextlib.contextmanager
@@ -211,6 +220,8 @@ def handed_over(warm: Warm, spec: RunSpec, payload: PayloadFile | None) -> Itera
     if not warm.alive():
         raise WarmBroken("the prewarmed container is gone (its stream has ended)")
     write_event(warm.inbox, spec, warm.user)
+    if warm.secrets is not None:
+        write_secrets(warm.secrets, spec.secrets, warm.user)
     if payload is not None and payload.handle is not None:
         stage_payload(warm, payload)
     token = secrets.token_hex(16)

@@ -17,6 +17,7 @@ from werkzeug.exceptions import HTTPException
 from manager.api.context import ApiContext, error
 from manager.api.events import bus_routes
 from manager.api.routes import routes
+from manager.api.secrets import secret_routes
 from manager.bus.dispatch import Dispatcher
 from manager.core.config import Settings
 from manager.core.errors import (
@@ -33,12 +34,15 @@ from manager.core.errors import (
     TitanError,
     VersionNotFound,
 )
+from manager.core.secrets import SecretError, SecretNotFound
 from manager.core.wiring import Wiring
 from manager.plugins.registry import Registry
 
-STATUS_CODES = {EventError: 400, BadQuery: 400, BudgetExceeded: 429, PluginNotFound: 404,
+STATUS_CODES = {SecretNotFound: 404, EventError: 400, BadQuery: 400, BudgetExceeded: 429,
+                PluginNotFound: 404,
                 InvocationNotFound: 404, VersionNotFound: 404, DeadLetterNotFound: 404,
-                PluginUnavailable: 409, PermissionDenied: 403, NotReplicated: 503}
+                PluginUnavailable: 409, PermissionDenied: 403, NotReplicated: 503,
+                SecretError: 400}
 PUBLIC_PATHS = ("/health", "/docs", "/openapi.json")  # and /docs/static/...
 
 
@@ -61,6 +65,7 @@ def create_app(wiring: Wiring, registry: Registry, dispatcher: Dispatcher,
     app.register_error_handler(HTTPException, _http_error)
     app.register_blueprint(routes)
     app.register_blueprint(bus_routes)
+    app.register_blueprint(secret_routes)
     return app
 
 

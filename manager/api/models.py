@@ -75,6 +75,27 @@ class LimitQuery(_Model):
     limit: int = Field(20, ge=1, le=1000)
 
 
+class SecretIn(_Model):
+    value: str | None = Field(None, max_length=64 * 1024, description="the value (UTF-8)")
+    value_b64: str | None = Field(None, max_length=88 * 1024,
+                                  description="or the value as base64 (bytes)")
+    plugins: list[str] = Field(min_length=1, max_length=100,
+                               description="the plugins whose runs may read it")
+
+
+class SecretOut(BaseModel):
+    name: str
+    size: int
+    plugins: list[str]
+    changed_at: float
+    unknown_plugins: list[str] = Field(default_factory=list,
+                                       description="bound names no plugin has (yet)")
+
+
+class SecretList(BaseModel):
+    secrets: list[SecretOut]
+
+
 class RollbackIn(_Model):
     version: str | None = Field(None, min_length=1, max_length=200,
                                 description="a version or a digest; default: the previous")

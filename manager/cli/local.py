@@ -7,6 +7,7 @@ import difflib
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,6 @@ def local_engine(settings: Settings) -> Engines:
 
 
 def checked(entry: PluginEntry, engine: Engines, settings: Settings) -> PluginEntry:
-    from dataclasses import replace
-
     where = "this machine's Docker engine"
     warnings = tuple(w for w in (
         image_warning(entry, engine.images, settings, where),
@@ -148,6 +147,10 @@ def run_local(ctx: click.Context, directory: str, event: str) -> None:
     except EventError as exc:
         raise click.BadParameter(exc.message, param_hint="-e") from None
     req = entry.request(ev, settings, "cli")
+    if req.net_allow or req.secrets:  # the stack's proxy and secret store give them
+        click.echo("note: a local run has no network and no secrets (permissions.net and "
+                   "secrets: are given by the stack: publish or trigger)", err=True)
+        req = replace(req, net_allow=(), secrets=())
     report = _execute(req, bundle, settings)
     ctx.obj["out"](report, _describe(report))
     if report["status"] != "succeeded":

@@ -27,6 +27,7 @@ from manager.cli.client import (
     read_event,
 )
 from manager.cli.publish import publish
+from manager.cli.secrets import secret
 from manager.cli.text import (
     describe,
     log_entry,
@@ -236,6 +237,7 @@ def replay(ctx: click.Context, entry_id: str) -> None:
 
 
 cli.add_command(publish)
+cli.add_command(secret)
 
 
 def main() -> None:

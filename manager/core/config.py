@@ -20,6 +20,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from manager.core import netrules as rules
 from manager.core.events import Limits
 from manager.core.keys import Keys
 
@@ -158,6 +159,26 @@ class Settings(BaseSettings):
     # plugin under gVisor. The engine must have the runtime registered under this name.
     isolation: Literal["container", "gvisor"] = "container"
     gvisor_runtime: str = "runsc"
+    # gVisor with its own network stack, for runs with an egress grant (registered
+    # without --network=none)
+    gvisor_net_runtime: str = "runsc-net"
+    # Egress (SPEC §4): the ceiling of what any plugin may be granted (host:port patterns,
+    # comma-separated; empty: no plugin has a network), a hosts(5) file the proxy resolves
+    # names from before DNS, where the proxy keeps its state, its network and bridge, its
+    # port and uid, and each run's caps.
+    egress_allow: Annotated[tuple[str, ...], NoDecode] = ()
+    egress_hosts: str = ""
+    egress_dir: Path = Path("/run/titan/egress")
+    egress_network: str = "titan-egress"
+    egress_bridge: str = "ttegress0"
+    egress_port: int = 3128
+    egress_user: str = "titan-proxy"
+    egress_max_connections: int = 64
+    egress_max_bytes: int = 64 * 1024**2
+    # Plugin secrets: the key they are encrypted with in Redis (a worker host's bundle
+    # carries it), and the tmpfs a worker puts each run's files on.
+    secrets_key: Path = Path("{run_dir}/secrets.key")
+    secret_files_dir: Path = Path("/run/titan/secrets")
     finish_budget_s: int = 3600  # how long a finished run waits for Redis to come back
     sweep_interval_s: int = 30  # how often the manager looks for abandoned runs
     sweep_grace_s: int = 30  # a run must look abandoned this long before it is swept
@@ -193,6 +214,16 @@ class Settings(BaseSettings):
             return tuple(Path(p) for p in raw.replace(",", ":").split(":") if p.strip())
         return raw
 
+    @field_validator("egress_allow", mode="before")
+    @classmethod
+    def _patterns(cls, raw: Any) -> Any:
+        """Comma- (or space-) separated host:port patterns, each checked."""
+        if isinstance(raw, str):
+            raw = tuple(p for p in raw.replace(",", " ").split() if p)
+        for pattern in raw:
+            rules.parse(pattern)
+        return raw
+
     @model_validator(mode="after")
     def _channel(self) -> Settings:
         """The password never crosses a network in clear: plain redis:// only to this
@@ -213,7 +244,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _derived(self) -> Settings:
         """Paths under the run directory unless given; {hostname} in the cache's."""
-        for name in ("cache_dir", "api_socket", "api_tls_cert", "api_tls_key"):
+        for name in ("cache_dir", "api_socket", "api_tls_cert", "api_tls_key", "secrets_key"):
             value = str(getattr(self, name))
             value = value.replace("{run_dir}", str(self.run_dir))
             object.__setattr__(self, name, Path(value.replace("{hostname}",

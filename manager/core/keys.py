@@ -53,6 +53,11 @@ class Keys:
         return f"{self.prefix}:dispatched:{event_id}:{plugin}"
 
     @property
+    def secrets(self) -> str:
+        """Hash: secret name -> JSON of its size, plugins, time and encrypted value."""
+        return f"{self.prefix}:secrets"
+
+    @property
     def inflight(self) -> str:
         """Sorted set: non-terminal invocations by the deadline the sweeper checks."""
         return f"{self.prefix}:inflight"

@@ -108,6 +108,9 @@ class InvocationRecord:
     # to PREVIEW_CHARS (the events themselves are on the stream)
     results: tuple[dict[str, Any], ...] = ()
     failure_event_id: str | None = None
+    # each request the run sent the egress proxy: method, host, port, decision, why,
+    # status, bytes sent and received
+    egress: tuple[dict[str, Any], ...] = ()
     published: bool = False
     request: dict[str, Any] | None = field(default=None, repr=False)
 
@@ -130,6 +133,7 @@ class InvocationRecord:
         data["status"] = self.status.value
         data["result_event_ids"] = list(self.result_event_ids)
         data["results"] = list(self.results)
+        data["egress"] = list(self.egress)
         return data
 
     @classmethod
@@ -140,4 +144,5 @@ class InvocationRecord:
         values["status"] = Status(values["status"])
         values["result_event_ids"] = tuple(values.get("result_event_ids") or ())
         values["results"] = tuple(values.get("results") or ())
+        values["egress"] = tuple(values.get("egress") or ())
         return cls(**values)

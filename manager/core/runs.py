@@ -88,18 +88,23 @@ class RunRequest:
     isolation: Isolation = Isolation.CONTAINER
     dispatched_at: float = 0.0  # when the event was matched and the run recorded (epoch s)
     weight: int = 1  # the manifest's: turns in the queue and share of slots (fair queueing)
+    net_allow: tuple[str, ...] = ()  # host:port patterns granted through the egress proxy
+    secrets: tuple[str, ...] = ()  # names of the secrets the run reads at /run/secrets
 
     def to_dict(self) -> dict[str, Any]:
         """The wire form (shallow: no deep copy on the hot path)."""
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data.update(event=self.event.to_dict(), argv=list(self.argv), limits=asdict(self.limits),
-                    allowed_globs=list(self.allowed_globs))
+                    allowed_globs=list(self.allowed_globs), net_allow=list(self.net_allow),
+                    secrets=list(self.secrets))
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunRequest:
         return cls(**{**data, "argv": tuple(data["argv"]),
                       "allowed_globs": tuple(data["allowed_globs"]),
+                      "net_allow": tuple(data.get("net_allow") or ()),
+                      "secrets": tuple(data.get("secrets") or ()),
                       "limits": RunLimits(**data["limits"]),
                       "isolation": Isolation(data.get("isolation") or Isolation.CONTAINER),
                       "event": Event.trusted(data["event"])})

@@ -144,7 +144,8 @@ class PluginEntry:
                           allowed_globs=tuple(m.allowed_globs), retries=m.retries,
                           concurrency=m.concurrency, weight=m.weight, event=event,
                           origin=origin,
-                          prewarm=m.prewarm, isolation=self.isolation(settings))
+                          prewarm=m.prewarm, isolation=self.isolation(settings),
+                          net_allow=m.net_allow, secrets=m.secrets)
 
     def isolation(self, settings: Settings) -> Isolation:
         """The manifest's choice, unless the operator runs every plugin under gVisor."""

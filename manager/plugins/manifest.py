@@ -20,6 +20,7 @@ from pydantic import (
     field_validator,
 )
 
+from manager.core import netrules
 from manager.core.config import Settings
 from manager.core.errors import ManifestError
 from manager.core.runs import Isolation, RunLimits
@@ -36,6 +37,7 @@ from manager.plugins.yaml_strict import (
 NAME_RE = r"^[a-z][a-z0-9_]{0,63}$"
 SEMVER_RE = r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$"
 PATTERN_RE = r"^[A-Za-z0-9._*?\[\]-]{1,128}$"
+SECRET_RE = r"^[a-z][a-z0-9_]{0,63}$"
 MEMORY_RE = re.compile(r"^(\d+(?:\.\d+)?)(Ki|Mi|Gi|K|M|G)?$")
 MEMORY_UNITS = {None: 1, "K": 1000, "M": 1000**2, "G": 1000**3,
                 "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3}
@@ -98,8 +100,23 @@ class FsPermissions(_Model):
         return value
 
 
+class NetPermissions(_Model):
+    """host:port patterns the plugin asks to reach through the egress proxy; the operator's
+    ceiling (TITAN_EGRESS_ALLOW) decides at load whether it may (manager.core.netrules)."""
+
+    allow: Annotated[tuple[str, ...], Field(max_length=64)] = ()
+
+    @field_validator("allow")
+    @classmethod
+    def _patterns(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for pattern in value:
+            netrules.parse(pattern)
+        return tuple(p.strip().lower() for p in value)
+
+
 class Permissions(_Model):
     fs: FsPermissions = FsPermissions()
+    net: NetPermissions = NetPermissions()
 
 
 class Manifest(_Model):
@@ -120,6 +137,9 @@ class Manifest(_Model):
     isolation: Isolation = Isolation.CONTAINER  # gvisor: a user-space kernel in between
     resources: Resources = Resources()
     permissions: Permissions = Permissions()
+    # names of operator-set secrets the plugin reads at /run/secrets/<name>
+    secrets: Annotated[tuple[Annotated[str, Field(pattern=SECRET_RE)], ...],
+                       Field(max_length=32)] = ()
 
     @field_validator("entrypoint")
     @classmethod
@@ -148,6 +168,10 @@ class Manifest(_Model):
     def allowed_globs(self) -> tuple[str, ...]:
         return self.permissions.fs.allow
 
+    @property
+    def net_allow(self) -> tuple[str, ...]:
+        return self.permissions.net.allow
+
     def over_limits(self, settings: Settings) -> list[str]:
         """What the operator does not allow (SPEC §3: at most the operator's maximum)."""
         errors = []
@@ -160,6 +184,11 @@ class Manifest(_Model):
         if self.cpu_millis > settings.max_cpu_millis:
             errors.append(f"resources.cpu: {self.resources.cpu} is above the maximum "
                           f"{settings.max_cpu_millis}m")
+        ceiling = settings.egress_allow
+        for pattern in netrules.beyond(ceiling, self.net_allow):
+            errors.append(f"permissions.net.allow: {pattern!r} is beyond the operator's "
+                          f"ceiling ({', '.join(ceiling) or 'empty: no plugin has a network'}"
+                          "); the operator may allow it in TITAN_EGRESS_ALLOW")
         return errors
 
     def run_limits(self, settings: Settings) -> RunLimits:
@@ -242,7 +271,8 @@ def _keys_at(loc: tuple[Any, ...]) -> list[str]:
     if tuple(names) == ("triggers",):
         return [*Trigger.model_fields, *Schedule.model_fields]
     model: Any = {(): Manifest, ("resources",): Resources, ("permissions",): Permissions,
-                  ("permissions", "fs"): FsPermissions}.get(tuple(names))
+                  ("permissions", "fs"): FsPermissions,
+                  ("permissions", "net"): NetPermissions}.get(tuple(names))
     return list(model.model_fields) if model else []
 
 
