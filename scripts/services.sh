@@ -21,9 +21,12 @@ start_docker() {
 # other keys kept, an older registration without those arguments brought up to date; an
 # engine this script started reloads it on SIGHUP. Another engine is told how, not touched.
 GVISOR_ARGS='["--network=none","--oci-seccomp"]'
-# A run of a gVisor plugin with an egress grant joins the egress network through gVisor's
-# own network stack: a second registration without --network=none.
-GVISOR_NET_ARGS='["--oci-seccomp"]'
+# A run of a gVisor plugin with an egress grant joins the egress network: a second
+# registration, with --network=host: the Sentry's sockets are the host kernel's, in the
+# container's own network namespace (which holds the internal bridge and nothing else).
+# gVisor's netstack (--network=sandbox) fails to start on this kind of machine ("cannot
+# run with network enabled in root network namespace", runsc 2022-12).
+GVISOR_NET_ARGS='["--network=host","--oci-seccomp"]'
 runtime_ok() {  # name, args (JSON)
   docker info --format "{{json (index .Runtimes \"$1\")}}" 2>/dev/null |
     /usr/bin/python3 -c 'import json,sys; want=json.loads(sys.argv[1]); got=json.load(sys.stdin) or {}; sys.exit(not set(want) <= set(got.get("runtimeArgs") or []))' "$2"
@@ -46,7 +49,7 @@ except FileNotFoundError:
 for name, args in zip(pairs[::2], pairs[1::2]):
     entry = conf.setdefault("runtimes", {}).setdefault(name, {"path": runsc})
     entry["runtimeArgs"] = [*(a for a in entry.get("runtimeArgs") or []
-                              if a not in json.loads(args) and a != "--network=none"),
+                              if a not in json.loads(args) and not a.startswith("--network=")),
                             *json.loads(args)]
 os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
 with open(path + ".titan", "w") as fh:
@@ -225,10 +228,18 @@ stop_pidfile() {
 # Each plugin container runs as a host uid of its own (workers/identity.py): the leases
 # live in one host-wide directory, root's alone, on a tmpfs (empty again after a reboot).
 uid_leases() { mkdir -p "${TITAN_UID_DIR:-/run/titan/uids}"; chmod 700 "${TITAN_UID_DIR:-/run/titan/uids}"; }
+# The egress proxy's own account (a system uid; no home, no shell), and the host-wide
+# directory its state lies under, which it may pass through (and list nothing in).
+proxy_account() {
+  local user="${TITAN_EGRESS_USER:-titan-proxy}"
+  id "$user" >/dev/null 2>&1 ||
+    useradd --system --no-create-home --user-group --shell /usr/sbin/nologin "$user"
+  mkdir -p /run/titan; chmod 711 /run/titan
+}
 
 case "${1:-start}" in
-  start) start_docker; register_gvisor; uid_leases; start_proxy; start_redis ;;
-  docker) start_docker; register_gvisor; uid_leases ;;
+  start) start_docker; register_gvisor; uid_leases; proxy_account; start_proxy; start_redis ;;
+  docker) start_docker; register_gvisor; uid_leases; proxy_account ;;
   proxy) start_proxy ;;
   redis) start_redis ;;
   stop)

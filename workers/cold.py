@@ -19,6 +19,7 @@ from docker.errors import APIError, DockerException, ImageNotFound
 
 from manager.core.errors import SandboxUnavailable
 from manager.core.records import Status
+from manager.egress.grants import pin
 from manager.plugins.permissions import PayloadFile
 from manager.plugins.safefs import mkdirs
 from workers import options
@@ -63,6 +64,8 @@ def launched_cold(engine: Engine, spec: RunSpec, payload: PayloadFile | None,
         try:
             container.attach()
             container.start()
+            if spec.grant_file and spec.config.network:
+                pin(spec.grant_file, container.address(spec.config.network))
         except (DockerException, requests.RequestException, OSError) as exc:
             raise SandboxUnavailable(f"cannot start container: {exc}") from exc
         yield Launched(container, container.frames(), started_wall, time.time(),

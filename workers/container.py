@@ -55,6 +55,12 @@ class ContainerHandle:
     def start(self) -> None:
         self.container.start()
 
+    def address(self, network: str) -> str:
+        """Its IPv4 address on `network` (once started: the engine assigns it then)."""
+        self.container.reload()
+        nets = self.container.attrs.get("NetworkSettings", {}).get("Networks") or {}
+        return str((nets.get(network) or {}).get("IPAddress") or "")
+
     def send(self, data: bytes) -> None:
         """Writes to the container's stdin, all of it (to the stream's descriptor: the
         reader attach_socket returns is the HTTP response's, opened for reading only)."""

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 from pathlib import Path
@@ -54,13 +55,23 @@ def secrets_home(settings: Settings) -> Path:
     path = settings.secret_files_dir
     path.mkdir(parents=True, exist_ok=True)
     os.chmod(path, 0o711)
-    if not _is_tmpfs(path):
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o",
-                               "size=16m,mode=0711,nosuid,nodev,noexec", "titan-secrets",
-                               str(path)], capture_output=True, text=True)
-        if done.returncode or not _is_tmpfs(path):
-            raise SecretError(f"secrets need a tmpfs at {path} (TITAN_SECRET_FILES_DIR), "
-                              f"and mounting one failed: {done.stderr.strip()}")
+    if _is_tmpfs(path):
+        return path
+    # one mount, whichever worker process comes first: a second one over it would hide
+    # the first one's files from the engine
+    lock = os.open(path.parent / f".{path.name}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW,
+                   0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _is_tmpfs(path):
+            done = subprocess.run(["mount", "-t", "tmpfs", "-o",
+                                   "size=16m,mode=0711,nosuid,nodev,noexec", "titan-secrets",
+                                   str(path)], capture_output=True, text=True)
+            if done.returncode or not _is_tmpfs(path):
+                raise SecretError(f"secrets need a tmpfs at {path} (TITAN_SECRET_FILES_DIR),"
+                                  f" and mounting one failed: {done.stderr.strip()}")
+    finally:
+        os.close(lock)
     return path
 
 

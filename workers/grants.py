@@ -87,7 +87,8 @@ class Gate:
             return
         grant = grants.issue(self.settings, self.proxy(), req.invocation_id, req.plugin,
                              req.net_allow, spec.timeout)
-        given = Given(replace(spec, proxy_env=tuple(grant.env.items())), grant)
+        given = Given(replace(spec, proxy_env=tuple(grant.env.items()),
+                              grant_file=str(grant.grant_file)), grant)
         try:
             yield given
         finally:

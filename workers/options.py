@@ -8,6 +8,7 @@ made ahead of it. A manifest has no way to loosen any of it."""
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 import psutil
@@ -15,6 +16,7 @@ from docker.types import Mount, Ulimit
 
 from manager.core.config import Settings
 from manager.core.runs import RunUser
+from manager.plugins.safefs import mkdirs, private_root
 from workers import gvisor_seccomp
 from workers.spec import PoolConfig, RunSpec
 
@@ -71,6 +73,8 @@ def base(config: PoolConfig, settings: Settings, labels: dict[str, str], user: R
         env["PYTHONPATH"] = DEPS_DIR
     mounts += [bind(d, d) for d in config.read_only_dirs]
     mounts += [bind(target, source) for target, source in accounts.items()]
+    if config.network:
+        mounts.append(bind("/etc/resolv.conf", no_resolver(s)))
     tmp = "rw,noexec,nosuid,nodev,mode=1777"
     # tmpfs pages are charged to the container's memory: filling /tmp (at most half of it)
     # and /dev/shm (at most an eighth) must end in ENOSPC, not in an OOM kill.
@@ -96,6 +100,21 @@ def base(config: PoolConfig, settings: Settings, labels: dict[str, str], user: R
                    LABEL_UID: user.label},
         **({"runtime": config.runtime} if config.runtime else {}),
     }
+
+
+def no_resolver(settings: Settings) -> str:
+    """/etc/resolv.conf for a container on the egress network: a resolver that is not
+    there, so a lookup fails at once (names are the proxy's to resolve; the engine's own
+    resolver on an internal network answers nothing but waits seconds for that)."""
+    path = mkdirs(private_root(settings.cache_dir) / "tools", 0o755) / "resolv.conf"
+    if not path.exists():
+        tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")  # the pool's
+        # thread writes it too
+        tmp.write_text("# Titan: names are the egress proxy's to resolve (HTTP_PROXY)\n"
+                       "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
+        tmp.chmod(0o444)
+        os.replace(tmp, path)
+    return str(path)
 
 
 def host_pids(config: PoolConfig) -> int:

@@ -47,6 +47,7 @@ class RunSpec:
     user: RunUser | None = None  # a cold container's identity (a warm one has its own)
     accounts: dict[str, str] = field(default_factory=dict)  # its /etc/passwd, /etc/group
     proxy_env: tuple[tuple[str, str], ...] = ()  # its egress credentials (HTTP_PROXY, ...)
+    grant_file: str | None = None  # its egress grant, pinned to its container's address
     secrets: tuple[tuple[str, bytes], ...] = field(default=(), repr=False)  # name, value
 
     @property

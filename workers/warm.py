@@ -20,6 +20,7 @@ import os
 import re
 import secrets
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from typing import Any
 
 from manager.core.config import ROOT, Settings
 from manager.core.runs import RunUser
+from manager.egress.grants import pin
 from manager.plugins.permissions import PayloadFile
 from manager.plugins.safefs import mkdirs, private_root
 from workers import options
@@ -69,6 +71,7 @@ class Warm:
     user: RunUser  # its identity, given back when it is removed
     oom: OomWatch | None = None
     secrets: Path | None = None  # on the secrets tmpfs, mounted at /run/secrets
+    address: str = ""  # on the egress network (a configuration with one)
     ready_mono: float = field(default_factory=time.monotonic)
 
     @property
@@ -148,7 +151,7 @@ def tools_copy(settings: Settings) -> Path:
         source = (ROOT / "workers" / name).read_bytes()
         target = directory / name
         if not target.exists() or target.read_bytes() != source:
-            tmp = target.with_suffix(f".{os.getpid()}.tmp")
+            tmp = target.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
             tmp.write_bytes(source)
             tmp.chmod(0o444)
             os.replace(tmp, target)
@@ -208,7 +211,9 @@ def prewarm(engine: Engine, config: PoolConfig) -> Warm:
         if private is not None:
             shutil.rmtree(private, ignore_errors=True)
         raise
-    return Warm(config, container, home, user, engine.oom.watch(container.id), private)
+    address = container.address(config.network) if config.network else ""
+    return Warm(config, container, home, user, engine.oom.watch(container.id), private,
+                address)
 
 
 @contextlib.contextmanager
@@ -222,6 +227,8 @@ def handed_over(warm: Warm, spec: RunSpec, payload: PayloadFile | None) -> Itera
     write_event(warm.inbox, spec, warm.user)
     if warm.secrets is not None:
         write_secrets(warm.secrets, spec.secrets, warm.user)
+    if spec.grant_file and warm.address:  # before the plugin starts: no window at all
+        pin(spec.grant_file, warm.address)
     if payload is not None and payload.handle is not None:
         stage_payload(warm, payload)
     token = secrets.token_hex(16)

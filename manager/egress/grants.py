@@ -75,6 +75,21 @@ def issue(settings: Settings, proxy: Where, invocation_id: str, plugin: str,
     return Grant(user, password, allow, path, d / "logs" / f"{user}.log", proxy)
 
 
+def pin(grant_file: str, address: str) -> None:
+    """Binds the grant to the run's container address: the proxy refuses its credentials
+    from any other (a run that leaked them cannot lend them to another)."""
+    path = Path(grant_file)
+    record = json.loads(path.read_text())
+    record["address"] = address
+    tmp = path.with_suffix(".pin")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o640)
+    with os.fdopen(fd, "w") as fh:
+        os.fchown(fd, 0, path.stat().st_gid)
+        os.fchmod(fd, 0o640)
+        json.dump(record, fh)
+    os.replace(tmp, path)
+
+
 def revoke(grant: Grant) -> None:
     """The credentials stop working (the grant is gone); the log stays until read."""
     with contextlib.suppress(FileNotFoundError):

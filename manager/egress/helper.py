@@ -1,15 +1,17 @@
 #!/usr/bin/python3 -Es
 """Squid's external ACL helper: one decision per request a plugin sends the proxy.
 
-Run by Squid as the proxy's own uid with the system's Python (standard library only, and
-manager/core/netrules.py). Each line Squid sends is `AUTH HOST PORT METHOD` (URL-encoded, `-`
-for none), where AUTH is the request's Proxy-Authorization header. The credentials name a
-grant the worker wrote for one run (grants/<user>.json: the hash of its password, its
-allow-list, its expiry and its caps); the request passes only if that grant exists, has
-not expired, the password matches, host:port is in its allow-list and its caps are not
-spent. Every decision is appended to the run's log (logs/<user>.log) before the answer,
-so the worker finds it when the run ends; the answer carries the reason Squid shows the
-plugin (message=) and the grant's user as the request's tag (the access log's %et)."""
+Run by Squid as the proxy's own uid with the system's Python (standard library only,
+and manager/core/netrules.py). Each line Squid sends is `AUTH HOST PORT METHOD SOURCE`
+(URL-encoded, `-` for none): the request's Proxy-Authorization header, its target and
+the address it came from. The credentials name a grant the worker wrote for one run
+(grants/<user>.json: the hash of its password, its allow-list, its expiry, its caps and
+its container's address); the request passes only if that grant exists, has not
+expired, the password matches, it comes from that address, host:port is in its
+allow-list and its caps are not spent. Every decision is appended to the run's log
+(logs/<user>.log) before the answer, so the worker finds it when the run ends; the
+answer carries the reason Squid shows the plugin (message=) and the grant's user as the
+request's tag (the access log's %et)."""
 
 from __future__ import annotations
 
@@ -75,20 +77,23 @@ def spent(logs: str, user: str) -> tuple[int, int]:
 
 def decide(grants: str, logs: str, fields: list[str]) -> tuple[str | None, str | None]:
     """(the grant's user or None, None when allowed or else why not)."""
-    auth, host, port, method = (unquote(f) if f != "-" else "" for f in (fields + [""] * 4)[:4])
+    auth, host, port, method, source = (unquote(f) if f != "-" else ""
+                                        for f in (fields + [""] * 5)[:5])
     target = f"{method} {host}:{port}"
     creds = credentials(auth)
     if creds is None:
-        return None, f"{target}: no proxy credentials of a live run (HTTP_PROXY's)"
+        return None, f"{target}: no proxy credentials of a live run (see HTTP_PROXY)"
     user, password = creds
     grant = load_grant(grants, user, password)
     if grant is None:
-        return None, f"{target}: these proxy credentials are not a live run's"
+        return None, f"{target}: these proxy credentials belong to no live run"
+    if grant.get("address") and grant["address"] != source:
+        return None, f"{target}: these proxy credentials belong to another run"
     if rules.allowing(grant.get("allow", []), host, port) is None:
         return user, f"{target} is not in permissions.net.allow"
     connections, moved = spent(logs, user)
     if connections >= int(grant.get("max_connections", 0)):
-        return user, f"{target}: the run's {connections} connections are its limit"
+        return user, f"{target}: the run has made {connections} connections, its limit"
     if moved >= int(grant.get("max_bytes", 0)):
         return user, f"{target}: the run moved {moved} bytes, its limit"
     return user, None
@@ -120,7 +125,7 @@ def main() -> None:
             if user:
                 record(logs, user, fields, why)
         except Exception as exc:
-            user, why = None, f"the proxy's helper failed: {type(exc).__name__}"
+            user, why = None, f"the proxy helper failed: {type(exc).__name__}"
         tag = f" tag={user}" if user else ""
         answer = f"OK{tag}" if why is None else f"ERR{tag} message={quoted('refused: ' + why)}"
         sys.stdout.write(answer + "\n")

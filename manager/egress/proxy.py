@@ -147,7 +147,7 @@ def render(settings: Settings, at: Where, user: str) -> str:
         f"access_log daemon:{d / 'logs' / 'access.log'} logformat=titan",
         "buffered_logs off",
         "external_acl_type titan_grant children-max=16 children-startup=2 children-idle=2 "
-        f"ttl=0 negative_ttl=0 cache=0 %>ha{{Proxy-Authorization}} %>rd %>rP %>rm {helper}",
+        f"ttl=0 negative_ttl=0 cache=0 %>ha{{Proxy-Authorization}} %>rd %>rP %>rm %>a {helper}",
         "acl granted external titan_grant",
         f"acl inner dst {' '.join(INNER)} {' '.join(host_networks())}",
         f"acl explicit dstdomain -n {explicit}",
