@@ -306,3 +306,28 @@ def probe_failed(conn: redis.Redis, lane: tuple[str, Settings, Bus],
     record = wait_until(lambda: next((r for r in _records(conn, settings, plugin)
                                       if r["event_id"] == event_id), None), 30, "the record")
     return record, failure
+
+
+@pytest.mark.parametrize("lane", ["warm"], indirect=True)
+def test_a_proxy_stopped_mid_run_fails_the_run_visibly_and_comes_back(
+        conn, lane, egress, servers, docker_client) -> None:
+    _, settings, bus = lane
+    url = f"http://api.test:{servers['http']}/late"
+    event_id = new_id("egress")
+    bus.publish({"event_id": event_id, "topic": "egress.v1", "event_type": "egress_probe",
+                 "payload": {"steps": [{"do": "sleep", "s": 3}, {"do": "must_get", "url": url}]}})
+    wait_until(lambda: any(r["event_id"] == event_id and r["status"] == "running"
+                           for r in _records(conn, settings, "egress_probe")), 60, "the run")
+    proxy.stop(egress)  # Squid only: its network and firewall rules stay
+    try:
+        failure = bus.result_of(event_id, timeout=90)
+        record = next(r for r in _records(conn, settings, "egress_probe")
+                      if r["event_id"] == event_id)
+        assert failure["event_type"] == "invocation_failed"
+        assert record["status"] == "failed"
+        assert "could not post" in record["stderr"]
+        assert "the egress proxy stopped answering during the run" in record["reason"]
+    finally:
+        proxy.start(egress, docker_client)  # what make up does
+    record, found = probe(conn, lane, [{"do": "must_get", "url": url}])
+    assert record["status"] == "succeeded" and found[0]["status"] == 200

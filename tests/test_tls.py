@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from manager.core import certs
 from manager.core.certs import Kind
 from manager.core.clients import describe, redis_client
 from manager.core.config import Settings
+from manager.core.secrets import SecretStore
 from manager.core.wiring import Wiring
 from manager.plugins.registry import Registry
 from redis_nodes import Impostor, project_ca, tls_settings
@@ -121,16 +123,24 @@ def bundle(redis_server: RedisServer, tmp_path: Path) -> Iterator[Path]:
         modes = {m.name: m.mode for m in tar.getmembers()}
         tar.extractall(into, filter="data")
     assert modes == {"tls/ca.crt": 0o644, "tls/client.crt": 0o644, "tls/client.key": 0o600,
-                     "titan.env": 0o600}, modes
+                     "secrets.key": 0o600, "titan.env": 0o600}, modes
     yield into
 
 
 def test_a_worker_hosts_bundle_connects_as_it_is(bundle: Path) -> None:
     env = dict(line.split("=", 1) for line in (bundle / "titan.env").read_text().splitlines())
     assert set(env) == {"TITAN_REDIS_URL", "TITAN_REDIS_TLS_CA", "TITAN_REDIS_TLS_CERT",
-                        "TITAN_REDIS_TLS_KEY"}, env
+                        "TITAN_REDIS_TLS_KEY", "TITAN_SECRETS_KEY"}, env
     settings = Settings.from_env(**{k.removeprefix("TITAN_").lower(): v for k, v in env.items()})
-    assert redis_client(settings).ping()
+    conn = redis_client(settings)
+    assert conn.ping()
+    # a secret the manager set (with its key) is what a run on the worker host reads
+    keys = settings.keys.__class__(f"bundle{uuid.uuid4().hex[:6]}")
+    manager_key = Settings.from_env(run_dir=project_ca().parent).secrets_key
+    SecretStore(conn, keys, manager_key).set("token", b"v4lue", ("p",))
+    assert SecretStore(conn, keys, settings.secrets_key).values_for("p", ("token",)) == [
+        ("token", b"v4lue")]
+    conn.delete(keys.secrets)
 
 
 def test_tls_check_says_when_each_certificate_expires(tmp_path: Path) -> None:

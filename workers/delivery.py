@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import replace
 
 import redis
 
@@ -119,10 +118,7 @@ class Delivery:
             return self.again(req, attempt, RetryReason.MANIFEST,
                               f"{judged.status.value}: {judged.reason}",
                               exit_code=end.exit_code)
-        ended = outcome(req, end, judged, self.settings)
-        if given.grant is not None:
-            ended = replace(ended, fields={**ended.fields, "egress": given.connections})
-        done = self.store(req, ended)
+        done = self.store(req, given.ended(outcome(req, end, judged, self.settings)))
         if req.dispatched_at:  # (a message sent before the field existed has none)
             metrics.EVENT_TO_RESULT.labels(**labels).observe(
                 max(0.0, time.time() - req.dispatched_at))

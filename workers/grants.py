@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from manager.core import metrics
 from manager.core.config import Settings
 from manager.core.errors import SandboxUnavailable
+from manager.core.records import Outcome, Status
 from manager.core.runs import RunRequest
 from manager.core.secrets import SecretStore
 from manager.egress import grants
-from manager.egress.proxy import ProxyError, Where, where
+from manager.egress.proxy import ProxyError, Where, answers, where
 from workers.engine import Engine
 from workers.spec import RunEnd, RunSpec
 
@@ -32,6 +33,19 @@ class Given:
     spec: RunSpec
     grant: grants.Grant | None = None
     connections: list[dict[str, Any]] = field(default_factory=list)
+    proxy_lost: bool = False  # the proxy stopped answering during the run
+
+    def ended(self, outcome: Outcome) -> Outcome:
+        """The outcome with the run's connections, and why a failed run may have failed
+        when its proxy went away under it."""
+        if self.grant is None:
+            return outcome
+        reason = outcome.reason
+        if self.proxy_lost and outcome.status is not Status.SUCCEEDED:
+            reason = (f"{reason}; the egress proxy stopped answering during the run (make "
+                      "up starts it again)")
+        return replace(outcome, reason=reason,
+                       fields={**outcome.fields, "egress": self.connections})
 
     def masked(self, end: RunEnd) -> RunEnd:
         """The run's output with every secret value replaced (also as JSON escapes it)."""
@@ -68,13 +82,13 @@ class Gate:
         try:
             if self._proxy is None:
                 self._proxy = where(self.engine.client, self.settings)
-            with socket.create_connection((self._proxy.gateway, self._proxy.port), timeout=2):
-                pass
-        except (ProxyError, OSError) as exc:
-            self._proxy = None
-            raise SandboxUnavailable(f"the egress proxy does not answer ({exc}); make up "
-                                     "starts it") from exc
-        return self._proxy
+        except ProxyError as exc:
+            raise SandboxUnavailable(exc.args[0]) from exc
+        if not answers(self._proxy):
+            found, self._proxy = self._proxy, None
+            raise SandboxUnavailable(f"the egress proxy does not answer at {found.gateway}:"
+                                     f"{found.port}; make up starts it")
+        return found if self._proxy is None else self._proxy
 
     @contextlib.contextmanager
     def given(self, req: RunRequest, spec: RunSpec) -> Iterator[Given]:
@@ -94,3 +108,13 @@ class Gate:
         finally:
             grants.revoke(grant)
             given.connections = grants.connections(grant)
+            given.proxy_lost = not answers(grant.proxy)
+            counted(req.plugin, given.connections)
+
+
+def counted(plugin: str, seen: list[dict[str, Any]]) -> None:
+    for c in seen:
+        metrics.EGRESS_REQUESTS.labels(plugin=plugin, decision=c["decision"]).inc()
+        metrics.EGRESS_BYTES.labels(plugin=plugin, direction="sent").inc(c["bytes_sent"])
+        metrics.EGRESS_BYTES.labels(plugin=plugin, direction="received").inc(
+            c["bytes_received"])

@@ -21,6 +21,21 @@ def produced(rec: dict[str, Any]) -> list[str]:
             for r in rec.get("results") or []]
 
 
+def connections(rec: dict[str, Any]) -> list[str]:
+    """Each request the run sent the egress proxy: allowed with its status and bytes, or
+    refused with why."""
+    lines = []
+    for c in rec.get("egress") or []:
+        target = f"{c['method']} {c['host']}:{c['port']}"
+        if c["decision"] == "allowed":
+            lines.append(f"  net: allowed {target} -> {c.get('status')}, "
+                         f"{c.get('bytes_sent', 0)} B sent, {c.get('bytes_received', 0)} B "
+                         "received" + (f" ({c['why']})" if c.get("why") else ""))
+        else:
+            lines.append(f"  net: refused {target}: {c.get('why')}")
+    return lines
+
+
 def describe(rec: dict[str, Any]) -> str:
     lines = [f"invocation {rec['invocation_id']}  plugin {rec.get('plugin')}@"
              f"{rec.get('version')}  status {rec.get('status')}"]
@@ -28,7 +43,7 @@ def describe(rec: dict[str, Any]) -> str:
     for key in ("reason", "exit_code", "queued_s", "duration_s", "attempts", "worker", "warm"):
         if shown.get(key) not in (None, "", []):
             lines.append(f"  {key}: {shown[key]}")
-    lines += produced(rec)
+    lines += produced(rec) + connections(rec)
     for stream in ("stdout", "stderr"):
         if rec.get(stream):
             lines.append(f"  {stream}:\n    " + rec[stream].rstrip()[:4000].replace("\n", "\n    "))
@@ -86,7 +101,7 @@ def log_entry(rec: dict[str, Any]) -> str:
         head += f"  ran {rec['duration_s']}s"
     if rec.get("reason"):
         head += f"  {rec['reason']}"
-    lines = [head, *produced(rec)]
+    lines = [head, *produced(rec), *connections(rec)]
     stderr = (rec.get("stderr") or "").rstrip()
     if stderr:
         lines.append("  " + stderr[-4000:].replace("\n", "\n  "))

@@ -16,6 +16,8 @@ import click
 
 from manager.core import certs
 from manager.core.certs import Kind
+from manager.core.config import Settings
+from manager.core.secrets import load_key
 
 LOCAL_CLIENTS = ("manager", "flower", "workers")  # the processes `make up` starts
 SERVER = "redis"  # one certificate for this host's data nodes and Sentinels
@@ -84,9 +86,12 @@ def bundle(name: str, env_file: str, into: str) -> None:
     env = Path(env_file).read_text() + "".join(
         f"TITAN_REDIS_TLS_{k}={into}/tls/{f}\n"
         for k, f in (("CA", "ca.crt"), ("CERT", "client.crt"), ("KEY", "client.key")))
+    env += f"TITAN_SECRETS_KEY={into}/secrets.key\n"  # the plugins' secrets, for its runs
+    secrets_key = load_key(Settings.from_env().secrets_key, create=True)
     files = [("tls/ca.crt", (where / "trust.crt").read_bytes(), 0o644),
              ("tls/client.crt", cert.read_bytes(), 0o644),
              ("tls/client.key", cert.with_suffix(".key").read_bytes(), 0o600),
+             ("secrets.key", secrets_key + b"\n", 0o600),
              ("titan.env", env.encode(), 0o600)]
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w") as tar:

@@ -49,6 +49,10 @@ TIMER_TICKS = Counter("titan_timer_ticks_total", "Timer ticks: fired on time, la
 TIMER_LATENESS = Histogram("titan_timer_lateness_seconds", "From a tick's scheduled time to "
                            "its event on the bus", ["plugin"],
                            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 30, 300, 3600))
+EGRESS_REQUESTS = Counter("titan_egress_requests_total", "Requests runs sent the egress "
+                          "proxy, by what it decided", ["plugin", "decision"])
+EGRESS_BYTES = Counter("titan_egress_bytes_total", "Bytes runs moved through the egress "
+                       "proxy (sent and received)", ["plugin", "direction"])
 RETRIES = Counter("titan_retries_total", "Runs sent again, by why", ["plugin", "reason"])
 
 

@@ -20,6 +20,7 @@ import ipaddress
 import os
 import pwd
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -221,7 +222,7 @@ def start(settings: Settings, client: docker.DockerClient) -> Where:
     else:
         subprocess.run(["squid", "-k", "reconfigure", "-f", str(conf)], check=True,
                        capture_output=True)
-    if not _wait(lambda: _answers(at), 20):
+    if not _wait(lambda: answers(at), 20):
         raise ProxyError(f"squid did not answer on {at.gateway}:{at.port}; see "
                          f"{settings.egress_dir / 'var' / 'cache.log'}")
     return at
@@ -250,8 +251,8 @@ def stop(settings: Settings, client: docker.DockerClient | None = None) -> None:
             pass
 
 
-def _answers(at: Where) -> bool:
-    import socket
+def answers(at: Where) -> bool:
+    """Whether the proxy accepts a connection where runs reach it."""
     try:
         with socket.create_connection((at.gateway, at.port), timeout=1):
             return True

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from manager.core.errors import PluginNotFound, VersionNotFound
+from manager.core.secrets import SecretStore
 from manager.core.wiring import Wiring
 from manager.plugins.engines import Engines
 from manager.plugins.janitor import collect_bundles
@@ -38,6 +39,14 @@ class Registry:
         self.keys = wiring.keys
         self._cache: tuple[int, dict[str, PluginEntry]] | None = None
 
+    def secret_warnings(self, entry: PluginEntry) -> tuple[str, ...]:
+        """A plugin that lists secrets not set for it: its runs fail until they are."""
+        names = entry.manifest.secrets if entry.manifest else ()
+        store = SecretStore(self.conn, self.keys, self.settings.secrets_key)
+        return tuple(f"secrets: {n!r} is not set for {entry.name}; its runs fail until it "
+                     f"is: titan-plugins.py secret set {n} --plugin {entry.name}"
+                     for n in store.unbound(entry.name, names))
+
     def reload(self, plugins_dir: Path | None = None) -> dict[str, list[Any]]:
         """Discovers plugins and publishes them; returns what changed. A plugin whose
         directory is still being written keeps its old version (`unsettled`)."""
@@ -50,7 +59,7 @@ class Registry:
         pipe = self.conn.pipeline()
         published: dict[str, PluginEntry] = {}
         for name, (entry, bundle) in found.found.items():
-            warnings = engines.warnings(entry, self.settings)
+            warnings = engines.warnings(entry, self.settings) + self.secret_warnings(entry)
             if warnings:
                 entry = replace(entry, warnings=warnings)
                 changes["warnings"].append({"name": name, "warnings": list(warnings)})

@@ -7,6 +7,7 @@ import os
 import socket
 import ssl
 import sys
+import time
 import urllib.request
 
 
@@ -59,7 +60,20 @@ def secret(step):
             "mine": info.st_uid == os.getuid(), "in_env": in_env}
 
 
-STEPS = {"get": get, "connect": connect, "resolve": resolve, "secret": secret,
+def sleep(step):
+    time.sleep(step["s"])
+    return {}
+
+
+def must_get(step):  # a plugin whose webhook is down fails
+    found = get(step)
+    if found.get("status") != 200:
+        raise SystemExit(f"could not post: {found}")
+    return found
+
+
+STEPS = {"get": get, "must_get": must_get, "sleep": sleep, "connect": connect,
+         "resolve": resolve, "secret": secret,
          "proxy_env": lambda step: {"value": os.environ.get("HTTP_PROXY", "")}}
 event = json.loads(os.environ["EVENT_DATA"])
 results = [STEPS[s["do"]](s) for s in event["payload"]["steps"]]
