@@ -133,3 +133,26 @@ def test_standing_says_where_a_run_is(client) -> None:
         "echo", "succeeded", 0, 0)
     assert 0 <= at["queued_s"] <= done["started_at"] - done["created_at"] + 0.001
     assert client.get("/invocations/nope/standing").status_code == 404
+
+
+def test_secrets_are_set_listed_and_removed_never_shown(api_url: str, client, conn,
+                                                        settings) -> None:
+    value = "v-" + new_id()
+    set_ = run_cli(api_url, "secret", "set", "cli_token", "--plugin", "shell_runner",
+                   "--plugin", "nobody_yet", stdin=value + "\n")
+    assert set_.returncode == 0, set_.stderr
+    assert set_.stdout.strip() == (f"set cli_token: {len(value)} bytes, for nobody_yet, "
+                                   "shell_runner (no plugin is named nobody_yet yet)")
+    listed = run_cli(api_url, "secret", "list")
+    assert "cli_token" in listed.stdout and f"{len(value)} B" in listed.stdout
+    as_json = json.loads(run_cli(api_url, "--json", "secret", "list").stdout)
+    assert value not in json.dumps(as_json) and value not in listed.stdout + set_.stdout
+    assert value.encode() not in repr(conn.hgetall(settings.keys.secrets)).encode()
+    assert client.get("/secrets/cli_token").status_code == 405  # no way to read one back
+    bad = run_cli(api_url, "secret", "set", "Bad-Name", "--plugin", "x", stdin="v")
+    assert bad.returncode == 1 and "must match" in bad.stderr
+    empty = run_cli(api_url, "secret", "set", "cli_token", "--plugin", "x", stdin="")
+    assert empty.returncode == 1 and "the value is empty" in empty.stderr
+    assert run_cli(api_url, "secret", "rm", "cli_token").returncode == 0
+    gone = run_cli(api_url, "secret", "rm", "cli_token")
+    assert gone.returncode == 3 and "no secret named 'cli_token'" in gone.stderr

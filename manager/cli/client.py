@@ -30,7 +30,7 @@ from manager.core.retry import CLI_RECORD_POLL
 
 TERMINAL = {"succeeded", "failed", "timeout", "oom", "output_limit", "rejected", "lost"}
 EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_UNREACHABLE, EXIT_WAIT = 1, 2, 3, 4, 5
-NOT_FOUND = {"plugin_not_found", "invocation_not_found"}
+NOT_FOUND = {"plugin_not_found", "invocation_not_found", "secret_not_found"}
 TIMEOUT_S = 660  # longer than the longest ?wait
 
 
