@@ -69,9 +69,11 @@ PY
 }
 
 # The egress proxy (manager/egress/proxy.py): Squid as its own uid on the internal network
-# that runs with a net grant join; started (or its configuration reloaded) here.
+# that runs with a net grant join; started (or its configuration reloaded) here when the
+# operator's ceiling allows any network at all (TITAN_EGRESS_ALLOW: empty, no plugin has
+# one, and no proxy is needed).
 start_proxy() {
-  [ -x "$PY" ] || return 0
+  [ -x "$PY" ] && [ -n "${TITAN_EGRESS_ALLOW:-}" ] || return 0
   "$PY" -m manager.egress.proxy start >&2 || die "the egress proxy did not start (above)"
 }
 

@@ -39,6 +39,10 @@ ELSEWHERE = {
     "tests/test_worker_hosts.py serves Redis to a second engine's worker",
     "git clone <this repository> titan && cd titan": "a second machine; "
     "tests/test_worker_hosts.py starts a worker host on a second Docker engine",
+    'TITAN_EGRESS_ALLOW="hooks.example.com:443" make up': "names a host on the internet, "
+    "and the proxy listens on a Docker bridge of the host, outside this test's network "
+    "namespace; tests/test_egress.py runs the same path against local servers named by "
+    "TITAN_EGRESS_HOSTS, on all four lanes",
     "make tls-check": "needs Redis with TLS (TITAN_REDIS_BIND); tests/test_tls_rotation.py "
     "runs this block as written against one, a worker host writing throughout",
 }

@@ -4,6 +4,7 @@ the variable. Each process builds its Settings once at start (manager.core.wirin
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import socket
@@ -168,9 +169,10 @@ class Settings(BaseSettings):
     # port and uid, and each run's caps.
     egress_allow: Annotated[tuple[str, ...], NoDecode] = ()
     egress_hosts: str = ""
-    egress_dir: Path = Path("/run/titan/egress")
-    egress_network: str = "titan-egress"
-    egress_bridge: str = "ttegress0"
+    # (one proxy per instance on a host: its directory, network and bridge name it)
+    egress_dir: Path = Path("/run/titan/egress/{instance}")
+    egress_network: str = "titan-egress-{instance}"
+    egress_bridge: str = ""  # default: tteg + a hash of the instance (15 characters at most)
     egress_port: int = 3128
     egress_user: str = "titan-proxy"
     egress_max_connections: int = 64
@@ -249,6 +251,13 @@ class Settings(BaseSettings):
             value = value.replace("{run_dir}", str(self.run_dir))
             object.__setattr__(self, name, Path(value.replace("{hostname}",
                                                               socket.gethostname())))
+        object.__setattr__(self, "egress_dir",
+                           Path(str(self.egress_dir).replace("{instance}", self.instance)))
+        object.__setattr__(self, "egress_network",
+                           self.egress_network.replace("{instance}", self.instance))
+        if not self.egress_bridge:
+            digest = hashlib.sha256(self.instance.encode()).hexdigest()[:8]
+            object.__setattr__(self, "egress_bridge", f"tteg{digest}")
         return self
 
     @classmethod

@@ -15,6 +15,7 @@ worker reads and removes it), var/ (the proxy's: pid, cache log)."""
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import ipaddress
 import os
@@ -37,6 +38,7 @@ from manager.core.config import Settings
 HERE = Path(__file__).resolve().parent
 SYSTEM_PYTHON = "/usr/bin/python3"
 TEMPLATES = Path("/usr/share/squid/errors/templates")
+LABEL = "titan.egress"  # on the network: the instance whose proxy made it
 # Addresses no wildcard may reach (RFC 6890 special-purpose ranges, IPv4 and IPv6).
 INNER = ("0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
          "172.16.0.0/12", "192.0.0.0/24", "192.168.0.0/16", "198.18.0.0/15",
@@ -86,7 +88,7 @@ def ensure_network(client: docker.DockerClient, settings: Settings) -> Where:
             settings.egress_network, driver="bridge", internal=True,
             options={"com.docker.network.bridge.name": settings.egress_bridge,
                      "com.docker.network.bridge.enable_icc": "false"},
-            labels={"titan.egress": "1"})
+            labels={LABEL: settings.instance})
     found = where(client, settings)
     if not found.gateway:
         raise ProxyError(f"the network {settings.egress_network!r} has no gateway address")
@@ -117,8 +119,13 @@ def host_networks() -> list[str]:
                 net = ipaddress.ip_interface(f"{addr.address.split('%')[0]}/{addr.netmask}")
             except ValueError:
                 continue
-            found.update((str(net.network), str(net.ip)))
-    return sorted(found)
+            found.update((net.network, ipaddress.ip_network(net.ip)))
+    inner = [ipaddress.ip_network(n) for n in INNER]
+    wider = inner + list(found)
+    return sorted(str(n) for n in found  # (one already covered: Squid warns of it)
+                  if n not in inner and not any(
+                      n != w and n.version == w.version and n.subnet_of(w)  # type: ignore[arg-type]
+                      for w in wider))
 
 
 def explicit_hosts(settings: Settings) -> list[str]:
@@ -161,9 +168,10 @@ def layout(settings: Settings, uid: int, gid: int) -> None:
     d = settings.egress_dir
     d.mkdir(parents=True, exist_ok=True)
     os.chmod(d, 0o711)
-    # its parent (/run/titan: the run uids' leases live there too, in a 0700 directory of
-    # their own) lets the proxy's uid pass through, and list nothing
-    os.chmod(d.parent, os.stat(d.parent).st_mode & 0o7777 | 0o111)
+    # the directories above it (/run/titan/egress: the run uids' leases live in /run/titan
+    # too, in a 0700 directory of their own) let the proxy's uid pass through
+    for parent in (d.parent, d.parent.parent) if d.parent.name == "egress" else (d.parent,):
+        os.chmod(parent, os.stat(parent).st_mode & 0o7777 | 0o111)
     for name, owner, mode in (("grants", (0, gid), 0o750), ("logs", (uid, gid), 0o700),
                               ("var", (uid, gid), 0o700), ("errors", (0, 0), 0o755)):
         (d / name).mkdir(exist_ok=True)
@@ -242,13 +250,13 @@ def stop(settings: Settings, client: docker.DockerClient | None = None) -> None:
             at = where(client, settings)
         except ProxyError:
             return
+        net = client.networks.get(settings.egress_network)
+        if (net.attrs.get("Labels") or {}).get(LABEL) != settings.instance:
+            return  # another's, of the same name: not this proxy's to take down
         firewall(settings, at, add=False)
-        try:
-            net = client.networks.get(settings.egress_network)
-            if not net.attrs.get("Containers"):
+        if not net.attrs.get("Containers"):
+            with contextlib.suppress(NotFound):
                 net.remove()
-        except NotFound:
-            pass
 
 
 def answers(at: Where) -> bool:
