@@ -19,6 +19,7 @@ answer. Prints p50/p99, events/s and the ratios against targets.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import statistics
@@ -37,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from bare import Bare  # noqa: E402  (bench/ is the script's directory)
+from egress import egress_case  # noqa: E402
 from probes import (  # noqa: E402
     cli_latency,
     counted_client,
@@ -141,6 +143,8 @@ def measure(args: argparse.Namespace, bus: Bus, bares: dict[str, Bare], client, 
              "files_warm": lambda: e2e_once(bus, "file_created", md),
              "settle_gvisor": settle(SETTLE_S),
              "gvisor_warm": lambda: e2e_once(bus, "tick_gvisor"),
+             "settle_net": settle(SETTLE_S),
+             "egress_warm": lambda: e2e_once(bus, "tick_net"),
              "settle": settle(GVISOR_SETTLE_S),  # gVisor's replacement starts slower
              "cold": lambda: e2e_once(bus, "tick_cold"),
              "gvisor_cold": lambda: e2e_once(bus, "tick_gvisor_cold"),
@@ -179,7 +183,8 @@ LATENCIES = (("titan warm path", "warm"), ("titan cold path", "cold"),
              ("gvisor warm path", "gvisor_warm"), ("gvisor cold path", "gvisor_cold"),
              ("bare docker run", "base"), ("bare gvisor run", "base_gvisor"),
              ("  no seccomp", "base_gvisor_unconfined"),
-             ("file_watcher warm", "files_warm"), ("file_watcher cold", "files_cold"))
+             ("file_watcher warm", "files_warm"), ("file_watcher cold", "files_cold"),
+             ("egress warm path", "egress_warm"))
 
 
 def report(args: argparse.Namespace, m: dict) -> bool:
@@ -194,6 +199,9 @@ def report(args: argparse.Namespace, m: dict) -> bool:
     print(f"gvisor   its seccomp filter (--oci-seccomp): a bare gVisor run takes {seccomp:.3f} x "
           "the same run without it")
     print(f"files    file_watcher on a Markdown file, warm p50 {files:.3f} x its cold p50")
+    net = ms["egress_warm"][0] / ms["warm"][0]
+    print(f"egress   a warm run with one HTTP request through the proxy: p50 {net:.3f} x a "
+          f"warm run without network (+{ms['egress_warm'][0] - ms['warm'][0]:.1f} ms)")
     events = args.burst * BURSTS
     tp_titan, tp_direct = events / m["t_titan"], events / m["t_direct"]
     print(f"throughput titan warm, 2 workers  {tp_titan:6.2f} events/s "
@@ -248,14 +256,17 @@ def main() -> int:
     files = Path(tempfile.mkdtemp(prefix="titan-bench-files-", dir="/var/tmp"))
     plugins, args.markdown = plugin_tree(run_dir, files)
     settings = private_settings(server.url, plugins, run_dir, allowed_roots=(files,))
+    client = docker.from_env()
+    stack = contextlib.ExitStack()
+    settings, egress_env = stack.enter_context(egress_case(settings, plugins, client))
     conn = counted_client(settings.redis_url)  # its round trips are not the product's
     Registry(wired(conn, settings)).reload()
-    workers = [WorkerProcess(settings, f"bench{i}", concurrency=1) for i in (1, 2)]
+    workers = [WorkerProcess(settings, f"bench{i}", concurrency=1, **egress_env)
+               for i in (1, 2)]
     listener = Listener(wired(redis.Redis.from_url(settings.redis_url), settings),
                         Registry(wired(redis.Redis.from_url(settings.redis_url), settings)),
                         Dispatcher(wired(conn, settings), make_celery(settings)))
     thread = threading.Thread(target=listener.run, daemon=True)
-    client = docker.from_env()
     args.api_socket = str(run_dir / "api.sock")
     api = api_server(create_app(wired(conn, settings), Registry(wired(conn, settings)),
                                 Dispatcher(wired(conn, settings), make_celery(settings))),
@@ -281,6 +292,7 @@ def main() -> int:
         listener.stop()
         for w in workers:
             w.stop()
+        stack.close()
         server.stop()
         shutil.rmtree(run_dir, ignore_errors=True)
         shutil.rmtree(files, ignore_errors=True)

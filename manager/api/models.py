@@ -76,11 +76,11 @@ class LimitQuery(_Model):
 
 
 class SecretIn(_Model):
-    value: str | None = Field(None, max_length=64 * 1024, description="the value (UTF-8)")
-    value_b64: str | None = Field(None, max_length=88 * 1024,
-                                  description="or the value as base64 (bytes)")
-    plugins: list[str] = Field(min_length=1, max_length=100,
-                               description="the plugins whose runs may read it")
+    value: str = Field(min_length=1, max_length=88 * 1024,
+                       description="the value: text, or base64 with encoding: base64")
+    encoding: typing.Literal["utf-8", "base64"] = "utf-8"
+    plugins: list[typing.Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")]] = Field(
+        min_length=1, max_length=100, description="the plugins whose runs may read it")
 
 
 class SecretOut(BaseModel):

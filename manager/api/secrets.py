@@ -14,9 +14,18 @@ from spectree import Response as Resp
 from manager.api.context import api_context as ctx
 from manager.api.models import SecretIn, SecretList, SecretOut
 from manager.api.spec import ERRORS, api
-from manager.core.secrets import SecretError, SecretNotFound, SecretStore
+from manager.core.secrets import SecretError, SecretNotFound, SecretStore, check_name
 
 secret_routes = Blueprint("titan_secrets", __name__)
+
+
+def named(name: str) -> str:
+    """A name no secret can have is a URL of no secret (404), naming the rule."""
+    try:
+        return check_name(name)
+    except SecretError as exc:
+        raise SecretNotFound(f"there is no secret {name!r}, and none can be: {exc.message}",
+                             secret=name) from None
 
 
 def store() -> SecretStore:
@@ -33,16 +42,16 @@ def list_secrets() -> Any:
 @secret_routes.put("/secrets/<name>")
 @api.validate(json=SecretIn, resp=Resp(HTTP_200=SecretOut, **ERRORS))
 def set_secret(name: str) -> Any:
-    """Sets or rotates a secret (`value`, or `value_b64` for bytes) and binds it to
-    `plugins`; the next run of a bound plugin reads the new value."""
+    """Sets or rotates a secret (`value`: text, or base64 with `encoding: base64` for
+    bytes) and binds it to `plugins`; the next run of a bound plugin reads the new
+    value."""
     body: SecretIn = request.context.json  # type: ignore[attr-defined]
-    if (body.value is None) == (body.value_b64 is None):
-        raise SecretError(f"secret {name!r}: give exactly one of value and value_b64")
+    named(name)
     try:
-        value = (body.value.encode() if body.value is not None
-                 else base64.b64decode(body.value_b64 or "", validate=True))
+        value = (base64.b64decode(body.value, validate=True) if body.encoding == "base64"
+                 else body.value.encode())
     except binascii.Error:
-        raise SecretError(f"secret {name!r}: value_b64 is not base64") from None
+        raise SecretError(f"secret {name!r}: the value is not base64") from None
     unknown = [p for p in body.plugins if ctx().registry.get(p) is None]
     info = store().set(name, value, tuple(body.plugins))
     return jsonify({**info.public(), "unknown_plugins": unknown})
@@ -52,7 +61,7 @@ def set_secret(name: str) -> Any:
 @api.validate(resp=Resp(HTTP_200=SecretOut, **ERRORS))
 def remove_secret(name: str) -> Any:
     """Removes a secret: runs of plugins that list it fail, naming it, until it is set."""
-    found = {s.name: s for s in store().list()}.get(name)
+    found = {s.name: s for s in store().list()}.get(named(name))
     if found is None or not store().remove(name):
         raise SecretNotFound(f"no secret named {name!r}", secret=name)
     return jsonify({**found.public(), "unknown_plugins": []})

@@ -12,6 +12,7 @@ import sys
 import click
 
 from manager.cli.client import CliError
+from manager.core.secrets import SecretError, check_name
 
 
 def out(ctx: click.Context, data: object, text: str) -> None:
@@ -32,6 +33,10 @@ def secret() -> None:
 @click.pass_context
 def set_(ctx: click.Context, name: str, plugins: tuple[str, ...], from_file: object) -> None:
     """Set (or rotate) secret NAME, its value read from stdin, and bind it to plugins."""
+    try:
+        check_name(name)
+    except SecretError as exc:
+        raise CliError(exc.code, exc.message) from None
     source = from_file if from_file is not None else sys.stdin.buffer
     if from_file is None and sys.stdin.isatty():
         click.echo(f"value of {name} (then Ctrl-D): ", err=True, nl=False)
@@ -40,7 +45,8 @@ def set_(ctx: click.Context, name: str, plugins: tuple[str, ...], from_file: obj
         value = value[:-1]  # `echo value |` and a typed line end with one newline
     if not value:
         raise CliError("invalid_secret", f"secret {name!r}: the value is empty")
-    body = {"value_b64": base64.b64encode(value).decode(), "plugins": list(plugins)}
+    body = {"value": base64.b64encode(value).decode(), "encoding": "base64",
+            "plugins": list(plugins)}
     _, data = ctx.obj["api"].call("PUT", f"/secrets/{name}", json.dumps(body).encode())
     unknown = (f" (no plugin is named {', '.join(data['unknown_plugins'])} yet)"
                if data.get("unknown_plugins") else "")

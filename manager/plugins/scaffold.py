@@ -37,6 +37,10 @@ permissions:
   fs:
     allow: []                  # host paths to read, as globs under {roots}
                                # e.g. ["{example_root}/files/**"]
+  net:
+    allow: []                  # host:port to reach through the egress proxy, within
+                               # the operator's ceiling: {ceiling}
+secrets: []                    # secrets to read at /run/secrets/<name> (secret set)
 """
 
 MAIN = '''\
@@ -98,7 +102,8 @@ def scaffold(plugins_dir: Path, name: str, topic: str, event_type: str,
             raise ValueError(f"{label} {value!r} must be 1-100 chars from [A-Za-z0-9._-]")
     target = plugins_dir / name
     roots = ", ".join(str(r) for r in settings.allowed_roots) or "(none granted)"
-    values = {"name": name, "topic": topic, "event_type": event_type,
+    ceiling = ", ".join(settings.egress_allow) or "empty (TITAN_EGRESS_ALLOW)"
+    values = {"name": name, "topic": topic, "event_type": event_type, "ceiling": ceiling,
               "image": settings.runtime_image, "max_timeout": settings.max_timeout,
               "max_cpu": settings.max_cpu_millis, "max_memory": _mib(settings.max_memory_bytes),
               "roots": roots, "path": target,
