@@ -148,6 +148,6 @@ def merge(decided: list[dict[str, Any]], ended: list[dict[str, Any]]) -> list[di
                         "link-local, private or this host's); only a host named exactly in "
                         "TITAN_EGRESS_ALLOW may")
         elif end and end.get("err") not in (None, "-", "ERR_TITAN_REFUSED"):
-            item["why"] = item["why"] or f"the proxy could not complete it ({end['err']})"
+            item["why"] = item["why"] or f"the proxy could not complete it: {end['err']}"
         out.append(item)
     return out
