@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # up|down|build the compose deployment (compose.yaml). Builds every image locally when no
 # registry answers (never pulling, never using an upstream name for a local image):
-#   titan-base:bookworm        Debian + python3 + venv + redis-server (debootstrap)
+#   titan-base:bookworm        Debian + python3 + venv + redis-server + squid (debootstrap)
 #   titan-plugin-manager:local the services, from wheels built here (`pip wheel`)
 #   titan-runtime:py3.11       what plugins run in (as make up builds it)
 # Settings (environment): TITAN_COMPOSE_PROJECT (titan), TITAN_WORKERS (3), TITAN_API_PORT,
@@ -24,6 +24,14 @@ export TITAN_WORKERS_HOME="$TITAN_WORKERS_DIR/$PROJECT"  # removed by down
 COMPOSE_RUN="${TITAN_COMPOSE_RUN_DIR:-$RUN_DIR/compose-$PROJECT}"
 export TITAN_TLS_DIR="$COMPOSE_RUN/tls"
 export TITAN_SECRETS_HOST_DIR="$COMPOSE_RUN/secrets"
+# Egress (profile egress, when TITAN_EGRESS_ALLOW is set): the proxy's directory and
+# network (host-wide, named by the instance); plugin secrets' files on a tmpfs of the
+# project's own.
+export TITAN_EGRESS_DIR="/run/titan/egress/$TITAN_INSTANCE"
+export TITAN_EGRESS_NETWORK="titan-egress-$TITAN_INSTANCE"
+export TITAN_SECRET_FILES_DIR="/run/titan/secrets-$TITAN_INSTANCE"
+export TITAN_PROXY_ACCOUNTS="$COMPOSE_RUN/proxy"
+export TITAN_EGRESS_HOSTS_FILE="${TITAN_EGRESS_HOSTS:-$COMPOSE_RUN/proxy/hosts}"
 # The network's bridge, named so the firewall rule can name it before it exists.
 export TITAN_BRIDGE="tt$(printf '%s' "$PROJECT" | sha256sum | cut -c1-11)"
 FIREWALL_TAG="titan-compose:$PROJECT"
@@ -45,14 +53,16 @@ need_compose() {
 }
 
 build() {
-  # The base needs Debian's pip: plugin requirements are installed with the system's
-  # Python as an unprivileged user (TITAN_INSTALL_SANDBOX=user). An older base lacks it.
+  # The base needs Debian's pip (plugin requirements are installed with the system's
+  # Python as an unprivileged user: TITAN_INSTALL_SANDBOX=user) and Squid (the egress
+  # proxy's service). An older base lacks them.
   if docker image inspect "$TITAN_BASE_IMAGE" >/dev/null 2>&1 &&
-     ! docker run --rm --network none "$TITAN_BASE_IMAGE" python3 -m pip --version >/dev/null 2>&1; then
+     ! docker run --rm --network none "$TITAN_BASE_IMAGE" sh -c \
+       'python3 -m pip --version && command -v squid' >/dev/null 2>&1; then
     docker rmi -f "$TITAN_BASE_IMAGE" "$TITAN_SERVICE_IMAGE" >/dev/null 2>&1 || true
   fi
   bash "$ROOT/scripts/image.sh" "$TITAN_BASE_IMAGE" \
-    "python3,python3-venv,python3-pip,python-is-python3,redis-server,procps,ca-certificates"
+    "python3,python3-venv,python3-pip,python-is-python3,redis-server,squid,procps,ca-certificates"
   bash "$ROOT/scripts/image.sh"
   mkdir -p build/wheels build/plugin-wheels
   if ! docker image inspect "$TITAN_SERVICE_IMAGE" >/dev/null 2>&1 ||
@@ -86,9 +96,14 @@ service_stamp() {  # what the service image is made of
 
 secrets() {  # generated once into .env (0600): Redis password, API key, Flower's login
   local name value
-  for name in TITAN_REDIS_PASSWORD TITAN_API_TOKEN TITAN_FLOWER_AUTH; do
+  for name in TITAN_REDIS_PASSWORD TITAN_API_TOKEN TITAN_FLOWER_AUTH TITAN_PLUGIN_SECRETS_KEY; do
     grep -qs "^$name=" "$ENV_FILE" && continue
-    if [ "$name" = TITAN_FLOWER_AUTH ]; then value="titan:$(new_secret)"; else value="$(new_secret)"; fi
+    case "$name" in
+      TITAN_FLOWER_AUTH) value="titan:$(new_secret)" ;;
+      # a Fernet key (manager/core/secrets.py): 32 random bytes, urlsafe base64
+      TITAN_PLUGIN_SECRETS_KEY) value="$(head -c 32 /dev/urandom | base64 | tr '+/' '-_')" ;;
+      *) value="$(new_secret)" ;;
+    esac
     (umask 077 && printf '%s=%s\n' "$name" "$value" >>"$ENV_FILE")
   done
   chmod 600 "$ENV_FILE"
@@ -101,7 +116,7 @@ env_value() { sed -n "s/^$1=//p" "$ENV_FILE" | tail -n 1; }
 # and no process runs as (the run uids are 2000000 and up, the install uid 64999).
 service_uids() {
   local name uid
-  for name in TITAN_REDIS_UID TITAN_FLOWER_UID; do
+  for name in TITAN_REDIS_UID TITAN_FLOWER_UID TITAN_PROXY_UID; do
     if ! grep -qs "^$name=" "$ENV_FILE"; then
       while :; do
         uid=$((1900000 + $(od -An -N4 -tu4 /dev/urandom) % 100000))
@@ -127,6 +142,9 @@ secret_files() {
    printf '%s' "$pw" >"$dir/redis/redis_password"
    for reader in manager workers flower; do printf '%s' "$url" >"$dir/$reader/titan_redis_url"; done
    printf '%s' "$(env_value TITAN_API_TOKEN)" >"$dir/manager/titan_api_token"
+   for reader in manager workers; do
+     printf '%s\n' "$(env_value TITAN_PLUGIN_SECRETS_KEY)" >"$dir/$reader/plugin_secrets_key"
+   done
    printf 'basic_auth = [%s]\n' "\"$(env_value TITAN_FLOWER_AUTH)\"" >"$dir/flower/flowerconfig.py")
   chown -R "$TITAN_REDIS_UID:$TITAN_REDIS_UID" "$dir/redis"
   chown -R "$TITAN_FLOWER_UID:$TITAN_FLOWER_UID" "$dir/flower"
@@ -164,6 +182,24 @@ certificates() {
     'tls-auth-clients yes' 'tls-replication yes' >"$TITAN_TLS_DIR/node.conf"
 }
 
+# The proxy's account inside its container (a uid no host account has), the host tmpfs
+# of the runs' secret files, and, with a ceiling, the proxy's image and what it serves
+# on: its network, firewall rules, directory and squid.conf (manager/egress/proxy.py).
+egress() {
+  (umask 077; mkdir -p "$TITAN_PROXY_ACCOUNTS")
+  printf 'root:x:0:0:root:/root:/usr/sbin/nologin\ntitan-proxy:x:%s:%s::/nonexistent:/usr/sbin/nologin\n' \
+    "$TITAN_PROXY_UID" "$TITAN_PROXY_UID" >"$TITAN_PROXY_ACCOUNTS/passwd"
+  printf 'root:x:0:\ntitan-proxy:x:%s:\n' "$TITAN_PROXY_UID" >"$TITAN_PROXY_ACCOUNTS/group"
+  [ -n "${TITAN_EGRESS_HOSTS:-}" ] || : >"$TITAN_PROXY_ACCOUNTS/hosts"
+  chmod 644 "$TITAN_PROXY_ACCOUNTS"/*
+  mkdir -p "$TITAN_SECRET_FILES_DIR" "$TITAN_EGRESS_DIR"
+  grep -qs " $TITAN_SECRET_FILES_DIR tmpfs " /proc/self/mounts ||
+    mount -t tmpfs -o size=16m,mode=0711,nosuid,nodev,noexec titan-secrets "$TITAN_SECRET_FILES_DIR"
+  [ -n "${TITAN_EGRESS_ALLOW:-}" ] || return 0
+  export COMPOSE_PROFILES="${COMPOSE_PROFILES:+$COMPOSE_PROFILES,}egress"
+  "$PY" -m manager.egress.proxy prepare "$TITAN_PROXY_UID" "$TITAN_PROXY_UID" /opt/titan/egress >&2
+}
+
 up() {
   if [ "${TITAN_REDIS_HA:-0}" = 1 ]; then  # profile ha: two replicas and three Sentinels
     export COMPOSE_PROFILES=ha TITAN_REDIS_MIN_REPLICAS="${TITAN_REDIS_MIN_REPLICAS:-1}"
@@ -177,6 +213,7 @@ up() {
   certificates
   secret_files
   firewall on
+  egress
   mkdir -p "$TITAN_WORKERS_HOME" /srv/titan/files
   say "starting the compose project '$PROJECT' with $WORKERS workers"
   compose up -d --scale "worker=$WORKERS"
@@ -202,8 +239,11 @@ down() {
   need_compose
   [ -f "$ENV_FILE" ] || secrets  # compose refuses the file without the password variable
   service_uids
-  COMPOSE_PROFILES=ha compose down --volumes --remove-orphans  # the ha profile's too
+  COMPOSE_PROFILES=ha,egress compose down --volumes --remove-orphans  # every profile's
   firewall off
+  "$PY" -m manager.egress.proxy teardown >&2
+  while umount "$TITAN_SECRET_FILES_DIR" 2>/dev/null; do :; done
+  rm -rf "$TITAN_EGRESS_DIR" "$TITAN_SECRET_FILES_DIR"
   rm -rf "$COMPOSE_RUN"  # its CA goes with its data: the next up makes a new one
   # What the workers started on the host's engine is not part of the project.
   local left

@@ -4,10 +4,12 @@ of it (the API, records, the engine's view of its containers)."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import shutil
 import subprocess
+import threading
 import urllib.request
 import uuid
 from pathlib import Path
@@ -24,10 +26,41 @@ SLEEPER = {  # a run long enough to be killed in the middle of
 }
 
 
-def has_pip(image: str) -> bool:
-    return subprocess.run(["docker", "run", "--rm", "--network", "none", image, "python3",
-                           "-m", "pip", "--version"], capture_output=True,
-                          check=False).returncode == 0
+POSTER = {  # a plugin that posts to a local server through the proxy, with a secret
+    "plugin.yaml": "name: poster\nversion: 1.0.0\n"
+                   "triggers: [{{topic: post.v1, event_type: post}}]\n"
+                   "entrypoint: python main.py\nimage: titan-runtime:py3.11\ntimeout: 30\n"
+                   "permissions: {{net: {{allow: ['api.test:{port}']}}}}\n"
+                   "secrets: [post_token]\n",
+    "main.py": "import json, urllib.request\ntoken = open('/run/secrets/post_token').read()\n"
+               "req = urllib.request.Request('http://api.test:{port}/hook', data=b'{{}}', "
+               "headers={{'X-Token': token}})\n"
+               "with urllib.request.urlopen(req, timeout=10) as resp:\n"
+               "    print(json.dumps({{'topic': 'post.v1', 'event_type': 'posted', "
+               "'payload': {{'status': resp.status, 'token': token}}}}))\n",
+}
+
+
+class Hook(http.server.BaseHTTPRequestHandler):
+    """The local server the poster reaches (named api.test in the proxy's hosts file)."""
+
+    seen: list[dict[str, str]] = []
+
+    def do_POST(self) -> None:  # http.server calls it by this name
+        Hook.seen.append({k.lower(): v for k, v in self.headers.items()})
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def has_tools(image: str) -> bool:
+    """Whether a base image has what compose.sh needs of it (pip, Squid)."""
+    return subprocess.run(["docker", "run", "--rm", "--network", "none", image, "sh", "-c",
+                           "python3 -m pip --version && command -v squid"],
+                          capture_output=True, check=False).returncode == 0
 
 
 class ComposeStack:
@@ -45,11 +78,23 @@ class ComposeStack:
         (self.plugins / "sleeper").mkdir()
         for name, text in SLEEPER.items():
             (self.plugins / "sleeper" / name).write_text(text)
+        self.hook = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+        threading.Thread(target=self.hook.serve_forever, daemon=True).start()
+        hook_port = self.hook.server_address[1]
+        (self.plugins / "poster").mkdir()
+        for name, text in POSTER.items():
+            (self.plugins / "poster" / name).write_text(text.format(port=hook_port))
+        hosts = tmp / "egress-hosts"
+        hosts.write_text("127.0.0.1 api.test\n")
+        hosts.chmod(0o644)
+        for parent in hosts.parents:  # the proxy's uid reads it where it lies
+            if parent != Path("/"):
+                parent.chmod(parent.stat().st_mode | 0o011)
         self.workers_dir = Path(f"/var/lib/titan/test-{uid}")
         self.port = free_port()
         self.env_file = tmp / "compose.env"
         self.service_image = f"titan-plugin-manager:test-{uid}"
-        self.base_image = ("titan-base:bookworm" if has_pip("titan-base:bookworm")
+        self.base_image = ("titan-base:bookworm" if has_tools("titan-base:bookworm")
                            else f"titan-base:test-{uid}")
         self.env = {**{k: v for k, v in os.environ.items() if not k.startswith("TITAN_")},
                     "TITAN_COMPOSE_ENV_FILE": str(self.env_file),
@@ -60,7 +105,9 @@ class ComposeStack:
                     "TITAN_API_PORT": str(self.port), "TITAN_METRICS_PORT": str(free_port()),
                     "TITAN_FLOWER_PORT": str(free_port()),
                     "TITAN_WORKERS_DIR": str(self.workers_dir),
-                    "TITAN_PLUGINS_HOST_DIR": str(self.plugins)}
+                    "TITAN_PLUGINS_HOST_DIR": str(self.plugins),
+                    "TITAN_EGRESS_ALLOW": f"api.test:{hook_port}",
+                    "TITAN_EGRESS_HOSTS": str(hosts)}
 
     def script(self, action: str) -> None:
         proc = subprocess.run(["bash", str(ROOT / "scripts" / "compose.sh"), action],

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from compose_stack import ComposeStack
+from compose_stack import ComposeStack, Hook
 from harness import http_status, wait_until
 from manager.core.slots import HELD_FOR_S
 
@@ -161,7 +161,7 @@ def test_every_service_runs_with_least_privilege_and_no_secret_in_its_environmen
     secrets.append(secrets[-1].split(":", 1)[1])
     services = {info["Config"]["Labels"]["com.docker.compose.service"]: info
                 for info in compose.containers()}
-    assert set(services) == {"redis", "manager", "worker", "flower"}, set(services)
+    assert set(services) == {"redis", "manager", "worker", "flower", "proxy"}, set(services)
     for service, info in services.items():
         host, config = info["HostConfig"], info["Config"]
         shown = json.dumps([config["Env"], config["Cmd"], config["Entrypoint"], info["Args"]])
@@ -170,7 +170,17 @@ def test_every_service_runs_with_least_privilege_and_no_secret_in_its_environmen
         assert "no-new-privileges:true" in host["SecurityOpt"], service
         assert host["Memory"] > 0 and host["PidsLimit"] > 0, service
         assert host["RestartPolicy"]["Name"] == "unless-stopped", service
-        if service in ("redis", "flower"):  # a uid of its own that no host account has
+        if service == "proxy":  # Squid: root to start, then its own uid (no host account)
+            assert set(host["CapAdd"]) == {"SETUID", "SETGID"}, host["CapAdd"]
+            proxy_uid = compose.secret("TITAN_PROXY_UID")
+            rows = [line.split(None, 7) for line in
+                    compose.docker("top", info["Id"]).splitlines()[1:]]  # UID ... CMD
+            assert all(r[7].startswith("squid -N") for r in rows if r[0] in ("root", "0")), rows
+            assert any(r[0] == proxy_uid and "helper.py" in r[7] for r in rows), rows
+            proxy_uid = int(proxy_uid)
+            with pytest.raises(KeyError):
+                pwd.getpwuid(proxy_uid)
+        elif service in ("redis", "flower"):  # a uid of its own that no host account has
             uid = int(config["User"].split(":")[0])
             assert uid >= 1_900_000 and not host.get("CapAdd"), (service, config["User"])
             with pytest.raises(KeyError):
@@ -179,14 +189,27 @@ def test_every_service_runs_with_least_privilege_and_no_secret_in_its_environmen
             assert config["User"] in ("", "0", "root"), service
             assert set(host["CapAdd"]) == {"CHOWN", "DAC_OVERRIDE", "FOWNER", "SETUID",
                                            "SETGID", "KILL"}, (service, host["CapAdd"])
-        files = compose.docker("exec", info["Id"], "stat", "-c", "%a %u %n",
-                               "-L", *[m["Destination"] for m in info["Mounts"]
-                                       if m["Destination"].startswith("/run/secrets/")])
+        mounted = [m["Destination"] for m in info["Mounts"]
+                   if m["Destination"].startswith("/run/secrets/")]
+        files = compose.docker("exec", info["Id"], "stat", "-c", "%a %u %n", "-L",
+                               *mounted) if mounted else ""
         owner = config["User"].split(":")[0] or "0"
         for line in files.splitlines():
             mode, uid_, _ = line.split()
             assert (mode, uid_) == ("400", owner), (service, line)
     assert "titan_api_token" not in json.dumps(services["worker"]["Mounts"])  # only its own
+
+
+def test_a_plugin_posts_through_the_proxy_with_its_secret(compose: ComposeStack) -> None:
+    value = f"tok-{uuid.uuid4().hex}"
+    compose.api("PUT", "/secrets/post_token", {"value": value, "plugins": ["poster"]})
+    record = compose.api("POST", "/plugins/poster/trigger?wait=90", {
+        "event_id": f"post-{uuid.uuid4().hex[:8]}", "topic": "post.v1", "event_type": "post"})
+    assert record["status"] == "succeeded", (record["reason"], record["stderr"])
+    assert [(c["host"], c["decision"], c["status"]) for c in record["egress"]] == [
+        ("api.test", "allowed", 200)]
+    assert Hook.seen[-1]["x-token"] == value  # the server got it; nothing else shows it
+    assert value not in json.dumps(record) and '"token": "[secret]"' in record["stdout"]
 
 
 def test_a_worker_container_killed_mid_run_loses_nothing_and_leaves_nothing(

@@ -13,7 +13,6 @@ and its log daemon each request's end (status, bytes) when the connection closes
 from __future__ import annotations
 
 import contextlib
-import grp
 import hashlib
 import json
 import os
@@ -68,7 +67,7 @@ def issue(settings: Settings, proxy: Where, invocation_id: str, plugin: str,
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
     with os.fdopen(fd, "w") as fh:
-        os.fchown(fd, 0, grp.getgrnam(settings.egress_user).gr_gid)
+        os.fchown(fd, 0, path.parent.stat().st_gid)  # the proxy's group (a container's too)
         os.fchmod(fd, 0o640)  # whatever the umask: the proxy's group reads it
         json.dump(record, fh)
     os.replace(tmp, path)

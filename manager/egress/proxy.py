@@ -6,18 +6,17 @@ there and nowhere else (an INPUT rule per bridge). Every request is decided by
 the run's log; a destination that resolves to an internal address (loopback,
 link-local, private ranges, this host's own networks) is refused unless the operator's
 ceiling names that host explicitly. The check is Squid's `dst` ACL, on the addresses
-Squid itself resolved and connects to.
+Squid itself resolved and connects to (manager.egress.squidconf).
 
-Layout of `egress_dir` (host-wide, outside the root-only run directory so the proxy's uid
-can reach its part): squid.conf and errors/ (root's, read-only), grants/ (root's, group
-readable by the proxy: one file per live run), logs/ (the proxy's: one file per run, the
-worker reads and removes it), var/ (the proxy's: pid, cache log)."""
+Its directory, `egress_dir`, is host-wide, outside the root-only run directory so the
+proxy's uid can reach its part. Under compose the same prepared directory, network and
+rules serve a proxy container on the host's network (`prepare`, then Squid in the
+container: scripts/compose.sh)."""
 
 from __future__ import annotations
 
 import contextlib
 import grp
-import ipaddress
 import os
 import pwd
 import shutil
@@ -32,24 +31,10 @@ import docker
 import psutil
 from docker.errors import NotFound
 
-from manager.core import netrules as rules
 from manager.core.config import Settings
+from manager.egress.squidconf import HERE, TEMPLATES, layout, render
 
-HERE = Path(__file__).resolve().parent
-SYSTEM_PYTHON = "/usr/bin/python3"
-TEMPLATES = Path("/usr/share/squid/errors/templates")
 LABEL = "titan.egress"  # on the network: the instance whose proxy made it
-# Addresses no wildcard may reach (RFC 6890 special-purpose ranges, IPv4 and IPv6).
-INNER = ("0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
-         "172.16.0.0/12", "192.0.0.0/24", "192.168.0.0/16", "198.18.0.0/15",
-         "224.0.0.0/4", "240.0.0.0/4", "::/128", "::1/128", "fc00::/7", "fe80::/10",
-         "::ffff:0:0/96")
-PAGES = {  # what the plugin reads in a refusal's body (%o: the helper's message)
-    "ERR_TITAN_REFUSED": "%o\n",
-    "ERR_TITAN_INNER": "refused: %M %H resolves to an internal address (loopback, "
-                       "link-local, private or this host's): only a host the operator "
-                       "names exactly in TITAN_EGRESS_ALLOW may\n",
-}
 
 
 class ProxyError(RuntimeError):
@@ -107,84 +92,6 @@ def ensure_account(name: str) -> tuple[int, int]:
     return entry.pw_uid, grp.getgrnam(name).gr_gid
 
 
-def host_networks() -> list[str]:
-    """This host's own addresses and the networks of its interfaces (Docker's bridges
-    among them)."""
-    found = set()
-    for addresses in psutil.net_if_addrs().values():
-        for addr in addresses:
-            if addr.family.name not in ("AF_INET", "AF_INET6") or not addr.netmask:
-                continue
-            try:
-                net = ipaddress.ip_interface(f"{addr.address.split('%')[0]}/{addr.netmask}")
-            except ValueError:
-                continue
-            found.update((net.network, ipaddress.ip_network(net.ip)))
-    inner = [ipaddress.ip_network(n) for n in INNER]
-    wider = inner + list(found)
-    return sorted(str(n) for n in found  # (one already covered: Squid warns of it)
-                  if n not in inner and not any(
-                      n != w and n.version == w.version and n.subnet_of(w)  # type: ignore[arg-type]
-                      for w in wider))
-
-
-def explicit_hosts(settings: Settings) -> list[str]:
-    """Hosts the ceiling names exactly: the only ones allowed to be internal."""
-    return sorted({rules.parse(p)[0] for p in settings.egress_allow if rules.explicit(p)})
-
-
-def render(settings: Settings, at: Where, user: str) -> str:
-    d = settings.egress_dir
-    helper = (f"{SYSTEM_PYTHON} -Es {HERE / 'helper.py'} {d / 'grants'} {d / 'logs'}")
-    hosts = settings.egress_hosts or "none"
-    explicit = " ".join(explicit_hosts(settings)) or "titan-egress.invalid"
-    limit = settings.egress_max_bytes
-    return "\n".join([
-        f"http_port {at.gateway}:{at.port}",
-        "icp_port 0", "htcp_port 0", "visible_hostname titan-egress",
-        f"cache_effective_user {user}", f"cache_effective_group {user}",
-        f"pid_filename {d / 'var' / 'squid.pid'}", f"cache_log {d / 'var' / 'cache.log'}",
-        "cache_store_log none", f"coredump_dir {d / 'var'}", "cache deny all",
-        "cache_mem 8 MB", "pinger_enable off", f"hosts_file {hosts}",
-        f"error_directory {d / 'errors'}", "via off", "forwarded_for delete",
-        "httpd_suppress_version_string on", "shutdown_lifetime 1 seconds",
-        "connect_timeout 10 seconds", f"client_lifetime {settings.max_timeout} seconds",
-        f"request_body_max_size {limit} bytes", f"reply_body_max_size {limit} bytes",
-        "logformat titan %et %rm %>rd %>rP %>Hs %Ss %err_code %>st %<st %tr",
-        f"logfile_daemon {HERE / 'logd.py'}",
-        f"access_log daemon:{d / 'logs' / 'access.log'} logformat=titan",
-        "buffered_logs off",
-        "external_acl_type titan_grant children-max=16 children-startup=2 children-idle=2 "
-        f"ttl=0 negative_ttl=0 cache=0 %>ha{{Proxy-Authorization}} %>rd %>rP %>rm %>a {helper}",
-        "acl granted external titan_grant",
-        f"acl inner dst {' '.join(INNER)} {' '.join(host_networks())}",
-        f"acl explicit dstdomain -n {explicit}",
-        "deny_info ERR_TITAN_REFUSED granted", "deny_info ERR_TITAN_INNER explicit",
-        "http_access deny !granted", "http_access deny inner !explicit",
-        "http_access allow all", ""])
-
-
-def layout(settings: Settings, uid: int, gid: int) -> None:
-    d = settings.egress_dir
-    d.mkdir(parents=True, exist_ok=True)
-    os.chmod(d, 0o711)
-    # the directories above it (/run/titan/egress: the run uids' leases live in /run/titan
-    # too, in a 0700 directory of their own) let the proxy's uid pass through
-    for parent in (d.parent, d.parent.parent) if d.parent.name == "egress" else (d.parent,):
-        os.chmod(parent, os.stat(parent).st_mode & 0o7777 | 0o111)
-    for name, owner, mode in (("grants", (0, gid), 0o750), ("logs", (uid, gid), 0o700),
-                              ("var", (uid, gid), 0o700), ("errors", (0, 0), 0o755)):
-        (d / name).mkdir(exist_ok=True)
-        os.chown(d / name, *owner)
-        os.chmod(d / name, mode)
-    for template in TEMPLATES.iterdir():
-        shutil.copyfile(template, d / "errors" / template.name)
-    for name, text in PAGES.items():
-        (d / "errors" / name).write_text(text)
-    for page in (d / "errors").iterdir():
-        os.chmod(page, 0o644)  # whatever the umask: the proxy's uid reads them
-
-
 def firewall(settings: Settings, at: Where, add: bool) -> None:
     """Runs on the egress network reach this host at the proxy's port and nothing else."""
     tag = ["-m", "comment", "--comment", f"titan-egress:{settings.egress_network}"]
@@ -203,24 +110,40 @@ def firewall(settings: Settings, at: Where, add: bool) -> None:
 
 
 def pid(settings: Settings) -> int | None:
+    """The host Squid's master process: the pid its file names (a file the proxy's own
+    uid may write) only if that is root's squid, started with this configuration."""
     try:
         found = int((settings.egress_dir / "var" / "squid.pid").read_text().strip())
-    except (OSError, ValueError):
+        proc = psutil.Process(found)
+        ours = (proc.name() == "squid" and proc.uids().real == 0
+                and str(settings.egress_dir / "squid.conf") in proc.cmdline())
+    except (OSError, ValueError, psutil.Error):
         return None
-    return found if psutil.pid_exists(found) else None
+    return found if ours else None
+
+
+def prepare(settings: Settings, client: docker.DockerClient, uid: int, gid: int,
+            helpers: Path = HERE) -> Where:
+    """Everything but Squid itself: the network, the firewall rules, the directory and
+    squid.conf (naming `helpers` where Squid finds them)."""
+    if not TEMPLATES.is_dir():
+        raise ProxyError("squid is not installed (make up installs it)")
+    at = ensure_network(client, settings)
+    layout(settings, uid, gid)
+    conf = settings.egress_dir / "squid.conf"
+    conf.write_text(render(settings, at, settings.egress_user, helpers))
+    os.chmod(conf, 0o644)
+    firewall(settings, at, add=True)
+    return at
 
 
 def start(settings: Settings, client: docker.DockerClient) -> Where:
-    """Starts the proxy when it is not running; returns where runs reach it."""
+    """Starts the proxy (Squid as a host process, as its own account) when it is not
+    running, else reloads its configuration; returns where runs reach it."""
     if shutil.which("squid") is None:
         raise ProxyError("squid is not installed (make up installs it)")
-    at = ensure_network(client, settings)
-    uid, gid = ensure_account(settings.egress_user)
-    layout(settings, uid, gid)
+    at = prepare(settings, client, *ensure_account(settings.egress_user))
     conf = settings.egress_dir / "squid.conf"
-    conf.write_text(render(settings, at, settings.egress_user))
-    os.chmod(conf, 0o644)
-    firewall(settings, at, add=True)
     if pid(settings) is None:
         check = subprocess.run(["squid", "-k", "parse", "-f", str(conf)], capture_output=True,
                                text=True)
@@ -237,8 +160,7 @@ def start(settings: Settings, client: docker.DockerClient) -> Where:
 
 
 def stop(settings: Settings, client: docker.DockerClient | None = None) -> None:
-    """Stops the proxy and removes its firewall rules (and the network, when no
-    container is on it)."""
+    """Stops the proxy and, with `client`, takes down what `prepare` set up."""
     running = pid(settings)
     conf = settings.egress_dir / "squid.conf"
     if running is not None:
@@ -246,17 +168,23 @@ def stop(settings: Settings, client: docker.DockerClient | None = None) -> None:
         if not _wait(lambda: not psutil.pid_exists(running), 15):
             os.kill(running, 9)
     if client is not None:
-        try:
-            at = where(client, settings)
-        except ProxyError:
-            return
+        teardown(settings, client)
+
+
+def teardown(settings: Settings, client: docker.DockerClient) -> None:
+    """Removes the firewall rules, and the network when no container is on it: only this
+    instance's (a network of the same name that another made is left alone)."""
+    try:
+        at = where(client, settings)
         net = client.networks.get(settings.egress_network)
-        if (net.attrs.get("Labels") or {}).get(LABEL) != settings.instance:
-            return  # another's, of the same name: not this proxy's to take down
-        firewall(settings, at, add=False)
-        if not net.attrs.get("Containers"):
-            with contextlib.suppress(NotFound):
-                net.remove()
+    except (ProxyError, NotFound):
+        return
+    if (net.attrs.get("Labels") or {}).get(LABEL) != settings.instance:
+        return
+    firewall(settings, at, add=False)
+    if not net.attrs.get("Containers"):
+        with contextlib.suppress(NotFound):
+            net.remove()
 
 
 def answers(at: Where) -> bool:
@@ -278,7 +206,9 @@ def _wait(check, seconds: float) -> bool:
 
 
 def main(argv: list[str]) -> int:
-    """`python -m manager.egress.proxy start|stop|status` (scripts/services.sh)."""
+    """`python -m manager.egress.proxy start|stop|status` (scripts/services.sh), and
+    `prepare UID GID HELPERS` and `teardown` (scripts/compose.sh: Squid runs in a
+    container there)."""
     settings = Settings.from_env()
     command = argv[0] if argv else "status"
     client = docker.from_env()
@@ -286,8 +216,13 @@ def main(argv: list[str]) -> int:
         if command == "start":
             at = start(settings, client)
             print(f"egress proxy on {at.gateway}:{at.port} (network {at.network})")
+        elif command == "prepare":
+            at = prepare(settings, client, int(argv[1]), int(argv[2]), Path(argv[3]))
+            print(f"egress proxy prepared for {at.gateway}:{at.port} (network {at.network})")
         elif command == "stop":
             stop(settings, client)
+        elif command == "teardown":
+            teardown(settings, client)
         else:
             print("running" if pid(settings) else "stopped")
             return 0 if pid(settings) else 3
