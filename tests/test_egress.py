@@ -14,6 +14,7 @@ import json
 import shutil
 import ssl
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -267,17 +268,34 @@ def test_credentials_live_only_with_their_run(conn, lane, servers) -> None:
     assert [c["decision"] for c in second["egress"]] == ["allowed"]  # its own only
 
 
-def test_a_secret_reaches_only_a_bound_run_as_a_file(conn, lane) -> None:
+def test_a_secret_reaches_only_a_bound_run_as_a_file(conn, lane, docker_client) -> None:
     _, settings, _ = lane
-    record, found = probe(conn, lane, [{"do": "secret", "name": "probe_token", "say": True}])
+    seen_inspect: list[str] = []
+
+    def inspect_while_it_runs() -> None:  # every container of the lane, as root sees it
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not seen_inspect:
+            found = docker_client.containers.list(
+                filters={"label": f"titan.instance={settings.instance}"})
+            seen_inspect.extend(json.dumps(c.attrs) for c in found)
+            time.sleep(0.2)
+
+    looker = threading.Thread(target=inspect_while_it_runs)
+    looker.start()
+    record, found = probe(conn, lane, [{"do": "secret", "name": "probe_token", "say": True},
+                                       {"do": "sleep", "s": 1}])
+    looker.join()
     assert record["status"] == "succeeded", record
-    (seen,) = found
+    seen = found[0]
     assert seen["sha256"] == hashlib.sha256(SECRET.encode()).hexdigest()
     assert seen["mode"] == "0o400" and seen["mine"] is True and seen["in_env"] is False
     assert seen["echo"] == "[secret]"  # masked in what the run wrote, results included
     assert SECRET not in json.dumps(record) and "the value is [secret]" in record["stderr"]
     for key in conn.scan_iter(f"{settings.key_prefix}*"):
         assert SECRET.encode() not in _contents(conn, key), key
+    assert seen_inspect and not [c for c in seen_inspect if SECRET in c]  # docker inspect
+    logs = "".join(p.read_text(errors="replace") for p in settings.run_dir.glob("*.log"))
+    assert SECRET not in logs  # the workers' logs (what Flower is told comes from there)
     unbound, _ = probe_failed(conn, lane, "egress_unbound")
     assert unbound["status"] == "failed"
     assert ("secret 'probe_token' is not bound to plugin 'egress_unbound': titan-plugins.py "
