@@ -91,11 +91,12 @@ class Zygote:
     """The plugin's interpreter, started ahead (workers/zygote.py): its pid and the pipe
     its run goes down."""
 
-    def __init__(self, interpreter):
+    def __init__(self, interpreter, net=False):
         self.interpreter = interpreter
         request_r, self.request_w = os.pipe()
         ready_r, ready_w = os.pipe()
-        self.pid = start([interpreter, ZYGOTE], dict(os.environ), (request_r, ready_w))
+        argv = [interpreter, ZYGOTE, *(["--net"] if net else [])]
+        self.pid = start(argv, dict(os.environ), (request_r, ready_w))
         os.close(request_r)
         os.close(ready_w)
         self.ready = os.read(ready_r, 1) == b"R"  # it has preloaded, or it is gone
@@ -152,7 +153,7 @@ def main():
         signal.signal(signum, signal.SIG_IGN)
     zygote = None
     if sys.argv[1:2] == ["--zygote"]:
-        zygote = Zygote(sys.argv[2])
+        zygote = Zygote(sys.argv[2], net="--net" in sys.argv[3:])
         if not zygote.ready:
             zygote.kill()
             zygote = None

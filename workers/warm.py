@@ -139,7 +139,7 @@ def warm_options(engine: Engine, config: PoolConfig, home: Path, user: RunUser,
     command = ["python3", "-I", LAUNCHER_PATH]
     python = interpreter(config, engine.settings)
     if python:
-        command += ["--zygote", python]
+        command += ["--zygote", python, *(["--net"] if config.network else [])]
     return {**opts, "command": command, "stdin_open": True, "init": False}
 
 

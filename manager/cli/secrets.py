@@ -12,7 +12,6 @@ import sys
 import click
 
 from manager.cli.client import CliError
-from manager.core.secrets import SecretError, check_name
 
 
 def out(ctx: click.Context, data: object, text: str) -> None:
@@ -33,6 +32,8 @@ def secret() -> None:
 @click.pass_context
 def set_(ctx: click.Context, name: str, plugins: tuple[str, ...], from_file: object) -> None:
     """Set (or rotate) secret NAME, its value read from stdin, and bind it to plugins."""
+    from manager.core.secrets import SecretError, check_name  # (cryptography: only here)
+
     try:
         check_name(name)
     except SecretError as exc:
