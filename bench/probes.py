@@ -148,11 +148,17 @@ def cli_latency(api_socket: str, n: int = 10) -> dict[str, tuple[float, float]]:
 
 def idle_memory(client: docker.DockerClient, settings) -> dict[str, float]:
     """MiB held by one idle prewarmed container (its cgroup, as the engine reports it), by
-    runtime (runc, runsc)."""
+    runtime (runc, runsc), and one of a plugin with a net grant (its HTTP client
+    preloaded: `runc, net grant`)."""
     found: dict[str, float] = {}
     for pooled in client.containers.list(filters={"label": [
             f"titan.instance={settings.instance}", "titan.pool=1"]}):
         runtime = pooled.attrs["HostConfig"].get("Runtime") or "runc"
+        plugin = pooled.labels.get("titan.plugin")
+        if plugin == "noop_net":
+            runtime = "runc, net grant"
+        elif plugin not in ("noop", "noop_gvisor"):
+            continue
         if runtime not in found:
             stats = pooled.stats(stream=False)["memory_stats"]
             used = stats.get("usage", 0) - stats.get("stats", {}).get("total_inactive_file", 0)
