@@ -120,8 +120,10 @@ def egress(servers: dict[str, Any], settings: Settings, docker_client: Any,
         yield mine
     finally:
         proxy.stop(mine, docker_client)
+        left = proxy.processes(mine)
         shutil.rmtree(mine.egress_dir, ignore_errors=True)
         _unmount(mine.secret_files_dir)
+        assert not left, f"the proxy's processes outlived its stop: {left}"
 
 
 def _opened_up(path: Path) -> None:
@@ -337,6 +339,7 @@ def test_a_proxy_stopped_mid_run_fails_the_run_visibly_and_comes_back(
     wait_until(lambda: any(r["event_id"] == event_id and r["status"] == "running"
                            for r in _records(conn, settings, "egress_probe")), 60, "the run")
     proxy.stop(egress)  # Squid only: its network and firewall rules stay
+    assert not proxy.processes(egress) and not proxy.running(egress)
     try:
         failure = bus.result_of(event_id, timeout=90)
         record = next(r for r in _records(conn, settings, "egress_probe")

@@ -109,17 +109,21 @@ def firewall(settings: Settings, at: Where, add: bool) -> None:
                 pass
 
 
-def pid(settings: Settings) -> int | None:
-    """The host Squid's master process: the pid its file names (a file the proxy's own
-    uid may write) only if that is root's squid, started with this configuration."""
-    try:
-        found = int((settings.egress_dir / "var" / "squid.pid").read_text().strip())
-        proc = psutil.Process(found)
-        ours = (proc.name() == "squid" and proc.uids().real == 0
-                and str(settings.egress_dir / "squid.conf") in proc.cmdline())
-    except (OSError, ValueError, psutil.Error):
-        return None
-    return found if ours else None
+def processes(settings: Settings) -> list[tuple[psutil.Process, bool]]:
+    """The host's Squid processes of this configuration, the master first (True), then
+    its kid: the pid file names the kid, which the master starts again (and the file
+    lies where the proxy's own uid writes)."""
+    conf = str(settings.egress_dir / "squid.conf")
+    found = []
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if proc.info["name"] == "squid" and conf in cmdline:
+            found.append((proc, cmdline[0] == "squid"))
+    return sorted(found, key=lambda item: not item[1])
+
+
+def running(settings: Settings) -> bool:
+    return any(master for _, master in processes(settings))
 
 
 def prepare(settings: Settings, client: docker.DockerClient, uid: int, gid: int,
@@ -144,7 +148,7 @@ def start(settings: Settings, client: docker.DockerClient) -> Where:
         raise ProxyError("squid is not installed (make up installs it)")
     at = prepare(settings, client, *ensure_account(settings.egress_user))
     conf = settings.egress_dir / "squid.conf"
-    if pid(settings) is None:
+    if not running(settings):
         check = subprocess.run(["squid", "-k", "parse", "-f", str(conf)], capture_output=True,
                                text=True)
         if check.returncode:
@@ -161,12 +165,17 @@ def start(settings: Settings, client: docker.DockerClient) -> Where:
 
 def stop(settings: Settings, client: docker.DockerClient | None = None) -> None:
     """Stops the proxy and, with `client`, takes down what `prepare` set up."""
-    running = pid(settings)
-    conf = settings.egress_dir / "squid.conf"
-    if running is not None:
-        subprocess.run(["squid", "-k", "shutdown", "-f", str(conf)], capture_output=True)
-        if not _wait(lambda: not psutil.pid_exists(running), 15):
-            os.kill(running, 9)
+    # SIGTERM to the master, as `squid -k shutdown` would send it to the pid in the file
+    # if that were not its kid's (which the master starts again); then, after
+    # shutdown_lifetime, SIGKILL to whatever is left, the master first.
+    for proc, master in processes(settings):
+        if master:
+            with contextlib.suppress(psutil.Error):
+                proc.terminate()
+    if not _wait(lambda: not processes(settings), 15):
+        for proc, _ in processes(settings):
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
     if client is not None:
         teardown(settings, client)
 
@@ -224,8 +233,8 @@ def main(argv: list[str]) -> int:
         elif command == "teardown":
             teardown(settings, client)
         else:
-            print("running" if pid(settings) else "stopped")
-            return 0 if pid(settings) else 3
+            print("running" if running(settings) else "stopped")
+            return 0 if running(settings) else 3
     except ProxyError as exc:
         print(f"egress proxy: {exc}", file=sys.stderr)
         return 1
