@@ -12,7 +12,6 @@ import subprocess
 import pytest
 
 from manager.core.config import Settings
-from manager.egress.proxy import Where
 from manager.egress.squidconf import INNER, host_networks, layout, render
 
 
@@ -22,7 +21,7 @@ def conf(tmp_path) -> str:
                                  egress_allow=("api.test:443", "*.example.org:443"))
     account = pwd.getpwnam("proxy")  # Debian's, with a group of its name (Squid's package)
     layout(settings, account.pw_uid, account.pw_gid)
-    return render(settings, Where("n", "127.0.0.1", 3128), "proxy")
+    return render(settings, "127.0.0.1:3128", "proxy")
 
 
 def test_squid_parses_the_configuration_without_a_warning(conf, tmp_path) -> None:

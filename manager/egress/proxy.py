@@ -135,7 +135,7 @@ def prepare(settings: Settings, client: docker.DockerClient, uid: int, gid: int,
     at = ensure_network(client, settings)
     layout(settings, uid, gid)
     conf = settings.egress_dir / "squid.conf"
-    conf.write_text(render(settings, at, settings.egress_user, helpers))
+    conf.write_text(render(settings, f"{at.gateway}:{at.port}", settings.egress_user, helpers))
     os.chmod(conf, 0o644)
     firewall(settings, at, add=True)
     return at

@@ -10,15 +10,11 @@ import ipaddress
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import psutil
 
 from manager.core import netrules as rules
 from manager.core.config import Settings
-
-if TYPE_CHECKING:
-    from manager.egress.proxy import Where
 
 HERE = Path(__file__).resolve().parent
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -64,8 +60,9 @@ def explicit_hosts(settings: Settings) -> list[str]:
     return sorted({rules.parse(p)[0] for p in settings.egress_allow if rules.explicit(p)})
 
 
-def render(settings: Settings, at: Where, user: str, helpers: Path = HERE) -> str:
-    """squid.conf for this proxy; `helpers`: where Squid finds helper.py and logd.py
+def render(settings: Settings, listen: str, user: str, helpers: Path = HERE) -> str:
+    """squid.conf for this proxy, listening at `listen` (address:port) only; `helpers`:
+    where Squid finds helper.py and logd.py
     (this directory, or where a proxy container has them mounted: its pid file is then
     its own, in the container's /run/squid)."""
     d = settings.egress_dir
@@ -75,7 +72,7 @@ def render(settings: Settings, at: Where, user: str, helpers: Path = HERE) -> st
     explicit = " ".join(explicit_hosts(settings)) or "titan-egress.invalid"
     limit = settings.egress_max_bytes
     return "\n".join([
-        f"http_port {at.gateway}:{at.port}",
+        f"http_port {listen}",
         "icp_port 0", "htcp_port 0", "visible_hostname titan-egress",
         f"cache_effective_user {user}", f"cache_effective_group {user}",
         f"pid_filename {pid_file}", f"cache_log {d / 'var' / 'cache.log'}",
