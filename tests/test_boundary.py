@@ -84,7 +84,7 @@ def test_no_host_identity_reaches_into_a_run(lane: Lane, docker_client) -> None:
     events = [new_id("linger") for _ in range(2)]
     for event_id in events:
         lane.bus.publish({"event_id": event_id, "topic": "hostile.v1", "event_type": "attack",
-                          "payload": {"attack": "linger", "seconds": 4}})
+                          "payload": {"attack": "linger", "seconds": 3}})
     if lane.gvisor and lane.warm:  # both prewarmed sandboxes serve now: probe every one
         running = wait_until(lambda: (c := lane_containers(docker_client, lane))
                              and len(c) >= 2 and c, 60, "two gVisor sandboxes")
