@@ -38,6 +38,7 @@ from manager.core.contract import make_celery
 from manager.plugins.registry import Registry
 from manager.service import api_server
 from redis_nodes import tls_lines
+from workers.container import remove_container
 from workers.identity import Identities
 
 pytest_plugins = ("lanes",)  # the hostile plugin's lanes, for every file that attacks
@@ -236,7 +237,7 @@ def worker(settings: Settings, conn: redis.Redis, registry: Registry,
     leftovers = docker_client.containers.list(
         all=True, filters={"label": f"titan.instance={settings.instance}"})
     for c in leftovers:
-        c.remove(force=True)
+        remove_container(c)
     assert not leftovers, f"containers left behind: {[c.name for c in leftovers]}"
 
 

@@ -29,6 +29,7 @@ from manager.bus.listener import Listener, ensure_group
 from manager.core.contract import make_celery
 from manager.core.events import Event
 from manager.plugins.loader import PluginEntry
+from workers.container import remove_container
 
 pytestmark = pytest.mark.integration
 ACTIVE = ("pending", "queued", "throttled", "running", "retrying")
@@ -90,7 +91,7 @@ def test_containers_left_by_an_engine_outage_are_reaped_without_a_restart(
         worker.stop()
         proxy.stop()
         for c in docker_client.containers.list(all=True, sparse=True, filters=labelled):
-            c.remove(force=True)
+            remove_container(c)
 
 
 class PoisonedDispatcher(Dispatcher):

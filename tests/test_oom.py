@@ -11,6 +11,7 @@ import docker
 import pytest
 
 from manager.core.config import Settings
+from workers.container import remove_container
 from workers.oom import OomWatcher
 
 pytestmark = pytest.mark.integration
@@ -39,7 +40,7 @@ def run(client: docker.DockerClient, watcher: OomWatcher, settings: Settings, ru
         code = container.wait(timeout=120)["StatusCode"]
         return code, watcher.killed(watch)
     finally:
-        container.remove(force=True)
+        remove_container(container)
 
 
 @pytest.mark.parametrize("runtime", ["runc", "runsc"])

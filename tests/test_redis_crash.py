@@ -41,6 +41,7 @@ from manager.core.events import Event
 from manager.core.keys import Keys
 from manager.core.slots import LEASE_TTL_S
 from manager.plugins.registry import Registry
+from workers.container import remove_container
 
 pytestmark = pytest.mark.integration
 OUTAGE_S = 1.0  # how long Redis stays down (a duration under test, not a wait)
@@ -214,7 +215,7 @@ def test_a_run_whose_worker_died_is_re_queued_one_lease_after_its_hold_lapsed(
         worker.stop()
         for c in docker_client.containers.list(
                 all=True, filters={"label": f"titan.invocation={inv}"}):
-            c.remove(force=True)
+            remove_container(c)
     assert report.requeued == [inv] and report.suspected == []
     again = record_of(conn, mine, inv)
     assert again["status"] == "queued" and again["requeues"] == 1, again

@@ -1,6 +1,7 @@
 """The sweeper's judgements on a real Redis, without workers or Docker: a held run is left
-alone, a sent run waits while the queue moves, an unheld run is re-queued or marked lost
-only after its message could no longer come back, and a run is judged once."""
+alone, a sent run waits while its own message is in the broker (whatever else the queue
+holds), an unheld run is re-queued or marked lost once its message is gone, and a run is
+judged once."""
 
 from __future__ import annotations
 
@@ -33,8 +34,16 @@ class Rig:
     @property
     def patience(self) -> float:
         """How long a sent run must look abandoned before it is."""
-        s = self.settings
-        return s.effective_visibility_timeout + s.restore_interval + s.sweep_grace_s
+        return self.settings.sweep_grace_s
+
+    def lose(self, req: RunRequest) -> bytes:
+        """Takes the run's own message out of the queue (as a failover can), leaving the
+        others; returns it."""
+        for message in self.conn.lrange(self.settings.task_queue, 0, -1):
+            if json.loads(message)["headers"]["id"] == req.invocation_id:
+                assert self.conn.lrem(self.settings.task_queue, 1, message) == 1
+                return message
+        raise AssertionError(f"no message of {req.invocation_id} in the queue")
 
     def run(self, plugin: str = "echo", sent: bool = True) -> RunRequest:
         """A run past its deadline: recorded (pending), and sent (queued) unless not."""
@@ -62,26 +71,40 @@ def rig(conn, unit_settings) -> Rig:
     return Rig(conn, unit_settings, sweep_grace_s=2)
 
 
-def test_held_runs_and_runs_waiting_in_a_moving_queue_are_left_alone(rig: Rig) -> None:
-    """Without a read of the queue's contents or of kombu's hash: a run with a lease is
-    held; a sent run is waiting while the queue has messages; once the queue is empty,
-    it is re-queued only after its message could have come back from a dead worker."""
-    held, queued = rig.run(), rig.run()
+def test_held_runs_and_runs_whose_message_is_in_the_broker_are_left_alone(rig: Rig) -> None:
+    """A run with a lease is held; a sent run whose message is in a queue list, or
+    delivered and unacknowledged (kombu's hash), waits its turn however late it is."""
+    held, queued, delivered = rig.run(), rig.run(), rig.run()
     rig.conn.set(rig.keys.lease(held.invocation_id), "someone@host", ex=60)
-    report = rig.sweeper.sweep()
-    assert report.suspected == [] and report.requeued == []
-    assert rig.conn.zscore(rig.keys.inflight, queued.invocation_id) > time.time()  # later
-    rig.conn.delete(rig.settings.task_queue)  # the queue is empty: the message is late, or gone
-    rig.conn.zadd(rig.keys.inflight, {r.invocation_id: 0 for r in (held, queued)})
-    assert rig.sweeper.sweep().suspected == [queued.invocation_id]
-    assert rig.sweeper.sweep(time.time() + rig.settings.sweep_grace_s + 1).requeued == []
+    message = rig.lose(delivered)
+    rig.conn.hset(rig.settings.keys.unacked, "a-delivery-tag",
+                  json.dumps([json.loads(message), "", rig.settings.task_queue]))
+    for later in (0, rig.patience + 1, 10 * rig.patience):
+        rig.conn.zadd(rig.keys.inflight, {r.invocation_id: 0
+                                          for r in (held, queued, delivered)})
+        report = rig.sweeper.sweep(time.time() + later)
+        assert report.suspected == [] and report.requeued == []
+    for r in (held, queued, delivered):
+        assert rig.conn.zscore(rig.keys.inflight, r.invocation_id) > time.time()  # later
+        assert rig.status(r)["status"] == "queued"
+
+
+def test_a_run_whose_own_message_is_gone_is_sent_again_while_others_wait(rig: Rig) -> None:
+    """A failover can lose one message while the queue is busy with others: the run whose
+    message is in neither the queue nor kombu's hash on two looks `sweep_grace_s` apart
+    is sent again; the others are left alone."""
+    lost, others = rig.run(), [rig.run() for _ in range(3)]
+    rig.lose(lost)
+    assert rig.sweeper.sweep().suspected == [lost.invocation_id]
+    assert rig.sweeper.sweep(time.time() + rig.patience - 1).requeued == []  # within grace
     report = rig.sweeper.sweep(time.time() + rig.patience + 1)
-    assert report.requeued == [queued.invocation_id] and report.lost == []
-    again = rig.status(queued)
+    assert report.requeued == [lost.invocation_id] and report.lost == []
+    again = rig.status(lost)
     assert again["status"] == "queued" and again["requeues"] == 1
     assert "re-queued by the sweeper" in again["reason"]
-    assert rig.conn.llen(rig.settings.task_queue) == 1  # sent again
-    assert rig.status(held)["status"] == "queued"
+    ids = [json.loads(m)["headers"]["id"] for m in rig.conn.lrange(rig.settings.task_queue, 0, -1)]
+    assert sorted(ids) == sorted([lost.invocation_id, *(o.invocation_id for o in others)])
+    assert all(rig.status(o)["requeues"] == 0 for o in others)
 
 
 def test_a_pending_run_whose_message_never_left_is_sent_after_its_grace(rig: Rig) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import docker
 import requests
-from docker.errors import DockerException, NotFound
+from docker.errors import APIError, DockerException, NotFound
 
 from manager.core.errors import SandboxUnavailable
 
@@ -31,6 +31,24 @@ HEADER = struct.Struct(">BxxxL")  # stream (0 stdin, 1 stdout, 2 stderr), payloa
 STDOUT, STDERR = 1, 2
 # What reaching the engine can raise (a stream cut short is an OSError)
 ENGINE_ERRORS = (OSError, DockerException, requests.RequestException)
+
+
+def removed_already(exc: Exception) -> bool:
+    """The engine says the container is gone or going: gone (404), or being removed by
+    someone else (409: its AutoRemove, another reaper). Either is as good as our removal."""
+    if isinstance(exc, NotFound):
+        return True
+    return (isinstance(exc, APIError) and exc.status_code == 409
+            and "in progress" in str(exc.explanation or exc))
+
+
+def remove_container(container: Any) -> None:
+    """Removes it, killing it; a container already gone or going counts as removed."""
+    try:
+        container.remove(force=True)
+    except APIError as exc:
+        if not removed_already(exc):
+            raise
 
 
 class ContainerHandle:
@@ -133,9 +151,7 @@ class ContainerHandle:
         """Removes it (killing it); False when the engine did not do it."""
         self.close()
         try:
-            self.container.remove(force=True)
-        except NotFound:
-            pass
+            remove_container(self.container)
         except ENGINE_ERRORS as exc:
             log.warning("could not remove container %s: %s", self.id[:12], exc)
             return False

@@ -217,6 +217,7 @@ class WarmPool:
         with self.lock:
             if not self.stopping.is_set():
                 self.idle.setdefault(key, []).append(warm)
+                log.info("prewarmed %s %s: ready", key.plugin, warm.container.id[:12])
                 return True
         self._discard(warm)
         return False

@@ -22,7 +22,7 @@ from manager.plugins.loader import PluginEntry
 
 Owed = Callable[[redis.client.Pipeline], object]  # a write that rides in a later pipeline
 PENDING_GRACE_S = 60  # a record still pending this long was never sent: send it again
-QUEUED_GRACE_S = 120  # how often the sweeper looks at a queued run's message
+QUEUED_GRACE_S = 60  # how often the sweeper looks for a queued run's message
 
 
 def priority_of(ahead: int, weight: int) -> int:

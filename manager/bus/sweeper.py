@@ -2,10 +2,7 @@
 past its deadline (SPEC §4).
 
 A run past its deadline is left alone while a process holds it: the process running it
-renews its lease (manager.core.slots), so that is one key per run, never a read of the
-broker's queue or of kombu's `unacked` hash. A run a worker has prefetched but not started
-is not held; it is waiting, and starts well within the patience below (one run's length at
-most). An unheld run is judged by what its status proves:
+renews its lease (manager.core.slots). An unheld run is judged by what its status proves:
 
 - `running`: its process died (killed, its container or host gone). Its deadline moves on
   with its lease and passes one lease after the lease lapsed, so it is swept at once,
@@ -13,11 +10,13 @@ most). An unheld run is judged by what its status proves:
   back, finds the run finished or held by its new process and runs nothing.
 - `pending`: its message was never sent (the record is marked `queued` only after the
   send). Abandoned once it has looked so for `sweep_grace_s`.
-- any later status: a message was sent before the status was written, so it is waiting in
-  the queue, or it is unacknowledged by a dead worker and kombu puts it back within the
-  visibility timeout plus one restore interval. While the queue is not empty the run is
-  taken to be waiting its turn; once the queue is empty and the run has been unheld for
-  that window plus `sweep_grace_s`, its message is gone (Redis lost it).
+- any later status: a message was sent before the status was written. While it is in
+  the broker (a queue list, or kombu's `unacked` hash: prefetched by a worker, or a dead
+  worker's, which kombu puts back) the run waits its turn and is looked at again
+  `QUEUED_GRACE_S` later. A message in neither on two looks `sweep_grace_s` apart is
+  gone (a failover lost it): the run is sent again. So a lost message is re-sent at most
+  QUEUED_GRACE_S + sweep_grace_s + two sweep intervals after it was last seen (150 s
+  with the defaults), whatever else the queue holds.
 
 An abandoned run is re-queued (its plugin did not fail: its process or its message
 vanished), at most `max_requeues` times; then it is marked `lost`, with a failure event
@@ -35,14 +34,12 @@ from dataclasses import dataclass, field
 
 from manager.bus.dispatch import QUEUED_GRACE_S, Dispatcher
 from manager.core import metrics
-from manager.core.contract import queued_tasks
+from manager.core.contract import messages_sent
 from manager.core.records import InvocationRecord, Outcome, Status
 from manager.core.runs import RunRequest
 from manager.core.wiring import Wiring
 
 log = logging.getLogger(__name__)
-ALIVE_RECHECK_S = 300  # a run still held or queued is looked at again after this long
-
 
 
 @dataclass
@@ -94,39 +91,32 @@ class Sweeper:
                 self.conn.delete(self.keys.sweep_suspects)
             return report
         held = self.slots.held(due)
-        queue_moving = bool(queued_tasks(self.conn, self.settings))
-        waiting = set(held)
-        for invocation_id in (i for i in due if i not in held):
-            record = self.records.get(invocation_id)
+        unheld = {i: self.records.get(i) for i in due if i not in held}
+        sent = messages_sent(self.records.scripts, self.settings, [
+            i for i, r in unheld.items()
+            if r is not None and r.status not in (Status.PENDING, Status.RUNNING)])
+        waiting = set(held) | sent
+        for invocation_id, record in unheld.items():
             if record is None or record.status.terminal:
                 self.records.forget(invocation_id)
             elif record.status is Status.RUNNING:
                 self._abandoned(record, report)
-            elif record.status is not Status.PENDING and queue_moving:
-                waiting.add(invocation_id)  # its message waits its turn in the queue
-                continue
+            elif invocation_id in sent:
+                continue  # its message waits in the queue, or at a worker
             elif invocation_id not in suspects:
                 self.conn.hset(self.keys.sweep_suspects, invocation_id, now)
                 report.suspected.append(invocation_id)
                 continue
-            elif now - suspects[invocation_id] >= self.patience(record):
+            elif now - suspects[invocation_id] >= self.settings.sweep_grace_s:
                 self._abandoned(record, report)
             else:
                 continue
             self.conn.hdel(self.keys.sweep_suspects, invocation_id)
-        self.records.recheck_later(sorted(waiting), now + ALIVE_RECHECK_S)
+        self.records.recheck_later(sorted(waiting), now + QUEUED_GRACE_S)
         stale = set(suspects) - set(due) | (set(suspects) & waiting)
         if stale:
             self.conn.hdel(self.keys.sweep_suspects, *stale)
         return report
-
-    def patience(self, record: InvocationRecord) -> float:
-        """How long an unheld run must look abandoned before it is: a pending run's message
-        was never sent; any other run's message may still come back from a dead worker."""
-        if record.status is Status.PENDING:
-            return self.settings.sweep_grace_s
-        return (self.settings.effective_visibility_timeout + self.settings.restore_interval
-                + self.settings.sweep_grace_s)
 
     def _abandoned(self, record: InvocationRecord, report: SweepReport) -> None:
         request = RunRequest.from_dict(record.request) if record.request else None

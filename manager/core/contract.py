@@ -11,6 +11,7 @@ from celery import Celery
 
 from manager.core.clients import is_socket, password_and_db, tls_options
 from manager.core.config import Settings
+from manager.core.scripts import Scripts, named
 
 RUN_TASK = "titan.run_plugin"
 # Fair queueing: a run's priority is its place in its plugin's line (divided by the
@@ -67,6 +68,18 @@ def queued_tasks(conn: Any, settings: Settings) -> int:
     for key in queue_keys(settings):
         pipe.llen(key)
     return sum(pipe.execute())
+
+
+def messages_sent(scripts: Scripts, settings: Settings, ids: list[str]) -> set[str]:
+    """The runs among `ids` whose task message is in the broker: in a queue list, or
+    delivered to a worker and not yet acknowledged (kombu's `unacked` hash, which kombu
+    puts back when that worker dies). A run in neither has lost its message (a failover
+    took it) and nothing will ever send it again but the sweeper."""
+    if not ids:
+        return set()
+    found = scripts.sent(keys=[*queue_keys(settings), settings.keys.unacked],
+                         args=[named(ids=ids)])
+    return {i.decode() if isinstance(i, bytes) else i for i in found}
 
 
 def broker_url(settings: Settings) -> str:
