@@ -9,6 +9,11 @@ FILES_DIR ?= /srv/titan/files
 TEST_STREAMS ?= 2
 export TITAN_RUN_DIR ?= $(CURDIR)/$(RUN_DIR)
 # The Redis URL (with its password) that `make up` generated, for Flower and the CLI tools.
+# Marked as the file's copy: the scripts read the file fresh instead (a mode switch rewrites
+# it), and judge only a URL the caller's own environment gave (scripts/common.sh).
+ifeq ($(origin TITAN_REDIS_URL),undefined)
+export TITAN_REDIS_URL_FROM_RUN := 1
+endif
 export TITAN_REDIS_URL ?= $(shell cat $(TITAN_RUN_DIR)/redis.url 2>/dev/null)
 # Redis over TLS (HA, worker hosts): the tools here present the manager's certificate.
 ifneq ($(filter rediss://%,$(TITAN_REDIS_URL)),)

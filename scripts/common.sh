@@ -9,6 +9,9 @@ RUNTIME_IMAGE="${TITAN_RUNTIME_IMAGE:-titan-runtime:py3.11}"
 # The Redis URL: the environment's, else the one `make up` wrote (with the password it
 # generated), else the default.
 REDIS_URL_FILE="$RUN_DIR/redis.url"
+# make's copy of the file is not the environment's own: the file is read fresh below.
+if [ "${TITAN_REDIS_URL_FROM_RUN:-}" = 1 ]; then unset TITAN_REDIS_URL TITAN_REDIS_URL_FROM_RUN; fi
+ENV_REDIS_URL="${TITAN_REDIS_URL:-}"  # the environment's own, if any (services.sh check_mode)
 if [ -z "${TITAN_REDIS_URL:-}" ] && [ -f "$REDIS_URL_FILE" ]; then
   TITAN_REDIS_URL="$(cat "$REDIS_URL_FILE")"
 fi

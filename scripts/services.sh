@@ -136,11 +136,26 @@ remote_env() {
     fi; } >"$REMOTE_ENV_FILE"
 }
 
+# The mode (plain, TITAN_REDIS_BIND, TITAN_REDIS_HA) decides the URL's kind; a URL in the
+# environment of the other kind is named with the fix before anything starts. (A URL an
+# earlier `make up` wrote in run/ follows the mode: start_plain_redis, ha_url.)
+check_mode() {
+  [ -n "$ENV_REDIS_URL" ] || return 0
+  if redis_tls_wanted && [[ "$ENV_REDIS_URL" != rediss://* ]]; then
+    die "TITAN_REDIS_URL in the environment is a plain URL ($(redis_where "$ENV_REDIS_URL")), but $( [ "${TITAN_REDIS_HA:-0}" = 1 ] && echo TITAN_REDIS_HA=1 || echo TITAN_REDIS_BIND) makes Redis speak TLS only: unset TITAN_REDIS_URL (make up keeps its own URL in $REDIS_URL_FILE)"
+  fi
+  if ! redis_tls_wanted && [[ "$ENV_REDIS_URL" == rediss://* ]] && ! redis_ok; then
+    die "TITAN_REDIS_URL in the environment is a TLS URL ($(redis_where "$ENV_REDIS_URL")) that does not answer, and this make up starts a plain Redis on $REDIS_SOCKET (neither TITAN_REDIS_HA nor TITAN_REDIS_BIND is set): unset TITAN_REDIS_URL, or set the mode it belongs to"
+  fi
+}
+
 start_plain_redis() {
   local fsync="${TITAN_REDIS_APPENDFSYNC:-everysec}" secret port=0 bind="" tls=0
-  # A URL an older `make up` wrote (TCP on loopback): the same password, on the socket now.
+  # A URL an earlier `make up` wrote in another mode (TCP on loopback, or the TLS URL of
+  # an HA or TITAN_REDIS_BIND stack): the same password, on the socket now.
   if ! ha && [ -z "${TITAN_REDIS_BIND:-}" ] && [ -f "$REDIS_URL_FILE" ] &&
-     [ "$(cat "$REDIS_URL_FILE")" = "$REDIS_URL" ] && [[ "$REDIS_URL" == redis://*@127.0.0.1:* ]]; then
+     [ "$(cat "$REDIS_URL_FILE")" = "$REDIS_URL" ] &&
+     [[ "$REDIS_URL" == redis://*@127.0.0.1:* || "$REDIS_URL" == rediss://*@* ]]; then
     REDIS_URL="unix://default:$(redis_secret "$REDIS_URL")@$REDIS_SOCKET?db=0"
     (umask 077 && echo "$REDIS_URL" >"$REDIS_URL_FILE")
   fi
@@ -214,7 +229,21 @@ start_redis_ha() {
   done
   (IFS=,; echo "${sentinels[*]}") >"$SENTINELS_FILE"
   export TITAN_REDIS_SENTINELS="$(cat "$SENTINELS_FILE")"
+  # HA from the moment make up returns: a failover needs every Sentinel to know both
+  # replicas (learnt from the primary's INFO, every 10 s) and its two peers.
+  for i in 0 1 2; do
+    wait_for "[ \"\$(sentinel_knows $((26379 + i)) replicas slave)\" = 2 ] && [ \"\$(sentinel_knows $((26379 + i)) sentinels sentinel)\" = 2 ]" 60 ||
+      die "the Sentinel on :$((26379 + i)) does not know both replicas and both other Sentinels; see $RUN_DIR/sentinel$i.log"
+  done
   say "Redis HA (TLS): data nodes $addr:$port, :$((port + 1)), :$((port + 2)) (the Sentinels ${sentinels[*]} know which is the primary)"
+}
+
+sentinel_knows() {  # how many healthy `replicas` or `sentinels` ($2) the Sentinel at port
+  # $1 lists: entries whose flags are exactly $3 (slave, sentinel: nothing down)
+  REDISCLI_AUTH="$(redis_secret "$REDIS_URL")" redis-cli --no-auth-warning --tls \
+    --cacert "$TLS_DIR/trust.crt" --cert "$TLS_DIR/clients/manager.crt" \
+    --key "$TLS_DIR/clients/manager.key" -h 127.0.0.1 -p "$1" sentinel "$2" titan 2>/dev/null |
+    awk -v want="$3" 'prev == "flags" && $0 == want { n++ } { prev = $0 } END { print n + 0 }'
 }
 
 stop_pidfile() {
@@ -240,10 +269,10 @@ proxy_account() {
 }
 
 case "${1:-start}" in
-  start) start_docker; register_gvisor; uid_leases; proxy_account; start_proxy; start_redis ;;
+  start) check_mode; start_docker; register_gvisor; uid_leases; proxy_account; start_proxy; start_redis ;;
   docker) start_docker; register_gvisor; uid_leases; proxy_account ;;
   proxy) start_proxy ;;
-  redis) start_redis ;;
+  redis) check_mode; start_redis ;;
   stop)
     for s in sentinel0 sentinel1 sentinel2 redis-replica redis-replica1 redis-replica2 redis; do stop_pidfile "$s"; done
     rm -f "$SENTINELS_FILE" "$REMOTE_ENV_FILE"

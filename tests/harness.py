@@ -266,6 +266,19 @@ def records_of(conn: redis.Redis, settings: Settings, plugin: str,
     return [r.public() for r in wired(conn, settings).records.for_plugin(plugin, limit)]
 
 
+def caused_by(conn: redis.Redis, settings: Settings, event_id: str) -> list[dict[str, Any]]:
+    """Every event on the stream caused by `event_id` (results and failure events)."""
+    out = []
+    for _, fields in conn.xrange(settings.event_stream):
+        try:
+            event = json.loads(fields[b"event"])
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(event, dict) and event.get("causation_id") == event_id:
+            out.append(event)
+    return out
+
+
 def record_of(conn: redis.Redis, settings: Settings, invocation_id: str) -> dict[str, Any]:
     record = wired(conn, settings).records.get(invocation_id)
     return record.public() if record else {}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import json
 import resource
 import shutil
 import tarfile
@@ -347,7 +348,7 @@ def test_the_worker_applies_the_registrys_limits_clamped_to_its_maxima(
         for label, digest_used in (("registry", probe.digest), ("greedy bundle", digest)):
             event = Event(new_id("limits"), "test.v1", "probe", {"port": "1"})
             request = replace(probe, digest=digest_used).request(event, settings, "api")
-            dispatcher.records.create(_record(request), 1e12)
+            dispatcher.records.create(_record(request), 1e9)
             dispatcher.send(request)
             answers[label] = bus.result_of(event.event_id, timeout=120)["payload"]
     finally:
@@ -382,11 +383,24 @@ def test_external_producers_cannot_pose_as_plugins(settings, conn, registry, dis
     assert seen["event"]["source"] == "api"
 
 
-def test_a_plugin_cannot_forge_a_failure_event(attack_once) -> None:
-    record, failure = attack_once("bad_output", kind="forged_failure")
+@pytest.mark.parametrize(("topic", "event_type"), [
+    ("plugins.v1", "invocation_failed"), ("PLUGINS.V1", "invocation_failed"),
+    ("plugins.v1", "invocation_failed_x"), ("Plugins.V1", "anything")])
+def test_a_plugin_cannot_publish_on_the_reserved_topic(attack_once, bus, conn, settings,
+                                                       topic: str, event_type: str) -> None:
+    """Reserved in any case and for any event type: the run fails naming the topic, and
+    the only event it caused is the worker's own failure event."""
+    record, failure = attack_once("bad_output", kind="forged_failure", topic=topic,
+                                  event_type=event_type)
     assert record["status"] == "failed"
-    assert "only the worker publishes" in record["reason"]
-    assert failure["payload"]["plugin"] == "hostile"  # the only failure event is the real one
+    assert f"on topic {topic!r}, which is reserved" in record["reason"]
+    assert failure["payload"]["plugin"] == "hostile"  # the first caused event is the real one
+    entries = conn.xrange(settings.event_stream, min=bus.first_entry[record["event_id"]])
+    events = [json.loads(fields[b"event"]) for _, fields in entries if b"event" in fields]
+    caused = [e for e in events if isinstance(e, dict)
+              and e.get("causation_id") == record["event_id"]]  # the run is over: all of it
+    assert [(e["topic"], e["event_type"]) for e in caused] == [
+        ("plugins.v1", "invocation_failed")]
 
 
 def test_results_nested_too_deep_fail_the_run_instead_of_being_dead_lettered(

@@ -133,7 +133,7 @@ def test_a_plugins_line_is_kept_through_every_status_change(conn, settings) -> N
     store = wired(conn, mine).records
     made = [store.create(InvocationRecord(uuid.uuid4().hex, "p", "1.0.0", "sha256:x",
                                           new_id(), "t", "e", "api", Status.PENDING,
-                                          time.time() - age), time.time() + 60)
+                                          time.time() - age), 60)
             for age in (30, 20, 10)]
     assert [m.ahead for m in made] == [0, 1, 2]  # each run's place in its plugin's line
     line = lines(conn, mine.keys, ["p", "q"], time.time())

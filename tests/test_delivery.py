@@ -23,6 +23,7 @@ from harness import (
     DockerProxy,
     RedisServer,
     WorkerProcess,
+    caused_by,
     new_id,
     private_settings,
     record_of,
@@ -65,18 +66,6 @@ ACTIVE = (None, "pending", "queued", "throttled", "running", "retrying")
 def finished(conn, settings, invocation_id: str, timeout: float = 90) -> dict:
     return wait_until(lambda: (r := record(conn, settings, invocation_id)).get("status")
                       not in ACTIVE and r, timeout, f"invocation {invocation_id} to finish")
-
-
-def caused_by(conn, settings, event_id: str) -> list[dict]:
-    out = []
-    for _, fields in conn.xrange(settings.event_stream):
-        try:
-            event = json.loads(fields[b"event"])
-        except (ValueError, RecursionError):
-            continue
-        if isinstance(event, dict) and event.get("causation_id") == event_id:
-            out.append(event)
-    return out
 
 
 def containers(client: docker.DockerClient, settings: Settings, invocation_id: str) -> list:
@@ -280,6 +269,6 @@ def test_retention_trims_by_age_and_length_and_records_expire(settings, conn) ->
     assert len(entries) <= mine.stream_maxlen + 100  # MAXLEN ~ trims whole nodes
     store = wired(conn, mine).records
     store.create(InvocationRecord("ret-1", "retention_probe", "1.0.0", "sha256:x", "e", "t",
-                                  "e", "api", Status.QUEUED, time.time()), time.time() + 60)
+                                  "e", "api", Status.QUEUED, time.time()), 60)
     assert store.get("ret-1").status is Status.QUEUED
     assert 0 < conn.ttl(f"{settings.key_prefix}:inv:ret-1") <= 120

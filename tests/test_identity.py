@@ -68,6 +68,32 @@ def test_no_uid_is_held_twice_and_each_is_outside_the_host_accounts(
     assert identities.take().uid == held[0].uid  # the only free one
 
 
+def test_a_uid_the_host_gave_an_account_since_is_never_leased(
+        identities: Identities) -> None:
+    """A hostile local account made inside the range after the workers started (as root
+    could be tricked into, or an admin unaware of the range): no lease gives its uid out,
+    and the run's group given to an account stops every lease, naming it."""
+    name = f"titantest{os.getpid()}"
+    subprocess.run(["useradd", "-M", "-N", "-g", "nogroup", "-u", "3000007", name],
+                   check=True)
+    try:
+        assert identities.ids.conflict(3000007) == f"/etc/passwd: {name} has id 3000007"
+        assert identities.ids.conflict(3000008) is None
+        held = [identities.take() for _ in range(18)]  # every uid of the range but one
+        assert 3000007 not in {u.uid for u in held}
+        with pytest.raises(TitanError, match="no free run uid"):
+            identities.take()
+        subprocess.run(["groupadd", "-g", "3000000", f"{name}g"], check=True)
+        try:
+            identities.give_back(held[0])
+            with pytest.raises(TitanError, match=r"the runs' group 3000000 is now the host's"):
+                identities.take()
+        finally:
+            subprocess.run(["groupdel", f"{name}g"], check=True)
+    finally:
+        subprocess.run(["userdel", name], check=True)
+
+
 def test_a_lease_is_ended_only_by_its_holder(identities: Identities) -> None:
     user = identities.take()
     identities.give_back(RunUser(user.uid, user.gid, "not-the-lease"))

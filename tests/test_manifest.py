@@ -10,7 +10,8 @@ import pytest
 
 from manager.core.config import Settings
 from manager.core.errors import ManifestError
-from manager.plugins.loader import PluginEntry, PluginStatus, discover, load_plugin
+from manager.plugins.discovery import discover
+from manager.plugins.loader import PluginEntry, PluginStatus, load_plugin
 from manager.plugins.manifest import parse_manifest
 
 GOOD = """\

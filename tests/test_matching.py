@@ -86,6 +86,16 @@ def test_payload_paths_are_resolved_before_checking(public_dir: Path) -> None:
                 "relative.txt"]:
         with pytest.raises(PermissionDenied):
             _open(str(bad), globs, settings)
+    # a link is refused as docs/security.md says, even to an allowed file or to nothing,
+    # naming the path the event gave and never where it points
+    (allowed / "inner").symlink_to(allowed / "ok.txt")
+    (allowed / "dangling").symlink_to(allowed / "none.txt")
+    (public_dir / "via").symlink_to(allowed)
+    for link in ("inner", "dangling", "../via/ok.txt"):
+        with pytest.raises(PermissionDenied, match="is a symlink or passes through one") as no:
+            _open(str(allowed / link), globs, settings)
+        assert "ok.txt'" not in no.value.message.replace(str(allowed / link), "")
+    assert _open(str(allowed / "none.txt"), globs, settings) == str(allowed / "none.txt")
 
 
 def test_payload_path_outside_the_allowed_roots_is_refused(public_dir: Path) -> None:
@@ -126,7 +136,13 @@ def test_output_forms(stdout: bytes, count: int) -> None:
     (b'{"topic": "a"}', "lacks event_type, payload"), (b"[1]", "not a JSON object"),
     (b'{"topic": "a", "event_type": "b", "payload": {}}\n' * 101, "more than the limit"),
     (b'{"topic": "plugins.v1", "event_type": "invocation_failed", "payload": {}}',
-     "only the worker publishes"),
+     "reserved for the manager's own events"),
+    (b'{"topic": "PLUGINS.V1", "event_type": "invocation_failed", "payload": {}}',
+     "reserved for the manager's own events"),
+    (b'{"topic": "plugins.v1", "event_type": "invocation_failed_x", "payload": {}}',
+     "reserved for the manager's own events"),
+    ('{"topic": "\uff50lugins.v1", "event_type": "x", "payload": {}}'.encode(),
+     "reserved for the manager's own events"),
 ])
 def test_bad_output_is_refused_with_reason(stdout: bytes, message: str) -> None:
     with pytest.raises(OutputError, match=message):

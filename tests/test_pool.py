@@ -5,6 +5,7 @@ least recently (titan_prewarm_evictions_total)."""
 from __future__ import annotations
 
 import shutil
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -87,3 +88,35 @@ def replaced(many: dict, name: str, used: str) -> bool:
     return used not in found and any(
         (attrs.get("Labels") or {}).get("titan.pool") == "1" and attrs.get("State") == "running"
         for attrs in found.values())
+
+
+def test_a_prewarmed_container_whose_uid_the_host_gives_away_is_never_used(
+        many: dict, conn) -> None:
+    """A local account made with the uid of a live prewarmed container (`useradd -u`,
+    then `kill -0` on its zygote would succeed): the pool removes that container instead
+    of handing it to a run, and /health names the conflict."""
+    from manager.api.app import create_app
+
+    name = many["names"][0]
+    first = run(many, conn, name)
+    wait_until(lambda: replaced(many, name, first["container_id"]), 30, "a prewarmed one")
+    (pooled,) = [c for c in docker.from_env().containers.list(sparse=True, filters={"label": [
+        f"titan.instance={many['settings'].instance}", f"titan.plugin={name}",
+        "titan.pool=1"]})]
+    uid = int(pooled.attrs["Labels"]["titan.uid"].split(":")[0])
+    account = f"titanhostile{uid % 100000}"
+    subprocess.run(["useradd", "-M", "-N", "-g", "nogroup", "-u", str(uid), account],
+                   check=True)
+    try:
+        second = run(many, conn, name)
+        assert second["container_id"] != pooled.id
+        wait_until(lambda: not docker.from_env().containers.list(
+            all=True, sparse=True, filters={"id": pooled.id}), 30, "the container to go")
+        client = create_app(wired(conn, many["settings"]), many["registry"],
+                            many["dispatcher"]).test_client()
+        health = wait_until(lambda: (h := client.get("/health").json)["run_ids"]["conflicts"]
+                            and h, 15, "the heartbeat to name the conflict")
+        assert health["run_ids"]["ok"] is False
+        assert health["run_ids"]["conflicts"] == [f"/etc/passwd: {account} has id {uid}"]
+    finally:
+        subprocess.run(["userdel", account], check=True)

@@ -59,7 +59,7 @@ def test_the_api_schema_comes_from_the_record() -> None:
 def _new(store: RecordStore, status: Status = Status.PENDING) -> str:
     inv = uuid.uuid4().hex
     store.create(InvocationRecord(inv, "p", "1.0.0", "sha256:x", "e1", "t", "e", "api", status,
-                                  time.time()), time.time() + 60)
+                                  time.time()), 60)
     return inv
 
 
@@ -124,7 +124,7 @@ def test_a_claim_takes_the_record_the_slot_and_the_run_in_one_step(conn, setting
     first, second, done = (_new(store, S.QUEUED) for _ in range(3))
     for inv in (first, second, done):
         store.conn.hset(store.keys.invocation(inv), "plugin", json.dumps(plugin))
-    claimed = store.claim(SlotAsk(plugin, first, 1, 1.0), CLAIMABLE, time.time() + 60,
+    claimed = store.claim(SlotAsk(plugin, first, 1, 1.0), CLAIMABLE, 60,
                           holder="w1", worker="w1")
     assert claimed.grant is Grant.GRANTED
     assert claimed.record.status is S.QUEUED and claimed.record.attempts == 0  # as it was
@@ -133,11 +133,11 @@ def test_a_claim_takes_the_record_the_slot_and_the_run_in_one_step(conn, setting
     assert conn.zscore(store.keys.plugin_slots(plugin), first) is not None
     assert conn.get(store.keys.lease(first)) == b"w1"  # held, by its claimer
     # the cap holds: the second run is left as it was, and told why
-    capped = store.claim(SlotAsk(plugin, second, 1, 1.0), CLAIMABLE, time.time() + 60, "w1")
+    capped = store.claim(SlotAsk(plugin, second, 1, 1.0), CLAIMABLE, 60, "w1")
     assert capped.grant is Grant.CONCURRENCY and store.get(second).status is S.QUEUED
     # a final run is not claimable: no slot, no change, the record to say why
     _force(store, done, S.SUCCEEDED)
-    final = store.claim(SlotAsk(plugin, done, None, 1.0), CLAIMABLE, time.time() + 60, "w1")
+    final = store.claim(SlotAsk(plugin, done, None, 1.0), CLAIMABLE, 60, "w1")
     assert final.grant is None and final.record.status is S.SUCCEEDED
     assert conn.zcard(store.keys.plugin_slots(plugin)) == 1
     gone = store.claim(SlotAsk(plugin, "no-such-run", None, 1.0), CLAIMABLE, time.time(), "w1")
@@ -157,14 +157,14 @@ def test_a_run_is_created_only_within_its_budget(conn, settings) -> None:
         inv = uuid.uuid4().hex
         record = InvocationRecord(inv, "p", "1.0.0", "sha256:x", "e1", "t", "e", "bus",
                                   S.PENDING, time.time())
-        made.append(store.create(record, time.time() + 60, charge=Charge(correlation, 2,
+        made.append(store.create(record, 60, charge=Charge(correlation, 2,
                                                                           entry))[1])
     assert made == [True, True, True]
     assert int(conn.get(store.keys.budget(correlation))) == 2
     over = InvocationRecord(uuid.uuid4().hex, "p", "1.0.0", "sha256:x", "e2", "t", "e", "bus",
                             S.PENDING, time.time())
     with pytest.raises(BudgetExceeded, match="used its budget of 2 runs"):
-        store.create(over, time.time() + 60, charge=Charge(correlation, 1, uuid.uuid4().hex))
+        store.create(over, 60, charge=Charge(correlation, 1, uuid.uuid4().hex))
     assert store.get(over.invocation_id) is None  # nothing stored
 
 

@@ -172,7 +172,7 @@ def test_output_becomes_result_events_with_derived_ids() -> None:
     (b"not json", "stdout line 1 is not JSON"),
     (b'{"payload": {}}', "lacks topic, event_type"),
     (b'{"topic": "plugins.v1", "event_type": "invocation_failed", "payload": {}}',
-     "which only the worker publishes"),
+     "which is reserved for the manager's own events"),
     (b"\xff", "not UTF-8"),
 ])
 def test_output_that_breaks_the_contract_fails_the_run(stdout: bytes, says: str) -> None:

@@ -79,8 +79,7 @@ class Rig:
     def request(self, plugin: str) -> RunRequest:
         entry = self.registry.get(plugin)
         req = entry.request(Event(uuid.uuid4().hex, "test.v1", "x"), self.settings, "api")
-        self.wiring.records.create(InvocationRecord.from_request(req, Status.QUEUED),
-                                   time.time() + 60)
+        self.wiring.records.create(InvocationRecord.from_request(req, Status.QUEUED), 60)
         return req
 
     def record(self, req: RunRequest) -> InvocationRecord:

@@ -52,13 +52,13 @@ class Rig:
         self.dispatcher.records.create(InvocationRecord.from_request(req), 0)
         if sent:
             self.dispatcher.send(req)  # no worker consumes this test's queue
-            self.dispatcher.records.transition(req.invocation_id, Status.QUEUED, deadline=0)
+            self.dispatcher.records.transition(req.invocation_id, Status.QUEUED, due_in=0)
         return req
 
     def running(self, req: RunRequest, worker: str = "gone@host") -> None:
         """The run was claimed by a worker (which then died) and its message is gone."""
         assert self.dispatcher.records.transition(
-            req.invocation_id, Status.RUNNING, increment="attempts", deadline=0,
+            req.invocation_id, Status.RUNNING, increment="attempts", due_in=0,
             worker=worker).applied
         self.conn.delete(self.settings.task_queue)
 

@@ -15,6 +15,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from manager.core.config import ROOT, Settings
 from manager.core.errors import ManifestError
 from manager.plugins.manifest import parse_manifest
 from manager.plugins.registry import Registry
-from manager.plugins.schedule import Schedule, schedule_of
+from manager.plugins.schedule import CatchUp, Schedule, schedule_of
 from redis_nodes import SentinelCluster
 
 TEST_PLUGINS = Path(__file__).parent / "plugins"
@@ -97,6 +98,8 @@ class Clock:
     ("every: 5m\n    timezone: Europe/Pariss", "did you mean: Europe/Paris"),
     ("every: 5m\n    catch_up: all", "triggers.0.catch_up: Input should be 'none' or 'last'"),
     ("every: 5m\n    evrey: 2", "did you mean 'every'?"),
+    ("every: 99999999999d", "every '99999999999d' is longer than 366d"),
+    ("every: 367d", "longer than 366d, the longest interval a timer takes"),
 ])
 def test_a_bad_timer_is_refused_at_load_naming_the_field(trigger: str, says: str) -> None:
     with pytest.raises(ManifestError) as refused:
@@ -116,6 +119,20 @@ def test_fire_times_in_a_time_zone_and_on_an_interval() -> None:
     assert every.due(friday + 29.9) == friday and every.between(friday, friday + 150) == 4
     assert schedule_of("5m").key != schedule_of("300s").key  # the spec, as written
     assert Schedule(every="5m", payload={"a": 1}).key == Schedule(every="5m").key
+
+
+def test_a_timer_past_the_horizon_never_raises_where_it_is_shown() -> None:
+    """The preview refuses it as a bad parameter; a timer stored before the horizon was
+    checked shows no fire times rather than failing the plugin list."""
+    from click.testing import CliRunner
+
+    from manager.cli.main import cli
+    shown = CliRunner().invoke(cli, ["schedule", "99999999999d"])
+    assert shown.exit_code == 2 and "longer than 366d" in shown.output, shown.output
+    assert shown.exception is None or isinstance(shown.exception, SystemExit)
+    assert CliRunner().invoke(cli, ["schedule", "366d", "--next", "1000"]).exit_code == 0
+    kept = Schedule.model_construct(every="99999999999d", timezone="UTC")
+    assert kept.view(time.time())["next"] == []
 
 
 # -- with Redis and a clock of the test's ------------------------------------------------
@@ -170,6 +187,50 @@ def test_missed_ticks_catch_up_once_or_never(timed: Settings, conn: redis.Redis,
     assert [e["payload"]["late"] for e in events[3:]] == [True] * late + [False, False]
     if late:  # the most recent missed tick: the one just before the tick due now
         assert epoch(times[4]) - epoch(times[3]) == 1
+
+
+def test_one_plugins_broken_timer_costs_no_other_plugin_its_ticks(
+        timed: Settings, conn: redis.Redis) -> None:
+    """A plugin stored by an older manager with a timer past today's horizon reads as
+    invalid, naming the field; the plugins listed after it keep every tick, and the
+    listing answers for all of them."""
+    for name in ("aa", "bb"):
+        timed_plugin(timed.plugins_dir, "every: 1s", name=name)
+    clock = Clock(time.time())
+    registry = Registry(wired(conn, timed), clock)
+    registry.reload()
+    stored = json.loads(conn.hget(timed.keys.registry, "aa"))
+    stored["manifest"]["triggers"] = [{"every": "99999999999d"}]
+    conn.hset(timed.keys.registry, "aa", json.dumps(stored))
+    conn.incr(timed.keys.registry_version)
+    entries = Registry(wired(conn, timed)).entries()
+    assert entries["aa"].status.value == "invalid" and not entries["aa"].runnable
+    assert any("every" in e and "longer than 366d" in e for e in entries["aa"].errors), \
+        entries["aa"].errors
+    assert sorted(e.public()["name"] for e in entries.values()) == ["aa", "bb"]
+    timers = Timers(wired(conn, timed), Registry(wired(conn, timed)), clock)
+    serving = Timers(wired(conn, timed), ServingBroken(wired(conn, timed)), clock)
+    fired = []
+    for _ in range(3):
+        clock.now += 1
+        fired += [t.plugin for t in timers.run_once()]
+        clock.now += 1
+        fired += [t.plugin for t in serving.run_once()]  # even while "aa" serves it
+    assert fired == ["bb"] * 6
+
+
+class ServingBroken(Registry):
+    """A registry in which "aa" serves with a timer past the horizon, as a manager before
+    the horizon was checked would have loaded it."""
+
+    def entries(self, fresh: bool = False, version: int | None = None) -> dict:
+        found = super().entries(fresh, version)
+        bb = found["bb"]
+        broken = Schedule.model_construct(every="99999999999d", timezone="UTC",
+                                          catch_up=CatchUp.LAST, payload={})
+        assert bb.manifest is not None
+        return {"aa": replace(bb, name="aa", manifest=bb.manifest.model_copy(
+            update={"triggers": [broken]})), "bb": bb}
 
 
 def test_reload_and_rollback_change_schedules_at_once(timed: Settings,

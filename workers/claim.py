@@ -38,7 +38,7 @@ def claim(wiring: Wiring, req: RunRequest, worker: str) -> int | Next:
     claimed = wiring.records.claim(
         wiring.slots.ask(req.plugin, req.invocation_id, req.concurrency, weight=req.weight),
         CLAIMABLE,
-        running_deadline(), holder=worker, **running_fields(worker))
+        running_due_in(), holder=worker, **running_fields(worker))
     record = claimed.record
     if record is None:
         log.warning("invocation %s has no record (expired?); dropping", req.invocation_id)
@@ -53,10 +53,10 @@ def claim(wiring: Wiring, req: RunRequest, worker: str) -> int | Next:
     return started(req, record)
 
 
-def running_deadline() -> float:
-    """A running run's sweeper deadline: moved on with its hold (Slots.hold) for as long
-    as its process lives, whatever the run's timeout."""
-    return time.time() + HELD_FOR_S
+def running_due_in() -> float:
+    """When the sweeper looks at a running run (seconds from now, Redis's clock): moved on
+    with its hold (Slots.hold) for as long as its process lives, whatever its timeout."""
+    return HELD_FOR_S
 
 
 def running_fields(worker: str) -> dict[str, object]:
@@ -78,7 +78,7 @@ def take_over(wiring: Wiring, req: RunRequest, record: InvocationRecord,
         return throttle(wiring, req, record, grant)
     written = wiring.records.transition(
         req.invocation_id, Status.RUNNING, sources=frozenset({Status.RUNNING}),
-        owner=holder, deadline=running_deadline(), increment="attempts",
+        owner=holder, due_in=running_due_in(), increment="attempts",
         **running_fields(worker))
     if not written.applied:  # another delivery got there first
         wiring.slots.release(req.plugin, req.invocation_id)
@@ -109,7 +109,7 @@ def throttle(wiring: Wiring, req: RunRequest, record: InvocationRecord,
            "waiting: the plugin holds its fair share of worker slots while other "
            "plugins wait")
     wiring.records.transition(req.invocation_id, Status.THROTTLED, increment="waits",
-                              deadline=time.time() + countdown + RUNNING_GRACE_S, reason=why)
+                              due_in=countdown + RUNNING_GRACE_S, reason=why)
     metrics.THROTTLED.labels(plugin=req.plugin, reason=grant.value).inc()
     return Again(req, countdown)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from manager.core.config import Settings
 from manager.core.errors import EventError
-from manager.core.events import FAILURE, Limits, check_limits
+from manager.core.events import FAILURE, Limits, check_limits, reserved_topic
 from manager.core.records import Outcome, Status
 from manager.core.runs import RunRequest, result_event_id
 from workers.spec import End, RunEnd, RunSpec
@@ -127,9 +127,10 @@ def parse_output(stdout: bytes, max_results: int) -> list[dict[str, Any]]:
         missing = [k for k in ("topic", "event_type", "payload") if k not in obj]
         if missing:
             raise OutputError(f"result {n} lacks {', '.join(missing)}")
-        if (obj["topic"], obj["event_type"]) == FAILURE:
-            raise OutputError(f"result {n} is {FAILURE[0]}/{FAILURE[1]}, which only the "
-                              "worker publishes")
+        if reserved_topic(obj["topic"]):
+            raise OutputError(f"result {n} is on topic {str(obj['topic'])[:80]!r}, which is "
+                              f"reserved for the manager's own events ({FAILURE[0]}, in any "
+                              "case): publish on a topic of your own")
     return objects
 
 

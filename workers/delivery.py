@@ -142,7 +142,7 @@ class Delivery:
         metrics.RETRIES.labels(plugin=req.plugin, reason=why).inc()
         persist(lambda: self.wiring.records.transition(
             req.invocation_id, Status.RETRYING, reason=reason,
-            deadline=time.time() + countdown + RUNNING_GRACE_S, **changes),
+            due_in=countdown + RUNNING_GRACE_S, **changes),
             self.settings.finish_budget_s, req.invocation_id)
         return Again(req.next_attempt(), countdown)
 

@@ -79,8 +79,9 @@ class Heartbeat(threading.Thread):
                 log.warning("reaped %d container(s) of worker containers that are gone: %s",
                             len(strays), ", ".join(strays))
         WorkerBeat(self.name_, os.getpid(), self._docker_ok, self._docker_error,
-                   tuple(self.images()), self.slots,
-                   tuple(sorted(self._images[2]))).save(self.conn, self.keys)
+                   tuple(self.images()), self.slots, tuple(sorted(self._images[2])),
+                   tuple(self.engine.identities.ids.overlaps()[:10])).save(self.conn,
+                                                                           self.keys)
         self.wiring.slots.renew(self.name_, self.slots)
 
     def images(self) -> list[str]:

@@ -8,7 +8,10 @@ mode bits, or an ACL entry `g:GID:---`) with the kernel as the judge.
 
 The ids come from `TITAN_RUN_IDS` (default 2000000-2099999: the first is the runs'
 group, the others are uids). A worker checks the range against /etc/passwd, /etc/group,
-/etc/subuid and /etc/subgid when it starts and refuses one that overlaps.
+/etc/subuid and /etc/subgid when it starts and refuses one that overlaps; each lease
+reads them again and skips a uid an account or subordinate range has been given since,
+as does a prewarmed container's hand-out, and the heartbeat names such conflicts in
+/health.
 
 A uid is held through a file named after it in a host-wide directory (`TITAN_UID_DIR`,
 /run/titan/uids: a tmpfs, so empty after a reboot, and shared by every worker process of
@@ -67,6 +70,11 @@ class RunIds:
 
     def overlaps(self, etc: Path = Path("/")) -> list[str]:
         """Where a host account, group or subordinate range already uses one of the ids."""
+        return [what for what, _, _ in self.used(etc)]
+
+    def used(self, etc: Path = Path("/")) -> list[tuple[str, int, int]]:
+        """The host's ids within the range: (what, first, last) for each account, group
+        and subordinate range that has some."""
         found = []
         for name, positions in ID_FILES.items():
             for line in _lines(etc / name.lstrip("/")):
@@ -74,15 +82,22 @@ class RunIds:
                 for field in positions:
                     if len(parts) > field and parts[field].isdigit() \
                             and self.group <= int(parts[field]) <= self.last_uid:
-                        found.append(f"{name}: {parts[0]} has id {parts[field]}")
+                        found.append((f"{name}: {parts[0]} has id {parts[field]}",
+                                      int(parts[field]), int(parts[field])))
         for name in SUB_FILES:
             for line in _lines(etc / name.lstrip("/")):
                 parts = line.split(":")
                 if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
                     start, count = int(parts[1]), int(parts[2])
                     if start <= self.last_uid and self.group < start + count:
-                        found.append(f"{name}: {parts[0]} has {start}-{start + count - 1}")
+                        found.append((f"{name}: {parts[0]} has {start}-{start + count - 1}",
+                                      start, start + count - 1))
         return found
+
+    def conflict(self, uid: int, etc: Path = Path("/")) -> str | None:
+        """What on the host has this uid (an account made after the workers started, a
+        subordinate range), or None: such a uid is never used for a run."""
+        return next((what for what, low, high in self.used(etc) if low <= uid <= high), None)
 
     def check_host(self, etc: Path = Path("/")) -> None:
         found = list(dict.fromkeys(self.overlaps(etc)))
@@ -126,7 +141,16 @@ class Identities:
         candidates = itertools.chain(
             (random.randint(first, last) for _ in range(TAKE_TRIES)),
             range(start, last + 1), range(first, start))
+        taken = self.ids.used()  # read again at every lease: accounts come and go
+        shared = next((what for what, low, high in taken if low <= self.ids.group <= high),
+                      None)
+        if shared:
+            raise TitanError(f"the runs' group {self.ids.group} is now the host's too "
+                             f"({shared}): no run starts until that account or group is "
+                             "removed, or TITAN_RUN_IDS names a free range")
         for uid in candidates:
+            if any(low <= uid <= high for _, low, high in taken):
+                continue  # someone on the host has it: never a run's
             try:
                 fd = os.open(self.directory / str(uid),
                              os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)

@@ -77,6 +77,11 @@ class WarmPool:
             # One is being started already: cheaper and sooner than a second, cold one.
             in_progress.wait(PREWARM_WAIT_S)
             warm = self._pop(key)
+        if warm is not None and (clash := self.engine.identities.ids.conflict(warm.user.uid)):
+            log.warning("prewarmed container %s: its uid %d is the host's now (%s); removed",
+                        warm.container.id[:12], warm.user.uid, clash)
+            self.done(warm)
+            warm = None
         (metrics.POOL_HITS if warm else metrics.POOL_MISSES).labels(plugin=spec.plugin).inc()
         self._ensure_thread()
         if warm is None:

@@ -111,6 +111,7 @@ class Health(BaseModel):
     redis: Part
     docker: Part
     workers: Part
+    run_ids: Part
 
 
 class Trigger(BaseModel):

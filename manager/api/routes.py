@@ -99,6 +99,10 @@ def health() -> Any:
                        "errors": sorted({w.docker_error for w in workers if w.docker_error})}
     state["workers"] = {"ok": bool(workers), "count": len(workers),
                         "names": sorted(w.name for w in workers)}
+    # Ids of the runs' range the host has given out since: never leased, but named here
+    # (a run still works; an operator removes the account or moves TITAN_RUN_IDS).
+    conflicts = sorted({c for w in workers for c in w.run_id_conflicts})
+    state["run_ids"] = {"ok": not conflicts, "conflicts": conflicts}
     ok = all(state[p]["ok"] for p in ("redis", "docker", "workers"))
     return jsonify({"status": "ok" if ok else "unavailable", **state}), 200 if ok else 503
 

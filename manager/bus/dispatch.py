@@ -54,7 +54,7 @@ class Dispatcher:
         request = replace(plugin.request(event, self.settings, origin), dispatched_at=now)
         record = InvocationRecord.from_request(request, Status.PENDING, now)
         dedup = self.keys.dispatched(event.event_id, plugin.name) if origin == "bus" else None
-        made = self.records.create(record, now + PENDING_GRACE_S, dedup, charge)
+        made = self.records.create(record, PENDING_GRACE_S, dedup, charge)
         if not made.created:
             existing = self.records.get(made.invocation_id) if made.found is Status.PENDING \
                 else None
@@ -83,7 +83,7 @@ class Dispatcher:
         read). Until then the record says pending, which a worker claims like queued."""
         self.enqueue(request, priority)
         queued = {"sources": frozenset({Status.PENDING}),
-                  "deadline": time.time() + QUEUED_GRACE_S}
+                  "due_in": QUEUED_GRACE_S}
         if owed is None:
             self.records.transition(request.invocation_id, Status.QUEUED, **queued)
         else:

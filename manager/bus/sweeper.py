@@ -77,7 +77,7 @@ class Sweeper:
         if not self.conn.set(self.keys.sweep_lock, token, nx=True, px=lease_ms):
             return SweepReport()
         try:
-            return self._sweep(time.time() if now is None else now)
+            return self._sweep(self.records.now() if now is None else now)
         finally:
             self.records.scripts.unlock(keys=[self.keys.sweep_lock], args=[token])
 
@@ -127,7 +127,7 @@ class Sweeper:
         if may_run and request is not None:
             outcome = self.records.transition(
                 record.invocation_id, Status.QUEUED, increment="requeues",
-                deadline=time.time() + QUEUED_GRACE_S,
+                due_in=QUEUED_GRACE_S,
                 reason=f"re-queued by the sweeper: {self._what_vanished(record)}")
             if outcome.applied:
                 self.dispatcher.enqueue(request)

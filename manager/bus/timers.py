@@ -92,27 +92,41 @@ class Timers:
         return max(0.0, wait)
 
     def run_once(self) -> list[Tick]:
-        """Every due tick of every runnable plugin, handled once by this process."""
+        """Every due tick of every runnable plugin, handled once by this process. Each
+        plugin's timers are a pass of their own: whatever one plugin's timer raises is
+        logged and costs no other plugin its ticks (a Redis error ends the pass)."""
         now = self.clock()
         ticks: list[Tick] = []
         self.next_due = None
         for entry in self.registry.entries().values():
             if not entry.runnable or entry.manifest is None:
                 continue
-            for schedule in entry.manifest.schedules:
-                timer = schedule.timer(entry.name)
-                try:
-                    due, (upcoming,) = schedule.due(now), schedule.next_times(now, 1)
-                except ValueError:  # croniter's: no such time (one timer, not the pass)
-                    log.exception("timer %s of %s has no due time", schedule.spec, entry.name)
-                    continue
-                self.next_due = min(upcoming, self.next_due or upcoming)
-                if self.handled.get(timer) == due:
-                    continue
-                handled = self.consider(entry.name, schedule, due, now)
-                if handled is not None:
-                    self.handled[timer] = due
-                    ticks += handled
+            try:
+                ticks += self.plugin_ticks(entry.name, entry.manifest.schedules, now)
+            except redis.RedisError:
+                raise
+            except Exception:
+                log.exception("timers of %s: their pass failed; other plugins' went on",
+                              entry.name)
+        return ticks
+
+    def plugin_ticks(self, plugin: str, schedules: tuple[Schedule, ...],
+                     now: float) -> list[Tick]:
+        ticks: list[Tick] = []
+        for schedule in schedules:
+            timer = schedule.timer(plugin)
+            try:
+                due, (upcoming,) = schedule.due(now), schedule.next_times(now, 1)
+            except (ValueError, OverflowError):  # no such time (one timer, not the pass)
+                log.exception("timer %s of %s has no due time", schedule.spec, plugin)
+                continue
+            self.next_due = min(upcoming, self.next_due or upcoming)
+            if self.handled.get(timer) == due:
+                continue
+            handled = self.consider(plugin, schedule, due, now)
+            if handled is not None:
+                self.handled[timer] = due
+                ticks += handled
         return ticks
 
     def consider(self, plugin: str, schedule: Schedule, due: float,

@@ -18,8 +18,9 @@ from manager.core.config import Settings
 from manager.core.errors import EventError, SandboxUnavailable
 from manager.core.events import Event
 from manager.core.runs import RunRequest
+from manager.plugins.discovery import discover
 from manager.plugins.engines import Engines, image_warning, runtime_warning
-from manager.plugins.loader import PluginEntry, PluginStatus, discover, load_plugin
+from manager.plugins.loader import PluginEntry, PluginStatus, load_plugin
 
 
 def local_engine(settings: Settings) -> Engines:

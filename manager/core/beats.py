@@ -30,6 +30,8 @@ class WorkerBeat:
     images: tuple[str, ...] = ()  # images on its engine (for reload's image check)
     slots: int = 0  # runs it can execute at once (its pool's processes)
     runtimes: tuple[str, ...] = ()  # container runtimes its engine has (runc, runsc, ...)
+    # host accounts, groups or subordinate ranges within TITAN_RUN_IDS (never leased)
+    run_id_conflicts: tuple[str, ...] = ()
     time: float = field(default_factory=time.time)
 
     def save(self, conn: redis.Redis, keys: Keys, ttl: int = TTL_S) -> None:
@@ -60,6 +62,7 @@ class WorkerBeat:
                    docker_error=data.get("docker_error"),
                    images=tuple(data.get("images") or ()), slots=int(data.get("slots") or 0),
                    runtimes=tuple(data.get("runtimes") or ()),
+                   run_id_conflicts=tuple(data.get("run_id_conflicts") or ()),
                    time=float(data["time"]))
 
     @classmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
@@ -129,11 +130,22 @@ class Event:
         return self.correlation_id or self.event_id
 
 
+def reserved_topic(topic: object) -> bool:
+    """Whether `topic` is the manager's own, however it is spelled: compared after NFKC
+    normalisation and Unicode case folding, with invisible format characters dropped, so
+    `PLUGINS.V1` or a full-width `\uff50lugins.v1` reads as `plugins.v1` to every reader
+    that folds. The one rule for results, the API, the CLI and the bus."""
+    if not isinstance(topic, str):
+        return False
+    folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", topic).casefold())
+    return "".join(c for c in folded if unicodedata.category(c) != "Cf") in RESERVED_TOPICS
+
+
 def from_outside(event: Event) -> Event:
     """Provenance for events from external producers (the API's event and trigger bodies,
     and dead letters replayed through it): `source` defaults to `api`, a producer may not
     pose as a plugin, and the manager's own topics are not theirs to publish."""
-    if event.topic.casefold() in RESERVED_TOPICS:  # Plugins.v1 would read as plugins.v1
+    if reserved_topic(event.topic):
         raise EventError(f"topic {event.topic!r} is reserved for the manager's own events "
                          "(a run's invocation_failed); publish on a topic of your own",
                          field="topic", reason="reserved_topic")

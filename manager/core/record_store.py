@@ -101,10 +101,12 @@ class RecordStore:
         self.keys = keys
         self.scripts = Scripts(conn)
 
-    def create(self, record: InvocationRecord, deadline: float, dedup_key: str | None = None,
+    def create(self, record: InvocationRecord, due_in: float, dedup_key: str | None = None,
                charge: Charge | None = None) -> Created:
         """Stores a new record unless `dedup_key` already names one, charging `charge` to
-        the budget first (BudgetExceeded, and nothing stored, when it is spent)."""
+        the budget first (BudgetExceeded, and nothing stored, when it is spent). The
+        sweeper looks at it `due_in` seconds from now, on Redis's clock (every deadline
+        is: one clock for hosts whose clocks differ)."""
         s = self.settings
         keys = [self.keys.invocation(record.invocation_id),
                 self.keys.plugin_invocations(record.plugin), self.keys.inflight,
@@ -117,7 +119,7 @@ class RecordStore:
                   "ttl": s.fanout_ttl} if charge else None
         created, inv, status, *ahead = self.scripts.create(keys=keys, args=[named(
             id=record.invocation_id, ttl=s.record_ttl, created_at=record.created_at,
-            index_cap=self.INDEX_CAP, dedup_ttl=s.dedup_ttl, deadline=deadline,
+            index_cap=self.INDEX_CAP, dedup_ttl=s.dedup_ttl, due_in=due_in,
             record_prefix=self.keys.invocation(""), charge=budget,
             fields=encode_fields(values))])
         if int(created) < 0:
@@ -136,7 +138,7 @@ class RecordStore:
         return InvocationRecord.from_hash(raw) if raw else None
 
     def _change(self, invocation_id: str, target: Status, sources: frozenset[Status] | None,
-                deadline: float | None, increment: str, owner: str,
+                due_in: float | None, increment: str, owner: str,
                 changes: dict[str, Any]) -> tuple[list[str], str]:
         assert not target.terminal, "a terminal status is stored with its outcome: store()"
         sources = TRANSITIONS[target] if sources is None else sources
@@ -144,30 +146,31 @@ class RecordStore:
         if not owner:  # running -> running is a takeover, only ever a compare-and-set
             sources = sources - {Status.RUNNING} if target is Status.RUNNING else sources
         return ([self.keys.invocation(invocation_id), self.keys.inflight, self.keys.waiting],
-                named(id=invocation_id, sources=_sources(sources), deadline=deadline,
+                named(id=invocation_id, sources=_sources(sources), due_in=due_in,
                       increment=increment or None, owner=owner or None,
                       fields=encode_fields({"status": target, **changes})))
 
     def transition(self, invocation_id: str, target: Status,
-                   sources: frozenset[Status] | None = None, deadline: float | None = None,
+                   sources: frozenset[Status] | None = None, due_in: float | None = None,
                    increment: str = "", owner: str = "", **changes: Any) -> Written:
         """Moves a record to `target` if its current status is one of `sources` (by default
-        every source the table allows). `deadline` re-arms the sweeper's clock; `owner`
-        makes it a compare-and-set on the record's worker (a takeover)."""
-        keys, args = self._change(invocation_id, target, sources, deadline, increment, owner,
+        every source the table allows). `due_in` re-arms the sweeper's clock (seconds from
+        now, Redis's); `owner` makes it a compare-and-set on the record's worker (a
+        takeover)."""
+        keys, args = self._change(invocation_id, target, sources, due_in, increment, owner,
                                   changes)
         return Written.of(self.scripts.transition(keys=keys, args=[args]))
 
     def queue_transition(self, pipe: redis.client.Pipeline, invocation_id: str,
                          target: Status, sources: frozenset[Status] | None = None,
-                         deadline: float | None = None, **changes: Any) -> None:
+                         due_in: float | None = None, **changes: Any) -> None:
         """The same transition, sent with the caller's pipeline: no round trip of its own
         (EVAL with the script's text: a pipelined EVALSHA would first ask Redis whether it
         has the script, a round trip). Its reply is the pipeline's to read (Written.of)."""
-        keys, args = self._change(invocation_id, target, sources, deadline, "", "", changes)
+        keys, args = self._change(invocation_id, target, sources, due_in, "", "", changes)
         pipe.eval(self.scripts.transition.script, len(keys), *keys, args)
 
-    def claim(self, ask: SlotAsk, sources: frozenset[Status], deadline: float, holder: str,
+    def claim(self, ask: SlotAsk, sources: frozenset[Status], due_in: float, holder: str,
               **changes: Any) -> Claimed:
         """One step for a delivery: the record as it was and, if its status is one of
         `sources` and the plugin has a slot for it, the run marked running (the attempt
@@ -178,7 +181,7 @@ class RecordStore:
         grant, raw = self.scripts.claim(
             keys=[self.keys.invocation(ask.invocation_id), self.keys.inflight, waiting,
                   slots, workers, self.keys.lease(ask.invocation_id)],
-            args=[named(id=ask.invocation_id, sources=_sources(sources), deadline=deadline,
+            args=[named(id=ask.invocation_id, sources=_sources(sources), due_in=due_in,
                         ask=ask.named(), holder=holder, lease_ttl=LEASE_TTL_S,
                         fields=encode_fields({"status": Status.RUNNING, **changes}))])
         fields = dict(zip(raw[::2], raw[1::2], strict=True))
@@ -220,8 +223,13 @@ class RecordStore:
         confirm_replicated(pipe, self.settings)
         check_replicated(pipe.execute(), self.settings, f"the outcome of {invocation_id}")
 
+    def now(self) -> float:
+        """Redis's clock: what every deadline is written and judged by."""
+        seconds, micro = self.conn.time()
+        return seconds + micro / 1e6
+
     def recheck_later(self, invocation_ids: list[str], when: float) -> None:
-        """Moves live runs' sweeper deadline on (they are still held or queued)."""
+        """Moves live runs' sweeper deadline on to `when` (on Redis's clock: now())."""
         if invocation_ids:
             self.conn.zadd(self.keys.inflight, dict.fromkeys(invocation_ids, when), xx=True)
 
@@ -259,9 +267,6 @@ class RecordStore:
         """Non-terminal runs whose deadline has passed (the sweeper's candidates)."""
         return [i.decode() for i in self.conn.zrangebyscore(self.keys.inflight, "-inf", now,
                                                             start=0, num=limit)]
-
-    def extend(self, invocation_id: str, deadline: float) -> None:
-        self.conn.zadd(self.keys.inflight, {invocation_id: deadline}, xx=True)
 
     def wait(self, invocation_id: str, seconds: float) -> InvocationRecord | None:
         """Polls the record until it is terminal or time is up (for `?wait`)."""

@@ -2,10 +2,7 @@
 
 Files are read through descriptors once per read (no symlinks, devices, hardlinks or
 sparse files); the manifest, the requirements and the bundle all come from those same
-bytes. A reload takes a directory only once it has settled: two reads a short interval
-apart give the same content, and no file was modified in the interval before the first
-read. A directory that is being written (an editor, `git checkout`, `rsync`) keeps its
-old version serving, and is tried again shortly.
+bytes. Which directories are read, and when they have settled: manager.plugins.discovery.
 """
 
 from __future__ import annotations
@@ -23,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
+
+from pydantic import ValidationError
 
 from manager.core.config import Settings
 from manager.core.errors import DependencyError, ManifestError
@@ -42,8 +41,6 @@ from manager.plugins.safefs import (
     read_tree,
 )
 from manager.plugins.schedule import Schedule
-
-SETTLE_TRIES = 4  # a directory still changing after this many reads keeps its old version
 
 REQUIREMENTS = "requirements.txt"
 
@@ -102,15 +99,22 @@ class PluginEntry:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PluginEntry:
-        manifest = data.get("manifest")
-        return cls(
-            name=data["name"], status=PluginStatus(data["status"]), path=data["path"],
-            version=data.get("version"), digest=data.get("digest"),
-            errors=tuple(data.get("errors") or ()), loaded_at=data.get("loaded_at", 0.0),
-            warnings=tuple(data.get("warnings") or ()),
-            rolled_back_from=data.get("rolled_back_from"), draft=data.get("draft"),
-            manifest=Manifest.model_validate_json(json.dumps(manifest)) if manifest else None,
-        )
+        """An entry as stored. One whose manifest today's rules refuse (stored by an older
+        manager: a timer past the horizon) is read as invalid, naming why, so that it
+        stops serving and every other plugin's listing, timers and runs go on."""
+        fields = {k: data.get(k) for k in ("version", "digest", "rolled_back_from", "draft")}
+        status, errors = PluginStatus(data["status"]), tuple(data.get("errors") or ())
+        manifest = None
+        try:
+            if data.get("manifest"):
+                manifest = Manifest.model_validate_json(json.dumps(data["manifest"]))
+        except ValidationError as exc:
+            status, errors = PluginStatus.INVALID, (*errors, *(
+                f"stored manifest: {'.'.join(map(str, e['loc']))}: {e['msg']} (reload it)"
+                for e in exc.errors()))
+        return cls(name=data["name"], status=status, path=data["path"], errors=errors,
+                   loaded_at=data.get("loaded_at", 0.0), manifest=manifest,
+                   warnings=tuple(data.get("warnings") or ()), **fields)
 
     def public(self) -> dict[str, Any]:
         """The API's view of an entry."""
@@ -230,68 +234,3 @@ def load_files(plugin_dir: Path, files: list[TreeFile], settings: Settings,
     entry = PluginEntry(name, status, str(plugin_dir), version=manifest.version,
                         digest=digest, manifest=manifest)
     return entry, bundle
-
-
-def plugin_dirs(plugins_dir: Path) -> dict[str, Path | PluginEntry]:
-    """Every plugin directory by name; a symlink in place of one is reported, never
-    followed."""
-    found: dict[str, Path | PluginEntry] = {}
-    if not plugins_dir.is_dir():
-        return found
-    with os.scandir(plugins_dir) as it:
-        entries = sorted(it, key=lambda e: e.name)
-    for item in entries:
-        if item.name.startswith((".", "_")):
-            continue
-        path = plugins_dir / item.name
-        if item.is_symlink() and item.is_dir():
-            found[item.name] = PluginEntry(item.name, PluginStatus.INVALID, str(path), errors=(
-                "files: the plugin directory is a symlink; plugins may not be symlinks",))
-        elif item.is_dir(follow_symlinks=False):
-            found[item.name] = path
-    return found
-
-
-@dataclass
-class Discovery:
-    """What a reload found: loaded or invalid plugins, and those still being written."""
-
-    found: dict[str, tuple[PluginEntry, bytes | None]] = field(default_factory=dict)
-    unsettled: list[str] = field(default_factory=list)
-
-
-def _fingerprint(read: list[TreeFile] | PluginEntry) -> Any:
-    """A directory's content as one value: each file's path, mode and SHA-256."""
-    if isinstance(read, PluginEntry):
-        return read.errors
-    return [(f.path, f.executable, hashlib.sha256(f.data).digest()) for f in read]
-
-
-def discover(plugins_dir: Path, settings: Settings) -> Discovery:
-    """Loads every plugin directory that has settled: two reads `reload_settle_ms` apart
-    with the same content, whatever the clocks and mtimes say (a file dated in the future
-    would otherwise never look quiet). One bad plugin never stops the others. Directories
-    still changing are read again, up to SETTLE_TRIES times; the caller retries the rest
-    later (manager.plugins.watch.SettleRetry)."""
-    settle = settings.reload_settle_ms / 1000
-    dirs = plugin_dirs(plugins_dir)
-    result = Discovery({n: (d, None) for n, d in dirs.items() if isinstance(d, PluginEntry)})
-    pending = [n for n, d in dirs.items() if isinstance(d, Path)]
-    first = {n: read_plugin(dirs[n], settings) for n in pending}  # type: ignore[arg-type]
-    for _ in range(SETTLE_TRIES):
-        if not pending:
-            break
-        time.sleep(settle)
-        still = []
-        for name in pending:
-            again = read_plugin(dirs[name], settings)  # type: ignore[arg-type]
-            if _fingerprint(first[name]) != _fingerprint(again):
-                still.append(name)
-                first[name] = again  # the next try compares with this read
-            elif isinstance(again, PluginEntry):
-                result.found[name] = (again, None)
-            else:
-                result.found[name] = load_files(dirs[name], again, settings)  # type: ignore[arg-type]
-        pending = still
-    result.unsettled = pending
-    return result

@@ -231,6 +231,9 @@ def open_payload_path(payload: dict[str, Any], globs: Iterable[str], settings: S
     except OSError as exc:  # a symlink loop, among others
         raise PermissionDenied(f"payload.path {path!r} cannot be resolved: {exc.strerror}",
                                path=path) from None
+    if real != os.path.normpath(path):  # the run is shown the file at the name it was given
+        raise PermissionDenied(f"payload.path {path!r} is a symlink or passes through one; "
+                               "name the file itself", path=path)
     _check_allowed(path, real, globs, settings, extra_forbidden)
     try:
         handle = open_as(real, judge.uid, judge.gid)

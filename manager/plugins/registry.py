@@ -18,9 +18,10 @@ from typing import Any
 from manager.core.errors import PluginNotFound, VersionNotFound
 from manager.core.secrets import SecretStore
 from manager.core.wiring import Wiring
+from manager.plugins.discovery import discover
 from manager.plugins.engines import Engines
 from manager.plugins.janitor import collect_bundles
-from manager.plugins.loader import PluginEntry, PluginStatus, discover
+from manager.plugins.loader import PluginEntry, PluginStatus
 
 
 class Registry:

@@ -22,8 +22,14 @@ from manager.core.events import rfc3339
 
 TIMER_TOPIC = "timer.v1"
 TICK = "tick"
-EVERY_RE = re.compile(r"^(\d+)(s|m|h|d)$")
+EVERY_RE = re.compile(r"^(\d{1,12})(s|m|h|d)$")
 EVERY_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+# The horizon (README, Timers): an interval is at most a year; a cron's next three fire
+# times lie within ten years. Beyond, a timer is refused at load and by `validate`, so no
+# fire time anyone computes can be out of range (year 273792670 was, once).
+MAX_EVERY = "366d"
+MAX_EVERY_S = 366 * 86400
+CRON_HORIZON_S = 10 * 366 * 86400
 # (name, lowest, highest) of each cron field; six fields put seconds first
 FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day-of-month", 1, 31), ("month", 1, 12),
           ("day-of-week", 0, 7))
@@ -42,9 +48,13 @@ def parse_every(value: str) -> int:
     """'30s', '5m', '1h', '1d' -> seconds."""
     match = EVERY_RE.fullmatch(value.strip())
     if not match or int(match[1]) == 0:
-        raise ValueError(f"every {value!r}: write a whole number and a unit, s, m, h or d "
-                         "(30s, 5m, 1h), above zero")
-    return int(match[1]) * EVERY_UNITS[match[2]]
+        raise ValueError(f"every {value[:40]!r}: write a whole number and a unit, s, m, h "
+                         "or d (30s, 5m, 1h), above zero")
+    seconds = int(match[1]) * EVERY_UNITS[match[2]]
+    if seconds > MAX_EVERY_S:
+        raise ValueError(f"every {value!r} is longer than {MAX_EVERY}, the longest interval "
+                         "a timer takes; for a rarer timer write a cron schedule")
+    return seconds
 
 
 def check_cron(spec: str) -> None:
@@ -125,10 +135,14 @@ class Schedule(BaseModel):
             raise ValueError("a timer trigger has `schedule` (cron) or `every` (like 30s), "
                              "one of the two")
         if self.schedule is not None:
+            now = dt.datetime.now(dt.UTC).timestamp()
             try:
-                self.next_times(dt.datetime.now(dt.UTC).timestamp(), 1)
-            except CroniterBadDateError:
+                last = self.next_times(now, 3)[-1]
+            except (CroniterBadDateError, ValueError, OverflowError):
                 raise ValueError(f"schedule {self.schedule!r} never fires") from None
+            if last - now > CRON_HORIZON_S:
+                raise ValueError(f"schedule {self.schedule!r} fires less than three times in "
+                                 "ten years, the horizon a timer takes")
         return self
 
     @property
@@ -186,8 +200,12 @@ class Schedule(BaseModel):
 
     def view(self, now: float, count: int = 3) -> dict[str, Any]:
         """What `list` and GET /plugins show: the trigger and its next fire times."""
+        try:
+            upcoming = [rfc3339(t) for t in self.next_times(now, count)]
+        except (ValueError, OverflowError):  # a timer kept from before the horizon was
+            upcoming = []                   # checked: its row shows no times, not a 500
         return {**self.model_dump(mode="json", exclude_none=True), "key": self.key,
-                "next": [rfc3339(t) for t in self.next_times(now, count)]}
+                "next": upcoming}
 
 
 def schedule_of(spec: str, timezone: str = "UTC") -> Schedule:

@@ -3,7 +3,7 @@
 -- Returns {grant ('' when not claimable), the record's hash as it was}.
 local k = {record = KEYS[1], inflight = KEYS[2], waiting = KEYS[3], slots = KEYS[4],
            workers = KEYS[5], lease = KEYS[6]}
--- {id, sources, fields, deadline, ask: acquire_slot's, holder, lease_ttl}
+-- {id, sources, fields, due_in, ask: acquire_slot's, holder, lease_ttl}
 local a = cjson.decode(ARGV[1])
 local before = redis.call('HGETALL', k.record)
 local found = status_of(k.record)

@@ -2,7 +2,7 @@
 -- when the budget is spent) unless its dedup key already names a run.
 local k = {record = KEYS[1], index = KEYS[2], inflight = KEYS[3], waiting = KEYS[4],
            dedup = KEYS[5], budget = KEYS[6], charged = KEYS[7]}  -- '' when not used
--- {id, ttl, created_at, index_cap, dedup_ttl, deadline, record_prefix, charge: {runs,
+-- {id, ttl, created_at, index_cap, dedup_ttl, due_in, record_prefix, charge: {runs,
 -- budget, ttl} or absent, fields: {name: JSON}}
 local a = cjson.decode(ARGV[1])
 if a.charge then
@@ -24,5 +24,5 @@ redis.call('ZADD', k.index, a.created_at, a.id)
 redis.call('ZREMRANGEBYSCORE', k.index, '-inf', a.created_at - a.ttl)
 redis.call('ZREMRANGEBYRANK', k.index, 0, -a.index_cap - 1)
 redis.call('EXPIRE', k.index, a.ttl)
-redis.call('ZADD', k.inflight, a.deadline, a.id)
+redis.call('ZADD', k.inflight, now() + a.due_in, a.id)  -- the sweeper's, on Redis's clock
 return {1, a.id, false, ahead}  -- ahead: runs of its plugin before it in line

@@ -118,8 +118,9 @@ local function acquire_slot(slots, waiting, workers, ask)
 end
 
 -- One transition: applied only from one of `change.sources` (a list of statuses);
--- `change.owner` makes it a compare-and-set on the record's worker; `change.deadline`
--- re-arms the sweeper's clock (absent: keep, false: drop); `change.fields` (status
+-- `change.owner` makes it a compare-and-set on the record's worker; `change.due_in`
+-- re-arms the sweeper's clock that many seconds from now on Redis's clock (absent: keep,
+-- false: drop); `change.fields` (status
 -- first among them) are the new field values, each as JSON. Returns {applied, status
 -- found}.
 local function transition(record, inflight, waiting, id, change)
@@ -133,7 +134,7 @@ local function transition(record, inflight, waiting, id, change)
   if change.increment then redis.call('HINCRBY', record, change.increment, 1) end
   hset_fields(record, change.fields)
   status_changed(record, waiting, id, found, status_of(record))
-  if change.deadline == false then redis.call('ZREM', inflight, id)
-  elseif change.deadline then redis.call('ZADD', inflight, change.deadline, id) end
+  if change.due_in == false then redis.call('ZREM', inflight, id)
+  elseif change.due_in then redis.call('ZADD', inflight, now() + change.due_in, id) end
   return {1, found}
 end

@@ -249,7 +249,8 @@ def bad_output():
     elif kind == "deep":
         print('{"topic": "a", "event_type": "b", "payload": {"x": ' + "[" * 200 + "]" * 200 + "}}")
     elif kind == "forged_failure":
-        print(json.dumps({"topic": "plugins.v1", "event_type": "invocation_failed",
+        print(json.dumps({"topic": ARGS.get("topic", "plugins.v1"),
+                          "event_type": ARGS.get("event_type", "invocation_failed"),
                           "payload": {"plugin": "file_watcher", "invocation_id": "x",
                                       "event_id": "y", "status": "failed", "reason": "forged"}}))
 
