@@ -17,7 +17,7 @@ from flask import Flask
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
 from manager.api.app import create_app
-from manager.api.https import HttpsFront
+from manager.api.front import Front, server_context
 from manager.bus.dispatch import Dispatcher
 from manager.bus.listener import Listener
 from manager.bus.sweeper import Sweeper
@@ -37,20 +37,18 @@ log = logging.getLogger("titan.manager")
 METRICS_CONNECTIONS = 64
 
 
-def api_server(app: Flask, settings: Settings, unix_socket: str | None = None) -> Any:
+def api_server(app: Flask, settings: Settings, unix_socket: str) -> Any:
     """waitress (a production WSGI server) with the limits that keep one client from
     holding the API: a body over the limit is refused from its Content-Length before any
     of it is read, idle and half-sent connections are dropped after a short timeout, and
     enough connections are allowed that a pile of them cannot lock the others out.
 
-    On TCP (`api_host:api_port`, for curl and clients elsewhere) or, with `unix_socket`, on
-    a socket only root can open (0600 in the root-only run directory): the CLI's channel.
-    Each server has its own threads and connection limit, so a flood of TCP connections
-    from any local account never reaches the socket's."""
+    Always on a unix socket only root can open (0600 in the root-only run directory): the
+    CLI's channel, and, behind the TCP front (manager.api.front), the TCP port's. Each
+    server has its own threads and connection limit, so a flood of TCP connections from
+    any local account never reaches the CLI's."""
     raise_nofile(settings)
-    where: dict[str, Any] = ({"unix_socket": unix_socket, "unix_socket_perms": "600"}
-                             if unix_socket else
-                             {"host": settings.api_host, "port": settings.api_port})
+    where = {"unix_socket": unix_socket, "unix_socket_perms": "600"}
     return waitress.create_server(
         app, threads=settings.api_threads, connection_limit=settings.api_connection_limit,
         channel_timeout=settings.api_channel_timeout,
@@ -61,16 +59,32 @@ def api_server(app: Flask, settings: Settings, unix_socket: str | None = None) -
         asyncore_use_poll=True, ident="titan-plugin-manager", **where)
 
 
-def metrics_server(registry: CollectorRegistry, settings: Settings) -> Any:
-    """/metrics on waitress with a bounded number of connections and threads of its own:
-    a flood of connections to its port costs the manager METRICS_CONNECTIONS descriptors
-    at most (prometheus-client's own server spends a thread and a descriptor on each, so a
-    local account could exhaust the process and take the API with it)."""
+def tcp_api(app: Flask, settings: Settings) -> tuple[Any, Front]:
+    """The API's TCP port: the front (manager.api.front: deadlines, a cap per peer, HTTPS
+    with TITAN_API_TLS=1), started, passing to a waitress of its own on a private socket
+    (returned to be run)."""
+    behind = settings.api_socket.with_name("api-tcp.sock")
+    server = api_server(app, settings, str(behind))
+    front = Front(settings, str(behind), settings.api_host, settings.api_port,
+                  server_context(settings.api_tls_cert, settings.api_tls_key)
+                  if settings.api_tls else None)
+    front.start()
+    return server, front
+
+
+def metrics_server(registry: CollectorRegistry, settings: Settings) -> tuple[Any, Front]:
+    """/metrics on waitress with a bounded number of connections and threads of its own,
+    on a private socket behind a front on metrics_port (manager.api.front: deadlines and
+    a cap per peer), so no account can hold it or, through it, the process's descriptors
+    (prometheus-client's own server spends a thread and a descriptor on each)."""
     raise_nofile(settings)
-    return waitress.create_server(
-        make_wsgi_app(registry), host=settings.api_host, port=settings.metrics_port,
+    behind = settings.api_socket.with_name("metrics.sock")
+    server = waitress.create_server(
+        make_wsgi_app(registry), unix_socket=str(behind), unix_socket_perms="600",
         threads=2, connection_limit=METRICS_CONNECTIONS, channel_timeout=10,
         cleanup_interval=2, asyncore_use_poll=True, ident="titan-metrics")
+    return server, Front(settings, str(behind), settings.api_host, settings.metrics_port,
+                         name="metrics")
 
 
 def raise_nofile(settings: Settings) -> None:
@@ -151,15 +165,16 @@ class Manager:
         self.reload()
         if watch:
             PluginWatcher(self.settings.plugins_dir, self._safe_reload).start()
-        scraped = metrics_server(metrics.registry_for(
+        self.settings.api_socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        scraped, scraped_front = metrics_server(metrics.registry_for(
             metrics.StateCollector(self.plugin_counts, self.queue_depths, self.plugin_lines)),
             self.settings)
         threading.Thread(target=scraped.run, name="metrics", daemon=True).start()
+        scraped_front.start()
         listener = threading.Thread(target=self.listener.run, name="listener", daemon=True)
         listener.start()
         timers = threading.Thread(target=self.timers.run, name="timers", daemon=True)
         timers.start()
-        self.settings.api_socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         front = self.tcp_server()  # beside the listener thread
         local = api_server(self.app, self.settings, str(self.settings.api_socket))
         threading.Thread(target=local.run, name="api-socket", daemon=True).start()
@@ -167,29 +182,21 @@ class Manager:
         signal.signal(signal.SIGTERM, lambda *_: self.shutdown())
         signal.signal(signal.SIGINT, lambda *_: self.shutdown())
         log.info("API on %s://%s:%d and %s, metrics on :%d, listening to %s",
-                 "https" if front else "http", self.settings.api_host,
+                 "https" if self.settings.api_tls else "http", self.settings.api_host,
                  self.settings.api_port, self.settings.api_socket,
                  self.settings.metrics_port, self.settings.event_stream)
         try:
             self.server.run()  # until shutdown(); requests in progress finish first
         finally:
             local.close()
-            if front:
-                front.stop()
+            front.stop()
+            scraped_front.stop()
         listener.join(timeout=self.settings.read_block_ms / 1000 + 5)
         timers.join(timeout=5)
         log.info("manager stopped")
 
-    def tcp_server(self) -> HttpsFront | None:
-        """The API's TCP port: waitress itself, or with TITAN_API_TLS=1 the HTTPS front
-        (manager.api.https) passing to a waitress of its own on a private socket."""
-        if not self.settings.api_tls:
-            self.server = api_server(self.app, self.settings)
-            return None
-        behind = self.settings.api_socket.with_name("api-https.sock")
-        self.server = api_server(self.app, self.settings, str(behind))
-        front = HttpsFront(self.settings, str(behind))
-        front.start()
+    def tcp_server(self) -> Front:
+        self.server, front = tcp_api(self.app, self.settings)
         return front
 
     def _safe_reload(self) -> None:

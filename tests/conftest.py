@@ -36,7 +36,7 @@ from manager.bus.listener import Listener
 from manager.core.config import ROOT, Settings
 from manager.core.contract import make_celery
 from manager.plugins.registry import Registry
-from manager.service import api_server
+from manager.service import api_server, tcp_api
 from redis_nodes import tls_lines
 from workers.container import remove_container
 from workers.identity import Identities
@@ -279,10 +279,13 @@ def api_url(app, stack, settings: Settings) -> Iterator[str]:
     manager serves it, beside the HTTP port."""
     port = free_port()
     socket_path = session_dir() / "api.sock"
-    servers = [api_server(app, settings.with_(api_port=port)),
-               api_server(app, settings, str(socket_path))]
+    (session_dir() / "tcp").mkdir(mode=0o700, exist_ok=True)
+    tcp, front = tcp_api(app, settings.with_(api_port=port,
+                                             api_socket=session_dir() / "tcp" / "api.sock"))
+    servers = [tcp, api_server(app, settings, str(socket_path))]
     for server in servers:
         threading.Thread(target=server.run, daemon=True).start()
     yield f"unix://{socket_path}"
+    front.stop()
     for server in servers:
         server.close()

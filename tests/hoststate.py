@@ -3,11 +3,18 @@ and again after the last, and any difference fails the session (tests/conftest.p
 
 Network interfaces and their addresses, the host engine's networks, containers, volumes
 and images, iptables rules, local users and groups (and their subordinate ids), the
-entries of /tmp, /var/tmp and /srv/titan, and every process the suite started. A process
-is the suite's when it carries the session's mark in its environment (set before the
-first test, inherited by everything started from then on, daemons included). The
-containers of other Titan instances (a stack `make up` started, whose pool comes and
-goes on its own) are not the suite's to judge.
+entries of /tmp, /var/tmp and /srv/titan, and every process the suite started.
+
+The suite is judged only for what carries its marks, never for what other programs do
+beside it (a stack `make up` started, whose pool comes and goes on its own; anything
+else writing to /tmp):
+- a process is the suite's when it carries the session's mark in its environment (set
+  before the first test, inherited by everything started from then on, daemons
+  included);
+- a container, when its `titan.instance` label is a test instance's (`test-...`);
+- an entry of /tmp or /var/tmp, when its name starts with one of the prefixes the suite
+  and the code it runs create their temporary files with (OWN_PREFIXES);
+- an interface, unless it is a container's end of a veth pair (containers are judged).
 """
 
 from __future__ import annotations
@@ -22,6 +29,9 @@ MARK = "TITANTEST_SESSION"  # not TITAN_*: the harness strips those from child e
 TREES = (Path("/tmp"), Path("/var/tmp"))
 DEEP_TREES = (Path("/srv/titan"),)
 ID_FILES = (Path("/etc/passwd"), Path("/etc/group"), Path("/etc/subuid"), Path("/etc/subgid"))
+# What the suite's temporary files are named (tempfile prefixes in tests/ and in the code
+# they run, pytest's base directory): every other entry of /tmp and /var/tmp is not its.
+OWN_PREFIXES = ("titan", "pytest-of-")
 
 
 def _run(*cmd: str) -> str:
@@ -33,6 +43,8 @@ def interfaces() -> frozenset[str]:
     """Each interface with its addresses, as `name addr/len,addr/len`."""
     out = []
     for link in json.loads(_run("ip", "-j", "addr", "show") or "[]"):
+        if link["ifname"].startswith("veth"):
+            continue  # a container's: judged with the containers
         addrs = sorted(f"{a['local']}/{a['prefixlen']}" for a in link.get("addr_info", [])
                        if a.get("scope") != "link")
         out.append(f"{link['ifname']} {','.join(addrs)}")
@@ -43,10 +55,10 @@ def engine(kind: str, *fmt: str) -> frozenset[str]:
     """The host engine's objects of one kind (ids), other Titan instances' containers
     left out."""
     if kind == "container":
-        lines = _run("docker", "ps", "-aq", "--no-trunc", "--format",
+        lines = _run("docker", "ps", "-a", "--no-trunc", "--format",
                      '{{.ID}} {{.Label "titan.instance"}}').split("\n")
-        return frozenset(line.split()[0] for line in lines if line.strip()
-                         and (len(line.split()) == 1 or line.split()[1].startswith("test-")))
+        return frozenset(line.split()[0] for line in lines if len(line.split()) == 2
+                         and line.split()[1].startswith("test-"))
     return frozenset(x for x in _run("docker", kind, "ls", "-q", *fmt).split() if x)
 
 
@@ -62,7 +74,7 @@ def entries(root: Path, deep: bool) -> frozenset[str]:
     if not root.is_dir():
         return frozenset()
     if not deep:
-        return frozenset(str(p) for p in root.iterdir())
+        return frozenset(str(p) for p in root.iterdir() if p.name.startswith(OWN_PREFIXES))
     return frozenset(str(p) for p in root.rglob("*"))
 
 

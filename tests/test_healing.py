@@ -45,8 +45,7 @@ def pool_children(pid: int) -> list[int]:
 
 def test_containers_left_by_an_engine_outage_are_reaped_without_a_restart(
         settings, conn, registry, docker_client) -> None:
-    mine = settings.with_(task_queue=f"{settings.task_queue}.heal", sandbox_retries=8,
-                          retry_backoff_max=1)
+    mine = settings.with_(task_queue=f"{settings.task_queue}.heal", retry_backoff_max=1)
     labelled = {"label": [f"titan.instance={mine.instance}", f"titan.host={mine.worker_name}"]}
     runs = {"label": [*labelled["label"], "titan.invocation"]}  # idle prewarmed ones stay
     proxy = DockerProxy()
@@ -187,16 +186,18 @@ def test_a_container_stopped_from_outside_is_retried_not_failed(
         worker.stop()
 
 
-def test_an_engine_stopped_during_warm_runs_fails_no_run(settings, conn, registry) -> None:
+@pytest.mark.parametrize("away_s", [0, 20])
+def test_an_engine_stopped_during_warm_runs_fails_no_run(settings, conn, registry,
+                                                         away_s: int) -> None:
     """The engine goes down (SIGTERM: it stops every container, prewarmed ones and runs
-    in flight) and comes back during a burst: no run is the plugin's failure; every event
-    ends succeeded, exactly once."""
+    in flight) and comes back during a burst, at once or `away_s` later (past the old
+    count of quick tries): no run is the plugin's failure; every event ends succeeded,
+    exactly once."""
     uid = uuid.uuid4().hex[:8]
     engine = PrivateEngine(settings.runtime_image)
     mine = settings.with_(task_queue=f"{settings.task_queue}.engine{uid}",
                           event_stream=f"{settings.event_stream}.engine{uid}",
-                          instance=f"{settings.instance}-engine{uid}", sandbox_retries=10,
-                          retry_backoff_max=2)
+                          instance=f"{settings.instance}-engine{uid}", retry_backoff_max=2)
     worker = WorkerProcess(mine, f"engine{uid}", concurrency=2, DOCKER_HOST=engine.url)
     dispatcher = Dispatcher(wired(conn, mine), make_celery(mine))
     entry = registry.get("sleeper")
@@ -215,6 +216,7 @@ def test_an_engine_stopped_during_warm_runs_fails_no_run(settings, conn, registr
                                for i in invs) >= 2, 60, "runs in flight")
         engine.stop()  # ... the engine goes down mid-burst ...
         assert [i for i in invs if record_of(conn, mine, i)["status"] in ACTIVE]
+        time.sleep(away_s)  # the length of the outage
         engine.start()  # ... and comes back
         records = [wait_until(lambda i=i: (r := record_of(conn, mine, i))
                               and r["status"] not in ACTIVE and r, 240, "every run to end")

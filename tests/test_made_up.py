@@ -249,6 +249,59 @@ def test_floods_of_every_tcp_port_keep_neither_the_cli_nor_runs_from_working(
     print(f"CLI through the socket while {len(flooded)} TCP ports are flooded: {taken}")
 
 
+SLOW_CLIENTS = """
+import resource, select, socket, sys, time
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+ports, held, refused = [int(p) for p in sys.argv[1:]], [], 0
+for n in range(1000):
+    s = socket.create_connection(("127.0.0.1", ports[n % len(ports)]), timeout=5)
+    s.sendall(b"GET /health HTTP/1.1\\r\\nHost: x\\r\\n")
+    held.append(s)
+answered, deadline = 0, time.monotonic() + 30  # the front has seen them all: the
+while answered < 1000 - 32 * len(ports) and time.monotonic() < deadline:  # rest got 429
+    poll = select.poll()
+    for s in held:
+        poll.register(s, select.POLLIN)
+    answered = len(poll.poll(1000))
+print("holding", flush=True)
+end = time.monotonic() + 25
+while time.monotonic() < end:  # a header line every 2 s, never the head's end
+    for s in list(held):
+        try:
+            s.sendall(b"X-Slow: 1\\r\\n")
+        except OSError:
+            held.remove(s)
+            refused += 1
+    time.sleep(2)
+print("refused or dropped", refused, "of 1000", flush=True)
+"""
+
+
+def test_a_thousand_slow_clients_of_one_account_hold_neither_the_api_nor_metrics(
+        made_up: dict) -> None:
+    """One local account opens 1,000 connections to the API's and the metrics' TCP ports
+    and trickles header lines, never ending a head: root's /health and /metrics still
+    answer within a second, and the account is held to its own cap."""
+    env = made_up["env"]
+    ports = [env["TITAN_API_PORT"], env["TITAN_METRICS_PORT"]]
+    slow = subprocess.Popen([*NOBODY, SYSTEM_PYTHON, "-c", SLOW_CLIENTS, *ports],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert slow.stdout is not None and slow.stdout.readline() == "holding\n", \
+            slow.stderr.read() if slow.stderr else ""
+        for _ in range(5):
+            assert http_status(f"{made_up['api']}/health", timeout=1) == 200
+            assert http_status(f"http://127.0.0.1:{ports[1]}/metrics", timeout=1) == 200
+            time.sleep(1)
+        out, err = slow.communicate(timeout=60)
+    finally:
+        slow.kill()
+        slow.wait()
+    refused = int(out.split("refused or dropped ")[1].split()[0])
+    assert refused >= 1000 - 2 * 32, (out, err)  # 32 a port at most were ever held
+
+
 def test_with_the_manager_down_a_listener_on_its_port_receives_no_key(made_up: dict) -> None:
     run_dir: Path = made_up["run"]
     token = (run_dir / "api.token").read_text().strip()

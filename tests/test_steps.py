@@ -9,7 +9,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 import redis
@@ -101,8 +101,7 @@ def rig(conn, unit_settings) -> Iterator[Rig]:
     settings = unit_settings
     uid = uuid.uuid4().hex[:6]
     mine = settings.with_(key_prefix=f"{settings.key_prefix}r{uid}",
-                          event_stream=f"{settings.event_stream}.r{uid}", sandbox_retries=2,
-                          prewarm_size=0)
+                          event_stream=f"{settings.event_stream}.r{uid}", prewarm_size=0)
     wiring = wired(conn, mine)
     registry = Registry(wiring)
     registry.reload()
@@ -208,20 +207,39 @@ def test_the_share_never_raises_a_manifest_cap(rig: Rig) -> None:
     assert rig.wiring.slots.acquire("limited", "two", 1, 60) is Grant.CONCURRENCY
 
 
-def test_an_unusable_engine_is_retried_then_fails_visibly(rig: Rig) -> None:
+def test_an_engine_away_is_waited_out_then_fails_visibly(rig: Rig) -> None:
+    """Tries that found the engine away count time, not attempts: the run fails only once
+    the engine has been away TITAN_SANDBOX_PATIENCE_S since its first such try."""
     req = rig.request("echo")
-    rig.played.ends = [SandboxUnavailable("engine away")] * 3
-    for attempt in (1, 2):
+    rig.played.ends = [SandboxUnavailable("engine away")] * 4
+    since = 0.0
+    for waits in (1, 2, 3):
         later = rig.delivery.deliver(req, "w@h")
-        assert isinstance(later, Again) and later.request.attempt == attempt + 1
+        assert isinstance(later, Again) and later.request.engine_waits == waits
+        assert later.countdown <= 5  # an engine is looked at again soon, whatever the count
+        since = since or later.request.engine_away_since
+        assert later.request.engine_away_since == since > 0
         record = rig.record(req)
-        assert record.status is Status.RETRYING and record.attempts == attempt
-        assert record.reason == "sandbox_unavailable: engine away"
+        assert record.status is Status.RETRYING and record.reason == \
+            "sandbox_unavailable: engine away"
         req = later.request
-    assert rig.delivery.deliver(req, "w@h").status == "failed"  # sandbox_retries: 2
+    away = replace(req, engine_away_since=since - rig.settings.sandbox_patience_s)
+    assert rig.delivery.deliver(away, "w@h").status == "failed"
     (failure,) = rig.events(req)
-    assert failure["payload"]["reason"] == "sandbox_unavailable: engine away"
-    assert rig.record(req).attempts == 3
+    assert failure["payload"]["reason"].startswith("sandbox_unavailable: engine away (away for ")
+    assert failure["payload"]["reason"].endswith(" s, TITAN_SANDBOX_PATIENCE_S)")
+
+
+def test_waiting_for_the_engine_spends_none_of_the_manifests_retries(rig: Rig) -> None:
+    req = rig.request("flaky")  # retries: 2
+    rig.played.ends = [SandboxUnavailable("engine away")] * 3 + [failed(), failed(), ok()]
+    outcomes = []
+    while isinstance(later := rig.delivery.deliver(req, "w@h"), Again):
+        outcomes.append(rig.record(req).reason.split(":")[0])
+        req = later.request
+    assert later.status == "succeeded", outcomes
+    assert outcomes == ["sandbox_unavailable"] * 3 + ["failed"] * 2
+    assert rig.record(req).attempts == 6
 
 
 def test_plugin_failures_are_retried_only_as_the_manifest_says(rig: Rig) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import redis
 
@@ -36,6 +37,7 @@ from workers.store import persist, store
 
 log = logging.getLogger(__name__)
 RETRYABLE = {Status.FAILED, Status.TIMEOUT, Status.OOM}  # only with `retries:` in the manifest
+ENGINE_RECHECK_MAX_S = 5  # an engine away is tried again at most this far apart
 REPLICATION_RECHECK_S = 5  # a stored outcome no replica confirmed yet is looked at again
 
 
@@ -114,7 +116,7 @@ class Delivery:
                   "isolation": req.isolation.value}
         metrics.CONTAINER_START.observe(end.ready_s)
         metrics.DURATION.labels(**labels).observe(end.duration_s)
-        if judged.status in RETRYABLE and attempt <= req.retries:
+        if judged.status in RETRYABLE and attempt - req.engine_waits <= req.retries:
             return self.again(req, attempt, RetryReason.MANIFEST,
                               f"{judged.status.value}: {judged.reason}",
                               exit_code=end.exit_code)
@@ -130,15 +132,26 @@ class Delivery:
         return Done.of(ended)
 
     def unavailable(self, req: RunRequest, attempt: int, why: str) -> Next:
+        """The engine is away: waited out, not counted. The run is tried again (at most
+        ENGINE_RECHECK_MAX_S apart) until the engine has been away for
+        `sandbox_patience_s` since this run first found it so; only then does it fail."""
+        now = self.wiring.records.now()
+        since = req.engine_away_since or now
         reason = f"sandbox_unavailable: {why}"
-        if attempt > self.settings.sandbox_retries:
-            return self.store(req, Outcome(Status.FAILED, reason))
-        return self.again(req, attempt, RetryReason.SANDBOX_UNAVAILABLE, reason)
+        if now - since >= self.settings.sandbox_patience_s:
+            return self.store(req, Outcome(Status.FAILED, f"{reason} (away for "
+                                           f"{now - since:.0f} s, TITAN_SANDBOX_PATIENCE_S)"))
+        waited = replace(req, engine_away_since=since, engine_waits=req.engine_waits + 1)
+        return self.again(waited, req.engine_waits + 1, RetryReason.SANDBOX_UNAVAILABLE,
+                          reason, cap=ENGINE_RECHECK_MAX_S)
 
     def again(self, req: RunRequest, attempt: int, why: RetryReason, reason: str,
-              **changes: object) -> Again:
-        """This attempt is over and another one follows (status retrying)."""
-        countdown = run_retry(self.settings.retry_backoff_max).delay(attempt - 1)
+              cap: float | None = None, **changes: object) -> Again:
+        """This attempt is over and another one follows (status retrying), the `attempt`th
+        wait backed off up to `cap` (default: `retry_backoff_max`)."""
+        limit = self.settings.retry_backoff_max if cap is None else min(
+            cap, self.settings.retry_backoff_max)
+        countdown = run_retry(limit).delay(attempt - 1)
         metrics.RETRIES.labels(plugin=req.plugin, reason=why).inc()
         persist(lambda: self.wiring.records.transition(
             req.invocation_id, Status.RETRYING, reason=reason,

@@ -85,6 +85,12 @@ class Settings(BaseSettings):
     api_waiters: int = 4
     api_channel_timeout: int = 10
     api_connection_limit: int = 1000
+    # The TCP ports' front (manager.api.front): a request's head and body must arrive
+    # within these, and one peer (a local account, or an address) holds at most
+    # api_peer_connections connections.
+    api_header_timeout_s: int = 10
+    api_body_timeout_s: int = 30
+    api_peer_connections: int = 32
     metrics_port: int = 8004
     # Timer triggers: the manager looks for due ticks at each tick and at least every
     # timer_pass_s (a reload is seen within it); a tick not fired within timer_grace_s
@@ -150,7 +156,9 @@ class Settings(BaseSettings):
     # Delivery: unacknowledged tasks come back after visibility_timeout (0: max_timeout + 300).
     visibility_timeout: int = 0
     restore_interval: int = 60  # how often workers look for tasks whose worker died
-    sandbox_retries: int = 5
+    # An engine that does not answer is waited out this long (from the first try of a run
+    # that found it away, on Redis's clock) before the run fails sandbox_unavailable.
+    sandbox_patience_s: int = 300
     retry_backoff_max: int = 60
     throttle_backoff_max: int = 30
     # Fairness: while other plugins wait, one plugin holds at most this part of the worker

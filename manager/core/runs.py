@@ -90,6 +90,10 @@ class RunRequest:
     weight: int = 1  # the manifest's: turns in the queue and share of slots (fair queueing)
     net_allow: tuple[str, ...] = ()  # host:port patterns granted through the egress proxy
     secrets: tuple[str, ...] = ()  # names of the secrets the run reads at /run/secrets
+    # Since when (Redis's clock) this run's tries have found the engine away, and how many
+    # did: those tries spend none of the manifest's `retries` (workers.delivery).
+    engine_away_since: float = 0.0
+    engine_waits: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """The wire form (shallow: no deep copy on the hot path)."""

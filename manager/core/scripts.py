@@ -38,4 +38,3 @@ class Scripts:
         self.hold = conn.register_script(source("hold"))
         self.unlock = conn.register_script(source("unlock"))
         self.tick = conn.register_script(source("tick"))
-        self.sent = conn.register_script(source("sent"))

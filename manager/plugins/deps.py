@@ -142,7 +142,8 @@ def download_wheels(plugins_dir: Path, dest: Path, settings: Settings) -> list[s
         if req.is_symlink():
             continue
         lines = parse_requirements(req.read_bytes())
-        with tempfile.TemporaryDirectory() as private, sandbox.workspace(Path(private)) as work:
+        with tempfile.TemporaryDirectory(prefix="titan-deps-") as private, \
+                sandbox.workspace(Path(private)) as work:
             listed = sandbox.put(work, "requirements.txt", lines.text())
             result = sandbox.pip(["download", *PIP_OPTIONS, *pip_source(settings, sandbox),
                                   *pip_target(settings), "--dest",

@@ -1,0 +1,43 @@
+"""The suite's host check judges what the suite made, by its marks, and ignores what other
+programs do beside it (tests/hoststate.py): a file of its own left in /tmp or a container
+of a test instance fails the session; another program's file or container does not."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+from hoststate import HostState
+
+
+def test_a_file_the_suite_leaves_is_caught_and_another_programs_is_not() -> None:
+    before = HostState.read("probe")
+    theirs = Path(tempfile.mkdtemp(prefix="another-program-", dir="/tmp"))
+    ours = Path(tempfile.mkdtemp(prefix="titan-leak-", dir="/var/tmp"))
+    try:
+        changes = before.changes(HostState.read("probe"))
+        assert f"files: + {ours}" in changes
+        assert not [c for c in changes if str(theirs) in c]
+    finally:
+        shutil.rmtree(theirs)
+        shutil.rmtree(ours)
+    assert not [c for c in before.changes(HostState.read("probe")) if str(ours) in c]
+
+
+@pytest.mark.integration
+def test_a_test_instances_container_is_caught_and_another_programs_is_not(
+        docker_client, settings) -> None:
+    before = HostState.read("probe")
+    made = [docker_client.containers.create(settings.runtime_image, ["true"], labels=labels)
+            for labels in ({"titan.instance": f"test-leak-{uuid.uuid4().hex[:6]}"},
+                           {"titan.instance": "a-live-stack"}, {})]
+    try:
+        changes = before.changes(HostState.read("probe"))
+        mine = [c for c in changes if any(m.id in c for m in made)]  # (other tests' too)
+        assert mine == [f"containers: + {made[0].id}"]
+    finally:
+        for container in made:
+            container.remove(force=True)
