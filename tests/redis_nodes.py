@@ -133,8 +133,12 @@ class SentinelCluster:
             "sentinel down-after-milliseconds titan 1000",
             "sentinel failover-timeout titan 5000"], self.password, sentinel=True)
             for n in range(3)]
-        wait_until(lambda: all(int(s.client().sentinel_master("titan")["num-other-sentinels"])
-                               == 2 for s in self.sentinels), 30, "the Sentinels to meet")
+        # A failover needs every Sentinel to know its peers and both replicas (learnt from
+        # the primary's INFO, every 10 s): a primary killed before that is never replaced.
+        wait_until(lambda: all(int(m["num-other-sentinels"]) == 2 and int(m["num-slaves"]) == 2
+                               for m in (s.client().sentinel_master("titan")
+                                         for s in self.sentinels)),
+                   30, "the Sentinels to meet and to know both replicas")
         self.dead: list[RedisNode] = []
 
     def settings(self, plugins_dir: Path, run_dir: Path, **extra: object) -> Settings:
