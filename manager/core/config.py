@@ -85,9 +85,7 @@ class Settings(BaseSettings):
     api_waiters: int = 4
     api_channel_timeout: int = 10
     api_connection_limit: int = 1000
-    # The TCP ports' front (manager.api.front): a request's head and body must arrive
-    # within these, and one peer (a local account, or an address) holds at most
-    # api_peer_connections connections.
+    # The TCP ports' front (manager.api.front): head and body deadlines, a cap per peer.
     api_header_timeout_s: int = 10
     api_body_timeout_s: int = 30
     api_peer_connections: int = 32
@@ -156,9 +154,7 @@ class Settings(BaseSettings):
     # Delivery: unacknowledged tasks come back after visibility_timeout (0: max_timeout + 300).
     visibility_timeout: int = 0
     restore_interval: int = 60  # how often workers look for tasks whose worker died
-    # An engine that does not answer is waited out this long (from the first try of a run
-    # that found it away, on Redis's clock) before the run fails sandbox_unavailable.
-    sandbox_patience_s: int = 300
+    sandbox_patience_s: int = 300  # an engine away is waited out this long (Redis's clock)
     retry_backoff_max: int = 60
     throttle_backoff_max: int = 30
     # Fairness: while other plugins wait, one plugin holds at most this part of the worker
@@ -168,13 +164,9 @@ class Settings(BaseSettings):
     # plugin under gVisor. The engine must have the runtime registered under this name.
     isolation: Literal["container", "gvisor"] = "container"
     gvisor_runtime: str = "runsc"
-    # gVisor with its own network stack, for runs with an egress grant (registered
-    # without --network=none)
-    gvisor_net_runtime: str = "runsc-net"
-    # Egress (SPEC §4): the ceiling of what any plugin may be granted (host:port patterns,
-    # comma-separated; empty: no plugin has a network), a hosts(5) file the proxy resolves
-    # names from before DNS, where the proxy keeps its state, its network and bridge, its
-    # port and uid, and each run's caps.
+    gvisor_net_runtime: str = "runsc-net"  # its own network stack, for egress grants
+    # Egress (SPEC §4): the ceiling of any grant (host:port patterns; empty: no network),
+    # a hosts(5) file the proxy reads before DNS, its state, network, port, uid, caps.
     egress_allow: Annotated[tuple[str, ...], NoDecode] = ()
     egress_hosts: str = ""
     # (one proxy per instance on a host: its directory, network and bridge name it)
