@@ -18,6 +18,8 @@ command -v setfacl >/dev/null || need+=(acl)
 # The egress proxy (manager/egress): Debian's Squid, run by services.sh as its own uid;
 # installed without starting the distribution's service (which would listen on :3128).
 command -v squid >/dev/null || need+=(squid)
+# libfaketime: the tests run workers on skewed clocks (tests/test_clocks.py).
+compgen -G "/usr/lib/*/faketime/libfaketime.so.1" >/dev/null || need+=(libfaketime)
 /usr/bin/python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 python3 -m venv --help >/dev/null 2>&1 || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then

@@ -107,6 +107,25 @@ def test_a_run_whose_own_message_is_gone_is_sent_again_while_others_wait(rig: Ri
     assert all(rig.status(o)["requeues"] == 0 for o in others)
 
 
+def test_a_run_waiting_to_be_sent_again_is_left_alone_and_taken_once(rig: Rig) -> None:
+    """A retry's backoff waits in Redis on Redis's clock (manager.core.later), not as a
+    Celery ETA: the sweeper counts it as sent, and each due run goes to one taker."""
+    from manager.core.later import Later
+
+    later = Later(rig.conn, rig.keys)
+    soon, afar = rig.run(), rig.run()
+    for req, after in ((soon, 0), (afar, 3600)):
+        rig.lose(req)
+        later.put(req.invocation_id, req.to_dict(), after, priority=3)
+    report = rig.sweeper.sweep(time.time() + 10 * rig.patience)
+    assert report.suspected == [] and report.requeued == []
+    assert later.due() == [(soon.to_dict(), 3)]
+    assert later.due() == []  # taken once
+    rig.conn.zadd(rig.keys.inflight, {soon.invocation_id: 0})
+    assert rig.sweeper.sweep().suspected == [soon.invocation_id]  # taken, never sent
+    assert rig.conn.zscore(rig.keys.later, afar.invocation_id) is not None
+
+
 def test_a_pending_run_whose_message_never_left_is_sent_after_its_grace(rig: Rig) -> None:
     req = rig.run(sent=False)
     assert rig.sweeper.sweep().suspected == [req.invocation_id]

@@ -15,6 +15,7 @@ import redis
 
 from manager.core import metrics
 from manager.core.errors import NotReplicated, SandboxUnavailable
+from manager.core.later import Later
 from manager.core.metrics import RetryReason
 from manager.core.records import Outcome, Status
 from manager.core.retry import run_retry
@@ -56,6 +57,7 @@ class Delivery:
         self.pool = WarmPool(self.settings, engine, lambda: {
             e.digest for e in registry.entries().values() if e.digest})
         self.keeper = Keeper(wiring.slots)
+        self.later = Later(wiring.conn, wiring.keys)  # where Again's runs wait (tasks.py)
         self.gate = Gate(self.settings, engine, SecretStore(wiring.conn, wiring.keys,
                                                             self.settings.secrets_key))
 

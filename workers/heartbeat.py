@@ -29,6 +29,7 @@ from manager.core.wiring import Wiring
 from manager.plugins.janitor import CacheJanitor
 from workers.engine import Engine
 from workers.identity import RunIds
+from workers.resend import Resender
 
 log = logging.getLogger(__name__)
 INTERVAL_S = 3.0
@@ -135,15 +136,17 @@ class Heartbeat(threading.Thread):
 
 
 class HeartbeatStep(bootsteps.StartStopStep):
-    """The heartbeat as a worker component (registered in workers.celery_app): started
-    once the worker's pool is, stopped with the worker. A range of run ids that the host
-    already uses is an unrecoverable error: the worker does not start."""
+    """The heartbeat and the resender (workers.resend) as a worker component (registered
+    in workers.celery_app): started once the worker's pool is, stopped with the worker.
+    A range of run ids that the host already uses is an unrecoverable error: the worker
+    does not start."""
 
     requires = {"celery.worker.components:Pool"}
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
         self.heartbeat: Heartbeat | None = None
+        self.resender: Resender | None = None
 
     def start(self, worker: Any) -> None:
         settings = Settings.from_env()
@@ -152,7 +155,11 @@ class HeartbeatStep(bootsteps.StartStopStep):
                                    int(worker.concurrency or os.cpu_count() or 1))
         self.heartbeat.reap_at_start()
         self.heartbeat.start()
+        self.resender = Resender(Wiring.connect(settings), worker.app)
+        self.resender.start()
 
     def stop(self, worker: Any) -> None:
         if self.heartbeat is not None:
             self.heartbeat.stop()
+        if self.resender is not None:
+            self.resender.stop()

@@ -14,7 +14,7 @@ from typing import Any
 
 import redis
 from celery import Task
-from celery.exceptions import Reject, Retry
+from celery.exceptions import Reject
 from kombu.exceptions import OperationalError
 
 from manager.core.config import Settings
@@ -78,13 +78,14 @@ def run_plugin(self: RunTask, request: dict[str, Any]) -> str:
         except BROKER_DOWN:
             raise Reject(exc, requeue=True) from None
     if isinstance(done, Again):
+        # Sent again by a resender once `countdown` has passed on Redis's clock (not by
+        # Celery's ETA, which each worker judges by its own clock): manager.core.later.
         try:
-            raise self.retry(kwargs={"request": done.request.to_dict()},
-                             countdown=done.countdown)
-        except Retry:
-            raise
+            delivery.later.put(req.invocation_id, done.request.to_dict(), done.countdown,
+                               (self.request.delivery_info or {}).get("priority") or 0)
         except BROKER_DOWN as exc:
             raise Reject(exc, requeue=True) from None
+        return f"again in {done.countdown:.1f} s"
     return finished(done)
 
 

@@ -1,7 +1,8 @@
 """Dispatch: one recorded run per (event, plugin), charged to its correlation's fan-out
 budget (one event can never turn into more than `fanout_budget` runs, however its results
 fan out) and sent to the workers. A run's task message is sent here, and again only by
-the sweeper (a lost message) and by the worker's own retries (Celery's `retry`)."""
+the sweeper (a lost message) and by the workers' resenders (a retry's or a throttle's
+backoff, on Redis's clock: manager.core.later)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from dataclasses import replace
 import redis
 from celery import Celery
 
-from manager.core.contract import PRIORITY_LEVELS, RUN_TASK
+from manager.core.contract import PRIORITY_LEVELS, send_run
 from manager.core.events import Event
 from manager.core.record_store import Charge
 from manager.core.records import InvocationRecord, Status
@@ -65,16 +66,8 @@ class Dispatcher:
         return made.invocation_id, True
 
     def enqueue(self, request: RunRequest, priority: int = 0) -> None:
-        """The task message, at `priority` (0 first: priority_of). Its `kwargsrepr` (what
-        Flower shows as the arguments) names the run instead of Celery's repr of the whole
-        request: shorter to read, and not computed on every run's hot path."""
-        shown = {"plugin": request.plugin, "version": request.version,
-                 "event_id": request.event.event_id, "attempt": request.attempt}
-        self.celery.send_task(RUN_TASK, kwargs={"request": request.to_dict()},
-                              queue=self.settings.task_queue, task_id=request.invocation_id,
-                              shadow=f"plugin:{request.plugin}", argsrepr="()",
-                              priority=priority,
-                              kwargsrepr=repr(shown))
+        """The task message, at `priority` (0 first: priority_of)."""
+        send_run(self.celery, self.settings, request.to_dict(), priority)
 
     def send(self, request: RunRequest, owed: list[Owed] | None = None,
              priority: int = 0) -> None:

@@ -69,6 +69,18 @@ def queued_tasks(conn: Any, settings: Settings) -> int:
     return sum(pipe.execute())
 
 
+def send_run(celery: Celery, settings: Settings, request: dict[str, Any],
+             priority: int = 0) -> None:
+    """A run's task message (the request in its wire form), at `priority` (0 first). Its
+    `kwargsrepr` (what Flower shows as the arguments) names the run instead of Celery's
+    repr of the whole request: shorter to read, and not computed on the hot path."""
+    shown = {"plugin": request["plugin"], "version": request["version"],
+             "event_id": request["event"]["event_id"], "attempt": request.get("attempt", 1)}
+    celery.send_task(RUN_TASK, kwargs={"request": request}, queue=settings.task_queue,
+                     task_id=request["invocation_id"], shadow=f"plugin:{request['plugin']}",
+                     argsrepr="()", priority=priority, kwargsrepr=repr(shown))
+
+
 TASK_ID = b'"id": "'  # a message's task id (the run's), in kombu's JSON of its headers
 SCAN_CHUNK = 200  # messages read at a time: Redis is never held long by one read
 
@@ -84,18 +96,21 @@ def task_id(raw: bytes) -> str | None:
 
 
 def messages_sent(conn: Any, settings: Settings, ids: list[str]) -> set[str]:
-    """The runs among `ids` whose task message is in the broker: delivered to a worker
-    and not yet acknowledged (kombu's `unacked` hash, from where kombu puts a dead
-    worker's back), or in a queue list. A run in neither has lost its message (a failover
-    took it) and nothing will ever send it again but the sweeper. Read in chunks of
-    SCAN_CHUNK (10,000 waiting messages of 3 KB: about 0.2 s here, Redis held 25 ms at
-    most), unacknowledged first: a message kombu delivers while this reads moves from a
-    list to the hash, where the second look (manager.bus.sweeper) finds it."""
+    """The runs among `ids` whose task message is in the broker, or is to be sent again
+    (manager.core.later): delivered to a worker and not yet acknowledged (kombu's
+    `unacked` hash, from where kombu puts a dead worker's back), or in a queue list. A run
+    in none has lost its message (a failover took it) and nothing will ever send it again
+    but the sweeper. Read in chunks of SCAN_CHUNK (10,000 waiting messages of 3 KB: about
+    0.2 s here, Redis held 25 ms at most), unacknowledged first: a message kombu delivers
+    while this reads moves from a list to the hash, where the second look
+    (manager.bus.sweeper) finds it."""
     wanted = set(ids)
     if not wanted:
         return set()
-    found = {i for _, raw in conn.hscan_iter(settings.keys.unacked, count=SCAN_CHUNK)
-             if (i := task_id(raw)) in wanted}
+    later = conn.zmscore(settings.keys.later, ids)  # to be sent again (manager.core.later)
+    found = {i for i, when in zip(ids, later, strict=True) if when is not None}
+    found |= {i for _, raw in conn.hscan_iter(settings.keys.unacked, count=SCAN_CHUNK)
+              if (i := task_id(raw)) in wanted}
     for key in queue_keys(settings):
         for first in range(0, conn.llen(key), SCAN_CHUNK):
             found.update(i for raw in conn.lrange(key, first, first + SCAN_CHUNK - 1)

@@ -131,6 +131,17 @@ class Keys:
         return f"{self.prefix}:lease:{invocation_id}"
 
     @property
+    def later(self) -> str:
+        """Sorted set: runs to be sent again (a retry's or a throttle's backoff), scored by
+        when, on Redis's clock (manager.core.later)."""
+        return f"{self.prefix}:later"
+
+    @property
+    def later_requests(self) -> str:
+        """Hash: each of those runs' request (JSON), by invocation id."""
+        return f"{self.prefix}:later:requests"
+
+    @property
     def unacked(self) -> str:
         """Hash (kombu's, under our prefix through its `unacked_key` transport option):
         delivered task messages not yet acknowledged, restored after the visibility

@@ -38,3 +38,5 @@ class Scripts:
         self.hold = conn.register_script(source("hold"))
         self.unlock = conn.register_script(source("unlock"))
         self.tick = conn.register_script(source("tick"))
+        self.later = conn.register_script(source("later"))
+        self.due = conn.register_script(source("due"))
