@@ -116,10 +116,10 @@ def test_a_run_waiting_to_be_sent_again_is_left_alone_and_taken_once(rig: Rig) -
     soon, afar = rig.run(), rig.run()
     for req, after in ((soon, 0), (afar, 3600)):
         rig.lose(req)
-        later.put(req.invocation_id, req.to_dict(), after, priority=3)
+        later.put(req.invocation_id, req.to_dict(), after, rig.settings.task_queue, priority=3)
     report = rig.sweeper.sweep(time.time() + 10 * rig.patience)
     assert report.suspected == [] and report.requeued == []
-    assert later.due() == [(soon.to_dict(), 3)]
+    assert later.due() == [(soon.to_dict(), 3, rig.settings.task_queue)]
     assert later.due() == []  # taken once
     rig.conn.zadd(rig.keys.inflight, {soon.invocation_id: 0})
     assert rig.sweeper.sweep().suspected == [soon.invocation_id]  # taken, never sent

@@ -38,8 +38,8 @@ class Resender(threading.Thread):
 
     def resend(self) -> int:
         due = self.later.due()
-        for request, priority in due:
-            send_run(self.celery, self.settings, request, priority)
+        for request, priority, queue in due:
+            send_run(self.celery, self.settings, request, priority, queue)
         return len(due)
 
     def stop(self) -> None:

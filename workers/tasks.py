@@ -82,6 +82,7 @@ def run_plugin(self: RunTask, request: dict[str, Any]) -> str:
         # Celery's ETA, which each worker judges by its own clock): manager.core.later.
         try:
             delivery.later.put(req.invocation_id, done.request.to_dict(), done.countdown,
+                               delivery.settings.task_queue,
                                (self.request.delivery_info or {}).get("priority") or 0)
         except BROKER_DOWN as exc:
             raise Reject(exc, requeue=True) from None

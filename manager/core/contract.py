@@ -70,13 +70,14 @@ def queued_tasks(conn: Any, settings: Settings) -> int:
 
 
 def send_run(celery: Celery, settings: Settings, request: dict[str, Any],
-             priority: int = 0) -> None:
+             priority: int = 0, queue: str | None = None) -> None:
     """A run's task message (the request in its wire form), at `priority` (0 first). Its
     `kwargsrepr` (what Flower shows as the arguments) names the run instead of Celery's
     repr of the whole request: shorter to read, and not computed on the hot path."""
     shown = {"plugin": request["plugin"], "version": request["version"],
              "event_id": request["event"]["event_id"], "attempt": request.get("attempt", 1)}
-    celery.send_task(RUN_TASK, kwargs={"request": request}, queue=settings.task_queue,
+    celery.send_task(RUN_TASK, kwargs={"request": request},
+                     queue=queue or settings.task_queue,
                      task_id=request["invocation_id"], shadow=f"plugin:{request['plugin']}",
                      argsrepr="()", priority=priority, kwargsrepr=repr(shown))
 

@@ -24,18 +24,19 @@ class Later:
     def __init__(self, conn: redis.Redis, keys: Keys) -> None:
         self.conn, self.keys, self.scripts = conn, keys, Scripts(conn)
 
-    def put(self, invocation_id: str, request: dict[str, Any], after: float,
+    def put(self, invocation_id: str, request: dict[str, Any], after: float, queue: str,
             priority: int = 0) -> None:
-        """Keeps the run's request to be sent `after` seconds from now, at `priority` (a
-        throttled run keeps its place in the fair queue's levels)."""
-        entry = json.dumps({"request": request, "priority": priority})
+        """Keeps the run's request to be sent to `queue` (the one it came from: workers on
+        other queues resend it too) `after` seconds from now, at `priority` (a throttled
+        run keeps its place in the fair queue's levels)."""
+        entry = json.dumps({"request": request, "priority": priority, "queue": queue})
         self.scripts.later(keys=[self.keys.later, self.keys.later_requests],
                            args=[named(id=invocation_id, request=entry,
                                        after=max(0.0, after))])
 
-    def due(self, limit: int = 100) -> list[tuple[dict[str, Any], int]]:
-        """(request, priority) of the runs whose time has come, taken (no other caller
-        gets them)."""
+    def due(self, limit: int = 100) -> list[tuple[dict[str, Any], int, str]]:
+        """(request, priority, queue) of the runs whose time has come, taken (no other
+        caller gets them)."""
         taken = [json.loads(raw) for raw in self.scripts.due(
             keys=[self.keys.later, self.keys.later_requests], args=[named(limit=limit)])]
-        return [(t["request"], int(t.get("priority") or 0)) for t in taken]
+        return [(t["request"], int(t.get("priority") or 0), t["queue"]) for t in taken]
