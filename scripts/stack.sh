@@ -48,8 +48,10 @@ start() {
   # command line (which every local user can read).
   [ -s "$FLOWER_AUTH_FILE" ] || printf 'titan:%s\n' "$(new_secret)" >"$FLOWER_AUTH_FILE"
   tls_env flower
-  FLOWER_BASIC_AUTH="$(cat "$FLOWER_AUTH_FILE")" launch flower "$VENV/bin/celery" \
-    -A workers.celery_app flower --address=127.0.0.1 --port="${TITAN_FLOWER_PORT:-5555}"
+  # Its port is the front's (manager.api.flower: deadlines, a cap per local account);
+  # Flower itself listens on a socket in the root-only run directory.
+  FLOWER_BASIC_AUTH="$(cat "$FLOWER_AUTH_FILE")" launch flower "$PY" -m manager.api.flower \
+    --address=127.0.0.1 --port="${TITAN_FLOWER_PORT:-5555}" --socket="$RUN_DIR/flower.sock"
   tls_env workers
   for ((i = 1; i <= WORKERS; i++)); do
     launch "worker$i" "$VENV/bin/celery" -A workers.celery_app worker -Q "${TITAN_TASK_QUEUE:-titan.plugins}" \

@@ -100,7 +100,7 @@ def test_no_host_identity_reaches_into_a_run(lane: Lane, docker_client) -> None:
                 seen = probe_as(who, ids.group if who == other else NOBODY, pid)
                 assert seen["environ"] != "allowed" and seen["root"] != "allowed", (who, seen)
                 if lane.gvisor and who == NOBODY and host_uid == NOBODY:
-                    continue  # runsc runs every Sentry as host uid 65534 (docs/architecture.md)
+                    continue  # runsc runs every Sentry as host uid 65534 (docs/security.md)
                 assert seen["signal"] != "allowed", (who, host_uid, seen)
     reported = [report_of(lane, e) for e in events]
     assert len({r["uid"] for r in reported}) == 2, reported

@@ -7,6 +7,7 @@ lanes too: tests/test_hostile.py.)"""
 from __future__ import annotations
 
 import shutil
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,11 +85,41 @@ def test_a_gvisor_plugin_runs_on_a_user_space_kernel(setup: dict, conn) -> None:
                                 and r, 120, f"the {name} run")
             assert record["status"] == "succeeded", (record["reason"], record["stderr"])
             kernels.setdefault(name, set()).add(record["results"][0]["payload"])
+        sentries_named_beside(conn, settings, registry, dispatcher)
     finally:
         worker.stop()
     host = Path("/proc/version").read_text().strip()
     assert kernels["plain"] == {f'{{"kernel": "{host}"}}'}
     assert all(host not in k for k in kernels["boxed"]), kernels
+
+
+def sentries_named_beside(conn, settings, registry, dispatcher) -> None:
+    """runsc runs every Sentry as host uid 65534 (not configurable: workers.sentries), so
+    another process of that uid (a hostile `nobody`) can signal a gVisor run: /health
+    names it, and never a Sentry (a prewarmed boxed run's is alive). Other programs'
+    processes of that uid may be named beside it: only ours is judged."""
+    from manager.api.app import create_app
+
+    client = create_app(wired(conn, settings), registry, dispatcher).test_client()
+    hostile = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                                "sleep", "300"])
+    ours = f"pid {hostile.pid} (sleep)"
+    try:
+        def gvisor() -> dict | None:
+            part = client.get("/health").json["gvisor"]
+            found = [n.split(": ", 1)[1] for n in part["sentry_neighbours"]]
+            return part if ours in found else None
+
+        named = wait_until(gvisor, 20, "the heartbeat to name the process")
+        assert named["ok"] is False
+        sentries = subprocess.run(["pgrep", "-u", "65534", "-f", "^runsc-sandbox"],
+                                  capture_output=True, text=True, check=False).stdout.split()
+        assert sentries, "no Sentry was alive to be told apart"
+        assert not {f"pid {pid} " for pid in sentries} & {
+            n.split(": ", 1)[1].split("(")[0] for n in named["sentry_neighbours"]}
+    finally:
+        hostile.kill()
+        hostile.wait()
 
 
 @pytest.mark.integration

@@ -139,10 +139,11 @@ class Engine:
                 f"not be pulled: use image: {self.settings.runtime_image} (built by make up) "
                 f"or build or load {image!r} on every worker host")
 
-    def runtimes(self) -> set[str]:
+    def runtimes(self) -> dict[str, str]:
         """The container runtimes registered with this engine (runc, and runsc for gVisor
-        when it is registered)."""
-        return set(self.client.info().get("Runtimes") or {})
+        when it is registered), each with its program's path."""
+        found = self.client.info().get("Runtimes") or {}
+        return {name: str((spec or {}).get("path") or name) for name, spec in found.items()}
 
     def images(self) -> list[str]:
         """The image names (repo:tag) present on this engine."""

@@ -14,6 +14,7 @@ import os
 import shutil
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from manager.core.config import Settings
 from manager.core.errors import SandboxUnavailable
 from manager.core.wiring import Wiring
 from manager.plugins.janitor import CacheJanitor
+from workers import sentries
 from workers.engine import Engine
 from workers.identity import RunIds
 from workers.resend import Resender
@@ -36,6 +38,15 @@ INTERVAL_S = 3.0
 RUN_DIR_MAX_AGE_S = 3600
 IMAGES_S = 30.0
 EVICT_EVERY = 20  # beats: the cache is checked about once a minute
+
+
+@dataclass(frozen=True)
+class EngineView:
+    """What the heartbeat last learnt of its engine and host (every IMAGES_S)."""
+
+    at: float = 0.0
+    images: tuple[str, ...] = ()
+    runtimes: dict[str, str] = field(default_factory=dict)  # name: program
 
 
 def child_pids() -> set[int]:
@@ -56,7 +67,7 @@ class Heartbeat(threading.Thread):
         self.stopping = threading.Event()
         self._docker_ok = False
         self._docker_error: str | None = None
-        self._images: tuple[float, list[str], set[str]] = (0.0, [], set())
+        self.view = EngineView()
         self.janitor = CacheJanitor(self.settings)
 
     def docker_state(self) -> None:
@@ -79,22 +90,26 @@ class Heartbeat(threading.Thread):
             if strays:
                 log.warning("reaped %d container(s) of worker containers that are gone: %s",
                             len(strays), ", ".join(strays))
+        view = self.refreshed_view()
+        # Every beat (a few ms): who else holds the uid of this engine's gVisor Sentries
+        neighbours = sentries.neighbours(view.runtimes.get(self.settings.gvisor_runtime))
         WorkerBeat(self.name_, os.getpid(), self._docker_ok, self._docker_error,
-                   tuple(self.images()), self.slots, tuple(sorted(self._images[2])),
-                   tuple(self.engine.identities.ids.overlaps()[:10])).save(self.conn,
-                                                                           self.keys)
+                   view.images, self.slots, tuple(sorted(view.runtimes)),
+                   tuple(self.engine.identities.ids.overlaps()[:10]),
+                   tuple(neighbours)).save(self.conn, self.keys)
         self.wiring.slots.renew(self.name_, self.slots)
 
-    def images(self) -> list[str]:
+    def refreshed_view(self) -> EngineView:
         """The engine's images and runtimes (for reload's checks), refreshed every
-        IMAGES_S; returns the images."""
-        if self._docker_ok and time.monotonic() - self._images[0] > IMAGES_S:
+        IMAGES_S."""
+        if self._docker_ok and time.monotonic() - self.view.at > IMAGES_S:
             try:
-                self._images = (time.monotonic(), self.engine.images()[:1000],
-                                self.engine.runtimes())
+                runtimes = self.engine.runtimes()
+                self.view = EngineView(time.monotonic(), tuple(self.engine.images()[:1000]),
+                                       runtimes)
             except Exception as exc:
                 log.warning("cannot list images and runtimes: %s", exc)
-        return self._images[1]
+        return self.view
 
     def reap_at_start(self) -> None:
         """What killed workers on this host left: containers and per-run directories."""

@@ -112,6 +112,7 @@ class Health(BaseModel):
     docker: Part
     workers: Part
     run_ids: Part
+    gvisor: Part  # processes holding the Sentries' uid (sentry_neighbours)
 
 
 class Trigger(BaseModel):

@@ -103,6 +103,10 @@ def health() -> Any:
     # (a run still works; an operator removes the account or moves TITAN_RUN_IDS).
     conflicts = sorted({c for w in workers for c in w.run_id_conflicts})
     state["run_ids"] = {"ok": not conflicts, "conflicts": conflicts}
+    # Processes holding gVisor's Sentry uid (65534, runsc's choice): they can signal
+    # gVisor runs; named so the operator moves them (docs/security.md).
+    neighbours = sorted({f"{w.name}: {n}" for w in workers for n in w.sentry_neighbours})
+    state["gvisor"] = {"ok": not neighbours, "sentry_neighbours": neighbours}
     ok = all(state[p]["ok"] for p in ("redis", "docker", "workers"))
     return jsonify({"status": "ok" if ok else "unavailable", **state}), 200 if ok else 503
 

@@ -32,7 +32,7 @@ def local_engine(settings: Settings) -> Engines:
 
     try:
         engine = Engine(settings)
-        return Engines(set(engine.images()), engine.runtimes())
+        return Engines(set(engine.images()), set(engine.runtimes()))
     except (SandboxUnavailable, DockerException, requests.RequestException):
         return Engines(None, None)
 

@@ -32,6 +32,8 @@ class WorkerBeat:
     runtimes: tuple[str, ...] = ()  # container runtimes its engine has (runc, runsc, ...)
     # host accounts, groups or subordinate ranges within TITAN_RUN_IDS (never leased)
     run_id_conflicts: tuple[str, ...] = ()
+    # processes beside its gVisor runs holding their Sentries' uid (workers.sentries)
+    sentry_neighbours: tuple[str, ...] = ()
     time: float = field(default_factory=time.time)
 
     def save(self, conn: redis.Redis, keys: Keys, ttl: int = TTL_S) -> None:
@@ -63,6 +65,7 @@ class WorkerBeat:
                    images=tuple(data.get("images") or ()), slots=int(data.get("slots") or 0),
                    runtimes=tuple(data.get("runtimes") or ()),
                    run_id_conflicts=tuple(data.get("run_id_conflicts") or ()),
+                   sentry_neighbours=tuple(data.get("sentry_neighbours") or ()),
                    time=float(data["time"]))
 
     @classmethod
