@@ -12,8 +12,8 @@ result_backend = None
 # past its budget it rejects the message with requeue, so the run comes back.
 task_acks_late = True
 task_reject_on_worker_lost = True
-# A run that failed raises RunFailed after its outcome is stored: acknowledged like any
-# finished run (it has its record and its failure event).
+# A run that failed is told to Flower as a failure after its outcome is stored, and is
+# acknowledged like any finished run (it has its record and its failure event).
 task_acks_on_failure = True
 task_acks_on_timeout = True
 worker_prefetch_multiplier = 1

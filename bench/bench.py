@@ -13,7 +13,8 @@ memory one idle prewarmed container holds, and the Redis round trips of a warm r
 process counted). Fairness: while a slow plugin has 12 runs queued on the two workers, how
 long one event for another plugin waits in the queue, against the length of one slow run.
 CLI: `list`, `logs` and `health` with the system's python3, beside curl of the same
-answer. Prints p50/p99, events/s and the ratios against targets.
+answer. Scale: the listener's rate with 2, 100 and 1,000 plugins loaded (bench/scale.py).
+Prints p50/p99, events/s and the ratios against targets.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from probes import (  # noqa: E402
     idle_memory,
     round_trips,
 )
+from scale import listener_scale, scale_report  # noqa: E402
 from tree import plugin_tree  # noqa: E402
 
 from harness import (  # noqa: E402
@@ -287,6 +289,7 @@ def main() -> int:
         finally:
             for bare in bares.values():
                 bare.close()
+        scale = listener_scale(server.url)  # the stack is idle: its listener reads nothing
     finally:
         api.close()
         listener.stop()
@@ -298,6 +301,9 @@ def main() -> int:
         shutil.rmtree(files, ignore_errors=True)
         shutil.rmtree(session_dir(), ignore_errors=True)
     ok = report(args, m)
+    lines, scaled = scale_report(scale)
+    print("\n".join(lines))
+    ok = ok and scaled
     print("result: " + ("every target met" if ok else "TARGET MISSED"))
     return 0 if ok else 1
 

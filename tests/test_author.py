@@ -85,6 +85,40 @@ def test_new_scaffolds_a_plugin_that_validates_and_runs(settings, tmp_path) -> N
     assert sorted(p.name for p in tmp_path.iterdir()) == ["greeter"]
 
 
+def test_new_writes_a_timer_plugin_and_shows_every_timer_key(settings, tmp_path) -> None:
+    """`new --every` / `--schedule` make a plugin on a clock that validates (its sample a
+    tick); the event scaffold shows every timer key, commented; deleting `draft: true`
+    leaves nothing about drafts behind; a bad clock is refused before anything is made."""
+    from manager.plugins.schedule import Schedule
+
+    for name, clock, line in (("ticker", ["--every", "5m"], "  - every: 5m "),
+                              ("daily", ["--schedule", "0 9 * * *"],
+                               '  - schedule: "0 9 * * *" ')):
+        made = cli(settings, "new", name, *clock, "--dir", str(tmp_path))
+        assert made.returncode == 0, made.stdout + made.stderr
+        manifest = (tmp_path / name / "plugin.yaml").read_text()
+        assert line in manifest
+        assert json.loads((tmp_path / name / "event.json").read_text())["topic"] == "timer.v1"
+        (tmp_path / name / "plugin.yaml").write_text(
+            "".join(ln for ln in manifest.splitlines(keepends=True)
+                    if not ln.startswith("draft: true")))
+        assert "draft" not in (tmp_path / name / "plugin.yaml").read_text()
+        checked = cli(settings, "validate", str(tmp_path / name))
+        assert checked.returncode == 0 and f"{name}: loaded" in checked.stdout, checked.stdout
+    events = cli(settings, "new", "greeter", "--dir", str(tmp_path))
+    assert events.returncode == 0
+    manifest = (tmp_path / "greeter" / "plugin.yaml").read_text()
+    missing = [k for k in Schedule.model_fields if not re.search(rf"^  #( -|  ) {k}:",
+                                                                 manifest, re.M)]
+    assert missing == [], manifest
+    both = cli(settings, "new", "x", "--every", "5m", "--schedule", "@daily",
+               "--dir", str(tmp_path))
+    huge = cli(settings, "new", "y", "--every", "99999999999d", "--dir", str(tmp_path))
+    assert both.returncode == 2 and "choose one" in both.stderr
+    assert huge.returncode == 2 and "longer than 366d" in huge.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["daily", "greeter", "ticker"]
+
+
 def test_a_draft_stays_out_of_service_until_its_author_deletes_the_line(
         settings, conn, tmp_path) -> None:
     """`new` makes a draft: no reload (the watcher's, anyone's) puts it in service, no

@@ -29,7 +29,8 @@ from harness import session_dir, wait_until
 from manager.core.config import ROOT
 
 pytestmark = pytest.mark.integration
-DOCS = ("README.md", "docs/architecture.md", "docs/delivery.md", "docs/security.md")
+DOCS = ("README.md", "docs/plugins.md", "docs/operations.md", "docs/configuration.md",
+        "docs/architecture.md", "docs/delivery.md", "docs/security.md")
 SHELL = {"bash", "sh"}
 FILES_ROOT = Path("/srv/titan")
 # Blocks not run here (by their first command), and what runs them instead.

@@ -134,6 +134,14 @@ def test_an_sdist_only_requirement_is_rejected_with_what_to_do(env) -> None:
 
 
 @pytest.mark.integration
+def test_a_version_that_does_not_exist_is_named_with_the_latest_that_do(env) -> None:
+    plugin(env, "no_such_version", "six==99.0\n")
+    errors = reload_rejects(env, "no_such_version")
+    assert "line 1: six==99.0 matches no version with a wheel for Python 3.11" in errors
+    assert "the latest that have one: " in errors and "1.16.0" in errors, errors
+
+
+@pytest.mark.integration
 def test_a_misspelled_requirement_is_named_as_missing_from_the_index(env) -> None:
     plugin(env, "misspelled", "tabulat==0.9.0\n")  # the index answers 404 for `tabulat`
     errors = reload_rejects(env, "misspelled")

@@ -7,7 +7,9 @@ from __future__ import annotations
 import contextlib
 import http.server
 import json
+import os
 import re
+import shutil
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -78,9 +80,15 @@ def test_exit_codes(api_url: str) -> None:
                    "--wait", "0.3")
     usage = run_cli(api_url, "trigger", "echo")
     down = run_cli("127.0.0.1:1", "--json", "list")  # no scheme: http is assumed
+    typo = run_cli(api_url, "publish", "--wait", "30", "-e", json.dumps(
+        {"topic": "tset.v1", "event_type": "ping"}))
     assert [ok.returncode, failed.returncode, slow.returncode, usage.returncode,
-            down.returncode] == [0, 1, 5, 2, 4]
-    assert "status failed" in failed.stdout and "queued" in slow.stdout
+            down.returncode, typo.returncode] == [0, 1, 5, 2, 4, 6], typo
+    assert "nearest trigger: test.v1/ping of echo (2 edits away)" in typo.stdout
+    assert "status failed" in failed.stdout
+    # stdout and stderr tell one story: the status the run has when the wait ran out
+    said = re.match(r"(\w+): invocation ", slow.stdout)
+    assert said and f" is {said.group(1)} " in slow.stderr, (slow.stdout, slow.stderr)
     # a wait that runs out says so, where the run stands, and how to follow it
     inv = slow.stdout.split("invocation ")[1].split()[0]
     assert "the wait ran out after 0.3s: run " + inv + " of sleeper is " in slow.stderr, slow
@@ -94,6 +102,31 @@ def test_exit_codes(api_url: str) -> None:
             other = run_cli(url, "list")
         assert other.returncode == 1, other.stderr
         assert f"not a Titan API at {url}" in other.stderr and "Traceback" not in other.stderr
+
+
+def test_a_wait_on_a_terminal_shows_where_the_run_stands(api_url: str) -> None:
+    """On a terminal, `trigger --wait` redraws one line on stderr while it waits (queued:
+    how long and how many ahead; then running: on which worker), and clears it before the
+    record is printed; through a pipe (every other test here) it prints no progress."""
+    import pty
+
+    main, side = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TITAN_")}
+    proc = subprocess.Popen([SYSTEM_PYTHON, str(ROOT / "titan-plugins.py"), "trigger",
+                             "sleeper", "-e", event(payload={"seconds": 3}), "--wait", "60"],
+                            stdout=subprocess.PIPE, stderr=side, text=True,
+                            env={**env, "TITAN_API_URL": api_url})
+    os.close(side)
+    seen = b""
+    with contextlib.suppress(OSError):  # EIO once the CLI has exited and closed it
+        while chunk := os.read(main, 4096):
+            seen += chunk
+    os.close(main)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "status succeeded" in out, (out, seen)
+    shown = seen.decode()
+    assert "\r\x1b[Ksleeper: running on " in shown, shown
+    assert shown.endswith("\r\x1b[K"), shown  # cleared before the record
 
 
 def test_a_misspelled_plugin_gets_the_nearest_names_and_exit_code_3(
@@ -129,7 +162,7 @@ def test_logs_show_each_runs_stderr_under_its_status(api_url: str) -> None:
     run_cli(api_url, "trigger", "failing", "-e", event(), "--wait")
     logs = run_cli(api_url, "logs", "failing", "-n", "1")
     status, *log_lines = logs.stdout.splitlines()
-    assert " failed " in status and "exited with code 3" in status
+    assert "  0.1.0  failed " in status and "exited with code 3" in status
     assert log_lines == ["  about to fail", "  database is on fire"]
 
 
@@ -268,6 +301,40 @@ def test_the_topic_label_is_bounded(bus: Bus, settings) -> None:
                "the listener to count them")
     assert not [m for m in REGISTRY.collect() if m.name == "titan_events_received"
                 for s in m.samples if s.labels.get("topic", "").startswith("made.up")]
+
+
+def test_a_reload_that_rejects_a_plugin_exits_1_naming_it(settings, conn, tmp_path) -> None:
+    """`reload` tells an author whose plugin it refused by its exit code (as `validate`
+    does), in text and with --json, and says which plugin on stderr."""
+    from manager.api.app import create_app
+    from manager.bus.dispatch import Dispatcher
+    from manager.core.contract import make_celery
+    from manager.plugins.registry import Registry
+    from manager.service import api_server
+
+    plugins = tmp_path / "plugins"
+    shutil.copytree(ROOT / "tests" / "plugins" / "echo", plugins / "echo")
+    (plugins / "typo").mkdir()
+    (plugins / "typo" / "plugin.yaml").write_text("name: typo\n")
+    mine = settings.with_(plugins_dir=plugins, key_prefix=f"{settings.key_prefix}{new_id()}")
+    app = create_app(wired(conn, mine), Registry(wired(conn, mine)),
+                     Dispatcher(wired(conn, mine), make_celery(mine)))
+    (tmp_path / "api").mkdir(mode=0o700)
+    server = api_server(app, mine, str(tmp_path / "api" / "api.sock"))
+    threading.Thread(target=server.run, daemon=True).start()
+    try:
+        url = f"unix://{tmp_path / 'api' / 'api.sock'}"
+        text, as_json = run_cli(url, "reload"), run_cli(url, "--json", "reload")
+        shutil.rmtree(plugins / "typo")
+        fixed = run_cli(url, "reload")
+    finally:
+        server.close()
+    assert text.returncode == 1, (text.stdout, text.stderr)
+    assert "added: echo" in text.stdout and "rejected: typo" in text.stdout
+    assert "1 plugin(s) rejected: typo" in text.stderr
+    assert as_json.returncode == 1
+    assert [r["name"] for r in json.loads(as_json.stdout)["rejected"]] == ["typo"]
+    assert fixed.returncode == 0, fixed.stderr
 
 
 def test_a_reload_with_a_rejected_plugin_counts_as_partial(client, settings, conn,

@@ -296,11 +296,15 @@ def test_a_summary_says_what_operators_look_for_in_flower() -> None:
     assert lines[1:1 + SHOWN_RESULTS] == [f'-> chat.v1/counted {{"n": {n}}}'
                                           for n in range(1, 1 + SHOWN_RESULTS)]
     assert lines[-1] == "... and 2 more"
-    stderr = "x" * 1000 + "\nTraceback (most recent call last):\nKeyError: 'text'\n"
+    # the last lines that fit, each whole: never a line cut mid-word
+    last = "Traceback (most recent call last):\n" + "  frame\n" * 30 + "KeyError: 'text'\n"
+    stderr = "x" * (STDERR_TAIL - len(last) + 10) + "\n" + last
     bad = summarize(Outcome(Status.FAILED, "exited with code 1: KeyError: 'text'", fields={
         "duration_s": 0.3, "warm": False, "stderr": stderr}))
-    head, tail = bad.split("\nstderr (its end):\n")
+    head, tail = bad.split("\nstderr (its last lines):\n")
     assert head == "failed in 0.3s (cold): exited with code 1: KeyError: 'text'"
-    assert tail == stderr.rstrip()[-STDERR_TAIL:] and tail.endswith("KeyError: 'text'")
+    assert tail == last.rstrip()
+    short = summarize(Outcome(Status.FAILED, "x", fields={"stderr": "oops\n"}))
+    assert short.endswith("\nstderr:\noops")
     refused = summarize(Outcome(Status.REJECTED, "path outside the plugin's permissions"))
     assert refused == "rejected: path outside the plugin's permissions"

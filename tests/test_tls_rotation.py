@@ -1,8 +1,8 @@
-"""Rotation without losing an event: README's block (Rotating certificates and the Redis
-password) run as written, line by line, against the Redis `make up` starts with
-TITAN_REDIS_BIND (TLS only, client certificates). A worker host keeps writing the whole
-time and installs each new bundle as it comes; every event it wrote is there at the end;
-each step lets in exactly the bundles it should."""
+"""Rotation without losing an event: the block of docs/operations.md (Rotating
+certificates and the Redis password) run as written, line by line, against the Redis
+`make up` starts with TITAN_REDIS_BIND (TLS only, client certificates). A worker host
+keeps writing the whole time and installs each new bundle as it comes; every event it
+wrote is there at the end; each step lets in exactly the bundles it should."""
 
 from __future__ import annotations
 
@@ -25,8 +25,9 @@ STREAM = "rotation:events"
 
 
 def readme_steps() -> list[str]:
-    """The commands of README's rotation block, as written (comments dropped)."""
-    text = (ROOT / "README.md").read_text()
+    """The commands of the rotation block (docs/operations.md), as written (comments
+    dropped)."""
+    text = (ROOT / "docs" / "operations.md").read_text()
     block = "make tls-check" + text.split("```sh\nmake tls-check", 1)[1].split("```", 1)[0]
     return [line.split("#", 1)[0].strip() for line in block.splitlines() if line.strip()]
 

@@ -20,7 +20,9 @@ from manager.core.records import Outcome, Status
 from manager.core.runs import RunRequest, result_event_id
 from workers.spec import End, RunEnd, RunSpec
 
-PREVIEW_CHARS = 200  # of each result's payload, kept in the record for `logs` and `show`
+# Each result's payload is kept whole in the record (for `logs`, `show` and the API) up to
+# this size, as JSON; a larger one is named there by its size (the event is on the bus).
+RECORD_PAYLOAD_BYTES = 16 * 1024
 STOPPED_REASON = ("the container was stopped from outside this worker (an engine shutdown or "
                   "a docker stop)")
 
@@ -151,9 +153,12 @@ def result_events(req: RunRequest, objects: list[dict[str, Any]], limits: Limits
 
 
 def preview(event_id: str, obj: dict[str, Any]) -> dict[str, Any]:
-    """One result as the record keeps it: ids and types, and the payload's JSON, cut."""
-    payload = json.dumps(obj["payload"], ensure_ascii=False)
-    if len(payload) > PREVIEW_CHARS:
-        payload = payload[:PREVIEW_CHARS - 1] + "…"
-    return {"event_id": event_id, "topic": obj["topic"], "event_type": obj["event_type"],
-            "payload": payload}
+    """One result as the record keeps it: ids and types, and the payload whole (as the
+    object it is), or, past RECORD_PAYLOAD_BYTES, no payload and a note saying so."""
+    kept = {"event_id": event_id, "topic": obj["topic"], "event_type": obj["event_type"]}
+    size = len(json.dumps(obj["payload"], ensure_ascii=False).encode())
+    if size <= RECORD_PAYLOAD_BYTES:
+        return {**kept, "payload": obj["payload"]}
+    return {**kept, "payload": None,
+            "payload_omitted": f"{size} bytes, over the {RECORD_PAYLOAD_BYTES} a record keeps: "
+                               f"the whole event is {event_id} on the bus"}

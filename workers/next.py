@@ -6,11 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from manager.core.records import Outcome, Status
+from manager.core.records import Outcome, Status, shown_payload
 from manager.core.runs import RunRequest
 
 SHOWN_RESULTS = 3  # result events a summary names; the record has them all
-STDERR_TAIL = 400  # characters of a failed run's stderr a summary ends with
+STDERR_TAIL = 2000  # at most this much of a failed run's stderr ends a summary, whole lines
 
 
 class Skipped(StrEnum):
@@ -47,17 +47,27 @@ def summarize(ended: Outcome) -> str:
     if ended.status is Status.SUCCEEDED:
         results = fields.get("results", [])
         lines = [f"succeeded{took}: {len(results)} result event(s)"]
-        lines += [f"-> {r['topic']}/{r['event_type']} {r['payload']}"
+        lines += [f"-> {r['topic']}/{r['event_type']} {shown_payload(r)}"
                   for r in results[:SHOWN_RESULTS]]
         if len(results) > SHOWN_RESULTS:
             lines.append(f"... and {len(results) - SHOWN_RESULTS} more")
         return "\n".join(lines)
     text = f"{ended.status.value}{took}: {ended.reason or ended.status.value}"
-    tail = (fields.get("stderr") or "").rstrip()
-    if tail:
-        cut = len(tail) > STDERR_TAIL
-        text += f"\nstderr{' (its end)' if cut else ''}:\n{tail[-STDERR_TAIL:]}"
+    stderr = (fields.get("stderr") or "").rstrip()
+    if stderr:
+        tail = stderr_tail(stderr)
+        text += f"\nstderr{' (its last lines)' if tail != stderr else ''}:\n{tail}"
     return text
+
+
+def stderr_tail(stderr: str) -> str:
+    """The end of a plugin's stderr, from the start of a line: the last lines that fit in
+    STDERR_TAIL characters (the last line's end when it alone is longer)."""
+    if len(stderr) <= STDERR_TAIL:
+        return stderr
+    tail = stderr[-STDERR_TAIL:]
+    start = tail.find("\n")
+    return tail[start + 1:] if 0 <= start < len(tail) - 1 else tail
 
 
 @dataclass(frozen=True)

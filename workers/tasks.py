@@ -2,8 +2,11 @@
 
 A Redis error never counts as "task finished": the message is rejected with requeue (or,
 when Redis is down, stays unacknowledged and comes back after the visibility timeout).
-A run that ended other than `succeeded` raises RunFailed once its outcome is stored, so
-Flower shows it as a failure; the message is acknowledged all the same.
+A run that ended other than `succeeded` is told to Flower as a failure once its outcome is
+stored: the task sends the `task-failed` event itself, with the run's summary as its
+exception and no traceback (the run's failure is the plugin's, not a fault of this code, so
+Celery's traceback of this module would only hide it), then ends with Ignore, which
+acknowledges the message and sends nothing more.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Any
 
 import redis
 from celery import Task
-from celery.exceptions import Reject
+from celery.exceptions import Ignore, Reject
 from kombu.exceptions import OperationalError
 
 from manager.core.config import Settings
@@ -31,11 +34,6 @@ from workers.next import Again, Done
 log = logging.getLogger(__name__)
 BROKER_DOWN = (redis.ConnectionError, redis.TimeoutError, OperationalError, OutcomeNotStored,
                NotReplicated)
-
-
-class RunFailed(Exception):
-    """The plugin's run ended as failed, timeout, oom, output_limit, rejected or lost
-    (already recorded, with its failure event)."""
 
 
 class RunTask(Task):
@@ -58,7 +56,7 @@ class RunTask(Task):
             self._process[1].close()
 
 
-@app.task(name=RUN_TASK, base=RunTask, bind=True, max_retries=None, throws=(RunFailed,))
+@app.task(name=RUN_TASK, base=RunTask, bind=True, max_retries=None)
 def run_plugin(self: RunTask, request: dict[str, Any]) -> str:
     """Runs one plugin on one event; returns its summary (workers.next.summarize)."""
     req = RunRequest.from_dict(request)
@@ -87,11 +85,18 @@ def run_plugin(self: RunTask, request: dict[str, Any]) -> str:
         except BROKER_DOWN as exc:
             raise Reject(exc, requeue=True) from None
         return f"again in {done.countdown:.1f} s"
-    return finished(done)
+    return finished(self, done)
 
 
-def finished(done: Done) -> str:
-    """What Flower shows: a run's summary as the task's result, or as its failure."""
-    if done.failed:
-        raise RunFailed(done.summary or f"{done.status}: {done.reason or done.status}")
-    return done.summary or done.status.value
+def finished(task: Task, done: Done) -> str:
+    """What Flower shows: a run's summary as the task's result, or as its failure (the
+    plugin's run ended failed, timeout, oom, output_limit, rejected or lost: already
+    recorded, with its failure event)."""
+    if not done.failed:
+        return done.summary or done.status.value
+    try:
+        task.send_event("task-failed", exception=done.summary or f"{done.status}: "
+                        f"{done.reason or done.status}", traceback="")
+    except BROKER_DOWN as exc:  # only Flower's view is missing: the run is stored
+        log.warning("the failure of %s was not told to Flower: %s", task.request.id, exc)
+    raise Ignore()

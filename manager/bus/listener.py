@@ -23,7 +23,7 @@ from typing import Any
 import redis
 
 from manager.bus.dispatch import Dispatcher, Owed
-from manager.bus.matching import known_topics, match
+from manager.bus.index import TriggerIndex
 from manager.core import metrics
 from manager.core.clients import describe
 from manager.core.config import Settings
@@ -81,6 +81,8 @@ class Listener:
         self.housekeeping = housekeeping
         self.stopping = threading.Event()
         self._last_reclaim = 0.0
+        # the trigger index and the entries it was built from (rebuilt when they change)
+        self._index: tuple[dict, TriggerIndex] | None = None
 
     def run(self) -> None:
         """Loops until stop(); survives Redis outages by reconnecting with backoff."""
@@ -219,13 +221,13 @@ class Listener:
                 raise EventError("stream entry has no 'event' field", field="event",
                                  reason="invalid_event")
             event = Event.decode(raw, self.limits)
-            entries = self.registry.entries(version=version)
+            index = self.index(version)
             metrics.EVENTS_RECEIVED.labels(
-                topic=metrics.topic_label(event.topic, known_topics(entries.values()))).inc()
+                topic=metrics.topic_label(event.topic, index.topics)).inc()
             if event.hops > self.settings.max_hops:
                 raise EventError(f"hops {event.hops} is over the limit {self.settings.max_hops}",
                                  field="hops", reason="hops_exceeded")
-            plugins = match(event, entries.values())
+            plugins = index.match(event)
             runs = self.dispatch(entry_id, event, plugins)
         except (EventError, BudgetExceeded) as exc:
             reason = exc.details.get("reason", exc.code)
@@ -233,6 +235,14 @@ class Listener:
             self.ack(entry_id, {"_dead": json.dumps(f"{reason}: {exc.message}")})
             return
         self.ack(entry_id, runs)
+
+    def index(self, version: int | None) -> TriggerIndex:
+        """The trigger index of the registry's entries, built once per version (the
+        registry hands back the same entries until its version moves)."""
+        entries = self.registry.entries(version=version)
+        if self._index is None or self._index[0] is not entries:
+            self._index = (entries, TriggerIndex.of(entries.values()))
+        return self._index[1]
 
     def dispatch(self, entry_id: str, event: Event, plugins: list[PluginEntry],
                  ) -> dict[str, str]:

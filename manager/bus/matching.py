@@ -1,4 +1,6 @@
-"""Trigger matching (pure): which plugins an event should run."""
+"""Trigger matching (pure): which plugins an event should run, the plain rule. The
+listener answers it through manager.bus.index (the same answer at a cost that does not
+grow with the plugins; tests/test_index.py holds the two to each other)."""
 
 from __future__ import annotations
 
@@ -24,14 +26,6 @@ def fires(trigger: Trigger | Schedule, event: Event, plugin: str) -> bool:
                 and event.payload.get("plugin") == plugin
                 and event.payload.get("timer") == trigger.key)
     return trigger_matches(trigger, event.topic, event.event_type)
-
-
-def known_topics(plugins: Iterable[PluginEntry]) -> set[str]:
-    """The exact (not glob) topics that runnable plugins trigger on."""
-    return {TIMER_TOPIC if isinstance(t, Schedule) else t.topic
-            for p in plugins if p.runnable and p.manifest is not None
-            for t in p.manifest.triggers
-            if isinstance(t, Schedule) or not any(c in t.topic for c in "*?[")}
 
 
 def match(event: Event, plugins: Iterable[PluginEntry]) -> list[PluginEntry]:

@@ -19,6 +19,7 @@ import stat
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -30,6 +31,7 @@ from manager.core.retry import CLI_RECORD_POLL
 
 TERMINAL = {"succeeded", "failed", "timeout", "oom", "output_limit", "rejected", "lost"}
 EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_UNREACHABLE, EXIT_WAIT = 1, 2, 3, 4, 5
+EXIT_NO_MATCH = 6  # `publish --wait`: the event matched no plugin's trigger
 NOT_FOUND = {"plugin_not_found", "invocation_not_found", "secret_not_found"}
 TIMEOUT_S = 660  # longer than the longest ?wait
 
@@ -216,9 +218,11 @@ def read_event(value: str) -> bytes:
     return raw
 
 
-def poll_record(api: Api, queued: dict[str, Any], deadline: float) -> tuple[int, Any]:
+def poll_record(api: Api, queued: dict[str, Any], deadline: float,
+                progress: Callable[[dict[str, Any]], None] | None = None) -> tuple[int, Any]:
     """Reads the run's record until it is final or the deadline passes (the API answered
-    at once because its waiting slots were all taken, or the run came from the bus)."""
+    at once because its waiting slots were all taken, the run came from the bus, or a
+    terminal shows the run's progress: `progress` is given each record read meanwhile)."""
     for delay in CLI_RECORD_POLL.delays():
         if time.monotonic() >= deadline:
             return 202, queued
@@ -226,4 +230,6 @@ def poll_record(api: Api, queued: dict[str, Any], deadline: float) -> tuple[int,
         _, record = api.call("GET", queued["record"])
         if record.get("status") in TERMINAL:
             return 200, record
+        if progress is not None:
+            progress(record)
     raise AssertionError("unreachable: the delays never end")

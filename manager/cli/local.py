@@ -105,17 +105,22 @@ def validate(ctx: click.Context, directory: str | None, every: bool) -> None:
 @click.argument("name")
 @click.option("--topic", default="example.v1", show_default=True)
 @click.option("--event-type", default="example", show_default=True)
+@click.option("--every", default=None, help="A timer plugin: every 30s, 5m, 1h or 1d.")
+@click.option("--schedule", "cron", default=None,
+              help="A timer plugin on a cron line (\"0 * * * *\", @daily).")
 @click.option("--dir", "plugins_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where to create it (default: the plugins directory).")
 @click.pass_context
-def new(ctx: click.Context, name: str, topic: str, event_type: str,
-        plugins_dir: Path | None) -> None:
-    """Create plugins/NAME: a commented plugin.yaml, main.py, a sample event, a README."""
-    from manager.plugins.scaffold import scaffold
+def new(ctx: click.Context, name: str, topic: str, event_type: str, every: str | None,
+        cron: str | None, plugins_dir: Path | None) -> None:
+    """Create plugins/NAME: a commented plugin.yaml, main.py, a sample event, a README.
+    With --every or --schedule, a plugin on a timer (its results go to TOPIC)."""
+    from manager.plugins.scaffold import scaffold, timer_clock
 
     settings = Settings.from_env()
     try:
-        target = scaffold(plugins_dir or settings.plugins_dir, name, topic, event_type, settings)
+        target = scaffold(plugins_dir or settings.plugins_dir, name, topic, event_type, settings,
+                          timer_clock(every, cron))
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     entry, _ = load_plugin(target, settings)

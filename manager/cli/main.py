@@ -36,7 +36,7 @@ from manager.cli.text import (
     table,
     versions_text,
 )
-from manager.cli.waits import command_name, ran_out
+from manager.cli.waits import Progress, command_name, ran_out
 
 FOLLOW_WINDOW = 100  # runs read on each poll of `logs -f`
 FOLLOW_POLL_S = 0.5
@@ -104,30 +104,41 @@ def list_(ctx: click.Context) -> None:
 def trigger(ctx: click.Context, name: str, event: str, wait: float | None) -> None:
     """Run plugin NAME on an event, regardless of its triggers. With --wait, exits 0 when
     the run succeeded, 1 when it failed, 5 when it had not finished in time."""
-    query = f"?wait={wait}" if wait else ""
+    api: Api = ctx.obj["api"]
+    terminal = wait and not ctx.obj["json"] and sys.stderr.isatty()
+    query = f"?wait={wait}" if wait and not terminal else ""  # a terminal is shown progress
     deadline = time.monotonic() + (wait or 0)
-    status, data = ctx.obj["api"].call("POST", f"/plugins/{name}/trigger{query}",
-                                       read_event(event))
-    if status == 202 and wait and not data.get("waited"):  # every waiting slot was taken
-        status, data = poll_record(ctx.obj["api"], data, deadline)
+    status, data = api.call("POST", f"/plugins/{name}/trigger{query}", read_event(event))
+    if status == 202 and wait and not data.get("waited"):  # a terminal, or no waiting slot
+        progress = Progress.for_terminal(api, data["invocation_id"], ctx.obj["json"])
+        status, data = poll_record(api, data, deadline, progress)
+        if progress is not None:
+            progress.clear()
     if status == 200:
         out(ctx, data, describe(data))
         if data["status"] != "succeeded":
             sys.exit(EXIT_FAILED)
         return
+    if wait:  # where the run stands now, told alike on stdout and stderr
+        data = {**data, "status": ran_out(ctx.obj["api"], data["invocation_id"], wait)}
     out(ctx, data, f"{data['status']}: invocation {data['invocation_id']} "
                    f"(see: {command_name()} show {data['invocation_id']})")
     if wait:
-        ran_out(ctx.obj["api"], data["invocation_id"], wait)
         sys.exit(EXIT_WAIT)
 
 
 @cli.command()
 @click.pass_context
 def reload(ctx: click.Context) -> None:
-    """Rediscover plugins/ and report what changed."""
+    """Rediscover plugins/ and report what changed. Exits 1 when a plugin was rejected
+    (an invalid plugin, or an edit of one that keeps its old version serving)."""
     _, data = ctx.obj["api"].call("POST", "/plugins/reload")
     out(ctx, data, reload_text(data))
+    if data["rejected"]:
+        names = ", ".join(r["name"] for r in data["rejected"])
+        click.echo(f"{len(data['rejected'])} plugin(s) rejected: {names} "
+                   "(`validate NAME` shows why)", err=True)
+        sys.exit(EXIT_FAILED)
 
 
 @cli.command()

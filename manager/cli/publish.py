@@ -4,6 +4,7 @@ ran that plugin), or the reason it was dead-lettered."""
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from typing import Any
@@ -12,12 +13,15 @@ import click
 
 from manager.cli.client import (
     EXIT_FAILED,
+    EXIT_NO_MATCH,
     EXIT_WAIT,
     Api,
     poll_record,
     read_event,
 )
-from manager.cli.waits import queued_s, ran_out
+from manager.cli.nomatch import why_nothing
+from manager.cli.waits import Progress, queued_s, ran_out
+from manager.core.records import shown_payload
 from manager.core.retry import CLI_ENTRY_POLL
 
 
@@ -45,7 +49,7 @@ def run_line(run: dict[str, Any], record: dict[str, Any] | None, event_id: str) 
     if record and record.get("reason"):
         line += f"  {record['reason']}"
     for r in (record or {}).get("results") or []:
-        line += f"\n    -> {r['topic']}/{r['event_type']} {r['payload'][:120]}"
+        line += f"\n    -> {r['topic']}/{r['event_type']} {shown_payload(r)}"
     return line
 
 
@@ -58,9 +62,12 @@ def run_line(run: dict[str, Any], record: dict[str, Any] | None, event_id: str) 
 def publish(ctx: click.Context, event: str, wait: float | None) -> None:
     """Publish an event to the bus (plugins whose triggers match will run). With --wait,
     exits 0 when every run succeeded (a duplicate runs nothing), 1 when one failed or the
-    event was dead-lettered, 5 when they had not finished in time."""
+    event was dead-lettered, 5 when they had not finished in time, 6 when no plugin's
+    trigger matched it (then the nearest triggers, and any draft or invalid plugin that
+    would have matched, are named)."""
     api: Api = ctx.obj["api"]
-    _, data = api.call("POST", "/events", read_event(event))
+    body = read_event(event)
+    _, data = api.call("POST", "/events", body)
     head = f"published {data['event_id']} as stream entry {data['entry_id']}"
     if not wait:
         ctx.obj["out"](data, head)
@@ -76,14 +83,26 @@ def publish(ctx: click.Context, event: str, wait: float | None) -> None:
     if outcome["dead"]:
         ctx.obj["out"]({**data, **outcome}, f"{head}\ndead-lettered: {outcome['dead']}")
         sys.exit(EXIT_FAILED)
+    if not outcome["runs"]:
+        sent = json.loads(body)
+        _, listed = api.call("GET", "/plugins")
+        why = why_nothing(str(sent.get("topic")), str(sent.get("event_type")),
+                          listed["plugins"])
+        ctx.obj["out"]({**data, **outcome, "why": why},
+                       "\n".join([head, "  no plugin's trigger matches it", *(
+                           f"  {line}" for line in why)]))
+        sys.exit(EXIT_NO_MATCH)
     records = {}
     for run in outcome["runs"]:
         if not run["duplicate"]:
             ref = {"record": f"/invocations/{run['invocation_id']}"}
-            status, record = poll_record(api, ref, deadline)
+            progress = Progress.for_terminal(api, run["invocation_id"], ctx.obj["json"])
+            status, record = poll_record(api, ref, deadline, progress)
+            if progress is not None:
+                progress.clear()
             records[run["invocation_id"]] = record if status == 200 else None
     lines = [run_line(r, records.get(r["invocation_id"]), data["event_id"])
-             for r in outcome["runs"]] or ["  no plugin's trigger matches it"]
+             for r in outcome["runs"]]
     ctx.obj["out"]({**data, **outcome, "records": records}, "\n".join([head, *lines]))
     unfinished = [r["invocation_id"] for r in outcome["runs"] if not r["duplicate"]
                   and records.get(r["invocation_id"]) is None]

@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from manager.cli.waits import queued_s
+from manager.core.records import shown_payload
 
 
 def table(rows: list[list[Any]], headers: list[str]) -> str:
@@ -16,8 +17,8 @@ def table(rows: list[list[Any]], headers: list[str]) -> str:
 
 
 def produced(rec: dict[str, Any]) -> list[str]:
-    """What the run published: one line per result event (its payload cut short)."""
-    return [f"  -> {r['topic']}/{r['event_type']} {r['payload'][:120]}  ({r['event_id']})"
+    """What the run published: one line per result event, its payload whole."""
+    return [f"  -> {r['topic']}/{r['event_type']} {shown_payload(r)}  ({r['event_id']})"
             for r in rec.get("results") or []]
 
 
@@ -91,10 +92,11 @@ def queue_text(line: dict[str, Any] | None) -> str:
 
 
 def log_entry(rec: dict[str, Any]) -> str:
-    """One run as `logs` shows it: a status line, what it published, then the plugin's
-    log (stderr)."""
+    """One run as `logs` shows it: a status line (with the version that ran: after a
+    reload or a rollback, runs of two versions sit side by side), what it published,
+    then the plugin's log (stderr)."""
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rec.get("created_at") or 0))
-    head = f"{when}  {rec['invocation_id']}  {rec['status']}"
+    head = f"{when}  {rec['invocation_id']}  {rec.get('version') or '?'}  {rec['status']}"
     if queued_s(rec) is not None:
         head += f"  queued {queued_s(rec)}s"
     if rec.get("duration_s") is not None:

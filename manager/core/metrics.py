@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from enum import StrEnum
 from typing import Any
 
@@ -71,7 +71,7 @@ def count_reload(changes: dict[str, list] | None) -> None:
     RELOADS.labels(result=result).inc()
 
 
-def topic_label(topic: str, known: set[str]) -> str:
+def topic_label(topic: str, known: Container[str]) -> str:
     """Topics named by loaded triggers keep their name; the rest are `other`, so a
     producer cannot grow the label set without bound."""
     return topic if topic in known else "other"

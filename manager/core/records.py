@@ -104,8 +104,9 @@ class InvocationRecord:
     warm: bool | None = None  # ran in a prewarmed container (None: no container ran)
     container_id: str | None = None  # the container that ran it (removed afterwards)
     result_event_ids: tuple[str, ...] = ()
-    # what the run produced, short: event id, topic, event_type, the payload's JSON cut
-    # to PREVIEW_CHARS (the events themselves are on the stream)
+    # what the run produced: event id, topic, event_type and the payload (whole up to
+    # workers.classify.RECORD_PAYLOAD_BYTES; past it `payload_omitted` says so: the
+    # events themselves are on the stream)
     results: tuple[dict[str, Any], ...] = ()
     failure_event_id: str | None = None
     # each request the run sent the egress proxy: method, host, port, decision, why,
@@ -146,3 +147,13 @@ class InvocationRecord:
         values["results"] = tuple(values.get("results") or ())
         values["egress"] = tuple(values.get("egress") or ())
         return cls(**values)
+
+
+def shown_payload(result: dict[str, Any]) -> str:
+    """A result's payload as a person reads it (`show`, `logs`, `publish --wait`, Flower):
+    its JSON whole, never cut, or why the record does not hold it. (A record written
+    before payloads were kept whole holds a string: shown as it is.)"""
+    if result.get("payload_omitted"):
+        return f"(payload not kept: {result['payload_omitted']})"
+    payload = result.get("payload")
+    return payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)

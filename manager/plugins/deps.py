@@ -32,6 +32,9 @@ from manager.plugins.safefs import locked, mkdirs, private_root
 
 PIP_TIMEOUT_S = 600
 NO_WHEEL_RE = re.compile(r"No matching distribution found for (\S+)")
+# pip's list of the versions it could use (with wheels for the runtime's Python)
+VERSIONS_RE = re.compile(r"satisfies the requirement \S+ \(from versions: ([^)]*)\)")
+LATEST_SHOWN = 5
 PROJECT_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?")
 INDEX_TIMEOUT_S = 10
 
@@ -180,6 +183,14 @@ def pip_failure(output: str, settings: Settings, reqs: Requirements) -> str:
                                                                       settings.pip_index_url):
             return (f"{where}: {settings.pip_index_url} has no project named "
                     f"{project.group(0)} (misspelled?)")
+        usable = VERSIONS_RE.search(output)
+        versions = [v.strip() for v in usable.group(1).split(",")] if usable else []
+        versions = [v for v in versions if v and v != "none"]
+        if versions:
+            latest = ", ".join(reversed(versions[-LATEST_SHOWN:]))[:200]
+            return (f"{where}: {name} matches no version with a wheel for Python "
+                    f"{settings.runtime_python} on {settings.pip_index_url}; the latest "
+                    f"that have one: {latest}")
         return (f"{where}: no wheel of {name} for Python {settings.runtime_python} on "
                 f"{settings.pip_index_url} (sdists are never built on the host): pin a "
                 "version that ships wheels, or vendor the pure-Python code into the plugin")

@@ -16,13 +16,10 @@ MANIFEST = """\
 # {name}: a Titan plugin. Every key is here; unknown keys are errors.
 name: {name}                   # must equal the directory name; [a-z][a-z0-9_]{{0,63}}
 version: 0.1.0                 # semantic version, shown in /plugins and in result events
-draft: true                    # reloads leave a draft out of service: delete this line
-                               # when {name} is ready, then reload
+draft: true                    # out of service until you delete this line, then reload
 description: Says what {name} does
-triggers:                      # at least one; exact names or globs ("fs.*", "*")
-  - topic: {topic}
-    event_type: {event_type}
-entrypoint: python main.py     # split like a shell would, never run by a shell
+triggers:                      # at least one: events or timers
+{triggers}entrypoint: python main.py     # split like a shell would, never run by a shell
 image: {image}   # the runtime image (make up builds it)
 timeout: 30                    # seconds; default 30, at most {max_timeout}
 retries: 0                     # re-runs after failed, timeout or oom; 0 to 10
@@ -41,6 +38,23 @@ permissions:
     allow: []                  # host:port to reach through the egress proxy, within
                                # the operator's ceiling: {ceiling}
 secrets: []                    # secrets to read at /run/secrets/<name> (secret set)
+"""
+
+COMMENT_AT = 31  # the column the scaffold's comments start at
+EVENT_TRIGGER = """\
+{topic_line}# exact names or globs ("fs.*", "*")
+    event_type: {event_type}
+  # - every: 5m                # or timers: every 30s, 5m, 1h or 1d (at most 366d), or
+  #   schedule: "0 9 * * *"    # a cron line instead (5 fields, 6 with seconds, @daily)
+  #   timezone: UTC            # (cron only) an IANA time zone
+  #   payload: {{}}              # the tick event's payload (plugin, timer, ... added)
+  #   catch_up: last           # after missed ticks: one late tick (last), or none
+"""
+TIMER_TRIGGER = """\
+{clock_line}# or events: topic and event_type, exact names or globs
+    payload: {{}}                # the tick event's payload (plugin, timer, ... added)
+    catch_up: last             # after missed ticks: one late tick (last), or none
+    # timezone: UTC            # (cron only) an IANA time zone
 """
 
 MAIN = '''\
@@ -70,7 +84,7 @@ print(json.dumps({{
 README = """\
 # {name}
 
-Runs on `{topic}`/`{event_type}` events and publishes `{topic}`/`{event_type}_handled`.
+Runs on {runs_on} and publishes `{topic}`/`{event_type}_handled`.
 
 It is a draft until the line `draft: true` is deleted from `plugin.yaml`: reloads leave
 a draft out of service, so nothing runs it before it is ready.
@@ -92,9 +106,38 @@ def _mib(n: int) -> str:
     return f"{n // 1024**3}Gi" if n % 1024**3 == 0 else f"{n // 1024**2}Mi"
 
 
+def triggers_of(topic: str, event_type: str, clock: str | None) -> str:
+    """The scaffold's triggers: the event's, or the timer's (`every: 5m`, `schedule: ...`),
+    the other kind shown commented."""
+    if clock is None:
+        return EVENT_TRIGGER.format(topic_line=f"  - topic: {topic}".ljust(COMMENT_AT),
+                                    event_type=event_type)
+    return TIMER_TRIGGER.format(clock_line=f"  - {clock}".ljust(COMMENT_AT))
+
+
+def timer_clock(every: str | None, cron: str | None) -> str | None:
+    """`every: 5m` or `schedule: "0 * * * *"` as plugin.yaml takes it, checked by the
+    rules of a reload; None for an event plugin. Raises ValueError naming the problem."""
+    from pydantic import ValidationError
+
+    from manager.plugins.schedule import schedule_of
+    from manager.plugins.yaml_strict import plain
+
+    if every and cron:
+        raise ValueError("--every and --schedule: one clock per timer, choose one")
+    if not (every or cron):
+        return None
+    try:
+        schedule_of(str(every or cron))
+    except ValidationError as exc:
+        raise ValueError("; ".join(plain(e) for e in exc.errors())) from None
+    return f"every: {every}" if every else f"schedule: {json.dumps(cron)}"
+
+
 def scaffold(plugins_dir: Path, name: str, topic: str, event_type: str,
-             settings: Settings) -> Path:
-    """Writes plugins_dir/name; raises ValueError for a bad name or an existing directory."""
+             settings: Settings, clock: str | None = None) -> Path:
+    """Writes plugins_dir/name (with `clock`, see timer_clock, a timer plugin); raises
+    ValueError for a bad name or an existing directory."""
     if not re.fullmatch(NAME_RE, name):
         raise ValueError(f"{name!r} is not a valid plugin name ([a-z][a-z0-9_]{{0,63}})")
     for label, value in (("topic", topic), ("event type", event_type)):
@@ -106,10 +149,13 @@ def scaffold(plugins_dir: Path, name: str, topic: str, event_type: str,
     values = {"name": name, "topic": topic, "event_type": event_type, "ceiling": ceiling,
               "image": settings.runtime_image, "max_timeout": settings.max_timeout,
               "max_cpu": settings.max_cpu_millis, "max_memory": _mib(settings.max_memory_bytes),
-              "roots": roots, "path": target,
+              "roots": roots, "path": target, "triggers": triggers_of(topic, event_type, clock),
+              "runs_on": f"`{topic}`/`{event_type}` events" if clock is None else
+              f"a timer (`{clock}`)",
               "example_root": settings.allowed_roots[0] if settings.allowed_roots else "/srv"}
-    event = {"topic": topic, "event_type": event_type,
-             "payload": {"text": "hello from the sample event"}}
+    event = ({"topic": topic, "event_type": event_type,
+              "payload": {"text": "hello from the sample event"}} if clock is None else
+             {"topic": "timer.v1", "event_type": "tick", "payload": {"plugin": name}})
     files = {"plugin.yaml": MANIFEST.format(**values), "main.py": MAIN.format(**values),
              "README.md": README.format(**values),
              "event.json": json.dumps(event, indent=2) + "\n"}

@@ -24,9 +24,9 @@ TIMER_TOPIC = "timer.v1"
 TICK = "tick"
 EVERY_RE = re.compile(r"^(\d{1,12})(s|m|h|d)$")
 EVERY_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-# The horizon (README, Timers): an interval is at most a year; a cron's next three fire
-# times lie within ten years. Beyond, a timer is refused at load and by `validate`, so no
-# fire time anyone computes can be out of range (year 273792670 was, once).
+# The horizon (docs/plugins.md, Timer triggers): an interval is at most a year; a cron's
+# next three fire times lie within ten years. Beyond, a timer is refused at load and by
+# `validate`, so no fire time anyone computes can be out of range (year 273792670 was).
 MAX_EVERY = "366d"
 MAX_EVERY_S = 366 * 86400
 CRON_HORIZON_S = 10 * 366 * 86400

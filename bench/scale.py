@@ -1,0 +1,93 @@
+"""The listener's rate against the number of plugins: events that match no plugin, read,
+matched and acknowledged by one Listener on a private Redis, with 2, 100 and 1,000
+plugins loaded (each with two exact triggers and one glob, as issue 48 measured). Each
+row is a ratio to the 2-plugin rate of the same run.
+
+`python bench/scale.py` runs it alone; `make bench` prints it with the rest."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from harness import RedisServer, private_settings, wired  # noqa: E402
+from manager.bus.dispatch import Dispatcher  # noqa: E402
+from manager.bus.listener import Listener, ensure_group  # noqa: E402
+from manager.core.contract import make_celery  # noqa: E402
+from manager.plugins.registry import Registry  # noqa: E402
+
+COUNTS = (2, 100, 1000)
+EVENTS = 5000
+SCALE_TARGET = 0.6  # 1,000 plugins against 2, for events that match nothing
+MANIFEST = """name: {name}
+version: 1.0.0
+triggers:
+  - {{topic: {name}.v1, event_type: a}}
+  - {{topic: {name}.v2, event_type: b}}
+  - {{topic: "{name}.*", event_type: "*"}}
+entrypoint: python main.py
+image: titan-runtime:py3.11
+"""
+
+
+def plugins_of(count: int, root: Path) -> Path:
+    for n in range(count):
+        name = f"sc{n}"
+        (root / name).mkdir(parents=True)
+        (root / name / "plugin.yaml").write_text(MANIFEST.format(name=name))
+        (root / name / "main.py").write_text("print()\n")
+    return root
+
+
+def listener_rate(redis_url: str, count: int, work: Path) -> float:
+    """Events/s one listener handles with `count` plugins loaded (none matches them)."""
+    settings = private_settings(redis_url, plugins_of(count, work / f"p{count}"), work)
+    wiring = wired(redis.Redis.from_url(redis_url), settings)
+    Registry(wiring).reload()
+    ensure_group(wiring.conn, settings)
+    pipe = wiring.conn.pipeline(transaction=False)
+    for n in range(EVENTS):
+        pipe.xadd(settings.event_stream, {"event": (
+            f'{{"event_id": "s{n}", "topic": "chat.v1", "event_type": "said"}}')})
+    pipe.execute()
+    listener = Listener(wiring, Registry(wiring), Dispatcher(wiring, make_celery(settings)))
+    started, done = time.perf_counter(), 0
+    while done < EVENTS:
+        done += listener.poll()
+    return EVENTS / (time.perf_counter() - started)
+
+
+def listener_scale(redis_url: str) -> dict[int, float]:
+    work = Path(tempfile.mkdtemp(prefix="titan-bench-scale-"))
+    try:
+        return {count: listener_rate(redis_url, count, work) for count in COUNTS}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def scale_report(rates: dict[int, float]) -> tuple[list[str], bool]:
+    base = rates[COUNTS[0]]
+    lines = [f"listener, events matching nothing: {count:5d} plugins {rate:8.0f} events/s "
+             f"({rate / base:.2f}x)" for count, rate in rates.items()]
+    ok = rates[COUNTS[-1]] / base >= SCALE_TARGET
+    lines.append(f"  target: {COUNTS[-1]} plugins >= {SCALE_TARGET}x {COUNTS[0]}: "
+                 f"{'ok' if ok else 'MISSED'}")
+    return lines, ok
+
+
+if __name__ == "__main__":
+    server = RedisServer()
+    try:
+        lines, ok = scale_report(listener_scale(server.url))
+        print("\n".join(lines))
+    finally:
+        server.stop()
+    sys.exit(0 if ok else 1)
