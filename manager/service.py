@@ -67,7 +67,7 @@ def tcp_api(app: Flask, settings: Settings) -> tuple[Any, Front]:
     server = api_server(app, settings, str(behind))
     front = Front(settings, str(behind), settings.api_host, settings.api_port,
                   server_context(settings.api_tls_cert, settings.api_tls_key)
-                  if settings.api_tls else None)
+                  if settings.api_tls else None, max_body=app.config["MAX_CONTENT_LENGTH"])
     front.start()
     return server, front
 

@@ -52,7 +52,7 @@ def create_app(wiring: Wiring, registry: Registry, dispatcher: Dispatcher,
     settings = wiring.settings
     app = Flask(__name__)
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_event_bytes + 64 * 1024
+    app.config["MAX_CONTENT_LENGTH"] = settings.event_limits.request_bytes
     app.extensions["titan"] = ApiContext(settings, wiring.conn, registry, dispatcher,
                                          wiring.records, wiring.keys,
                                          settings.event_limits,

@@ -44,7 +44,8 @@ ROOT = "uid 0"  # the host's own: what the threat model protects, never capped
 RESPONSE_LIMIT_S = 660  # the longest answer (a 600 s ?wait) and then some
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection"}
 REASONS = {400: "Bad Request", 408: "Request Timeout", 411: "Length Required",
-           429: "Too Many Requests", 431: "Request Header Fields Too Large",
+           413: "Content Too Large", 429: "Too Many Requests",
+           431: "Request Header Fields Too Large",
            503: "Service Unavailable"}
 
 
@@ -147,9 +148,10 @@ class Front:
     server listens on), on a thread of its own."""
 
     def __init__(self, settings: Settings, backend: str, host: str, port: int,
-                 context: ssl.SSLContext | None = None, name: str = "api") -> None:
+                 context: ssl.SSLContext | None = None, name: str = "api",
+                 max_body: int | None = None) -> None:
         self.settings, self.backend, self.host, self.port = settings, backend, host, port
-        self.context, self.name = context, name
+        self.context, self.name, self.max_body = context, name, max_body
         self.loop = asyncio.new_event_loop()
         self.with_backend = asyncio.Semaphore(settings.api_connection_limit)
         self.peers: Counter[str] = Counter()
@@ -165,9 +167,21 @@ class Front:
                          daemon=True).start()
 
     def stop(self) -> None:
-        if self.server is not None:
-            self.loop.call_soon_threadsafe(self.server.close)
+        """Stops listening, ends the connections in progress (their tasks cancelled and
+        awaited, so none is left with an exception nobody read), then the loop."""
+        if self.loop.is_running():
+            done = asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop)
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                done.result(5)
         self.loop.call_soon_threadsafe(self.loop.stop)
+
+    async def _shutdown(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _connection(self, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> None:
@@ -204,6 +218,12 @@ class Front:
             return await answer(writer, 411, exc.args[0])
         except (asyncio.IncompleteReadError, OSError, ssl.SSLError):
             return None  # the peer went away
+        if self.max_body is not None and head.length > self.max_body:
+            # refused here: waitress answers 413 too, but closes with the body's first
+            # bytes unread, which resets this end of the socket, and asyncio's reader
+            # raises that reset before the answer it holds (2 answers in 100 were lost)
+            return await answer(writer, 413, f"the request's body ({head.length} bytes) is "
+                                f"over the {self.max_body} this server takes")
         async with self.with_backend:
             await self._pass(reader, writer, head)
 

@@ -33,6 +33,13 @@ class Limits:
     max_bytes: int = 1024 * 1024
     max_depth: int = 64
 
+    @property
+    def request_bytes(self) -> int:
+        """The largest HTTP body the API takes: an event at its limit and room for the
+        request around it (the TCP front refuses a longer one from its Content-Length,
+        as waitress does on the API's own socket)."""
+        return self.max_bytes + 64 * 1024
+
 
 @dataclass(frozen=True)
 class Event:
