@@ -246,12 +246,17 @@ def test_a_head_never_finished_is_answered_408_and_dropped(exposed: str) -> None
 
 
 def test_a_huge_body_is_refused_from_its_content_length(exposed: str) -> None:
+    """Every time: the answer once came back empty to 2 clients in 100 (the backend closed
+    with the body's first bytes unread, and the front lost the 413 it held)."""
     host, port = exposed.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=30) as s:
-        s.sendall(b"POST /events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: 1073741824\r\n\r\n{")
-        answer = s.recv(4096)
-    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    answers = []
+    for _ in range(100):
+        with socket.create_connection((host, int(port)), timeout=30) as s:
+            s.sendall(b"POST /events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                      b"\r\nContent-Length: 1073741824\r\n\r\n{")
+            answers.append(s.recv(4096))
+    assert all(a.startswith(b"HTTP/1.1 413") for a in answers), {a[:60] for a in answers}
+    assert b"1073741824 bytes" in answers[0]
 
 
 # Provenance.
