@@ -38,6 +38,7 @@ INTERVAL_S = 3.0
 RUN_DIR_MAX_AGE_S = 3600
 IMAGES_S = 30.0
 EVICT_EVERY = 20  # beats: the cache is checked about once a minute
+NEIGHBOURS_EVERY = 3  # beats: the Sentries' uid is looked for about every 9 s
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,8 @@ class Heartbeat(threading.Thread):
         self._docker_ok = False
         self._docker_error: str | None = None
         self.view = EngineView()
+        self.beats = 0
+        self.neighbours: tuple[str, ...] = ()  # workers.sentries, every NEIGHBOURS_EVERY
         self.janitor = CacheJanitor(self.settings)
 
     def docker_state(self) -> None:
@@ -91,12 +94,14 @@ class Heartbeat(threading.Thread):
                 log.warning("reaped %d container(s) of worker containers that are gone: %s",
                             len(strays), ", ".join(strays))
         view = self.refreshed_view()
-        # Every beat (a few ms): who else holds the uid of this engine's gVisor Sentries
-        neighbours = sentries.neighbours(view.runtimes.get(self.settings.gvisor_runtime))
+        self.beats += 1
+        if self.beats % NEIGHBOURS_EVERY == 1:  # who else holds the gVisor Sentries' uid
+            self.neighbours = tuple(sentries.neighbours(
+                view.runtimes.get(self.settings.gvisor_runtime)))
         WorkerBeat(self.name_, os.getpid(), self._docker_ok, self._docker_error,
                    view.images, self.slots, tuple(sorted(view.runtimes)),
                    tuple(self.engine.identities.ids.overlaps()[:10]),
-                   tuple(neighbours)).save(self.conn, self.keys)
+                   self.neighbours).save(self.conn, self.keys)
         self.wiring.slots.renew(self.name_, self.slots)
 
     def refreshed_view(self) -> EngineView:

@@ -15,6 +15,7 @@ import os
 import psutil
 
 SENTRY_UID = 65534
+SENTRY_BYTES = str(SENTRY_UID).encode()
 SHIM_PREFIX = "containerd-shim"
 
 
@@ -37,6 +38,26 @@ def is_sentry(proc: psutil.Process, runsc: str) -> bool:
         return False
 
 
+def holding_the_uid() -> list[int]:
+    """Pids whose real, effective or saved uid is the Sentries', from each process's
+    `status` (its Uid line says all three, dumpable or not: a process cannot hide there
+    as it can from the owner of its /proc directory). A few ms for a few hundred
+    processes, a third of what psutil's objects cost."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/status", "rb") as status:
+                text = status.read(4096)
+        except OSError:  # gone meanwhile
+            continue
+        start = text.find(b"\nUid:")
+        if start >= 0 and SENTRY_BYTES in text[start + 5:text.find(b"\n", start + 5)].split()[:3]:
+            found.append(int(entry.name))
+    return found
+
+
 def neighbours(runsc: str | None, limit: int = 10) -> list[str]:
     """Processes holding the Sentries' uid (real, effective or saved) that are not
     runsc's, as `pid N (name)`; none when this host has no runsc."""
@@ -44,12 +65,13 @@ def neighbours(runsc: str | None, limit: int = 10) -> list[str]:
         return []
     runsc = os.path.realpath(runsc)
     found: list[str] = []
-    for proc in psutil.process_iter(["uids", "name"]):
-        uids = proc.info["uids"]
-        if uids is None or SENTRY_UID not in (uids.real, uids.effective, uids.saved):
+    for pid in holding_the_uid():
+        try:
+            proc = psutil.Process(pid)
+            if not is_sentry(proc, runsc):
+                found.append(f"pid {pid} ({proc.name()})")
+        except psutil.Error:
             continue
-        if not is_sentry(proc, runsc):
-            found.append(f"pid {proc.pid} ({proc.info['name']})")
-            if len(found) >= limit:
-                break
+        if len(found) >= limit:
+            break
     return found
