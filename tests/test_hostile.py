@@ -30,9 +30,9 @@ def test_fork_bomb_hits_the_pids_limit(attack, settings, lane) -> None:
 
 def test_cpu_spin_times_out(attack) -> None:
     record, failure = attack("cpu_spin")
-    assert record["status"] == "timeout" and record["reason"] == "timed out after 5s"
+    assert record["status"] == "timeout" and record["reason"] == "timed out after 10s"
     assert failure["payload"]["status"] == "timeout"
-    assert record["duration_s"] < 5 + 5
+    assert record["duration_s"] < 10 + 5
 
 
 @pytest.mark.parametrize(("name", "stream"), [("giant_line", "stdout"),
