@@ -23,7 +23,7 @@ export TITAN_REDIS_TLS_KEY ?= $(TITAN_RUN_DIR)/tls/clients/manager.key
 endif
 
 .PHONY: up down deps services image plugins-up plugins-down plugins-list plugins-reload \
-        plugins-logs status flower test unit lint bench soak soak-ha compose-up compose-down \
+        plugins-logs status flower test test-deps console-shots unit lint bench soak soak-ha compose-up compose-down \
         worker-cert tls-check tls-rotate-ca tls-retire-ca tls-rotate-server redis-rotate-password \
         redis-retire-password
 
@@ -36,6 +36,9 @@ down: plugins-down ## stop everything `make up` started
 
 deps:
 	@bash scripts/bootstrap.sh
+
+test-deps:  # what `make deps` installs, and the browser the console's tests drive
+	@bash scripts/bootstrap.sh tests
 
 services: deps
 	@bash scripts/services.sh start
@@ -68,7 +71,7 @@ flower: ## where Flower is (make up starts it on 127.0.0.1:5555, behind basic au
 lint: deps
 	@$(VENV)/bin/ruff check .
 
-test: deps ## every test: the fast layer, then integration with real Redis, Celery and Docker
+test: test-deps ## every test: the fast layer, then integration with real Redis, Celery and Docker
 	@$(MAKE) --no-print-directory unit
 	@bash scripts/services.sh docker
 	@bash scripts/image.sh
@@ -81,6 +84,13 @@ unit: deps
 	@$(VENV)/bin/ruff check .
 	@DOCKER_HOST=unix:///nonexistent/no-docker-in-the-fast-layer \
 		$(PY) -m pytest -q -m "not integration" --durations=5 $(PYTEST_ARGS)
+
+console-shots: test-deps ## the console's pages at 1280x800 in docs/console/ (its browser test)
+	@bash scripts/services.sh docker
+	@bash scripts/image.sh
+	@mkdir -p docs/console
+	@TITAN_CONSOLE_SHOTS=$(CURDIR)/docs/console $(PY) -m pytest -q -p no:cacheprovider \
+		-m integration tests/test_console.py -k browser
 
 bench: deps ## end-to-end latency and throughput vs. bare Docker runs
 	@bash scripts/services.sh docker

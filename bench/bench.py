@@ -14,6 +14,7 @@ process counted). Fairness: while a slow plugin has 12 runs queued on the two wo
 long one event for another plugin waits in the queue, against the length of one slow run.
 CLI: `list`, `logs` and `health` with the system's python3, beside curl of the same
 answer. Scale: the listener's rate with 2, 100 and 1,000 plugins loaded (bench/scale.py).
+The console: each page's time with 10,000 runs stored (bench/console.py).
 Prints p50/p99, events/s and the ratios against targets.
 """
 
@@ -39,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from bare import Bare  # noqa: E402  (bench/ is the script's directory)
+from console import console_report, console_times  # noqa: E402
 from egress import egress_case  # noqa: E402
 from probes import (  # noqa: E402
     cli_latency,
@@ -290,6 +292,7 @@ def main() -> int:
             for bare in bares.values():
                 bare.close()
         scale = listener_scale(server.url)  # the stack is idle: its listener reads nothing
+        pages = console_times(server.url)
     finally:
         api.close()
         listener.stop()
@@ -303,7 +306,9 @@ def main() -> int:
     ok = report(args, m)
     lines, scaled = scale_report(scale)
     print("\n".join(lines))
-    ok = ok and scaled
+    lines, fast_pages = console_report(pages)
+    print("\n".join(lines))
+    ok = ok and scaled and fast_pages
     print("result: " + ("every target met" if ok else "TARGET MISSED"))
     return 0 if ok else 1
 

@@ -20,6 +20,9 @@ command -v setfacl >/dev/null || need+=(acl)
 command -v squid >/dev/null || need+=(squid)
 # libfaketime: the tests run workers on skewed clocks (tests/test_clocks.py).
 compgen -G "/usr/lib/*/faketime/libfaketime.so.1" >/dev/null || need+=(libfaketime)
+# Chromium, for the console's browser tests (`make test` asks: Playwright drives Debian's
+# browser; nothing is downloaded from a browser vendor).
+if [ "${1:-}" = tests ]; then command -v chromium >/dev/null || need+=(chromium); fi
 /usr/bin/python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 python3 -m venv --help >/dev/null 2>&1 || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from hoststate import session_instance
 
 from manager.core.config import ROOT, Settings
 from manager.core.contract import queued_tasks
@@ -291,7 +292,7 @@ def private_settings(redis_url: str, plugins_dir: Path, run_dir: Path, **extra: 
     return Settings.from_env(
         redis_url=redis_url, key_prefix=prefix, event_stream=f"{prefix}:events",
         dead_stream=f"{prefix}:events:dead", task_queue=f"{prefix}.plugins",
-        instance=f"test-{uid}", plugins_dir=plugins_dir, run_dir=run_dir,
+        instance=session_instance(uid), plugins_dir=plugins_dir, run_dir=run_dir,
         cache_dir=Path(tempfile.mkdtemp(prefix="cache-", dir=session_dir())),
         worker_name=f"testhost-{uid}", api_token="", **extra)
 

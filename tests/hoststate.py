@@ -11,7 +11,8 @@ else writing to /tmp):
 - a process is the suite's when it carries the session's mark in its environment (set
   before the first test, inherited by everything started from then on, daemons
   included);
-- a container, when its `titan.instance` label is a test instance's (`test-...`);
+- a container, when its `titan.instance` label is one of this session's test instances
+  (`session_instance`: another suite's beside it is not this one's);
 - an entry of /tmp or /var/tmp, when its name starts with one of the prefixes the suite
   and the code it runs create their temporary files with (OWN_PREFIXES);
 - an interface, unless it is a container's end of a veth pair (containers are judged).
@@ -51,14 +52,19 @@ def interfaces() -> frozenset[str]:
     return frozenset(out)
 
 
-def engine(kind: str, *fmt: str) -> frozenset[str]:
-    """The host engine's objects of one kind (ids), other Titan instances' containers
-    left out."""
+def session_instance(uid: str) -> str:
+    """A test stack's instance name (its containers' `titan.instance` label), carrying the
+    session's mark (a benchmark's, outside any session: zeros)."""
+    return f"test-{os.environ.get(MARK, '0' * 8)[:8]}-{uid}"
+
+
+def engine(kind: str, *fmt: str, session: str = "") -> frozenset[str]:
+    """The host engine's objects of one kind (ids); containers only this session's."""
     if kind == "container":
         lines = _run("docker", "ps", "-a", "--no-trunc", "--format",
                      '{{.ID}} {{.Label "titan.instance"}}').split("\n")
         return frozenset(line.split()[0] for line in lines if len(line.split()) == 2
-                         and line.split()[1].startswith("test-"))
+                         and line.split()[1].startswith(f"test-{session[:8]}-"))
     return frozenset(x for x in _run("docker", kind, "ls", "-q", *fmt).split() if x)
 
 
@@ -114,8 +120,9 @@ class HostState:
                         for line in f.read_text().splitlines())
         files = frozenset().union(*(entries(t, False) for t in TREES),
                                   *(entries(t, True) for t in DEEP_TREES)) - ignore
-        return cls(interfaces(), engine("network", "--no-trunc"), engine("container"),
-                   engine("volume"), engine("image", "--no-trunc"), iptables(), ids, files,
+        return cls(interfaces(), engine("network", "--no-trunc"),
+                   engine("container", session=session), engine("volume"),
+                   engine("image", "--no-trunc"), iptables(), ids, files,
                    marked_processes(session))
 
     def changes(self, after: HostState) -> list[str]:

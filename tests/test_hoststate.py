@@ -4,13 +4,14 @@ of a test instance fails the session; another program's file or container does n
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import uuid
 from pathlib import Path
 
 import pytest
-from hoststate import HostState
+from hoststate import MARK, HostState, session_instance
 
 
 def test_a_file_the_suite_leaves_is_caught_and_another_programs_is_not() -> None:
@@ -28,14 +29,16 @@ def test_a_file_the_suite_leaves_is_caught_and_another_programs_is_not() -> None
 
 
 @pytest.mark.integration
-def test_a_test_instances_container_is_caught_and_another_programs_is_not(
+def test_this_sessions_container_is_caught_and_another_suites_or_programs_is_not(
         docker_client, settings) -> None:
-    before = HostState.read("probe")
+    session = os.environ[MARK]
+    before = HostState.read(session)
     made = [docker_client.containers.create(settings.runtime_image, ["true"], labels=labels)
-            for labels in ({"titan.instance": f"test-leak-{uuid.uuid4().hex[:6]}"},
-                           {"titan.instance": "a-live-stack"}, {})]
+            for labels in ({"titan.instance": session_instance(uuid.uuid4().hex[:6])},
+                           {"titan.instance": "a-live-stack"},
+                           {"titan.instance": f"test-{'0' * 8}-another-suites"}, {})]
     try:
-        changes = before.changes(HostState.read("probe"))
+        changes = before.changes(HostState.read(session))
         mine = [c for c in changes if any(m.id in c for m in made)]  # (other tests' too)
         assert mine == [f"containers: + {made[0].id}"]
     finally:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from hoststate import session_instance
 
 from harness import SYSTEM_PYTHON, free_port, http_status, wait_until
 from manager.core.config import ROOT
@@ -36,7 +37,7 @@ def made_up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
            "TITAN_RUN_DIR": str(run_dir), "TITAN_API_PORT": str(free_port()),
            "TITAN_METRICS_PORT": str(free_port()), "TITAN_WORKERS": "1",
            "TITAN_FLOWER_PORT": str(free_port()),
-           "TITAN_INSTANCE": f"test-{uuid.uuid4().hex[:8]}"}
+           "TITAN_INSTANCE": session_instance(uuid.uuid4().hex[:8])}
 
     def script(*args: str) -> None:
         proc = subprocess.run(["bash", *args], cwd=ROOT, env=env, capture_output=True,

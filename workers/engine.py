@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from functools import cached_property
 from typing import Any
@@ -29,6 +30,7 @@ from workers.options import (
     LABEL_INSTANCE,
     LABEL_INVOCATION,
     LABEL_PID,
+    LABEL_PLUGIN,
     LABEL_POOL,
     LABEL_START,
     LABEL_UID,
@@ -63,6 +65,9 @@ class Engine:
         self.oom = OomWatcher()
         self.identities = Identities(settings)
         self.settings = settings
+        # prewarmed containers per plugin (ready or serving a run), as the last reap saw
+        # them: the heartbeat reports it (the console's Workers page)
+        self.pooled: dict[str, int] = {}
 
     @cached_property
     def base_labels(self) -> dict[str, str]:
@@ -201,6 +206,8 @@ class Engine:
             log.warning("cannot list containers to reap: %s", exc)
             return []
         labelled = [(c, c.attrs.get("Labels") or {}) for c in containers]
+        self.pooled = dict(Counter(labels.get(LABEL_PLUGIN, "") for _, labels in labelled
+                                   if labels.get(LABEL_POOL) == "1"))
         candidates = [labels.get(LABEL_INVOCATION, "") for _, labels in labelled
                       if children is not None and int(labels.get(LABEL_PID, "0") or 0)
                       in children and labels.get(LABEL_INVOCATION)]

@@ -101,7 +101,8 @@ class Heartbeat(threading.Thread):
         WorkerBeat(self.name_, os.getpid(), self._docker_ok, self._docker_error,
                    view.images, self.slots, tuple(sorted(view.runtimes)),
                    tuple(self.engine.identities.ids.overlaps()[:10]),
-                   self.neighbours).save(self.conn, self.keys)
+                   self.neighbours, self.engine.pooled if self._docker_ok else {},
+                   ).save(self.conn, self.keys)
         self.wiring.slots.renew(self.name_, self.slots)
 
     def refreshed_view(self) -> EngineView:

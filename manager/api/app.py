@@ -14,6 +14,7 @@ import redis
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from manager.api.console.pages import console
 from manager.api.context import ApiContext, error
 from manager.api.events import bus_routes
 from manager.api.routes import routes
@@ -43,7 +44,8 @@ STATUS_CODES = {SecretNotFound: 404, EventError: 400, BadQuery: 400, BudgetExcee
                 InvocationNotFound: 404, VersionNotFound: 404, DeadLetterNotFound: 404,
                 PluginUnavailable: 409, PermissionDenied: 403, NotReplicated: 503,
                 SecretError: 400}
-PUBLIC_PATHS = ("/health", "/docs", "/openapi.json")  # and /docs/static/...
+PUBLIC_PATHS = ("/health", "/docs", "/openapi.json", "/ui")  # and /docs/static/...
+CONSOLE = "/ui/"  # the console signs its browsers in itself (manager.api.console.guard)
 
 
 def create_app(wiring: Wiring, registry: Registry, dispatcher: Dispatcher,
@@ -66,6 +68,7 @@ def create_app(wiring: Wiring, registry: Registry, dispatcher: Dispatcher,
     app.register_blueprint(routes)
     app.register_blueprint(bus_routes)
     app.register_blueprint(secret_routes)
+    app.register_blueprint(console)
     return app
 
 
@@ -79,7 +82,7 @@ def _mark(response: Any) -> Any:
 def _auth(settings: Settings) -> Any:
     def check() -> Any:
         if not settings.api_token or request.path in PUBLIC_PATHS or \
-                request.path.startswith("/docs/"):
+                request.path.startswith(("/docs/", CONSOLE)):
             return None
         given = request.headers.get("Authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {settings.api_token}".encode()):

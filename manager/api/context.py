@@ -13,6 +13,7 @@ import redis
 from flask import Response, current_app, jsonify
 
 from manager.bus.dispatch import Dispatcher
+from manager.core import metrics
 from manager.core.clients import check_replicated, confirm_replicated
 from manager.core.config import Settings
 from manager.core.events import Event, Limits
@@ -61,3 +62,17 @@ def publish_event(conn: redis.Redis, settings: Settings, event: Event) -> str:
     return entry.decode() if isinstance(entry, bytes) else entry
 
 
+def reload_registry(c: ApiContext) -> dict[str, Any]:
+    """Rediscovers the plugins directory (the API's reload and the console's): what was
+    added, updated, removed, rejected; told to the manager, which logs it, counts it and
+    retries directories that were still being written."""
+    try:
+        changes = c.registry.reload()
+    except Exception:
+        metrics.count_reload(None)
+        raise
+    if c.on_reload is not None:
+        c.on_reload(changes)
+    else:
+        metrics.count_reload(changes)
+    return changes

@@ -10,8 +10,8 @@ import redis
 from flask import Blueprint, g, jsonify, request
 from spectree import Response as Resp
 
+from manager.api.context import ApiContext, publish_event
 from manager.api.context import api_context as ctx
-from manager.api.context import publish_event
 from manager.api.models import DeadLetters, EntryOutcome, EventIn, LimitQuery, Published
 from manager.api.spec import ERRORS, api
 from manager.core.errors import DeadLetterNotFound, EventError
@@ -43,22 +43,28 @@ def dead_letters() -> Any:
 @api.validate(resp=Resp(HTTP_202=Published, **ERRORS))
 def replay_dead_letter(entry_id: str) -> Any:
     """Publishes a dead-lettered event again (after a fix); it must now be valid."""
+    event, published = replay(ctx(), entry_id)
+    return jsonify({"event_id": event.event_id, "entry_id": published,
+                    "replayed": entry_id}), 202
+
+
+def replay(c: ApiContext, entry_id: str) -> tuple[Event, str]:
+    """Publishes a dead letter's event again: the event and its new entry id.
+    DeadLetterNotFound, or EventError when the same bytes would be refused again."""
     try:
-        found = ctx().conn.xrange(ctx().settings.dead_stream, min=entry_id, max=entry_id)
+        found = c.conn.xrange(c.settings.dead_stream, min=entry_id, max=entry_id)
     except redis.ResponseError:  # not a stream id at all
         found = []
     if not found or found[0][0].decode() != entry_id:
         raise DeadLetterNotFound(f"no dead letter {entry_id!r}", entry_id=entry_id)
     try:
-        event = from_outside(Event.decode(found[0][1].get(b"event", b""), ctx().limits))
+        event = from_outside(Event.decode(found[0][1].get(b"event", b""), c.limits))
     except EventError as exc:  # the same bytes would be refused again, whenever replayed
         raise EventError(f"dead letter {entry_id} can never be replayed as it is: "
                          f"{exc.message}. Fix the event and publish it instead "
                          "(titan-plugins.py dead shows it; then publish -e '<the fixed "
                          "event>')", **exc.details) from None
-    published = publish_event(ctx().conn, ctx().settings, event)
-    return jsonify({"event_id": event.event_id, "entry_id": published,
-                    "replayed": entry_id}), 202
+    return event, publish_event(c.conn, c.settings, event)
 
 
 @bus_routes.get("/events/entries/<entry_id>")

@@ -20,6 +20,7 @@ from flask import Blueprint, Response, current_app, g, jsonify, request, send_fr
 from spectree import Response as Resp
 
 from manager.api.context import api_context as ctx
+from manager.api.context import reload_registry
 from manager.api.models import (
     ErrorBody,
     EventIn,
@@ -146,16 +147,7 @@ def rollback(name: str) -> Any:
 @api.validate(resp=Resp(HTTP_200=ReloadOut, **ERRORS))
 def reload_plugins() -> Any:
     """Rediscovers the plugins directory; what was added, updated, removed, rejected."""
-    try:
-        changes = ctx().registry.reload()
-    except Exception:
-        metrics.count_reload(None)
-        raise
-    if ctx().on_reload is not None:
-        ctx().on_reload(changes)  # the manager's: logged, and retried until settled
-    else:
-        metrics.count_reload(changes)
-    return jsonify(changes)
+    return jsonify(reload_registry(ctx()))
 
 
 @routes.post("/plugins/<name>/trigger")

@@ -34,6 +34,8 @@ class WorkerBeat:
     run_id_conflicts: tuple[str, ...] = ()
     # processes beside its gVisor runs holding their Sentries' uid (workers.sentries)
     sentry_neighbours: tuple[str, ...] = ()
+    # its prewarmed containers per plugin (ready or serving a run)
+    prewarmed: dict[str, int] = field(default_factory=dict)
     time: float = field(default_factory=time.time)
 
     def save(self, conn: redis.Redis, keys: Keys, ttl: int = TTL_S) -> None:
@@ -66,6 +68,8 @@ class WorkerBeat:
                    runtimes=tuple(data.get("runtimes") or ()),
                    run_id_conflicts=tuple(data.get("run_id_conflicts") or ()),
                    sentry_neighbours=tuple(data.get("sentry_neighbours") or ()),
+                   prewarmed={str(k): int(v) for k, v in
+                              (data.get("prewarmed") or {}).items()},
                    time=float(data["time"]))
 
     @classmethod

@@ -31,6 +31,11 @@ class Keys:
         """Hash: one invocation record, each field's value as JSON."""
         return f"{self.prefix}:inv:{invocation_id}"
 
+    @property
+    def invocations(self) -> str:
+        """Sorted set: every plugin's invocation ids, scored by creation time (capped)."""
+        return f"{self.prefix}:invocations"
+
     def plugin_invocations(self, plugin: str) -> str:
         """Sorted set: invocation ids of a plugin, scored by creation time."""
         return f"{self.prefix}:plugin:{plugin}:invocations"
@@ -160,3 +165,11 @@ class Keys:
     def workers(self) -> str:
         """Set: the names of workers that have beaten (expired ones pruned when listed)."""
         return f"{self.prefix}:workers"
+
+    def minute_stats(self, minute: int) -> str:
+        """Hash: runs ended in one minute (epoch s // 60): ended, failed, warm, cold."""
+        return f"{self.prefix}:stats:{minute}"
+
+    def console_session(self, digest: str) -> str:
+        """String: a console session (JSON), by the SHA-256 of its cookie's token."""
+        return f"{self.prefix}:console:{digest}"

@@ -28,6 +28,8 @@ from manager.core.records import ACTIVE, TRANSITIONS, InvocationRecord, Outcome,
 from manager.core.retry import RECORD_POLL
 from manager.core.scripts import Scripts, named
 from manager.core.slots import LEASE_TTL_S, Grant, SlotAsk, grant_of
+from manager.core.stats import KEPT_S as STATS_KEPT_S
+from manager.core.stats import minute_of
 
 WAITING = ACTIVE - {Status.RUNNING}  # unfinished runs that have not started
 STANDING_CAP = 10_000  # unfinished runs looked at to say where one stands
@@ -112,7 +114,8 @@ class RecordStore:
                 self.keys.plugin_invocations(record.plugin), self.keys.inflight,
                 self.keys.waiting, dedup_key or "",
                 self.keys.budget(charge.correlation) if charge else "",
-                self.keys.budget_charged(charge.entry_id) if charge and charge.entry_id else ""]
+                self.keys.budget_charged(charge.entry_id) if charge and charge.entry_id else "",
+                self.keys.invocations]
         values = {f.name: v for f in fields(record) if (v := getattr(record, f.name)) is not None}
         values["status"] = record.status
         budget = {"runs": charge.runs, "budget": s.fanout_budget,
@@ -205,10 +208,11 @@ class RecordStore:
             keys=[self.keys.invocation(invocation_id), self.keys.inflight,
                   self.settings.event_stream, self.keys.waiting,
                   self.keys.plugin_slots(slot_of) if slot_of else "",
-                  self.keys.lease(invocation_id)],
+                  self.keys.lease(invocation_id),
+                  self.keys.minute_stats(minute_of(changes["finished_at"]))],
             args=[named(id=invocation_id, sources=_sources(TRANSITIONS[outcome.status]),
                         maxlen=self.settings.stream_maxlen, events=events,
-                        fields=encode_fields(changes))])
+                        stats_ttl=STATS_KEPT_S, fields=encode_fields(changes))])
         return Written.of(reply)
 
     def confirm_replicated(self, invocation_id: str) -> None:
