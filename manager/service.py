@@ -27,6 +27,7 @@ from manager.core.config import Settings
 from manager.core.contract import make_celery, queued_tasks
 from manager.core.errors import TitanError
 from manager.core.lines import Line, lines
+from manager.core.observer import observer
 from manager.core.wiring import Wiring
 from manager.plugins.janitor import CacheJanitor
 from manager.plugins.loader import PluginStatus
@@ -133,7 +134,7 @@ class Manager:
     def reloaded(self, changes: dict[str, Any]) -> None:
         """After every reload (SIGHUP, the watcher, the API, a retry): what changed is
         logged, and directories still being written are tried again until they settle."""
-        metrics.count_reload(changes)
+        observer().reloaded(changes)
         log.info("plugins reloaded: %s", {k: len(v) for k, v in changes.items()})
         for item in changes["rejected"]:
             log.warning("plugin %s rejected: %s", item["name"], "; ".join(item["errors"]))
@@ -203,7 +204,7 @@ class Manager:
         try:
             self.reload()
         except Exception:
-            metrics.count_reload(None)
+            observer().reloaded(None)
             log.exception("reload on SIGHUP failed")
 
     def shutdown(self) -> None:

@@ -124,7 +124,8 @@ def console(settings: Settings, conn: redis.Redis,
     key = secrets.token_urlsafe(24)
     host = f"consolehost-{uuid.uuid4().hex[:6]}"  # its containers' titan.host label
     mine, registry = isolated(settings, conn, plugins_dir=plugins, api_token=key,
-                              worker_name=host)
+                              worker_name=host,
+                              dead_stream=f"{settings.dead_stream}.{host}")
     dispatcher = Dispatcher(wired(conn, mine), make_celery(mine))
     worker = WorkerProcess(mine, f"consoleworker{uuid.uuid4().hex[:6]}")
     listener = Listener(wired(redis.Redis.from_url(mine.redis_url), mine),
@@ -150,6 +151,7 @@ def console(settings: Settings, conn: redis.Redis,
         shutil.rmtree(plugins, ignore_errors=True)
         for key_name in conn.scan_iter(f"{mine.key_prefix}:*"):
             conn.delete(key_name)
+        conn.delete(mine.event_stream, mine.dead_stream)
 
 
 def test_pages_need_a_session_and_the_key_opens_one(console: Console) -> None:
@@ -296,6 +298,7 @@ def test_an_operator_works_the_console_in_a_browser(console: Console) -> None:
         dead_letter(console.conn, console.settings, valid, "unprocessable", "a test's")
         dead_letter(console.conn, console.settings, MARKUP, "invalid_event", MARKUP)
         page.goto(f"{console.url}/ui/dead")
+        assert page.locator("article.dead").count() == 2
         page.locator("article.dead", has_text="invalid_event").locator("button").click()
         expect(page.locator(".flash.error")).to_contain_text("can never be replayed")
         page.locator("article.dead", has_text="unprocessable").locator("button").click()

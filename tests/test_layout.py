@@ -55,6 +55,25 @@ def test_the_api_never_touches_docker_or_the_workers() -> None:
             assert not [t for t in imports(path) if t.split(".")[0] in ("docker", "workers")], name
 
 
+def test_only_the_observer_moves_metrics() -> None:
+    """Metrics are moved by manager.core.observer alone (each part tells it what happened);
+    the manager's service imports them only to serve /metrics."""
+    readers = {"manager.core.observer", "manager.service"}
+    found = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            named = (isinstance(node, ast.ImportFrom) and (
+                node.module == "manager.core.metrics" or (node.module == "manager.core"
+                and any(a.name == "metrics" for a in node.names)))) or (
+                isinstance(node, ast.Import)
+                and any(a.name == "manager.core.metrics" for a in node.names))
+            if named and name not in readers:
+                found.append(name)
+    assert not found, found
+    service = (ROOT / "manager" / "service.py").read_text()
+    assert "metrics.registry_for" in service and ".inc(" not in service
+
+
 def test_no_module_imports_itself_in_a_circle() -> None:
     graph = {name: {t for t in imports(path) if t in modules()}
              for name, path in modules().items()}

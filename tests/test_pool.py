@@ -41,8 +41,10 @@ def many(redis_url: str, conn, tmp_path: Path) -> Iterator[dict]:
         (plugins / name / "plugin.yaml").write_text(MANIFEST.format(name=name))
         (plugins / name / "main.py").write_text(MAIN)
     (tmp_path / "run").mkdir()
+    # run ids of its own: the account a test makes inside them must not stop other
+    # tests' workers from starting (a worker refuses a range the host uses)
     mine: Settings = private_settings(redis_url, plugins, tmp_path / "run", prewarm_max=4,
-                                      prewarm_size=1)
+                                      prewarm_size=1, run_ids="2400000-2409999")
     registry = Registry(wired(conn, mine))
     registry.reload()
     worker = WorkerProcess(mine, f"pool{uuid.uuid4().hex[:6]}", concurrency=1)

@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import uuid
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import pytest
 
 from harness import PrivateEngine, WorkerProcess, new_id, record_of, wait_until, wired
 from manager.bus.dispatch import Dispatcher
+from manager.bus.sweeper import Sweeper
 from manager.core.contract import make_celery
 from manager.core.events import Event
 from redis_nodes import tls_settings
@@ -55,6 +57,16 @@ def test_a_burst_spreads_over_two_hosts_and_survives_one_of_them(settings, conn,
                           DOCKER_HOST=engine.url)
     after = None
     dispatcher = Dispatcher(wired(conn, mine), make_celery(mine))
+    # the manager's sweeper, once a second: a run the killed worker had taken to send
+    # again later (a throttle's backoff, workers.resend) has no message left but the one
+    # the sweeper sends (manager.bus.sweeper)
+    sweeper, stop = Sweeper(wired(conn, mine), dispatcher), threading.Event()
+
+    def sweep() -> None:
+        while not stop.wait(1):
+            sweeper.sweep()
+
+    threading.Thread(target=sweep, daemon=True).start()
     try:
         here.wait_ready(conn)
         there.wait_ready(conn)
@@ -78,6 +90,7 @@ def test_a_burst_spreads_over_two_hosts_and_survives_one_of_them(settings, conn,
         wait_until(lambda: not containers_on(engine, mine.instance), 60,
                    "the next worker on the second host to reap what the dead one left")
     finally:
+        stop.set()
         for worker in (here, there, after):
             if worker is not None:
                 worker.stop()

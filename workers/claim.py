@@ -16,11 +16,10 @@ from collections.abc import Iterator
 
 import redis
 
-from manager.core import metrics
-from manager.core.metrics import RetryReason
+from manager.core.observer import observer
 from manager.core.records import InvocationRecord, Status
 from manager.core.retry import run_retry
-from manager.core.runs import RunRequest
+from manager.core.runs import RetryReason, RunRequest
 from manager.core.slots import HELD_FOR_S, Grant, Slots
 from manager.core.wiring import Wiring
 from workers.next import Again, Done, Next, Skipped
@@ -69,7 +68,7 @@ def take_over(wiring: Wiring, req: RunRequest, record: InvocationRecord,
     """A second delivery of a running run: it waits while a live process holds the run,
     and otherwise takes the run over (a compare-and-set on the holder)."""
     if wiring.slots.holder(req.invocation_id) is not None:
-        metrics.RETRIES.labels(plugin=req.plugin, reason=RetryReason.SECOND_DELIVERY).inc()
+        observer().retried(req.plugin, RetryReason.SECOND_DELIVERY)
         return Again(req, HOLDER_RECHECK_S)
     holder = record.worker or "?"
     grant = wiring.slots.acquire(req.plugin, req.invocation_id, req.concurrency,
@@ -92,8 +91,7 @@ def started(req: RunRequest, record: InvocationRecord) -> int:
     """The attempt that starts now (counted by the claim); a first attempt's time in the
     queue is observed."""
     if record.attempts == 0:
-        metrics.QUEUE_WAIT.labels(plugin=req.plugin).observe(
-            max(0.0, time.time() - record.created_at))
+        observer().claimed(req.plugin, time.time() - record.created_at)
     return record.attempts + 1
 
 
@@ -110,7 +108,7 @@ def throttle(wiring: Wiring, req: RunRequest, record: InvocationRecord,
            "plugins wait")
     wiring.records.transition(req.invocation_id, Status.THROTTLED, increment="waits",
                               due_in=countdown + RUNNING_GRACE_S, reason=why)
-    metrics.THROTTLED.labels(plugin=req.plugin, reason=grant.value).inc()
+    observer().throttled(req.plugin, grant.value)
     return Again(req, countdown)
 
 

@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 STOP_GRACE_S = 2  # SIGTERM, then SIGKILL this much later
 HEADER = struct.Struct(">BxxxL")  # stream (0 stdin, 1 stdout, 2 stderr), payload length
 STDOUT, STDERR = 1, 2
+# SIGKILL, SIGTERM: the exits of a container stopped from outside (an engine's stop, a
+# kill), and the launcher's own exit for either
+SIGNAL_EXITS = frozenset({128 + 9, 128 + 15})
 # What reaching the engine can raise (a stream cut short is an OSError)
 ENGINE_ERRORS = (OSError, DockerException, requests.RequestException)
 

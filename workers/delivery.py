@@ -13,13 +13,12 @@ from dataclasses import replace
 
 import redis
 
-from manager.core import metrics
 from manager.core.errors import NotReplicated, SandboxUnavailable
 from manager.core.later import Later
-from manager.core.metrics import RetryReason
+from manager.core.observer import observer
 from manager.core.records import Outcome, Status
 from manager.core.retry import run_retry
-from manager.core.runs import RunRequest
+from manager.core.runs import RetryReason, RunRequest
 from manager.core.secrets import SecretError, SecretStore
 from manager.core.wiring import Wiring
 from manager.plugins.registry import Registry
@@ -114,18 +113,15 @@ class Delivery:
         judged = verdict(end, prepared.spec, self.settings.output_cap_bytes)
         if judged.status is Status.RETRYING:  # the engine's end, not the plugin's
             return self.unavailable(req, attempt, judged.reason or "")
-        labels = {"plugin": req.plugin, "warm": str(end.warm).lower(),
-                  "isolation": req.isolation.value}
-        metrics.CONTAINER_START.observe(end.ready_s)
-        metrics.DURATION.labels(**labels).observe(end.duration_s)
+        observer().ran(req.plugin, end.warm, req.isolation.value, end.ready_s, end.duration_s)
         if judged.status in RETRYABLE and attempt - req.engine_waits <= req.retries:
             return self.again(req, attempt, RetryReason.MANIFEST,
                               f"{judged.status.value}: {judged.reason}",
                               exit_code=end.exit_code)
         done = self.store(req, given.ended(outcome(req, end, judged, self.settings)))
         if req.dispatched_at:  # (a message sent before the field existed has none)
-            metrics.EVENT_TO_RESULT.labels(**labels).observe(
-                max(0.0, time.time() - req.dispatched_at))
+            observer().answered(req.plugin, end.warm, req.isolation.value,
+                                time.time() - req.dispatched_at)
         return done
 
     def store(self, req: RunRequest, ended: Outcome) -> Done:
@@ -154,7 +150,7 @@ class Delivery:
         limit = self.settings.retry_backoff_max if cap is None else min(
             cap, self.settings.retry_backoff_max)
         countdown = run_retry(limit).delay(attempt - 1)
-        metrics.RETRIES.labels(plugin=req.plugin, reason=why).inc()
+        observer().retried(req.plugin, why)
         persist(lambda: self.wiring.records.transition(
             req.invocation_id, Status.RETRYING, reason=reason,
             due_in=countdown + RUNNING_GRACE_S, **changes),

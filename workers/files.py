@@ -12,7 +12,8 @@ from pathlib import Path
 from manager.core.config import Settings
 from manager.core.runs import RunUser
 from manager.core.secrets import SecretError
-from workers.spec import RunSpec
+from manager.plugins.permissions import PayloadFile
+from workers.spec import PoolConfig, RunSpec
 
 
 def write_event(directory: Path, spec: RunSpec, user: RunUser) -> Path:
@@ -98,3 +99,30 @@ def write_secrets(directory: Path, secrets: tuple[tuple[str, bytes], ...],
         with os.fdopen(fd, "wb") as fh:
             os.fchown(fd, user.uid, user.gid)
             fh.write(value)
+
+
+# Where a prewarmed container has files of its own: no payload directory is mounted over
+# them.
+OWN_PATHS = ("/plugin", "/titan", "/tmp", "/dev")
+
+
+def takes_payload(config: PoolConfig, payload: PayloadFile | None) -> bool:
+    """Whether a prewarmed container of `config` can be handed this run's payload file:
+    none, or one inside a payload directory it has mounted (never over its own files)."""
+    if payload is None:
+        return True
+    if any(_overlaps(d, own) for d in config.payload_dirs for own in OWN_PATHS):
+        return False
+    return payload.handle is None or place(config, payload.path) is not None
+
+
+def place(config: PoolConfig, path: str) -> tuple[int, str] | None:
+    """(index of the payload directory, path inside it) for a payload file at `path`."""
+    for index, base in enumerate(config.payload_dirs):
+        if path.startswith(base.rstrip("/") + "/"):
+            return index, os.path.relpath(path, base)
+    return None
+
+
+def _overlaps(a: str, b: str) -> bool:
+    return a == b or a.startswith(b + "/") or b.startswith(a + "/")

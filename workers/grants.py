@@ -12,9 +12,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from manager.core import metrics
 from manager.core.config import Settings
 from manager.core.errors import SandboxUnavailable
+from manager.core.observer import observer
 from manager.core.records import Outcome, Status
 from manager.core.runs import RunRequest
 from manager.core.secrets import SecretStore
@@ -109,12 +109,4 @@ class Gate:
             grants.revoke(grant)
             given.connections = grants.connections(grant)
             given.proxy_lost = not answers(grant.proxy)
-            counted(req.plugin, given.connections)
-
-
-def counted(plugin: str, seen: list[dict[str, Any]]) -> None:
-    for c in seen:
-        metrics.EGRESS_REQUESTS.labels(plugin=plugin, decision=c["decision"]).inc()
-        metrics.EGRESS_BYTES.labels(plugin=plugin, direction="sent").inc(c["bytes_sent"])
-        metrics.EGRESS_BYTES.labels(plugin=plugin, direction="received").inc(
-            c["bytes_received"])
+            observer().egress(req.plugin, given.connections)

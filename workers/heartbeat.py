@@ -94,7 +94,6 @@ class Heartbeat(threading.Thread):
                 log.warning("reaped %d container(s) of worker containers that are gone: %s",
                             len(strays), ", ".join(strays))
         view = self.refreshed_view()
-        self.beats += 1
         if self.beats % NEIGHBOURS_EVERY == 1:  # who else holds the gVisor Sentries' uid
             self.neighbours = tuple(sentries.neighbours(
                 view.runtimes.get(self.settings.gvisor_runtime)))
@@ -133,11 +132,10 @@ class Heartbeat(threading.Thread):
                     shutil.rmtree(path, ignore_errors=True)
 
     def run(self) -> None:
-        beats = 0
         while not self.stopping.is_set():
-            beats += 1
+            self.beats += 1  # the one count: eviction and the neighbours' scan go by it
             try:
-                if beats % EVICT_EVERY == 0:
+                if self.beats % EVICT_EVERY == 0:
                     self.janitor.evict()
                     taken_back = self.engine.identities.reclaim()
                     if taken_back:

@@ -8,15 +8,16 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from manager.core import metrics
 from manager.core.config import Settings
+from manager.core.observer import observer
 from workers.cold import launched_cold
 from workers.engine import Engine
+from workers.files import takes_payload
 from workers.pool import WarmPool
 from workers.prepare import Prepared
 from workers.run_loop import follow
 from workers.spec import RunEnd
-from workers.warm import WarmBroken, handed_over, takes_payload
+from workers.warm import WarmBroken, handed_over
 
 
 def run_container(prepared: Prepared, engine: Engine, pool: WarmPool | None,
@@ -38,5 +39,5 @@ def run_container(prepared: Prepared, engine: Engine, pool: WarmPool | None,
     if end is None:
         with launched_cold(engine, spec, prepared.payload, runs_dir) as launched:
             end = follow(launched, spec, settings, engine)
-    metrics.CONTAINER_READY.observe(time.monotonic() - t0 - end.duration_s + end.ready_s)
+    observer().container_ready(time.monotonic() - t0 - end.duration_s + end.ready_s)
     return end

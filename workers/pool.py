@@ -20,9 +20,9 @@ import redis
 import requests
 from docker.errors import DockerException
 
-from manager.core import metrics
 from manager.core.config import Settings
 from manager.core.errors import SandboxUnavailable
+from manager.core.observer import observer
 from workers.container import ContainerHandle
 from workers.engine import Engine
 from workers.options import LABEL_PID, LABEL_POOL, LABEL_UID
@@ -82,7 +82,7 @@ class WarmPool:
                         warm.container.id[:12], warm.user.uid, clash)
             self.done(warm)
             warm = None
-        (metrics.POOL_HITS if warm else metrics.POOL_MISSES).labels(plugin=spec.plugin).inc()
+        observer().prewarm_taken(spec.plugin, warm is not None)
         self._ensure_thread()
         if warm is None:
             self.wake.set()  # a first one; a replacement starts when this run is done
@@ -149,7 +149,7 @@ class WarmPool:
             while not self.stopping.is_set() and self._short(key):
                 if not self._make_room(key) or not self._prewarm(key):
                     break
-        metrics.PREWARMED_IDLE.set(sum(len(v) for v in self.idle.values()))
+        observer().prewarm_idle(sum(len(v) for v in self.idle.values()))
 
     def _short(self, key: PoolConfig) -> bool:
         with self.lock:
@@ -169,7 +169,7 @@ class WarmPool:
                 return False
             victim_key = min(older, key=lambda k: self.wanted.get(k, 0.0))
             victim = self.idle[victim_key].pop(0)
-        metrics.POOL_EVICTIONS.labels(plugin=victim_key.plugin).inc()
+        observer().prewarm_evicted(victim_key.plugin)
         self._discard(victim)
         return True
 

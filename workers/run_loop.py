@@ -15,13 +15,12 @@ from typing import Any
 
 from manager.core.config import Settings
 from manager.core.errors import SandboxUnavailable
-from workers.container import ENGINE_ERRORS, STDERR, STDOUT, ContainerHandle
+from workers.container import ENGINE_ERRORS, SIGNAL_EXITS, STDERR, STDOUT, ContainerHandle
 from workers.engine import Engine
 from workers.oom import OomWatch
 from workers.spec import Capture, End, RunEnd, RunSpec
 
 WAIT_MARGIN_S = 60  # an engine's wait for a stopped container, beyond any run's timeout
-SIGNAL_EXITS = (128 + 9, 128 + 15)  # SIGKILL, SIGTERM: what a stop from outside ends with
 
 
 @dataclass

@@ -12,8 +12,8 @@ from typing import TypeVar
 
 import redis
 
-from manager.core import metrics
 from manager.core.errors import OutcomeNotStored
+from manager.core.observer import observer
 from manager.core.record_store import Written
 from manager.core.records import Outcome
 from manager.core.retry import STORE_OUTCOME
@@ -36,7 +36,7 @@ def store(wiring: Wiring, req: RunRequest, outcome: Outcome) -> Written:
     persist(lambda: wiring.records.confirm_replicated(req.invocation_id), budget,
             req.invocation_id)
     if written.applied:
-        metrics.INVOCATIONS.labels(plugin=req.plugin, status=outcome.status.value).inc()
+        observer().ended(req.plugin, outcome.status.value)
     else:
         log.warning("invocation %s was already %s; outcome %s not stored again",
                     req.invocation_id, written.found, outcome.status)

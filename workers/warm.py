@@ -33,9 +33,16 @@ from manager.egress.grants import pin
 from manager.plugins.permissions import PayloadFile
 from manager.plugins.safefs import mkdirs, private_root
 from workers import options
-from workers.container import STDERR, STDOUT, ContainerHandle
+from workers.container import SIGNAL_EXITS, STDERR, STDOUT, ContainerHandle
 from workers.engine import Engine
-from workers.files import SECRETS_PATH, account_files, secrets_dir, write_event, write_secrets
+from workers.files import (
+    SECRETS_PATH,
+    account_files,
+    place,
+    secrets_dir,
+    write_event,
+    write_secrets,
+)
 from workers.oom import OomWatch
 from workers.run_loop import Launched
 from workers.spec import PoolConfig, RunSpec
@@ -48,8 +55,6 @@ TOOLS = {LAUNCHER_PATH: ROOT / "workers" / "launcher.py",
 INBOX = "/titan/in"
 # `python main.py` and the like: what the plugin's interpreter, started ahead, can run.
 PYTHON_RE = re.compile(r"python(3(\.\d+)?)?\Z")
-# Where the container's own files are: no payload directory is mounted over them.
-OWN_PATHS = ("/plugin", "/titan", "/tmp", "/dev")
 # Memory the launcher and the preloaded interpreter hold, added to a prewarmed container's
 # limit so that the plugin has what it declared (measured idle: 5 MiB for the launcher
 # under runc, 7 MiB under gVisor, 5 MiB for the modules preloaded). Without it a plugin
@@ -101,8 +106,6 @@ class PrewarmStopped(RuntimeError):
     """The container was stopped or killed from outside (an engine shutting down) before
     its launcher answered: says nothing of the image; another one is started later."""
 
-
-STOPPED_EXITS = {128 + 9, 128 + 15}  # SIGKILL, SIGTERM (the launcher's own exit for it)
 
 
 def interpreter(config: PoolConfig, settings: Settings) -> str | None:
@@ -158,28 +161,6 @@ def tools_copy(settings: Settings) -> Path:
     return directory
 
 
-def takes_payload(config: PoolConfig, payload: PayloadFile | None) -> bool:
-    """Whether a prewarmed container of `config` can be handed this run's payload file:
-    none, or one inside a payload directory it has mounted (never over its own files)."""
-    if payload is None:
-        return True
-    if any(_overlaps(d, own) for d in config.payload_dirs for own in OWN_PATHS):
-        return False
-    return payload.handle is None or place(config, payload.path) is not None
-
-
-def place(config: PoolConfig, path: str) -> tuple[int, str] | None:
-    """(index of the payload directory, path inside it) for a payload file at `path`."""
-    for index, base in enumerate(config.payload_dirs):
-        if path.startswith(base.rstrip("/") + "/"):
-            return index, os.path.relpath(path, base)
-    return None
-
-
-def _overlaps(a: str, b: str) -> bool:
-    return a == b or a.startswith(b + "/") or b.startswith(a + "/")
-
-
 def prewarm(engine: Engine, config: PoolConfig) -> Warm:
     """Creates, attaches to and starts one container, and waits for its launcher."""
     runs = mkdirs(private_root(engine.settings.cache_dir) / "runs", 0o700)
@@ -200,7 +181,7 @@ def prewarm(engine: Engine, config: PoolConfig) -> Warm:
         if not container.readable(READY_TIMEOUT_S):
             raise WarmUnavailable(f"no launcher answered within {READY_TIMEOUT_S}s")
         said = next(container.frames(), None)
-        if said is None and container.wait(READY_TIMEOUT_S).get("ExitCode") in STOPPED_EXITS:
+        if said is None and container.wait(READY_TIMEOUT_S).get("ExitCode") in SIGNAL_EXITS:
             raise PrewarmStopped("stopped before its launcher answered")
         if said is None or said[1] != READY:
             raise WarmUnavailable(f"launcher said {said[1][:80] if said else 'nothing'!r}")

@@ -13,11 +13,11 @@ import redis
 from flask import Response, current_app, jsonify
 
 from manager.bus.dispatch import Dispatcher
-from manager.core import metrics
 from manager.core.clients import check_replicated, confirm_replicated
 from manager.core.config import Settings
 from manager.core.events import Event, Limits
 from manager.core.keys import Keys
+from manager.core.observer import observer
 from manager.core.record_store import RecordStore
 from manager.plugins.registry import Registry
 
@@ -69,10 +69,10 @@ def reload_registry(c: ApiContext) -> dict[str, Any]:
     try:
         changes = c.registry.reload()
     except Exception:
-        metrics.count_reload(None)
+        observer().reloaded(None)
         raise
     if c.on_reload is not None:
         c.on_reload(changes)
     else:
-        metrics.count_reload(changes)
+        observer().reloaded(changes)
     return changes

@@ -38,7 +38,6 @@ from manager.api.models import (
     WaitQuery,
 )
 from manager.api.spec import ERRORS, api, query
-from manager.core import metrics
 from manager.core.beats import WorkerBeat
 from manager.core.clients import describe
 from manager.core.errors import (
@@ -49,6 +48,7 @@ from manager.core.errors import (
 )
 from manager.core.events import Event, from_outside
 from manager.core.lines import lines
+from manager.core.observer import observer
 from manager.core.record_store import Charge
 from manager.core.records import Status
 from manager.plugins.loader import PluginEntry
@@ -165,7 +165,7 @@ def trigger(name: str) -> Any:
     # charged to its correlation like a bus event (BudgetExceeded: 429, nothing runs)
     invocation_id, _ = ctx().dispatcher.dispatch(event, entry, origin="api",
                                                  charge=Charge(event.correlation, 1))
-    metrics.TASKS_DISPATCHED.labels(plugin=name).inc()
+    observer().dispatched(name)
     waited = False
     if wait and ctx().waiters.acquire(blocking=False):
         waited = True

@@ -24,11 +24,11 @@ import redis
 
 from manager.bus.dispatch import Dispatcher, Owed
 from manager.bus.index import TriggerIndex
-from manager.core import metrics
 from manager.core.clients import describe
 from manager.core.config import Settings
 from manager.core.errors import BudgetExceeded, EventError
 from manager.core.events import Event
+from manager.core.observer import observer
 from manager.core.record_store import Charge
 from manager.core.retry import REDIS_RECONNECT
 from manager.core.wiring import Wiring
@@ -55,8 +55,7 @@ def dead_letter(conn: redis.Redis, settings: Settings, raw: bytes | str, reason:
               {"event": raw, "reason": reason, "detail": detail[:2000], "entry_id": entry_id,
                "time": f"{time.time():.3f}"},
               maxlen=settings.stream_maxlen, approximate=True)
-    metrics.EVENTS_REJECTED.labels(reason=reason).inc()
-    metrics.DEAD_LETTERS.labels(reason=reason).inc()
+    observer().dead_lettered(reason)
     log.warning("dead-lettered %s: %s: %s", entry_id or "an event", reason, detail[:300])
 
 
@@ -222,8 +221,7 @@ class Listener:
                                  reason="invalid_event")
             event = Event.decode(raw, self.limits)
             index = self.index(version)
-            metrics.EVENTS_RECEIVED.labels(
-                topic=metrics.topic_label(event.topic, index.topics)).inc()
+            observer().event_received(event.topic, index.topics)
             if event.hops > self.settings.max_hops:
                 raise EventError(f"hops {event.hops} is over the limit {self.settings.max_hops}",
                                  field="hops", reason="hops_exceeded")
@@ -255,7 +253,7 @@ class Listener:
             invocation_id, sent = self.dispatcher.dispatch(event, plugin, charge=charge,
                                                            owed=self.owed)
             if sent:
-                metrics.TASKS_DISPATCHED.labels(plugin=plugin.name).inc()
+                observer().dispatched(plugin.name)
             else:
                 self.duplicate(event, plugin.name, invocation_id)
             runs[plugin.name] = json.dumps({"invocation_id": invocation_id,
@@ -263,7 +261,7 @@ class Listener:
         return runs
 
     def duplicate(self, event: Event, plugin: str, invocation_id: str) -> None:
-        metrics.DUPLICATES.labels(plugin=plugin).inc()
+        observer().duplicate(plugin)
         log.info("event %s is a duplicate for %s: its event_id already ran it as %s; "
                  "publish it with a new event_id (or none) to run again", event.event_id,
                  plugin, invocation_id)

@@ -33,8 +33,8 @@ import uuid
 from dataclasses import dataclass, field
 
 from manager.bus.dispatch import QUEUED_GRACE_S, Dispatcher
-from manager.core import metrics
 from manager.core.contract import messages_sent
+from manager.core.observer import observer
 from manager.core.records import InvocationRecord, Outcome, Status
 from manager.core.runs import RunRequest
 from manager.core.wiring import Wiring
@@ -131,9 +131,7 @@ class Sweeper:
                 reason=f"re-queued by the sweeper: {self._what_vanished(record)}")
             if outcome.applied:
                 self.dispatcher.enqueue(request)
-                metrics.REQUEUED.labels(plugin=record.plugin).inc()
-                metrics.RETRIES.labels(plugin=record.plugin,
-                                       reason=metrics.RetryReason.ABANDONED).inc()
+                observer().requeued(record.plugin)
                 report.requeued.append(record.invocation_id)
                 log.warning("sweeper: re-queued %s (%s)", record.invocation_id, record.status)
             return
@@ -141,7 +139,7 @@ class Sweeper:
         failure = request.failure_event(Status.LOST.value, reason) if request else None
         outcome = self.records.store(record.invocation_id, Outcome(Status.LOST, reason), failure)
         if outcome.applied:
-            metrics.INVOCATIONS.labels(plugin=record.plugin, status=Status.LOST.value).inc()
+            observer().ended(record.plugin, Status.LOST.value)
             report.lost.append(record.invocation_id)
             log.error("sweeper: %s is %s", record.invocation_id, reason)
 

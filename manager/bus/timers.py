@@ -16,10 +16,10 @@ from enum import StrEnum
 
 import redis
 
-from manager.core import metrics
 from manager.core.clients import check_replicated, confirm_replicated
 from manager.core.errors import NotReplicated
 from manager.core.events import Event, now_rfc3339, rfc3339
+from manager.core.observer import observer
 from manager.core.scripts import Scripts, named
 from manager.core.wiring import Wiring
 from manager.plugins.registry import Registry
@@ -164,12 +164,13 @@ class Timers:
     def count(plugin: str, schedule: Schedule, ticks: list[Tick], missed: int,
               now: float) -> None:
         if missed > 0:
-            metrics.TIMER_TICKS.labels(plugin=plugin, outcome="skipped").inc(missed)
+            observer().timer_ticked(plugin, TickOutcome.SKIPPED.value, count=missed)
         for tick in ticks:
             if tick.outcome is TickOutcome.SEEN:
                 continue
-            metrics.TIMER_TICKS.labels(plugin=plugin, outcome=tick.outcome.value).inc()
-            if tick.outcome is not TickOutcome.SKIPPED:
-                metrics.TIMER_LATENESS.labels(plugin=plugin).observe(max(0.0, now - tick.due))
+            fired = tick.outcome is not TickOutcome.SKIPPED
+            observer().timer_ticked(plugin, tick.outcome.value,
+                                    late_s=now - tick.due if fired else None)
+            if fired:
                 log.info("timer %s of %s: tick %s %s", schedule.spec, plugin,
                          rfc3339(tick.due), tick.outcome.value)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime as dt
 import io
-import os
 import sys
 import tarfile
 from pathlib import Path
@@ -24,7 +23,9 @@ SERVER = "redis"  # one certificate for this host's data nodes and Sentinels
 
 
 def tls_dir() -> Path:
-    return Path(os.environ.get("TITAN_RUN_DIR") or "run") / "tls"
+    """The run directory's tls/, by the one rule every process uses (Settings.run_dir:
+    TITAN_RUN_DIR, else the repository's run/, wherever the command is run from)."""
+    return Settings.from_env().run_dir / "tls"
 
 
 @click.group()

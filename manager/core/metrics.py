@@ -1,12 +1,13 @@
-"""Prometheus metrics (SPEC §6). Worker processes write to PROMETHEUS_MULTIPROC_DIR when
-it is set, and the manager's /metrics endpoint on port 8004 aggregates all of them."""
+"""Prometheus metrics (SPEC §6): their definitions, moved only by the observer
+(manager.core.observer), and what /metrics serves. Worker processes write to
+PROMETHEUS_MULTIPROC_DIR when it is set, and the manager's /metrics endpoint on port 8004
+aggregates all of them."""
 
 from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Callable, Container, Iterator
-from enum import StrEnum
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -56,25 +57,6 @@ EGRESS_BYTES = Counter("titan_egress_bytes_total", "Bytes runs moved through the
 RETRIES = Counter("titan_retries_total", "Runs sent again, by why", ["plugin", "reason"])
 
 
-class RetryReason(StrEnum):
-    """Why a run is sent again (the `reason` label of titan_retries_total)."""
-
-    SANDBOX_UNAVAILABLE = "sandbox_unavailable"
-    MANIFEST = "manifest"  # the plugin failed and its manifest allows `retries:`
-    SECOND_DELIVERY = "second_delivery"
-    ABANDONED = "abandoned"  # the sweeper found it abandoned (manager.bus.sweeper)
-
-
-def count_reload(changes: dict[str, list] | None) -> None:
-    """ok, partial (some plugin rejected) or failed (changes is None)."""
-    result = "failed" if changes is None else "partial" if changes["rejected"] else "ok"
-    RELOADS.labels(result=result).inc()
-
-
-def topic_label(topic: str, known: Container[str]) -> str:
-    """Topics named by loaded triggers keep their name; the rest are `other`, so a
-    producer cannot grow the label set without bound."""
-    return topic if topic in known else "other"
 RUN_LABELS = ["plugin", "warm", "isolation"]  # warm: true/false; isolation: container/gvisor
 DURATION = Histogram("titan_invocation_duration_seconds", "Plugin run wall time", RUN_LABELS,
                      buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120,

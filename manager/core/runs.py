@@ -27,6 +27,15 @@ def failure_event_id(invocation_id: str) -> str:
     return f"{invocation_id}-failed"
 
 
+class RetryReason(StrEnum):
+    """Why a run is sent again (the `reason` label of titan_retries_total)."""
+
+    SANDBOX_UNAVAILABLE = "sandbox_unavailable"
+    MANIFEST = "manifest"  # the plugin failed and its manifest allows `retries:`
+    SECOND_DELIVERY = "second_delivery"
+    ABANDONED = "abandoned"  # the sweeper found it abandoned (manager.bus.sweeper)
+
+
 class Isolation(StrEnum):
     """What stands between a plugin and the host kernel: the container alone (runc), or
     gVisor's user-space kernel as well (runsc), with every container protection as before."""

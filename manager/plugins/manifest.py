@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import shlex
 from functools import cached_property
 from pathlib import Path, PurePosixPath
@@ -25,6 +24,7 @@ from manager.core.config import Settings
 from manager.core.errors import ManifestError
 from manager.core.runs import Isolation, RunLimits
 from manager.plugins.globs import check_classes, check_glob
+from manager.plugins.quantities import parse_cpu, parse_memory
 from manager.plugins.schedule import Schedule
 from manager.plugins.yaml_strict import (
     StrictLoader,
@@ -38,9 +38,6 @@ NAME_RE = r"^[a-z][a-z0-9_]{0,63}$"
 SEMVER_RE = r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$"
 PATTERN_RE = r"^[A-Za-z0-9._*?\[\]-]{1,128}$"
 SECRET_RE = r"^[a-z][a-z0-9_]{0,63}$"
-MEMORY_RE = re.compile(r"^(\d+(?:\.\d+)?)(Ki|Mi|Gi|K|M|G)?$")
-MEMORY_UNITS = {None: 1, "K": 1000, "M": 1000**2, "G": 1000**3,
-                "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3}
 MANIFEST_NAME = "plugin.yaml"
 
 
@@ -212,28 +209,6 @@ def entrypoint_argv(entrypoint: str) -> list[str]:
         if ".." in path.parts or (path.is_absolute() and arg != argv[0]):
             raise ValueError(f"entrypoint argument {arg!r} points outside the plugin directory")
     return argv
-
-
-def parse_cpu(value: str) -> int:
-    """'100m' -> 100 millicores, '0.5' -> 500."""
-    match = re.fullmatch(r"(\d+)m|(\d+(?:\.\d+)?)", value.strip())
-    if not match:
-        raise ValueError(f"cpu must look like '100m' or '0.5', got {value!r}")
-    millis = int(match[1]) if match[1] else int(float(match[2]) * 1000)
-    if millis <= 0:
-        raise ValueError("cpu must be above zero")
-    return millis
-
-
-def parse_memory(value: str) -> int:
-    """'256Mi' -> bytes; accepts Ki/Mi/Gi and K/M/G."""
-    match = MEMORY_RE.fullmatch(value.strip())
-    if not match:
-        raise ValueError(f"memory must look like '256Mi' or '1G', got {value!r}")
-    size = int(float(match[1]) * MEMORY_UNITS[match[2]])
-    if size < 6 * 1024**2:
-        raise ValueError("memory must be at least 6Mi (Docker's minimum)")
-    return size
 
 
 def parse_manifest(text: bytes, path: str, max_bytes: int) -> Manifest:

@@ -167,14 +167,17 @@ def recent_runs(c: ApiContext, plugin: str = "", status: str = "",
 
 
 def timeline(record: InvocationRecord) -> list[dict[str, Any]]:
-    """queued -> started -> ended, each with its time and what is known of it."""
+    """queued -> started (claimed by a worker) -> ended, each with its time and what is
+    known of it; a run sent again says how often and why in its page's heading."""
     steps = [{"step": "queued", "at": record.created_at, "detail": f"origin {record.origin}"}]
     if record.started_at:
         place = {True: "warm", False: "cold", None: "no container"}[record.warm]
         isolation = (record.request or {}).get("isolation") or ""
+        ready = (f"its container ready in {record.container_start_s:.3f} s"
+                 if record.container_start_s is not None else "")
         steps.append({"step": "started", "at": record.started_at,
-                      "detail": " · ".join(p for p in (record.worker or "", place, isolation)
-                                           if p)})
+                      "detail": " · ".join(p for p in (record.worker or "", place, isolation,
+                                                        ready) if p)})
     if record.finished_at and record.status.terminal:
         steps.append({"step": record.status.value, "at": record.finished_at,
                       "detail": record.reason or ""})
