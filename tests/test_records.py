@@ -100,6 +100,20 @@ def test_storing_a_runs_end_is_atomic_and_happens_once(conn, settings) -> None:
     assert conn.zscore(store.keys.inflight, inv) is None
 
 
+def test_a_run_sent_again_keeps_why_in_its_history(conn, settings) -> None:
+    store = wired(conn, settings).records
+    inv = _new(store)
+    for n in range(23):
+        store.transition(inv, Status.RUNNING, increment="attempts", worker="w1")
+        store.transition(inv, Status.RETRYING, reason=f"try {n}", note=f"try {n}")
+    store.transition(inv, Status.RUNNING, worker="w1", reason=None)  # no note: no entry
+    history = store.get(inv).history
+    assert [h["reason"] for h in history] == [f"try {n}" for n in range(3, 23)]  # last 20
+    assert {h["status"] for h in history} == {"retrying"}
+    assert history[0]["at"] <= history[-1]["at"] and abs(history[-1]["at"] - store.now()) < 60
+    assert store.get(_new(store)).history == ()
+
+
 def test_a_takeover_is_a_compare_and_set_on_the_owner(conn, settings) -> None:
     store = wired(conn, settings).records
     inv = _new(store)

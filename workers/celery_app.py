@@ -12,7 +12,7 @@ import logging
 
 from celery import Celery, signals
 
-from manager.core.config import Settings
+from manager.core.config import process_settings
 from manager.core.contract import RUN_TASK, celery_settings
 from manager.core.errors import SandboxUnavailable
 from workers.heartbeat import HeartbeatStep
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 app = Celery("titan-worker", include=["workers.tasks"])
 app.config_from_object("celeryconfig")
-app.add_defaults(lambda: celery_settings(Settings.from_env()))
+app.add_defaults(lambda: celery_settings(process_settings()))
 app.steps["worker"].add(HeartbeatStep)
 
 

@@ -152,7 +152,7 @@ class Delivery:
         countdown = run_retry(limit).delay(attempt - 1)
         observer().retried(req.plugin, why)
         persist(lambda: self.wiring.records.transition(
-            req.invocation_id, Status.RETRYING, reason=reason,
+            req.invocation_id, Status.RETRYING, reason=reason, note=reason,
             due_in=countdown + RUNNING_GRACE_S, **changes),
             self.settings.finish_budget_s, req.invocation_id)
         return Again(req.next_attempt(), countdown)

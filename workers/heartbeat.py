@@ -24,7 +24,7 @@ from celery import bootsteps
 
 from manager.core.beats import WorkerBeat
 from manager.core.clients import describe
-from manager.core.config import Settings
+from manager.core.config import process_settings
 from manager.core.errors import SandboxUnavailable
 from manager.core.wiring import Wiring
 from manager.plugins.janitor import CacheJanitor
@@ -168,7 +168,7 @@ class HeartbeatStep(bootsteps.StartStopStep):
         self.resender: Resender | None = None
 
     def start(self, worker: Any) -> None:
-        settings = Settings.from_env()
+        settings = process_settings()
         RunIds.parse(settings.run_ids).check_host(Path(settings.host_etc))
         self.heartbeat = Heartbeat(Wiring.connect(settings), worker.hostname, Engine(settings),
                                    int(worker.concurrency or os.cpu_count() or 1))

@@ -20,7 +20,7 @@ from celery import Task
 from celery.exceptions import Ignore, Reject
 from kombu.exceptions import OperationalError
 
-from manager.core.config import Settings
+from manager.core.config import process_settings
 from manager.core.contract import RUN_TASK
 from manager.core.errors import NotReplicated, OutcomeNotStored
 from manager.core.records import Outcome, Status
@@ -46,7 +46,7 @@ class RunTask(Task):
     @property
     def delivery(self) -> Delivery:
         if self._process is None or self._process[0] != os.getpid():
-            settings = Settings.from_env()
+            settings = process_settings()
             self._process = (os.getpid(), Delivery(Wiring.connect(settings), Engine(settings)))
         return self._process[1]
 

@@ -125,15 +125,16 @@ class Sweeper:
         # worker every time ends `lost`).
         may_run = request is not None and record.requeues < self.settings.max_requeues
         if may_run and request is not None:
+            why = f"re-queued by the sweeper: {self._what_vanished(record)}"
             outcome = self.records.transition(
                 record.invocation_id, Status.QUEUED, increment="requeues",
-                due_in=QUEUED_GRACE_S,
-                reason=f"re-queued by the sweeper: {self._what_vanished(record)}")
+                due_in=QUEUED_GRACE_S, reason=why, note=why)
             if outcome.applied:
                 self.dispatcher.enqueue(request)
                 observer().requeued(record.plugin)
                 report.requeued.append(record.invocation_id)
-                log.warning("sweeper: re-queued %s (%s)", record.invocation_id, record.status)
+                log.warning("sweeper: re-queued %s (%s, held by %s)", record.invocation_id,
+                            record.status, record.worker or "nobody")
             return
         reason = f"lost: {self._what_vanished(record)}"
         failure = request.failure_event(Status.LOST.value, reason) if request else None

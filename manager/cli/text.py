@@ -45,6 +45,7 @@ def describe(rec: dict[str, Any]) -> str:
         if shown.get(key) not in (None, "", []):
             lines.append(f"  {key}: {shown[key]}")
     lines += produced(rec) + connections(rec)
+    lines += [f"  sent again ({h['status']}): {h['reason']}" for h in rec.get("history") or []]
     for stream in ("stdout", "stderr"):
         if rec.get(stream):
             lines.append(f"  {stream}:\n    " + rec[stream].rstrip()[:4000].replace("\n", "\n    "))

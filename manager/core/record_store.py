@@ -142,7 +142,7 @@ class RecordStore:
 
     def _change(self, invocation_id: str, target: Status, sources: frozenset[Status] | None,
                 due_in: float | None, increment: str, owner: str,
-                changes: dict[str, Any]) -> tuple[list[str], str]:
+                changes: dict[str, Any], note: str = "") -> tuple[list[str], str]:
         assert not target.terminal, "a terminal status is stored with its outcome: store()"
         sources = TRANSITIONS[target] if sources is None else sources
         assert sources <= TRANSITIONS[target], (sources, target)
@@ -150,18 +150,19 @@ class RecordStore:
             sources = sources - {Status.RUNNING} if target is Status.RUNNING else sources
         return ([self.keys.invocation(invocation_id), self.keys.inflight, self.keys.waiting],
                 named(id=invocation_id, sources=_sources(sources), due_in=due_in,
-                      increment=increment or None, owner=owner or None,
+                      increment=increment or None, owner=owner or None, note=note or None,
                       fields=encode_fields({"status": target, **changes})))
 
     def transition(self, invocation_id: str, target: Status,
                    sources: frozenset[Status] | None = None, due_in: float | None = None,
-                   increment: str = "", owner: str = "", **changes: Any) -> Written:
+                   increment: str = "", owner: str = "", note: str = "",
+                   **changes: Any) -> Written:
         """Moves a record to `target` if its current status is one of `sources` (by default
         every source the table allows). `due_in` re-arms the sweeper's clock (seconds from
         now, Redis's); `owner` makes it a compare-and-set on the record's worker (a
-        takeover)."""
+        takeover); `note`: the run is sent again, and why (kept in its history)."""
         keys, args = self._change(invocation_id, target, sources, due_in, increment, owner,
-                                  changes)
+                                  changes, note)
         return Written.of(self.scripts.transition(keys=keys, args=[args]))
 
     def queue_transition(self, pipe: redis.client.Pipeline, invocation_id: str,

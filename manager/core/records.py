@@ -112,6 +112,9 @@ class InvocationRecord:
     # each request the run sent the egress proxy: method, host, port, decision, why,
     # status, bytes sent and received
     egress: tuple[dict[str, Any], ...] = ()
+    # each time the run was sent again, newest last (at most 20): when (Redis's clock),
+    # the status it went to (retrying, or queued by the sweeper) and why
+    history: tuple[dict[str, Any], ...] = ()
     published: bool = False
     request: dict[str, Any] | None = field(default=None, repr=False)
 
@@ -135,6 +138,7 @@ class InvocationRecord:
         data["result_event_ids"] = list(self.result_event_ids)
         data["results"] = list(self.results)
         data["egress"] = list(self.egress)
+        data["history"] = list(self.history)
         return data
 
     @classmethod
@@ -146,6 +150,7 @@ class InvocationRecord:
         values["result_event_ids"] = tuple(values.get("result_event_ids") or ())
         values["results"] = tuple(values.get("results") or ())
         values["egress"] = tuple(values.get("egress") or ())
+        values["history"] = tuple(values.get("history") or ())
         return cls(**values)
 
 

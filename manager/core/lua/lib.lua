@@ -133,6 +133,13 @@ local function transition(record, inflight, waiting, id, change)
   end
   if change.increment then redis.call('HINCRBY', record, change.increment, 1) end
   hset_fields(record, change.fields)
+  if change.note then  -- the run is sent again: why, kept in its history (the last 20)
+    local raw = redis.call('HGET', record, 'history')
+    local history = raw and cjson.decode(raw) or {}
+    if #history >= 20 then table.remove(history, 1) end
+    history[#history + 1] = {at = now(), status = status_of(record), reason = change.note}
+    redis.call('HSET', record, 'history', cjson.encode(history))
+  end
   status_changed(record, waiting, id, found, status_of(record))
   if change.due_in == false then redis.call('ZREM', inflight, id)
   elseif change.due_in then redis.call('ZADD', inflight, now() + change.due_in, id) end
