@@ -12,9 +12,9 @@ import logging
 
 from celery import Celery, signals
 
-from manager.core.config import process_settings
 from manager.core.contract import RUN_TASK, celery_settings
 from manager.core.errors import SandboxUnavailable
+from manager.core.wiring import process_settings
 from workers.heartbeat import HeartbeatStep
 
 log = logging.getLogger(__name__)

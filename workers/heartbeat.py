@@ -24,9 +24,8 @@ from celery import bootsteps
 
 from manager.core.beats import WorkerBeat
 from manager.core.clients import describe
-from manager.core.config import process_settings
 from manager.core.errors import SandboxUnavailable
-from manager.core.wiring import Wiring
+from manager.core.wiring import Wiring, process_settings
 from manager.plugins.janitor import CacheJanitor
 from workers import sentries
 from workers.engine import Engine

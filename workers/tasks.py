@@ -20,12 +20,11 @@ from celery import Task
 from celery.exceptions import Ignore, Reject
 from kombu.exceptions import OperationalError
 
-from manager.core.config import process_settings
 from manager.core.contract import RUN_TASK
 from manager.core.errors import NotReplicated, OutcomeNotStored
 from manager.core.records import Outcome, Status
 from manager.core.runs import RunRequest
-from manager.core.wiring import Wiring
+from manager.core.wiring import Wiring, process_settings
 from workers.celery_app import app
 from workers.delivery import Delivery
 from workers.engine import Engine

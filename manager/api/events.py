@@ -35,8 +35,13 @@ def post_event() -> Any:
 def dead_letters() -> Any:
     """The newest dead letters first: reason, detail and the event as it arrived."""
     limit = request.context.query.limit  # type: ignore[attr-defined]
-    entries = ctx().conn.xrevrange(ctx().settings.dead_stream, count=limit)
-    return jsonify({"dead": [dead_entry(entry_id, fields) for entry_id, fields in entries]})
+    return jsonify({"dead": newest_dead(ctx(), limit)})
+
+
+def newest_dead(c: ApiContext, limit: int) -> list[dict[str, Any]]:
+    """The newest dead letters first (the API's list and the console's page)."""
+    return [dead_entry(entry_id, fields)
+            for entry_id, fields in c.conn.xrevrange(c.settings.dead_stream, count=limit)]
 
 
 @bus_routes.post("/events/dead/<entry_id>/replay")

@@ -4,7 +4,6 @@ the variable. Each process builds its Settings once at start (manager.core.wirin
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import ipaddress
 import os
@@ -299,11 +298,3 @@ class Settings(BaseSettings):
 
     def with_(self, **changes: Any) -> Settings:
         return self.model_copy(update=changes)
-
-
-@functools.cache
-def process_settings() -> Settings:
-    """This process's settings, read from the environment once: the worker's parts (its
-    Celery app, its heartbeat, each pool process's delivery: forked, they share what
-    their parent read) take them from here rather than each reading the environment."""
-    return Settings.from_env()

@@ -173,3 +173,7 @@ class Keys:
     def console_session(self, digest: str) -> str:
         """String: a console session (JSON), by the SHA-256 of its cookie's token."""
         return f"{self.prefix}:console:{digest}"
+
+    def console_messages(self, digest: str) -> str:
+        """List: a console session's messages for its next page (each shown once)."""
+        return f"{self.prefix}:console:{digest}:told"

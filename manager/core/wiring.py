@@ -6,6 +6,7 @@ second Wiring.)"""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import redis
@@ -32,3 +33,11 @@ class Wiring:
         keys = settings.keys
         return cls(settings, conn, keys, RecordStore(conn, settings, keys),
                    Slots(conn, keys, settings.plugin_share))
+
+
+@functools.cache
+def process_settings() -> Settings:
+    """This process's settings, read from the environment once: the worker's parts (its
+    Celery app, its heartbeat, each pool process's delivery: forked, they share what
+    their parent read) take them from here rather than each reading the environment."""
+    return Settings.from_env()

@@ -25,7 +25,7 @@ from werkzeug.exceptions import HTTPException
 from manager.api.console import guard, views
 from manager.api.console.sessions import COOKIE, SIGNIN_COOKIE, TTL_S, key_matches
 from manager.api.context import api_context as ctx
-from manager.api.context import reload_registry
+from manager.api.context import error, reload_registry
 from manager.api.events import replay as replay_dead
 from manager.core.errors import DeadLetterNotFound, EventError, TitanError
 
@@ -194,7 +194,7 @@ def workers() -> Any:
 def _refused(exc: HTTPException) -> Any:
     """A page's error as a page; a data request's as the API's JSON error."""
     if request.path.endswith(".json"):
-        return jsonify({"error": {"code": (exc.name or "error").lower().replace(" ", "_"),
-                                  "message": exc.description}}), exc.code
+        return error((exc.name or "error").lower().replace(" ", "_"),
+                     exc.description or "", exc.code or 500)
     return render_template("error.html", code=exc.code, name=exc.name,
                            message=exc.description), exc.code

@@ -47,45 +47,50 @@ class Sessions:
         self.conn = conn
         self.keys = keys
 
-    def _key(self, token: str) -> str:
-        return self.keys.console_session(hashlib.sha256(token.encode()).hexdigest())
+    @staticmethod
+    def _digest(token: str | None) -> str | None:
+        """What Redis knows a cookie's token by; None for no token, or one no session
+        could have (it is never looked up)."""
+        if not token or len(token) > 100:
+            return None
+        return hashlib.sha256(token.encode()).hexdigest()
 
     def open(self, api_key: str) -> str:
         """A new session; returns the cookie's token."""
         token = secrets.token_urlsafe(32)
         session = ConsoleSession(secrets.token_urlsafe(32), fingerprint(api_key), time.time())
-        self.conn.set(self._key(token), json.dumps(asdict(session)), ex=TTL_S)
+        self.conn.set(self.keys.console_session(self._digest(token) or ""),
+                      json.dumps(asdict(session)), ex=TTL_S)
         return token
 
     def find(self, token: str | None, api_key: str) -> ConsoleSession | None:
         """The session this token opened, while it lasts and the key is unchanged."""
-        if not token or len(token) > 100:
-            return None
-        raw = self.conn.get(self._key(token))
+        digest = self._digest(token)
+        raw = self.conn.get(self.keys.console_session(digest)) if digest else None
         if raw is None:
             return None
         session = ConsoleSession(**json.loads(raw))
         return session if hmac.compare_digest(session.key, fingerprint(api_key)) else None
 
     def close(self, token: str | None) -> None:
-        if token and len(token) <= 100:
-            self.conn.delete(self._key(token), self._key(token) + ":told")
+        if digest := self._digest(token):
+            self.conn.delete(self.keys.console_session(digest),
+                             self.keys.console_messages(digest))
 
     def tell(self, token: str | None, category: str, text: str) -> None:
         """A message for the session's next page (after an action's redirect)."""
-        if token and len(token) <= 100:
-            key = self._key(token) + ":told"
+        if digest := self._digest(token):
             pipe = self.conn.pipeline()
-            pipe.rpush(key, json.dumps([category, text]))
-            pipe.expire(key, 300)
+            pipe.rpush(self.keys.console_messages(digest), json.dumps([category, text]))
+            pipe.expire(self.keys.console_messages(digest), 300)
             pipe.execute()
 
     def told(self, token: str | None) -> list[tuple[str, str]]:
         """The session's messages, each shown once."""
-        if not token or len(token) > 100:
+        digest = self._digest(token)
+        if digest is None:
             return []
-        key = self._key(token) + ":told"
         pipe = self.conn.pipeline()
-        pipe.lrange(key, 0, 20)
-        pipe.delete(key)
+        pipe.lrange(self.keys.console_messages(digest), 0, 20)
+        pipe.delete(self.keys.console_messages(digest))
         return [tuple(json.loads(m)) for m in pipe.execute()[0]]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from manager.api.context import ApiContext
-from manager.api.events import dead_entry
+from manager.api.events import newest_dead
 from manager.core.beats import WorkerBeat
 from manager.core.lines import lines
 from manager.core.records import InvocationRecord, Status
@@ -92,8 +92,7 @@ def runs_of_plugins(c: ApiContext, names: list[str], limit: int,
     for name in names:
         pipe.zrevrange(c.keys.plugin_invocations(name), 0, limit - 1)
     ids = pipe.execute()
-    found = iter(rows_of(c, [i for some in ids for i in some], keep_missing=True,
-                         fields=fields))
+    found = iter(rows_of(c, [i for some in ids for i in some], fields))
     return {name: [r for r in (next(found) for _ in some) if r]
             for name, some in zip(names, ids, strict=True)}
 
@@ -103,10 +102,10 @@ ROW_FIELDS = ("invocation_id", "plugin", "version", "status", "topic", "event_ty
               "created_at", "duration_s", "warm", "worker")
 
 
-def rows_of(c: ApiContext, ids: list[bytes], keep_missing: bool = False,
+def rows_of(c: ApiContext, ids: list[bytes],
             fields: tuple[str, ...] | None = None) -> list[dict[str, Any] | None]:
     """The list's fields of these runs (not their output or event: a list of thousands
-    reads what it shows), in one round trip; an expired run is None, or left out."""
+    reads what it shows), in one round trip, one per id; an expired run is None."""
     fields = fields or ROW_FIELDS
     pipe = c.conn.pipeline(transaction=False)
     for i in ids:
@@ -114,8 +113,7 @@ def rows_of(c: ApiContext, ids: list[bytes], keep_missing: bool = False,
     rows: list[dict[str, Any] | None] = []
     for values in pipe.execute():
         if values[0] is None:
-            if keep_missing:
-                rows.append(None)
+            rows.append(None)
             continue
         row = {f: None if v is None else json.loads(v)
                for f, v in zip(fields, values, strict=True)}
@@ -186,8 +184,7 @@ def timeline(record: InvocationRecord) -> list[dict[str, Any]]:
 
 def dead_letters(c: ApiContext, limit: int = 50) -> list[dict[str, Any]]:
     """The newest dead letters, each event shown as indented JSON (or as it arrived)."""
-    entries = c.conn.xrevrange(c.settings.dead_stream, count=limit)
-    letters = [dead_entry(entry_id, fields) for entry_id, fields in entries]
+    letters = newest_dead(c, limit)
     for letter in letters:
         letter["shown"] = json.dumps(letter["event"], indent=2, ensure_ascii=False) \
             if not isinstance(letter["event"], str) else letter["event"]
