@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from harness import WorkerProcess, caused_by, new_id, records_of, wait_until, wired
+from harness import WorkerProcess, caused_by, isolated, new_id, records_of, wait_until, wired
 from manager.bus.dispatch import Dispatcher
 from manager.bus.sweeper import Sweeper
 from manager.core.contract import make_celery
@@ -34,12 +34,14 @@ def skewed(offset: str) -> dict[str, str]:
 
 
 def test_workers_on_skewed_clocks_lose_double_and_requeue_nothing_live(
-        settings, conn, registry, caplog) -> None:
+        settings, conn, caplog) -> None:
     tag = uuid.uuid4().hex[:6]
     # (kombu puts a killed worker's prefetched messages back after the visibility timeout,
     # judged by each worker's own clock: short here, as duplicates are harmless)
-    mine = settings.with_(task_queue=f"{settings.task_queue}.clocks{tag}", sweep_grace_s=2,
-                          visibility_timeout=30, restore_interval=2)
+    # keys of its own: its sweeper judges only this test's runs (the session's keys hold
+    # runs other tests' killed workers left behind)
+    mine, registry = isolated(settings, conn, sweep_grace_s=2, visibility_timeout=30,
+                              restore_interval=2)
     workers = {name: WorkerProcess(mine, f"clock{name}{tag}", concurrency=2, **env)
                for name, env in (("true", {}), ("ahead", skewed("+5m")),
                                  ("behind", skewed("-5m")))}

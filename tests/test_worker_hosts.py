@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import PrivateEngine, WorkerProcess, new_id, record_of, wait_until, wired
+from harness import PrivateEngine, WorkerProcess, isolated, new_id, record_of, wait_until, wired
 from manager.bus.dispatch import Dispatcher
 from manager.bus.sweeper import Sweeper
 from manager.core.contract import make_celery
@@ -40,14 +40,14 @@ def containers_on(engine: PrivateEngine, instance: str) -> list[str]:
     return listed.stdout.split()
 
 
-def test_a_burst_spreads_over_two_hosts_and_survives_one_of_them(settings, conn, registry,
+def test_a_burst_spreads_over_two_hosts_and_survives_one_of_them(settings, conn,
                                                                     redis_server) -> None:
     uid = uuid.uuid4().hex[:8]
-    mine = settings.with_(redis_url=redis_server.tls_url, **tls_settings(),
-                          task_queue=f"{settings.task_queue}.hosts{uid}",
-                          event_stream=f"{settings.event_stream}.hosts{uid}",
-                          instance=f"{settings.instance}-hosts{uid}", visibility_timeout=10,
-                          restore_interval=2, prewarm_size=0)
+    # keys of its own: its sweeper must not send other tests' runs to these workers
+    mine, registry = isolated(settings, conn, redis_url=redis_server.tls_url, **tls_settings(),
+                              instance=f"{settings.instance}-hosts{uid}", visibility_timeout=10,
+                              restore_interval=2, prewarm_size=0,
+                              cache_dir=Path(tempfile.mkdtemp(prefix="cache-a-")))
     engine = PrivateEngine(settings.runtime_image)
     elsewhere = Path(tempfile.mkdtemp(prefix="titan-host-b-"))
     host_b = mine.with_(worker_name=f"host-b-{uid}", cache_dir=elsewhere / "cache")
