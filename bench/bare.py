@@ -13,7 +13,7 @@ from workers import options
 from workers.engine import Engine
 from workers.files import account_files, write_event
 from workers.identity import Identities
-from workers.spec import PoolConfig, RunSpec
+from workers.run_spec import PoolConfig, RunSpec
 
 PLUGIN_DIR = Path(__file__).resolve().parent / "plugins"
 

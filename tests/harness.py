@@ -331,7 +331,7 @@ def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
         "TITAN_REDIS_MASTER": settings.redis_master,
         "TITAN_REDIS_TLS_CA": settings.redis_tls_ca,
         "TITAN_REDIS_TLS_CERT": settings.redis_tls_cert,
-        "TITAN_REDIS_TLS_KEY": settings.redis_tls_key,
+        "TITAN_REDIS_TLS_KEY": settings.redis_tls_key, "TITAN_RUN_IDS": settings.run_ids,
         # what a process SIGKILLed by a test cannot clean up goes with the session
         "TMPDIR": str(mkdirs_private(session_dir() / "tmp")),
     })

@@ -4,6 +4,7 @@ parts below it, and the API never imports Docker or the workers."""
 from __future__ import annotations
 
 import ast
+import builtins
 from pathlib import Path
 
 from manager.core.config import ROOT
@@ -86,3 +87,58 @@ def test_no_module_imports_itself_in_a_circle() -> None:
         return False
 
     assert [m for m in graph if reaches(m, m, set())] == []
+
+
+def test_no_two_modules_share_a_name() -> None:
+    """A module's name says its step: two of one name (an `events` of the API and one of
+    the core) leave a reader asking which."""
+    names: dict[str, list[str]] = {}
+    for name in modules():
+        if not name.endswith(("__init__", "__main__")) and name.count(".") > 0:
+            names.setdefault(name.rsplit(".", 1)[1], []).append(name)
+    assert {k: v for k, v in names.items() if len(v) > 1} == {}
+
+
+def test_every_error_is_a_titan_error() -> None:
+    """One error tree (manager.core.errors.TitanError): each error carries a stable code
+    and its details, wherever it is raised."""
+    builtin = {n for n, v in vars(builtins).items()
+               if isinstance(v, type) and issubclass(v, BaseException)}
+    bases: dict[str, list[str]] = {}
+    for path in modules().values():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                bases[node.name] = [b.id if isinstance(b, ast.Name) else ast.unparse(b)
+                                    for b in node.bases]
+
+    def is_error(name: str) -> bool:
+        return name in builtin or any(is_error(b) for b in bases.get(name, ()))
+
+    def in_tree(name: str) -> bool:
+        return name == "TitanError" or any(in_tree(b) for b in bases.get(name, ()))
+
+    outside = [n for n in bases if n not in builtin and is_error(n) and not in_tree(n)]
+    assert outside == []
+
+
+def test_settings_are_read_from_the_environment_in_one_place() -> None:
+    """TITAN_* is read by the settings' classes alone (manager.core.config, and the CLI
+    client's group, manager.core.client_config); every other module is handed them."""
+    readers = {"manager.core.config", "manager.core.client_config"}
+
+    def titan(node: ast.AST) -> bool:
+        return isinstance(node, ast.Constant) and str(node.value).startswith("TITAN_")
+
+    found = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            read = ((isinstance(node, ast.Call) and node.args and titan(node.args[0])
+                     and ("environ" in ast.unparse(node.func) or "getenv" in
+                          ast.unparse(node.func)))
+                    or (isinstance(node, ast.Subscript) and titan(node.slice)
+                        and "environ" in ast.unparse(node.value))
+                    or (isinstance(node, ast.Compare) and titan(node.left)
+                        and "environ" in ast.unparse(node.comparators[0])))
+            if read and name not in readers:
+                found.append(f"{name}: {ast.unparse(node)}")
+    assert found == []

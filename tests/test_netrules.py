@@ -16,7 +16,7 @@ from manager.core.config import Settings
 from manager.egress import helper
 from manager.egress.grants import merge
 from manager.plugins.manifest import parse_manifest
-from workers.grants import MASK, mask
+from workers.given import MASK, mask
 
 MANIFEST = b"""name: p
 version: 0.1.0

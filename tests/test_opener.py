@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from manager.plugins.as_user import Refusal, open_as, opener
+from manager.plugins.as_user import OpenRefused, open_as, opener
 
 UID, GID = 2_099_990, 2_099_991  # in no account (the run range's top; never leased here)
 
@@ -36,14 +36,14 @@ def test_a_file_the_run_may_read_is_opened_and_read(tree: Path) -> None:
 
 def test_the_kernel_refuses_what_the_run_may_not_read(tree: Path) -> None:
     (tree / "file").chmod(0o600)  # root's own: root could, the run cannot
-    with pytest.raises(Refusal) as refused:
+    with pytest.raises(OpenRefused) as refused:
         open_as(str(tree / "file"), UID, GID)
     assert refused.value.denied and refused.value.depth == 4
 
 
 def test_a_symlink_on_the_way_is_refused(tree: Path) -> None:
     (tree / "link").symlink_to(tree / "file")
-    with pytest.raises(Refusal) as refused:
+    with pytest.raises(OpenRefused) as refused:
         open_as(str(tree / "link"), UID, GID)
     assert refused.value.linked
 

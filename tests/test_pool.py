@@ -106,6 +106,7 @@ def test_a_prewarmed_container_whose_uid_the_host_gives_away_is_never_used(
         f"titan.instance={many['settings'].instance}", f"titan.plugin={name}",
         "titan.pool=1"]})]
     uid = int(pooled.attrs["Labels"]["titan.uid"].split(":")[0])
+    assert 2400000 <= uid < 2410000, uid  # the fixture's own range (see `many`)
     account = f"titanhostile{uid % 100000}"
     subprocess.run(["useradd", "-M", "-N", "-g", "nogroup", "-u", str(uid), account],
                    check=True)

@@ -89,8 +89,7 @@ def test_storing_a_runs_end_is_atomic_and_happens_once(conn, settings) -> None:
     inv = _new(store)
     assert store.transition(inv, Status.RUNNING, increment="attempts", worker="w1").applied
     events = [json.dumps({"event_id": f"{inv}-r1"}), json.dumps({"event_id": f"{inv}-r2"})]
-    ended = Outcome(Status.SUCCEEDED, events=tuple(events),
-                    fields={"result_event_ids": [f"{inv}-r1"]})
+    ended = Outcome(Status.SUCCEEDED, events=tuple(events), result_event_ids=(f"{inv}-r1",))
     first = store.store(inv, ended)
     again = store.store(inv, ended)
     assert first.applied and not again.applied and again.found is Status.SUCCEEDED

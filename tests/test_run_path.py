@@ -12,9 +12,10 @@ import pytest
 from manager.core.config import Settings
 from manager.core.events import Event
 from manager.core.records import Status
+from manager.core.run_end import End, Exit, RunEnd
 from manager.core.runs import RunLimits, RunRequest
-from workers.classify import Verdict, outcome, verdict
-from workers.spec import Capture, End, PoolConfig, RunEnd, RunSpec
+from workers.classify import Verdict, conclude, verdict
+from workers.run_spec import Capture, PoolConfig, RunSpec
 from workers.warm import TAIL, Ending, WarmBroken
 
 TOKEN = "ab" * 16
@@ -65,7 +66,7 @@ def test_the_closing_line_ends_both_streams_and_is_never_output() -> None:
     sock = frames((1, GO + b'{"topic": "a"}\n'), (2, b"log line\n"), (1, end(3)),
                   (2, end(3)), (1, b"after the end"))
     assert read(ending, sock) == (b'{"topic": "a"}\n', b"log line\n")
-    assert ending.state() == {"ExitCode": 3, "OOMKilled": False}
+    assert ending.state() == Exit(3)
 
 
 def test_a_closing_line_split_across_frames_is_still_found() -> None:
@@ -75,7 +76,7 @@ def test_a_closing_line_split_across_frames_is_still_found() -> None:
                   (2, line))
     out, err = read(ending, sock)
     assert out == b"x" * (TAIL + 5) and err == b""
-    assert ending.state() == {"ExitCode": 0, "OOMKilled": True}
+    assert ending.state() == Exit(0, oom_killed=True)
 
 
 def test_a_forged_closing_line_is_plain_output_and_ends_nothing() -> None:
@@ -158,12 +159,14 @@ def ended(stdout: bytes, code: int = 0) -> RunEnd:
 def test_output_becomes_result_events_with_derived_ids() -> None:
     lines = [{"topic": "t.v1", "event_type": "done", "payload": {"n": n}} for n in (1, 2)]
     end = ended("\n".join(json.dumps(x) for x in lines).encode())
-    stored = outcome(request(), end, verdict(end, spec(), 1024), Settings())
+    stored = conclude(request(), end, verdict(end, spec(), 1024), Settings())
     assert stored.status is Status.SUCCEEDED
     events = [json.loads(e) for e in stored.events]
     assert [e["event_id"] for e in events] == ["inv1-r1", "inv1-r2"]
-    assert stored.fields["result_event_ids"] == ["inv1-r1", "inv1-r2"]
-    assert stored.fields["warm"] is True and stored.fields["duration_s"] == 0.5
+    assert stored.result_event_ids == ("inv1-r1", "inv1-r2")
+    fields = stored.record_fields()
+    assert fields["result_event_ids"] == ["inv1-r1", "inv1-r2"]
+    assert fields["warm"] is True and fields["duration_s"] == 0.5 and fields["exit_code"] == 0
     assert all(e["causation_id"] == "e1" and e["correlation_id"] == "c1" and e["hops"] == 1
                and e["source"] == "plugin:p@1.0.0" for e in events)
 
@@ -177,12 +180,12 @@ def test_output_becomes_result_events_with_derived_ids() -> None:
 ])
 def test_output_that_breaks_the_contract_fails_the_run(stdout: bytes, says: str) -> None:
     end = ended(stdout)
-    stored = outcome(request(), end, verdict(end, spec(), 1024), Settings())
+    stored = conclude(request(), end, verdict(end, spec(), 1024), Settings())
     assert stored.status is Status.FAILED and says in (stored.reason or "")
-    assert stored.events == () and stored.fields["result_event_ids"] == []
+    assert stored.events == () and stored.record_fields()["result_event_ids"] == []
 
 
 def test_a_run_that_did_not_succeed_publishes_nothing_it_printed() -> None:
     end = RunEnd(End.TIMED_OUT, 137, b'{"topic": "t", "event_type": "e", "payload": {}}')
-    stored = outcome(request(), end, verdict(end, spec(), 1024), Settings())
+    stored = conclude(request(), end, verdict(end, spec(), 1024), Settings())
     assert stored.status is Status.TIMEOUT and stored.events == ()

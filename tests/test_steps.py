@@ -20,6 +20,7 @@ from manager.core.config import Settings
 from manager.core.errors import SandboxUnavailable
 from manager.core.events import Event
 from manager.core.records import InvocationRecord, Status
+from manager.core.run_end import End, RunEnd
 from manager.core.runs import RunRequest
 from manager.core.slots import Grant
 from manager.core.wiring import Wiring
@@ -29,7 +30,7 @@ from workers.delivery import Delivery
 from workers.identity import Identities
 from workers.next import Again
 from workers.prepare import Prepared
-from workers.spec import End, RunEnd, RunSpec
+from workers.run_spec import RunSpec
 
 
 @dataclass
@@ -289,8 +290,9 @@ def test_a_summary_says_what_operators_look_for_in_flower() -> None:
 
     results = [{"event_id": f"i-r{n}", "topic": "chat.v1", "event_type": "counted",
                 "payload": f'{{"n": {n}}}'} for n in range(1, 6)]
-    good = summarize(Outcome(Status.SUCCEEDED, None, fields={
-        "duration_s": 0.042, "warm": True, "results": results}))
+    good = summarize(Outcome(Status.SUCCEEDED, None,
+                             ran=RunEnd(End.EXITED, 0, finished_wall=0.042, warm=True),
+                             results=tuple(results)))
     lines = good.splitlines()
     assert lines[0] == "succeeded in 0.042s (warm): 5 result event(s)"
     assert lines[1:1 + SHOWN_RESULTS] == [f'-> chat.v1/counted {{"n": {n}}}'
@@ -299,12 +301,13 @@ def test_a_summary_says_what_operators_look_for_in_flower() -> None:
     # the last lines that fit, each whole: never a line cut mid-word
     last = "Traceback (most recent call last):\n" + "  frame\n" * 30 + "KeyError: 'text'\n"
     stderr = "x" * (STDERR_TAIL - len(last) + 10) + "\n" + last
-    bad = summarize(Outcome(Status.FAILED, "exited with code 1: KeyError: 'text'", fields={
-        "duration_s": 0.3, "warm": False, "stderr": stderr}))
+    bad = summarize(Outcome(Status.FAILED, "exited with code 1: KeyError: 'text'",
+                            ran=RunEnd(End.EXITED, 1, stderr=stderr.encode(),
+                                       finished_wall=0.3)))
     head, tail = bad.split("\nstderr (its last lines):\n")
     assert head == "failed in 0.3s (cold): exited with code 1: KeyError: 'text'"
     assert tail == last.rstrip()
-    short = summarize(Outcome(Status.FAILED, "x", fields={"stderr": "oops\n"}))
+    short = summarize(Outcome(Status.FAILED, "x", ran=RunEnd(End.EXITED, 1, stderr=b"oops\n")))
     assert short.endswith("\nstderr:\noops")
     refused = summarize(Outcome(Status.REJECTED, "path outside the plugin's permissions"))
     assert refused == "rejected: path outside the plugin's permissions"

@@ -9,7 +9,7 @@ from manager.core.config import Settings
 from manager.core.runs import RunLimits
 from manager.plugins.permissions import PayloadFile
 from workers.files import place, takes_payload
-from workers.spec import PoolConfig
+from workers.run_spec import PoolConfig
 from workers.warm import interpreter
 
 LIMITS = RunLimits(timeout=5, memory_bytes=64 * 2**20, cpu_millis=500, pids=64)

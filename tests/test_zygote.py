@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 
 from manager.core.config import Settings
+from manager.core.run_end import RunEnd
 from manager.core.runs import RunLimits
 from workers.cold import launched_cold
 from workers.engine import Engine
 from workers.run_loop import follow
-from workers.spec import PoolConfig, RunEnd, RunSpec
+from workers.run_spec import PoolConfig, RunSpec
 from workers.warm import handed_over, prewarm
 
 pytestmark = pytest.mark.integration

@@ -122,16 +122,25 @@ class Keeper:
         self.held: dict[str, tuple[str, str]] = {}  # invocation id -> (plugin, holder)
         self.lock = threading.Lock()
         self.wake = threading.Event()
+        self.stopping = threading.Event()
         self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Its thread runs (again, should it have died)."""
+        if self.thread is None or not self.thread.is_alive():
+            self.stopping.clear()
+            self.thread = threading.Thread(target=self._loop, name="titan-holds", daemon=True)
+            self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.wake.set()
 
     @contextlib.contextmanager
     def holding(self, req: RunRequest, holder: str) -> Iterator[None]:
         with self.lock:
             self.held[req.invocation_id] = (req.plugin, holder)
-            if self.thread is None or not self.thread.is_alive():
-                self.thread = threading.Thread(target=self._loop, name="titan-holds",
-                                               daemon=True)
-                self.thread.start()
+            self.start()
         try:
             yield
         finally:
@@ -139,7 +148,7 @@ class Keeper:
                 self.held.pop(req.invocation_id, None)
 
     def _loop(self) -> None:
-        while True:
+        while not self.stopping.is_set():
             self.wake.wait(self.every_s)
             with self.lock:
                 held = dict(self.held)

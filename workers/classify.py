@@ -2,9 +2,9 @@
 
 `verdict` says what an end means: a status and a reason a person understands. Its status
 is terminal, or `retrying` when the end was not the plugin's (the engine stopped the
-container: the delivery tries again). `outcome` turns a terminal verdict and what the
+container: the delivery tries again). `conclude` turns a terminal verdict and what the
 plugin wrote into the Outcome the record store takes: a succeeded run's output parsed into
-result events (output that breaks the I/O contract fails the run), and the record's fields.
+result events (output that breaks the I/O contract fails the run), carrying the end.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from manager.core.config import Settings
-from manager.core.errors import EventError
+from manager.core.errors import EventError, TitanError
 from manager.core.events import FAILURE, Limits, check_limits, reserved_topic
 from manager.core.records import Outcome, Status
+from manager.core.run_end import End, RunEnd
 from manager.core.runs import RunRequest, result_event_id
-from workers.spec import End, RunEnd, RunSpec
+from workers.run_spec import RunSpec
 
 # Each result's payload is kept whole in the record (for `logs`, `show` and the API) up to
 # this size, as JSON; a larger one is named there by its size (the event is on the bus).
@@ -48,7 +49,7 @@ def verdict(end: RunEnd, spec: RunSpec, output_cap: int) -> Verdict:
     code = end.exit_code
     if code == 0:
         return Verdict(Status.SUCCEEDED)
-    signal_note = f" (killed by signal {code - 128})" if code and code > 128 else ""
+    signal_note = f" (killed by signal {end.signal})" if end.signal else ""
     last = last_line(end.stderr)
     return Verdict(Status.FAILED,
                    f"exited with code {code}{signal_note}" + (f": {last}" if last else ""))
@@ -62,7 +63,7 @@ def last_line(data: bytes, limit: int = 300) -> str:
     return ""
 
 
-def outcome(req: RunRequest, end: RunEnd, judged: Verdict, settings: Settings) -> Outcome:
+def conclude(req: RunRequest, end: RunEnd, judged: Verdict, settings: Settings) -> Outcome:
     """A terminal verdict of a container's run -> its Outcome (bad output fails the run)."""
     status, reason, events = judged.status, judged.reason, []
     objects: list[dict[str, Any]] = []
@@ -72,24 +73,15 @@ def outcome(req: RunRequest, end: RunEnd, judged: Verdict, settings: Settings) -
             events = result_events(req, objects, settings.event_limits)
         except OutputError as exc:
             status, reason, objects = Status.FAILED, f"invalid output: {exc}", []
-    fields = {
-        "exit_code": end.exit_code, "started_at": end.started_wall,
-        "finished_at": end.finished_wall, "duration_s": round(end.duration_s, 4),
-        "container_start_s": round(end.ready_s, 4),
-        "stdout": end.stdout.decode("utf-8", "replace"),
-        "stderr": end.stderr.decode("utf-8", "replace"),
-        "stdout_truncated": end.stdout_truncated, "stderr_truncated": end.stderr_truncated,
-        "warm": end.warm, "container_id": end.container_id,
-        "result_event_ids": [result_event_id(req.invocation_id, n)
-                             for n in range(1, len(events) + 1)],
-        "results": [preview(result_event_id(req.invocation_id, n), obj)
-                    for n, obj in enumerate(objects, 1)],
-    }
-    return Outcome(status, reason, tuple(events), fields)
+    ids = tuple(result_event_id(req.invocation_id, n) for n in range(1, len(events) + 1))
+    return Outcome(status, reason, tuple(events), end, ids,
+                   tuple(preview(i, obj) for i, obj in zip(ids, objects, strict=True)))
 
 
-class OutputError(ValueError):
+class OutputError(TitanError):
     """The plugin's stdout broke the I/O contract (SPEC §3)."""
+
+    code = "invalid_output"
 
 
 def _reject_constant(name: str) -> Any:

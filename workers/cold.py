@@ -17,8 +17,7 @@ from pathlib import Path
 import requests
 from docker.errors import APIError, DockerException, ImageNotFound
 
-from manager.core.errors import SandboxUnavailable
-from manager.core.records import Status
+from manager.core.errors import ContainerRefused, SandboxUnavailable
 from manager.egress.grants import pin
 from manager.plugins.permissions import PayloadFile
 from manager.plugins.safefs import mkdirs
@@ -27,24 +26,15 @@ from workers.container import ContainerHandle
 from workers.engine import Engine
 from workers.files import SECRETS_PATH, account_files, secrets_dir, write_event, write_secrets
 from workers.run_loop import Launched
-from workers.spec import RunSpec
-
-
-class Refusal(Exception):
-    """The engine will not run this container (its image is absent, or it refused the
-    options): the run ends `failed` with the reason, retrying cannot help."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.status = Status.FAILED
-        self.reason = reason
+from workers.run_spec import RunSpec
 
 
 @contextlib.contextmanager
 def launched_cold(engine: Engine, spec: RunSpec, payload: PayloadFile | None,
                   runs_dir: Path) -> Iterator[Launched]:
     """A started container for the run, removed afterwards whatever happened. Raises
-    Refusal, or SandboxUnavailable when the engine cannot be used (the caller may retry)."""
+    ContainerRefused, or SandboxUnavailable when the engine cannot be used (the caller
+    may retry)."""
     run_dir = mkdirs(runs_dir, 0o700) / f"{spec.invocation_id}-{os.getpid()}"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(mode=0o700)
@@ -85,10 +75,10 @@ def create(engine: Engine, spec: RunSpec, secrets: str | None) -> ContainerHandl
     try:
         return engine.create(opts, spec.image)
     except ImageNotFound:  # not an outage: retrying cannot help
-        raise Refusal(engine.image_missing(spec.image)) from None
+        raise ContainerRefused(engine.image_missing(spec.image)) from None
     except APIError as exc:
         if exc.is_client_error():  # the engine refused this container
-            raise Refusal(engine.refused(spec, exc)) from None
+            raise ContainerRefused(engine.refused(spec, exc)) from None
         raise SandboxUnavailable(f"cannot create container: {exc}") from exc
     except (DockerException, requests.RequestException) as exc:
         raise SandboxUnavailable(f"cannot create container: {exc}") from exc

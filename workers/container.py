@@ -24,14 +24,12 @@ import requests
 from docker.errors import APIError, DockerException, NotFound
 
 from manager.core.errors import SandboxUnavailable
+from manager.core.run_end import Exit
 
 log = logging.getLogger(__name__)
 STOP_GRACE_S = 2  # SIGTERM, then SIGKILL this much later
 HEADER = struct.Struct(">BxxxL")  # stream (0 stdin, 1 stdout, 2 stderr), payload length
 STDOUT, STDERR = 1, 2
-# SIGKILL, SIGTERM: the exits of a container stopped from outside (an engine's stop, a
-# kill), and the launcher's own exit for either
-SIGNAL_EXITS = frozenset({128 + 9, 128 + 15})
 # What reaching the engine can raise (a stream cut short is an OSError)
 ENGINE_ERRORS = (OSError, DockerException, requests.RequestException)
 
@@ -138,15 +136,16 @@ class ContainerHandle:
         except ENGINE_ERRORS as exc:
             log.debug("kill %s: %s", self.id[:12], exc)
 
-    def wait(self, timeout: float) -> dict[str, Any]:
-        """The container's final state; inspected only when it did not exit cleanly
+    def wait(self, timeout: float) -> Exit:
+        """How the container exited; inspected only when it did not exit cleanly
         (OOMKilled is only in the inspect data), sparing a round trip per good run."""
         try:
             code = self.container.wait(timeout=timeout).get("StatusCode")
             if code == 0:
-                return {"ExitCode": 0, "OOMKilled": False}
+                return Exit(0)
             self.container.reload()
-            return dict(self.container.attrs.get("State", {}))
+            state = self.container.attrs.get("State", {})
+            return Exit(state.get("ExitCode"), bool(state.get("OOMKilled")))
         except ENGINE_ERRORS as exc:
             raise SandboxUnavailable(f"lost the container while waiting: {exc}") from exc
 

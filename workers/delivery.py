@@ -1,6 +1,6 @@
 """One delivery of a run's task message, through the steps of a run in their order:
-claim (workers.claim) -> prepare (workers.prepare) -> launch and the run loop
-(workers.launch) -> classify (workers.classify) -> store (workers.store). Every record
+claim (workers.claim) -> the attempt (workers.attempt: prepare, what the run is given,
+execute, classify) -> finish (workers.finish), or again. Every record
 change goes through the record store's transitions; what the task does next is the
 delivery's answer (workers.next): Done, or Again in a while."""
 
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import replace
 
 import redis
@@ -19,21 +18,18 @@ from manager.core.observer import observer
 from manager.core.records import Outcome, Status
 from manager.core.retry import run_retry
 from manager.core.runs import RetryReason, RunRequest
-from manager.core.secrets import SecretError, SecretStore
+from manager.core.secrets import SecretStore
 from manager.core.wiring import Wiring
 from manager.plugins.registry import Registry
+from workers.attempt import Execute, Unavailable, attempt
 from workers.claim import RUNNING_GRACE_S, Keeper, claim
-from workers.classify import outcome, verdict
-from workers.cold import Refusal
 from workers.engine import Engine
-from workers.grants import Gate
-from workers.launch import run_container
+from workers.execute import run_container
+from workers.finish import finish, persist
+from workers.given import Gate
 from workers.next import Again, Done, Next
 from workers.plugin_cache import PluginCache
 from workers.pool import WarmPool
-from workers.prepare import prepare
-from workers.spec import RunEnd
-from workers.store import persist, store
 
 log = logging.getLogger(__name__)
 RETRYABLE = {Status.FAILED, Status.TIMEOUT, Status.OOM}  # only with `retries:` in the manifest
@@ -46,7 +42,7 @@ class Delivery:
     caches, the prewarm pool, and the keeper of the holds of the runs it executes."""
 
     def __init__(self, wiring: Wiring, engine: Engine,
-                 container_step: Callable[..., RunEnd] = run_container) -> None:
+                 container_step: Execute = run_container) -> None:
         self.wiring = wiring
         self.settings = wiring.settings
         self.engine = engine
@@ -59,6 +55,18 @@ class Delivery:
         self.later = Later(wiring.conn, wiring.keys)  # where Again's runs wait (tasks.py)
         self.gate = Gate(self.settings, engine, SecretStore(wiring.conn, wiring.keys,
                                                             self.settings.secrets_key))
+
+    def start(self) -> None:
+        """The pool process starts: its engine is connected (or found away: runs wait for
+        it), and the threads it runs beside the runs start now, not on a first run: the
+        keeper of holds, the prewarm pool's maintenance, the OOM watch."""
+        try:
+            self.engine.client  # noqa: B018 (connects)
+        except SandboxUnavailable as exc:  # the engine may come back; runs wait for it
+            log.warning("worker process starts without a Docker engine: %s", exc)
+        self.keeper.start()
+        self.pool.start()
+        self.engine.oom.start()
 
     def deliver(self, req: RunRequest, worker: str) -> Next:
         """Claims the run and, with its slot, runs it to its stored outcome; or says why it
@@ -91,42 +99,30 @@ class Delivery:
                 self.let_go(req)
             self.pool.replenish()
 
-    def attempt(self, req: RunRequest, attempt: int) -> Next:
-        prepared = prepare(req, self.settings, self.engine, self.cache)
-        if isinstance(prepared, Outcome):
-            return self.store(req, prepared)
-        try:
-            with self.gate.given(req, prepared.spec) as given:
-                prepared.spec = given.spec
-                end = self.run_container(prepared, self.engine,
-                                         self.pool if req.prewarm else None, self.settings,
-                                         self.cache.root / "runs")
-            end = given.masked(end)
-        except SecretError as exc:
-            return self.store(req, Outcome(Status.FAILED, exc.message))
-        except Refusal as exc:
-            return self.store(req, Outcome(exc.status, exc.reason))
-        except SandboxUnavailable as exc:
-            return self.unavailable(req, attempt, exc.message)
-        finally:
-            prepared.close()
-        judged = verdict(end, prepared.spec, self.settings.output_cap_bytes)
-        if judged.status is Status.RETRYING:  # the engine's end, not the plugin's
-            return self.unavailable(req, attempt, judged.reason or "")
+    def attempt(self, req: RunRequest, attempt_no: int) -> Next:
+        """The attempt's steps (workers.attempt), then what follows from its end: stored,
+        or tried again (the engine away, or the manifest's retries)."""
+        tried = attempt(req, self.settings, self.engine, self.cache, pool=self.pool,
+                        gate=self.gate, execute=self.run_container)
+        if isinstance(tried, Outcome):
+            return self.finish(req, tried)
+        if isinstance(tried, Unavailable):
+            return self.unavailable(req, attempt_no, tried.why)
+        end, judged = tried.end, tried.judged
         observer().ran(req.plugin, end.warm, req.isolation.value, end.ready_s, end.duration_s)
-        if judged.status in RETRYABLE and attempt - req.engine_waits <= req.retries:
-            return self.again(req, attempt, RetryReason.MANIFEST,
+        if judged.status in RETRYABLE and attempt_no - req.engine_waits <= req.retries:
+            return self.again(req, attempt_no, RetryReason.MANIFEST,
                               f"{judged.status.value}: {judged.reason}",
                               exit_code=end.exit_code)
-        done = self.store(req, given.ended(outcome(req, end, judged, self.settings)))
+        done = self.finish(req, tried.concluded(req, self.settings))
         if req.dispatched_at:  # (a message sent before the field existed has none)
             observer().answered(req.plugin, end.warm, req.isolation.value,
                                 time.time() - req.dispatched_at)
         return done
 
-    def store(self, req: RunRequest, ended: Outcome) -> Done:
-        """The run's end, stored (workers.store): the one way a run ends."""
-        store(self.wiring, req, ended)
+    def finish(self, req: RunRequest, ended: Outcome) -> Done:
+        """The run's end, stored (workers.finish): the one way a run ends."""
+        finish(self.wiring, req, ended)
         return Done.of(ended)
 
     def unavailable(self, req: RunRequest, attempt: int, why: str) -> Next:
@@ -137,8 +133,8 @@ class Delivery:
         since = req.engine_away_since or now
         reason = f"sandbox_unavailable: {why}"
         if now - since >= self.settings.sandbox_patience_s:
-            return self.store(req, Outcome(Status.FAILED, f"{reason} (away for "
-                                           f"{now - since:.0f} s, TITAN_SANDBOX_PATIENCE_S)"))
+            return self.finish(req, Outcome(Status.FAILED, f"{reason} (away for "
+                                            f"{now - since:.0f} s, TITAN_SANDBOX_PATIENCE_S)"))
         waited = replace(req, engine_away_since=since, engine_waits=req.engine_waits + 1)
         return self.again(waited, req.engine_waits + 1, RetryReason.SANDBOX_UNAVAILABLE,
                           reason, cap=ENGINE_RECHECK_MAX_S)
@@ -164,5 +160,6 @@ class Delivery:
             log.warning("could not let go of %s's slot and hold: %s", req.invocation_id, exc)
 
     def close(self) -> None:
-        """This pool process stops: its prewarmed containers go."""
+        """This pool process stops: its prewarmed containers go, its keeper stops."""
         self.pool.close()
+        self.keeper.stop()

@@ -37,7 +37,7 @@ from workers.options import (
     pid_alive,
     started,
 )
-from workers.spec import RunSpec
+from workers.run_spec import RunSpec
 
 log = logging.getLogger(__name__)
 KILL_EVENT_WAIT_S = 1.0

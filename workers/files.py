@@ -13,7 +13,7 @@ from manager.core.config import Settings
 from manager.core.runs import RunUser
 from manager.core.secrets import SecretError
 from manager.plugins.permissions import PayloadFile
-from workers.spec import PoolConfig, RunSpec
+from workers.run_spec import PoolConfig, RunSpec
 
 
 def write_event(directory: Path, spec: RunSpec, user: RunUser) -> Path:

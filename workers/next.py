@@ -40,12 +40,10 @@ def summarize(ended: Outcome) -> str:
     """A run's end in a few lines, for operators who look at Flower rather than the record:
     the status, time and path; then what it published, or the reason and the tail of the
     plugin's stderr (where a plugin says what went wrong)."""
-    fields = ended.fields
-    took = ""
-    if "duration_s" in fields:
-        took = f" in {fields['duration_s']}s ({'warm' if fields.get('warm') else 'cold'})"
+    ran = ended.ran
+    took = f" in {round(ran.duration_s, 4)}s ({'warm' if ran.warm else 'cold'})" if ran else ""
     if ended.status is Status.SUCCEEDED:
-        results = fields.get("results", [])
+        results = ended.results
         lines = [f"succeeded{took}: {len(results)} result event(s)"]
         lines += [f"-> {r['topic']}/{r['event_type']} {shown_payload(r)}"
                   for r in results[:SHOWN_RESULTS]]
@@ -53,7 +51,7 @@ def summarize(ended: Outcome) -> str:
             lines.append(f"... and {len(results) - SHOWN_RESULTS} more")
         return "\n".join(lines)
     text = f"{ended.status.value}{took}: {ended.reason or ended.status.value}"
-    stderr = (fields.get("stderr") or "").rstrip()
+    stderr = ran.stderr.decode("utf-8", "replace").rstrip() if ran else ""
     if stderr:
         tail = stderr_tail(stderr)
         text += f"\nstderr{' (its last lines)' if tail != stderr else ''}:\n{tail}"

@@ -97,7 +97,8 @@ class OomWatch:
 
 class OomWatcher:
     """Per worker process: `watch` a container right after it starts, `killed` once its
-    run has ended. The watching thread starts with the first watch."""
+    run has ended. Its thread is started with its process (`start`), and again by a watch
+    should it have died."""
 
     def __init__(self, root: Path = CGROUP_ROOT) -> None:
         self.root = root
@@ -122,7 +123,7 @@ class OomWatcher:
                 self.watches[watch.wakes] = watch
                 self.poller.register(watch.wakes, select.EPOLLIN if watch.eventfd is not None
                                      else select.EPOLLPRI)
-                self._ensure_thread()
+                self.start()
             return watch
         return None
 
@@ -158,7 +159,7 @@ class OomWatcher:
             watch.close()
             return watch.oom
 
-    def _ensure_thread(self) -> None:
+    def start(self) -> None:
         if self.thread is None or not self.thread.is_alive():
             self.thread = threading.Thread(target=self._loop, name="titan-oom", daemon=True)
             self.thread.start()

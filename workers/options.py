@@ -18,7 +18,7 @@ from manager.core.config import Settings
 from manager.core.runs import RunUser
 from manager.plugins.safefs import mkdirs, private_root
 from workers import gvisor_seccomp
-from workers.spec import PoolConfig, RunSpec
+from workers.run_spec import PoolConfig, RunSpec
 
 LABEL = "titan.managed"
 LABEL_INSTANCE = "titan.instance"

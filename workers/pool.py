@@ -26,7 +26,7 @@ from manager.core.observer import observer
 from workers.container import ContainerHandle
 from workers.engine import Engine
 from workers.options import LABEL_PID, LABEL_POOL, LABEL_UID
-from workers.spec import PoolConfig, RunSpec
+from workers.run_spec import PoolConfig, RunSpec
 from workers.warm import READY_TIMEOUT_S, PrewarmStopped, Warm, WarmUnavailable, prewarm
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class WarmPool:
             self.done(warm)
             warm = None
         observer().prewarm_taken(spec.plugin, warm is not None)
-        self._ensure_thread()
+        self.start()
         if warm is None:
             self.wake.set()  # a first one; a replacement starts when this run is done
         return warm
@@ -121,8 +121,10 @@ class WarmPool:
         for warm in doomed:
             self._discard(warm)
 
-    def _ensure_thread(self) -> None:
-        if self.thread is None or not self.thread.is_alive():
+    def start(self) -> None:
+        """Its maintenance thread runs (again, should it have died); none when prewarming
+        is off."""
+        if self.enabled and (self.thread is None or not self.thread.is_alive()):
             self.thread = threading.Thread(target=self._loop, name="titan-prewarm", daemon=True)
             self.thread.start()
 

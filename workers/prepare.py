@@ -21,7 +21,7 @@ from manager.plugins.permissions import (
 )
 from workers.engine import Engine
 from workers.plugin_cache import PluginCache
-from workers.spec import PoolConfig, RunSpec
+from workers.run_spec import PoolConfig, RunSpec
 
 
 @dataclass

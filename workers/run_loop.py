@@ -11,14 +11,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 from manager.core.config import Settings
 from manager.core.errors import SandboxUnavailable
-from workers.container import ENGINE_ERRORS, SIGNAL_EXITS, STDERR, STDOUT, ContainerHandle
+from manager.core.run_end import End, Exit, RunEnd
+from workers.container import ENGINE_ERRORS, STDERR, STDOUT, ContainerHandle
 from workers.engine import Engine
 from workers.oom import OomWatch
-from workers.spec import Capture, End, RunEnd, RunSpec
+from workers.run_spec import Capture, RunSpec
 
 WAIT_MARGIN_S = 60  # an engine's wait for a stopped container, beyond any run's timeout
 
@@ -31,7 +31,7 @@ class Launched:
     output: Iterator[tuple[int, bytes]]  # (stream, payload) frames of the run's output
     started_wall: float
     ready_wall: float  # when it was ready for the run (at once when prewarmed)
-    exit_state: Callable[[], dict[str, Any] | None] = lambda: None  # the launcher's word
+    exit_state: Callable[[], Exit | None] = lambda: None  # the launcher's word
     oom: OomWatch | None = None
     warm: bool = False
 
@@ -51,26 +51,25 @@ def follow(launched: Launched, spec: RunSpec, settings: Settings, engine: Engine
     timer.start()
     try:
         out, err = read_capped(launched.output, container, cap)
-        state = launched.exit_state() or container.wait(settings.max_timeout + WAIT_MARGIN_S)
+        exited = launched.exit_state() or container.wait(settings.max_timeout + WAIT_MARGIN_S)
     except ENGINE_ERRORS as exc:
         raise SandboxUnavailable(f"lost the container's stream: {exc}") from exc
     finally:
         timer.cancel()
         oom = engine.oom_killed(launched.oom)  # the kernel's word (and its watch released)
     finished_wall = time.time()
-    code = state.get("ExitCode")
     if timed_out.is_set():
         cause = End.TIMED_OUT
     elif out.truncated or err.truncated:
         cause = End.OUTPUT_CAP
-    elif oom or state.get("OOMKilled"):  # the engine's flag can lag behind the exit
+    elif oom or exited.oom_killed:  # the engine's flag can lag behind the exit
         cause = End.OOM
-    elif code in SIGNAL_EXITS and engine.stopped_from_outside(container,
-                                                              launched.started_wall):
+    elif exited.by_stop_or_kill and engine.stopped_from_outside(container,
+                                                                launched.started_wall):
         cause = End.STOPPED
     else:
         cause = End.EXITED
-    return RunEnd(cause, code, out.value(), err.value(), out.truncated, err.truncated,
+    return RunEnd(cause, exited.code, out.value(), err.value(), out.truncated, err.truncated,
                   launched.started_wall, finished_wall,
                   max(0.0, launched.ready_wall - launched.started_wall), container.id,
                   launched.warm)

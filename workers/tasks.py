@@ -12,7 +12,6 @@ acknowledges the message and sends nothing more.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import redis
@@ -36,23 +35,31 @@ BROKER_DOWN = (redis.ConnectionError, redis.TimeoutError, OperationalError, Outc
 
 
 class RunTask(Task):
-    """The run task, with its process's Delivery: built on the first run in a pool
-    process (after the fork: it holds connections), then reused (Celery's documented way
-    to keep per-process resources on a task)."""
+    """The run task, with its pool process's Delivery (Celery's documented way to keep
+    per-process resources on a task). A pool process's life is visible in two steps,
+    both driven by workers.celery_app's signals: `start` when the process starts (after
+    the fork: the delivery holds connections and threads), `close` when it stops."""
 
-    _process: tuple[int, Delivery] | None = None
+    _delivery: Delivery | None = None
+
+    def start(self) -> None:
+        """Builds this process's delivery and starts what it runs beside the runs."""
+        settings = process_settings()
+        self._delivery = Delivery(Wiring.connect(settings), Engine(settings))
+        self._delivery.start()
 
     @property
     def delivery(self) -> Delivery:
-        if self._process is None or self._process[0] != os.getpid():
-            settings = process_settings()
-            self._process = (os.getpid(), Delivery(Wiring.connect(settings), Engine(settings)))
-        return self._process[1]
+        if self._delivery is None:  # its start failed (it logged why): tried again now
+            self.start()
+        assert self._delivery is not None
+        return self._delivery
 
     def close(self) -> None:
-        """The pool process stops: what its delivery started goes (prewarmed containers)."""
-        if self._process is not None and self._process[0] == os.getpid():
-            self._process[1].close()
+        """The pool process stops: what its delivery started goes (prewarmed containers,
+        its threads)."""
+        if self._delivery is not None:
+            self._delivery.close()
 
 
 @app.task(name=RUN_TASK, base=RunTask, bind=True, max_retries=None)
@@ -70,8 +77,8 @@ def run_plugin(self: RunTask, request: dict[str, Any]) -> str:
         # A fault of ours, not the plugin's: still a record and a failure event.
         log.exception("invocation %s failed inside the worker", req.invocation_id)
         try:
-            done = delivery.store(req, Outcome(Status.FAILED, f"internal error: "
-                                                              f"{type(exc).__name__}: {exc}"))
+            done = delivery.finish(req, Outcome(Status.FAILED, f"internal error: "
+                                                               f"{type(exc).__name__}: {exc}"))
         except BROKER_DOWN:
             raise Reject(exc, requeue=True) from None
     if isinstance(done, Again):

@@ -28,12 +28,14 @@ from pathlib import Path
 from typing import Any
 
 from manager.core.config import ROOT, Settings
+from manager.core.errors import TitanError
+from manager.core.run_end import Exit
 from manager.core.runs import RunUser
 from manager.egress.grants import pin
 from manager.plugins.permissions import PayloadFile
 from manager.plugins.safefs import mkdirs, private_root
 from workers import options
-from workers.container import SIGNAL_EXITS, STDERR, STDOUT, ContainerHandle
+from workers.container import STDERR, STDOUT, ContainerHandle
 from workers.engine import Engine
 from workers.files import (
     SECRETS_PATH,
@@ -45,7 +47,7 @@ from workers.files import (
 )
 from workers.oom import OomWatch
 from workers.run_loop import Launched
-from workers.spec import PoolConfig, RunSpec
+from workers.run_spec import PoolConfig, RunSpec
 
 # Copied into the cache (a path the engine sees), mounted read-only at /titan.
 LAUNCHER_PATH = "/titan/launcher.py"
@@ -94,17 +96,23 @@ class Warm:
         return not self.container.readable(0)
 
 
-class WarmBroken(RuntimeError):
+class WarmBroken(TitanError):
     """A prewarmed container could not be handed its run (nothing ran): go cold."""
 
+    code = "warm_broken"
 
-class WarmUnavailable(RuntimeError):
+
+class WarmUnavailable(TitanError):
     """The image cannot run the launcher (no python3, or it exited at once)."""
 
+    code = "warm_unavailable"
 
-class PrewarmStopped(RuntimeError):
+
+class PrewarmStopped(TitanError):
     """The container was stopped or killed from outside (an engine shutting down) before
     its launcher answered: says nothing of the image; another one is started later."""
+
+    code = "prewarm_stopped"
 
 
 
@@ -181,7 +189,7 @@ def prewarm(engine: Engine, config: PoolConfig) -> Warm:
         if not container.readable(READY_TIMEOUT_S):
             raise WarmUnavailable(f"no launcher answered within {READY_TIMEOUT_S}s")
         said = next(container.frames(), None)
-        if said is None and container.wait(READY_TIMEOUT_S).get("ExitCode") in SIGNAL_EXITS:
+        if said is None and container.wait(READY_TIMEOUT_S).by_stop_or_kill:
             raise PrewarmStopped("stopped before its launcher answered")
         if said is None or said[1] != READY:
             raise WarmUnavailable(f"launcher said {said[1][:80] if said else 'nothing'!r}")
@@ -283,9 +291,9 @@ class Ending:
             if tail:
                 yield stream, tail
 
-    def state(self) -> dict[str, Any] | None:
-        """The exit status the launcher reported on both streams, or None."""
+    def state(self) -> Exit | None:
+        """The exit the launcher reported on both streams, or None."""
         if len(self.ends) != 2 or self.ends[STDOUT] != self.ends[STDERR]:
             return None
         code, oom = self.ends[STDOUT]
-        return {"ExitCode": code, "OOMKilled": bool(oom)}
+        return Exit(code, bool(oom))

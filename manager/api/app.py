@@ -1,7 +1,7 @@
 """The REST API (SPEC §6), built by `create_app`. It publishes events and enqueues tasks;
 it never runs plugins and never talks to Docker (workers report the engine's state).
 The endpoints are in `manager.api.routes` (plugins, runs, health, docs) and
-`manager.api.events` (publishing, entry outcomes, dead letters)."""
+`manager.api.bus_routes` (publishing, entry outcomes, dead letters)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ import redis
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from manager.api.bus_routes import bus_routes
 from manager.api.console.pages import console
 from manager.api.context import ApiContext, error
-from manager.api.events import bus_routes
 from manager.api.routes import routes
-from manager.api.secrets import secret_routes
+from manager.api.secret_routes import secret_routes
 from manager.bus.dispatch import Dispatcher
 from manager.core.config import Settings
 from manager.core.errors import (

@@ -11,7 +11,7 @@ import typing
 from dataclasses import MISSING, fields
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, RootModel, create_model, field_validator
 
 from manager.core.events import (
     EVENT_ID_PATTERN,
@@ -21,6 +21,7 @@ from manager.core.events import (
     RESERVED_TOPICS,
 )
 from manager.core.records import InvocationRecord, Status
+from manager.core.secrets import MAX_VALUE_BYTES
 
 
 class _Model(BaseModel):
@@ -75,12 +76,29 @@ class LimitQuery(_Model):
     limit: int = Field(20, ge=1, le=1000)
 
 
-class SecretIn(_Model):
-    value: str = Field(min_length=1, max_length=88 * 1024,
-                       description="the value: text, or base64 with encoding: base64")
-    encoding: typing.Literal["utf-8", "base64"] = "utf-8"
-    plugins: list[typing.Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")]] = Field(
-        min_length=1, max_length=100, description="the plugins whose runs may read it")
+_BOUND = Field(min_length=1, max_length=100, description="the plugins whose runs may read it")
+_PLUGIN = typing.Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
+BASE64 = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=|[A-Za-z0-9+/]{4})$"
+
+
+class TextSecretIn(_Model):
+    value: str = Field(min_length=1, max_length=MAX_VALUE_BYTES,
+                       description="the value, as text (at most 64 KiB in UTF-8)")
+    encoding: typing.Literal["utf-8"] = "utf-8"
+    plugins: list[_PLUGIN] = _BOUND
+
+
+class BytesSecretIn(_Model):
+    value: str = Field(min_length=4, max_length=4 * (MAX_VALUE_BYTES // 3), pattern=BASE64,
+                       description="the value's bytes, in standard base64")
+    encoding: typing.Literal["base64"]
+    plugins: list[_PLUGIN] = _BOUND
+
+
+class SecretIn(RootModel[TextSecretIn | BytesSecretIn]):
+    """A secret's value and its plugins: text, or bytes in base64 (`encoding: base64`).
+    The schema says which values each takes (base64 by its pattern), so the API refuses
+    no value the schema allows but a text over 64 KiB once encoded."""
 
 
 class SecretOut(BaseModel):

@@ -1,6 +1,6 @@
 """The API's endpoints (SPEC §6), as a blueprint over the context `create_app` built.
 
-Shapes come from manager/api/models.py through spectree (manager/api/spec.py; chosen
+Shapes come from manager/api/models.py through spectree (manager/api/openapi.py; chosen
 because it takes pydantic models as they are): it validates queries, other bodies and
 responses with them and builds the OpenAPI document from the same models. An event is
 validated once, by the Event itself (size, nesting and UTF-8 first, before any JSON parser
@@ -37,7 +37,7 @@ from manager.api.models import (
     Standing,
     WaitQuery,
 )
-from manager.api.spec import ERRORS, api, query
+from manager.api.openapi import ERRORS, api, query
 from manager.core.beats import WorkerBeat
 from manager.core.clients import describe
 from manager.core.errors import (

@@ -26,6 +26,8 @@ from urllib.parse import urlparse
 
 import click
 
+from manager.core.client_config import ClientSettings
+from manager.core.config import ROOT
 from manager.core.errors import API_HEADER
 from manager.core.retry import CLI_RECORD_POLL
 
@@ -44,22 +46,18 @@ class CliError(click.ClickException):
             code, message, exit_code, details)
 
 
-def run_dir() -> Path:
-    root = Path(__file__).resolve().parents[2]
-    return Path(os.environ.get("TITAN_RUN_DIR") or root / "run")
-
-
 def default_api() -> str:
     """TITAN_API_URL, else the socket `make up`'s manager listens on."""
-    return os.environ.get("TITAN_API_URL") or f"unix://{run_dir() / 'api.sock'}"
+    return ClientSettings().api
 
 
 def api_tls_context() -> ssl.SSLContext:
     """What an https:// API must prove: a certificate of TITAN_API_CA, else of the
     project's CA (run/tls/trust.crt, which TITAN_API_TLS=1 make up serves with), else of
     the system's CAs; always for the host name in the URL."""
-    default = run_dir() / "tls" / "trust.crt"
-    cafile = os.environ.get("TITAN_API_CA") or (str(default) if default.exists() else None)
+    given = ClientSettings()
+    default = given.run_dir / "tls" / "trust.crt"
+    cafile = given.api_ca or (str(default) if default.exists() else None)
     return ssl.create_default_context(cafile=cafile)
 
 
@@ -177,11 +175,12 @@ class Api:
 def api_token() -> str | None:
     """TITAN_API_TOKEN, else the token `make up` generated (run/api.token, root's alone),
     else the one `make compose-up` put in .env."""
-    if os.environ.get("TITAN_API_TOKEN"):
-        return os.environ["TITAN_API_TOKEN"]
-    root = Path(__file__).resolve().parents[2]
+    given = ClientSettings()
+    if given.api_token:
+        return given.api_token
+    root = ROOT
     try:
-        token = (run_dir() / "api.token").read_text().strip()
+        token = (given.run_dir / "api.token").read_text().strip()
         if token:
             return token
     except OSError:

@@ -164,40 +164,32 @@ def run_local(ctx: click.Context, directory: str, event: str) -> None:
 
 
 def _execute(req: RunRequest, bundle: bytes, settings: Settings) -> dict[str, Any]:
-    """The run's steps as a worker takes them (prepare, launch and the run loop, classify),
-    without Redis: nothing is claimed or stored, and the container is always cold."""
-    from manager.core.records import Outcome, Status
-    from workers.classify import outcome, verdict
-    from workers.cold import Refusal
+    """The attempt a worker makes (workers.attempt: prepare, execute, classify), without
+    Redis: nothing is claimed or stored, nothing is given (no grant, no secrets), and the
+    container is always cold."""
+    from workers.attempt import Ran, Unavailable, attempt
     from workers.engine import Engine
-    from workers.launch import run_container
     from workers.plugin_cache import PluginCache
-    from workers.prepare import prepare
 
-    cache, engine, t0 = PluginCache(None, settings), Engine(settings), time.monotonic()
-    report: dict[str, Any] = {"invocation_id": req.invocation_id, "results": []}
-    try:
-        prepared = prepare(req, settings, engine, cache, bundle)
-        if isinstance(prepared, Outcome):
-            return {**report, "status": prepared.status.value, "reason": prepared.reason}
-        try:
-            end = run_container(prepared, engine, None, settings, cache.root / "runs")
-        finally:
-            prepared.close()
-    except Refusal as exc:
-        return {**report, "status": exc.status.value, "reason": exc.reason}
-    except SandboxUnavailable as exc:
-        raise click.ClickException(f"{exc.message} (is a Docker engine running? make up "
-                                   "starts one)") from None
-    judged = verdict(end, prepared.spec, settings.output_cap_bytes)
-    ended = (outcome(req, end, judged, settings) if judged.status.terminal else
-             Outcome(Status.FAILED, f"sandbox_unavailable: {judged.reason}"))
-    return {**report, "status": ended.status.value, "reason": ended.reason,
-            "exit_code": end.exit_code, "duration_s": round(end.duration_s, 3),
-            "container_start_s": round(end.ready_s, 3),
-            "total_s": round(time.monotonic() - t0, 3),
-            "results": [json.loads(e) for e in ended.events],
-            "stdout": ended.fields.get("stdout", ""), "stderr": ended.fields.get("stderr", "")}
+    t0 = time.monotonic()
+    tried = attempt(req, settings, Engine(settings), PluginCache(None, settings),
+                    bundle=bundle)
+    if isinstance(tried, Unavailable):
+        raise click.ClickException(f"sandbox_unavailable: {tried.why} (is a Docker engine "
+                                   "running? make up starts one)")
+    ended = tried.concluded(req, settings) if isinstance(tried, Ran) else tried
+    report: dict[str, Any] = {
+        "invocation_id": req.invocation_id, "status": ended.status.value,
+        "reason": ended.reason, "results": [json.loads(e) for e in ended.events]}
+    if ended.ran is not None:
+        ran = ended.ran
+        report.update(exit_code=ran.exit_code, signal=ran.signal,
+                      duration_s=round(ran.duration_s, 3),
+                      container_start_s=round(ran.ready_s, 3),
+                      total_s=round(time.monotonic() - t0, 3),
+                      stdout=ran.stdout.decode("utf-8", "replace"),
+                      stderr=ran.stderr.decode("utf-8", "replace"))
+    return report
 
 
 def _describe(report: dict[str, Any]) -> str:

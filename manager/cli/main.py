@@ -27,7 +27,7 @@ from manager.cli.client import (
     read_event,
 )
 from manager.cli.publish import publish
-from manager.cli.secrets import secret
+from manager.cli.secret_commands import secret
 from manager.cli.text import (
     describe,
     log_entry,

@@ -71,6 +71,13 @@ class SandboxUnavailable(TitanError):
     code = "sandbox_unavailable"
 
 
+class ContainerRefused(TitanError):
+    """The engine will not run this container (its image is absent, or it refused the
+    options): the run ends `failed` with the reason; retrying cannot help."""
+
+    code = "container_refused"
+
+
 class BundleError(TitanError):
     """A plugin bundle is missing or does not match its digest."""
 

@@ -199,7 +199,7 @@ class RecordStore:
         result events, plus its failure event for any outcome but succeeded. `slot_of`:
         the plugin whose worker slot this delivery holds, freed in the same step."""
         events = list(outcome.events)
-        changes = dict(outcome.fields)
+        changes = outcome.record_fields()
         if outcome.status is not Status.SUCCEEDED and failure is not None:
             events.append(failure.encode())
             changes["failure_event_id"] = failure.event_id

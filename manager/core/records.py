@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
+from manager.core.run_end import RunEnd
 from manager.core.runs import RunRequest
 
 
@@ -59,17 +60,29 @@ def allowed(source: Status, target: Status) -> bool:
 @dataclass(frozen=True)
 class Outcome:
     """A run's end as the record store takes it, whatever ended it (its container, a
-    refusal before any, its retries spent, the sweeper): the terminal status, the reason,
-    the result events (encoded; none unless it succeeded) and the record's other fields.
-    A run that did not succeed also gets its failure event when stored."""
+    refusal before any, its retries spent, the sweeper): the terminal status and the
+    reason; when a container ran, how it ended (`ran`); the result events (encoded; none
+    unless it succeeded) with their ids and what the record keeps of each; the run's egress
+    connections. A run that did not succeed also gets its failure event when stored."""
 
     status: Status
     reason: str | None = None
     events: tuple[str, ...] = ()
-    fields: dict[str, Any] = field(default_factory=dict)
+    ran: RunEnd | None = None
+    result_event_ids: tuple[str, ...] = ()
+    results: tuple[dict[str, Any], ...] = ()
+    egress: tuple[dict[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         assert self.status.terminal, f"an outcome is terminal, not {self.status}"
+
+    def record_fields(self) -> dict[str, Any]:
+        """The record's fields it sets, beside status and reason."""
+        fields: dict[str, Any] = self.ran.record_fields() if self.ran else {}
+        fields.update(result_event_ids=list(self.result_event_ids), results=list(self.results))
+        if self.egress:
+            fields["egress"] = list(self.egress)
+        return fields
 
 
 @dataclass(frozen=True)

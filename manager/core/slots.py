@@ -5,9 +5,10 @@ by the executing worker's beat), and the two rules that can make a run wait for 
 - `concurrency: N` in the manifest caps the plugin's runs at N, always.
 - The fair share: while another plugin has runs waiting in the queue, no plugin holds
   more than `TITAN_PLUGIN_SHARE` times its `weight` of the worker slots the live workers
-  report (at least one). A plugin alone on the system may use every slot. The share never raises a
-  manifest's cap. A run over its share goes to the back of the queue at once (the
-  runner), behind the other plugin's run, so the freed slot goes to that run.
+  report (at least one). A plugin alone on the system may use every slot. The share
+  never raises a manifest's cap. A run over its share goes to the back of the queue at
+  once (workers.claim.throttle), behind the other plugin's run, so the freed slot goes to
+  that run.
 
 The rules are one Lua function (manager/core/lua/lib.lua), on Redis's clock; a delivery
 asks for its slot in the same script that marks its run running (RecordStore.claim), and

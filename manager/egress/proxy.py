@@ -32,13 +32,16 @@ import psutil
 from docker.errors import NotFound
 
 from manager.core.config import Settings
+from manager.core.errors import TitanError
 from manager.egress.squidconf import HERE, TEMPLATES, layout, render
 
 LABEL = "titan.egress"  # on the network: the instance whose proxy made it
 
 
-class ProxyError(RuntimeError):
+class ProxyError(TitanError):
     """The proxy cannot be started or reached; the message says what to do."""
+
+    code = "proxy_unavailable"
 
 
 @dataclass(frozen=True)

@@ -25,16 +25,20 @@ import subprocess
 import threading
 from pathlib import Path
 
+from manager.core.errors import TitanError
+
 PYTHON = shutil.which("python3", path="/usr/bin:/bin") or "/usr/bin/python3"
 OPENER = Path(__file__).with_name("opener.py")
 OPEN_TIMEOUT_S = 10
 
 
-class Refusal(Exception):
+class OpenRefused(TitanError):
     """The kernel refused the run's identity: `errno` at the `depth`-th component."""
 
+    code = "open_refused"
+
     def __init__(self, errno_: int, depth: int) -> None:
-        super().__init__(os.strerror(errno_))
+        super().__init__(os.strerror(errno_), errno=errno_, depth=depth)
         self.errno = errno_
         self.depth = depth
 
@@ -109,7 +113,7 @@ def opener(pid: int) -> Opener:
 
 def open_as(path: str, uid: int, gid: int, directory: bool = False) -> int:
     """A descriptor of `path` opened by `uid`:`gid` alone (read-only; O_NOFOLLOW at every
-    component). Raises Refusal with the kernel's errno; the caller owns the descriptor."""
+    component). Raises OpenRefused with the kernel's errno; the caller owns the descriptor."""
     if uid <= 0 or gid <= 0:
         raise ValueError("a path is opened as a run's identity, never as root")
     message, fds = opener(os.getpid()).ask(
@@ -119,4 +123,4 @@ def open_as(path: str, uid: int, gid: int, directory: bool = False) -> int:
     if not message:  # the fork ended before it said anything
         raise OSError(errno.EIO, f"the opener gave no answer for {path}")
     answer = json.loads(message)
-    raise Refusal(int(answer["errno"]), int(answer["depth"]))
+    raise OpenRefused(int(answer["errno"]), int(answer["depth"]))

@@ -25,7 +25,7 @@ from typing import Any
 from manager.core.config import ROOT, Settings
 from manager.core.errors import PermissionDenied
 from manager.core.runs import RunUser
-from manager.plugins.as_user import Refusal, open_as
+from manager.plugins.as_user import OpenRefused, open_as
 from manager.plugins.globs import SYSTEM_PATHS, check_glob, glob_base
 from manager.plugins.safefs import UnsafePath, copy_fd, open_path
 
@@ -149,7 +149,7 @@ def mount_sources(globs: Iterable[str], settings: Settings, judge: RunUser,
             raise PermissionDenied(f"allowed directory {base} {problem}", path=base)
         try:
             os.close(open_as(base, judge.uid, judge.gid, directory=True))
-        except Refusal as exc:
+        except OpenRefused as exc:
             raise PermissionDenied(f"allowed directory {base}: {_refused(exc)} for the runs' "
                                    f"identity (group {judge.gid}); a run reads only what the "
                                    "kernel lets it", path=base) from None
@@ -175,7 +175,7 @@ def payload_dirs(globs: Iterable[str], settings: Settings) -> tuple[str, ...]:
     return tuple(outermost(glob_base(r) for g in globs if (r := resolved_glob(g, settings))))
 
 
-def _refused(exc: Refusal) -> str:
+def _refused(exc: OpenRefused) -> str:
     if exc.missing:
         return "does not exist"
     if exc.denied:
@@ -237,7 +237,7 @@ def open_payload_path(payload: dict[str, Any], globs: Iterable[str], settings: S
     _check_allowed(path, real, globs, settings, extra_forbidden)
     try:
         handle = open_as(real, judge.uid, judge.gid)
-    except Refusal as exc:
+    except OpenRefused as exc:
         if exc.missing:
             return PayloadFile(real, path)
         if exc.denied:

@@ -21,6 +21,8 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from manager.core.errors import TitanError
+
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 O_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 NAME_RE = re.compile(r"^[A-Za-z0-9_.@+=,-]{1,128}$")  # one path component we accept
@@ -28,11 +30,14 @@ SKIP_NAMES = {"__pycache__", ".git", ".pytest_cache", ".mypy_cache", ".ruff_cach
 MAX_DEPTH = 16
 
 
-class UnsafePath(ValueError):
-    """A path or file that may not be used; `reason` is safe to show (never file content)."""
+class UnsafePath(TitanError, ValueError):
+    """A path or file that may not be used; `reason` is safe to show (never file content).
+    (A ValueError too: callers that take a bad name as a bad value still catch it.)"""
+
+    code = "unsafe_path"
 
     def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
+        super().__init__(f"{path}: {reason}", path=path, reason=reason)
         self.path = path
         self.reason = reason
 

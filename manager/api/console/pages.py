@@ -22,11 +22,11 @@ from flask import (
 )
 from werkzeug.exceptions import HTTPException
 
+from manager.api.bus_routes import replay as replay_dead
 from manager.api.console import guard, views
 from manager.api.console.sessions import COOKIE, SIGNIN_COOKIE, TTL_S, key_matches
 from manager.api.context import api_context as ctx
 from manager.api.context import error, reload_registry
-from manager.api.events import replay as replay_dead
 from manager.core.errors import DeadLetterNotFound, EventError, TitanError
 
 console = Blueprint("console", __name__, url_prefix="/ui", template_folder="templates",

@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from manager.api.bus_routes import newest_dead
 from manager.api.context import ApiContext
-from manager.api.events import newest_dead
 from manager.core.beats import WorkerBeat
 from manager.core.lines import lines
 from manager.core.records import InvocationRecord, Status

@@ -16,12 +16,13 @@ from manager.core.config import Settings
 from manager.core.errors import SandboxUnavailable
 from manager.core.observer import observer
 from manager.core.records import Outcome, Status
+from manager.core.run_end import RunEnd
 from manager.core.runs import RunRequest
 from manager.core.secrets import SecretStore
 from manager.egress import grants
 from manager.egress.proxy import ProxyError, Where, answers, where
 from workers.engine import Engine
-from workers.spec import RunEnd, RunSpec
+from workers.run_spec import RunSpec
 
 MASK = b"[secret]"
 
@@ -44,8 +45,7 @@ class Given:
         if self.proxy_lost and outcome.status is not Status.SUCCEEDED:
             reason = (f"{reason}; the egress proxy stopped answering during the run (make "
                       "up starts it again)")
-        return replace(outcome, reason=reason,
-                       fields={**outcome.fields, "egress": self.connections})
+        return replace(outcome, reason=reason, egress=tuple(self.connections))
 
     def masked(self, end: RunEnd) -> RunEnd:
         """The run's output with every secret value replaced (also as JSON escapes it)."""

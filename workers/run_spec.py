@@ -1,10 +1,10 @@
-"""What a container run takes (a RunSpec: its plugin's PoolConfig and what the run adds)
-and how it ended (RunEnd), shared by the cold and the prewarmed launches."""
+"""What a container run takes (a RunSpec: its plugin's PoolConfig and what the run adds),
+shared by the cold and the prewarmed launches, and how its output is kept (Capture). How
+it ended is manager.core.run_end's RunEnd."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import StrEnum
 
 from manager.core.runs import RunLimits, RunUser
 
@@ -69,39 +69,6 @@ class RunSpec:
     @property
     def memory_bytes(self) -> int:
         return self.config.limits.memory_bytes
-
-
-class End(StrEnum):
-    """Why a container's run ended, as the run loop saw it (classify judges each)."""
-
-    EXITED = "exited"  # its process exited by itself (or was killed from inside)
-    TIMED_OUT = "timed_out"  # this worker stopped it at its timeout
-    OUTPUT_CAP = "output_cap"  # this worker killed it at its first byte over a cap
-    OOM = "oom"  # the kernel's OOM killer struck in its memory cgroup
-    STOPPED = "stopped"  # the engine stopped it, not this worker (an engine shutdown)
-
-
-@dataclass(frozen=True)
-class RunEnd:
-    """How one container's run ended: the cause, the exit code, what it wrote (each
-    stream capped), and when (wall clock; ready_s is how long the container took to be
-    ready for the run: near 0 when it was prewarmed)."""
-
-    cause: End
-    exit_code: int | None
-    stdout: bytes = b""
-    stderr: bytes = b""
-    stdout_truncated: bool = False
-    stderr_truncated: bool = False
-    started_wall: float = 0.0
-    finished_wall: float = 0.0
-    ready_s: float = 0.0
-    container_id: str | None = None
-    warm: bool = False
-
-    @property
-    def duration_s(self) -> float:
-        return max(0.0, self.finished_wall - self.started_wall)
 
 
 class Capture:

@@ -13,7 +13,7 @@ from spectree import Response as Resp
 
 from manager.api.context import api_context as ctx
 from manager.api.models import SecretIn, SecretList, SecretOut
-from manager.api.spec import ERRORS, api
+from manager.api.openapi import ERRORS, api
 from manager.core.secrets import SecretError, SecretNotFound, SecretStore, check_name
 
 secret_routes = Blueprint("titan_secrets", __name__)
@@ -45,7 +45,7 @@ def set_secret(name: str) -> Any:
     """Sets or rotates a secret (`value`: text, or base64 with `encoding: base64` for
     bytes) and binds it to `plugins`; the next run of a bound plugin reads the new
     value."""
-    body: SecretIn = request.context.json  # type: ignore[attr-defined]
+    body = request.context.json.root  # type: ignore[attr-defined]
     named(name)
     try:
         value = (base64.b64decode(body.value, validate=True) if body.encoding == "base64"

@@ -13,7 +13,7 @@ from spectree import Response as Resp
 from manager.api.context import ApiContext, publish_event
 from manager.api.context import api_context as ctx
 from manager.api.models import DeadLetters, EntryOutcome, EventIn, LimitQuery, Published
-from manager.api.spec import ERRORS, api
+from manager.api.openapi import ERRORS, api
 from manager.core.errors import DeadLetterNotFound, EventError
 from manager.core.events import Event, from_outside
 

@@ -10,19 +10,19 @@ from pathlib import Path
 
 from manager.core.config import Settings
 from manager.core.observer import observer
+from manager.core.run_end import RunEnd
 from workers.cold import launched_cold
 from workers.engine import Engine
 from workers.files import takes_payload
 from workers.pool import WarmPool
 from workers.prepare import Prepared
 from workers.run_loop import follow
-from workers.spec import RunEnd
 from workers.warm import WarmBroken, handed_over
 
 
 def run_container(prepared: Prepared, engine: Engine, pool: WarmPool | None,
                   settings: Settings, runs_dir: Path) -> RunEnd:
-    """Raises SandboxUnavailable when the engine cannot be used, and cold.Refusal when it
+    """Raises SandboxUnavailable when the engine cannot be used, and ContainerRefused when it
     will not run this container."""
     spec, t0 = prepared.spec, time.monotonic()
     warmable = pool is not None and takes_payload(spec.config, prepared.payload)

@@ -1,5 +1,5 @@
-"""Store: a run's Outcome, with its result events or its failure event, exactly once, and
-the delivery's worker slot freed in the same step. Never thrown away because Redis
+"""Finish: a run's Outcome stored, with its result events or its failure event, exactly
+once, and the delivery's worker slot freed in the same step. Never thrown away because Redis
 blinked: retried with backoff until Redis answers (within `finish_budget_s`); and, when
 the operator asks for it, acknowledged only once a replica confirms it."""
 
@@ -25,7 +25,7 @@ REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 T = TypeVar("T")
 
 
-def store(wiring: Wiring, req: RunRequest, outcome: Outcome) -> Written:
+def finish(wiring: Wiring, req: RunRequest, outcome: Outcome) -> Written:
     """Stores the outcome; raises OutcomeNotStored past the budget, NotReplicated when too
     few replicas confirm it (the run is sent again to confirm it later)."""
     failure = req.failure_event(outcome.status.value, outcome.reason)
