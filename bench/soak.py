@@ -88,9 +88,9 @@ def main() -> int:
     else:
         server = RedisServer(persist=True)
         settings = private_settings(server.url, PLUGINS, run_dir, **soak)
-    conn = redis_client(settings)
+    conn = redis_client(settings.redis)
     Registry(wired(conn, settings)).reload()
-    listener_conn = redis_client(settings)
+    listener_conn = redis_client(settings.redis)
     dispatcher = Dispatcher(wired(conn, settings), make_celery(settings))
     listening = wired(listener_conn, settings)
     listener = Listener(listening, Registry(listening), dispatcher,

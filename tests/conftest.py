@@ -17,7 +17,7 @@ import docker
 import pytest
 import redis
 import yaml
-from hoststate import MARK, HostState
+from hoststate import MARK, TAGGED, HostState, own_prefix
 
 from harness import (
     SESSION_DIR,
@@ -49,12 +49,21 @@ BUILTINS = ("file_watcher", "shell_runner")
 
 def pytest_configure(config: pytest.Config) -> None:
     """Marks every process started from here on as this session's, and keeps pytest's own
-    temporary files in one private directory that goes with the session."""
+    temporary files in one private directory that goes with the session. What tempfile
+    makes goes into a directory tagged with the session (an xdist worker inherits it),
+    like everything the suite puts in /tmp or /var/tmp itself (own_prefix): the host
+    check then tells this session's files from another's beside it."""
     os.environ.setdefault(MARK, uuid.uuid4().hex)
-    os.environ[SESSION_DIR] = tempfile.mkdtemp(prefix="titan-test-", dir="/var/tmp")
+    os.environ[SESSION_DIR] = tempfile.mkdtemp(prefix=own_prefix("test"), dir="/var/tmp")
     config.stash[OWN_DIRS] = [os.environ[SESSION_DIR]]
+    if TAGGED.search(Path(tempfile.gettempdir()).name) is None:
+        shared = tempfile.mkdtemp(prefix=own_prefix("tmp"), dir="/tmp")
+        os.chmod(shared, 0o1777)  # as /tmp: other accounts of a test make files there too
+        os.environ["TMPDIR"] = shared
+        tempfile.tempdir = None  # read TMPDIR again
+        config.stash[OWN_DIRS].append(shared)
     if config.option.basetemp is None:
-        config.option.basetemp = tempfile.mkdtemp(prefix="titan-pytest-")
+        config.option.basetemp = tempfile.mkdtemp(prefix=own_prefix("pytest"))
         config.stash[OWN_DIRS].append(config.option.basetemp)
 
 
@@ -135,7 +144,7 @@ def host_port() -> Iterator[int]:
 @pytest.fixture(scope="session")
 def files_dir() -> Iterator[Path]:
     """A directory test plugins may read (not under /tmp: the sandbox's /tmp is a tmpfs)."""
-    path = Path(tempfile.mkdtemp(prefix="titan-test-files-", dir="/var/tmp"))
+    path = Path(tempfile.mkdtemp(prefix=own_prefix("files"), dir="/var/tmp"))
     path.chmod(0o755)
     yield path
     shutil.rmtree(path, ignore_errors=True)
@@ -145,7 +154,7 @@ def files_dir() -> Iterator[Path]:
 def public_dir() -> Iterator[Path]:
     """A root-owned directory every local user can reach (pytest's own tmp_path is 0700,
     and a plugin reads only what its user, 65534, could)."""
-    path = Path(tempfile.mkdtemp(prefix="titan-test-public-", dir="/var/tmp"))
+    path = Path(tempfile.mkdtemp(prefix=own_prefix("public"), dir="/var/tmp"))
     path.chmod(0o755)
     yield path
     shutil.rmtree(path, ignore_errors=True)

@@ -3,6 +3,7 @@ Celery worker processes on a private queue, and a reader of the private stream."
 
 from __future__ import annotations
 
+import atexit
 import base64
 import contextlib
 import ctypes
@@ -47,9 +48,10 @@ def session_dir() -> Path:
     (/var/tmp: plugin deps may hold shared libraries, which a noexec /tmp would refuse),
     removed with everything in it when the session ends."""
     path = os.environ.get(SESSION_DIR)
-    if not path:  # the bench and the soak, without the test session
+    if not path:  # the bench and the soak, without the test session: gone at their exit
         path = tempfile.mkdtemp(prefix="titan-run-", dir="/var/tmp")
         os.environ[SESSION_DIR] = path
+        atexit.register(shutil.rmtree, path, True)
     return Path(path)
 
 

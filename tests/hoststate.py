@@ -14,7 +14,10 @@ else writing to /tmp):
 - a container, when its `titan.instance` label is one of this session's test instances
   (`session_instance`: another suite's beside it is not this one's);
 - an entry of /tmp or /var/tmp, when its name starts with one of the prefixes the suite
-  and the code it runs create their temporary files with (OWN_PREFIXES);
+  and the code it runs create their temporary files with (OWN_PREFIXES), unless it
+  carries another session's tag: the suite tags what it makes there (`own_prefix`;
+  `tempfile` itself writes in a tagged directory, tests/conftest.py), so another suite
+  running beside it (a `make unit` while `make test` runs) is not this one's;
 - an interface, unless it is a container's end of a veth pair (containers are judged).
 """
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -33,6 +37,25 @@ ID_FILES = (Path("/etc/passwd"), Path("/etc/group"), Path("/etc/subuid"), Path("
 # What the suite's temporary files are named (tempfile prefixes in tests/ and in the code
 # they run, pytest's base directory): every other entry of /tmp and /var/tmp is not its.
 OWN_PREFIXES = ("titan", "pytest-of-")
+TAGGED = re.compile(r"-s([0-9a-f]{8})-")  # a session's tag in a name (session_tag)
+
+
+def session_tag(session: str) -> str:
+    return f"s{session[:8]}"
+
+
+def own_prefix(kind: str) -> str:
+    """A tempfile prefix for what this session makes in /tmp or /var/tmp: tagged, so
+    another session's check knows it is not its."""
+    return f"titan-{kind}-{session_tag(os.environ.get(MARK, '0' * 8))}-"
+
+
+def ours(name: str, session: str) -> bool:
+    """A /tmp or /var/tmp entry this session answers for: one of its prefixes, and no
+    other session's tag."""
+    tagged = TAGGED.search(name)
+    return name.startswith(OWN_PREFIXES) and (tagged is None
+                                              or tagged.group(1) == session[:8])
 
 
 def _run(*cmd: str) -> str:
@@ -76,11 +99,11 @@ def iptables() -> frozenset[str]:
     return frozenset(rules)
 
 
-def entries(root: Path, deep: bool) -> frozenset[str]:
+def entries(root: Path, deep: bool, session: str) -> frozenset[str]:
     if not root.is_dir():
         return frozenset()
     if not deep:
-        return frozenset(str(p) for p in root.iterdir() if p.name.startswith(OWN_PREFIXES))
+        return frozenset(str(p) for p in root.iterdir() if ours(p.name, session))
     return frozenset(str(p) for p in root.rglob("*"))
 
 
@@ -118,8 +141,8 @@ class HostState:
     def read(cls, session: str, ignore: frozenset[str] = frozenset()) -> HostState:
         ids = frozenset(f"{f}: {line}" for f in ID_FILES if f.exists()
                         for line in f.read_text().splitlines())
-        files = frozenset().union(*(entries(t, False) for t in TREES),
-                                  *(entries(t, True) for t in DEEP_TREES)) - ignore
+        files = frozenset().union(*(entries(t, False, session) for t in TREES),
+                                  *(entries(t, True, session) for t in DEEP_TREES)) - ignore
         return cls(interfaces(), engine("network", "--no-trunc"),
                    engine("container", session=session), engine("volume"),
                    engine("image", "--no-trunc"), iptables(), ids, files,

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from hoststate import own_prefix
 from prometheus_client import REGISTRY
 
 from harness import (
@@ -54,7 +55,7 @@ JUDGE = RunUser(2000123, 2000000)  # a run's identity: the kernel judges what it
 @pytest.fixture
 def secret_dir() -> Iterator[Path]:
     """A root-only directory outside every allowed root, like /root."""
-    path = Path(tempfile.mkdtemp(prefix="titan-secret-", dir="/var/tmp"))
+    path = Path(tempfile.mkdtemp(prefix=own_prefix("secret"), dir="/var/tmp"))
     path.chmod(0o700)
     for name in ("f.txt", "decoy.txt"):
         (path / name).write_text(SECRET)

@@ -15,17 +15,22 @@ from hoststate import MARK, HostState, session_instance
 
 
 def test_a_file_the_suite_leaves_is_caught_and_another_programs_is_not() -> None:
-    before = HostState.read("probe")
+    """Judged as session `probe`: its tagged files and untagged titan ones (a leak by a
+    fixed name) are its; another program's, or another session's tagged ones, are not."""
+    probe = "0123abcd" + "0" * 24
+    before = HostState.read(probe)
     theirs = Path(tempfile.mkdtemp(prefix="another-program-", dir="/tmp"))
     ours = Path(tempfile.mkdtemp(prefix="titan-leak-", dir="/var/tmp"))
+    tagged = Path(tempfile.mkdtemp(prefix="titan-files-s0123abcd-", dir="/var/tmp"))
+    other_suites = Path(tempfile.mkdtemp(prefix="titan-pytest-s9999ffff-", dir="/tmp"))
     try:
-        changes = before.changes(HostState.read("probe"))
-        assert f"files: + {ours}" in changes
-        assert not [c for c in changes if str(theirs) in c]
+        changes = before.changes(HostState.read(probe))
+        assert f"files: + {ours}" in changes and f"files: + {tagged}" in changes
+        assert not [c for c in changes if str(theirs) in c or str(other_suites) in c]
     finally:
-        shutil.rmtree(theirs)
-        shutil.rmtree(ours)
-    assert not [c for c in before.changes(HostState.read("probe")) if str(ours) in c]
+        for path in (theirs, ours, tagged, other_suites):
+            shutil.rmtree(path)
+    assert not [c for c in before.changes(HostState.read(probe)) if str(ours) in c]
 
 
 @pytest.mark.integration

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from hoststate import own_prefix
 
 from manager.bus.matching import match
 from manager.core.config import Settings
@@ -207,7 +208,7 @@ def test_a_payload_over_the_limit_is_refused_by_its_size_sparse_or_not(
 def test_a_refusal_names_the_path_the_event_gave_not_where_a_link_points(
         public_dir: Path) -> None:
     settings = Settings.from_env(allowed_roots=(public_dir,))
-    outside = Path(tempfile.mkdtemp(prefix="titan-elsewhere-", dir="/var/tmp"))
+    outside = Path(tempfile.mkdtemp(prefix=own_prefix("elsewhere"), dir="/var/tmp"))
     try:
         (public_dir / "link").symlink_to(outside / "target.txt")
         with pytest.raises(PermissionDenied) as refused:

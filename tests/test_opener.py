@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hoststate import own_prefix
 
 from manager.plugins.as_user import OpenRefused, open_as, opener
 
@@ -20,7 +21,7 @@ UID, GID = 2_099_990, 2_099_991  # in no account (the run range's top; never lea
 @pytest.fixture
 def tree() -> Iterator[Path]:
     """/var/tmp/<dir>/file, traversable by anyone (a test's tmp_path is 0700)."""
-    root = Path(tempfile.mkdtemp(prefix="titan-opener-", dir="/var/tmp"))
+    root = Path(tempfile.mkdtemp(prefix=own_prefix("opener"), dir="/var/tmp"))
     root.chmod(0o755)
     (root / "file").write_text("readable")
     (root / "file").chmod(0o644)

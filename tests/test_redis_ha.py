@@ -44,10 +44,10 @@ def cluster() -> Iterator[SentinelCluster]:
 def ha_stack(cluster: SentinelCluster, plugins_dir: Path, tmp_path: Path) -> Iterator[dict]:
     settings = cluster.settings(plugins_dir, tmp_path, visibility_timeout=20,
                                 restore_interval=2, reclaim_idle_ms=3000, housekeeping_s=2)
-    conn = redis_client(settings)
+    conn = redis_client(settings.redis)
     Registry(wired(conn, settings)).reload()
     dispatcher = Dispatcher(wired(conn, settings), make_celery(settings))
-    listener_conn = redis_client(settings)
+    listener_conn = redis_client(settings.redis)
     listening = wired(listener_conn, settings)
     listener = Listener(listening, Registry(listening), dispatcher)
     workers = [WorkerProcess(settings, f"ha{n}{uuid.uuid4().hex[:4]}", concurrency=1)

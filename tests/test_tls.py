@@ -61,11 +61,11 @@ def test_a_client_sends_nothing_to_a_server_that_is_not_ours(impostor_cert: Path
     try:
         settings = over_tls(f"rediss://default:{password}@127.0.0.1:{impostor.port}/0")
         with pytest.raises(redis.ConnectionError) as caught:
-            redis_client(settings).ping()
+            redis_client(settings.redis).ping()
     finally:
         impostor.close()
     assert impostor.handshakes == 0 and impostor.received == b"", impostor.received
-    assert "the password was not sent" in describe(caught.value, settings)
+    assert "the password was not sent" in describe(caught.value, settings.redis)
 
 
 @pytest.mark.parametrize("client", ["none", "another CA's"])
@@ -76,10 +76,10 @@ def test_redis_refuses_a_client_without_a_certificate_of_ours(redis_server: Redi
     settings = over_tls(redis_server.tls_url, redis_tls_cert=cert,
                         redis_tls_key=cert.replace(".crt", ".key"))
     with pytest.raises(redis.ConnectionError) as caught:
-        redis_client(settings).ping()
+        redis_client(settings.redis).ping()
     if client == "none":
-        assert "TITAN_REDIS_TLS_CERT" in describe(caught.value, settings)
-    assert redis_client(over_tls(redis_server.tls_url)).ping()  # ours is let in
+        assert "TITAN_REDIS_TLS_CERT" in describe(caught.value, settings.redis)
+    assert redis_client(over_tls(redis_server.tls_url).redis).ping()  # ours is let in
 
 
 def test_a_plain_connection_to_a_tls_port_names_the_fix(redis_server: RedisServer,
@@ -87,8 +87,8 @@ def test_a_plain_connection_to_a_tls_port_names_the_fix(redis_server: RedisServe
     plain = Settings.from_env(redis_url=redis_server.tls_url.replace("rediss://", "redis://"),
                               plugins_dir=plugins_dir)
     with pytest.raises(redis.ConnectionError) as caught:
-        redis_client(plain).ping()
-    message = describe(caught.value, plain)
+        redis_client(plain.redis).ping()
+    message = describe(caught.value, plain.redis)
     assert "accepts TLS only" in message and "rediss://" in message, message
     assert "TITAN_REDIS_TLS_CA" in message and "make worker-cert" in message, message
     wiring = Wiring.connect(plain)  # and where an operator looks: /health
@@ -132,7 +132,7 @@ def test_a_worker_hosts_bundle_connects_as_it_is(bundle: Path) -> None:
     assert set(env) == {"TITAN_REDIS_URL", "TITAN_REDIS_TLS_CA", "TITAN_REDIS_TLS_CERT",
                         "TITAN_REDIS_TLS_KEY", "TITAN_SECRETS_KEY"}, env
     settings = Settings.from_env(**{k.removeprefix("TITAN_").lower(): v for k, v in env.items()})
-    conn = redis_client(settings)
+    conn = redis_client(settings.redis)
     assert conn.ping()
     # a secret the manager set (with its key) is what a run on the worker host reads
     keys = settings.keys.__class__(f"bundle{uuid.uuid4().hex[:6]}")

@@ -85,19 +85,19 @@ class Writer(threading.Thread):
         self.stopping = threading.Event()
 
     def run(self) -> None:
-        conn = redis_client(self.bundle)
+        conn = redis_client(self.bundle.redis)
         while not self.stopping.wait(0.01):
             try:
                 conn.xadd(STREAM, {"n": self.written})
                 self.written += 1
             except redis.RedisError as exc:
                 self.errors.append(str(exc))
-                conn = redis_client(self.bundle)
+                conn = redis_client(self.bundle.redis)
 
 
 def lets_in(bundle: Settings) -> bool:
     try:
-        return bool(redis_client(bundle.with_()).ping())
+        return bool(redis_client(bundle.with_().redis).ping())
     except redis.RedisError:
         return False
 
@@ -143,6 +143,6 @@ def test_readmes_rotation_steps_keep_every_write_and_let_in_what_they_should(
     wait_until(lambda: writer.written > before + 20, 30, "writes after the last step")
     writer.stopping.set()
     writer.join(10)
-    seen = {int(f[b"n"]) for _, f in redis_client(site.bundles[-1]).xrange(STREAM)}
+    seen = {int(f[b"n"]) for _, f in redis_client(site.bundles[-1].redis).xrange(STREAM)}
     assert seen == set(range(writer.written)), sorted(set(range(writer.written)) - seen)
     assert writer.errors == []  # its connection outlived every step

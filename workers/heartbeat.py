@@ -142,7 +142,7 @@ class Heartbeat(threading.Thread):
                                     len(taken_back), ", ".join(map(str, taken_back)))
                 self.beat()
             except redis.RedisError as exc:
-                log.warning("heartbeat: Redis unavailable: %s", describe(exc, self.settings))
+                log.warning("heartbeat: Redis unavailable: %s", describe(exc, self.settings.redis))
             except Exception:
                 log.exception("heartbeat failed")
             self.stopping.wait(INTERVAL_S)

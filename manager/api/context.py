@@ -57,8 +57,8 @@ def publish_event(conn: redis.Redis, settings: Settings, event: Event) -> str:
     pipe = conn.pipeline(transaction=False)
     pipe.xadd(settings.event_stream, {"event": event.encode()},
               maxlen=settings.stream_maxlen, approximate=True)
-    confirm_replicated(pipe, settings)
-    (entry,) = check_replicated(pipe.execute(), settings, f"event {event.event_id}")
+    confirm_replicated(pipe, settings.redis)
+    (entry,) = check_replicated(pipe.execute(), settings.redis, f"event {event.event_id}")
     return entry.decode() if isinstance(entry, bytes) else entry
 
 

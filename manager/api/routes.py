@@ -93,7 +93,7 @@ def health() -> Any:
         state["redis"] = {"ok": True}
         workers = WorkerBeat.all(c.conn, c.keys)
     except redis.RedisError as exc:
-        state["redis"] = {"ok": False, "error": describe(exc, c.settings)}
+        state["redis"] = {"ok": False, "error": describe(exc, c.settings.redis)}
         workers = []
     engines = [w for w in workers if w.docker_ok]
     state["docker"] = {"ok": bool(engines), "workers_reporting": len(engines),

@@ -96,7 +96,7 @@ class Listener:
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 group_ok, wait = False, REDIS_RECONNECT.delay(failures)
                 log.warning("listener: Redis unavailable (%s); retrying in %.1fs",
-                            describe(exc, self.settings), wait)
+                            describe(exc, self.settings.redis), wait)
                 self.stopping.wait(wait)
                 failures += 1
             except Exception:

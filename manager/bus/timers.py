@@ -145,9 +145,10 @@ class Timers:
                         event=tick_event(plugin, schedule, due, now, late).encode(),
                         prev_event=tick_event(plugin, schedule, prev, now, True).encode())],
             client=pipe)
-        confirm_replicated(pipe, self.settings)
+        confirm_replicated(pipe, self.settings.redis)
         try:
-            (reply,) = check_replicated(pipe.execute(), self.settings, f"the tick of {plugin}")
+            (reply,) = check_replicated(pipe.execute(), self.settings.redis,
+                                        f"the tick of {plugin}")
         except NotReplicated as exc:
             log.warning("timers: %s", exc.message)
             return None

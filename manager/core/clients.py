@@ -21,8 +21,8 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from manager.core.config import Settings
 from manager.core.errors import NotReplicated
+from manager.core.groups import RedisSettings
 
 # A command that fails on a broken connection is retried a few times over about a second;
 # longer outages surface as ConnectionError to the callers, which have their own budgets.
@@ -31,10 +31,10 @@ RETRY = Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), retries=3)
 FAILOVER_RETRY = Retry(ExponentialWithJitterBackoff(cap=2.0, base=0.1), retries=12)
 
 
-def password_and_db(settings: Settings) -> tuple[str | None, int]:
+def password_and_db(settings: RedisSettings) -> tuple[str | None, int]:
     """The password and db of redis_url: redis://[user:pw@]host:port/DB, or
     unix://[user:pw@]/path/to/redis.sock?db=DB."""
-    url = urlparse(settings.redis_url)
+    url = urlparse(settings.url)
     if url.scheme == "unix":
         db = parse_qs(url.query).get("db", ["0"])[0]
     else:
@@ -42,35 +42,35 @@ def password_and_db(settings: Settings) -> tuple[str | None, int]:
     return (unquote(url.password) if url.password else None, int(db))
 
 
-def is_socket(settings: Settings) -> bool:
+def is_socket(settings: RedisSettings) -> bool:
     """Redis on this host's unix socket (what `make up` starts), not over TCP."""
-    return urlparse(settings.redis_url).scheme == "unix"
+    return urlparse(settings.url).scheme == "unix"
 
 
-def uses_tls(settings: Settings) -> bool:
+def uses_tls(settings: RedisSettings) -> bool:
     """rediss://: every connection (to the data nodes and to the Sentinels) is TLS."""
-    return urlparse(settings.redis_url).scheme == "rediss"
+    return urlparse(settings.url).scheme == "rediss"
 
 
-def tls_options(settings: Settings) -> dict[str, Any]:
+def tls_options(settings: RedisSettings) -> dict[str, Any]:
     """redis-py's TLS options: the server's certificate must chain to the project's CA and
     name the address connected to; our own certificate is presented. The handshake, and so
     both checks, comes before any command: the password is never sent to a server that
     failed them."""
     if not uses_tls(settings):
         return {}
-    return {"ssl_ca_certs": settings.redis_tls_ca, "ssl_cert_reqs": "required",
+    return {"ssl_ca_certs": settings.tls_ca, "ssl_cert_reqs": "required",
             "ssl_check_hostname": True, "ssl_min_version": ssl.TLSVersion.TLSv1_2,
-            "ssl_certfile": settings.redis_tls_cert or None,
-            "ssl_keyfile": settings.redis_tls_key or None}
+            "ssl_certfile": settings.tls_cert or None,
+            "ssl_keyfile": settings.tls_key or None}
 
 
-def describe(exc: Exception, settings: Settings) -> str:
+def describe(exc: Exception, settings: RedisSettings) -> str:
     """A Redis error as an operator should read it: a plain redis:// URL whose port
     speaks TLS only says how to connect instead."""
-    url = urlparse(settings.redis_url)
+    url = urlparse(settings.url)
     if (isinstance(exc, redis.ConnectionError) and url.scheme == "redis"
-            and not settings.sentinel_addresses and speaks_tls(url.hostname or "127.0.0.1",
+            and not settings.sentinels and speaks_tls(url.hostname or "127.0.0.1",
                                                                url.port or 6379)):
         return (f"Redis at {url.hostname}:{url.port or 6379} accepts TLS only: use a "
                 "rediss:// URL (TITAN_REDIS_URL) and set TITAN_REDIS_TLS_CA, "
@@ -79,9 +79,9 @@ def describe(exc: Exception, settings: Settings) -> str:
     if isinstance(exc, redis.ConnectionError) and uses_tls(settings):
         if "certificate verify failed" in str(exc):
             return (f"{exc}: the server's certificate does not chain to "
-                    f"{settings.redis_tls_ca} or does not name {url.hostname} (is this our "
+                    f"{settings.tls_ca} or does not name {url.hostname} (is this our "
                     "Redis? the password was not sent)")
-        if not settings.redis_tls_cert:
+        if not settings.tls_cert:
             return (f"{exc} (no client certificate: Redis requires one; set "
                     "TITAN_REDIS_TLS_CERT and TITAN_REDIS_TLS_KEY from `make worker-cert`)")
     return str(exc)
@@ -103,7 +103,7 @@ def speaks_tls(host: str, port: int) -> bool:
         return False
 
 
-def redis_client(settings: Settings) -> redis.Redis:
+def redis_client(settings: RedisSettings) -> redis.Redis:
     options: dict[str, Any] = {
         "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
         "health_check_interval": 30,
@@ -111,36 +111,36 @@ def redis_client(settings: Settings) -> redis.Redis:
     if not is_socket(settings):
         options.update(socket_keepalive=True, socket_connect_timeout=5)
     tls = tls_options(settings)
-    if not settings.sentinel_addresses:
-        return redis.Redis.from_url(settings.redis_url, retry=RETRY, **options, **tls)
+    if not settings.sentinels:
+        return redis.Redis.from_url(settings.url, retry=RETRY, **options, **tls)
     password, db = password_and_db(settings)
     tls_flag = {"ssl": True, **tls} if tls else {}
-    sentinel = Sentinel(settings.sentinel_addresses,
+    sentinel = Sentinel(list(settings.sentinels),
                         sentinel_kwargs={"password": password, "socket_timeout": 2,
                                          "socket_connect_timeout": 2, **tls_flag})
-    return sentinel.master_for(settings.redis_master, redis_class=redis.Redis,
+    return sentinel.master_for(settings.master, redis_class=redis.Redis,
                                password=password, db=db, retry=FAILOVER_RETRY, **options,
                                **tls_flag)
 
 
-def confirm_replicated(pipe: Any, settings: Settings) -> None:
+def confirm_replicated(pipe: Any, settings: RedisSettings) -> None:
     """Adds a WAIT for the replicas to a pipeline holding the write(s) to confirm (WAIT
     covers what was written on its own connection, so it rides the same pipeline)."""
-    if settings.redis_min_replicas:
-        pipe.execute_command("WAIT", settings.redis_min_replicas, settings.redis_wait_ms)
+    if settings.min_replicas:
+        pipe.execute_command("WAIT", settings.min_replicas, settings.wait_ms)
 
 
-def check_replicated(replies: list[Any], settings: Settings, what: str) -> list[Any]:
+def check_replicated(replies: list[Any], settings: RedisSettings, what: str) -> list[Any]:
     """The pipeline's replies without the WAIT's; raises NotReplicated when too few replicas
     confirmed."""
-    if not settings.redis_min_replicas:
+    if not settings.min_replicas:
         return replies
     *rest, acked = replies
-    if int(acked) < settings.redis_min_replicas:
+    if int(acked) < settings.min_replicas:
         raise NotReplicated(
             f"{what} is on the Redis primary but only {acked} of "
-            f"{settings.redis_min_replicas} replica(s) confirmed it within "
-            f"{settings.redis_wait_ms} ms (TITAN_REDIS_MIN_REPLICAS): is the replica up? "
+            f"{settings.min_replicas} replica(s) confirmed it within "
+            f"{settings.wait_ms} ms (TITAN_REDIS_MIN_REPLICAS): is the replica up? "
             "It is kept; a failover now could lose it", replicas=int(acked),
-            wanted=settings.redis_min_replicas)
+            wanted=settings.min_replicas)
     return rest

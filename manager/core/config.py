@@ -23,6 +23,7 @@ from pydantic_settings import (
 
 from manager.core import netrules as rules
 from manager.core.events import Limits
+from manager.core.groups import RedisSettings, sentinels_of
 from manager.core.keys import Keys
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -231,7 +232,7 @@ class Settings(BaseSettings):
         """The password never crosses a network in clear: plain redis:// only to this
         host's loopback; rediss:// needs the CA to check the server against."""
         url = urlparse(self.redis_url)
-        hosts = [url.hostname or ""] + [h for h, _ in self.sentinel_addresses]
+        hosts = [url.hostname or ""] + [h for h, _ in sentinels_of(self.redis_sentinels)]
         if url.scheme == "redis" and not all(_loopback(h) for h in hosts):
             raise ValueError(
                 f"plain redis:// to {', '.join(h for h in hosts if not _loopback(h))} "
@@ -283,14 +284,12 @@ class Settings(BaseSettings):
         return Limits(self.max_event_bytes, self.max_event_depth)
 
     @property
-    def sentinel_addresses(self) -> list[tuple[str, int]]:
-        """The Sentinels to ask for the primary (empty: Redis is redis_url itself)."""
-        found = []
-        for item in self.redis_sentinels.replace(";", ",").split(","):
-            host, _, port = item.strip().rpartition(":")
-            if item.strip():
-                found.append((host or "127.0.0.1", int(port)))
-        return found
+    def redis(self) -> RedisSettings:
+        """What a Redis client needs (manager.core.clients), as a group of its own."""
+        return RedisSettings(
+            self.redis_url, sentinels_of(self.redis_sentinels), self.redis_master,
+            self.redis_min_replicas, self.redis_wait_ms, self.redis_tls_ca,
+            self.redis_tls_cert, self.redis_tls_key, self.read_block_ms)
 
     @property
     def effective_visibility_timeout(self) -> int:

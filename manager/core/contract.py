@@ -11,6 +11,7 @@ from celery import Celery
 
 from manager.core.clients import is_socket, password_and_db, tls_options
 from manager.core.config import Settings
+from manager.core.groups import RedisSettings
 
 RUN_TASK = "titan.run_plugin"
 # Fair queueing: a run's priority is its place in its plugin's line (divided by the
@@ -25,16 +26,16 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
     the rest)."""
     restore_every = max(1, min(10, settings.restore_interval))
     keys = settings.keys
-    tls = tls_options(settings)
+    tls = tls_options(settings.redis)
     return {
-        "broker_url": broker_url(settings),
+        "broker_url": broker_url(settings.redis),
         # rediss://: kombu hands these to redis-py (the CA, our certificate, name check).
         # Only then: Celery's own default (False) otherwise; a None here once cost one
         # warm run in forty ~250 ms (make bench's warm p99).
         **({"broker_use_ssl": tls} if tls else {}),
         "task_default_queue": settings.task_queue,
         "broker_transport_options": {
-            **sentinel_options(settings),
+            **sentinel_options(settings.redis),
             # Unacknowledged tasks come back after this long: longer than any run.
             "visibility_timeout": settings.effective_visibility_timeout,
             # kombu scans for unacknowledged tasks about every interval * throttle seconds.
@@ -119,27 +120,27 @@ def messages_sent(conn: Any, settings: Settings, ids: list[str]) -> set[str]:
     return found
 
 
-def broker_url(settings: Settings) -> str:
+def broker_url(settings: RedisSettings) -> str:
     """redis_url as kombu spells it: a unix socket as `redis+socket://`, or the list of
     Sentinels (`sentinel://...;sentinel://...`) carrying the primary's password and db."""
     if is_socket(settings):
-        url = urlparse(settings.redis_url)
+        url = urlparse(settings.url)
         _, db = password_and_db(settings)
         return f"redis+socket://{url.netloc}{url.path}?virtual_host={db}"
-    if not settings.sentinel_addresses:
-        return settings.redis_url
+    if not settings.sentinels:
+        return settings.url
     password, db = password_and_db(settings)
     auth = f":{quote(password, safe='')}@" if password else ""
     return ";".join(f"sentinel://{auth}{host}:{port}/{db}"
-                    for host, port in settings.sentinel_addresses)
+                    for host, port in settings.sentinels)
 
 
-def sentinel_options(settings: Settings) -> dict[str, Any]:
-    if not settings.sentinel_addresses:
+def sentinel_options(settings: RedisSettings) -> dict[str, Any]:
+    if not settings.sentinels:
         return {}
     password, _ = password_and_db(settings)
     tls = tls_options(settings)
-    return {"master_name": settings.redis_master,
+    return {"master_name": settings.master,
             "sentinel_kwargs": {"password": password, "socket_timeout": 2,
                                 **({"ssl": True, **tls} if tls else {})}}
 

@@ -221,12 +221,12 @@ class RecordStore:
         everything the run stored, then WAIT for the replicas: a replica that confirms it
         has the run's final record and events too (replication keeps order). Raises
         NotReplicated when too few confirm in time."""
-        if not self.settings.redis_min_replicas:
+        if not self.settings.redis.min_replicas:
             return
         pipe = self.conn.pipeline(transaction=False)
         pipe.set(self.keys.replication_probe, invocation_id)
-        confirm_replicated(pipe, self.settings)
-        check_replicated(pipe.execute(), self.settings, f"the outcome of {invocation_id}")
+        confirm_replicated(pipe, self.settings.redis)
+        check_replicated(pipe.execute(), self.settings.redis, f"the outcome of {invocation_id}")
 
     def now(self) -> float:
         """Redis's clock: what every deadline is written and judged by."""

@@ -29,7 +29,7 @@ class Wiring:
     @classmethod
     def connect(cls, settings: Settings, conn: redis.Redis | None = None) -> Wiring:
         """The process's wiring over a new connection (or `conn`, which tests bring)."""
-        conn = conn if conn is not None else redis_client(settings)
+        conn = conn if conn is not None else redis_client(settings.redis)
         keys = settings.keys
         return cls(settings, conn, keys, RecordStore(conn, settings, keys),
                    Slots(conn, keys, settings.plugin_share))
