@@ -66,7 +66,7 @@ def tcp_api(app: Flask, settings: Settings) -> tuple[Any, Front]:
     (returned to be run)."""
     behind = settings.api_socket.with_name("api-tcp.sock")
     server = api_server(app, settings, str(behind))
-    front = Front(settings, str(behind), settings.api_host, settings.api_port,
+    front = Front(settings.api, str(behind), settings.api_host, settings.api_port,
                   server_context(settings.api_tls_cert, settings.api_tls_key)
                   if settings.api_tls else None, max_body=app.config["MAX_CONTENT_LENGTH"])
     front.start()
@@ -84,7 +84,7 @@ def metrics_server(registry: CollectorRegistry, settings: Settings) -> tuple[Any
         make_wsgi_app(registry), unix_socket=str(behind), unix_socket_perms="600",
         threads=2, connection_limit=METRICS_CONNECTIONS, channel_timeout=10,
         cleanup_interval=2, asyncore_use_poll=True, ident="titan-metrics")
-    return server, Front(settings, str(behind), settings.api_host, settings.metrics_port,
+    return server, Front(settings.api, str(behind), settings.api_host, settings.metrics_port,
                          name="metrics")
 
 

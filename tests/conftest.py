@@ -56,15 +56,15 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault(MARK, uuid.uuid4().hex)
     os.environ[SESSION_DIR] = tempfile.mkdtemp(prefix=own_prefix("test"), dir="/var/tmp")
     config.stash[OWN_DIRS] = [os.environ[SESSION_DIR]]
+    if config.option.basetemp is None:  # at the top of /tmp: its sockets' paths are short
+        config.option.basetemp = tempfile.mkdtemp(prefix=own_prefix("pytest"), dir="/tmp")
+        config.stash[OWN_DIRS].append(config.option.basetemp)
     if TAGGED.search(Path(tempfile.gettempdir()).name) is None:
         shared = tempfile.mkdtemp(prefix=own_prefix("tmp"), dir="/tmp")
         os.chmod(shared, 0o1777)  # as /tmp: other accounts of a test make files there too
         os.environ["TMPDIR"] = shared
         tempfile.tempdir = None  # read TMPDIR again
         config.stash[OWN_DIRS].append(shared)
-    if config.option.basetemp is None:
-        config.option.basetemp = tempfile.mkdtemp(prefix=own_prefix("pytest"))
-        config.stash[OWN_DIRS].append(config.option.basetemp)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

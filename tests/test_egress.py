@@ -116,11 +116,11 @@ def egress(servers: dict[str, Any], settings: Settings, docker_client: Any,
         egress_hosts=str(hosts), secret_files_dir=Path(f"/run/titan/secrets-test-{uid}"))
     _opened_up(hosts)
     try:
-        proxy.start(mine, docker_client)
+        proxy.start(mine.egress, docker_client)
         yield mine
     finally:
-        proxy.stop(mine, docker_client)
-        left = proxy.processes(mine)
+        proxy.stop(mine.egress, docker_client)
+        left = proxy.processes(mine.egress)
         shutil.rmtree(mine.egress_dir, ignore_errors=True)
         _unmount(mine.secret_files_dir)
         assert not left, f"the proxy's processes outlived its stop: {left}"
@@ -217,7 +217,7 @@ def _records(conn: redis.Redis, settings: Settings, plugin: str) -> list[dict[st
 
 def test_a_run_reaches_exactly_its_grant(conn, lane, servers, host_port, docker_client) -> None:
     _, settings, _ = lane
-    gateway = proxy.where(docker_client, settings).gateway
+    gateway = proxy.where(docker_client, settings.egress).gateway
     http_, https_ = servers["http"], servers["https"]
     Handler.seen.clear()
     steps = [
@@ -338,8 +338,8 @@ def test_a_proxy_stopped_mid_run_fails_the_run_visibly_and_comes_back(
                  "payload": {"steps": [{"do": "sleep", "s": 3}, {"do": "must_get", "url": url}]}})
     wait_until(lambda: any(r["event_id"] == event_id and r["status"] == "running"
                            for r in _records(conn, settings, "egress_probe")), 60, "the run")
-    proxy.stop(egress)  # Squid only: its network and firewall rules stay
-    assert not proxy.processes(egress) and not proxy.running(egress)
+    proxy.stop(egress.egress)  # Squid only: its network and firewall rules stay
+    assert not proxy.processes(egress.egress) and not proxy.running(egress.egress)
     try:
         failure = bus.result_of(event_id, timeout=90)
         record = next(r for r in _records(conn, settings, "egress_probe")
@@ -349,6 +349,6 @@ def test_a_proxy_stopped_mid_run_fails_the_run_visibly_and_comes_back(
         assert "could not post" in record["stderr"]
         assert "the egress proxy stopped answering during the run" in record["reason"]
     finally:
-        proxy.start(egress, docker_client)  # what make up does
+        proxy.start(egress.egress, docker_client)  # what make up does
     record, found = probe(conn, lane, [{"do": "must_get", "url": url}])
     assert record["status"] == "succeeded" and found[0]["status"] == 200

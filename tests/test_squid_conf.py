@@ -11,14 +11,14 @@ import subprocess
 
 import pytest
 
-from manager.core.config import Settings
+from manager.core.groups import EgressSettings
 from manager.egress.squidconf import INNER, host_networks, layout, render
 
 
 @pytest.fixture
 def conf(tmp_path) -> str:
-    settings = Settings.from_env(egress_dir=tmp_path / "egress",
-                                 egress_allow=("api.test:443", "*.example.org:443"))
+    settings = EgressSettings(dir=tmp_path / "egress",
+                              allow=("api.test:443", "*.example.org:443"))
     account = pwd.getpwnam("proxy")  # Debian's, with a group of its name (Squid's package)
     layout(settings, account.pw_uid, account.pw_gid)
     return render(settings, "127.0.0.1:3128", "proxy")

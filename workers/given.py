@@ -81,7 +81,7 @@ class Gate:
         run waits for it like for an engine that does not answer)."""
         try:
             if self._proxy is None:
-                self._proxy = where(self.engine.client, self.settings)
+                self._proxy = where(self.engine.client, self.settings.egress)
         except ProxyError as exc:
             raise SandboxUnavailable(exc.args[0]) from exc
         if not answers(self._proxy):
@@ -99,7 +99,7 @@ class Gate:
         if not req.net_allow:
             yield Given(spec)
             return
-        grant = grants.issue(self.settings, self.proxy(), req.invocation_id, req.plugin,
+        grant = grants.issue(self.settings.egress, self.proxy(), req.invocation_id, req.plugin,
                              req.net_allow, spec.timeout)
         given = Given(replace(spec, proxy_env=tuple(grant.env.items()),
                               grant_file=str(grant.grant_file)), grant)

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         wait_for_socket(sock, flower)
         sock.chmod(0o600)  # Flower makes it 0777; its directory kept others out meanwhile
-        front = Front(Settings.from_env(), str(sock), args.address, args.port, name="flower")
+        front = Front(Settings.from_env().api, str(sock), args.address, args.port, name="flower")
         front.start()
         try:
             return flower.wait()

@@ -35,7 +35,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from manager.core.config import Settings
+from manager.core.groups import ApiSettings
 
 log = logging.getLogger("titan.api.front")
 CHUNK = 64 * 1024
@@ -147,13 +147,13 @@ class Front:
     """Serves host:port in front of `backend` (the path of a unix socket a waitress
     server listens on), on a thread of its own."""
 
-    def __init__(self, settings: Settings, backend: str, host: str, port: int,
+    def __init__(self, settings: ApiSettings, backend: str, host: str, port: int,
                  context: ssl.SSLContext | None = None, name: str = "api",
                  max_body: int | None = None) -> None:
         self.settings, self.backend, self.host, self.port = settings, backend, host, port
         self.context, self.name, self.max_body = context, name, max_body
         self.loop = asyncio.new_event_loop()
-        self.with_backend = asyncio.Semaphore(settings.api_connection_limit)
+        self.with_backend = asyncio.Semaphore(settings.connection_limit)
         self.peers: Counter[str] = Counter()
         self.server: asyncio.Server | None = None
 
@@ -161,7 +161,7 @@ class Front:
         """Listens before returning (a bind error is raised here), then serves."""
         self.server = self.loop.run_until_complete(asyncio.start_server(
             self._connection, self.host, self.port, ssl=self.context, limit=MAX_HEAD,
-            ssl_handshake_timeout=self.settings.api_header_timeout_s if self.context
+            ssl_handshake_timeout=self.settings.header_timeout_s if self.context
             else None, reuse_address=True, backlog=1024))
         threading.Thread(target=self.loop.run_forever, name=f"{self.name}-front",
                          daemon=True).start()
@@ -187,7 +187,7 @@ class Front:
                           writer: asyncio.StreamWriter) -> None:
         peer = peer_of(writer.get_extra_info("peername"), writer.get_extra_info("sockname"))
         try:
-            if peer != ROOT and self.peers[peer] >= self.settings.api_peer_connections:
+            if peer != ROOT and self.peers[peer] >= self.settings.peer_connections:
                 await answer(writer, 429, f"{peer} holds {self.peers[peer]} connections, "
                              "the most one peer may (TITAN_API_PEER_CONNECTIONS)")
                 return
@@ -205,11 +205,11 @@ class Front:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         s = self.settings
         try:
-            raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), s.api_header_timeout_s)
+            raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), s.header_timeout_s)
             head = Head.parse(raw)
         except TimeoutError:
             return await answer(writer, 408, f"the request's head took over "
-                                f"{s.api_header_timeout_s} s (TITAN_API_HEADER_TIMEOUT_S)")
+                                f"{s.header_timeout_s} s (TITAN_API_HEADER_TIMEOUT_S)")
         except asyncio.LimitOverrunError:
             return await answer(writer, 431, f"the request's head is over {MAX_HEAD} bytes")
         except ValueError as exc:
@@ -239,11 +239,11 @@ class Front:
             back = asyncio.create_task(self._pipe(b_reader, writer))
             try:
                 await asyncio.wait_for(self._body(reader, b_writer, head.length),
-                                       self.settings.api_body_timeout_s)
+                                       self.settings.body_timeout_s)
             except TimeoutError:
                 back.cancel()
                 return await answer(writer, 408, "the request's body took over "
-                                    f"{self.settings.api_body_timeout_s} s "
+                                    f"{self.settings.body_timeout_s} s "
                                     "(TITAN_API_BODY_TIMEOUT_S)")
             except (OSError, ssl.SSLError, asyncio.IncompleteReadError):
                 pass  # waitress answered early (413) or the client left: its answer goes on

@@ -23,7 +23,7 @@ from pydantic_settings import (
 
 from manager.core import netrules as rules
 from manager.core.events import Limits
-from manager.core.groups import RedisSettings, sentinels_of
+from manager.core.groups import ApiSettings, EgressSettings, RedisSettings, sentinels_of
 from manager.core.keys import Keys
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -273,6 +273,11 @@ class Settings(BaseSettings):
                         str(e["msg"]).removeprefix("Value error, ") for e in exc.errors()]
             raise ValueError("; ".join(problems)) from None
 
+    # The groups a part is handed (manager.core.groups)
+    redis = property(RedisSettings.of)
+    egress = property(EgressSettings.of)
+    api = property(ApiSettings.of)
+
     @property
     def keys(self) -> Keys:
         """Every Redis key of this instance (its prefix)."""
@@ -283,13 +288,8 @@ class Settings(BaseSettings):
         """The event limits every reader applies (listener, API, a worker's results)."""
         return Limits(self.max_event_bytes, self.max_event_depth)
 
-    @property
-    def redis(self) -> RedisSettings:
-        """What a Redis client needs (manager.core.clients), as a group of its own."""
-        return RedisSettings(
-            self.redis_url, sentinels_of(self.redis_sentinels), self.redis_master,
-            self.redis_min_replicas, self.redis_wait_ms, self.redis_tls_ca,
-            self.redis_tls_cert, self.redis_tls_key, self.read_block_ms)
+
+
 
     @property
     def effective_visibility_timeout(self) -> int:

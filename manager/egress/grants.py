@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from manager.core import netrules
-from manager.core.config import Settings
+from manager.core.groups import EgressSettings
 from manager.egress.proxy import Where
 
 GRACE_S = 30
@@ -47,22 +47,22 @@ class Grant:
                 "https_proxy": url, "NO_PROXY": "", "no_proxy": ""}
 
 
-def granted(asked: tuple[str, ...], settings: Settings) -> tuple[str, ...]:
+def granted(asked: tuple[str, ...], settings: EgressSettings) -> tuple[str, ...]:
     """The patterns a run may have: those it asked that this worker's ceiling covers."""
-    beyond = set(netrules.beyond(settings.egress_allow, asked))
+    beyond = set(netrules.beyond(settings.allow, asked))
     return tuple(p for p in asked if p not in beyond)
 
 
-def issue(settings: Settings, proxy: Where, invocation_id: str, plugin: str,
+def issue(settings: EgressSettings, proxy: Where, invocation_id: str, plugin: str,
           asked: tuple[str, ...], timeout: int) -> Grant:
-    d = settings.egress_dir
+    d = settings.dir
     user, password = "r" + secrets.token_hex(8), secrets.token_urlsafe(24)
     allow = granted(asked, settings)
     record = {"user": user, "secret_sha256": hashlib.sha256(password.encode()).hexdigest(),
               "invocation": invocation_id, "plugin": plugin, "allow": list(allow),
               "expires": time.time() + timeout + GRACE_S,
-              "max_connections": settings.egress_max_connections,
-              "max_bytes": settings.egress_max_bytes}
+              "max_connections": settings.max_connections,
+              "max_bytes": settings.max_bytes}
     path = d / "grants" / f"{user}.json"
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)

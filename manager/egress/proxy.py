@@ -33,6 +33,7 @@ from docker.errors import NotFound
 
 from manager.core.config import Settings
 from manager.core.errors import TitanError
+from manager.core.groups import EgressSettings
 from manager.egress.squidconf import HERE, TEMPLATES, layout, render
 
 LABEL = "titan.egress"  # on the network: the instance whose proxy made it
@@ -56,30 +57,30 @@ class Where:
         return f"http://{user}:{password}@{self.gateway}:{self.port}"
 
 
-def where(client: docker.DockerClient, settings: Settings) -> Where:
+def where(client: docker.DockerClient, settings: EgressSettings) -> Where:
     """The egress network's gateway (raises ProxyError when it does not exist)."""
     try:
-        net = client.networks.get(settings.egress_network)
+        net = client.networks.get(settings.network)
     except NotFound:
-        raise ProxyError(f"no egress network {settings.egress_network!r}: the egress proxy "
+        raise ProxyError(f"no egress network {settings.network!r}: the egress proxy "
                          "is not running on this host (make up starts it)") from None
     config = (net.attrs.get("IPAM") or {}).get("Config") or [{}]
-    return Where(settings.egress_network, config[0].get("Gateway", ""), settings.egress_port)
+    return Where(settings.network, config[0].get("Gateway", ""), settings.port)
 
 
-def ensure_network(client: docker.DockerClient, settings: Settings) -> Where:
+def ensure_network(client: docker.DockerClient, settings: EgressSettings) -> Where:
     """The internal network (no gateway out, inter-container traffic off)."""
     try:
-        client.networks.get(settings.egress_network)
+        client.networks.get(settings.network)
     except NotFound:
         client.networks.create(
-            settings.egress_network, driver="bridge", internal=True,
-            options={"com.docker.network.bridge.name": settings.egress_bridge,
+            settings.network, driver="bridge", internal=True,
+            options={"com.docker.network.bridge.name": settings.bridge,
                      "com.docker.network.bridge.enable_icc": "false"},
             labels={LABEL: settings.instance})
     found = where(client, settings)
     if not found.gateway:
-        raise ProxyError(f"the network {settings.egress_network!r} has no gateway address")
+        raise ProxyError(f"the network {settings.network!r} has no gateway address")
     return found
 
 
@@ -95,11 +96,11 @@ def ensure_account(name: str) -> tuple[int, int]:
     return entry.pw_uid, grp.getgrnam(name).gr_gid
 
 
-def firewall(settings: Settings, at: Where, add: bool) -> None:
+def firewall(settings: EgressSettings, at: Where, add: bool) -> None:
     """Runs on the egress network reach this host at the proxy's port and nothing else."""
-    tag = ["-m", "comment", "--comment", f"titan-egress:{settings.egress_network}"]
-    rules_ = [["-i", settings.egress_bridge, "-j", "DROP", *tag],
-              ["-i", settings.egress_bridge, "-p", "tcp", "-d", at.gateway, "--dport",
+    tag = ["-m", "comment", "--comment", f"titan-egress:{settings.network}"]
+    rules_ = [["-i", settings.bridge, "-j", "DROP", *tag],
+              ["-i", settings.bridge, "-p", "tcp", "-d", at.gateway, "--dport",
                str(at.port), "-j", "ACCEPT", *tag]]
     for rule in rules_:
         present = subprocess.run(["iptables", "-C", "INPUT", *rule],
@@ -112,11 +113,11 @@ def firewall(settings: Settings, at: Where, add: bool) -> None:
                 pass
 
 
-def processes(settings: Settings) -> list[tuple[psutil.Process, bool]]:
+def processes(settings: EgressSettings) -> list[tuple[psutil.Process, bool]]:
     """The host's Squid processes of this configuration, the master first (True), then
     its kid: the pid file names the kid, which the master starts again (and the file
     lies where the proxy's own uid writes)."""
-    conf = str(settings.egress_dir / "squid.conf")
+    conf = str(settings.dir / "squid.conf")
     found = []
     for proc in psutil.process_iter(["name", "cmdline"]):
         cmdline = proc.info["cmdline"] or []
@@ -125,11 +126,11 @@ def processes(settings: Settings) -> list[tuple[psutil.Process, bool]]:
     return sorted(found, key=lambda item: not item[1])
 
 
-def running(settings: Settings) -> bool:
+def running(settings: EgressSettings) -> bool:
     return any(master for _, master in processes(settings))
 
 
-def prepare(settings: Settings, client: docker.DockerClient, uid: int, gid: int,
+def prepare(settings: EgressSettings, client: docker.DockerClient, uid: int, gid: int,
             helpers: Path = HERE) -> Where:
     """Everything but Squid itself: the network, the firewall rules, the directory and
     squid.conf (naming `helpers` where Squid finds them)."""
@@ -137,20 +138,20 @@ def prepare(settings: Settings, client: docker.DockerClient, uid: int, gid: int,
         raise ProxyError("squid is not installed (make up installs it)")
     at = ensure_network(client, settings)
     layout(settings, uid, gid)
-    conf = settings.egress_dir / "squid.conf"
-    conf.write_text(render(settings, f"{at.gateway}:{at.port}", settings.egress_user, helpers))
+    conf = settings.dir / "squid.conf"
+    conf.write_text(render(settings, f"{at.gateway}:{at.port}", settings.user, helpers))
     os.chmod(conf, 0o644)
     firewall(settings, at, add=True)
     return at
 
 
-def start(settings: Settings, client: docker.DockerClient) -> Where:
+def start(settings: EgressSettings, client: docker.DockerClient) -> Where:
     """Starts the proxy (Squid as a host process, as its own account) when it is not
     running, else reloads its configuration; returns where runs reach it."""
     if shutil.which("squid") is None:
         raise ProxyError("squid is not installed (make up installs it)")
-    at = prepare(settings, client, *ensure_account(settings.egress_user))
-    conf = settings.egress_dir / "squid.conf"
+    at = prepare(settings, client, *ensure_account(settings.user))
+    conf = settings.dir / "squid.conf"
     if not running(settings):
         check = subprocess.run(["squid", "-k", "parse", "-f", str(conf)], capture_output=True,
                                text=True)
@@ -162,11 +163,11 @@ def start(settings: Settings, client: docker.DockerClient) -> Where:
                        capture_output=True)
     if not _wait(lambda: answers(at), 20):
         raise ProxyError(f"squid did not answer on {at.gateway}:{at.port}; see "
-                         f"{settings.egress_dir / 'var' / 'cache.log'}")
+                         f"{settings.dir / 'var' / 'cache.log'}")
     return at
 
 
-def stop(settings: Settings, client: docker.DockerClient | None = None) -> None:
+def stop(settings: EgressSettings, client: docker.DockerClient | None = None) -> None:
     """Stops the proxy and, with `client`, takes down what `prepare` set up."""
     # SIGTERM to the master, as `squid -k shutdown` would send it to the pid in the file
     # if that were not its kid's (which the master starts again); then, after
@@ -183,12 +184,12 @@ def stop(settings: Settings, client: docker.DockerClient | None = None) -> None:
         teardown(settings, client)
 
 
-def teardown(settings: Settings, client: docker.DockerClient) -> None:
+def teardown(settings: EgressSettings, client: docker.DockerClient) -> None:
     """Removes the firewall rules, and the network when no container is on it: only this
     instance's (a network of the same name that another made is left alone)."""
     try:
         at = where(client, settings)
-        net = client.networks.get(settings.egress_network)
+        net = client.networks.get(settings.network)
     except (ProxyError, NotFound):
         return
     if (net.attrs.get("Labels") or {}).get(LABEL) != settings.instance:
@@ -221,7 +222,7 @@ def main(argv: list[str]) -> int:
     """`python -m manager.egress.proxy start|stop|status` (scripts/services.sh), and
     `prepare UID GID HELPERS` and `teardown` (scripts/compose.sh: Squid runs in a
     container there)."""
-    settings = Settings.from_env()
+    settings = Settings.from_env().egress
     command = argv[0] if argv else "status"
     client = docker.from_env()
     try:

@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 
 from manager.core import netrules as rules
-from manager.core.config import Settings
+from manager.core.groups import EgressSettings
 
 HERE = Path(__file__).resolve().parent
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -55,22 +55,22 @@ def host_networks() -> list[str]:
                       for w in wider))
 
 
-def explicit_hosts(settings: Settings) -> list[str]:
+def explicit_hosts(settings: EgressSettings) -> list[str]:
     """Hosts the ceiling names exactly: the only ones allowed to be internal."""
-    return sorted({rules.parse(p)[0] for p in settings.egress_allow if rules.explicit(p)})
+    return sorted({rules.parse(p)[0] for p in settings.allow if rules.explicit(p)})
 
 
-def render(settings: Settings, listen: str, user: str, helpers: Path = HERE) -> str:
+def render(settings: EgressSettings, listen: str, user: str, helpers: Path = HERE) -> str:
     """squid.conf for this proxy, listening at `listen` (address:port) only; `helpers`:
     where Squid finds helper.py and logd.py
     (this directory, or where a proxy container has them mounted: its pid file is then
     its own, in the container's /run/squid)."""
-    d = settings.egress_dir
+    d = settings.dir
     pid_file = d / "var" / "squid.pid" if helpers == HERE else Path("/run/squid/squid.pid")
     helper = f"{SYSTEM_PYTHON} -Es {helpers / 'helper.py'} {d / 'grants'} {d / 'logs'}"
-    hosts = settings.egress_hosts or "none"
+    hosts = settings.hosts or "none"
     explicit = " ".join(explicit_hosts(settings)) or "titan-egress.invalid"
-    limit = settings.egress_max_bytes
+    limit = settings.max_bytes
     return "\n".join([
         f"http_port {listen}",
         "icp_port 0", "htcp_port 0", "visible_hostname titan-egress",
@@ -96,10 +96,10 @@ def render(settings: Settings, listen: str, user: str, helpers: Path = HERE) -> 
         "http_access allow all", ""])
 
 
-def layout(settings: Settings, uid: int, gid: int) -> None:
+def layout(settings: EgressSettings, uid: int, gid: int) -> None:
     """The proxy's directory: grants/ (root's, its group reads), logs/ and var/ (its own),
     errors/ (the error pages, Squid's and ours)."""
-    d = settings.egress_dir
+    d = settings.dir
     d.mkdir(parents=True, exist_ok=True)
     os.chmod(d, 0o711)
     # the directories above it (/run/titan/egress: the run uids' leases live in /run/titan
