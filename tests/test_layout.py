@@ -142,3 +142,18 @@ def test_settings_are_read_from_the_environment_in_one_place() -> None:
             if read and name not in readers:
                 found.append(f"{name}: {ast.unparse(node)}")
     assert found == []
+
+
+def test_no_two_classes_share_a_name() -> None:
+    """One name per thing: a class name says which thing wherever it is read (private
+    bases, `_Model`, and the programs that run inside a container, which import
+    nothing of ours, aside)."""
+    inside = {"workers.launcher", "workers.zygote", "manager.plugins.opener"}
+    where: dict[str, list[str]] = {}
+    for name, path in modules().items():
+        if name in inside:
+            continue
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+                where.setdefault(node.name, []).append(name)
+    assert {k: v for k, v in where.items() if len(v) > 1} == {}

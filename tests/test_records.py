@@ -23,7 +23,7 @@ from manager.core.records import (
     Status,
     allowed,
 )
-from manager.core.slots import Grant, SlotAsk
+from manager.core.slots import SlotAsk, SlotGrant
 
 S = Status
 EXPECTED = {  # (from, to) pairs that are allowed; every other pair is refused
@@ -139,7 +139,7 @@ def test_a_claim_takes_the_record_the_slot_and_the_run_in_one_step(conn, setting
         store.conn.hset(store.keys.invocation(inv), "plugin", json.dumps(plugin))
     claimed = store.claim(SlotAsk(plugin, first, 1, 1.0), CLAIMABLE, 60,
                           holder="w1", worker="w1")
-    assert claimed.grant is Grant.GRANTED
+    assert claimed.grant is SlotGrant.GRANTED
     assert claimed.record.status is S.QUEUED and claimed.record.attempts == 0  # as it was
     now = store.get(first)
     assert now.status is S.RUNNING and now.attempts == 1 and now.worker == "w1"
@@ -147,7 +147,7 @@ def test_a_claim_takes_the_record_the_slot_and_the_run_in_one_step(conn, setting
     assert conn.get(store.keys.lease(first)) == b"w1"  # held, by its claimer
     # the cap holds: the second run is left as it was, and told why
     capped = store.claim(SlotAsk(plugin, second, 1, 1.0), CLAIMABLE, 60, "w1")
-    assert capped.grant is Grant.CONCURRENCY and store.get(second).status is S.QUEUED
+    assert capped.grant is SlotGrant.CONCURRENCY and store.get(second).status is S.QUEUED
     # a final run is not claimable: no slot, no change, the record to say why
     _force(store, done, S.SUCCEEDED)
     final = store.claim(SlotAsk(plugin, done, None, 1.0), CLAIMABLE, 60, "w1")

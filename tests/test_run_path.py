@@ -16,7 +16,7 @@ from manager.core.run_end import End, Exit, RunEnd
 from manager.core.runs import RunLimits, RunRequest
 from workers.classify import Verdict, conclude, verdict
 from workers.run_spec import Capture, PoolConfig, RunSpec
-from workers.warm import TAIL, Ending, WarmBroken
+from workers.warm import TAIL, ClosingLine, WarmBroken
 
 TOKEN = "ab" * 16
 LIMITS = RunLimits(timeout=5, memory_bytes=64 * 2**20, cpu_millis=500, pids=64)
@@ -36,7 +36,7 @@ def test_capture_keeps_up_to_the_cap_and_says_when_more_came() -> None:
     assert partial.value() == b"abcd" and partial.truncated
 
 
-# Ending: the launcher's closing line on a multiplexed attach stream
+# ClosingLine: the launcher's closing line on a multiplexed attach stream
 
 
 def frames(*chunks: tuple[int, bytes]) -> Iterator[tuple[int, bytes]]:
@@ -51,7 +51,7 @@ def end(code: int = 0, oom: int = 0, token: str = TOKEN) -> bytes:
 GO = f"\x00TITAN-GO:{TOKEN}\n".encode()
 
 
-def read(ending: Ending, chunks: Iterator[tuple[int, bytes]]) -> tuple[bytes, bytes]:
+def read(ending: ClosingLine, chunks: Iterator[tuple[int, bytes]]) -> tuple[bytes, bytes]:
     out, err = b"", b""
     for stream, data in ending.frames(chunks):
         if stream == 1:
@@ -62,7 +62,7 @@ def read(ending: Ending, chunks: Iterator[tuple[int, bytes]]) -> tuple[bytes, by
 
 
 def test_the_closing_line_ends_both_streams_and_is_never_output() -> None:
-    ending = Ending(TOKEN)
+    ending = ClosingLine(TOKEN)
     sock = frames((1, GO + b'{"topic": "a"}\n'), (2, b"log line\n"), (1, end(3)),
                   (2, end(3)), (1, b"after the end"))
     assert read(ending, sock) == (b'{"topic": "a"}\n', b"log line\n")
@@ -71,7 +71,7 @@ def test_the_closing_line_ends_both_streams_and_is_never_output() -> None:
 
 def test_a_closing_line_split_across_frames_is_still_found() -> None:
     line = end(0, 1)
-    ending = Ending(TOKEN)
+    ending = ClosingLine(TOKEN)
     sock = frames((1, GO[:5]), (1, GO[5:] + b"x" * (TAIL + 5) + line[:7]), (1, line[7:]),
                   (2, line))
     out, err = read(ending, sock)
@@ -81,13 +81,13 @@ def test_a_closing_line_split_across_frames_is_still_found() -> None:
 
 def test_a_forged_closing_line_is_plain_output_and_ends_nothing() -> None:
     forged = end(0, token="cd" * 16)
-    ending = Ending(TOKEN)
+    ending = ClosingLine(TOKEN)
     out, _ = read(ending, frames((1, GO + forged), (2, forged)))
     assert out == forged and ending.state() is None  # the worker falls back to the engine
 
 
 def test_streams_that_disagree_give_no_state() -> None:
-    ending = Ending(TOKEN)
+    ending = ClosingLine(TOKEN)
     read(ending, frames((1, GO + end(0)), (2, end(1))))
     assert ending.state() is None
 
@@ -97,14 +97,14 @@ def test_a_stream_that_ends_before_the_launcher_took_the_run_is_a_broken_warm_st
     """The container died (or was stopped) between the request and the launcher's GO:
     nothing ran, and the run goes cold instead of failing."""
     with pytest.raises(WarmBroken):
-        read(Ending(TOKEN), frames((2, b"Killed\n")))
+        read(ClosingLine(TOKEN), frames((2, b"Killed\n")))
     with pytest.raises(WarmBroken):
-        read(Ending(TOKEN), frames((1, GO[:6])))
+        read(ClosingLine(TOKEN), frames((1, GO[:6])))
 
 
 def test_a_go_line_of_another_run_counts_as_output_of_a_started_run() -> None:
     other = b"\x00TITAN-GO:" + b"cd" * 16 + b"\n"
-    ending = Ending(TOKEN)
+    ending = ClosingLine(TOKEN)
     out, _ = read(ending, frames((1, other), (1, end(0)), (2, end(0))))
     assert out == other and ending.started
 

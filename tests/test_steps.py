@@ -22,7 +22,7 @@ from manager.core.events import Event
 from manager.core.records import InvocationRecord, Status
 from manager.core.run_end import End, RunEnd
 from manager.core.runs import RunRequest
-from manager.core.slots import Grant
+from manager.core.slots import SlotGrant
 from manager.core.wiring import Wiring
 from manager.plugins.registry import Registry
 from workers.claim import HOLDER_RECHECK_S
@@ -125,7 +125,7 @@ def test_throttled_runs_wait_without_being_marked_running(rig: Rig) -> None:
     req = rig.request("limited")  # concurrency: 1
     labels = {"plugin": "limited", "reason": "concurrency"}
     before = REGISTRY.get_sample_value("titan_throttle_waits_total", labels) or 0
-    assert rig.wiring.slots.acquire("limited", "someone-else", 1, 60) is Grant.GRANTED
+    assert rig.wiring.slots.acquire("limited", "someone-else", 1, 60) is SlotGrant.GRANTED
     first = rig.delivery.deliver(req, "w@h")
     second = rig.delivery.deliver(req, "w@h")
     assert isinstance(first, Again) and isinstance(second, Again)
@@ -148,10 +148,10 @@ def test_a_plugin_alone_may_use_every_slot_but_only_its_share_while_others_wait(
         rig: Rig) -> None:
     rig.wiring.slots.renew("w@h", 4)  # a worker's beat: 4 slots
     slots = rig.wiring.slots
-    assert [slots.acquire("echo", f"e{n}", None, 60) for n in range(4)] == [Grant.GRANTED] * 4
+    assert [slots.acquire("echo", f"e{n}", None, 60) for n in range(4)] == [SlotGrant.GRANTED] * 4
     for n in range(4):
         slots.release("echo", f"e{n}")
-    assert [slots.acquire("echo", f"e{n}", None, 60) for n in range(2)] == [Grant.GRANTED] * 2
+    assert [slots.acquire("echo", f"e{n}", None, 60) for n in range(2)] == [SlotGrant.GRANTED] * 2
     other = rig.request("sleeper")  # queued: another plugin waits now
     assert waiting(rig) == {"sleeper": 1}
     labels = {"plugin": "echo", "reason": "share"}
@@ -176,23 +176,23 @@ def test_a_plugins_weight_scales_its_share(rig: Rig) -> None:
     rig.request("sleeper")  # another plugin waits
     slots = rig.wiring.slots
     assert [slots.acquire("echo", f"w{n}", None, 60, weight=2) for n in range(5)] == [
-        *[Grant.GRANTED] * 4, Grant.SHARE]  # weight 2: twice the half
+        *[SlotGrant.GRANTED] * 4, SlotGrant.SHARE]  # weight 2: twice the half
     assert [slots.acquire("chatty", f"c{n}", None, 60) for n in range(3)] == [
-        *[Grant.GRANTED] * 2, Grant.SHARE]  # weight 1: the half
+        *[SlotGrant.GRANTED] * 2, SlotGrant.SHARE]  # weight 1: the half
 
 
 def test_a_slot_lives_while_its_run_is_held_and_frees_itself_after(rig: Rig) -> None:
     """Leases on Redis's clock (TIME), renewed by the process running the run."""
     keys = rig.wiring.keys
-    assert rig.wiring.slots.acquire("limited", "run1", 1, 2) is Grant.GRANTED
+    assert rig.wiring.slots.acquire("limited", "run1", 1, 2) is SlotGrant.GRANTED
     rig.wiring.slots.hold("limited", "run1", "w@h", take=True)
     (seconds, micros) = rig.conn.time()
     redis_now = seconds + micros / 1e6
     assert rig.conn.zscore(keys.plugin_slots("limited"), "run1") > redis_now + 20  # renewed
     assert rig.wiring.slots.holder("run1") == "w@h"
-    assert rig.wiring.slots.acquire("limited", "run2", 1) is Grant.CONCURRENCY
+    assert rig.wiring.slots.acquire("limited", "run2", 1) is SlotGrant.CONCURRENCY
     rig.conn.zadd(keys.plugin_slots("limited"), {"run1": redis_now - 1})  # no renewals now
-    assert rig.wiring.slots.acquire("limited", "run2", 1) is Grant.GRANTED
+    assert rig.wiring.slots.acquire("limited", "run2", 1) is SlotGrant.GRANTED
     rig.wiring.slots.let_go("limited", "run1")
     assert rig.wiring.slots.holder("run1") is None
     rig.wiring.slots.hold("limited", "run1", "w@h")  # a late renewal revives nothing
@@ -202,10 +202,10 @@ def test_a_slot_lives_while_its_run_is_held_and_frees_itself_after(rig: Rig) -> 
 
 def test_the_share_never_raises_a_manifest_cap(rig: Rig) -> None:
     rig.wiring.slots.renew("w@h", 8)
-    assert rig.wiring.slots.acquire("limited", "one", 1, 60) is Grant.GRANTED
-    assert rig.wiring.slots.acquire("limited", "two", 1, 60) is Grant.CONCURRENCY
+    assert rig.wiring.slots.acquire("limited", "one", 1, 60) is SlotGrant.GRANTED
+    assert rig.wiring.slots.acquire("limited", "two", 1, 60) is SlotGrant.CONCURRENCY
     rig.request("sleeper")
-    assert rig.wiring.slots.acquire("limited", "two", 1, 60) is Grant.CONCURRENCY
+    assert rig.wiring.slots.acquire("limited", "two", 1, 60) is SlotGrant.CONCURRENCY
 
 
 def test_an_engine_away_is_waited_out_then_fails_visibly(rig: Rig) -> None:

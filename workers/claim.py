@@ -20,7 +20,7 @@ from manager.core.observer import observer
 from manager.core.records import InvocationRecord, Status
 from manager.core.retry import run_retry
 from manager.core.runs import RetryReason, RunRequest
-from manager.core.slots import HELD_FOR_S, Grant, Slots
+from manager.core.slots import HELD_FOR_S, SlotGrant, Slots
 from manager.core.wiring import Wiring
 from workers.next import Again, Done, Next, Skipped
 
@@ -47,7 +47,7 @@ def claim(wiring: Wiring, req: RunRequest, worker: str) -> int | Next:
         return Done(Skipped.DUPLICATE)
     if claimed.grant is None:  # running: another delivery holds it, or held it
         return take_over(wiring, req, record, worker)
-    if claimed.grant is not Grant.GRANTED:
+    if claimed.grant is not SlotGrant.GRANTED:
         return throttle(wiring, req, record, claimed.grant)
     return started(req, record)
 
@@ -73,7 +73,7 @@ def take_over(wiring: Wiring, req: RunRequest, record: InvocationRecord,
     holder = record.worker or "?"
     grant = wiring.slots.acquire(req.plugin, req.invocation_id, req.concurrency,
                                  weight=req.weight)
-    if grant is not Grant.GRANTED:
+    if grant is not SlotGrant.GRANTED:
         return throttle(wiring, req, record, grant)
     written = wiring.records.transition(
         req.invocation_id, Status.RUNNING, sources=frozenset({Status.RUNNING}),
@@ -96,14 +96,14 @@ def started(req: RunRequest, record: InvocationRecord) -> int:
 
 
 def throttle(wiring: Wiring, req: RunRequest, record: InvocationRecord,
-             grant: Grant) -> Again:
+             grant: SlotGrant) -> Again:
     """The run waits as `throttled`. Over its share for the first time, it goes to the
     back of the queue at once, behind the waiting run of another plugin; otherwise it
     comes back after a backoff."""
-    countdown = (0.0 if grant is Grant.SHARE and record.waits == 0 else
+    countdown = (0.0 if grant is SlotGrant.SHARE and record.waits == 0 else
                  run_retry(wiring.settings.throttle_backoff_max).delay(record.waits))
     why = (f"waiting for a concurrency slot ({req.concurrency})"
-           if grant is Grant.CONCURRENCY else
+           if grant is SlotGrant.CONCURRENCY else
            "waiting: the plugin holds its fair share of worker slots while other "
            "plugins wait")
     wiring.records.transition(req.invocation_id, Status.THROTTLED, increment="waits",

@@ -54,69 +54,46 @@ def child_pids() -> set[int]:
     return {child.pid for child in psutil.Process().children()}
 
 
-class Heartbeat(threading.Thread):
-    def __init__(self, wiring: Wiring, name: str, engine: Engine, slots: int) -> None:
-        super().__init__(name="titan-heartbeat", daemon=True)
-        self.wiring = wiring
-        self.conn = wiring.conn
-        self.settings = wiring.settings
-        self.engine = engine
-        self.keys = wiring.keys
-        self.name_ = name
-        self.slots = slots
-        self.stopping = threading.Event()
-        self._docker_ok = False
-        self._docker_error: str | None = None
-        self.view = EngineView()
-        self.beats = 0
-        self.neighbours: tuple[str, ...] = ()  # workers.sentries, every NEIGHBOURS_EVERY
-        self.janitor = CacheJanitor(self.settings)
+class EngineProbe:
+    """What the beat says of its engine and host: whether the engine answers (and why
+    not), its images and runtimes (for reload's checks, every IMAGES_S), and who else
+    holds the gVisor Sentries' uid (every NEIGHBOURS_EVERY beats)."""
 
-    def docker_state(self) -> None:
+    def __init__(self, engine: Engine, gvisor_runtime: str) -> None:
+        self.engine = engine
+        self.gvisor_runtime = gvisor_runtime
+        self.ok = False
+        self.error: str | None = None
+        self.view = EngineView()
+        self.neighbours: tuple[str, ...] = ()
+
+    def probe(self, beat: int) -> None:
         try:
             self.engine.ping()
-            self._docker_ok, self._docker_error = True, None
+            self.ok, self.error = True, None
         except SandboxUnavailable as exc:
-            self._docker_ok, self._docker_error = False, exc.message[:300]
-
-    def beat(self) -> None:
-        self.docker_state()
-        # Containers are listed before their runs' holds are read: a container created
-        # after the listing belongs to a run claimed before it, so it is never waste.
-        if self._docker_ok:
-            reaped = self.engine.reap(child_pids(), self.wiring.slots.held)
-            if reaped:
-                log.warning("reaped %d container(s) no run uses: %s", len(reaped),
-                            ", ".join(reaped))
-            strays = self.engine.reap_strays()
-            if strays:
-                log.warning("reaped %d container(s) of worker containers that are gone: %s",
-                            len(strays), ", ".join(strays))
-        view = self.refreshed_view()
-        if self.beats % NEIGHBOURS_EVERY == 1:  # who else holds the gVisor Sentries' uid
-            self.neighbours = tuple(sentries.neighbours(
-                view.runtimes.get(self.settings.gvisor_runtime)))
-        WorkerBeat(self.name_, os.getpid(), self._docker_ok, self._docker_error,
-                   view.images, self.slots, tuple(sorted(view.runtimes)),
-                   tuple(self.engine.identities.ids.overlaps()[:10]),
-                   self.neighbours, self.engine.pooled if self._docker_ok else {},
-                   ).save(self.conn, self.keys)
-        self.wiring.slots.renew(self.name_, self.slots)
-
-    def refreshed_view(self) -> EngineView:
-        """The engine's images and runtimes (for reload's checks), refreshed every
-        IMAGES_S."""
-        if self._docker_ok and time.monotonic() - self.view.at > IMAGES_S:
+            self.ok, self.error = False, exc.message[:300]
+        if self.ok and time.monotonic() - self.view.at > IMAGES_S:
             try:
-                runtimes = self.engine.runtimes()
                 self.view = EngineView(time.monotonic(), tuple(self.engine.images()[:1000]),
-                                       runtimes)
+                                       self.engine.runtimes())
             except Exception as exc:
                 log.warning("cannot list images and runtimes: %s", exc)
-        return self.view
+        if beat % NEIGHBOURS_EVERY == 1:
+            self.neighbours = tuple(sentries.neighbours(
+                self.view.runtimes.get(self.gvisor_runtime)))
 
-    def reap_at_start(self) -> None:
-        """What killed workers on this host left: containers and per-run directories."""
+
+class Reaper:
+    """Self-healing: what no run of this worker holds goes, at start (what killed workers
+    left: containers and per-run directories) and at every beat (what an engine restart
+    left behind)."""
+
+    def __init__(self, wiring: Wiring, engine: Engine) -> None:
+        self.wiring = wiring
+        self.engine = engine
+
+    def at_start(self) -> None:
         try:
             reaped = self.engine.reap()
             if reaped:
@@ -124,25 +101,75 @@ class Heartbeat(threading.Thread):
                             ", ".join(reaped))
         except Exception as exc:
             log.warning("could not reap orphaned containers: %s", exc)
-        cutoff = time.time() - max(RUN_DIR_MAX_AGE_S, self.settings.max_timeout * 2)
-        for path in glob.glob(str(self.settings.cache_dir / "runs" / "*")):
+        settings = self.wiring.settings
+        cutoff = time.time() - max(RUN_DIR_MAX_AGE_S, settings.max_timeout * 2)
+        for path in glob.glob(str(settings.cache_dir / "runs" / "*")):
             with contextlib.suppress(OSError):
                 if os.lstat(path).st_mtime < cutoff:
                     shutil.rmtree(path, ignore_errors=True)
 
+    def every_beat(self) -> None:
+        # Containers are listed before their runs' holds are read: a container created
+        # after the listing belongs to a run claimed before it, so it is never waste.
+        reaped = self.engine.reap(child_pids(), self.wiring.slots.held)
+        if reaped:
+            log.warning("reaped %d container(s) no run uses: %s", len(reaped),
+                        ", ".join(reaped))
+        strays = self.engine.reap_strays()
+        if strays:
+            log.warning("reaped %d container(s) of worker containers that are gone: %s",
+                        len(strays), ", ".join(strays))
+
+
+class Heartbeat(threading.Thread):
+    """The beat, every INTERVAL_S: the host's housekeeping now and then (the cache kept
+    under its size, run uids of killed workers taken back), the engine probed, what no
+    run holds reaped, and the worker's record (WorkerBeat) and slots reported."""
+
+    def __init__(self, wiring: Wiring, name: str, engine: Engine, slots: int) -> None:
+        super().__init__(name="titan-heartbeat", daemon=True)
+        self.wiring = wiring
+        self.engine = engine
+        self.name_ = name
+        self.slots = slots
+        self.stopping = threading.Event()
+        self.beats = 0  # the one count: eviction and the neighbours' scan go by it
+        self.probe = EngineProbe(engine, wiring.settings.gvisor_runtime)
+        self.reaper = Reaper(wiring, engine)
+        self.janitor = CacheJanitor(wiring.settings)
+
+    def beat(self) -> None:
+        if self.beats % EVICT_EVERY == 0:
+            self.housekeeping()
+        self.probe.probe(self.beats)
+        if self.probe.ok:
+            self.reaper.every_beat()
+        self.report()
+
+    def housekeeping(self) -> None:
+        self.janitor.evict()
+        taken_back = self.engine.identities.reclaim()
+        if taken_back:
+            log.warning("took back %d run uid(s) of killed workers: %s", len(taken_back),
+                        ", ".join(map(str, taken_back)))
+
+    def report(self) -> None:
+        probe = self.probe
+        WorkerBeat(self.name_, os.getpid(), probe.ok, probe.error, probe.view.images,
+                   self.slots, tuple(sorted(probe.view.runtimes)),
+                   tuple(self.engine.identities.ids.overlaps()[:10]), probe.neighbours,
+                   self.engine.pooled if probe.ok else {},
+                   ).save(self.wiring.conn, self.wiring.keys)
+        self.wiring.slots.renew(self.name_, self.slots)
+
     def run(self) -> None:
         while not self.stopping.is_set():
-            self.beats += 1  # the one count: eviction and the neighbours' scan go by it
+            self.beats += 1
             try:
-                if self.beats % EVICT_EVERY == 0:
-                    self.janitor.evict()
-                    taken_back = self.engine.identities.reclaim()
-                    if taken_back:
-                        log.warning("took back %d run uid(s) of killed workers: %s",
-                                    len(taken_back), ", ".join(map(str, taken_back)))
                 self.beat()
             except redis.RedisError as exc:
-                log.warning("heartbeat: Redis unavailable: %s", describe(exc, self.settings.redis))
+                log.warning("heartbeat: Redis unavailable: %s",
+                            describe(exc, self.wiring.settings.redis))
             except Exception:
                 log.exception("heartbeat failed")
             self.stopping.wait(INTERVAL_S)
@@ -150,7 +177,8 @@ class Heartbeat(threading.Thread):
     def stop(self) -> None:
         self.stopping.set()
         with contextlib.suppress(redis.RedisError):
-            WorkerBeat(self.name_, os.getpid(), False).remove(self.conn, self.keys)
+            WorkerBeat(self.name_, os.getpid(), False).remove(self.wiring.conn,
+                                                              self.wiring.keys)
 
 
 class HeartbeatStep(bootsteps.StartStopStep):
@@ -171,7 +199,7 @@ class HeartbeatStep(bootsteps.StartStopStep):
         RunIds.parse(settings.run_ids).check_host(Path(settings.host_etc))
         self.heartbeat = Heartbeat(Wiring.connect(settings), worker.hostname, Engine(settings),
                                    int(worker.concurrency or os.cpu_count() or 1))
-        self.heartbeat.reap_at_start()
+        self.heartbeat.reaper.at_start()
         self.heartbeat.start()
         self.resender = Resender(Wiring.connect(settings), worker.app)
         self.resender.start()

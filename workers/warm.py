@@ -227,7 +227,7 @@ def handed_over(warm: Warm, spec: RunSpec, payload: PayloadFile | None) -> Itera
         warm.container.send(request.encode())
     except OSError as exc:
         raise WarmBroken(f"the prewarmed container's stream is gone: {exc}") from exc
-    ending = Ending(token)
+    ending = ClosingLine(token)
     yield Launched(warm.container, ending.frames(warm.container.frames()), started_wall,
                    started_wall, ending.state, warm.oom, warm=True)
 
@@ -248,7 +248,7 @@ def stage_payload(warm: Warm, payload: PayloadFile) -> None:
     payload.stage(target / Path(relative).name, warm.user)
 
 
-class Ending:
+class ClosingLine:
     """Reads the run's frames from the launcher's line that takes the run (GO, with this
     run's token; a stream that ends before it raises WarmBroken: nothing ran) until its
     closing line has ended both stdout and stderr, holding back each stream's tail until

@@ -40,7 +40,7 @@ from manager.core.groups import ApiSettings
 log = logging.getLogger("titan.api.front")
 CHUNK = 64 * 1024
 MAX_HEAD = 64 * 1024
-ROOT = "uid 0"  # the host's own: what the threat model protects, never capped
+ROOT_PEER = "uid 0"  # the host's own: what the threat model protects, never capped
 RESPONSE_LIMIT_S = 660  # the longest answer (a 600 s ?wait) and then some
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection"}
 REASONS = {400: "Bad Request", 408: "Request Timeout", 411: "Length Required",
@@ -187,7 +187,7 @@ class Front:
                           writer: asyncio.StreamWriter) -> None:
         peer = peer_of(writer.get_extra_info("peername"), writer.get_extra_info("sockname"))
         try:
-            if peer != ROOT and self.peers[peer] >= self.settings.peer_connections:
+            if peer != ROOT_PEER and self.peers[peer] >= self.settings.peer_connections:
                 await answer(writer, 429, f"{peer} holds {self.peers[peer]} connections, "
                              "the most one peer may (TITAN_API_PEER_CONNECTIONS)")
                 return

@@ -133,7 +133,7 @@ class Health(BaseModel):
     gvisor: Part  # processes holding the Sentries' uid (sentry_neighbours)
 
 
-class Trigger(BaseModel):
+class TriggerOut(BaseModel):
     topic: str
     event_type: str
 
@@ -162,7 +162,7 @@ class PluginOut(BaseModel):
     digest: str | None
     errors: list[str]
     warnings: list[str]
-    triggers: list[Trigger | TimerOut] = Field(description="event triggers (topic, "
+    triggers: list[TriggerOut | TimerOut] = Field(description="event triggers (topic, "
                                                "event_type) and timers, each with its next "
                                                "three fire times")
     draft: str | None = Field(None, description="a loaded plugin whose directory now holds "

@@ -29,9 +29,9 @@ import click
 from manager.core.client_config import ClientSettings
 from manager.core.config import ROOT
 from manager.core.errors import API_HEADER
+from manager.core.records import TERMINAL
 from manager.core.retry import CLI_RECORD_POLL
 
-TERMINAL = {"succeeded", "failed", "timeout", "oom", "output_limit", "rejected", "lost"}
 EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_UNREACHABLE, EXIT_WAIT = 1, 2, 3, 4, 5
 EXIT_NO_MATCH = 6  # `publish --wait`: the event matched no plugin's trigger
 NOT_FOUND = {"plugin_not_found", "invocation_not_found", "secret_not_found"}

@@ -19,7 +19,6 @@ import click
 from manager.cli.client import (
     EXIT_FAILED,
     EXIT_WAIT,
-    TERMINAL,
     Api,
     api_token,
     default_api,
@@ -37,6 +36,7 @@ from manager.cli.text import (
     versions_text,
 )
 from manager.cli.waits import Progress, command_name, ran_out
+from manager.core.records import TERMINAL
 
 FOLLOW_WINDOW = 100  # runs read on each poll of `logs -f`
 FOLLOW_POLL_S = 0.5

@@ -9,7 +9,8 @@ from typing import Any
 
 import click
 
-from manager.cli.client import TERMINAL, Api
+from manager.cli.client import Api
+from manager.core.records import TERMINAL
 
 
 def command_name() -> str:

@@ -27,7 +27,7 @@ from manager.core.keys import Keys
 from manager.core.records import ACTIVE, TRANSITIONS, InvocationRecord, Outcome, Status
 from manager.core.retry import RECORD_POLL
 from manager.core.scripts import Scripts, named
-from manager.core.slots import LEASE_TTL_S, Grant, SlotAsk, grant_of
+from manager.core.slots import LEASE_TTL_S, SlotAsk, SlotGrant, grant_of
 from manager.core.stats import KEPT_S as STATS_KEPT_S
 from manager.core.stats import minute_of
 
@@ -77,7 +77,7 @@ class Claimed:
     """What a delivery's claim found: the grant (None: the run was not claimable: final,
     already running, or without a record) and the record as it was before the claim."""
 
-    grant: Grant | None
+    grant: SlotGrant | None
     record: InvocationRecord | None
 
 

@@ -36,7 +36,7 @@ LEASE_TTL_S = 10  # a run's holder lease lasts this long unless the process runn
 HELD_FOR_S = 2 * LEASE_TTL_S
 
 
-class Grant(StrEnum):
+class SlotGrant(StrEnum):
     """What asking for a slot gave: one, or why the run waits (titan_throttle_waits_total's
     `reason`)."""
 
@@ -45,8 +45,8 @@ class Grant(StrEnum):
     SHARE = "share"
 
 
-def grant_of(reply: bytes | str) -> Grant:
-    return Grant(reply.decode() if isinstance(reply, bytes) else reply)
+def grant_of(reply: bytes | str) -> SlotGrant:
+    return SlotGrant(reply.decode() if isinstance(reply, bytes) else reply)
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ class Slots:
         return SlotAsk(plugin, invocation_id, cap, self.share, lease_s, weight)
 
     def acquire(self, plugin: str, invocation_id: str, cap: int | None,
-                lease_s: float = SLOT_LEASE_S, weight: int = 1) -> Grant:
+                lease_s: float = SLOT_LEASE_S, weight: int = 1) -> SlotGrant:
         ask = self.ask(plugin, invocation_id, cap, lease_s, weight)
         return grant_of(self.scripts.acquire(keys=ask.keys(self.keys),
                                              args=[named(**ask.named())]))
