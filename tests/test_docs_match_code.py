@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import re
 
+from manager.core.client_config import ClientSettings
 from manager.core.config import ROOT, Settings
 
 DOC = ROOT / "docs" / "configuration.md"
-# Read outside Settings: by the CLI (manager/cli/client.py), by Settings' own source of
+# Read outside Settings and the CLI client's ClientSettings: by Settings' own source of
 # secret files, or by the scripts only.
-READERS = ("manager/cli/client.py", "manager/core/config.py", "scripts/stack.sh",
+READERS = ("manager/core/config.py", "scripts/stack.sh",
            "scripts/services.sh", "scripts/common.sh", "scripts/compose.sh", "Makefile",
            "compose.yaml")
 METRIC = re.compile(r"(?:Counter|Gauge|Histogram|GaugeMetricFamily)\(\s*\"(titan_[a-z_]+)\"")
@@ -28,7 +29,8 @@ def test_every_setting_is_documented() -> None:
 
 
 def test_every_variable_documented_is_read() -> None:
-    fields = {f"TITAN_{name.upper()}" for name in Settings.model_fields}
+    fields = {f"TITAN_{name.upper()}" for name in
+              [*Settings.model_fields, *ClientSettings.model_fields]}
     elsewhere = "\n".join((ROOT / path).read_text() for path in READERS)
     named = set(re.findall(r"`(TITAN_[A-Z0-9_]+)`", documented()))
     stale = sorted(v for v in named - fields if v not in elsewhere)
