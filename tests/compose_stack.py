@@ -14,6 +14,8 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+from hoststate import own_id
+
 from harness import free_port, wait_until
 from manager.core.config import ROOT
 
@@ -70,8 +72,8 @@ class ComposeStack:
     the test's own name and removed afterwards."""
 
     def __init__(self, tmp: Path) -> None:
-        uid = uuid.uuid4().hex[:8]
-        self.project = f"titantest{uid}"
+        uid = own_id()
+        self.project = f"titantest-{uid}"
         self.manager = f"{self.project}-manager"
         self.plugins = tmp / "plugins"
         shutil.copytree(ROOT / "plugins" / "shell_runner", self.plugins / "shell_runner")

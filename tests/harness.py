@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from hoststate import session_instance
+from hoststate import own_interface, session_instance
 
 from manager.core.config import ROOT, Settings
 from manager.core.contract import queued_tasks
@@ -480,7 +480,7 @@ class PrivateEngine:
         self.root = Path(tempfile.mkdtemp(prefix="engine-", dir=session_dir()))
         self.sock = self.root / "docker.sock"
         self.url = f"unix://{self.sock}"
-        self.bridge = f"titanbr{uuid.uuid4().hex[:8]}"  # IFNAMSIZ: at most 15 characters
+        self.bridge = own_interface()
         self.proc: subprocess.Popen | None = None
         make_bridge(self.bridge)
         try:

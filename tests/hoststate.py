@@ -13,12 +13,19 @@ else writing to /tmp):
   included);
 - a container, when its `titan.instance` label is one of this session's test instances
   (`session_instance`: another suite's beside it is not this one's);
+- an engine network, volume or image, a local account or group, when its name (or a
+  label) carries the session's mark (`own_name`: what the tests create is named so);
+- an interface, when its name carries the mark (`own_interface`) or it is the bridge of
+  one of the session's engine networks; an iptables rule, when it carries the mark (the
+  egress firewall's comment names its network) or names one of those interfaces;
 - an entry of /tmp or /var/tmp, when its name starts with one of the prefixes the suite
   and the code it runs create their temporary files with (OWN_PREFIXES), unless it
   carries another session's tag: the suite tags what it makes there (`own_prefix`;
   `tempfile` itself writes in a tagged directory, tests/conftest.py), so another suite
-  running beside it (a `make unit` while `make test` runs) is not this one's;
-- an interface, unless it is a container's end of a veth pair (containers are judged).
+  running beside it (a `make unit` while `make test` runs) is not this one's; the same
+  for an account or group named with an own prefix (a leak under a fixed name is the
+  suite's).
+A container's end of a veth pair is judged with the containers.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import json
 import os
 import re
 import subprocess
+import uuid
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -50,6 +58,22 @@ def own_prefix(kind: str) -> str:
     return f"titan-{kind}-{session_tag(os.environ.get(MARK, '0' * 8))}-"
 
 
+def own_id() -> str:
+    """A unique id carrying this session's tag, for names the tests make up (a compose
+    project, an image's tag, an instance)."""
+    return f"{session_tag(os.environ.get(MARK, '0' * 8))}-{uuid.uuid4().hex[:6]}"
+
+
+def own_name(kind: str) -> str:
+    """A name for an engine object or an account this session makes: tagged, unique."""
+    return f"titan-{kind}-{own_id()}"
+
+
+def own_interface() -> str:
+    """An interface name for this session (IFNAMSIZ: 15 characters at most)."""
+    return f"tb{os.environ.get(MARK, '0' * 8)[:8]}{uuid.uuid4().hex[:5]}"
+
+
 def ours(name: str, session: str) -> bool:
     """A /tmp or /var/tmp entry this session answers for: one of its prefixes, and no
     other session's tag."""
@@ -63,12 +87,13 @@ def _run(*cmd: str) -> str:
     return done.stdout if done.returncode == 0 else ""
 
 
-def interfaces() -> frozenset[str]:
-    """Each interface with its addresses, as `name addr/len,addr/len`."""
+def interfaces(session: str, bridges: frozenset[str]) -> frozenset[str]:
+    """The session's interfaces (its mark, or a bridge of its networks) with their
+    addresses, as `name addr/len,addr/len`."""
     out = []
     for link in json.loads(_run("ip", "-j", "addr", "show") or "[]"):
-        if link["ifname"].startswith("veth"):
-            continue  # a container's: judged with the containers
+        if session[:8] not in link["ifname"] and link["ifname"] not in bridges:
+            continue
         addrs = sorted(f"{a['local']}/{a['prefixlen']}" for a in link.get("addr_info", [])
                        if a.get("scope") != "link")
         out.append(f"{link['ifname']} {','.join(addrs)}")
@@ -81,22 +106,55 @@ def session_instance(uid: str) -> str:
     return f"test-{os.environ.get(MARK, '0' * 8)[:8]}-{uid}"
 
 
-def engine(kind: str, *fmt: str, session: str = "") -> frozenset[str]:
-    """The host engine's objects of one kind (ids); containers only this session's."""
-    if kind == "container":
-        lines = _run("docker", "ps", "-a", "--no-trunc", "--format",
-                     '{{.ID}} {{.Label "titan.instance"}}').split("\n")
-        return frozenset(line.split()[0] for line in lines if len(line.split()) == 2
-                         and line.split()[1].startswith(f"test-{session[:8]}-"))
-    return frozenset(x for x in _run("docker", kind, "ls", "-q", *fmt).split() if x)
+def containers(session: str) -> frozenset[str]:
+    """The ids of this session's containers (by their instance label)."""
+    lines = _run("docker", "ps", "-a", "--no-trunc", "--format",
+                 '{{.ID}} {{.Label "titan.instance"}}').split("\n")
+    return frozenset(line.split()[0] for line in lines if len(line.split()) == 2
+                     and line.split()[1].startswith(f"test-{session[:8]}-"))
 
 
-def iptables() -> frozenset[str]:
+def engine(kind: str, fmt: str, session: str) -> frozenset[str]:
+    """The host engine's objects of one kind whose listing (`fmt`: names, labels) carries
+    the session's mark, as listed."""
+    lines = _run("docker", kind, "ls", "--no-trunc", "--format", fmt).splitlines()
+    return frozenset(line for line in lines if session[:8] in line)
+
+
+def bridges(networks: frozenset[str]) -> frozenset[str]:
+    """The bridge interfaces of these engine networks (`id name ...` lines)."""
+    ids = [line.split()[0] for line in networks]
+    if not ids:
+        return frozenset()
+    named = _run("docker", "network", "inspect", "--format",
+                 '{{.Id}} {{index .Options "com.docker.network.bridge.name"}}', *ids)
+    found = set()
+    for line in named.splitlines():
+        net_id, _, name = line.partition(" ")
+        found.add(name.strip() or f"br-{net_id[:12]}")
+    return frozenset(found)
+
+
+def iptables(session: str, interfaces: frozenset[str]) -> frozenset[str]:
+    """The rules that carry the session's mark or name one of its interfaces."""
+    names = {line.split()[0] for line in interfaces}
     rules = []
     for tool in ("iptables-save", "ip6tables-save"):
         rules += [f"{tool}: {line}" for line in _run(tool).splitlines()
-                  if line and not line.startswith(("#", ":"))]
+                  if line and not line.startswith(("#", ":")) and
+                  (session[:8] in line or names & set(line.split()))]
     return frozenset(rules)
+
+
+def accounts(session: str) -> frozenset[str]:
+    """The local accounts and groups (and their subordinate ids) named as the session's:
+    its mark, or an own prefix with no other session's tag."""
+    found = []
+    for path in ID_FILES:
+        for line in path.read_text().splitlines() if path.exists() else ():
+            if ours(line.split(":")[0], session) or session[:8] in line:
+                found.append(f"{path}: {line}")
+    return frozenset(found)
 
 
 def entries(root: Path, deep: bool, session: str) -> frozenset[str]:
@@ -139,13 +197,15 @@ class HostState:
 
     @classmethod
     def read(cls, session: str, ignore: frozenset[str] = frozenset()) -> HostState:
-        ids = frozenset(f"{f}: {line}" for f in ID_FILES if f.exists()
-                        for line in f.read_text().splitlines())
+        """What carries this session's marks (the module's docstring says which)."""
         files = frozenset().union(*(entries(t, False, session) for t in TREES),
                                   *(entries(t, True, session) for t in DEEP_TREES)) - ignore
-        return cls(interfaces(), engine("network", "--no-trunc"),
-                   engine("container", session=session), engine("volume"),
-                   engine("image", "--no-trunc"), iptables(), ids, files,
+        networks = engine("network", "{{.ID}} {{.Name}} {{.Labels}}", session)
+        links = interfaces(session, bridges(networks))
+        return cls(links, networks, containers(session),
+                   engine("volume", "{{.Name}} {{.Labels}}", session),
+                   engine("image", "{{.ID}} {{.Repository}}:{{.Tag}}", session),
+                   iptables(session, links), accounts(session), files,
                    marked_processes(session))
 
     def changes(self, after: HostState) -> list[str]:

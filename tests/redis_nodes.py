@@ -158,6 +158,21 @@ class SentinelCluster:
         self.replicas = [r for r in self.replicas if r is not self.primary]
         self.dead.append(old)
 
+    def describe(self) -> str:
+        """Each live node's replication state and each Sentinel's last log lines: what a
+        failed failover test prints to say which step did not happen."""
+        lines = []
+        for node in (self.primary, *self.replicas):
+            try:
+                info = node.client().info("replication")
+            except redis.RedisError as exc:
+                info = {"error": str(exc)}
+            lines.append(f"{node.dir.name}:{node.port} {info}")
+        for node in (*self.sentinels, self.primary, *self.replicas):
+            tail = (node.dir / "log").read_text(errors="replace").splitlines()[-12:]
+            lines += [f"--- {node.dir.name} log", *tail]
+        return "\n".join(lines)
+
     def close(self) -> None:
         try:
             for node in (*self.sentinels, *self.replicas, *self.dead, self.primary):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from hoststate import MARK
+from hoststate import MARK, own_id
 
 from harness import session_dir, wait_until
 from manager.core.config import ROOT
@@ -134,7 +134,7 @@ class Checkout:
         self.dir = session_dir() / f"docs-{uuid.uuid4().hex[:8]}"
         self.env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                     "HOME": os.environ.get("HOME", "/root"), "LANG": "C.UTF-8",
-                    MARK: os.environ[MARK], "TITAN_INSTANCE": f"docs{uuid.uuid4().hex[:8]}"}
+                    MARK: os.environ[MARK], "TITAN_INSTANCE": f"docs-{own_id()}"}
         self.holder: subprocess.Popen | None = None
 
     def start(self) -> None:

@@ -27,6 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from hoststate import own_interface, own_name
 
 from harness import Bus, WorkerProcess, new_id, record_of, wait_until, wired
 from manager.bus.dispatch import Dispatcher
@@ -110,7 +111,7 @@ def egress(servers: dict[str, Any], settings: Settings, docker_client: Any,
     hosts.parent.chmod(0o755)
     mine = settings.with_(
         egress_dir=Path(f"/run/titan/egress-test-{uid}"),
-        egress_network=f"titantest-egress-{uid}", egress_bridge=f"tteg{uid}",
+        egress_network=own_name("egress"), egress_bridge=own_interface(),
         egress_allow=(f"api.test:{servers['http']}", f"api.test:{servers['https']}",
                       "*.wild.test:*"),
         egress_hosts=str(hosts), secret_files_dir=Path(f"/run/titan/secrets-test-{uid}"))

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
 import uuid
 from pathlib import Path
 
 import pytest
-from hoststate import MARK, HostState, session_instance
+from hoststate import MARK, HostState, own_id, own_name, session_instance
 
 
 def test_a_file_the_suite_leaves_is_caught_and_another_programs_is_not() -> None:
@@ -49,3 +50,68 @@ def test_this_sessions_container_is_caught_and_another_suites_or_programs_is_not
     finally:
         for container in made:
             container.remove(force=True)
+
+
+def test_an_interface_rule_or_account_is_judged_by_its_mark() -> None:
+    """Judged as session `probe`: the interface, the rule naming it and the account that
+    carry its mark (or an account by an own name, untagged: a leak) are its; another
+    session's, tagged with its own mark, are not."""
+    probe = "0123abcd" + "0" * 24
+    suffix = uuid.uuid4().hex[:5]
+    links = {"mine": f"tb0123abcd{suffix}", "theirs": f"tb9999ffff{suffix}"}
+    users = {"mine": f"titan-acct-s0123abcd-{suffix}", "theirs": f"titan-acct-s9999ffff-{suffix}",
+             "leak": f"titanleak{suffix}"}
+    before = HostState.read(probe)
+    try:
+        for link in links.values():
+            subprocess.run(["ip", "link", "add", link, "type", "bridge"], check=True)
+            subprocess.run(["iptables", "-A", "INPUT", "-i", link, "-j", "ACCEPT"], check=True)
+        for user in users.values():
+            subprocess.run(["useradd", "-M", "-N", "-g", "nogroup", user], check=True)
+        changes = before.changes(HostState.read(probe))
+        assert f"interfaces: + {links['mine']} " in changes
+        assert f"iptables: + iptables-save: -A INPUT -i {links['mine']} -j ACCEPT" in changes
+        assert [c for c in changes if users["mine"] in c and "/etc/passwd" in c]
+        assert [c for c in changes if users["leak"] in c and "/etc/passwd" in c]
+        assert not [c for c in changes if links["theirs"] in c or users["theirs"] in c]
+    finally:
+        for link in links.values():
+            subprocess.run(["iptables", "-D", "INPUT", "-i", link, "-j", "ACCEPT"], check=False)
+            subprocess.run(["ip", "link", "delete", link], check=False)
+        for user in users.values():
+            subprocess.run(["userdel", user], check=False, capture_output=True)
+    assert not before.changes(HostState.read(probe))
+
+
+@pytest.mark.integration
+def test_a_network_volume_or_image_is_judged_by_its_mark(docker_client, settings) -> None:
+    """The engine's objects named with the session's mark are its (and a network's bridge
+    and the engine's rules for it with them); another program's are not."""
+    session = os.environ[MARK]
+    before = HostState.read(session)
+    other = f"another-program-{uuid.uuid4().hex[:6]}"
+    networks = [docker_client.networks.create(name) for name in (own_name("net"), other)]
+    volumes = [docker_client.volumes.create(name) for name in (own_name("vol"), other)]
+    image = docker_client.images.get(settings.runtime_image)
+    tags = [("titan-probe", own_id()), (other, "latest")]
+    try:
+        for repository, tag in tags:
+            image.tag(repository, tag)
+        changes = before.changes(HostState.read(session))
+        mine_net = networks[0].id
+        assert [c for c in changes if c.startswith(f"engine_networks: + {mine_net} ")]
+        assert [c for c in changes if c.startswith(f"interfaces: + br-{mine_net[:12]}")]
+        assert [c for c in changes if c.startswith("iptables: ") and f"br-{mine_net[:12]}" in c]
+        assert [c for c in changes if c.startswith(f"volumes: + {volumes[0].name}")]
+        assert [c for c in changes if c.startswith("images: ") and c.endswith(
+            f"titan-probe:{tags[0][1]}")]
+        assert not [c for c in changes if other in c or networks[1].id[:12] in c], changes
+    finally:
+        for network in networks:
+            network.remove()
+        for volume in volumes:
+            volume.remove()
+        for repository, tag in tags:
+            docker_client.images.remove(f"{repository}:{tag}")
+    assert not [c for c in before.changes(HostState.read(session)) if "probe" in c
+                or other in c]

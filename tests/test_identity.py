@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from hoststate import own_name
 
 from harness import session_dir
 from manager.core.config import Settings
@@ -73,7 +74,7 @@ def test_a_uid_the_host_gave_an_account_since_is_never_leased(
     """A hostile local account made inside the range after the workers started (as root
     could be tricked into, or an admin unaware of the range): no lease gives its uid out,
     and the run's group given to an account stops every lease, naming it."""
-    name = f"titantest{os.getpid()}"
+    name = own_name("acct")
     subprocess.run(["useradd", "-M", "-N", "-g", "nogroup", "-u", "3000007", name],
                    check=True)
     try:

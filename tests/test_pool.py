@@ -12,6 +12,7 @@ from pathlib import Path
 
 import docker
 import pytest
+from hoststate import own_name
 
 from harness import WorkerProcess, new_id, private_settings, record_of, wait_until, wired
 from manager.bus.dispatch import Dispatcher
@@ -107,7 +108,7 @@ def test_a_prewarmed_container_whose_uid_the_host_gives_away_is_never_used(
         "titan.pool=1"]})]
     uid = int(pooled.attrs["Labels"]["titan.uid"].split(":")[0])
     assert 2400000 <= uid < 2410000, uid  # the fixture's own range (see `many`)
-    account = f"titanhostile{uid % 100000}"
+    account = own_name("hostile")
     subprocess.run(["useradd", "-M", "-N", "-g", "nogroup", "-u", str(uid), account],
                    check=True)
     try:

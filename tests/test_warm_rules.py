@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from manager.core.config import Settings
+from manager.core.groups import PrewarmSettings
 from manager.core.runs import RunLimits
 from manager.plugins.permissions import PayloadFile
 from workers.files import place, takes_payload
@@ -33,11 +33,11 @@ def config(argv: tuple[str, ...] = ("python", "main.py"),
     (("pythonista", "main.py"), None),
 ])
 def test_the_interpreter_started_ahead_runs_plain_python_scripts(argv, expected) -> None:
-    assert interpreter(config(argv), Settings()) == expected
+    assert interpreter(config(argv), PrewarmSettings()) == expected
 
 
 def test_the_operator_can_turn_it_off() -> None:
-    assert interpreter(config(), Settings(warm_interpreter=False)) is None
+    assert interpreter(config(), PrewarmSettings(interpreter=False)) is None
 
 
 def test_a_payload_copy_goes_into_the_directory_its_path_lies_in() -> None:

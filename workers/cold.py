@@ -69,7 +69,7 @@ def launched_cold(engine: Engine, spec: RunSpec, payload: PayloadFile | None,
 
 
 def create(engine: Engine, spec: RunSpec, secrets: str | None) -> ContainerHandle:
-    opts = options.cold(spec, engine.settings, engine.base_labels)
+    opts = options.cold(spec, engine.settings.sandbox, engine.base_labels)
     if secrets:
         opts["mounts"].append(options.bind(SECRETS_PATH, secrets))
     try:

@@ -49,7 +49,7 @@ class Delivery:
         self.run_container = container_step  # launch and run loop (tests play back ends)
         registry = Registry(wiring)
         self.cache = PluginCache(registry, self.settings)
-        self.pool = WarmPool(self.settings, engine, lambda: {
+        self.pool = WarmPool(self.settings.prewarm, engine, lambda: {
             e.digest for e in registry.entries().values() if e.digest})
         self.keeper = Keeper(wiring.slots)
         self.later = Later(wiring.conn, wiring.keys)  # where Again's runs wait (tasks.py)

@@ -14,7 +14,7 @@ from typing import Any
 import psutil
 from docker.types import Mount, Ulimit
 
-from manager.core.config import Settings
+from manager.core.groups import SandboxSettings
 from manager.core.runs import RunUser
 from manager.plugins.safefs import mkdirs, private_root
 from workers import gvisor_seccomp
@@ -58,7 +58,7 @@ def run_env(spec: RunSpec) -> dict[str, str]:
     return env
 
 
-def base(config: PoolConfig, settings: Settings, labels: dict[str, str], user: RunUser,
+def base(config: PoolConfig, settings: SandboxSettings, labels: dict[str, str], user: RunUser,
          accounts: dict[str, str]) -> dict[str, Any]:
     """Everything a plugin's configuration fixes, for a container running as `user` (with
     `accounts`, its /etc/passwd and /etc/group: workers.identity.account_files)."""
@@ -91,7 +91,7 @@ def base(config: PoolConfig, settings: Settings, labels: dict[str, str], user: R
         "security_opt": ["no-new-privileges", *gvisor_seccomp.security_opt(config.runtime)],
         "pids_limit": host_pids(config), "mem_limit": limits.memory_bytes,
         "memswap_limit": limits.memory_bytes, "nano_cpus": limits.cpu_millis * 1_000_000,
-        "ulimits": [Ulimit(name="nofile", soft=s.nofile_limit, hard=s.nofile_limit),
+        "ulimits": [Ulimit(name="nofile", soft=s.nofile, hard=s.nofile),
                     Ulimit(name="fsize", soft=s.fsize_bytes, hard=s.fsize_bytes),
                     Ulimit(name="core", soft=0, hard=0)],
         "init": True, "ipc_mode": "none", "log_config": {"type": "none", "config": {}},
@@ -102,7 +102,7 @@ def base(config: PoolConfig, settings: Settings, labels: dict[str, str], user: R
     }
 
 
-def no_resolver(settings: Settings) -> str:
+def no_resolver(settings: SandboxSettings) -> str:
     """/etc/resolv.conf for a container on the egress network: a resolver that is not
     there, so a lookup fails at once (names are the proxy's to resolve; the engine's own
     resolver on an internal network answers nothing but waits seconds for that)."""
@@ -123,7 +123,7 @@ def host_pids(config: PoolConfig) -> int:
     return GVISOR_PIDS_BASE + GVISOR_PIDS_PER_PROCESS * pids if config.runtime else pids
 
 
-def cold(spec: RunSpec, settings: Settings, labels: dict[str, str]) -> dict[str, Any]:
+def cold(spec: RunSpec, settings: SandboxSettings, labels: dict[str, str]) -> dict[str, Any]:
     """A cold container: the configuration's options plus the run's own."""
     assert spec.user is not None, "a cold container runs as the identity taken for its run"
     options = base(spec.config, settings, labels, spec.user, spec.accounts)

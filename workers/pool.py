@@ -20,8 +20,8 @@ import redis
 import requests
 from docker.errors import DockerException
 
-from manager.core.config import Settings
 from manager.core.errors import SandboxUnavailable
+from manager.core.groups import PrewarmSettings
 from manager.core.observer import observer
 from workers.container import ContainerHandle
 from workers.engine import Engine
@@ -42,7 +42,7 @@ class WarmPool:
     expires idle containers, drains configurations no longer current, and removes used
     ones."""
 
-    def __init__(self, settings: Settings, engine: Engine,
+    def __init__(self, settings: PrewarmSettings, engine: Engine,
                  current_digests: Callable[[], set[str]] | None = None) -> None:
         self.settings = settings
         self.engine = engine
@@ -62,7 +62,7 @@ class WarmPool:
 
     @property
     def enabled(self) -> bool:
-        return self.settings.prewarm_size > 0 and self.settings.prewarm_max > 0
+        return self.settings.enabled
 
     def take(self, spec: RunSpec) -> Warm | None:
         """A ready container for this configuration, or None (the run goes cold)."""
@@ -155,14 +155,14 @@ class WarmPool:
 
     def _short(self, key: PoolConfig) -> bool:
         with self.lock:
-            return len(self.idle.get(key, [])) < self.settings.prewarm_size
+            return len(self.idle.get(key, [])) < self.settings.size
 
     def _make_room(self, key: PoolConfig) -> bool:
         """A slot for `key`: a free one, or else the one held by an idle container of the
         configuration used least recently, if that was used before `key` was (the pool
         gives way to what is used now, never to what was used once long ago)."""
         with self.lock:
-            if sum(len(v) for v in self.idle.values()) < self.settings.prewarm_max:
+            if sum(len(v) for v in self.idle.values()) < self.settings.max:
                 return True
             used = self.wanted.get(key, 0.0)
             older = [k for k, ready in self.idle.items()
@@ -189,11 +189,11 @@ class WarmPool:
         with self.lock:
             for key, used in list(self.wanted.items()):
                 gone = current is not None and key.digest not in current
-                if gone or now - used > self.settings.prewarm_idle_s:
+                if gone or now - used > self.settings.idle_s:
                     del self.wanted[key]
                     stale += self.idle.pop(key, [])
             for key, ready in self.idle.items():
-                keep = [w for w in ready if now - w.ready_mono <= self.settings.prewarm_idle_s]
+                keep = [w for w in ready if now - w.ready_mono <= self.settings.idle_s]
                 stale += [w for w in ready if w not in keep]
                 self.idle[key] = keep
         for warm in stale:

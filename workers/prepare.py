@@ -56,7 +56,7 @@ def prepare(req: RunRequest, settings: Settings, engine: Engine, cache: PluginCa
             payload.close()
         return Outcome(Status.FAILED, exc.message)
     config = PoolConfig(req.plugin, req.version, req.digest, req.image, req.argv,
-                        str(code_dir), req.limits.clamped(settings),
+                        str(code_dir), req.limits.clamped(settings.limits),
                         str(deps) if deps else None, mounts, runtime(req, settings),
                         payload_dirs(req.allowed_globs, settings) if payload else (),
                         settings.egress_network if req.net_allow else None,

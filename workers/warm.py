@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from manager.core.config import ROOT, Settings
+from manager.core.config import ROOT
 from manager.core.errors import TitanError
+from manager.core.groups import PrewarmSettings, SandboxSettings
 from manager.core.run_end import Exit
 from manager.core.runs import RunUser
 from manager.egress.grants import pin
@@ -116,13 +117,13 @@ class PrewarmStopped(TitanError):
 
 
 
-def interpreter(config: PoolConfig, settings: Settings) -> str | None:
+def interpreter(config: PoolConfig, settings: PrewarmSettings) -> str | None:
     """The interpreter to start ahead for this configuration's entrypoint (`python
     main.py`, `python3 app.py --flag`), or None: its runs exec their entrypoint. Options
     for the interpreter itself (`python -u`, `-m`) are left to exec: they change how it
     starts."""
     argv = config.argv
-    if not settings.warm_interpreter or len(argv) < 2 or argv[1].startswith("-"):
+    if not settings.interpreter or len(argv) < 2 or argv[1].startswith("-"):
         return None
     return argv[0] if PYTHON_RE.match(argv[0]) else None
 
@@ -134,9 +135,9 @@ def warm_options(engine: Engine, config: PoolConfig, home: Path, user: RunUser,
     The launcher is PID 1 (no docker-init): non-dumpable, so the plugin (same uid) can
     read neither its environment nor /proc/1/fd/0, the stream its request came through.
     It reaps like an init: a subreaper that waits for every process before it reports."""
-    opts = options.base(config, engine.settings, engine.base_labels, user,
+    opts = options.base(config, engine.settings.sandbox, engine.base_labels, user,
                         account_files(home, user))
-    tools = tools_copy(engine.settings)
+    tools = tools_copy(engine.settings.sandbox)
     opts["mounts"] += [options.bind(target, str(tools / Path(target).name)) for target in TOOLS]
     opts["mounts"].append(options.bind(INBOX, str(home / "in")))
     opts["mounts"] += [options.bind(target, str(home / f"payload-{i}"))
@@ -148,13 +149,13 @@ def warm_options(engine: Engine, config: PoolConfig, home: Path, user: RunUser,
     opts["mem_limit"] += HEADROOM_BYTES
     opts["memswap_limit"] += HEADROOM_BYTES
     command = ["python3", "-I", LAUNCHER_PATH]
-    python = interpreter(config, engine.settings)
+    python = interpreter(config, engine.settings.prewarm)
     if python:
         command += ["--zygote", python, *(["--net"] if config.network else [])]
     return {**opts, "command": command, "stdin_open": True, "init": False}
 
 
-def tools_copy(settings: Settings) -> Path:
+def tools_copy(settings: SandboxSettings) -> Path:
     """The launcher and the zygote at paths the Docker engine can see: the worker's cache
     is at the same path on the host and in a worker container, its code is not."""
     directory = mkdirs(private_root(settings.cache_dir) / "tools", 0o755)

@@ -89,16 +89,19 @@ class TextSecretIn(_Model):
 
 
 class BytesSecretIn(_Model):
-    value: str = Field(min_length=4, max_length=4 * (MAX_VALUE_BYTES // 3), pattern=BASE64,
-                       description="the value's bytes, in standard base64")
+    value: str = Field(min_length=4, max_length=4 * -(-MAX_VALUE_BYTES // 3), pattern=BASE64,
+                       description="the value's bytes, in standard base64 (at most 64 KiB "
+                                   "once decoded)")
     encoding: typing.Literal["base64"]
     plugins: list[_PLUGIN] = _BOUND
 
 
 class SecretIn(RootModel[TextSecretIn | BytesSecretIn]):
     """A secret's value and its plugins: text, or bytes in base64 (`encoding: base64`).
-    The schema says which values each takes (base64 by its pattern), so the API refuses
-    no value the schema allows but a text over 64 KiB once encoded."""
+    The schema says which values each takes (base64 by its pattern, its length the one
+    that holds 64 KiB), so the API refuses no value the schema allows but one over 64 KiB
+    once encoded or decoded (the last base64 group can carry one or two bytes more: a
+    pattern cannot count them, the store does)."""
 
 
 class SecretOut(BaseModel):

@@ -60,7 +60,8 @@ class Timers:
     def __init__(self, wiring: Wiring, registry: Registry,
                  clock: Callable[[], float] = time.time) -> None:
         self.wiring = wiring
-        self.settings = wiring.settings
+        self.settings = wiring.settings.timers
+        self.redis = wiring.settings.redis
         self.registry = registry
         self.clock = clock
         self.scripts = Scripts(wiring.conn)
@@ -86,7 +87,7 @@ class Timers:
         """Until the next pass: `timer_pass_s`, or less when a tick falls due sooner, so a
         tick goes out within milliseconds of its time (the registry is read on each pass,
         so a reload is seen within `timer_pass_s`)."""
-        wait = self.settings.timer_pass_s
+        wait = self.settings.pass_s
         if self.next_due is not None:
             wait = min(wait, self.next_due - self.clock() + 0.001)
         return max(0.0, wait)
@@ -133,21 +134,21 @@ class Timers:
                  now: float) -> list[Tick] | None:
         """Fires (or skips) the due tick, and with catch_up last the missed one before it,
         through the script; None when it is to be tried again (no replica confirmed it)."""
-        late = now - due > self.settings.timer_grace_s
+        late = now - due > self.settings.grace_s
         prev = schedule.previous(due)
         keys = self.wiring.keys
         pipe = self.wiring.conn.pipeline(transaction=False)
         self.scripts.tick(
-            keys=[keys.timer_fired, keys.timer_since, self.settings.event_stream],
+            keys=[keys.timer_fired, keys.timer_since, self.settings.stream],
             args=[named(timer=schedule.timer(plugin), due=due, prev=prev, since=now,
                         late=late, catch_up=schedule.catch_up.value,
                         maxlen=self.settings.stream_maxlen,
                         event=tick_event(plugin, schedule, due, now, late).encode(),
                         prev_event=tick_event(plugin, schedule, prev, now, True).encode())],
             client=pipe)
-        confirm_replicated(pipe, self.settings.redis)
+        confirm_replicated(pipe, self.redis)
         try:
-            (reply,) = check_replicated(pipe.execute(), self.settings.redis,
+            (reply,) = check_replicated(pipe.execute(), self.redis,
                                         f"the tick of {plugin}")
         except NotReplicated as exc:
             log.warning("timers: %s", exc.message)

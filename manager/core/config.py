@@ -21,9 +21,9 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from manager.core import groups
 from manager.core import netrules as rules
 from manager.core.events import Limits
-from manager.core.groups import ApiSettings, EgressSettings, RedisSettings, sentinels_of
 from manager.core.keys import Keys
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -232,7 +232,7 @@ class Settings(BaseSettings):
         """The password never crosses a network in clear: plain redis:// only to this
         host's loopback; rediss:// needs the CA to check the server against."""
         url = urlparse(self.redis_url)
-        hosts = [url.hostname or ""] + [h for h, _ in sentinels_of(self.redis_sentinels)]
+        hosts = [url.hostname or ""] + [h for h, _ in groups.sentinels_of(self.redis_sentinels)]
         if url.scheme == "redis" and not all(_loopback(h) for h in hosts):
             raise ValueError(
                 f"plain redis:// to {', '.join(h for h in hosts if not _loopback(h))} "
@@ -274,9 +274,13 @@ class Settings(BaseSettings):
             raise ValueError("; ".join(problems)) from None
 
     # The groups a part is handed (manager.core.groups)
-    redis = property(RedisSettings.of)
-    egress = property(EgressSettings.of)
-    api = property(ApiSettings.of)
+    redis = property(groups.RedisSettings.of)
+    egress = property(groups.EgressSettings.of)
+    api = property(groups.ApiSettings.of)
+    timers = property(groups.TimerSettings.of)
+    prewarm = property(groups.PrewarmSettings.of)
+    sandbox = property(groups.SandboxSettings.of)
+    limits = property(groups.LimitSettings.of)
 
     @property
     def keys(self) -> Keys:
@@ -287,9 +291,6 @@ class Settings(BaseSettings):
     def event_limits(self) -> Limits:
         """The event limits every reader applies (listener, API, a worker's results)."""
         return Limits(self.max_event_bytes, self.max_event_depth)
-
-
-
 
     @property
     def effective_visibility_timeout(self) -> int:

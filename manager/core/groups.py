@@ -4,7 +4,9 @@ asked, so a changed copy, `with_`, never hands out a stale one), handed to a par
 of all of them: a part's signature says what it reads, and a test can build just that.
 The Redis clients take RedisSettings (manager.core.clients, manager.core.contract);
 the egress proxy and its grants EgressSettings (manager.egress); the API's front
-ApiSettings (manager.api.front)."""
+ApiSettings (manager.api.front); the timers TimerSettings (manager.bus.timers); the
+warm pool PrewarmSettings (workers.pool, workers.warm); a container's fixed bounds
+SandboxSettings (workers.options); a run's clamp LimitSettings (manager.core.runs)."""
 
 from __future__ import annotations
 
@@ -96,3 +98,69 @@ class ApiSettings:
                    s.api_tls_key, s.api_threads, s.api_waiters, s.api_channel_timeout,
                    s.api_connection_limit, s.api_header_timeout_s, s.api_body_timeout_s,
                    s.api_peer_connections, s.metrics_port)
+
+
+@dataclass(frozen=True)
+class TimerSettings:
+    """How the manager's clock passes and where its ticks go (TITAN_TIMER_*)."""
+
+    pass_s: float = 0.2  # the longest wait between passes (a due tick shortens it)
+    grace_s: float = 2.0  # a tick fired later than this after its time is `late`
+    stream: str = "titan:events"
+    stream_maxlen: int = 100_000
+
+    @classmethod
+    def of(cls, s: Any) -> TimerSettings:
+        return cls(s.timer_pass_s, s.timer_grace_s, s.event_stream, s.stream_maxlen)
+
+
+@dataclass(frozen=True)
+class PrewarmSettings:
+    """How many ready containers a worker process keeps, for how long, and whether their
+    interpreter is started ahead (TITAN_PREWARM_*, TITAN_WARM_INTERPRETER)."""
+
+    size: int = 1  # ready containers per plugin configuration
+    max: int = 4  # ready containers in all
+    idle_s: int = 300  # a ready container unused this long is removed
+    interpreter: bool = True
+
+    @property
+    def enabled(self) -> bool:
+        return self.size > 0 and self.max > 0
+
+    @classmethod
+    def of(cls, s: Any) -> PrewarmSettings:
+        return cls(s.prewarm_size, s.prewarm_max, s.prewarm_idle_s, s.warm_interpreter)
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    """The most any run may have, whatever its plugin asks: a manifest above it is
+    refused at load, a run's limits are clamped to it (TITAN_MAX_*, TITAN_PIDS_LIMIT)."""
+
+    timeout: int = 600
+    memory_bytes: int = 2 * 1024**3
+    cpu_millis: int = 2000
+    pids: int = 64
+
+    @classmethod
+    def of(cls, s: Any) -> LimitSettings:
+        return cls(s.max_timeout, s.max_memory_bytes, s.max_cpu_millis, s.pids_limit)
+
+
+@dataclass(frozen=True)
+class SandboxSettings:
+    """The bounds every run's container has whatever its plugin asks (a plugin's own
+    memory, CPU and pids are its limits, clamped: manager.core.runs.RunLimits)."""
+
+    tmpfs_bytes: int = 64 * 1024**2  # /tmp, at most half the plugin's memory
+    tmpfs_inodes: int = 4096
+    shm_bytes: int = 8 * 1024**2  # /dev/shm, at most an eighth of it
+    nofile: int = 256
+    fsize_bytes: int = 32 * 1024**2
+    cache_dir: Path = Path("run/cache")  # root's alone: the files containers mount
+
+    @classmethod
+    def of(cls, s: Any) -> SandboxSettings:
+        return cls(s.tmpfs_bytes, s.tmpfs_inodes, s.shm_bytes, s.nofile_limit, s.fsize_bytes,
+                   s.cache_dir)

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from enum import StrEnum
 from typing import Any
 
-from manager.core.config import Settings
 from manager.core.events import FAILURE, Event
+from manager.core.groups import LimitSettings
 
 
 def result_event_id(invocation_id: str, n: int) -> str:
@@ -69,13 +69,13 @@ class RunLimits:
     cpu_millis: int
     pids: int
 
-    def clamped(self, settings: Settings) -> RunLimits:
+    def clamped(self, ceiling: LimitSettings) -> RunLimits:
         """At most the operator's maxima, at least the engine's minima."""
         return RunLimits(
-            timeout=max(1, min(self.timeout, settings.max_timeout)),
-            memory_bytes=max(6 * 1024**2, min(self.memory_bytes, settings.max_memory_bytes)),
-            cpu_millis=max(1, min(self.cpu_millis, settings.max_cpu_millis)),
-            pids=max(1, min(self.pids, settings.pids_limit)))
+            timeout=max(1, min(self.timeout, ceiling.timeout)),
+            memory_bytes=max(6 * 1024**2, min(self.memory_bytes, ceiling.memory_bytes)),
+            cpu_millis=max(1, min(self.cpu_millis, ceiling.cpu_millis)),
+            pids=max(1, min(self.pids, ceiling.pids)))
 
 
 @dataclass(frozen=True)

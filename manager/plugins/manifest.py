@@ -191,7 +191,7 @@ class Manifest(_Model):
     def run_limits(self, settings: Settings) -> RunLimits:
         """This manifest's limits, clamped to the operator's maxima."""
         return RunLimits(self.timeout, self.memory_bytes, self.cpu_millis,
-                         settings.pids_limit).clamped(settings)
+                         settings.pids_limit).clamped(settings.limits)
 
 
 def entrypoint_argv(entrypoint: str) -> list[str]:
