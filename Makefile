@@ -5,8 +5,9 @@ PY := $(VENV)/bin/python
 CLI := $(PY) titan-plugins.py
 RUN_DIR ?= run
 FILES_DIR ?= /srv/titan/files
-# integration test files run in this many parallel streams (pytest-xdist, a file each)
-TEST_STREAMS ?= 2
+# integration test files run in this many parallel streams (pytest-xdist, a file each):
+# more than the cores, as most of a test's time is spent waiting on containers and daemons
+TEST_STREAMS ?= 3
 export TITAN_RUN_DIR ?= $(CURDIR)/$(RUN_DIR)
 # The Redis URL (with its password) that `make up` generated, for Flower and the CLI tools.
 # Marked as the file's copy: the scripts read the file fresh instead (a mode switch rewrites
@@ -83,7 +84,7 @@ test: test-deps ## every test: the fast layer, then integration with real Redis,
 unit: deps
 	@$(VENV)/bin/ruff check .
 	@DOCKER_HOST=unix:///nonexistent/no-docker-in-the-fast-layer \
-		$(PY) -m pytest -q -m "not integration" --durations=5 $(PYTEST_ARGS)
+		$(PY) -m pytest -q -m "not integration" -n 2 --durations=5 $(PYTEST_ARGS)
 
 console-shots: test-deps ## the console's pages at 1280x800 in docs/console/ (its browser test)
 	@bash scripts/services.sh docker

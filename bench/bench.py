@@ -13,7 +13,7 @@ memory one idle prewarmed container holds, and the Redis round trips of a warm r
 process counted). Fairness: while a slow plugin has 12 runs queued on the two workers, how
 long one event for another plugin waits in the queue, against the length of one slow run.
 CLI: `list`, `logs` and `health` with the system's python3, beside curl of the same
-answer. Scale: the listener's rate with 2, 100 and 1,000 plugins loaded (bench/scale.py).
+answer. Scale: what grows with the plugins, 2, 100 and 1,000 of them (bench/scale.py).
 The console: each page's time with 10,000 runs stored (bench/console.py).
 Prints p50/p99, events/s and the ratios against targets.
 """

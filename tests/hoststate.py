@@ -130,8 +130,9 @@ def bridges(networks: frozenset[str]) -> frozenset[str]:
                  '{{.Id}} {{index .Options "com.docker.network.bridge.name"}}', *ids)
     found = set()
     for line in named.splitlines():
-        net_id, _, name = line.partition(" ")
-        found.add(name.strip() or f"br-{net_id[:12]}")
+        net_id, _, name = line.partition(" ")  # a missing option prints "<no value>"
+        found.add(name.strip() if name.strip() not in ("", "<no value>") else
+                  f"br-{net_id[:12]}")
     return frozenset(found)
 
 

@@ -283,7 +283,7 @@ def test_a_thousand_slow_clients_of_one_account_hold_neither_the_api_metrics_nor
         made_up: dict) -> None:
     """One local account opens 1,000 connections to the API's, the metrics' and Flower's
     TCP ports and trickles header lines, never ending a head: root's /health, /metrics
-    and Flower still answer within a second, and the account is held to its own cap."""
+    and Flower still answer while they trickle, and the account is held to its own cap."""
     env = made_up["env"]
     ports = [env["TITAN_API_PORT"], env["TITAN_METRICS_PORT"], env["TITAN_FLOWER_PORT"]]
     login = (made_up["run"] / "flower.auth").read_text().strip()
@@ -294,11 +294,14 @@ def test_a_thousand_slow_clients_of_one_account_hold_neither_the_api_metrics_nor
     try:
         assert slow.stdout is not None and slow.stdout.readline() == "holding\n", \
             slow.stderr.read() if slow.stderr else ""
+        # Held, a port answers nothing while the clients trickle (25 s); within a few
+        # seconds is answering (a loaded CI machine takes over 1 s at times: speed is
+        # the bench's to measure, not a test's)
         for _ in range(5):
-            assert http_status(f"{made_up['api']}/health", timeout=1) == 200
-            assert http_status(f"http://127.0.0.1:{ports[1]}/metrics", timeout=1) == 200
+            assert http_status(f"{made_up['api']}/health", timeout=5) == 200
+            assert http_status(f"http://127.0.0.1:{ports[1]}/metrics", timeout=5) == 200
             assert http_status(f"http://127.0.0.1:{ports[2]}/healthcheck", login,
-                               timeout=1) == 200  # Flower's lightest page, its own work
+                               timeout=5) == 200  # Flower's lightest page, its own work
             time.sleep(1)
         out, err = slow.communicate(timeout=60)
     finally:
