@@ -7,7 +7,7 @@ RUN_DIR ?= run
 FILES_DIR ?= /srv/titan/files
 # integration test files run in this many parallel streams (pytest-xdist, a file each):
 # more than the cores, as most of a test's time is spent waiting on containers and daemons
-TEST_STREAMS ?= 3
+TEST_STREAMS ?= 4
 export TITAN_RUN_DIR ?= $(CURDIR)/$(RUN_DIR)
 # The Redis URL (with its password) that `make up` generated, for Flower and the CLI tools.
 # Marked as the file's copy: the scripts read the file fresh instead (a mode switch rewrites

@@ -117,7 +117,8 @@ def containers(session: str) -> frozenset[str]:
 def engine(kind: str, fmt: str, session: str) -> frozenset[str]:
     """The host engine's objects of one kind whose listing (`fmt`: names, labels) carries
     the session's mark, as listed."""
-    lines = _run("docker", kind, "ls", "--no-trunc", "--format", fmt).splitlines()
+    whole = () if kind == "volume" else ("--no-trunc",)  # (volume ls has no such flag)
+    lines = _run("docker", kind, "ls", *whole, "--format", fmt).splitlines()
     return frozenset(line for line in lines if session[:8] in line)
 
 
