@@ -13,7 +13,8 @@ memory one idle prewarmed container holds, and the Redis round trips of a warm r
 process counted). Fairness: while a slow plugin has 12 runs queued on the two workers, how
 long one event for another plugin waits in the queue, against the length of one slow run.
 CLI: `list`, `logs` and `health` with the system's python3, beside curl of the same
-answer. Scale: what grows with the plugins, 2, 100 and 1,000 of them (bench/scale.py).
+answer. Scale: what grows with the plugins, 2, 100 and 1,000 of them (bench/scale.py), and
+sustained warm runs/s with 1, 2 and 4 worker processes (bench/workers_scale.py).
 The console: each page's time with 10,000 runs stored (bench/console.py).
 Prints p50/p99, events/s and the ratios against targets.
 """
@@ -24,7 +25,6 @@ import argparse
 import contextlib
 import json
 import shutil
-import statistics
 import sys
 import tempfile
 import threading
@@ -51,8 +51,10 @@ from probes import (  # noqa: E402
     idle_memory,
     round_trips,
 )
+from report import BURSTS, report  # noqa: E402
 from scale import listener_scale, scale_report  # noqa: E402
 from tree import plugin_tree  # noqa: E402
+from workers_scale import workers_report, workers_scale  # noqa: E402
 
 from harness import (  # noqa: E402
     Bus,
@@ -70,28 +72,8 @@ from manager.core.contract import make_celery  # noqa: E402
 from manager.plugins.registry import Registry  # noqa: E402
 from manager.service import api_server  # noqa: E402
 
-COLD_TARGET = 1.15  # cold end-to-end p50 vs a bare run
-WARM_P50_TARGET = 0.06  # warm end-to-end p50 vs a bare cold run
-WARM_P99_TARGET = 0.4
-GVISOR_WARM_TARGET = 0.20  # a gVisor warm run vs a bare cold runc run
-FILES_WARM_TARGET = 0.15  # file_watcher warm p50 vs its own cold p50
-HIT_TARGET = 0.95  # prewarm hit rate of each prewarmed plugin measured
-THROUGHPUT_TARGET = 1.0  # warm burst vs direct parallel cold runs
-CLI_TARGET_S = 0.35  # list, logs and health, end to end, with the system's python3
-FAIR_TARGET = 1.5  # another plugin's queue wait behind a hog, in lengths of one hog run (a
-# slot must free up first: at least one run; without the share it was about 6)
-# behind 5 plugins' backlogs: the runs queued ahead at its level, then a free slot (about
-# 2.5 runs); first-in-first-out across plugins it was about 13
-CROWD_TARGET = 4.0
-BURSTS = 2  # bursts per side, interleaved
-ROUND_TRIPS_TARGET = 12  # Redis round trips per warm run, every process counted
 SETTLE_S = 0.6
 GVISOR_SETTLE_S = 1.5  # between a warm run and the next measurement (its replacement starts)
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def e2e_once(bus: Bus, event_type: str = "tick", markdown: Path | None = None) -> float:
@@ -183,72 +165,6 @@ def bursts(args: argparse.Namespace, bus: Bus, bare: Bare) -> dict[str, float]:
     return times
 
 
-LATENCIES = (("titan warm path", "warm"), ("titan cold path", "cold"),
-             ("gvisor warm path", "gvisor_warm"), ("gvisor cold path", "gvisor_cold"),
-             ("bare docker run", "base"), ("bare gvisor run", "base_gvisor"),
-             ("  no seccomp", "base_gvisor_unconfined"),
-             ("file_watcher warm", "files_warm"), ("file_watcher cold", "files_cold"),
-             ("egress warm path", "egress_warm"))
-
-
-def report(args: argparse.Namespace, m: dict) -> bool:
-    ms = {k: (statistics.median(m[k]) * 1000, pct(m[k], 0.99) * 1000) for _, k in LATENCIES}
-    b50, b99 = ms["base"]
-    for label, key in LATENCIES:
-        p50, p99 = ms[key]
-        print(f"latency  {label:<17} p50 {p50:7.1f} ms ({p50 / b50:.3f} x bare)  "
-              f"p99 {p99:7.1f} ms ({p99 / b99:.3f} x bare)")
-    seccomp = ms["base_gvisor"][0] / ms["base_gvisor_unconfined"][0]
-    files = ms["files_warm"][0] / ms["files_cold"][0]
-    print(f"gvisor   its seccomp filter (--oci-seccomp): a bare gVisor run takes {seccomp:.3f} x "
-          "the same run without it")
-    print(f"files    file_watcher on a Markdown file, warm p50 {files:.3f} x its cold p50")
-    net = ms["egress_warm"][0] / ms["warm"][0]
-    print(f"egress   a warm run with one HTTP request through the proxy: p50 {net:.3f} x a "
-          f"warm run without network (+{ms['egress_warm'][0] - ms['warm'][0]:.1f} ms)")
-    events = args.burst * BURSTS
-    tp_titan, tp_direct = events / m["t_titan"], events / m["t_direct"]
-    print(f"throughput titan warm, 2 workers  {tp_titan:6.2f} events/s "
-          f"({events} in {m['t_titan']:.2f}s)")
-    print(f"           direct cold, 2 threads {tp_direct:6.2f} runs/s   "
-          f"({events} in {m['t_direct']:.2f}s)  ratio {tp_titan / tp_direct:.3f}")
-    for runtime, mib in sorted(m["memory"].items()):
-        print(f"memory   one idle prewarmed container ({runtime}) holds {mib:.1f} MiB")
-    for plugin, rate in m["hits"].items():
-        print(f"prewarm  {plugin:<12} hit rate {rate:.0%} of its measured runs")
-    for command, (cli_s, curl_s) in m["cli"].items():
-        print(f"cli      {command:<7} {cli_s * 1000:6.0f} ms (curl of the same answer "
-              f"{curl_s * 1000:.0f} ms)")
-    print(f"redis    {m['round_trips']:.1f} round trips per warm run (every process; "
-          "requests Redis read, the bench's own and the idle rate taken out)")
-    fair_wait, hog = m["fair"]
-    print(f"fairness another plugin waited {fair_wait:.2f} s behind 12 queued runs of a "
-          f"{hog:.2f} s plugin on 2 workers ({fair_wait / hog:.2f} x one run)")
-    crowd_wait, crowd_run = m["crowd"]
-    print(f"fairness another plugin waited {crowd_wait:.2f} s behind 5 plugins' 5 queued "
-          f"runs of {crowd_run:.2f} s on 2 workers ({crowd_wait / crowd_run:.2f} x one run)")
-    checks = {
-        f"file_watcher warm p50 <= {FILES_WARM_TARGET} x its cold p50": files <= FILES_WARM_TARGET,
-        **{f"prewarm hit rate of {plugin} >= {HIT_TARGET:.0%}": rate >= HIT_TARGET
-           for plugin, rate in m["hits"].items()},
-        f"redis round trips per warm run <= {ROUND_TRIPS_TARGET}":
-            m["round_trips"] <= ROUND_TRIPS_TARGET,
-        f"fair wait <= {FAIR_TARGET} x one slow run": fair_wait / hog <= FAIR_TARGET,
-        f"crowd wait <= {CROWD_TARGET} x one run": crowd_wait / crowd_run <= CROWD_TARGET,
-        f"cli list, logs, health < {CLI_TARGET_S} s": all(
-            cli_s < CLI_TARGET_S for cli_s, _ in m["cli"].values()),
-        f"warm p50 <= {WARM_P50_TARGET} x bare": ms["warm"][0] / b50 <= WARM_P50_TARGET,
-        f"warm p99 <= {WARM_P99_TARGET} x bare": ms["warm"][1] / b99 <= WARM_P99_TARGET,
-        f"gvisor warm p50 <= {GVISOR_WARM_TARGET} x bare (runc, cold)":
-            ms["gvisor_warm"][0] / b50 <= GVISOR_WARM_TARGET,
-        f"cold p50 <= {COLD_TARGET} x bare": ms["cold"][0] / b50 <= COLD_TARGET,
-        f"throughput >= {THROUGHPUT_TARGET} x direct": tp_titan / tp_direct >= THROUGHPUT_TARGET,
-    }
-    for name, ok in checks.items():
-        print(f"target   {name}: {'met' if ok else 'MISSED'}")
-    return all(checks.values())
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=40, help="sequential runs per side")
@@ -292,6 +208,7 @@ def main() -> int:
             for bare in bares.values():
                 bare.close()
         scale = listener_scale(server.url)  # the stack is idle: its listener reads nothing
+        sustain = workers_scale(server.url, plugins)  # its own workers, keys and listener
         pages = console_times(server.url)
     finally:
         api.close()
@@ -305,7 +222,7 @@ def main() -> int:
         shutil.rmtree(session_dir(), ignore_errors=True)
     ok = report(args, m)
     lines, scaled = scale_report(scale)
-    print("\n".join(lines))
+    print("\n".join(lines + workers_report(sustain)))
     lines, fast_pages = console_report(pages)
     print("\n".join(lines))
     ok = ok and scaled and fast_pages
