@@ -32,6 +32,7 @@ from hoststate import own_interface, session_instance
 from manager.core.config import ROOT, Settings
 from manager.core.contract import queued_tasks
 from manager.core.wiring import Wiring
+from workers.options import EVENT_PATH
 from workers.warm import INBOX, ZYGOTE_PATH
 
 WORKER_START_S = 60
@@ -542,15 +543,25 @@ def make_bridge(name: str) -> None:
     subprocess.run(["ip", "addr", "add", f"{prefix}.1/24", "dev", name], check=True)
 
 
-def running_a_plugin(container: Any) -> bool:
-    """Whether a (runc) container's plugin process runs now. A cold container's is
-    `python main.py`; a prewarmed one's interpreter was started ahead (`python
-    /titan/zygote.py`, as in an idle one), so it runs a plugin once its inbox holds an
-    event and until the launcher has ended the run (only the launcher is left then)."""
+def running_a_plugin(container: Any, event_id: str | None = None) -> bool:
+    """Whether a (runc) container's plugin process runs now (with `event_id`: for that
+    event). A cold container's is `python main.py`; a prewarmed one's interpreter was
+    started ahead (`python /titan/zygote.py`, as in an idle one), so it runs a plugin once
+    its inbox holds an event and until the launcher has ended the run (only the launcher
+    is left then; on a loaded machine, a moment after the run's record is stored)."""
     args = [" ".join(p) for p in container.top(ps_args="-eo pid,args")["Processes"] or []]
-    if any("main.py" in a for a in args):
-        return True
-    inbox = [m["Source"] for m in container.attrs.get("Mounts", [])
-             if m.get("Destination") == INBOX]
-    return bool(inbox) and os.path.exists(os.path.join(inbox[0], "event.json")) and any(
-        ZYGOTE_PATH in a for a in args)
+    mounts = {m.get("Destination"): m["Source"] for m in container.attrs.get("Mounts", [])}
+    if any("main.py" in a for a in args):  # cold: its event file is mounted
+        return event_id is None or event_of(mounts.get(EVENT_PATH)) == event_id
+    if INBOX not in mounts or not any(ZYGOTE_PATH in a for a in args):
+        return False
+    found = event_of(os.path.join(mounts[INBOX], "event.json"))
+    return found is not None and (event_id is None or found == event_id)
+
+
+def event_of(path: str | None) -> str | None:
+    """The id of the event in a run's event file, or None (not there, or not yet whole)."""
+    try:
+        return json.loads(Path(path or "/nonexistent").read_text()).get("event_id")
+    except (OSError, ValueError, AttributeError):
+        return None

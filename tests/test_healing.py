@@ -136,13 +136,14 @@ def test_a_poisoned_entry_delays_none_of_its_batch_and_is_dead_lettered(settings
     assert conn.xpending(mine.event_stream, mine.consumer_group)["pending"] == 0
 
 
-def serving(docker_client, settings, within: float = 30) -> object:
-    """The container of this test instance whose plugin process is running now."""
+def serving(docker_client, settings, event_id: str, within: float = 30) -> object:
+    """The container of this test instance whose plugin process runs `event_id` now (not
+    the one a run before it is leaving)."""
     def find() -> object | None:
         for c in docker_client.containers.list(
                 filters={"label": f"titan.instance={settings.instance}"}):
             try:
-                if running_a_plugin(c):
+                if running_a_plugin(c, event_id):
                     return c
             except Exception:
                 continue
@@ -173,7 +174,7 @@ def test_a_container_stopped_from_outside_is_retried_not_failed(
                 f"titan.instance={mine.instance}", "titan.pool=1"]}), 30, "a prewarmed one")
         event = Event(new_id("stopped"), "test.v1", "sleep", {"seconds": 8})
         invocation, _ = dispatcher.dispatch(event, entry, origin="api")
-        container = serving(docker_client, mine)
+        container = serving(docker_client, mine, event.event_id)
         assert (container.labels.get("titan.pool") == "1") is warm, container.labels
         container.stop(timeout=1)
         record = wait_until(lambda: (r := record_of(conn, mine, invocation))
