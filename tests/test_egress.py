@@ -335,10 +335,14 @@ def test_a_proxy_stopped_mid_run_fails_the_run_visibly_and_comes_back(
     _, settings, bus = lane
     url = f"http://api.test:{servers['http']}/late"
     event_id = new_id("egress")
+    started = f"/started-{event_id}"  # the run is executing, its grant issued: the proxy
+    # stops during its sleep (stopped before the grant, the run waits for it instead)
     bus.publish({"event_id": event_id, "topic": "egress.v1", "event_type": "egress_probe",
-                 "payload": {"steps": [{"do": "sleep", "s": 3}, {"do": "must_get", "url": url}]}})
-    wait_until(lambda: any(r["event_id"] == event_id and r["status"] == "running"
-                           for r in _records(conn, settings, "egress_probe")), 60, "the run")
+                 "payload": {"steps": [
+                     {"do": "must_get", "url": f"http://api.test:{servers['http']}{started}"},
+                     {"do": "sleep", "s": 6}, {"do": "must_get", "url": url}]}})
+    wait_until(lambda: any(seen["path"] == started for seen in Handler.seen), 60,
+               "the run to reach the server through the proxy")
     proxy.stop(egress.egress)  # Squid only: its network and firewall rules stay
     assert not proxy.processes(egress.egress) and not proxy.running(egress.egress)
     try:
