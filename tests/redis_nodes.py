@@ -158,10 +158,34 @@ class SentinelCluster:
         self.replicas = [r for r in self.replicas if r is not self.primary]
         self.dead.append(old)
 
+    def settled(self) -> bool:
+        """One live data node is the primary Sentinel names and the other replicates it with
+        its link up. Sentinel may fail over again on a loaded machine (a primary busy past
+        `down-after-milliseconds`): `primary` and `replicas` then follow its choice."""
+        live = [self.primary, *self.replicas]
+        try:
+            _, port = self.sentinels[0].client().sentinel_get_master_addr_by_name("titan")
+            primary = next(n for n in live if n.port == int(port))
+            if primary.role() != "master":
+                return False
+            followers = [n for n in live if n is not primary]
+            if not all(n.client().info("replication").get("master_port") == primary.port
+                       and n.client().info("replication")["master_link_status"] == "up"
+                       for n in followers):
+                return False
+        except (redis.RedisError, StopIteration):
+            return False
+        self.primary, self.replicas = primary, followers
+        return True
+
+    def switches(self) -> int:
+        """How many times the first Sentinel moved the primary (+switch-master)."""
+        return (self.sentinels[0].dir / "log").read_text(errors="replace").count("+switch-master")
+
     def describe(self) -> str:
         """Each live node's replication state and each Sentinel's last log lines: what a
         failed failover test prints to say which step did not happen."""
-        lines = []
+        lines = [f"+switch-master seen by sentinel0: {self.switches()}"]
         for node in (self.primary, *self.replicas):
             try:
                 info = node.client().info("replication")
