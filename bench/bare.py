@@ -30,7 +30,7 @@ class Bare:
         self.user = self.identities.take()  # a run's identity, as every container has
         config = PoolConfig("noop", "1.0.0", "sha256:bench", manifest.image,
                             tuple(manifest.argv), str(PLUGIN_DIR / "noop"),
-                            manifest.run_limits(settings), runtime=runtime)
+                            manifest.run_limits(settings.limits), runtime=runtime)
         spec = RunSpec(config, "bench", "{}")
         spec = replace(spec, event_file=str(write_event(directory, spec, self.user)),
                        user=self.user, accounts=account_files(directory, self.user))

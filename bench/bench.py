@@ -42,6 +42,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from bare import Bare  # noqa: E402  (bench/ is the script's directory)
 from console import console_report, console_times  # noqa: E402
 from egress import egress_case  # noqa: E402
+from phases import Ledger, split  # noqa: E402
 from probes import (  # noqa: E402
     cli_latency,
     counted_client,
@@ -76,21 +77,6 @@ SETTLE_S = 0.6
 GVISOR_SETTLE_S = 1.5  # between a warm run and the next measurement (its replacement starts)
 
 
-def e2e_once(bus: Bus, event_type: str = "tick", markdown: Path | None = None) -> float:
-    """One event to its result; with `markdown`, a file_watcher event naming that file."""
-    event_id = new_id("bench")
-    event = {"event_id": event_id, "topic": "bench.v1", "event_type": event_type}
-    if markdown:
-        event.update(topic="fs.v1", payload={"path": str(markdown), "mime_type": "text/markdown"})
-    t0 = time.perf_counter()
-    entry = bus.publish(event)
-    # read on from the event's own entry: the bench parsing the whole stream each time
-    # would compete for the CPU with the listener it measures
-    result = bus.result_of(event_id, timeout=120, after=entry)
-    assert result["event_type"] == ("file_text_extracted" if markdown else "tock"), result
-    return time.perf_counter() - t0
-
-
 def settle(seconds: float) -> Callable[[], None]:
     """A pause, so that what the step before started (a used container's removal, its
     replacement) is done before the next measurement: latency is measured at light load."""
@@ -123,23 +109,30 @@ def direct_parallel(bare: Bare, n: int, concurrency: int) -> float:
 
 def measure(args: argparse.Namespace, bus: Bus, bares: dict[str, Bare], client, settings
             ) -> dict:
-    md = args.markdown
-    steps = {"settle_warm": settle(SETTLE_S), "warm": lambda: e2e_once(bus),
+    md = {"path": str(args.markdown), "mime_type": "text/markdown"}
+    ledger = Ledger()
+
+    def e2e(kind: str, event_type: str, **kw: object) -> Callable[[], float]:
+        return lambda: ledger.e2e(bus, kind, event_type, **kw)
+
+    files = {"payload": md, "topic": "fs.v1", "expect": "file_text_extracted"}
+    steps = {"settle_warm": settle(SETTLE_S), "warm": e2e("warm", "tick"),
              "settle_files": settle(SETTLE_S),
-             "files_warm": lambda: e2e_once(bus, "file_created", md),
+             "files_warm": e2e("files_warm", "file_created", **files),
              "settle_gvisor": settle(SETTLE_S),
-             "gvisor_warm": lambda: e2e_once(bus, "tick_gvisor"),
+             "gvisor_warm": e2e("gvisor_warm", "tick_gvisor"),
              "settle_net": settle(SETTLE_S),
-             "egress_warm": lambda: e2e_once(bus, "tick_net"),
+             "egress_warm": e2e("egress_warm", "tick_net"),
              "settle": settle(GVISOR_SETTLE_S),  # gVisor's replacement starts slower
-             "cold": lambda: e2e_once(bus, "tick_cold"),
-             "gvisor_cold": lambda: e2e_once(bus, "tick_gvisor_cold"),
-             "files_cold": lambda: e2e_once(bus, "file_created_cold", md),
+             "cold": e2e("cold", "tick_cold"),
+             "gvisor_cold": e2e("gvisor_cold", "tick_gvisor_cold"),
+             "files_cold": e2e("files_cold", "file_created_cold", **files),
              **{name: bare.run for name, bare in bares.items()}}
     for _ in range(4):  # warm-up: every worker process has run each plugin once (its pool)
         for name, step in steps.items():
             step()
             time.sleep(0 if name.startswith("settle") else SETTLE_S)
+    ledger.forget()
     times: dict[str, list[float]] = {name: [] for name in steps
                                      if not name.startswith("settle")}
     for _ in range(args.runs):  # interleaved, so drift hits every side alike
@@ -147,9 +140,10 @@ def measure(args: argparse.Namespace, bus: Bus, bares: dict[str, Bare], client, 
             took = step()
             if took is not None:
                 times[name].append(took)
+    where = split(bus, ledger)
     memory = idle_memory(client, settings)
-    trips = round_trips(bus.conn, args.runs // 2, lambda: e2e_once(bus), SETTLE_S)
-    return {"cli": cli_latency(args.api_socket), **times, "round_trips": trips,
+    trips = round_trips(bus.conn, args.runs // 2, e2e("trips", "tick"), SETTLE_S)
+    return {"cli": cli_latency(args.api_socket), **times, "where": where, "round_trips": trips,
             "memory": memory, "hits": hit_rate(bus, args.runs), "fair": fairness(bus),
             "crowd": crowd(bus),
             **bursts(args, bus, bares["base"])}
@@ -169,6 +163,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=40, help="sequential runs per side")
     parser.add_argument("--burst", type=int, default=80, help="events in the throughput burst")
+    parser.add_argument("--runs-only", action="store_true",
+                        help="latency, throughput and the probes; not the scale tables nor "
+                        "the console (about a third of the time)")
     args = parser.parse_args()
 
     server = RedisServer()
@@ -185,12 +182,12 @@ def main() -> int:
                for i in (1, 2)]
     listener = Listener(wired(redis.Redis.from_url(settings.redis_url), settings),
                         Registry(wired(redis.Redis.from_url(settings.redis_url), settings)),
-                        Dispatcher(wired(conn, settings), make_celery(settings)))
+                        Dispatcher(wired(conn, settings), make_celery(settings.broker)))
     thread = threading.Thread(target=listener.run, daemon=True)
     args.api_socket = str(run_dir / "api.sock")
     api = api_server(create_app(wired(conn, settings), Registry(wired(conn, settings)),
-                                Dispatcher(wired(conn, settings), make_celery(settings))),
-                     settings, args.api_socket)
+                                Dispatcher(wired(conn, settings), make_celery(settings.broker))),
+                     settings.api, args.api_socket)
     threading.Thread(target=api.run, daemon=True).start()
     try:
         for w in workers:
@@ -207,9 +204,10 @@ def main() -> int:
         finally:
             for bare in bares.values():
                 bare.close()
-        scale = listener_scale(server.url)  # the stack is idle: its listener reads nothing
-        sustain = workers_scale(server.url, plugins)  # its own workers, keys and listener
-        pages = console_times(server.url)
+        if not args.runs_only:
+            scale = listener_scale(server.url)  # the stack is idle: its listener reads nothing
+            sustain = workers_scale(server.url, plugins)  # its own workers, keys and listener
+            pages = console_times(server.url)
     finally:
         api.close()
         listener.stop()
@@ -221,11 +219,12 @@ def main() -> int:
         shutil.rmtree(files, ignore_errors=True)
         shutil.rmtree(session_dir(), ignore_errors=True)
     ok = report(args, m)
-    lines, scaled = scale_report(scale)
-    print("\n".join(lines + workers_report(sustain)))
-    lines, fast_pages = console_report(pages)
-    print("\n".join(lines))
-    ok = ok and scaled and fast_pages
+    if not args.runs_only:
+        lines, scaled = scale_report(scale)
+        print("\n".join(lines + workers_report(sustain)))
+        lines, fast_pages = console_report(pages)
+        print("\n".join(lines))
+        ok = ok and scaled and fast_pages
     print("result: " + ("every target met" if ok else "TARGET MISSED"))
     return 0 if ok else 1
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import statistics
 
+from phases import phases_report
+
 COLD_TARGET = 1.15  # cold end-to-end p50 vs a bare run
 WARM_P50_TARGET = 0.06  # warm end-to-end p50 vs a bare cold run
 WARM_P99_TARGET = 0.4
@@ -43,6 +45,7 @@ def report(args: argparse.Namespace, m: dict) -> bool:
         p50, p99 = ms[key]
         print(f"latency  {label:<17} p50 {p50:7.1f} ms ({p50 / b50:.3f} x bare)  "
               f"p99 {p99:7.1f} ms ({p99 / b99:.3f} x bare)")
+    print("\n".join(phases_report(m["where"])))
     seccomp = ms["base_gvisor"][0] / ms["base_gvisor_unconfined"][0]
     files = ms["files_warm"][0] / ms["files_cold"][0]
     print(f"gvisor   its seccomp filter (--oci-seccomp): a bare gVisor run takes {seccomp:.3f} x "

@@ -90,7 +90,7 @@ def listener_rate(redis_url: str, count: int, work: Path, matching: bool = False
     ensure_group(wiring.conn, settings)
     events = MATCHING if matching else EVENTS
     publish(wiring.conn, settings.event_stream, events, count if matching else 0)
-    listener = Listener(wiring, Registry(wiring), Dispatcher(wiring, make_celery(settings)))
+    listener = Listener(wiring, Registry(wiring), Dispatcher(wiring, make_celery(settings.broker)))
     listener.index(None)  # a running listener has read the registry before events come
     started, done = time.perf_counter(), 0
     while done < events:
@@ -102,7 +102,7 @@ def listing_time(redis_url: str, count: int, work: Path) -> float:
     """Seconds one `GET /plugins` takes with `count` plugins (the API's own app)."""
     settings = loaded(redis_url, count, work)
     wiring = wired(redis.Redis.from_url(redis_url), settings)
-    client = create_app(wiring, Registry(wiring), Dispatcher(wiring, make_celery(settings))
+    client = create_app(wiring, Registry(wiring), Dispatcher(wiring, make_celery(settings.broker))
                         ).test_client()
     assert client.get("/plugins").status_code == 200
     started = time.perf_counter()
@@ -116,7 +116,7 @@ def held(redis_url: str, settings_dict: dict, answer: Any) -> None:
     """A process that reads the registry and builds the listener's index: its peak RSS."""
     settings = Settings.model_validate(settings_dict)
     wiring = wired(redis.Redis.from_url(redis_url), settings)
-    Listener(wiring, Registry(wiring), Dispatcher(wiring, make_celery(settings))).index(None)
+    Listener(wiring, Registry(wiring), Dispatcher(wiring, make_celery(settings.broker))).index(None)
     answer.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
@@ -136,7 +136,7 @@ def drain(redis_url: str, settings_dict: dict, ready: Any) -> None:
     stream has nothing new for it."""
     settings = Settings.model_validate(settings_dict)
     wiring = wired(redis.Redis.from_url(redis_url), settings)
-    listener = Listener(wiring, Registry(wiring), Dispatcher(wiring, make_celery(settings)))
+    listener = Listener(wiring, Registry(wiring), Dispatcher(wiring, make_celery(settings.broker)))
     listener.index(None)
     ready.wait()
     while listener.poll():

@@ -91,7 +91,7 @@ def main() -> int:
     conn = redis_client(settings.redis)
     Registry(wired(conn, settings)).reload()
     listener_conn = redis_client(settings.redis)
-    dispatcher = Dispatcher(wired(conn, settings), make_celery(settings))
+    dispatcher = Dispatcher(wired(conn, settings), make_celery(settings.broker))
     listening = wired(listener_conn, settings)
     listener = Listener(listening, Registry(listening), dispatcher,
                         housekeeping=Sweeper(listening, dispatcher).maybe_sweep)

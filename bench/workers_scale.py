@@ -98,7 +98,7 @@ def sustained(redis_url: str, processes: int, plugins: Path, work: Path,
                for i in range(processes)]
     listener = Listener(wired(redis.Redis.from_url(redis_url), settings),
                         Registry(wired(conn, settings)),
-                        Dispatcher(wired(conn, settings), make_celery(settings)))
+                        Dispatcher(wired(conn, settings), make_celery(settings.broker)))
     threading.Thread(target=listener.run, daemon=True).start()
     bus, client = Bus(conn, settings), docker.from_env()
     try:

@@ -26,6 +26,7 @@ from manager.core import metrics
 from manager.core.config import Settings
 from manager.core.contract import make_celery, queued_tasks
 from manager.core.errors import TitanError
+from manager.core.groups import ApiSettings
 from manager.core.lines import Line, lines
 from manager.core.observer import observer
 from manager.core.wiring import Wiring
@@ -38,7 +39,7 @@ log = logging.getLogger("titan.manager")
 METRICS_CONNECTIONS = 64
 
 
-def api_server(app: Flask, settings: Settings, unix_socket: str) -> Any:
+def api_server(app: Flask, api: ApiSettings, unix_socket: str) -> Any:
     """waitress (a production WSGI server) with the limits that keep one client from
     holding the API: a body over the limit is refused from its Content-Length before any
     of it is read, idle and half-sent connections are dropped after a short timeout, and
@@ -48,50 +49,50 @@ def api_server(app: Flask, settings: Settings, unix_socket: str) -> Any:
     CLI's channel, and, behind the TCP front (manager.api.front), the TCP port's. Each
     server has its own threads and connection limit, so a flood of TCP connections from
     any local account never reaches the CLI's."""
-    raise_nofile(settings)
+    raise_nofile(api)
     where = {"unix_socket": unix_socket, "unix_socket_perms": "600"}
     return waitress.create_server(
-        app, threads=settings.api_threads, connection_limit=settings.api_connection_limit,
-        channel_timeout=settings.api_channel_timeout,
-        cleanup_interval=max(1, settings.api_channel_timeout // 4),
+        app, threads=api.threads, connection_limit=api.connection_limit,
+        channel_timeout=api.channel_timeout,
+        cleanup_interval=max(1, api.channel_timeout // 4),
         max_request_body_size=app.config["MAX_CONTENT_LENGTH"],
         # poll, not select: select cannot watch a descriptor numbered over 1024, and a
         # thousand held connections take the process's descriptors past that
         asyncore_use_poll=True, ident="titan-plugin-manager", **where)
 
 
-def tcp_api(app: Flask, settings: Settings) -> tuple[Any, Front]:
+def tcp_api(app: Flask, api: ApiSettings) -> tuple[Any, Front]:
     """The API's TCP port: the front (manager.api.front: deadlines, a cap per peer, HTTPS
     with TITAN_API_TLS=1), started, passing to a waitress of its own on a private socket
     (returned to be run)."""
-    behind = settings.api_socket.with_name("api-tcp.sock")
-    server = api_server(app, settings, str(behind))
-    front = Front(settings.api, str(behind), settings.api_host, settings.api_port,
-                  server_context(settings.api_tls_cert, settings.api_tls_key)
-                  if settings.api_tls else None, max_body=app.config["MAX_CONTENT_LENGTH"])
+    behind = api.socket.with_name("api-tcp.sock")
+    server = api_server(app, api, str(behind))
+    front = Front(api, str(behind), api.host, api.port,
+                  server_context(api.tls_cert, api.tls_key)
+                  if api.tls else None, max_body=app.config["MAX_CONTENT_LENGTH"])
     front.start()
     return server, front
 
 
-def metrics_server(registry: CollectorRegistry, settings: Settings) -> tuple[Any, Front]:
+def metrics_server(registry: CollectorRegistry, api: ApiSettings) -> tuple[Any, Front]:
     """/metrics on waitress with a bounded number of connections and threads of its own,
     on a private socket behind a front on metrics_port (manager.api.front: deadlines and
     a cap per peer), so no account can hold it or, through it, the process's descriptors
     (prometheus-client's own server spends a thread and a descriptor on each)."""
-    raise_nofile(settings)
-    behind = settings.api_socket.with_name("metrics.sock")
+    raise_nofile(api)
+    behind = api.socket.with_name("metrics.sock")
     server = waitress.create_server(
         make_wsgi_app(registry), unix_socket=str(behind), unix_socket_perms="600",
         threads=2, connection_limit=METRICS_CONNECTIONS, channel_timeout=10,
         cleanup_interval=2, asyncore_use_poll=True, ident="titan-metrics")
-    return server, Front(settings.api, str(behind), settings.api_host, settings.metrics_port,
+    return server, Front(api, str(behind), api.host, api.metrics_port,
                          name="metrics")
 
 
-def raise_nofile(settings: Settings) -> None:
+def raise_nofile(api: ApiSettings) -> None:
     """Descriptors for every server's connection limit (two API servers and /metrics)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = 2 * settings.api_connection_limit + METRICS_CONNECTIONS + 512
+    wanted = 2 * api.connection_limit + METRICS_CONNECTIONS + 512
     if soft < wanted and (hard == resource.RLIM_INFINITY or hard >= wanted):
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
@@ -106,7 +107,7 @@ class Manager:
         listening = Wiring.connect(settings)  # the listener's blocking reads, the sweeper
         self.conn = self.wiring.conn
         self.registry = Registry(self.wiring)
-        self.dispatcher = Dispatcher(self.wiring, make_celery(settings))
+        self.dispatcher = Dispatcher(self.wiring, make_celery(settings.broker))
         self.sweeper = Sweeper(listening, self.dispatcher)
         self.janitor = CacheJanitor(settings)
         self.listener = Listener(listening, Registry(listening), self.dispatcher,
@@ -157,7 +158,7 @@ class Manager:
     def queue_depths(self) -> dict[str, int]:
         s = self.settings
         pending = self.conn.xpending(s.event_stream, s.consumer_group)
-        return {s.task_queue: queued_tasks(self.conn, s),
+        return {s.task_queue: queued_tasks(self.conn, s.broker),
                 "events_pending": int(pending["pending"]) if pending else 0,
                 "dead_letters": self.conn.xlen(s.dead_stream)}
 
@@ -169,7 +170,7 @@ class Manager:
         self.settings.api_socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         scraped, scraped_front = metrics_server(metrics.registry_for(
             metrics.StateCollector(self.plugin_counts, self.queue_depths, self.plugin_lines)),
-            self.settings)
+            self.settings.api)
         threading.Thread(target=scraped.run, name="metrics", daemon=True).start()
         scraped_front.start()
         listener = threading.Thread(target=self.listener.run, name="listener", daemon=True)
@@ -177,7 +178,7 @@ class Manager:
         timers = threading.Thread(target=self.timers.run, name="timers", daemon=True)
         timers.start()
         front = self.tcp_server()  # beside the listener thread
-        local = api_server(self.app, self.settings, str(self.settings.api_socket))
+        local = api_server(self.app, self.settings.api, str(self.settings.api_socket))
         threading.Thread(target=local.run, name="api-socket", daemon=True).start()
         signal.signal(signal.SIGHUP, lambda *_: self._safe_reload())
         signal.signal(signal.SIGTERM, lambda *_: self.shutdown())
@@ -197,7 +198,7 @@ class Manager:
         log.info("manager stopped")
 
     def tcp_server(self) -> Front:
-        self.server, front = tcp_api(self.app, self.settings)
+        self.server, front = tcp_api(self.app, self.settings.api)
         return front
 
     def _safe_reload(self) -> None:

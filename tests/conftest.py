@@ -17,7 +17,7 @@ import docker
 import pytest
 import redis
 import yaml
-from hoststate import MARK, TAGGED, HostState, own_prefix
+from hoststate import CLAIMS, MARK, TAGGED, HostState, own_prefix
 
 from harness import (
     SESSION_DIR,
@@ -55,6 +55,7 @@ def pytest_configure(config: pytest.Config) -> None:
     check then tells this session's files from another's beside it."""
     os.environ.setdefault(MARK, uuid.uuid4().hex)
     os.environ[SESSION_DIR] = tempfile.mkdtemp(prefix=own_prefix("test"), dir="/var/tmp")
+    os.environ.setdefault(CLAIMS, f"{os.environ[SESSION_DIR]}/claims")  # the controller's
     config.stash[OWN_DIRS] = [os.environ[SESSION_DIR]]
     if config.option.basetemp is None:  # at the top of /tmp: its sockets' paths are short
         config.option.basetemp = tempfile.mkdtemp(prefix=own_prefix("pytest"), dir="/tmp")
@@ -233,7 +234,7 @@ def registry(conn: redis.Redis, settings: Settings) -> Registry:
 
 @pytest.fixture(scope="session")
 def dispatcher(conn: redis.Redis, settings: Settings) -> Dispatcher:
-    return Dispatcher(wired(conn, settings), make_celery(settings))
+    return Dispatcher(wired(conn, settings), make_celery(settings.broker))
 
 
 @pytest.fixture(scope="session")
@@ -290,8 +291,8 @@ def api_url(app, stack, settings: Settings) -> Iterator[str]:
     socket_path = session_dir() / "api.sock"
     (session_dir() / "tcp").mkdir(mode=0o700, exist_ok=True)
     tcp, front = tcp_api(app, settings.with_(api_port=port,
-                                             api_socket=session_dir() / "tcp" / "api.sock"))
-    servers = [tcp, api_server(app, settings, str(socket_path))]
+                                             api_socket=session_dir() / "tcp" / "api.sock").api)
+    servers = [tcp, api_server(app, settings.api, str(socket_path))]
     for server in servers:
         threading.Thread(target=server.run, daemon=True).start()
     yield f"unix://{socket_path}"

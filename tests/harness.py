@@ -98,7 +98,7 @@ def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
 def broker_drained(conn: redis.Redis, settings: Settings) -> bool:
     """No task message is left: none queued, none delivered and unacknowledged (a late
     duplicate could only come from one of those)."""
-    return not queued_tasks(conn, settings) and not conn.hlen(settings.keys.unacked)
+    return not queued_tasks(conn, settings.broker) and not conn.hlen(settings.keys.unacked)
 
 
 def new_id(prefix: str = "t") -> str:

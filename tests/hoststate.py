@@ -18,6 +18,9 @@ else writing to /tmp):
 - an interface, when its name carries the mark (`own_interface`) or it is the bridge of
   one of the session's engine networks; an iptables rule, when it carries the mark (the
   egress firewall's comment names its network) or names one of those interfaces;
+- an entry of /srv/titan (the default allowed root, where README's examples put their
+  files under fixed names), when the suite claimed it (`claim`, before it removes what it
+  made there: what it could not remove is then its leak) or its name is the suite's;
 - an entry of /tmp or /var/tmp, when its name starts with one of the prefixes the suite
   and the code it runs create their temporary files with (OWN_PREFIXES), unless it
   carries another session's tag: the suite tags what it makes there (`own_prefix`;
@@ -46,6 +49,23 @@ ID_FILES = (Path("/etc/passwd"), Path("/etc/group"), Path("/etc/subuid"), Path("
 # they run, pytest's base directory): every other entry of /tmp and /var/tmp is not its.
 OWN_PREFIXES = ("titan", "pytest-of-")
 TAGGED = re.compile(r"-s([0-9a-f]{8})-")  # a session's tag in a name (session_tag)
+# A file listing the paths the suite made under names it cannot tag (the session's own,
+# inherited by every process of it; tests/conftest.py sets it)
+CLAIMS = "TITANTEST_CLAIMS"
+
+
+def claim(paths: list[Path]) -> None:
+    """Says that the session made these paths (so that one left behind is its leak)."""
+    if os.environ.get(CLAIMS):
+        with open(os.environ[CLAIMS], "a") as ledger:
+            ledger.writelines(f"{p}\n" for p in paths)
+
+
+def claimed() -> frozenset[str]:
+    try:
+        return frozenset(Path(os.environ.get(CLAIMS, "")).read_text().splitlines())
+    except OSError:
+        return frozenset()
 
 
 def session_tag(session: str) -> str:
@@ -164,7 +184,8 @@ def entries(root: Path, deep: bool, session: str) -> frozenset[str]:
         return frozenset()
     if not deep:
         return frozenset(str(p) for p in root.iterdir() if ours(p.name, session))
-    return frozenset(str(p) for p in root.rglob("*"))
+    claims = claimed()
+    return frozenset(str(p) for p in root.rglob("*") if str(p) in claims or ours(p.name, session))
 
 
 def marked_processes(session: str) -> frozenset[str]:

@@ -53,7 +53,7 @@ def lane(request, conn, settings, worker, listener) -> Iterator[Lane]:
     lane_worker = WorkerProcess(mine, name, concurrency=2, TITAN_ISOLATION=mine.isolation)
     listener_conn = redis.Redis.from_url(mine.redis_url)
     lane_listener = Listener(wired(listener_conn, mine), Registry(wired(listener_conn, mine)),
-                             Dispatcher(wired(conn, mine), make_celery(mine)))
+                             Dispatcher(wired(conn, mine), make_celery(mine.broker)))
     thread = threading.Thread(target=lane_listener.run, daemon=True)
     try:
         lane_worker.wait_ready(conn)

@@ -130,7 +130,9 @@ class SentinelCluster:
         self.sentinels = [RedisNode(self.root, f"sentinel{n}", [
             f"sentinel monitor titan 127.0.0.1 {self.primary.port} 2",
             f"sentinel auth-pass titan {self.password}",
-            "sentinel down-after-milliseconds titan 1000",
+            # make up's 2 s: at 1 s, on a loaded machine the new primary answered late, was
+            # taken for dead and failed over a second time, 31 s after the first
+            "sentinel down-after-milliseconds titan 2000",
             "sentinel failover-timeout titan 5000"], self.password, sentinel=True)
             for n in range(3)]
         # A failover needs every Sentinel to know its peers and both replicas (learnt from

@@ -39,7 +39,7 @@ def private_app(conn, settings, tmp_path_factory) -> Iterator[object]:
     try:
         worker.wait_ready(conn)
         yield create_app(wired(conn, mine), registry,
-                         Dispatcher(wired(conn, mine), make_celery(mine)))
+                         Dispatcher(wired(conn, mine), make_celery(mine.broker)))
     finally:
         worker.stop()
 

@@ -131,7 +131,7 @@ def test_a_draft_stays_out_of_service_until_its_author_deletes_the_line(
     d = scaffold(tmp_path, "greeter", "chat.v1", "user_message", mine)
     registry = Registry(wired(conn, mine))
     client = create_app(wired(conn, mine), registry, Dispatcher(
-        wired(conn, mine), make_celery(mine))).test_client()
+        wired(conn, mine), make_celery(mine.broker))).test_client()
     event = Event(new_id(), "chat.v1", "user_message")
     first = registry.reload()
     assert first["added"] == [] and [x["name"] for x in first["drafts"]] == ["greeter"]
@@ -240,7 +240,7 @@ def test_an_absent_image_is_a_load_warning_and_a_fast_clear_failure(settings, co
         assert "titan-runtime:py3.11" in warned["warnings"][0]
         assert registry.get("slim").warnings == tuple(warned["warnings"])
         t0 = time.monotonic()
-        inv, _ = Dispatcher(wired(conn, mine), make_celery(mine)).dispatch(
+        inv, _ = Dispatcher(wired(conn, mine), make_celery(mine.broker)).dispatch(
             Event(new_id(), "author.v1", "slim"), registry.get("slim"), "api")
         done = wait_until(lambda: (r := record_of(conn, mine, inv))["status"] not in (
             "pending", "queued", "running", "retrying") and r, 60, "the run to fail")
@@ -291,7 +291,7 @@ def test_triggering_an_invalid_plugin_says_why(settings, conn, tmp_path) -> None
     registry = Registry(wired(conn, mine))
     registry.reload()
     app = create_app(wired(conn, mine), registry, Dispatcher(wired(conn, mine),
-                                                             make_celery(mine)))
+                                                             make_celery(mine.broker)))
     app.config["TESTING"] = True
     answer = app.test_client().post(
         "/plugins/broken/trigger",

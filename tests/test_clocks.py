@@ -45,7 +45,7 @@ def test_workers_on_skewed_clocks_lose_double_and_requeue_nothing_live(
     workers = {name: WorkerProcess(mine, f"clock{name}{tag}", concurrency=2, **env)
                for name, env in (("true", {}), ("ahead", skewed("+5m")),
                                  ("behind", skewed("-5m")))}
-    dispatcher = Dispatcher(wired(conn, mine), make_celery(mine))
+    dispatcher = Dispatcher(wired(conn, mine), make_celery(mine.broker))
     sweeper = Sweeper(wired(conn, mine), dispatcher)
     stop = threading.Event()
 

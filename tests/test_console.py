@@ -126,7 +126,7 @@ def console(settings: Settings, conn: redis.Redis,
     mine, registry = isolated(settings, conn, plugins_dir=plugins, api_token=key,
                               worker_name=host,
                               dead_stream=f"{settings.dead_stream}.{host}")
-    dispatcher = Dispatcher(wired(conn, mine), make_celery(mine))
+    dispatcher = Dispatcher(wired(conn, mine), make_celery(mine.broker))
     worker = WorkerProcess(mine, f"consoleworker{uuid.uuid4().hex[:6]}")
     listener = Listener(wired(redis.Redis.from_url(mine.redis_url), mine),
                         Registry(wired(redis.Redis.from_url(mine.redis_url), mine)), dispatcher)
@@ -135,7 +135,7 @@ def console(settings: Settings, conn: redis.Redis,
     port = free_port()
     front_dir = session_dir() / f"console-{uuid.uuid4().hex[:6]}"
     front_dir.mkdir(mode=0o700)
-    server, front = tcp_api(app, mine.with_(api_port=port, api_socket=front_dir / "api.sock"))
+    server, front = tcp_api(app, mine.with_(api_port=port, api_socket=front_dir / "api.sock").api)
     threading.Thread(target=server.run, daemon=True).start()
     try:
         worker.wait_ready(conn)

@@ -106,7 +106,7 @@ def test_payload_path_swapped_during_the_check_never_reads_the_target(
                 if n >= 400 and min(seen.values()) > 0:  # each wins is the machine's load's)
                     break
                 try:
-                    checked = open_payload_path({"path": path}, globs, settings, JUDGE)
+                    checked = open_payload_path({"path": path}, globs, settings.fs, JUDGE)
                 except PermissionDenied:
                     seen["rejected"] += 1
                     continue
@@ -275,7 +275,7 @@ def budget_stack(redis_url, plugins_dir, files_dir, tmp_path, conn) -> Iterator[
     registry = Registry(wired(conn, mine))
     registry.reload()
     listener = Listener(wired(redis.Redis.from_url(redis_url), mine), registry,
-                        Dispatcher(wired(conn, mine), make_celery(mine)))
+                        Dispatcher(wired(conn, mine), make_celery(mine.broker)))
     worker = WorkerProcess(mine, "budget", concurrency=2)
     thread = threading.Thread(target=listener.run, daemon=True)
     try:
@@ -315,7 +315,8 @@ def test_a_redelivered_entry_is_charged_once(redis_url, plugins_dir, tmp_path, c
     registry = Registry(wired(conn, mine))
     registry.reload()
     listener = Listener(wired(redis.Redis.from_url(redis_url), mine), registry,
-                        Dispatcher(wired(conn, mine), make_celery(mine)))  # no worker: runs wait
+                        Dispatcher(wired(conn, mine),
+                                   make_celery(mine.broker)))  # no worker: runs wait
     ensure_group(conn, mine)
     event_id = new_id("again")
     entry = Bus(conn, mine).publish({"event_id": event_id, "topic": "test.v1",
@@ -343,7 +344,7 @@ def test_the_worker_applies_the_registrys_limits_clamped_to_its_maxima(
         f.path, f.data.replace(b'memory: "96Mi"', b'memory: "2Gi"'), False) for f in files]
     digest, bundle = build_bundle(greedy)
     conn.set(f"{settings.key_prefix}:bundle:{digest}", bundle)
-    dispatcher = Dispatcher(wired(conn, mine), make_celery(mine))
+    dispatcher = Dispatcher(wired(conn, mine), make_celery(mine.broker))
     bus = Bus(conn, settings)
     try:
         worker.wait_ready(conn)

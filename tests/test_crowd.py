@@ -62,7 +62,7 @@ def crowd(redis_url: str, conn, tmp_path: Path) -> Iterator[dict]:
     registry = Registry(wired(conn, mine))
     registry.reload()
     worker = WorkerProcess(mine, f"crowd{uuid.uuid4().hex[:6]}", concurrency=SLOTS)
-    dispatcher = Dispatcher(wired(conn, mine), make_celery(mine))
+    dispatcher = Dispatcher(wired(conn, mine), make_celery(mine.broker))
     try:
         worker.wait_ready(conn)
         yield {"settings": mine, "registry": registry, "dispatcher": dispatcher,

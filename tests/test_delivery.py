@@ -51,7 +51,7 @@ def own(settings: Settings, **changes) -> Settings:
 def dispatch(conn, settings: Settings, registry, plugin: str, topic: str, event_type: str,
              **payload) -> tuple[str, str]:
     event = Event(new_id(), topic, event_type, payload)
-    invocation_id, _ = Dispatcher(wired(conn, settings), make_celery(settings)).dispatch(
+    invocation_id, _ = Dispatcher(wired(conn, settings), make_celery(settings.broker)).dispatch(
         event, registry.get(plugin), "api")
     return invocation_id, event.event_id
 
@@ -224,7 +224,7 @@ def test_redis_restart_is_survived_by_listener_workers_and_api(plugins_dir: Path
     conn = redis.Redis.from_url(mine.redis_url)
     registry = Registry(wired(conn, mine))
     registry.reload()
-    dispatcher = Dispatcher(wired(conn, mine), make_celery(mine))
+    dispatcher = Dispatcher(wired(conn, mine), make_celery(mine.broker))
     listener = Listener(wired(redis.Redis.from_url(mine.redis_url), mine),
                         Registry(wired(redis.Redis.from_url(mine.redis_url), mine)), dispatcher)
     thread = threading.Thread(target=listener.run, daemon=True)

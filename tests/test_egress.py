@@ -185,7 +185,7 @@ def lane(request: pytest.FixtureRequest, conn: redis.Redis, egress: Settings,
     worker = WorkerProcess(mine, f"egress-{name}-{uid}", concurrency=2, **env)
     listener_conn = redis.Redis.from_url(mine.redis_url)
     listener = Listener(wired(listener_conn, mine), Registry(wired(listener_conn, mine)),
-                        Dispatcher(wired(conn, mine), make_celery(mine)))
+                        Dispatcher(wired(conn, mine), make_celery(mine.broker)))
     thread = threading.Thread(target=listener.run, daemon=True)
     try:
         worker.wait_ready(conn)

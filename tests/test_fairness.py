@@ -51,7 +51,7 @@ def fair(redis_url: str, conn, tmp_path: Path) -> Iterator[dict]:
     try:
         worker.wait_ready(conn)
         yield {"settings": mine, "registry": registry,
-               "dispatcher": Dispatcher(wired(conn, mine), make_celery(mine))}
+               "dispatcher": Dispatcher(wired(conn, mine), make_celery(mine.broker))}
     finally:
         worker.stop()
         shutil.rmtree(mine.cache_dir, ignore_errors=True)

@@ -73,7 +73,7 @@ def test_a_gvisor_plugin_runs_on_a_user_space_kernel(setup: dict, conn) -> None:
     settings, registry = setup["settings"], setup["registry"]
     registry.reload()
     worker = WorkerProcess(settings, f"gv{uuid.uuid4().hex[:6]}", concurrency=1)
-    dispatcher = Dispatcher(wired(conn, settings), make_celery(settings))
+    dispatcher = Dispatcher(wired(conn, settings), make_celery(settings.broker))
     try:
         worker.wait_ready(conn)
         kernels = {}
@@ -137,7 +137,7 @@ def test_an_engine_without_the_runtime_is_named_at_reload_and_fails_the_run_at_o
         assert "boxed" in warned and "plain" not in warned, changes
         assert "Docker runtime 'runsc-absent', which no live worker's engine has" \
             in warned["boxed"][0]
-        inv, _ = Dispatcher(wired(conn, settings), make_celery(settings)).dispatch(
+        inv, _ = Dispatcher(wired(conn, settings), make_celery(settings.broker)).dispatch(
             Event(new_id(), "gv.v1", "boxed"), registry.get("boxed"), "api")
         record = wait_until(lambda: (r := record_of(conn, settings, inv))
                             and r["status"] not in ("pending", "queued", "running") and r,

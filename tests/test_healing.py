@@ -54,7 +54,7 @@ def test_containers_left_by_an_engine_outage_are_reaped_without_a_restart(
     try:
         worker.wait_ready(conn)
         pid = worker.proc.pid
-        dispatcher = Dispatcher(wired(conn, mine), make_celery(mine))
+        dispatcher = Dispatcher(wired(conn, mine), make_celery(mine.broker))
         invs = [dispatcher.dispatch(Event(new_id("heal"), "test.v1", "ping"),
                                     registry.get("echo"), "api")[0] for _ in range(12)]
         wait_until(lambda: any(record_of(conn, mine, i).get("status") == "running"
@@ -113,7 +113,7 @@ def test_a_poisoned_entry_delays_none_of_its_batch_and_is_dead_lettered(settings
                           task_queue=f"{settings.task_queue}.{uid}", max_deliveries=3,
                           reclaim_idle_ms=0)
     ensure_group(conn, mine)
-    dispatcher = PoisonedDispatcher(wired(conn, mine), make_celery(mine))
+    dispatcher = PoisonedDispatcher(wired(conn, mine), make_celery(mine.broker))
     events = [new_id("batch") for _ in range(10)]
     dispatcher.poison = events[4]
     for event_id in events:
@@ -161,7 +161,7 @@ def test_a_container_stopped_from_outside_is_retried_not_failed(
     mine = settings.with_(task_queue=f"{settings.task_queue}.stop{uid}",
                           instance=f"{settings.instance}-stop{uid}", retry_backoff_max=1)
     worker = WorkerProcess(mine, f"stopped{uid}", concurrency=1)
-    dispatcher = Dispatcher(wired(conn, mine), make_celery(mine))
+    dispatcher = Dispatcher(wired(conn, mine), make_celery(mine.broker))
     entry = registry.get(plugin)
     try:
         worker.wait_ready(conn)
@@ -200,7 +200,7 @@ def test_an_engine_stopped_during_warm_runs_fails_no_run(settings, conn, registr
                           event_stream=f"{settings.event_stream}.engine{uid}",
                           instance=f"{settings.instance}-engine{uid}", retry_backoff_max=2)
     worker = WorkerProcess(mine, f"engine{uid}", concurrency=2, DOCKER_HOST=engine.url)
-    dispatcher = Dispatcher(wired(conn, mine), make_celery(mine))
+    dispatcher = Dispatcher(wired(conn, mine), make_celery(mine.broker))
     entry = registry.get("sleeper")
     try:
         worker.wait_ready(conn)

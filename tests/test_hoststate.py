@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from hoststate import MARK, HostState, own_id, own_name, session_instance
+from hoststate import CLAIMS, MARK, HostState, claim, own_id, own_name, session_instance
 
 
 def test_a_file_the_suite_leaves_is_caught_and_another_programs_is_not() -> None:
@@ -32,6 +32,34 @@ def test_a_file_the_suite_leaves_is_caught_and_another_programs_is_not() -> None
         for path in (theirs, ours, tagged, other_suites):
             shutil.rmtree(path)
     assert not [c for c in before.changes(HostState.read(probe)) if str(ours) in c]
+
+
+def test_a_file_under_the_allowed_root_is_the_suites_only_when_it_claimed_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """/srv/titan, where README's examples write under fixed names: what another program
+    (a `make up` stack's user, another suite's docs test) adds or removes there is not this
+    session's; what the session claimed and left is."""
+    probe = "0123abcd" + "0" * 24
+    monkeypatch.setenv(CLAIMS, str(tmp_path / "claims"))
+    root, tag = Path("/srv/titan"), uuid.uuid4().hex[:8]
+    made_root = not root.exists()
+    root.mkdir(parents=True, exist_ok=True)
+    old, new, left = (root / f"{who}-{tag}.md" for who in ("theirs-old", "theirs-new", "ours"))
+    try:
+        old.write_text("another program's, there before")
+        before = HostState.read(probe)
+        old.unlink()
+        new.write_text("another program's, new")
+        left.write_text("README's example, not removed")
+        claim([left])
+        changes = before.changes(HostState.read(probe))
+        assert f"files: + {left}" in changes
+        assert not [c for c in changes if str(old) in c or str(new) in c], changes
+    finally:
+        for path in (old, new, left):
+            path.unlink(missing_ok=True)
+        if made_root:
+            root.rmdir()
 
 
 @pytest.mark.integration

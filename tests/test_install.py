@@ -54,7 +54,8 @@ def env(redis_url: str, tmp_path: Path, conn) -> Iterator[dict]:
     settings = private_settings(redis_url, plugins, tmp_path / "run")
     registry = Registry(wired(conn, settings))
     client = create_app(wired(conn, settings), registry,
-                        Dispatcher(wired(conn, settings), make_celery(settings))).test_client()
+                        Dispatcher(wired(conn, settings),
+                                   make_celery(settings.broker))).test_client()
     marker = Path(f"/tmp/titan-pwned-{uuid.uuid4().hex[:8]}")
     yield {"settings": settings, "plugins": plugins, "client": client, "marker": marker,
            "tmp": tmp_path}

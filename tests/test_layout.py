@@ -89,6 +89,14 @@ def test_no_module_imports_itself_in_a_circle() -> None:
     assert [m for m in graph if reaches(m, m, set())] == []
 
 
+def test_no_module_of_the_product_is_over_300_lines() -> None:
+    """A module a reader can hold at once: past 300 lines it does two jobs."""
+    files = [*modules().values(), *(ROOT / "bench").glob("*.py"), ROOT / "celeryconfig.py",
+             ROOT / "titan-plugins.py"]
+    assert {str(p.relative_to(ROOT)): n for p in files
+            if (n := len(p.read_text().splitlines())) > 300} == {}
+
+
 def test_no_two_modules_share_a_name() -> None:
     """A module's name says its step: two of one name (an `events` of the API and one of
     the core) leave a reader asking which."""

@@ -13,6 +13,7 @@ import pytest
 
 from manager.core import netrules
 from manager.core.config import Settings
+from manager.core.groups import LimitSettings
 from manager.egress import helper
 from manager.egress.grants import merge
 from manager.plugins.manifest import parse_manifest
@@ -67,10 +68,10 @@ def test_the_ceiling_covers_only_what_it_allows(ceiling, asked, covered) -> None
 
 def test_a_plugin_asking_beyond_the_ceiling_is_invalid_naming_the_fix() -> None:
     manifest = parse_manifest(MANIFEST % b'["hooks.example.com:443", "api.test:80"]', "p", 65536)
-    assert manifest.over_limits(Settings.from_env(egress_allow=("hooks.example.com:443",))) == [
+    assert manifest.over_limits(LimitSettings(), ("hooks.example.com:443",)) == [
         "permissions.net.allow: 'api.test:80' is beyond the operator's ceiling "
         "(hooks.example.com:443); the operator may allow it in TITAN_EGRESS_ALLOW"]
-    empty = manifest.over_limits(Settings.from_env(egress_allow=()))
+    empty = manifest.over_limits(LimitSettings(), ())
     assert len(empty) == 2 and "empty: no plugin has a network" in empty[0]
 
 

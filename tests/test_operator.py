@@ -239,7 +239,7 @@ def test_flower_sees_failures_as_failures_under_the_plugin_name(settings, app, c
 
     from manager.core.contract import make_celery
 
-    celery = make_celery(settings)
+    celery = make_celery(settings.broker)
     state = State()
     received = threading.Event()
 
@@ -318,9 +318,9 @@ def test_a_reload_that_rejects_a_plugin_exits_1_naming_it(settings, conn, tmp_pa
     (plugins / "typo" / "plugin.yaml").write_text("name: typo\n")
     mine = settings.with_(plugins_dir=plugins, key_prefix=f"{settings.key_prefix}{new_id()}")
     app = create_app(wired(conn, mine), Registry(wired(conn, mine)),
-                     Dispatcher(wired(conn, mine), make_celery(mine)))
+                     Dispatcher(wired(conn, mine), make_celery(mine.broker)))
     (tmp_path / "api").mkdir(mode=0o700)
-    server = api_server(app, mine, str(tmp_path / "api" / "api.sock"))
+    server = api_server(app, mine.api, str(tmp_path / "api" / "api.sock"))
     threading.Thread(target=server.run, daemon=True).start()
     try:
         url = f"unix://{tmp_path / 'api' / 'api.sock'}"
@@ -354,7 +354,7 @@ def test_a_reload_with_a_rejected_plugin_counts_as_partial(client, settings, con
     (plugins / "typo" / "plugin.yaml").write_text("name: typo\n")
     mine = settings.with_(plugins_dir=plugins, key_prefix=f"{settings.key_prefix}{new_id()}")
     own = create_app(wired(conn, mine), Registry(wired(conn, mine)),
-                     Dispatcher(wired(conn, mine), make_celery(mine))).test_client()
+                     Dispatcher(wired(conn, mine), make_celery(mine.broker))).test_client()
     before = count("partial")
     assert own.post("/plugins/reload").json["rejected"][0]["name"] == "typo"
     assert count("partial") == before + 1

@@ -24,7 +24,7 @@ def test_restarted_worker_reaps_the_orphan_container(settings, conn, registry,
     worker = WorkerProcess(own, "orphans", concurrency=1)
     try:
         worker.wait_ready(conn)
-        dispatcher = Dispatcher(wired(conn, own), make_celery(own))
+        dispatcher = Dispatcher(wired(conn, own), make_celery(own.broker))
         dispatcher.dispatch(Event(new_id(), "test.v1", "slow"), registry.get("slow"), "api")
         (container,) = wait_until(lambda: docker_client.containers.list(filters=labels), 60,
                                   "the plugin's container")
@@ -52,8 +52,8 @@ def test_a_killed_workers_prewarmed_containers_are_reaped(settings, conn, regist
     worker = WorkerProcess(own, "pooled", concurrency=1)
     try:
         worker.wait_ready(conn)
-        Dispatcher(wired(conn, own), make_celery(own)).dispatch(Event(new_id(), "test.v1", "ping"),
-                                                         registry.get("echo"), "api")
+        Dispatcher(wired(conn, own), make_celery(own.broker)).dispatch(
+            Event(new_id(), "test.v1", "ping"), registry.get("echo"), "api")
         wait_until(lambda: docker_client.containers.list(sparse=True, filters=pooled), 60,
                    "a prewarmed container waiting for the next run")
         os.killpg(worker.proc.pid, signal.SIGKILL)

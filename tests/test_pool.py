@@ -52,7 +52,7 @@ def many(redis_url: str, conn, tmp_path: Path) -> Iterator[dict]:
     try:
         worker.wait_ready(conn)
         yield {"settings": mine, "registry": registry, "names": names,
-               "dispatcher": Dispatcher(wired(conn, mine), make_celery(mine))}
+               "dispatcher": Dispatcher(wired(conn, mine), make_celery(mine.broker))}
     finally:
         worker.stop()
         shutil.rmtree(mine.cache_dir, ignore_errors=True)

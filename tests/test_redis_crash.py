@@ -63,7 +63,8 @@ class CrashStack:
         self.conn = redis.Redis.from_url(self.server.url)
         self.registry = Registry(wired(self.conn, self.settings))
         self.registry.reload()
-        self.dispatcher = Dispatcher(wired(self.conn, self.settings), make_celery(self.settings))
+        self.dispatcher = Dispatcher(wired(self.conn, self.settings),
+                                     make_celery(self.settings.broker))
         listener_conn = redis.Redis.from_url(self.server.url)
         self.sweeper = Sweeper(wired(listener_conn, self.settings), self.dispatcher)
         self.listener = Listener(wired(listener_conn, self.settings),
@@ -142,7 +143,7 @@ def test_a_redis_outage_while_the_outcome_is_stored_ends_in_one_record_and_one_e
     try:
         worker.wait_ready(conn)
         event = Event(new_id("outage"), "test.v1", "sleep", {"seconds": 2})
-        inv, _ = Dispatcher(wired(conn, settings), make_celery(settings)).dispatch(
+        inv, _ = Dispatcher(wired(conn, settings), make_celery(settings.broker)).dispatch(
             event, registry.get("sleeper"), "api")
         # its container running (past `running`, the worker still reads the plugin's
         # bundle from Redis: an outage there is another test's case)
@@ -194,11 +195,11 @@ def test_a_run_whose_worker_died_is_re_queued_one_lease_after_its_hold_lapsed(
     sends it again, once its deadline, renewed with its hold, has passed."""
     mine, registry = isolated(settings, conn, sweep_grace_s=1, visibility_timeout=3600)
     worker = WorkerProcess(mine, "vanishing", concurrency=1)
-    sweeper = Sweeper(wired(conn, mine), Dispatcher(wired(conn, mine), make_celery(mine)))
+    sweeper = Sweeper(wired(conn, mine), Dispatcher(wired(conn, mine), make_celery(mine.broker)))
     try:
         worker.wait_ready(conn)
         event = Event(new_id("vanish"), "test.v1", "sleep", {"seconds": 30})
-        inv, _ = Dispatcher(wired(conn, mine), make_celery(mine)).dispatch(
+        inv, _ = Dispatcher(wired(conn, mine), make_celery(mine.broker)).dispatch(
             event, registry.get("sleeper"), "api")
         wait_until(lambda: record_of(conn, mine, inv).get("status") == "running", 60, "running")
         lease = Keys(mine.key_prefix).lease(inv)
@@ -224,7 +225,7 @@ def test_a_run_whose_worker_died_is_re_queued_one_lease_after_its_hold_lapsed(
     again = record_of(conn, mine, inv)
     assert again["status"] == "queued" and again["requeues"] == 1, again
     assert "its worker vanishing@" in again["reason"], again
-    assert queued_tasks(conn, mine) == 1  # sent again
+    assert queued_tasks(conn, mine.broker) == 1  # sent again
 
 
 def test_a_pending_run_whose_message_never_reached_the_broker_is_sent_again(
@@ -232,7 +233,7 @@ def test_a_pending_run_whose_message_never_reached_the_broker_is_sent_again(
     from manager.core.records import InvocationRecord
 
     mine, registry = isolated(settings, conn, sweep_grace_s=0)
-    dispatcher = Dispatcher(wired(conn, mine), make_celery(mine))
+    dispatcher = Dispatcher(wired(conn, mine), make_celery(mine.broker))
     req = registry.get("echo").request(Event(new_id(), "test.v1", "ping"), mine, "api",
                                        "vanished" + new_id())
     dispatcher.records.create(InvocationRecord.from_request(req), 0)
@@ -256,7 +257,8 @@ def test_an_event_answered_202_survives_a_redis_crash(plugins_dir, tmp_path) -> 
         conn = redis.Redis.from_url(server.url)
         registry = Registry(wired(conn, settings))
         client = create_app(wired(conn, settings), registry,
-                            Dispatcher(wired(conn, settings), make_celery(settings))).test_client()
+                            Dispatcher(wired(conn, settings),
+                                       make_celery(settings.broker))).test_client()
         event_id = new_id("durable")
         resp = client.post("/events", json={"event_id": event_id, "topic": "t", "event_type": "e"})
         assert resp.status_code == 202

@@ -85,7 +85,7 @@ def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     conn = redis.Redis.from_url(redis_url)
     registry = Registry(wired(conn, settings))
     registry.reload()
-    dispatcher = Dispatcher(wired(conn, settings), make_celery(settings))
+    dispatcher = Dispatcher(wired(conn, settings), make_celery(settings.broker))
     listener = Listener(wired(redis.Redis.from_url(redis_url), settings),
                         Registry(wired(redis.Redis.from_url(redis_url), settings)), dispatcher)
     elsewhere = Path(tempfile.mkdtemp(prefix="titan-elsewhere-"))

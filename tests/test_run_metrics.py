@@ -33,7 +33,7 @@ def test_run_metrics_tell_warm_from_cold_and_name_the_isolation(
     metrics_dir.mkdir()
     worker = WorkerProcess(mine, "metered", concurrency=1,
                            PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
-    dispatcher = Dispatcher(wired(conn, mine), make_celery(mine))
+    dispatcher = Dispatcher(wired(conn, mine), make_celery(mine.broker))
 
     def run() -> dict:
         inv, _ = dispatcher.dispatch(Event(new_id("metered"), "test.v1", "ping", {}),

@@ -28,7 +28,7 @@ class Rig:
         self.conn = conn
         self.settings, self.registry = isolated(settings, conn, **changes)
         self.keys = self.settings.keys
-        self.dispatcher = Dispatcher(wired(conn, self.settings), make_celery(self.settings))
+        self.dispatcher = Dispatcher(wired(conn, self.settings), make_celery(self.settings.broker))
         self.sweeper = Sweeper(wired(conn, self.settings), self.dispatcher)
 
     @property

@@ -98,7 +98,7 @@ def test_code_run_in_the_install_sandbox_reaches_nothing_on_the_host(settings: S
         listener.listen(8)
     connect = [("AF_INET", list(tcp.getsockname())), ("AF_UNIX", f"\0titan-test-{marker}")]
     code = f"TARGETS = {targets!r}\nREADS = {reads!r}\nCONNECT = {connect!r}\n{HOSTILE}"
-    sandbox = InstallSandbox(settings)
+    sandbox = InstallSandbox(settings.install)
     try:
         with sandbox.workspace(tmp_path / "private") as work:
             done = sandbox.run(["/usr/bin/python3", "-I", "-c", code], work, 60)
@@ -140,7 +140,7 @@ def test_without_bwrap_nothing_the_install_uid_started_outlives_the_step(
     uid = 1_800_000 + uuid.uuid4().int % 100_000
     own = settings.with_(install_sandbox="user", install_uid=uid,
                          cache_dir=tmp_path / "cache")
-    sandbox = InstallSandbox(own)
+    sandbox = InstallSandbox(own.install)
     try:
         with sandbox.workspace(tmp_path / "private") as work:
             done = sandbox.run([SYSTEM_PYTHON, "-I", "-c", RUNAWAY], work, 60)
@@ -168,7 +168,7 @@ def test_with_the_parser_bypassed_a_local_project_still_never_runs(settings: Set
         line = f"x===/../../../../../../../..{evil}"
         own = settings.with_(cache_dir=tmp_path / "cache")
         with pytest.raises(DependencyError) as refused:
-            install_requirements(Requirements((line,), (1,)), own)
+            install_requirements(Requirements((line,), (1,)), own.install)
         assert "pwned" not in refused.value.message
         assert not marker.exists(), "a local project's setup.py ran on the host"
     finally:
@@ -184,9 +184,10 @@ def exposed(redis_url: str, plugins_dir: Path, tmp_path: Path, conn) -> Iterator
     mine = private_settings(redis_url, plugins_dir, tmp_path, api_port=free_port())
     registry = Registry(wired(conn, mine))
     registry.reload()
-    app = create_app(wired(conn, mine), registry, Dispatcher(wired(conn, mine), make_celery(mine)))
+    app = create_app(wired(conn, mine), registry,
+                     Dispatcher(wired(conn, mine), make_celery(mine.broker)))
     mine.api_socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    server, front = tcp_api(app, mine)
+    server, front = tcp_api(app, mine.api)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{mine.api_port}"
@@ -300,7 +301,8 @@ def test_triggers_are_charged_to_their_correlation(settings, conn, registry) -> 
     mine = settings.with_(fanout_budget=3)
     nobody_reads = mine.with_(task_queue=f"{mine.task_queue}.nobody")
     client = create_app(wired(conn, mine), registry,
-                        Dispatcher(wired(conn, nobody_reads), make_celery(mine))).test_client()
+                        Dispatcher(wired(conn, nobody_reads),
+                                   make_celery(mine.broker))).test_client()
     event = {"event_id": f"budget-{uuid.uuid4().hex[:8]}", "topic": "test.v1",
              "event_type": "ping"}
     statuses = [client.post("/plugins/echo/trigger", json=event).status_code for _ in range(4)]

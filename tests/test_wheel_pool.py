@@ -42,7 +42,7 @@ def test_each_set_of_requirements_installs_from_its_own_wheels(settings: Setting
     pool.mkdir()
     pool.chmod(0o755)
     tmp_path.chmod(0o755)  # the install uid reads the pool by path
-    own = settings.with_(pip_find_links=str(pool), cache_dir=tmp_path / "cache")
+    own = settings.with_(pip_find_links=str(pool), cache_dir=tmp_path / "cache").install
     loose = parse_requirements(b"titanpoolpkg\n")  # any version
     pinned = parse_requirements(b"titanpoolpkg==2.0\n")
     make_wheel(pool / deps_key(loose, own), "titanpoolpkg", "1.0")

@@ -56,7 +56,7 @@ def test_a_burst_spreads_over_two_hosts_and_survives_one_of_them(settings, conn,
     there = WorkerProcess(host_b, f"hostb{uid}", concurrency=2, cwd=elsewhere,
                           DOCKER_HOST=engine.url)
     after = None
-    dispatcher = Dispatcher(wired(conn, mine), make_celery(mine))
+    dispatcher = Dispatcher(wired(conn, mine), make_celery(mine.broker))
     # the manager's sweeper, once a second: a run the killed worker had taken to send
     # again later (a throttle's backoff, workers.resend) has no message left but the one
     # the sweeper sends (manager.bus.sweeper)

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 app = Celery("titan-worker", include=["workers.tasks"])
 app.config_from_object("celeryconfig")
-app.add_defaults(lambda: celery_settings(process_settings()))
+app.add_defaults(lambda: celery_settings(process_settings().broker))
 app.steps["worker"].add(HeartbeatStep)
 
 

@@ -101,7 +101,7 @@ class PluginCache:
             return None
         except UnsafePath as exc:
             raise BundleError(f"{REQUIREMENTS}: {exc.reason}") from None
-        return install_requirements(parse_requirements(data), self.settings)
+        return install_requirements(parse_requirements(data), self.settings.install)
 
 
 def _plain(exc: BaseException) -> str:

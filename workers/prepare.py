@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from manager.core.config import Settings
 from manager.core.errors import BundleError, DependencyError, PermissionDenied
+from manager.core.groups import FsSettings
 from manager.core.records import Outcome, Status
 from manager.core.runs import Isolation, RunRequest
 from manager.plugins.permissions import (
@@ -46,7 +47,7 @@ def prepare(req: RunRequest, settings: Settings, engine: Engine, cache: PluginCa
     except BundleError as exc:
         return Outcome(Status.REJECTED, f"plugin content unusable: {exc.message}")
     try:
-        payload, mounts = host_paths(req, settings, engine)
+        payload, mounts = host_paths(req, settings.fs, engine)
     except PermissionDenied as exc:
         return Outcome(Status.REJECTED, exc.message)
     try:
@@ -58,7 +59,7 @@ def prepare(req: RunRequest, settings: Settings, engine: Engine, cache: PluginCa
     config = PoolConfig(req.plugin, req.version, req.digest, req.image, req.argv,
                         str(code_dir), req.limits.clamped(settings.limits),
                         str(deps) if deps else None, mounts, runtime(req, settings),
-                        payload_dirs(req.allowed_globs, settings) if payload else (),
+                        payload_dirs(req.allowed_globs, settings.fs) if payload else (),
                         settings.egress_network if req.net_allow else None,
                         bool(req.secrets))
     return Prepared(RunSpec(config, req.invocation_id, req.event.encode()), payload)
@@ -72,7 +73,7 @@ def runtime(req: RunRequest, settings: Settings) -> str | None:
     return settings.gvisor_net_runtime if req.net_allow else settings.gvisor_runtime
 
 
-def host_paths(req: RunRequest, settings: Settings,
+def host_paths(req: RunRequest, fs: FsSettings,
                engine: Engine) -> tuple[PayloadFile | None, tuple[str, ...]]:
     """The payload file, or the allowed directories, as a run's identity may open them:
     one taken for the checks (its verdict is any run's: every run has the same group, and
@@ -82,10 +83,10 @@ def host_paths(req: RunRequest, settings: Settings,
     forbidden = [engine.docker_root]
     judge = engine.identities.take()
     try:
-        payload = open_payload_path(req.event.payload, req.allowed_globs, settings, judge,
+        payload = open_payload_path(req.event.payload, req.allowed_globs, fs, judge,
                                     forbidden)
         if payload:
             return payload, ()
-        return None, tuple(mount_sources(req.allowed_globs, settings, judge, forbidden))
+        return None, tuple(mount_sources(req.allowed_globs, fs, judge, forbidden))
     finally:
         engine.identities.give_back(judge)

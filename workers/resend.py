@@ -39,7 +39,7 @@ class Resender(threading.Thread):
     def resend(self) -> int:
         due = self.later.due()
         for request, priority, queue in due:
-            send_run(self.celery, self.settings, request, priority, queue)
+            send_run(self.celery, self.settings.broker, request, priority, queue)
         return len(due)
 
     def stop(self) -> None:

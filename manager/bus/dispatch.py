@@ -67,7 +67,7 @@ class Dispatcher:
 
     def enqueue(self, request: RunRequest, priority: int = 0) -> None:
         """The task message, at `priority` (0 first: priority_of)."""
-        send_run(self.celery, self.settings, request.to_dict(), priority)
+        send_run(self.celery, self.settings.broker, request.to_dict(), priority)
 
     def send(self, request: RunRequest, owed: list[Owed] | None = None,
              priority: int = 0) -> None:

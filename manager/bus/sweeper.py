@@ -92,7 +92,7 @@ class Sweeper:
             return report
         held = self.slots.held(due)
         unheld = {i: self.records.get(i) for i in due if i not in held}
-        sent = messages_sent(self.conn, self.settings, [
+        sent = messages_sent(self.conn, self.settings.broker, [
             i for i, r in unheld.items()
             if r is not None and r.status not in (Status.PENDING, Status.RUNNING)])
         waiting = set(held) | sent

@@ -30,10 +30,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _loopback(host: str) -> bool:
-    if host in ("", "localhost"):
-        return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return host in ("", "localhost") or ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
 
@@ -281,6 +279,9 @@ class Settings(BaseSettings):
     prewarm = property(groups.PrewarmSettings.of)
     sandbox = property(groups.SandboxSettings.of)
     limits = property(groups.LimitSettings.of)
+    fs = property(groups.FsSettings.of)
+    install = property(groups.InstallSettings.of)
+    broker = property(groups.BrokerSettings.of)
 
     @property
     def keys(self) -> Keys:
@@ -291,10 +292,6 @@ class Settings(BaseSettings):
     def event_limits(self) -> Limits:
         """The event limits every reader applies (listener, API, a worker's results)."""
         return Limits(self.max_event_bytes, self.max_event_depth)
-
-    @property
-    def effective_visibility_timeout(self) -> int:
-        return self.visibility_timeout or self.max_timeout + 300
 
     def with_(self, **changes: Any) -> Settings:
         return self.model_copy(update=changes)

@@ -10,8 +10,7 @@ from urllib.parse import quote, urlparse
 from celery import Celery
 
 from manager.core.clients import is_socket, password_and_db, tls_options
-from manager.core.config import Settings
-from manager.core.groups import RedisSettings
+from manager.core.groups import BrokerSettings, RedisSettings
 
 RUN_TASK = "titan.run_plugin"
 # Fair queueing: a run's priority is its place in its plugin's line (divided by the
@@ -21,7 +20,7 @@ RUN_TASK = "titan.run_plugin"
 PRIORITY_LEVELS = 10
 
 
-def celery_settings(settings: Settings) -> dict[str, Any]:
+def celery_settings(settings: BrokerSettings) -> dict[str, Any]:
     """The part of Celery's configuration that comes from Settings (celeryconfig.py holds
     the rest)."""
     restore_every = max(1, min(10, settings.restore_interval))
@@ -37,7 +36,7 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         "broker_transport_options": {
             **sentinel_options(settings.redis),
             # Unacknowledged tasks come back after this long: longer than any run.
-            "visibility_timeout": settings.effective_visibility_timeout,
+            "visibility_timeout": settings.visibility_timeout,
             # kombu scans for unacknowledged tasks about every interval * throttle seconds.
             "unacked_restore_interval": restore_every,
             "unacked_restore_throttle": max(1, settings.restore_interval // restore_every),
@@ -56,13 +55,13 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
     }
 
 
-def queue_keys(settings: Settings) -> list[str]:
+def queue_keys(settings: BrokerSettings) -> list[str]:
     """The Redis lists the task queue is made of, one per priority level."""
     return [settings.task_queue,
             *(f"{settings.task_queue}:{n}" for n in range(1, PRIORITY_LEVELS))]
 
 
-def queued_tasks(conn: Any, settings: Settings) -> int:
+def queued_tasks(conn: Any, settings: BrokerSettings) -> int:
     """Task messages in the queue, every level."""
     pipe = conn.pipeline(transaction=False)
     for key in queue_keys(settings):
@@ -70,7 +69,7 @@ def queued_tasks(conn: Any, settings: Settings) -> int:
     return sum(pipe.execute())
 
 
-def send_run(celery: Celery, settings: Settings, request: dict[str, Any],
+def send_run(celery: Celery, settings: BrokerSettings, request: dict[str, Any],
              priority: int = 0, queue: str | None = None) -> None:
     """A run's task message (the request in its wire form), at `priority` (0 first). Its
     `kwargsrepr` (what Flower shows as the arguments) names the run instead of Celery's
@@ -97,7 +96,7 @@ def task_id(raw: bytes) -> str | None:
     return raw[start:raw.find(b'"', start)].decode("ascii", "replace")
 
 
-def messages_sent(conn: Any, settings: Settings, ids: list[str]) -> set[str]:
+def messages_sent(conn: Any, settings: BrokerSettings, ids: list[str]) -> set[str]:
     """The runs among `ids` whose task message is in the broker, or is to be sent again
     (manager.core.later): delivered to a worker and not yet acknowledged (kombu's
     `unacked` hash, from where kombu puts a dead worker's back), or in a queue list. A run
@@ -145,7 +144,7 @@ def sentinel_options(settings: RedisSettings) -> dict[str, Any]:
                                 **({"ssl": True, **tls} if tls else {})}}
 
 
-def make_celery(settings: Settings, name: str = "titan") -> Celery:
+def make_celery(settings: BrokerSettings, name: str = "titan") -> Celery:
     """A Celery app configured from celeryconfig plus these settings."""
     app = Celery(name)
     app.config_from_object("celeryconfig")

@@ -6,13 +6,18 @@ The Redis clients take RedisSettings (manager.core.clients, manager.core.contrac
 the egress proxy and its grants EgressSettings (manager.egress); the API's front
 ApiSettings (manager.api.front); the timers TimerSettings (manager.bus.timers); the
 warm pool PrewarmSettings (workers.pool, workers.warm); a container's fixed bounds
-SandboxSettings (workers.options); a run's clamp LimitSettings (manager.core.runs)."""
+SandboxSettings (workers.options); a run's clamp LimitSettings (manager.core.runs); the
+host paths a plugin may be granted FsSettings (manager.plugins.permissions); pip's
+InstallSettings (manager.plugins.deps, manager.plugins.installer); Celery's
+BrokerSettings (manager.core.contract)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from manager.core.keys import Keys
 
 
 def sentinels_of(text: str) -> tuple[tuple[str, int], ...]:
@@ -164,3 +169,62 @@ class SandboxSettings:
     def of(cls, s: Any) -> SandboxSettings:
         return cls(s.tmpfs_bytes, s.tmpfs_inodes, s.shm_bytes, s.nofile_limit, s.fsize_bytes,
                    s.cache_dir)
+
+
+@dataclass(frozen=True)
+class FsSettings:
+    """The host's files a plugin may be granted: under the operator's roots, never the
+    project's own directories, a payload file at most `max_payload_bytes`."""
+
+    allowed_roots: tuple[Path, ...] = (Path("/srv/titan"),)
+    max_payload_bytes: int = 128 * 1024**2
+    run_dir: Path = Path("run")
+    cache_dir: Path = Path("run/cache")
+    plugins_dir: Path = Path("plugins")
+
+    @classmethod
+    def of(cls, s: Any) -> FsSettings:
+        return cls(tuple(s.allowed_roots), s.max_payload_bytes, s.run_dir, s.cache_dir,
+                   s.plugins_dir)
+
+
+@dataclass(frozen=True)
+class InstallSettings:
+    """How a plugin's requirements are installed: pip against the operator's index (or
+    its directory of wheels), for the runtime image's Python, as `install_uid` inside
+    `install_sandbox` (bwrap, or a plain user), into the cache."""
+
+    pip_index_url: str = "https://pypi.org/simple"
+    pip_find_links: str = ""
+    runtime_python: str = "3.11"
+    install_uid: int = 64999
+    install_sandbox: str = "bwrap"
+    cache_dir: Path = Path("run/cache")
+
+    @classmethod
+    def of(cls, s: Any) -> InstallSettings:
+        return cls(s.pip_index_url, s.pip_find_links, s.runtime_python, s.install_uid,
+                   s.install_sandbox, s.cache_dir)
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    """Celery's broker: its Redis, this instance's task queue and keys, and when a task
+    no worker acknowledged comes back (`visibility_timeout`, after the longest run a
+    plugin may take and five minutes more, unless set) and how often that is looked for."""
+
+    redis: RedisSettings = RedisSettings()
+    task_queue: str = "titan.plugins"
+    key_prefix: str = "titan"
+    visibility_timeout: int = 900
+    restore_interval: int = 60
+
+    @property
+    def keys(self) -> Keys:
+        return Keys(self.key_prefix)
+
+    @classmethod
+    def of(cls, s: Any) -> BrokerSettings:
+        return cls(RedisSettings.of(s), s.task_queue, s.key_prefix,
+                   s.visibility_timeout or s.max_timeout + 300, s.restore_interval)
+

@@ -24,8 +24,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from manager.core.config import Settings
 from manager.core.errors import DependencyError
+from manager.core.groups import InstallSettings
 from manager.plugins.installer import InstallSandbox, adopt
 from manager.plugins.requirements import Requirements, parse_requirements
 from manager.plugins.safefs import locked, mkdirs, private_root
@@ -54,12 +54,12 @@ def on_index(project: str, index_url: str) -> bool:
         return True
 
 
-def deps_key(reqs: Requirements, settings: Settings) -> str:
+def deps_key(reqs: Requirements, settings: InstallSettings) -> str:
     material = "\n".join([reqs.text(), settings.runtime_python, settings.pip_index_url])
     return hashlib.sha256(material.encode()).hexdigest()[:32]
 
 
-def install_requirements(reqs: Requirements, settings: Settings) -> Path:
+def install_requirements(reqs: Requirements, settings: InstallSettings) -> Path:
     """Installs `reqs` under `cache/deps/<key>` unless already there (a cache hit costs one
     stat). pip runs in the install sandbox (manager.plugins.installer), never as root."""
     key = deps_key(reqs, settings)
@@ -92,7 +92,7 @@ def install_requirements(reqs: Requirements, settings: Settings) -> Path:
     return target
 
 
-def download(sandbox: InstallSandbox, work: Path, listed: str, settings: Settings,
+def download(sandbox: InstallSandbox, work: Path, listed: str, settings: InstallSettings,
              reqs: Requirements) -> str:
     """Resolves and downloads the wheels (nothing of a package runs) into the work
     directory; the only step with a network. Returns the wheel directory as pip sees it:
@@ -120,19 +120,19 @@ PIP_OPTIONS = ("--isolated", "--no-input", "--quiet", "--disable-pip-version-che
                "--no-cache-dir", "--only-binary=:all:")
 
 
-def pip_source(settings: Settings, sandbox: InstallSandbox) -> list[str]:
+def pip_source(settings: InstallSettings, sandbox: InstallSandbox) -> list[str]:
     """Where packages come from: the operator's index, or only a local wheel directory."""
     if settings.pip_find_links:
         return ["--no-index", "--find-links", sandbox.wheels]
     return ["--index-url", settings.pip_index_url]
 
 
-def pip_target(settings: Settings) -> list[str]:
+def pip_target(settings: InstallSettings) -> list[str]:
     """Wheels for the runtime image's Python, whatever Python pip itself runs on."""
     return ["--python-version", settings.runtime_python, "--implementation", "cp"]
 
 
-def download_wheels(plugins_dir: Path, dest: Path, settings: Settings) -> list[str]:
+def download_wheels(plugins_dir: Path, dest: Path, settings: InstallSettings) -> list[str]:
     """Fills a wheel directory for the plugins' validated requirements (for hosts whose
     containers reach no index: compose), one subdirectory per set of requirements (its
     deps_key): an install finds only what its own requirements resolved to, never a
@@ -166,10 +166,10 @@ if __name__ == "__main__":  # python -m manager.plugins.deps PLUGINS_DIR DEST
     from manager.core.config import Settings
 
     print("wheels for:", ", ".join(download_wheels(Path(sys.argv[1]), Path(sys.argv[2]),
-                                                   Settings.from_env())) or "nothing")
+                                                   Settings.from_env().install)) or "nothing")
 
 
-def pip_failure(output: str, settings: Settings, reqs: Requirements) -> str:
+def pip_failure(output: str, settings: InstallSettings, reqs: Requirements) -> str:
     """The one line of pip's output that names the failing requirement, made actionable.
     (pip only ever saw the canonical lines and the operator's index: nothing it prints
     comes from a file the plugin does not own.)"""

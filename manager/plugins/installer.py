@@ -40,8 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from manager.core.config import Settings
 from manager.core.errors import DependencyError
+from manager.core.groups import InstallSettings
 
 WORK = "/install"  # the work directory, as pip sees it
 WHEELS = "/wheels"  # the operator's local wheel directory (TITAN_PIP_FIND_LINKS)
@@ -63,7 +63,7 @@ class Completed:
 class InstallSandbox:
     """Runs one pip command in a fresh sandbox over a work directory."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: InstallSettings) -> None:
         if settings.install_sandbox not in MODES:
             raise DependencyError(f"TITAN_INSTALL_SANDBOX must be one of {', '.join(MODES)}, "
                                   f"not {settings.install_sandbox!r}")

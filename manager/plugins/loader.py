@@ -144,7 +144,7 @@ class PluginEntry:
         assert m is not None and self.digest and self.version, f"{self.name} is not runnable"
         return RunRequest(invocation_id=invocation_id or uuid.uuid4().hex, plugin=self.name,
                           version=self.version, digest=self.digest, image=m.image,
-                          argv=tuple(m.argv), limits=m.run_limits(settings),
+                          argv=tuple(m.argv), limits=m.run_limits(settings.limits),
                           allowed_globs=tuple(m.allowed_globs), retries=m.retries,
                           concurrency=m.concurrency, weight=m.weight, event=event,
                           origin=origin,
@@ -220,11 +220,12 @@ def load_files(plugin_dir: Path, files: list[TreeFile], settings: Settings,
                                        settings.max_manifest_bytes)
     except ManifestError as exc:
         return invalid(*exc.errors)
-    errors = manifest.over_limits(settings) + check_globs(manifest.allowed_globs, settings)
+    errors = (manifest.over_limits(settings.limits, settings.egress_allow)
+              + check_globs(manifest.allowed_globs, settings.fs))
     try:
         reqs = plugin_requirements(files)
         if reqs is not None and install:
-            install_requirements(reqs, settings)
+            install_requirements(reqs, settings.install)
     except DependencyError as exc:
         errors.append(exc.message)
     if errors:

@@ -20,8 +20,8 @@ from pydantic import (
 )
 
 from manager.core import netrules
-from manager.core.config import Settings
 from manager.core.errors import ManifestError
+from manager.core.groups import LimitSettings
 from manager.core.runs import Isolation, RunLimits
 from manager.plugins.globs import check_classes, check_glob
 from manager.plugins.quantities import parse_cpu, parse_memory
@@ -169,29 +169,28 @@ class Manifest(_Model):
     def net_allow(self) -> tuple[str, ...]:
         return self.permissions.net.allow
 
-    def over_limits(self, settings: Settings) -> list[str]:
-        """What the operator does not allow (SPEC §3: at most the operator's maximum)."""
+    def over_limits(self, limits: LimitSettings, ceiling: tuple[str, ...]) -> list[str]:
+        """What the operator does not allow (SPEC §3: at most the operator's maximum; a
+        network only within the egress ceiling, TITAN_EGRESS_ALLOW)."""
         errors = []
-        if self.timeout > settings.max_timeout:
-            errors.append(f"timeout: {self.timeout}s is above the maximum "
-                          f"{settings.max_timeout}s")
-        if self.memory_bytes > settings.max_memory_bytes:
+        if self.timeout > limits.timeout:
+            errors.append(f"timeout: {self.timeout}s is above the maximum {limits.timeout}s")
+        if self.memory_bytes > limits.memory_bytes:
             errors.append(f"resources.memory: {self.resources.memory} is above the maximum "
-                          f"{settings.max_memory_bytes} bytes")
-        if self.cpu_millis > settings.max_cpu_millis:
+                          f"{limits.memory_bytes} bytes")
+        if self.cpu_millis > limits.cpu_millis:
             errors.append(f"resources.cpu: {self.resources.cpu} is above the maximum "
-                          f"{settings.max_cpu_millis}m")
-        ceiling = settings.egress_allow
+                          f"{limits.cpu_millis}m")
         for pattern in netrules.beyond(ceiling, self.net_allow):
             errors.append(f"permissions.net.allow: {pattern!r} is beyond the operator's "
                           f"ceiling ({', '.join(ceiling) or 'empty: no plugin has a network'}"
                           "); the operator may allow it in TITAN_EGRESS_ALLOW")
         return errors
 
-    def run_limits(self, settings: Settings) -> RunLimits:
+    def run_limits(self, limits: LimitSettings) -> RunLimits:
         """This manifest's limits, clamped to the operator's maxima."""
         return RunLimits(self.timeout, self.memory_bytes, self.cpu_millis,
-                         settings.pids_limit).clamped(settings.limits)
+                         limits.pids).clamped(limits)
 
 
 def entrypoint_argv(entrypoint: str) -> list[str]:

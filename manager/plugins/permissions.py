@@ -22,8 +22,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from manager.core.config import ROOT, Settings
+from manager.core.config import ROOT
 from manager.core.errors import PermissionDenied
+from manager.core.groups import FsSettings
 from manager.core.runs import RunUser
 from manager.plugins.as_user import OpenRefused, open_as
 from manager.plugins.globs import SYSTEM_PATHS, check_glob, glob_base
@@ -65,27 +66,27 @@ def _under(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
-def never_granted(settings: Settings, extra: Iterable[str] = ()) -> list[str]:
+def never_granted(fs: FsSettings, extra: Iterable[str] = ()) -> list[str]:
     """Paths no plugin may be granted, whatever TITAN_ALLOWED_ROOTS says."""
-    own = [ROOT, settings.run_dir, settings.cache_dir, settings.plugins_dir]
+    own = [ROOT, fs.run_dir, fs.cache_dir, fs.plugins_dir]
     paths = {*NEVER_GRANTED, *extra, *(str(p) for p in own),
              *(os.path.realpath(p) for p in own)}
     return sorted(paths)
 
 
-def path_problem(path: str, settings: Settings, extra_forbidden: Iterable[str] = ()) -> str | None:
+def path_problem(path: str, fs: FsSettings, extra_forbidden: Iterable[str] = ()) -> str | None:
     """Why `path` (already resolved) may not be granted, or None."""
-    roots = [os.path.realpath(r) for r in settings.allowed_roots]
+    roots = [os.path.realpath(r) for r in fs.allowed_roots]
     if not any(_under(path, r) for r in roots):
-        names = ", ".join(str(r) for r in settings.allowed_roots) or "(none configured)"
+        names = ", ".join(str(r) for r in fs.allowed_roots) or "(none configured)"
         return f"is outside the allowed roots ({names}; set TITAN_ALLOWED_ROOTS)"
-    for forbidden in never_granted(settings, extra_forbidden):
+    for forbidden in never_granted(fs, extra_forbidden):
         if _under(path, forbidden) or (forbidden != "/" and _under(forbidden, path)):
             return f"reaches {forbidden}, which is never granted to plugins"
     return None
 
 
-def glob_problem(glob: str, settings: Settings) -> str | None:
+def glob_problem(glob: str, fs: FsSettings) -> str | None:
     """A load-time check of one `permissions.fs.allow` glob, base resolved on this host."""
     try:
         check_glob(glob)
@@ -93,23 +94,23 @@ def glob_problem(glob: str, settings: Settings) -> str | None:
         return str(exc)
     base = glob_base(glob)
     for candidate in dict.fromkeys((base, os.path.realpath(base))):
-        problem = path_problem(candidate, settings)
+        problem = path_problem(candidate, fs)
         if problem:
             shown = f"{base} (resolves to {candidate})" if candidate != base else base
             return f"fs glob {glob!r}: {shown} {problem}"
     return None
 
 
-def check_globs(globs: Iterable[str], settings: Settings) -> list[str]:
-    return [f"permissions.fs.allow: {p}" for g in globs if (p := glob_problem(g, settings))]
+def check_globs(globs: Iterable[str], fs: FsSettings) -> list[str]:
+    return [f"permissions.fs.allow: {p}" for g in globs if (p := glob_problem(g, fs))]
 
 
-def resolved_glob(glob: str, settings: Settings) -> str | None:
+def resolved_glob(glob: str, fs: FsSettings) -> str | None:
     """The glob with its base resolved on this host, or None when the base is missing or
     may not be granted (a symlinked base must not widen access)."""
     base = glob_base(glob)
     real = os.path.realpath(base)
-    if not os.path.isdir(real) or glob_problem(real + glob[len(base):], settings):
+    if not os.path.isdir(real) or glob_problem(real + glob[len(base):], fs):
         return None
     return real + glob[len(base):]
 
@@ -133,18 +134,18 @@ def swappable_by(path: str) -> str | None:
     return None
 
 
-def mount_sources(globs: Iterable[str], settings: Settings, judge: RunUser,
+def mount_sources(globs: Iterable[str], fs: FsSettings, judge: RunUser,
                   extra_forbidden: Iterable[str] = ()) -> list[str]:
     """Host directories to bind-mount read-only (at the same path) for these globs, each
     one a run's identity (`judge`) can open. A base that a non-root user could swap for
     a symlink is refused."""
     dirs = set()
     for glob in globs:
-        resolved = resolved_glob(glob, settings)
+        resolved = resolved_glob(glob, fs)
         if resolved is None:
             continue
         base = glob_base(resolved)
-        problem = path_problem(base, settings, extra_forbidden)
+        problem = path_problem(base, fs, extra_forbidden)
         if problem:
             raise PermissionDenied(f"allowed directory {base} {problem}", path=base)
         try:
@@ -168,11 +169,11 @@ def outermost(dirs: Iterable[str]) -> list[str]:
     return sorted(d for d in dirs if not any(d != o and d.startswith(o + "/") for o in dirs))
 
 
-def payload_dirs(globs: Iterable[str], settings: Settings) -> tuple[str, ...]:
+def payload_dirs(globs: Iterable[str], fs: FsSettings) -> tuple[str, ...]:
     """Where a payload file of these globs can lie: their resolved bases. A prewarmed
     container mounts an empty private directory at each, and a run's checked copy is put
     there at its path, as a cold container mounts the copy alone."""
-    return tuple(outermost(glob_base(r) for g in globs if (r := resolved_glob(g, settings))))
+    return tuple(outermost(glob_base(r) for g in globs if (r := resolved_glob(g, fs))))
 
 
 def _refused(exc: OpenRefused) -> str:
@@ -209,7 +210,7 @@ class PayloadFile:
             self.handle = None
 
 
-def open_payload_path(payload: dict[str, Any], globs: Iterable[str], settings: Settings,
+def open_payload_path(payload: dict[str, Any], globs: Iterable[str], fs: FsSettings,
                       judge: RunUser, extra_forbidden: Iterable[str] = ()) -> PayloadFile | None:
     """Resolves `payload.path`, checks it against the globs and roots, and opens it as
     `judge` (a run's identity), refusing it by its size before a byte is read.
@@ -234,7 +235,7 @@ def open_payload_path(payload: dict[str, Any], globs: Iterable[str], settings: S
     if real != os.path.normpath(path):  # the run is shown the file at the name it was given
         raise PermissionDenied(f"payload.path {path!r} is a symlink or passes through one; "
                                "name the file itself", path=path)
-    _check_allowed(path, real, globs, settings, extra_forbidden)
+    _check_allowed(path, real, globs, fs, extra_forbidden)
     try:
         handle = open_as(real, judge.uid, judge.gid)
     except OpenRefused as exc:
@@ -248,24 +249,24 @@ def open_payload_path(payload: dict[str, Any], globs: Iterable[str], settings: S
                                "not a plain file; refused", path=path) from None
     checked = PayloadFile(real, path, handle)
     try:
-        checked.size = _checked_size(path, os.fstat(handle), settings)
+        checked.size = _checked_size(path, os.fstat(handle), fs)
     except PermissionDenied:
         checked.close()
         raise
     return checked
 
 
-def _check_allowed(path: str, real: str, globs: Iterable[str], settings: Settings,
+def _check_allowed(path: str, real: str, globs: Iterable[str], fs: FsSettings,
                    extra_forbidden: Iterable[str]) -> None:
     globs = list(globs)
-    allowed = [g for g in (resolved_glob(g, settings) for g in globs) if g]
-    problem = path_problem(real, settings, extra_forbidden)
+    allowed = [g for g in (resolved_glob(g, fs) for g in globs) if g]
+    problem = path_problem(real, fs, extra_forbidden)
     if problem or not any(glob_matches(real, g) for g in allowed):
         raise PermissionDenied(f"payload.path {path!r} is outside the plugin's allowed "
                                "paths", path=path, allowed=globs)
 
 
-def _checked_size(path: str, st: os.stat_result, settings: Settings) -> int:
+def _checked_size(path: str, st: os.stat_result, fs: FsSettings) -> int:
     if stat.S_ISDIR(st.st_mode):
         raise PermissionDenied(f"payload.path {path!r} is a directory; only regular files "
                                "are handed to a run (globs mount directories)", path=path)
@@ -273,8 +274,8 @@ def _checked_size(path: str, st: os.stat_result, settings: Settings) -> int:
         raise PermissionDenied(f"payload.path {path!r} is not a regular file", path=path)
     if st.st_nlink > 1:
         raise PermissionDenied(f"payload.path {path!r} is a hardlinked file; refused", path=path)
-    if st.st_size > settings.max_payload_bytes:
+    if st.st_size > fs.max_payload_bytes:
         raise PermissionDenied(f"payload.path {path!r} is {st.st_size} bytes, over the limit "
-                               f"of {settings.max_payload_bytes} (TITAN_MAX_PAYLOAD_BYTES)",
+                               f"of {fs.max_payload_bytes} (TITAN_MAX_PAYLOAD_BYTES)",
                                path=path)
     return st.st_size
