@@ -70,10 +70,10 @@ def egress_case(settings: Settings, plugins: Path, client: Any
            "TITAN_EGRESS_BRIDGE": mine.egress_bridge, "TITAN_EGRESS_HOSTS": str(hosts),
            "TITAN_EGRESS_ALLOW": ",".join(mine.egress_allow)}
     try:
-        proxy.start(mine, client)
+        proxy.start(mine.egress, client)
         yield mine, env
     finally:
-        proxy.stop(mine, client)
+        proxy.stop(mine.egress, client)
         shutil.rmtree(egress_dir, ignore_errors=True)
         hosts.unlink(missing_ok=True)
         server.shutdown()

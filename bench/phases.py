@@ -71,7 +71,8 @@ def split(bus: Bus, ledger: Ledger) -> dict[str, dict[str, dict[str, float | boo
         if not runs:
             continue
         by_event = {r.event_id: r for r in records.for_plugin(plugin, 4 * len(runs))}
-        found[kind] = {}
+        cold = [t for t in runs if (r := by_event.get(t.event_id)) and r.warm is False]
+        found[kind] = {"cold": {"runs": len(runs), "cold": len(cold)}}
         for label, q in (("p50", 0.5), ("p99", 0.99)):
             timed = at(runs, q)
             rec = by_event.get(timed.event_id)
@@ -89,6 +90,9 @@ def split(bus: Bus, ledger: Ledger) -> dict[str, dict[str, dict[str, float | boo
 def phases_report(found: dict[str, dict[str, dict[str, float | bool]]]) -> list[str]:
     lines = []
     for kind, by_q in found.items():
+        counts = by_q.pop("cold")
+        lines.append(f"where    {kind:<12} {counts['cold']} of its {counts['runs']} measured "
+                     "runs found no prewarmed container")
         for label, p in by_q.items():
             steps = "  ".join(f"{s} {p[s]:6.1f}" for s in STEPS)
             lines.append(f"where    {kind:<12} {label} {p['total']:7.1f} ms: {steps} ms "
