@@ -147,9 +147,9 @@ class WarmPool:
             while not self.stopping.is_set() and self._short(key):
                 if not self._make_room(key) or not self._prewarm(key):
                     break
-        # Used containers go after their replacements are ready: a removal (a gVisor
-        # sandbox's teardown takes hundreds of ms) ahead of them made the next run of a
-        # plugin find its pool empty and go cold (make bench: every warm p99 was one)
+        # Used containers go after their replacements are ready: removals ahead of them
+        # (a stop and a teardown each) made the next run of a plugin find its pool empty
+        # now and then and go cold (make bench: every warm p99 was such a run)
         with self.lock:
             removals, self.to_remove = self.to_remove, []
         for warm in removals:

@@ -27,8 +27,8 @@ from urllib.parse import urlparse
 import click
 
 from manager.core.client_config import ClientSettings
-from manager.core.config import ROOT
 from manager.core.errors import API_HEADER
+from manager.core.paths import ROOT
 from manager.core.records import TERMINAL
 from manager.core.retry import CLI_RECORD_POLL
 
@@ -48,14 +48,14 @@ class CliError(click.ClickException):
 
 def default_api() -> str:
     """TITAN_API_URL, else the socket `make up`'s manager listens on."""
-    return ClientSettings().api
+    return ClientSettings.from_env().api
 
 
 def api_tls_context() -> ssl.SSLContext:
     """What an https:// API must prove: a certificate of TITAN_API_CA, else of the
     project's CA (run/tls/trust.crt, which TITAN_API_TLS=1 make up serves with), else of
     the system's CAs; always for the host name in the URL."""
-    given = ClientSettings()
+    given = ClientSettings.from_env()
     default = given.run_dir / "tls" / "trust.crt"
     cafile = given.api_ca or (str(default) if default.exists() else None)
     return ssl.create_default_context(cafile=cafile)
@@ -175,7 +175,7 @@ class Api:
 def api_token() -> str | None:
     """TITAN_API_TOKEN, else the token `make up` generated (run/api.token, root's alone),
     else the one `make compose-up` put in .env."""
-    given = ClientSettings()
+    given = ClientSettings.from_env()
     if given.api_token:
         return given.api_token
     root = ROOT

@@ -25,8 +25,7 @@ from manager.core import groups
 from manager.core import netrules as rules
 from manager.core.events import Limits
 from manager.core.keys import Keys
-
-ROOT = Path(__file__).resolve().parents[2]
+from manager.core.paths import ROOT, RUN_DIR
 
 
 def _loopback(host: str) -> bool:
@@ -62,7 +61,7 @@ class Settings(BaseSettings):
     consumer_group: str = "titan-plugin-manager"
     key_prefix: str = "titan"
     plugins_dir: Path = ROOT / "plugins"
-    run_dir: Path = ROOT / "run"
+    run_dir: Path = RUN_DIR
     # {hostname}: one cache per worker container sharing a host directory (compose)
     cache_dir: Path = Path("{run_dir}/cache")
     runtime_image: str = "titan-runtime:py3.11"
