@@ -44,7 +44,7 @@ def launched_cold(engine: Engine, spec: RunSpec, payload: PayloadFile | None,
     secrets = None
     try:
         if spec.config.secrets:
-            secrets = secrets_dir(engine.settings, run_dir.name)
+            secrets = secrets_dir(engine.settings.secret_files_dir, run_dir.name)
             write_secrets(secrets, spec.secrets, user)
         staged = payload.stage(run_dir / "payload", user) if payload else None
         spec = replace(spec, event_file=str(write_event(run_dir, spec, user)), user=user,

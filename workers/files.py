@@ -9,7 +9,6 @@ import os
 import subprocess
 from pathlib import Path
 
-from manager.core.config import Settings
 from manager.core.runs import RunUser
 from manager.core.secrets import SecretError
 from manager.plugins.permissions import PayloadFile
@@ -50,10 +49,10 @@ def account_files(directory: Path, user: RunUser) -> dict[str, str]:
 SECRETS_PATH = "/run/secrets"
 
 
-def secrets_home(settings: Settings) -> Path:
-    """The tmpfs that secret files are written on (never a disk: a value must not outlive
-    its run in a file system's free blocks); mounted here when it is not one yet."""
-    path = settings.secret_files_dir
+def secrets_home(path: Path) -> Path:
+    """The tmpfs that secret files are written on (TITAN_SECRET_FILES_DIR; never a disk: a
+    value must not outlive its run in a file system's free blocks); mounted at `path`
+    when it is not one yet."""
     path.mkdir(parents=True, exist_ok=True)
     os.chmod(path, 0o711)
     if _is_tmpfs(path):
@@ -81,10 +80,10 @@ def _is_tmpfs(path: Path) -> bool:
         return any(line.split()[1:3] == [str(path), "tmpfs"] for line in fh)
 
 
-def secrets_dir(settings: Settings, name: str) -> Path:
-    """A private directory for one container's secrets (root's, listable: the names are
-    no secret), mounted read-only at /run/secrets."""
-    path = secrets_home(settings) / name
+def secrets_dir(home: Path, name: str) -> Path:
+    """A private directory for one container's secrets under `home` (root's, listable:
+    the names are no secret), mounted read-only at /run/secrets."""
+    path = secrets_home(home) / name
     path.mkdir(mode=0o755, exist_ok=True)
     os.chmod(path, 0o755)
     return path

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from manager.core.config import Settings
 from manager.core.errors import BundleError, DependencyError, PermissionDenied
-from manager.core.groups import FsSettings
+from manager.core.groups import FsSettings, RuntimeSettings
 from manager.core.records import Outcome, Status
 from manager.core.runs import Isolation, RunRequest
 from manager.plugins.permissions import (
@@ -58,19 +58,19 @@ def prepare(req: RunRequest, settings: Settings, engine: Engine, cache: PluginCa
         return Outcome(Status.FAILED, exc.message)
     config = PoolConfig(req.plugin, req.version, req.digest, req.image, req.argv,
                         str(code_dir), req.limits.clamped(settings.limits),
-                        str(deps) if deps else None, mounts, runtime(req, settings),
+                        str(deps) if deps else None, mounts, runtime(req, settings.runtime),
                         payload_dirs(req.allowed_globs, settings.fs) if payload else (),
                         settings.egress_network if req.net_allow else None,
                         bool(req.secrets))
     return Prepared(RunSpec(config, req.invocation_id, req.event.encode()), payload)
 
 
-def runtime(req: RunRequest, settings: Settings) -> str | None:
+def runtime(req: RunRequest, runtimes: RuntimeSettings) -> str | None:
     """The engine's runtime: gVisor's (with its own network stack when the run has an
     egress grant: the plain one is registered with --network=none), or the default."""
     if req.isolation is not Isolation.GVISOR:
         return None
-    return settings.gvisor_net_runtime if req.net_allow else settings.gvisor_runtime
+    return runtimes.gvisor_net if req.net_allow else runtimes.gvisor
 
 
 def host_paths(req: RunRequest, fs: FsSettings,

@@ -5,11 +5,10 @@ run is handed to it (`handed_over`): its event written into the container's read
 inbox, its payload file's checked copy into the private directory mounted where that
 file lies, a one-line request with a per-run token sent to the launcher, which says GO
 (with the token) before it starts the plugin and, once the plugin and all it left behind
-are gone,
-ends both streams with a closing line (the token, the exit status, whether the OOM killer
-struck): over without waiting for the engine's exit path. A container that ends before its
-GO never started the plugin: WarmBroken, and the run goes cold. The pool (workers.pool)
-decides which containers exist, and removes each after its one run.
+are gone, ends both streams with a closing line (the token, the exit status, whether the
+OOM killer struck): over without waiting for the engine's exit path. A container that
+ends before its GO never started the plugin: WarmBroken, and the run goes cold. The pool
+(workers.pool) decides which containers exist, and removes each after its one run.
 """
 
 from __future__ import annotations
@@ -182,7 +181,8 @@ def prewarm(engine: Engine, config: PoolConfig) -> Warm:
     container: ContainerHandle | None = None
     private = None
     try:
-        private = secrets_dir(engine.settings, home.name) if config.secrets else None
+        private = (secrets_dir(engine.settings.secret_files_dir, home.name)
+                   if config.secrets else None)
         container = engine.create(warm_options(engine, config, home, user, private),
                                   config.image)
         container.attach(stdin=True)

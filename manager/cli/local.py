@@ -17,6 +17,7 @@ from manager.cli.client import EXIT_NOT_FOUND, CliError, read_event
 from manager.core.config import Settings
 from manager.core.errors import EventError, SandboxUnavailable
 from manager.core.events import Event
+from manager.core.groups import RuntimeSettings
 from manager.core.runs import RunRequest
 from manager.plugins.discovery import discover
 from manager.plugins.engines import Engines, image_warning, runtime_warning
@@ -37,11 +38,11 @@ def local_engine(settings: Settings) -> Engines:
         return Engines(None, None)
 
 
-def checked(entry: PluginEntry, engine: Engines, settings: Settings) -> PluginEntry:
+def checked(entry: PluginEntry, engine: Engines, runtime: RuntimeSettings) -> PluginEntry:
     where = "this machine's Docker engine"
     warnings = tuple(w for w in (
-        image_warning(entry, engine.images, settings, where),
-        runtime_warning(entry, engine.runtimes, settings, f"{where} lacks")) if w)
+        image_warning(entry, engine.images, runtime, where),
+        runtime_warning(entry, engine.runtimes, runtime, f"{where} lacks")) if w)
     return replace(entry, warnings=warnings) if warnings else entry
 
 
@@ -89,12 +90,12 @@ def validate(ctx: click.Context, directory: str | None, every: bool) -> None:
         if not root.is_dir():
             raise click.BadParameter(f"{directory} is not a directory")
         found = discover(root.resolve(), settings).found
-        entries = [checked(e, engine, settings) for e, _ in found.values()]
+        entries = [checked(e, engine, settings.runtime) for e, _ in found.values()]
     else:
         if directory is None:
             raise click.UsageError("give a plugin DIRECTORY, or --all")
         path = plugin_dir(directory, settings.plugins_dir)
-        entries = [checked(load_plugin(path.resolve(), settings)[0], engine, settings)]
+        entries = [checked(load_plugin(path.resolve(), settings)[0], engine, settings.runtime)]
     data: Any = [e.public() for e in entries] if every else entries[0].public()
     ctx.obj["out"](data, "\n".join(entry_line(e) for e in entries))
     if not entries or any(not e.valid for e in entries):

@@ -281,6 +281,7 @@ class Settings(BaseSettings):
     fs = property(groups.FsSettings.of)
     install = property(groups.InstallSettings.of)
     broker = property(groups.BrokerSettings.of)
+    runtime = property(groups.RuntimeSettings.of)
 
     @property
     def keys(self) -> Keys:

@@ -9,7 +9,8 @@ warm pool PrewarmSettings (workers.pool, workers.warm); a container's fixed boun
 SandboxSettings (workers.options); a run's clamp LimitSettings (manager.core.runs); the
 host paths a plugin may be granted FsSettings (manager.plugins.permissions); pip's
 InstallSettings (manager.plugins.deps, manager.plugins.installer); Celery's
-BrokerSettings (manager.core.contract)."""
+BrokerSettings (manager.core.contract); the containers' image and runtimes
+RuntimeSettings (manager.plugins.engines, manager.plugins.loader, workers.prepare)."""
 
 from __future__ import annotations
 
@@ -227,4 +228,20 @@ class BrokerSettings:
     def of(cls, s: Any) -> BrokerSettings:
         return cls(RedisSettings.of(s), s.task_queue, s.key_prefix,
                    s.visibility_timeout or s.max_timeout + 300, s.restore_interval)
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """What a run's container runs on: the image `make up` builds, whether every plugin
+    runs under gVisor whatever its manifest says, and gVisor's two runtimes (the plain one,
+    and one with its own network stack for runs with an egress grant)."""
+
+    image: str = "titan-runtime:py3.11"
+    isolation: str = "container"
+    gvisor: str = "runsc"
+    gvisor_net: str = "runsc-net"
+
+    @classmethod
+    def of(cls, s: Any) -> RuntimeSettings:
+        return cls(s.runtime_image, s.isolation, s.gvisor_runtime, s.gvisor_net_runtime)
 

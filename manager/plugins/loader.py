@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from manager.core.config import Settings
 from manager.core.errors import DependencyError, ManifestError
 from manager.core.events import Event
+from manager.core.groups import RuntimeSettings
 from manager.core.runs import Isolation, RunRequest
 from manager.plugins.deps import install_requirements
 from manager.plugins.manifest import MANIFEST_NAME, NAME_RE, Manifest, manifest_from_files
@@ -148,12 +149,12 @@ class PluginEntry:
                           allowed_globs=tuple(m.allowed_globs), retries=m.retries,
                           concurrency=m.concurrency, weight=m.weight, event=event,
                           origin=origin,
-                          prewarm=m.prewarm, isolation=self.isolation(settings),
+                          prewarm=m.prewarm, isolation=self.isolation(settings.runtime),
                           net_allow=m.net_allow, secrets=m.secrets)
 
-    def isolation(self, settings: Settings) -> Isolation:
+    def isolation(self, runtime: RuntimeSettings) -> Isolation:
         """The manifest's choice, unless the operator runs every plugin under gVisor."""
-        if settings.isolation == Isolation.GVISOR:
+        if runtime.isolation == Isolation.GVISOR:
             return Isolation.GVISOR
         return self.manifest.isolation if self.manifest else Isolation.CONTAINER
 

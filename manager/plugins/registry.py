@@ -60,7 +60,7 @@ class Registry:
         pipe = self.conn.pipeline()
         published: dict[str, PluginEntry] = {}
         for name, (entry, bundle) in found.found.items():
-            warnings = engines.warnings(entry, self.settings) + self.secret_warnings(entry)
+            warnings = engines.warnings(entry, self.settings.runtime) + self.secret_warnings(entry)
             if warnings:
                 entry = replace(entry, warnings=warnings)
                 changes["warnings"].append({"name": name, "warnings": list(warnings)})
