@@ -5,6 +5,7 @@ whenever the watch does, whatever the engine's own race does on a given run."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import docker
@@ -15,10 +16,13 @@ from workers.container import remove_container
 from workers.oom import OomWatcher
 
 pytestmark = pytest.mark.integration
+# Each waits for a line on stdin first: the test sends it once the watch is set up, so a
+# container that exits at once is not gone with its cgroup before it is watched (CI)
+GATE = "import sys\nsys.stdin.readline()\n"
 PROGRAMS = {
-    "balloon": "b = []\nwhile True:\n    b.append(bytearray(8 << 20))",
-    "killed": "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)",
-    "exits": "print('done')",
+    "balloon": GATE + "b = []\nwhile True:\n    b.append(bytearray(8 << 20))",
+    "killed": GATE + "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)",
+    "exits": GATE + "print('done')",
 }
 
 
@@ -28,13 +32,17 @@ def run(client: docker.DockerClient, watcher: OomWatcher, settings: Settings, ru
     container: Any = client.containers.create(
         settings.runtime_image, ["python3", "-c", PROGRAMS[program]], runtime=runtime,
         network_mode="none", mem_limit=64 << 20, memswap_limit=64 << 20, init=True,
-        user="2000999:2000000", labels={"titan.instance": settings.instance})
+        user="2000999:2000000", labels={"titan.instance": settings.instance},
+        stdin_open=True)
     try:
         stream = client.api.attach(container.id, stdout=True, stderr=True, stream=True,
                                    logs=False)
+        gate = client.api.attach_socket(container.id, params={"stdin": 1, "stream": 1})
         container.start()
         watch = watcher.watch(container.id)
         assert watch is not None, "the container's memory cgroup is not to be found"
+        os.write(gate.fileno(), b"go\n")  # the stream's descriptor (workers.container)
+        gate.close()
         for _ in stream:
             pass
         code = container.wait(timeout=120)["StatusCode"]
