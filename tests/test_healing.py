@@ -170,8 +170,9 @@ def test_a_container_stopped_from_outside_is_retried_not_failed(
                                                {"seconds": 0}), entry, origin="api")[0]
             wait_until(lambda: record_of(conn, mine, primer).get("status") == "succeeded",
                        60, "the priming run")
-            wait_until(lambda: docker_client.containers.list(filters={"label": [
-                f"titan.instance={mine.instance}", "titan.pool=1"]}), 30, "a prewarmed one")
+            # ready, as the worker logs it (listed by the engine is not ready yet)
+            wait_until(lambda: f"prewarmed {plugin} " in worker.log.read_text(), 30,
+                       "a prewarmed one")
         event = Event(new_id("stopped"), "test.v1", "sleep", {"seconds": 8})
         invocation, _ = dispatcher.dispatch(event, entry, origin="api")
         container = serving(docker_client, mine, event.event_id)
