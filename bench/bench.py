@@ -168,65 +168,66 @@ def main() -> int:
                         "the console (about a third of the time)")
     args = parser.parse_args()
 
+    with contextlib.ExitStack() as stack:  # whatever fails, everything made is undone
+        stack.callback(shutil.rmtree, session_dir(), True)
+        m, extra = run_bench(args, stack)
+    ok = report(args, m)
+    if not args.runs_only:
+        lines, scaled = scale_report(extra["scale"])
+        print("\n".join(lines + workers_report(extra["sustain"])))
+        lines, fast_pages = console_report(extra["pages"])
+        print("\n".join(lines))
+        ok = ok and scaled and fast_pages
+    print("result: " + ("every target met" if ok else "TARGET MISSED"))
+    return 0 if ok else 1
+
+
+def run_bench(args: argparse.Namespace, stack: contextlib.ExitStack) -> tuple[dict, dict]:
+    """The measures, on a stack of its own (Redis, two workers, a listener, the API, the
+    egress proxy) whose every part is undone by `stack`, in reverse."""
     server = RedisServer()
+    stack.callback(server.stop)
     run_dir = Path(tempfile.mkdtemp(prefix="titan-bench-"))
+    stack.callback(shutil.rmtree, run_dir, True)
     files = Path(tempfile.mkdtemp(prefix="titan-bench-files-", dir="/var/tmp"))
+    stack.callback(shutil.rmtree, files, True)
     plugins, args.markdown = plugin_tree(run_dir, files)
     settings = private_settings(server.url, plugins, run_dir, allowed_roots=(files,))
     client = docker.from_env()
-    stack = contextlib.ExitStack()
     settings, egress_env = stack.enter_context(egress_case(settings, plugins, client))
     conn = counted_client(settings.redis_url)  # its round trips are not the product's
     Registry(wired(conn, settings)).reload()
     workers = [WorkerProcess(settings, f"bench{i}", concurrency=1, **egress_env)
                for i in (1, 2)]
+    for w in workers:
+        stack.callback(w.stop)
     listener = Listener(wired(redis.Redis.from_url(settings.redis_url), settings),
                         Registry(wired(redis.Redis.from_url(settings.redis_url), settings)),
                         Dispatcher(wired(conn, settings), make_celery(settings.broker)))
-    thread = threading.Thread(target=listener.run, daemon=True)
+    stack.callback(listener.stop)
     args.api_socket = str(run_dir / "api.sock")
     api = api_server(create_app(wired(conn, settings), Registry(wired(conn, settings)),
                                 Dispatcher(wired(conn, settings), make_celery(settings.broker))),
                      settings.api, args.api_socket)
+    stack.callback(api.close)
     threading.Thread(target=api.run, daemon=True).start()
-    try:
-        for w in workers:
-            w.wait_ready(conn)
-        thread.start()
-        print(f"{args.runs} sequential runs per side (warm, cold, bare; interleaved), "
-              f"then a burst of {args.burst}")
-        bares = {name: Bare(settings, client, run_dir / name, runtime, seccomp)
+    for w in workers:
+        w.wait_ready(conn)
+    threading.Thread(target=listener.run, daemon=True).start()
+    print(f"{args.runs} sequential runs per side (warm, cold, bare; interleaved), "
+          f"then a burst of {args.burst}")
+    with contextlib.ExitStack() as own:
+        bares = {name: own.enter_context(contextlib.closing(
+                     Bare(settings, client, run_dir / name, runtime, seccomp)))
                  for name, runtime, seccomp in (
                      ("base", None, True), ("base_gvisor", settings.gvisor_runtime, True),
                      ("base_gvisor_unconfined", settings.gvisor_runtime, False))}
-        try:
-            m = measure(args, Bus(conn, settings), bares, client, settings)
-        finally:
-            for bare in bares.values():
-                bare.close()
-        if not args.runs_only:
-            scale = listener_scale(server.url)  # the stack is idle: its listener reads nothing
-            sustain = workers_scale(server.url, plugins)  # its own workers, keys and listener
-            pages = console_times(server.url)
-    finally:
-        api.close()
-        listener.stop()
-        for w in workers:
-            w.stop()
-        stack.close()
-        server.stop()
-        shutil.rmtree(run_dir, ignore_errors=True)
-        shutil.rmtree(files, ignore_errors=True)
-        shutil.rmtree(session_dir(), ignore_errors=True)
-    ok = report(args, m)
-    if not args.runs_only:
-        lines, scaled = scale_report(scale)
-        print("\n".join(lines + workers_report(sustain)))
-        lines, fast_pages = console_report(pages)
-        print("\n".join(lines))
-        ok = ok and scaled and fast_pages
-    print("result: " + ("every target met" if ok else "TARGET MISSED"))
-    return 0 if ok else 1
+        m = measure(args, Bus(conn, settings), bares, client, settings)
+    if args.runs_only:
+        return m, {}
+    return m, {"scale": listener_scale(server.url),  # the stack is idle: its listener reads nothing
+               "sustain": workers_scale(server.url, plugins),  # its own workers and keys
+               "pages": console_times(server.url)}
 
 
 if __name__ == "__main__":
