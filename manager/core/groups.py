@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from manager.core.keys import Keys
+from manager.core.paths import RUN_DIR
 
 
 def sentinels_of(text: str) -> tuple[tuple[str, int], ...]:
@@ -84,11 +85,11 @@ class ApiSettings:
 
     host: str = "127.0.0.1"
     port: int = 8003
-    socket: Path = Path("run/api.sock")  # the CLI's channel, root's alone
+    socket: Path = RUN_DIR / "api.sock"  # the CLI's channel, root's alone
     token: str = ""
     tls: bool = False
-    tls_cert: Path = Path("run/tls/servers/api.crt")
-    tls_key: Path = Path("run/tls/servers/api.key")
+    tls_cert: Path = RUN_DIR / "tls/servers/api.crt"
+    tls_key: Path = RUN_DIR / "tls/servers/api.key"
     threads: int = 8  # requests run on these; at most `waiters` wait for a run
     waiters: int = 4
     channel_timeout: int = 10
@@ -164,7 +165,7 @@ class SandboxSettings:
     shm_bytes: int = 8 * 1024**2  # /dev/shm, at most an eighth of it
     nofile: int = 256
     fsize_bytes: int = 32 * 1024**2
-    cache_dir: Path = Path("run/cache")  # root's alone: the files containers mount
+    cache_dir: Path = RUN_DIR / "cache"  # root's alone: the files containers mount
 
     @classmethod
     def of(cls, s: Any) -> SandboxSettings:
@@ -179,8 +180,8 @@ class FsSettings:
 
     allowed_roots: tuple[Path, ...] = (Path("/srv/titan"),)
     max_payload_bytes: int = 128 * 1024**2
-    run_dir: Path = Path("run")
-    cache_dir: Path = Path("run/cache")
+    run_dir: Path = RUN_DIR
+    cache_dir: Path = RUN_DIR / "cache"
     plugins_dir: Path = Path("plugins")
 
     @classmethod
@@ -200,7 +201,7 @@ class InstallSettings:
     runtime_python: str = "3.11"
     install_uid: int = 64999
     install_sandbox: str = "bwrap"
-    cache_dir: Path = Path("run/cache")
+    cache_dir: Path = RUN_DIR / "cache"
 
     @classmethod
     def of(cls, s: Any) -> InstallSettings:
