@@ -24,6 +24,7 @@ from harness import WorkerProcess, new_id, record_of, wait_until, wired
 from manager.api.app import create_app
 from manager.bus.dispatch import Dispatcher
 from manager.bus.listener import Listener
+from manager.bus.sweeper import Sweeper
 from manager.core.clients import redis_client
 from manager.core.contract import make_celery
 from manager.plugins.registry import Registry
@@ -46,13 +47,18 @@ def cluster() -> Iterator[SentinelCluster]:
 @pytest.fixture
 def ha_stack(cluster: SentinelCluster, plugins_dir: Path, tmp_path: Path) -> Iterator[dict]:
     settings = cluster.settings(plugins_dir, tmp_path, visibility_timeout=20,
-                                restore_interval=2, reclaim_idle_ms=3000, housekeeping_s=2)
+                                restore_interval=2, reclaim_idle_ms=3000, housekeeping_s=2,
+                                sweep_grace_s=5, sweep_interval_s=5)
     conn = redis_client(settings.redis)
     Registry(wired(conn, settings)).reload()
     dispatcher = Dispatcher(wired(conn, settings), make_celery(settings.broker))
     listener_conn = redis_client(settings.redis)
     listening = wired(listener_conn, settings)
-    listener = Listener(listening, Registry(listening), dispatcher)
+    # the manager's sweeper, as `make up` runs it: a task message the failover lost (sent
+    # to the old primary and not yet replicated) is sent again, nobody restarting anything
+    sweeper = Sweeper(listening, dispatcher)
+    listener = Listener(listening, Registry(listening), dispatcher,
+                        housekeeping=sweeper.maybe_sweep)
     workers = [WorkerProcess(settings, f"ha{n}{uuid.uuid4().hex[:4]}", concurrency=1)
                for n in range(2)]
     thread = threading.Thread(target=listener.run, daemon=True)
