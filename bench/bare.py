@@ -26,7 +26,7 @@ class Bare:
                  runtime: str | None = None, seccomp: bool = True) -> None:
         directory.mkdir(mode=0o700)
         manifest = load_manifest(PLUGIN_DIR / "noop")
-        self.identities = Identities(settings)
+        self.identities = Identities(settings.identity)
         self.user = self.identities.take()  # a run's identity, as every container has
         config = PoolConfig("noop", "1.0.0", "sha256:bench", manifest.image,
                             tuple(manifest.argv), str(PLUGIN_DIR / "noop"),

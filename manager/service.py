@@ -109,7 +109,7 @@ class Manager:
         self.registry = Registry(self.wiring)
         self.dispatcher = Dispatcher(self.wiring, make_celery(settings.broker))
         self.sweeper = Sweeper(listening, self.dispatcher)
-        self.janitor = CacheJanitor(settings)
+        self.janitor = CacheJanitor(settings.cache)
         self.listener = Listener(listening, Registry(listening), self.dispatcher,
                                  housekeeping=self.housekeeping)
         self.resettle = SettleRetry(self._safe_reload)

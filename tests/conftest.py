@@ -97,7 +97,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         return
     # Run uids leased by workers the tests SIGKILLed on purpose: here /proc shows every
     # process of the host, so nothing runs as them once their owner is gone.
-    Identities(Settings.from_env()).reclaim(older_than_s=0)
+    Identities(Settings.from_env().identity).reclaim(older_than_s=0)
 
     def unchanged() -> bool:
         return not before.changes(HostState.read(os.environ[MARK]))

@@ -229,7 +229,7 @@ def test_crafted_bundles_write_nothing_outside_the_cache(settings, conn, tmp_pat
         "a directory, then a file of the same name": [_member("a", tarfile.DIRTYPE),
                                                       _member("a")],
     }
-    cache = PluginCache(Registry(wired(conn, settings)), settings)
+    cache = PluginCache(Registry(wired(conn, settings)), settings.cache)
     for what, members in crafted.items():
         digest, bundle = _tar(members)
         conn.set(f"{settings.key_prefix}:bundle:{digest}", bundle)

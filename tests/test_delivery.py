@@ -263,7 +263,7 @@ def test_retention_trims_by_age_and_length_and_records_expire(settings, conn) ->
     from manager.api.context import publish_event
 
     for _ in range(500):
-        publish_event(conn, mine, Event(new_id(), "t", "e"))
+        publish_event(conn, mine.stream, mine.redis, Event(new_id(), "t", "e"))
     Listener(wired(conn, mine), Registry(wired(conn, mine)), None).trim()  # type: ignore[arg-type]
     entries = conn.xrange(mine.event_stream)
     assert all(int(e[0].split(b"-")[0]) > old_ms + 10 for e in entries)

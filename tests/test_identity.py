@@ -55,7 +55,8 @@ def test_a_range_the_host_already_uses_is_refused_naming_who(tmp_path: Path) -> 
 
 @pytest.fixture
 def identities(settings: Settings, tmp_path: Path) -> Identities:
-    return Identities(settings.with_(uid_dir=str(tmp_path / "uids"), run_ids="3000000-3000019"))
+    return Identities(settings.with_(uid_dir=str(tmp_path / "uids"),
+                                      run_ids="3000000-3000019").identity)
 
 
 def test_no_uid_is_held_twice_and_each_is_outside_the_host_accounts(

@@ -199,7 +199,7 @@ def test_a_worker_applies_the_same_rules_to_a_bundle_it_fetches(env, conn, requi
              TreeFile("requirements.txt", requirements, False)]
     digest, bundle = build_bundle(files)
     conn.set(f"{settings.key_prefix}:bundle:{digest}", bundle)
-    cache = PluginCache(Registry(wired(conn, settings)), settings)
+    cache = PluginCache(Registry(wired(conn, settings)), settings.cache)
     with pytest.raises(Exception, match=re.escape(says)) as info:
         cache.deps_dir(cache.code_dir(digest))
     assert not any(line in json.dumps(str(info.value)) for line in secret_lines())

@@ -9,10 +9,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from manager.core.config import Settings
 from manager.core.events import Event
 from manager.core.records import Status
 from manager.core.run_end import End, Exit, RunEnd
+from manager.core.run_groups import OutputSettings
 from manager.core.runs import RunLimits, RunRequest
 from workers.classify import Verdict, conclude, verdict
 from workers.run_spec import Capture, PoolConfig, RunSpec
@@ -159,7 +159,7 @@ def ended(stdout: bytes, code: int = 0) -> RunEnd:
 def test_output_becomes_result_events_with_derived_ids() -> None:
     lines = [{"topic": "t.v1", "event_type": "done", "payload": {"n": n}} for n in (1, 2)]
     end = ended("\n".join(json.dumps(x) for x in lines).encode())
-    stored = conclude(request(), end, verdict(end, spec(), 1024), Settings())
+    stored = conclude(request(), end, verdict(end, spec(), 1024), OutputSettings())
     assert stored.status is Status.SUCCEEDED
     events = [json.loads(e) for e in stored.events]
     assert [e["event_id"] for e in events] == ["inv1-r1", "inv1-r2"]
@@ -180,12 +180,12 @@ def test_output_becomes_result_events_with_derived_ids() -> None:
 ])
 def test_output_that_breaks_the_contract_fails_the_run(stdout: bytes, says: str) -> None:
     end = ended(stdout)
-    stored = conclude(request(), end, verdict(end, spec(), 1024), Settings())
+    stored = conclude(request(), end, verdict(end, spec(), 1024), OutputSettings())
     assert stored.status is Status.FAILED and says in (stored.reason or "")
     assert stored.events == () and stored.record_fields()["result_event_ids"] == []
 
 
 def test_a_run_that_did_not_succeed_publishes_nothing_it_printed() -> None:
     end = RunEnd(End.TIMED_OUT, 137, b'{"topic": "t", "event_type": "e", "payload": {}}')
-    stored = conclude(request(), end, verdict(end, spec(), 1024), Settings())
+    stored = conclude(request(), end, verdict(end, spec(), 1024), OutputSettings())
     assert stored.status is Status.TIMEOUT and stored.events == ()

@@ -94,7 +94,7 @@ class Rig:
 
 def delivery(wiring: Wiring, played: PlayedBack) -> Delivery:
     uids = wiring.settings.with_(uid_dir=str(session_dir() / "uids"))
-    return Delivery(wiring, FakeEngine(Identities(uids)), played)  # type: ignore[arg-type]
+    return Delivery(wiring, FakeEngine(Identities(uids.identity)), played)  # type: ignore[arg-type]
 
 
 @pytest.fixture

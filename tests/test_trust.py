@@ -328,7 +328,7 @@ def _entry(path: Path, size: int, age_s: float) -> None:
 
 def test_the_cache_evicts_least_recently_used_past_its_size(settings, tmp_path: Path) -> None:
     own = settings.with_(cache_dir=tmp_path / "cache", cache_max_bytes=3 * 2**20)
-    janitor = CacheJanitor(own)
+    janitor = CacheJanitor(own.cache)
     old = janitor.min_idle_s + 100
     plugins, deps = own.cache_dir / "plugins", own.cache_dir / "deps"
     _entry(plugins / "sha256-oldest", 2**20, old + 300)
@@ -341,7 +341,7 @@ def test_the_cache_evicts_least_recently_used_past_its_size(settings, tmp_path: 
     assert sorted(p.name for p in plugins.iterdir()) == ["sha256-old", "sha256-recent"]
     assert (deps / "recent-deps").is_dir()
     # recently used entries stay even when the cache is still too big
-    tiny = CacheJanitor(own.with_(cache_max_bytes=1))
+    tiny = CacheJanitor(own.with_(cache_max_bytes=1).cache)
     assert tiny.evict() == ["sha256-old"]
     assert sorted(p.name for p in plugins.iterdir()) == ["sha256-recent"]
 

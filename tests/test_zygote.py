@@ -133,11 +133,11 @@ def both(rig: Rig, directory: Path, argv: tuple[str, ...] = ("python", "main.py"
                         runtime=rig.runtime)
     spec = RunSpec(config, f"inv-{directory.name}", EVENT)
     with launched_cold(rig.engine, spec, None, rig.root / "runs") as launched:
-        cold = follow(launched, spec, rig.settings, rig.engine)
+        cold = follow(launched, spec, rig.settings.output_cap_bytes, rig.engine)
     warm = prewarm(rig.engine, config)
     try:
         with handed_over(warm, spec, None) as launched:
-            hot = follow(launched, spec, rig.settings, rig.engine)
+            hot = follow(launched, spec, rig.settings.output_cap_bytes, rig.engine)
     finally:
         rig.engine.oom.killed(warm.oom)
         assert warm.container.remove()

@@ -14,6 +14,7 @@ from manager.core.config import Settings
 from manager.core.errors import ContainerRefused, SandboxUnavailable
 from manager.core.records import Outcome, Status
 from manager.core.run_end import RunEnd
+from manager.core.run_groups import OutputSettings
 from manager.core.runs import RunRequest
 from manager.core.secrets import SecretError
 from workers.classify import Verdict, conclude, verdict
@@ -44,9 +45,9 @@ class Ran:
     judged: Verdict
     given: Given
 
-    def concluded(self, req: RunRequest, settings: Settings) -> Outcome:
+    def concluded(self, req: RunRequest, output: OutputSettings) -> Outcome:
         """Its Outcome: the output parsed, the run's egress connections added."""
-        return self.given.ended(conclude(req, self.end, self.judged, settings))
+        return self.given.ended(conclude(req, self.end, self.judged, output))
 
 
 Tried = Outcome | Ran | Unavailable
@@ -66,8 +67,8 @@ def attempt(req: RunRequest, settings: Settings, engine: Engine, cache: PluginCa
     try:
         with given_to(gate, req, prepared.spec) as given:
             prepared.spec = given.spec
-            end = execute(prepared, engine, pool if req.prewarm else None, settings,
-                          cache.root / "runs")
+            end = execute(prepared, engine, pool if req.prewarm else None,
+                          settings.output.cap_bytes, cache.root / "runs")
         end = given.masked(end)
     except (SecretError, ContainerRefused) as exc:
         return Outcome(Status.FAILED, exc.message)
@@ -75,7 +76,7 @@ def attempt(req: RunRequest, settings: Settings, engine: Engine, cache: PluginCa
         return Unavailable(exc.message)
     finally:
         prepared.close()
-    judged = verdict(end, prepared.spec, settings.output_cap_bytes)
+    judged = verdict(end, prepared.spec, settings.output.cap_bytes)
     if judged.status is Status.RETRYING:  # the engine's end, not the plugin's
         return Unavailable(judged.reason or "")
     return Ran(end, judged, given)

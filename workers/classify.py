@@ -13,11 +13,11 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from manager.core.config import Settings
 from manager.core.errors import EventError, TitanError
 from manager.core.events import FAILURE, Limits, check_limits, reserved_topic
 from manager.core.records import Outcome, Status
 from manager.core.run_end import End, RunEnd
+from manager.core.run_groups import OutputSettings
 from manager.core.runs import RunRequest, result_event_id
 from workers.run_spec import RunSpec
 
@@ -63,14 +63,15 @@ def last_line(data: bytes, limit: int = 300) -> str:
     return ""
 
 
-def conclude(req: RunRequest, end: RunEnd, judged: Verdict, settings: Settings) -> Outcome:
+def conclude(req: RunRequest, end: RunEnd, judged: Verdict,
+             output: OutputSettings) -> Outcome:
     """A terminal verdict of a container's run -> its Outcome (bad output fails the run)."""
     status, reason, events = judged.status, judged.reason, []
     objects: list[dict[str, Any]] = []
     if status is Status.SUCCEEDED:
         try:
-            objects = parse_output(end.stdout, settings.max_results)
-            events = result_events(req, objects, settings.event_limits)
+            objects = parse_output(end.stdout, output.max_results)
+            events = result_events(req, objects, output.event_limits)
         except OutputError as exc:
             status, reason, objects = Status.FAILED, f"invalid output: {exc}", []
     ids = tuple(result_event_id(req.invocation_id, n) for n in range(1, len(events) + 1))

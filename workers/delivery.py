@@ -48,7 +48,7 @@ class Delivery:
         self.engine = engine
         self.run_container = container_step  # launch and run loop (tests play back ends)
         registry = Registry(wiring)
-        self.cache = PluginCache(registry, self.settings)
+        self.cache = PluginCache(registry, self.settings.cache)
         self.pool = WarmPool(self.settings.prewarm, engine, lambda: {
             e.digest for e in registry.entries().values() if e.digest})
         self.keeper = Keeper(wiring.slots)
@@ -114,7 +114,7 @@ class Delivery:
             return self.again(req, attempt_no, RetryReason.MANIFEST,
                               f"{judged.status.value}: {judged.reason}",
                               exit_code=end.exit_code)
-        done = self.finish(req, tried.concluded(req, self.settings))
+        done = self.finish(req, tried.concluded(req, self.settings.output))
         if req.dispatched_at:  # (a message sent before the field existed has none)
             observer().answered(req.plugin, end.warm, req.isolation.value,
                                 time.time() - req.dispatched_at)

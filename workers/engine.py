@@ -63,7 +63,7 @@ class Engine:
         self._client = client
         self._pulls: dict[str, float] = {}
         self.oom = OomWatcher()
-        self.identities = Identities(settings)
+        self.identities = Identities(settings.identity)
         self.settings = settings
         # prewarmed containers per plugin (ready or serving a run), as the last reap saw
         # them: the heartbeat reports it (the console's Workers page)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from manager.core.config import Settings
 from manager.core.observer import observer
 from manager.core.run_end import RunEnd
 from workers.cold import launched_cold
@@ -21,9 +20,10 @@ from workers.warm import WarmBroken, handed_over
 
 
 def run_container(prepared: Prepared, engine: Engine, pool: WarmPool | None,
-                  settings: Settings, runs_dir: Path) -> RunEnd:
-    """Raises SandboxUnavailable when the engine cannot be used, and ContainerRefused when it
-    will not run this container."""
+                  cap: int, runs_dir: Path) -> RunEnd:
+    """Each output stream capped at `cap` bytes (workers.run_loop). Raises
+    SandboxUnavailable when the engine cannot be used, and ContainerRefused when it will
+    not run this container."""
     spec, t0 = prepared.spec, time.monotonic()
     warmable = pool is not None and takes_payload(spec.config, prepared.payload)
     warm = pool.take(spec) if warmable else None  # type: ignore[union-attr]
@@ -31,13 +31,13 @@ def run_container(prepared: Prepared, engine: Engine, pool: WarmPool | None,
     if warm is not None:
         try:
             with handed_over(warm, spec, prepared.payload) as launched:
-                end = follow(launched, spec, settings, engine)
+                end = follow(launched, spec, cap, engine)
         except WarmBroken:
             end = None  # it never started the plugin: a cold container instead
         finally:
             pool.done(warm)  # type: ignore[union-attr]
     if end is None:
         with launched_cold(engine, spec, prepared.payload, runs_dir) as launched:
-            end = follow(launched, spec, settings, engine)
+            end = follow(launched, spec, cap, engine)
     observer().container_ready(time.monotonic() - t0 - end.duration_s + end.ready_s)
     return end

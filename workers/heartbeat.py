@@ -136,7 +136,7 @@ class Heartbeat(threading.Thread):
         self.beats = 0  # the one count: eviction and the neighbours' scan go by it
         self.probe = EngineProbe(engine, wiring.settings.gvisor_runtime)
         self.reaper = Reaper(wiring, engine)
-        self.janitor = CacheJanitor(wiring.settings)
+        self.janitor = CacheJanitor(wiring.settings.cache)
 
     def beat(self) -> None:
         if self.beats % EVICT_EVERY == 0:

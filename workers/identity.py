@@ -36,8 +36,8 @@ from pathlib import Path
 
 import psutil
 
-from manager.core.config import Settings
 from manager.core.errors import TitanError
+from manager.core.run_groups import IdentitySettings
 from manager.core.runs import RunUser
 from workers.options import pid_alive, started
 
@@ -119,9 +119,9 @@ class Identities:
     """Per worker process: takes a free uid for a container, gives it back afterwards,
     and takes back what killed workers left."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: IdentitySettings) -> None:
         self.ids = RunIds.parse(settings.run_ids)
-        self.directory = Path(settings.uid_dir)
+        self.directory = settings.uid_dir
         self.max_age_s = settings.max_timeout + RECLAIM_MARGIN_S
 
     @property

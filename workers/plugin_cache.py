@@ -18,8 +18,8 @@ import tempfile
 import zlib
 from pathlib import Path
 
-from manager.core.config import Settings
 from manager.core.errors import BundleError
+from manager.core.run_groups import CacheSettings
 from manager.plugins.deps import install_requirements, touch
 from manager.plugins.loader import REQUIREMENTS
 from manager.plugins.registry import Registry
@@ -47,13 +47,13 @@ def check_digest(digest: str) -> str:
 
 
 class PluginCache:
-    def __init__(self, registry: Registry | None, settings: Settings) -> None:
+    def __init__(self, registry: Registry | None, settings: CacheSettings) -> None:
         self.registry = registry
         self.settings = settings
 
     @property
     def root(self) -> Path:
-        return private_root(self.settings.cache_dir)
+        return private_root(self.settings.dir)
 
     def code_dir(self, digest: str, bundle: bytes | None = None) -> Path:
         """The unpacked plugin for a digest: from `bundle` when given (a local run), else

@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from manager.core.config import Settings
 from manager.core.errors import SandboxUnavailable
 from manager.core.run_end import End, Exit, RunEnd
 from workers.container import ENGINE_ERRORS, STDERR, STDOUT, ContainerHandle
@@ -20,7 +19,7 @@ from workers.engine import Engine
 from workers.oom import OomWatch
 from workers.run_spec import Capture, RunSpec
 
-WAIT_MARGIN_S = 60  # an engine's wait for a stopped container, beyond any run's timeout
+WAIT_MARGIN_S = 60  # an engine's wait for a stopped container, beyond the run's timeout
 
 
 @dataclass
@@ -36,10 +35,10 @@ class Launched:
     warm: bool = False
 
 
-def follow(launched: Launched, spec: RunSpec, settings: Settings, engine: Engine) -> RunEnd:
-    """Follows one started run to its end. Raises SandboxUnavailable when the engine went
-    away with the container's stream."""
-    container, cap = launched.container, settings.output_cap_bytes
+def follow(launched: Launched, spec: RunSpec, cap: int, engine: Engine) -> RunEnd:
+    """Follows one started run to its end, each output stream capped at `cap` bytes.
+    Raises SandboxUnavailable when the engine went away with the container's stream."""
+    container = launched.container
     timed_out = threading.Event()
 
     def timeout() -> None:
@@ -51,7 +50,7 @@ def follow(launched: Launched, spec: RunSpec, settings: Settings, engine: Engine
     timer.start()
     try:
         out, err = read_capped(launched.output, container, cap)
-        exited = launched.exit_state() or container.wait(settings.max_timeout + WAIT_MARGIN_S)
+        exited = launched.exit_state() or container.wait(spec.timeout + WAIT_MARGIN_S)
     except ENGINE_ERRORS as exc:
         raise SandboxUnavailable(f"lost the container's stream: {exc}") from exc
     finally:

@@ -26,7 +26,7 @@ bus_routes = Blueprint("titan_bus", __name__)
 def post_event() -> Any:
     """Publishes the event to the bus (answered once Redis has it)."""
     event: Event = g.event
-    entry_id = publish_event(ctx().conn, ctx().settings, event)
+    entry_id = publish_event(ctx().conn, ctx().settings.stream, ctx().settings.redis, event)
     return jsonify({"event_id": event.event_id, "entry_id": entry_id}), 202
 
 
@@ -69,7 +69,7 @@ def replay(c: ApiContext, entry_id: str) -> tuple[Event, str]:
                          f"{exc.message}. Fix the event and publish it instead "
                          "(titan-plugins.py dead shows it; then publish -e '<the fixed "
                          "event>')", **exc.details) from None
-    return event, publish_event(c.conn, c.settings, event)
+    return event, publish_event(c.conn, c.settings.stream, c.settings.redis, event)
 
 
 @bus_routes.get("/events/entries/<entry_id>")

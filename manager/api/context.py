@@ -16,6 +16,7 @@ from manager.bus.dispatch import Dispatcher
 from manager.core.clients import check_replicated, confirm_replicated
 from manager.core.config import Settings
 from manager.core.events import Event, Limits
+from manager.core.groups import RedisSettings, StreamSettings
 from manager.core.keys import Keys
 from manager.core.observer import observer
 from manager.core.record_store import RecordStore
@@ -50,15 +51,16 @@ def error(code: str, message: str, status: int, **details: Any) -> tuple[Respons
     return jsonify({"error": {"code": code, "message": message, "details": details}}), status
 
 
-def publish_event(conn: redis.Redis, settings: Settings, event: Event) -> str:
+def publish_event(conn: redis.Redis, stream: StreamSettings, redis_settings: RedisSettings,
+                  event: Event) -> str:
     """XADDs an event to the bus; returns the stream entry id once Redis has it (Redis
     writes its AOF before it answers) and, with TITAN_REDIS_MIN_REPLICAS, once that many
     replicas confirm it (else NotReplicated: 503, naming the replicas)."""
     pipe = conn.pipeline(transaction=False)
-    pipe.xadd(settings.event_stream, {"event": event.encode()},
-              maxlen=settings.stream_maxlen, approximate=True)
-    confirm_replicated(pipe, settings.redis)
-    (entry,) = check_replicated(pipe.execute(), settings.redis, f"event {event.event_id}")
+    pipe.xadd(stream.events, {"event": event.encode()}, maxlen=stream.maxlen,
+              approximate=True)
+    confirm_replicated(pipe, redis_settings)
+    (entry,) = check_replicated(pipe.execute(), redis_settings, f"event {event.event_id}")
     return entry.decode() if isinstance(entry, bytes) else entry
 
 

@@ -173,12 +173,12 @@ def _execute(req: RunRequest, bundle: bytes, settings: Settings) -> dict[str, An
     from workers.plugin_cache import PluginCache
 
     t0 = time.monotonic()
-    tried = attempt(req, settings, Engine(settings), PluginCache(None, settings),
+    tried = attempt(req, settings, Engine(settings), PluginCache(None, settings.cache),
                     bundle=bundle)
     if isinstance(tried, Unavailable):
         raise click.ClickException(f"sandbox_unavailable: {tried.why} (is a Docker engine "
                                    "running? make up starts one)")
-    ended = tried.concluded(req, settings) if isinstance(tried, Ran) else tried
+    ended = tried.concluded(req, settings.output) if isinstance(tried, Ran) else tried
     report: dict[str, Any] = {
         "invocation_id": req.invocation_id, "status": ended.status.value,
         "reason": ended.reason, "results": [json.loads(e) for e in ended.events]}

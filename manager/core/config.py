@@ -21,7 +21,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from manager.core import groups
+from manager.core import groups, run_groups
 from manager.core import netrules as rules
 from manager.core.events import Limits
 from manager.core.keys import Keys
@@ -50,9 +50,8 @@ class Settings(BaseSettings):
     # only once this many replicas confirm them (WAIT), within redis_wait_ms.
     redis_min_replicas: int = 0
     redis_wait_ms: int = 2000
-    # rediss:// (Redis beyond this host): the CA bundle the server's certificate must chain
-    # to, and this process's client certificate and key (run/tls/, or a worker host's
-    # bundle from `make worker-cert`).
+    # rediss://: the CA the server's certificate must chain to, and this process's client
+    # certificate and key (run/tls/, or a worker host's bundle from `make worker-cert`).
     redis_tls_ca: str = ""
     redis_tls_cert: str = ""
     redis_tls_key: str = ""
@@ -270,7 +269,7 @@ class Settings(BaseSettings):
                         str(e["msg"]).removeprefix("Value error, ") for e in exc.errors()]
             raise ValueError("; ".join(problems)) from None
 
-    # The groups a part is handed (manager.core.groups)
+    # The groups a part is handed (manager.core.groups, then manager.core.run_groups)
     redis = property(groups.RedisSettings.of)
     egress = property(groups.EgressSettings.of)
     api = property(groups.ApiSettings.of)
@@ -282,6 +281,11 @@ class Settings(BaseSettings):
     install = property(groups.InstallSettings.of)
     broker = property(groups.BrokerSettings.of)
     runtime = property(groups.RuntimeSettings.of)
+    stream = property(groups.StreamSettings.of)
+    records = property(groups.RecordSettings.of)
+    output = property(run_groups.OutputSettings.of)
+    identity = property(run_groups.IdentitySettings.of)
+    cache = property(run_groups.CacheSettings.of)
 
     @property
     def keys(self) -> Keys:
@@ -289,8 +293,7 @@ class Settings(BaseSettings):
         return Keys(self.key_prefix)
 
     @property
-    def event_limits(self) -> Limits:
-        """The event limits every reader applies (listener, API, a worker's results)."""
+    def event_limits(self) -> Limits:  # every reader's: the listener, the API, a run's results
         return Limits(self.max_event_bytes, self.max_event_depth)
 
     def with_(self, **changes: Any) -> Settings:

@@ -10,11 +10,14 @@ SandboxSettings (workers.options); a run's clamp LimitSettings (manager.core.run
 host paths a plugin may be granted FsSettings (manager.plugins.permissions); pip's
 InstallSettings (manager.plugins.deps, manager.plugins.installer); Celery's
 BrokerSettings (manager.core.contract); the containers' image and runtimes
-RuntimeSettings (manager.plugins.engines, manager.plugins.loader, workers.prepare)."""
+RuntimeSettings (manager.plugins.engines, manager.plugins.loader, workers.prepare);
+the records' lives RecordSettings (manager.core.record_store); the bus's stream
+StreamSettings (manager.api.context). A run's
+path on a worker host has its own (manager.core.run_groups)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -246,3 +249,33 @@ class RuntimeSettings:
     def of(cls, s: Any) -> RuntimeSettings:
         return cls(s.runtime_image, s.isolation, s.gvisor_runtime, s.gvisor_net_runtime)
 
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    """The bus's stream: where events are written and how much of it is kept."""
+
+    events: str = "titan:events"
+    maxlen: int = 100_000  # entries, approximately (XADD MAXLEN ~)
+
+    @classmethod
+    def of(cls, s: Any) -> StreamSettings:
+        return cls(s.event_stream, s.stream_maxlen)
+
+
+@dataclass(frozen=True)
+class RecordSettings:
+    """How long records and their dedup keys live, a correlation's fan-out budget, and
+    where a stored outcome's events go and when they count as stored."""
+
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    stream: StreamSettings = field(default_factory=StreamSettings)
+    record_ttl: int = 7 * 24 * 3600
+    dedup_ttl: int = 24 * 3600
+    fanout_budget: int = 100  # runs per correlation_id
+    fanout_ttl: int = 24 * 3600
+
+    @classmethod
+    def of(cls, s: Any) -> RecordSettings:
+        return cls(RedisSettings.of(s), StreamSettings.of(s), s.record_ttl, s.dedup_ttl,
+                   s.fanout_budget, s.fanout_ttl)

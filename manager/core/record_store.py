@@ -20,9 +20,9 @@ from typing import Any, NamedTuple
 import redis
 
 from manager.core.clients import check_replicated, confirm_replicated
-from manager.core.config import Settings
 from manager.core.errors import BudgetExceeded
 from manager.core.events import Event
+from manager.core.groups import RecordSettings
 from manager.core.keys import Keys
 from manager.core.records import ACTIVE, TRANSITIONS, InvocationRecord, Outcome, Status
 from manager.core.retry import RECORD_POLL
@@ -97,7 +97,7 @@ class RecordStore:
 
     INDEX_CAP = 10_000
 
-    def __init__(self, conn: redis.Redis, settings: Settings, keys: Keys) -> None:
+    def __init__(self, conn: redis.Redis, settings: RecordSettings, keys: Keys) -> None:
         self.conn = conn
         self.settings = settings
         self.keys = keys
@@ -207,12 +207,12 @@ class RecordStore:
                        finished_at=changes.get("finished_at") or time.time())
         reply = self.scripts.store(
             keys=[self.keys.invocation(invocation_id), self.keys.inflight,
-                  self.settings.event_stream, self.keys.waiting,
+                  self.settings.stream.events, self.keys.waiting,
                   self.keys.plugin_slots(slot_of) if slot_of else "",
                   self.keys.lease(invocation_id),
                   self.keys.minute_stats(minute_of(changes["finished_at"]))],
             args=[named(id=invocation_id, sources=_sources(TRANSITIONS[outcome.status]),
-                        maxlen=self.settings.stream_maxlen, events=events,
+                        maxlen=self.settings.stream.maxlen, events=events,
                         stats_ttl=STATS_KEPT_S, fields=encode_fields(changes))])
         return Written.of(reply)
 

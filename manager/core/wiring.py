@@ -31,7 +31,7 @@ class Wiring:
         """The process's wiring over a new connection (or `conn`, which tests bring)."""
         conn = conn if conn is not None else redis_client(settings.redis)
         keys = settings.keys
-        return cls(settings, conn, keys, RecordStore(conn, settings, keys),
+        return cls(settings, conn, keys, RecordStore(conn, settings.records, keys),
                    Slots(conn, keys, settings.plugin_share))
 
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import redis
 
-from manager.core.config import Settings
 from manager.core.keys import Keys
+from manager.core.run_groups import CacheSettings
 from manager.plugins.safefs import locked, private_root
 
 log = logging.getLogger(__name__)
@@ -50,17 +50,16 @@ def tree_size(path: Path) -> int:
 
 
 class CacheJanitor:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: CacheSettings) -> None:
         self.settings = settings
 
     @property
     def min_idle_s(self) -> float:
         """Longer than any run and any prewarmed container's wait can hold an entry."""
-        s = self.settings
-        return s.max_timeout + s.prewarm_idle_s + MARGIN_S
+        return self.settings.held_s + MARGIN_S
 
     def entries(self) -> list[Entry]:
-        root = private_root(self.settings.cache_dir)
+        root = private_root(self.settings.dir)
         found = []
         for kind, lock_name in (("plugins", "{name}.lock"), ("deps", "deps-{name}.lock")):
             base = root / kind
@@ -80,7 +79,7 @@ class CacheJanitor:
         total = sum(e.size for e in entries)
         evicted: list[str] = []
         for entry in entries:
-            if total <= self.settings.cache_max_bytes:
+            if total <= self.settings.max_bytes:
                 break
             if now - entry.used < self.min_idle_s:
                 break  # everything after it is newer still

@@ -1,0 +1,61 @@
+"""Settings of a run's path on a worker host, by the part that needs them (as
+manager.core.groups): what a run may write back OutputSettings (workers.run_loop,
+workers.attempt, workers.classify); the runs' uids IdentitySettings (workers.identity);
+the code and requirements cache CacheSettings (workers.plugin_cache,
+manager.plugins.janitor)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from manager.core.events import Limits
+from manager.core.groups import InstallSettings
+from manager.core.paths import RUN_DIR
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    """What a run may write back: each stream capped (the first byte over kills the
+    container), at most `max_results` result events, each within the event limits."""
+
+    cap_bytes: int = 1024 * 1024
+    max_results: int = 100
+    event_limits: Limits = field(default_factory=Limits)
+
+    @classmethod
+    def of(cls, s: Any) -> OutputSettings:
+        return cls(s.output_cap_bytes, s.max_results, s.event_limits)
+
+
+@dataclass(frozen=True)
+class IdentitySettings:
+    """The host uids runs are given, one per live container (TITAN_RUN_IDS), leased
+    through files in `uid_dir` (host-wide); a lease outlives any run's timeout."""
+
+    run_ids: str = "2000000-2099999"
+    uid_dir: Path = Path("/run/titan/uids")
+    max_timeout: int = 600
+
+    @classmethod
+    def of(cls, s: Any) -> IdentitySettings:
+        return cls(s.run_ids, Path(s.uid_dir), s.max_timeout)
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """A host's cache of plugin code and installed requirements: where it is, how large
+    it may grow, how large one plugin's bundle may be, how its requirements install,
+    and how long an entry may be in use (a run's timeout, a prewarmed container's wait)."""
+
+    dir: Path = RUN_DIR / "cache"
+    max_bytes: int = 4 * 1024**3
+    max_bundle_bytes: int = 32 * 1024**2
+    install: InstallSettings = field(default_factory=InstallSettings)
+    held_s: int = 600 + 300  # the longest run and the longest idle prewarmed container
+
+    @classmethod
+    def of(cls, s: Any) -> CacheSettings:
+        return cls(s.cache_dir, s.cache_max_bytes, s.max_bundle_bytes, InstallSettings.of(s),
+                   s.max_timeout + s.prewarm_idle_s)
