@@ -34,7 +34,8 @@ class Bare:
         spec = RunSpec(config, "bench", "{}")
         spec = replace(spec, event_file=str(write_event(directory, spec, self.user)),
                        user=self.user, accounts=account_files(directory, self.user))
-        self.options = options.cold(spec, settings.sandbox, Engine(settings, client).base_labels)
+        labels = Engine(settings.engine, client).base_labels
+        self.options = options.cold(spec, settings.sandbox, labels)
         self.options.pop("log_config")  # a plain `docker run` keeps the default log driver
         if not seccomp:
             self.options["security_opt"] = [*self.options["security_opt"], "seccomp=unconfined"]

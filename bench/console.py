@@ -68,7 +68,7 @@ def page_times(redis_url: str, work: Path) -> dict[str, float]:
     registry.reload()
     last = store_runs(wiring, time.time())
     for n in range(200):
-        dead_letter(wiring.conn, settings, json.dumps({"n": n}), "invalid_event", "bench")
+        dead_letter(wiring.conn, settings.stream, json.dumps({"n": n}), "invalid_event", "bench")
     app = create_app(wiring, registry, Dispatcher(wiring, make_celery(settings.broker)))
     client = app.test_client()
     form = client.get("/ui/signin")

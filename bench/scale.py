@@ -87,7 +87,7 @@ def listener_rate(redis_url: str, count: int, work: Path, matching: bool = False
     event one of them)."""
     settings = loaded(redis_url, count, work)
     wiring = wired(redis.Redis.from_url(redis_url), settings)
-    ensure_group(wiring.conn, settings)
+    ensure_group(wiring.conn, settings.stream)
     events = MATCHING if matching else EVENTS
     publish(wiring.conn, settings.event_stream, events, count if matching else 0)
     listener = Listener(wiring, Registry(wiring), Dispatcher(wiring, make_celery(settings.broker)))
@@ -150,7 +150,7 @@ def listeners_rate(redis_url: str, processes: int, work: Path) -> float:
                                 read_block_ms=100)
     wiring = wired(redis.Redis.from_url(redis_url), settings)
     Registry(wiring).reload()
-    ensure_group(wiring.conn, settings)
+    ensure_group(wiring.conn, settings.stream)
     publish(wiring.conn, settings.event_stream)
     context = multiprocessing.get_context("spawn")
     ready = context.Barrier(processes + 1)

@@ -93,7 +93,7 @@ def sustained(redis_url: str, processes: int, plugins: Path, work: Path,
     settings = private_settings(redis_url, plugins, work, prewarm_size=1, prewarm_max=1)
     conn = redis.Redis.from_url(redis_url)
     Registry(wired(conn, settings)).reload()
-    ensure_group(conn, settings)
+    ensure_group(conn, settings.stream)
     workers = [WorkerProcess(settings, f"sustain{processes}-{i}", concurrency=1)
                for i in range(processes)]
     listener = Listener(wired(redis.Redis.from_url(redis_url), settings),

@@ -295,8 +295,8 @@ def test_an_operator_works_the_console_in_a_browser(console: Console) -> None:
         # dead letters: one replayed, one whose refusal is explained
         valid = json.dumps({"event_id": uuid.uuid4().hex, "topic": "test.v1",
                             "event_type": "ping", "payload": {"n": 1}})
-        dead_letter(console.conn, console.settings, valid, "unprocessable", "a test's")
-        dead_letter(console.conn, console.settings, MARKUP, "invalid_event", MARKUP)
+        dead_letter(console.conn, console.settings.stream, valid, "unprocessable", "a test's")
+        dead_letter(console.conn, console.settings.stream, MARKUP, "invalid_event", MARKUP)
         page.goto(f"{console.url}/ui/dead")
         assert page.locator("article.dead").count() == 2
         page.locator("article.dead", has_text="invalid_event").locator("button").click()

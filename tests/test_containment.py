@@ -317,7 +317,7 @@ def test_a_redelivered_entry_is_charged_once(redis_url, plugins_dir, tmp_path, c
     listener = Listener(wired(redis.Redis.from_url(redis_url), mine), registry,
                         Dispatcher(wired(conn, mine),
                                    make_celery(mine.broker)))  # no worker: runs wait
-    ensure_group(conn, mine)
+    ensure_group(conn, mine.stream)
     event_id = new_id("again")
     entry = Bus(conn, mine).publish({"event_id": event_id, "topic": "test.v1",
                                      "event_type": "ping"})

@@ -103,7 +103,7 @@ def test_pending_entries_of_a_dead_listener_are_reclaimed_without_duplicates(
         settings, conn, registry, dispatcher, worker) -> None:
     # reclaim_idle_ms=0: pending entries are taken over however briefly they were idle
     mine = settings.with_(event_stream=f"{settings.event_stream}.reclaim", reclaim_idle_ms=0)
-    ensure_group(conn, mine)
+    ensure_group(conn, mine.stream)
     crashed_before = {"event_id": new_id(), "topic": "test.v1", "event_type": "ping"}
     crashed_after = {"event_id": new_id(), "topic": "test.v1", "event_type": "ping"}
     for event in (crashed_before, crashed_after):

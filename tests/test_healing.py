@@ -112,7 +112,7 @@ def test_a_poisoned_entry_delays_none_of_its_batch_and_is_dead_lettered(settings
                           dead_stream=f"{settings.dead_stream}.{uid}",
                           task_queue=f"{settings.task_queue}.{uid}", max_deliveries=3,
                           reclaim_idle_ms=0)
-    ensure_group(conn, mine)
+    ensure_group(conn, mine.stream)
     dispatcher = PoisonedDispatcher(wired(conn, mine), make_celery(mine.broker))
     events = [new_id("batch") for _ in range(10)]
     dispatcher.poison = events[4]

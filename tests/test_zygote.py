@@ -107,7 +107,7 @@ def rig(request, settings: Settings, tmp_path_factory: pytest.TempPathFactory) -
     root = tmp_path_factory.mktemp("zygote")
     mine = settings.with_(cache_dir=root / "cache")
     runtime = mine.gvisor_runtime if request.param == "gvisor" else None
-    yield Rig(Engine(mine), mine, runtime, root)
+    yield Rig(Engine(mine.engine), mine, runtime, root)
     shutil.rmtree(root, ignore_errors=True)
 
 

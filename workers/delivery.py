@@ -53,8 +53,8 @@ class Delivery:
             e.digest for e in registry.entries().values() if e.digest})
         self.keeper = Keeper(wiring.slots)
         self.later = Later(wiring.conn, wiring.keys)  # where Again's runs wait (tasks.py)
-        self.gate = Gate(self.settings, engine, SecretStore(wiring.conn, wiring.keys,
-                                                            self.settings.secrets_key))
+        self.gate = Gate(self.settings.egress, engine,
+                         SecretStore(wiring.conn, wiring.keys, self.settings.secrets_key))
 
     def start(self) -> None:
         """The pool process starts: its engine is connected (or found away: runs wait for

@@ -17,8 +17,8 @@ import docker
 import requests
 from docker.errors import APIError, DockerException, ImageNotFound
 
-from manager.core.config import Settings
 from manager.core.errors import SandboxUnavailable
+from manager.core.run_groups import EngineSettings
 from workers.container import ContainerHandle
 from workers.home import GONE, own_container
 from workers.identity import Identities
@@ -59,7 +59,8 @@ def connect_docker() -> docker.DockerClient:
 class Engine:
     """Per worker process (and `titan-plugins run`)."""
 
-    def __init__(self, settings: Settings, client: docker.DockerClient | None = None) -> None:
+    def __init__(self, settings: EngineSettings,
+                 client: docker.DockerClient | None = None) -> None:
         self._client = client
         self._pulls: dict[str, float] = {}
         self.oom = OomWatcher()

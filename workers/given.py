@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from manager.core.config import Settings
 from manager.core.errors import SandboxUnavailable
+from manager.core.groups import EgressSettings
 from manager.core.observer import observer
 from manager.core.records import Outcome, Status
 from manager.core.run_end import RunEnd
@@ -70,8 +70,8 @@ class Gate:
     """Per worker process: where the egress proxy is (asked of the engine once) and the
     secret store."""
 
-    def __init__(self, settings: Settings, engine: Engine, secrets: SecretStore) -> None:
-        self.settings = settings
+    def __init__(self, egress: EgressSettings, engine: Engine, secrets: SecretStore) -> None:
+        self.egress = egress
         self.engine = engine
         self.secrets = secrets
         self._proxy: Where | None = None
@@ -81,7 +81,7 @@ class Gate:
         run waits for it like for an engine that does not answer)."""
         try:
             if self._proxy is None:
-                self._proxy = where(self.engine.client, self.settings.egress)
+                self._proxy = where(self.engine.client, self.egress)
         except ProxyError as exc:
             raise SandboxUnavailable(exc.args[0]) from exc
         if not answers(self._proxy):
@@ -99,7 +99,7 @@ class Gate:
         if not req.net_allow:
             yield Given(spec)
             return
-        grant = grants.issue(self.settings.egress, self.proxy(), req.invocation_id, req.plugin,
+        grant = grants.issue(self.egress, self.proxy(), req.invocation_id, req.plugin,
                              req.net_allow, spec.timeout)
         given = Given(replace(spec, proxy_env=tuple(grant.env.items()),
                               grant_file=str(grant.grant_file)), grant)

@@ -197,7 +197,8 @@ class HeartbeatStep(bootsteps.StartStopStep):
     def start(self, worker: Any) -> None:
         settings = process_settings()
         RunIds.parse(settings.run_ids).check_host(Path(settings.host_etc))
-        self.heartbeat = Heartbeat(Wiring.connect(settings), worker.hostname, Engine(settings),
+        self.heartbeat = Heartbeat(Wiring.connect(settings), worker.hostname,
+                                   Engine(settings.engine),
                                    int(worker.concurrency or os.cpu_count() or 1))
         self.heartbeat.reaper.at_start()
         self.heartbeat.start()

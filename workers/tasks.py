@@ -45,7 +45,7 @@ class RunTask(Task):
     def start(self) -> None:
         """Builds this process's delivery and starts what it runs beside the runs."""
         settings = process_settings()
-        self._delivery = Delivery(Wiring.connect(settings), Engine(settings))
+        self._delivery = Delivery(Wiring.connect(settings), Engine(settings.engine))
         self._delivery.start()
 
     @property

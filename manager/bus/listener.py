@@ -25,9 +25,9 @@ import redis
 from manager.bus.dispatch import Dispatcher, Owed
 from manager.bus.index import TriggerIndex
 from manager.core.clients import describe
-from manager.core.config import Settings
 from manager.core.errors import BudgetExceeded, EventError
 from manager.core.events import Event
+from manager.core.groups import StreamSettings
 from manager.core.observer import observer
 from manager.core.record_store import Charge
 from manager.core.retry import REDIS_RECONNECT
@@ -39,22 +39,22 @@ log = logging.getLogger(__name__)
 ENTRY_OUTCOME_TTL_S = 900  # how long `publish --wait` can learn what became of an entry
 
 
-def ensure_group(conn: redis.Redis, settings: Settings) -> None:
+def ensure_group(conn: redis.Redis, stream: StreamSettings) -> None:
     """Creates the consumer group (and the stream) if missing."""
     try:
-        conn.xgroup_create(settings.event_stream, settings.consumer_group, id="0", mkstream=True)
+        conn.xgroup_create(stream.events, stream.group, id="0", mkstream=True)
     except redis.ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
 
 
-def dead_letter(conn: redis.Redis, settings: Settings, raw: bytes | str, reason: str,
+def dead_letter(conn: redis.Redis, stream: StreamSettings, raw: bytes | str, reason: str,
                 detail: str, entry_id: str = "") -> None:
     """Keeps a rejected event with its reason; nothing is silently dropped."""
-    conn.xadd(settings.dead_stream,
+    conn.xadd(stream.dead,
               {"event": raw, "reason": reason, "detail": detail[:2000], "entry_id": entry_id,
                "time": f"{time.time():.3f}"},
-              maxlen=settings.stream_maxlen, approximate=True)
+              maxlen=stream.maxlen, approximate=True)
     observer().dead_lettered(reason)
     log.warning("dead-lettered %s: %s: %s", entry_id or "an event", reason, detail[:300])
 
@@ -77,6 +77,7 @@ class Listener:
         self.keys = wiring.keys
         self.consumer = consumer or f"{settings.worker_name}-{id(self):x}"
         self.limits = settings.event_limits
+        self.stream = settings.stream
         self.housekeeping = housekeeping
         self.stopping = threading.Event()
         self._last_reclaim = 0.0
@@ -89,7 +90,7 @@ class Listener:
         while not self.stopping.is_set():
             try:
                 if not group_ok:  # at start, and after an error (Redis may have lost it)
-                    ensure_group(self.conn, self.settings)
+                    ensure_group(self.conn, self.stream)
                     group_ok = True
                 self.poll()
                 failures = 0
@@ -130,8 +131,8 @@ class Listener:
         """One round trip: what is owed, then the next batch (blocking), then the registry
         version. What is owed is dropped only once Redis has taken it."""
         pipe = self.owed_pipeline()
-        pipe.xreadgroup(self.settings.consumer_group, self.consumer,
-                        {self.settings.event_stream: ">"}, count=64,
+        pipe.xreadgroup(self.stream.group, self.consumer,
+                        {self.stream.events: ">"}, count=64,
                         block=self.settings.read_block_ms)
         pipe.get(self.keys.registry_version)
         *replies, reply, version = pipe.execute(raise_on_error=False)
@@ -178,14 +179,14 @@ class Listener:
 
     def give_up_if_exhausted(self, entry_id: str, fields: dict[bytes, bytes],
                              exc: Exception) -> None:
-        pending = self.conn.xpending_range(self.settings.event_stream,
-                                           self.settings.consumer_group, min=entry_id,
+        pending = self.conn.xpending_range(self.stream.events,
+                                           self.stream.group, min=entry_id,
                                            max=entry_id, count=1)
         deliveries = int(pending[0]["times_delivered"]) if pending else 1
         if deliveries < self.settings.max_deliveries:
             return  # stays pending; reclaimed after reclaim_idle_ms
         error = f"{type(exc).__name__}: {exc}"
-        dead_letter(self.conn, self.settings, fields.get(b"event", b""), "unprocessable",
+        dead_letter(self.conn, self.stream, fields.get(b"event", b""), "unprocessable",
                     f"failed {deliveries} times; last error: {error}", entry_id)
         log.error("listener: entry %s dead-lettered after %d deliveries: %s", entry_id,
                   deliveries, error)
@@ -193,8 +194,8 @@ class Listener:
 
     def trim(self) -> None:
         """Retention by age (by length, XADD's MAXLEN already trims as entries arrive)."""
-        min_id = int((time.time() - self.settings.stream_max_age) * 1000)
-        for stream in (self.settings.event_stream, self.settings.dead_stream):
+        min_id = int((time.time() - self.stream.max_age) * 1000)
+        for stream in (self.stream.events, self.stream.dead):
             self.conn.xtrim(stream, minid=min_id)
 
     def reclaim(self) -> int:
@@ -202,7 +203,7 @@ class Listener:
         done, start = 0, "0-0"
         while True:
             start, entries, *_ = self.conn.xautoclaim(
-                self.settings.event_stream, self.settings.consumer_group, self.consumer,
+                self.stream.events, self.stream.group, self.consumer,
                 min_idle_time=self.settings.reclaim_idle_ms, start_id=start, count=64)
             done += self.handle_batch(entries)
             if start in (b"0-0", "0-0"):
@@ -229,7 +230,7 @@ class Listener:
             runs = self.dispatch(entry_id, event, plugins)
         except (EventError, BudgetExceeded) as exc:
             reason = exc.details.get("reason", exc.code)
-            dead_letter(self.conn, self.settings, raw, reason, exc.message, entry_id)
+            dead_letter(self.conn, self.stream, raw, reason, exc.message, entry_id)
             self.ack(entry_id, {"_dead": json.dumps(f"{reason}: {exc.message}")})
             return
         self.ack(entry_id, runs)
@@ -276,6 +277,6 @@ class Listener:
             for name, value in {**outcome, "_done": "1"}.items():
                 pipe.hsetnx(key, name, value)
             pipe.expire(key, ENTRY_OUTCOME_TTL_S)
-            pipe.xack(self.settings.event_stream, self.settings.consumer_group, entry_id)
+            pipe.xack(self.stream.events, self.stream.group, entry_id)
 
         self.owed.append(owed)

@@ -32,7 +32,7 @@ def local_engine(settings: Settings) -> Engines:
     from workers.engine import Engine
 
     try:
-        engine = Engine(settings)
+        engine = Engine(settings.engine)
         return Engines(set(engine.images()), set(engine.runtimes()))
     except (SandboxUnavailable, DockerException, requests.RequestException):
         return Engines(None, None)
@@ -173,7 +173,7 @@ def _execute(req: RunRequest, bundle: bytes, settings: Settings) -> dict[str, An
     from workers.plugin_cache import PluginCache
 
     t0 = time.monotonic()
-    tried = attempt(req, settings, Engine(settings), PluginCache(None, settings.cache),
+    tried = attempt(req, settings, Engine(settings.engine), PluginCache(None, settings.cache),
                     bundle=bundle)
     if isinstance(tried, Unavailable):
         raise click.ClickException(f"sandbox_unavailable: {tried.why} (is a Docker engine "

@@ -107,8 +107,7 @@ class Settings(BaseSettings):
     # (no namespaces: inside a service container that is itself the boundary).
     install_uid: int = 64999
     install_sandbox: str = "bwrap"
-    # Each host's cache (plugin code, installed requirements) is kept under this size by
-    # evicting what was used least recently.
+    # Each host's cache (code, requirements) stays under this, least recently used first.
     cache_max_bytes: int = 4 * 1024**3
     # Event limits (SPEC §2).
     max_event_bytes: int = 1024 * 1024
@@ -286,6 +285,7 @@ class Settings(BaseSettings):
     output = property(run_groups.OutputSettings.of)
     identity = property(run_groups.IdentitySettings.of)
     cache = property(run_groups.CacheSettings.of)
+    engine = property(run_groups.EngineSettings.of)
 
     @property
     def keys(self) -> Keys:

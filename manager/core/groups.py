@@ -12,7 +12,7 @@ InstallSettings (manager.plugins.deps, manager.plugins.installer); Celery's
 BrokerSettings (manager.core.contract); the containers' image and runtimes
 RuntimeSettings (manager.plugins.engines, manager.plugins.loader, workers.prepare);
 the records' lives RecordSettings (manager.core.record_store); the bus's stream
-StreamSettings (manager.api.context). A run's
+StreamSettings (manager.api.context, manager.bus.listener). A run's
 path on a worker host has its own (manager.core.run_groups)."""
 
 from __future__ import annotations
@@ -253,14 +253,19 @@ class RuntimeSettings:
 
 @dataclass(frozen=True)
 class StreamSettings:
-    """The bus's stream: where events are written and how much of it is kept."""
+    """The bus's streams (events, and the rejected ones kept with their reasons), the
+    managers' consumer group, and how much of each stream is kept."""
 
     events: str = "titan:events"
+    dead: str = "titan:events:dead"
+    group: str = "titan-plugin-manager"
     maxlen: int = 100_000  # entries, approximately (XADD MAXLEN ~)
+    max_age: int = 7 * 24 * 3600  # seconds; older entries are trimmed
 
     @classmethod
     def of(cls, s: Any) -> StreamSettings:
-        return cls(s.event_stream, s.stream_maxlen)
+        return cls(s.event_stream, s.dead_stream, s.consumer_group, s.stream_maxlen,
+                   s.stream_max_age)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 manager.core.groups): what a run may write back OutputSettings (workers.run_loop,
 workers.attempt, workers.classify); the runs' uids IdentitySettings (workers.identity);
 the code and requirements cache CacheSettings (workers.plugin_cache,
-manager.plugins.janitor)."""
+manager.plugins.janitor); the engine and its launches EngineSettings (workers.engine)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from manager.core.events import Limits
-from manager.core.groups import InstallSettings
+from manager.core.groups import InstallSettings, PrewarmSettings, SandboxSettings
 from manager.core.paths import RUN_DIR
 
 
@@ -59,3 +59,25 @@ class CacheSettings:
     def of(cls, s: Any) -> CacheSettings:
         return cls(s.cache_dir, s.cache_max_bytes, s.max_bundle_bytes, InstallSettings.of(s),
                    s.max_timeout + s.prewarm_idle_s)
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """A worker's engine and its two launches (workers.cold, workers.warm): whose
+    containers these are (the instance, the worker), the image no pull may replace, every
+    container's bounds, the pool's, where runs' files and secret files go, the runs' uids."""
+
+    instance: str = "default"
+    worker_name: str = ""
+    runtime_image: str = "titan-runtime:py3.11"
+    sandbox: SandboxSettings = field(default_factory=SandboxSettings)
+    prewarm: PrewarmSettings = field(default_factory=PrewarmSettings)
+    cache_dir: Path = RUN_DIR / "cache"
+    secret_files_dir: Path = Path("/run/titan/secrets")
+    identity: IdentitySettings = field(default_factory=IdentitySettings)
+
+    @classmethod
+    def of(cls, s: Any) -> EngineSettings:
+        return cls(s.instance, s.worker_name, s.runtime_image, SandboxSettings.of(s),
+                   PrewarmSettings.of(s), s.cache_dir, s.secret_files_dir,
+                   IdentitySettings.of(s))
