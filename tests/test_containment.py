@@ -153,7 +153,7 @@ def test_a_folder_swapped_during_reload_never_lands_in_a_bundle(settings, tmp_pa
         for _ in range(2000):  # until each side of the race has won a few times
             if min(outcomes.values()) >= 3:
                 break
-            entry, bundle = load_plugin(plugin, settings, install=False)
+            entry, bundle = load_plugin(plugin, settings.plugin, install=False)
             if bundle is None:
                 outcomes["invalid"] += 1
                 assert not entry.runnable and any("symlink" in e or "not a directory" in e
@@ -174,7 +174,7 @@ def test_a_sparse_3gb_file_is_refused_before_a_byte_is_read(settings, tmp_path) 
     with open(plugin / "big.bin", "wb") as fh:
         fh.truncate(3 * 1024**3)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    entry, _ = load_plugin(plugin, settings, install=False)
+    entry, _ = load_plugin(plugin, settings.plugin, install=False)
     grew_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     assert f"files: big.bin: is {3 * 1024**3} bytes, over the limit" in entry.errors[0], \
         entry.errors
@@ -182,7 +182,7 @@ def test_a_sparse_3gb_file_is_refused_before_a_byte_is_read(settings, tmp_path) 
     (plugin / "big.bin").unlink()
     with open(plugin / "holey.bin", "wb") as fh:
         fh.truncate(1024 * 1024)  # small, but all hole
-    entry, _ = load_plugin(plugin, settings, install=False)
+    entry, _ = load_plugin(plugin, settings.plugin, install=False)
     assert entry.errors == ("files: holey.bin: is a sparse file; plugins may not hold sparse "
                             "files",)
 
@@ -351,7 +351,7 @@ def test_the_worker_applies_the_registrys_limits_clamped_to_its_maxima(
         answers = {}
         for label, digest_used in (("registry", probe.digest), ("greedy bundle", digest)):
             event = Event(new_id("limits"), "test.v1", "probe", {"port": "1"})
-            request = replace(probe, digest=digest_used).request(event, settings, "api")
+            request = replace(probe, digest=digest_used).request(event, settings.plugin, "api")
             dispatcher.records.create(_record(request), 1e9)
             dispatcher.send(request)
             answers[label] = bus.result_of(event.event_id, timeout=120)["payload"]

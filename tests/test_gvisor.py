@@ -59,12 +59,12 @@ def test_the_manifest_chooses_and_the_operator_can_force_gvisor(setup: dict) -> 
     registry.reload()
     event = Event(new_id(), "gv.v1", "x")
     plain, boxed = registry.get("plain"), registry.get("boxed")
-    assert plain.request(event, settings, "api").isolation is Isolation.CONTAINER
-    assert boxed.request(event, settings, "api").isolation is Isolation.GVISOR
+    assert plain.request(event, settings.plugin, "api").isolation is Isolation.CONTAINER
+    assert boxed.request(event, settings.plugin, "api").isolation is Isolation.GVISOR
     forced = settings.with_(isolation="gvisor")
-    assert plain.request(event, forced, "api").isolation is Isolation.GVISOR
-    again = type(plain.request(event, settings, "api")).from_dict(
-        boxed.request(event, settings, "api").to_dict())
+    assert plain.request(event, forced.plugin, "api").isolation is Isolation.GVISOR
+    again = type(plain.request(event, settings.plugin, "api")).from_dict(
+        boxed.request(event, settings.plugin, "api").to_dict())
     assert again.isolation is Isolation.GVISOR  # survives the task message
 
 

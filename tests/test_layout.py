@@ -165,3 +165,34 @@ def test_no_two_classes_share_a_name() -> None:
             if isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
                 where.setdefault(node.name, []).append(name)
     assert {k: v for k, v in where.items() if len(v) > 1} == {}
+
+
+# A process reads its settings once, at its entry point, and hands each part the group it
+# reads (manager.core.groups, manager.core.run_groups). These take the whole Settings:
+# the processes' entry points and what each process is wired with, the CLI's local run
+# (one command, one process), scaffolding (its template names every ceiling), and the
+# attempt's preparing step (the payload's roots, the ceilings, the runtime, the network).
+WHOLE_SETTINGS = {
+    "manager.service:__init__", "manager.core.wiring:connect", "manager.api.app:_auth",
+    "manager.cli.local:local_engine", "manager.cli.local:_execute",
+    "manager.plugins.scaffold:scaffold", "workers.prepare:prepare", "workers.attempt:attempt",
+}
+
+
+def annotated(node: ast.expr | None) -> str | None:
+    """An annotation's name, written bare or (with postponed annotations) as a string."""
+    if isinstance(node, ast.Name):
+        return node.id
+    return node.value if isinstance(node, ast.Constant) else None
+
+
+def test_the_whole_settings_go_to_entry_points_alone() -> None:
+    taking = set()
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                args = [*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs]
+                if any(annotated(a.annotation) == "Settings" for a in args):
+                    taking.add(f"{name}:{node.name}")
+    assert taking == WHOLE_SETTINGS, (sorted(taking - WHOLE_SETTINGS),
+                                      sorted(WHOLE_SETTINGS - taking))

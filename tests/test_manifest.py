@@ -100,7 +100,7 @@ def test_discover_lists_invalid_plugins_and_loads_the_others(tmp_path: Path) -> 
         "python main.py", "python ../demo/main.py"))
     _plugin(tmp_path, "dotted", GOOD.replace("name: demo", "name: ../demo"))
     (tmp_path / "Bad-Name").mkdir()
-    found = {name: entry for name, (entry, _) in discover(tmp_path, settings).found.items()}
+    found = {name: entry for name, (entry, _) in discover(tmp_path, settings.plugin).found.items()}
     assert found["demo"].runnable
     for name in ("huge", "pickled", "laughs", "escape", "dotted", "Bad-Name"):
         assert not found[name].runnable and found[name].errors, name
@@ -115,7 +115,7 @@ def test_discover_lists_invalid_plugins_and_loads_the_others(tmp_path: Path) -> 
 
 
 def _digest(d: Path) -> str | None:
-    entry, _ = load_plugin(d, Settings.from_env())
+    entry, _ = load_plugin(d, Settings.from_env().plugin)
     return entry.digest
 
 
@@ -126,7 +126,7 @@ def test_digest_follows_content_and_refuses_symlinks(tmp_path: Path) -> None:
     (d / "main.py").write_text("print('changed')")
     assert _digest(d) not in (None, first)
     (d / "link").symlink_to("/etc/passwd")
-    entry, bundle = load_plugin(d, Settings.from_env())
+    entry, bundle = load_plugin(d, Settings.from_env().plugin)
     assert not entry.runnable and bundle is None
     assert entry.errors == ("files: link: is a symlink; plugins may not contain symlinks",)
 
@@ -141,7 +141,7 @@ def _load_with_glob(tmp_path: Path, glob: str, settings: Settings) -> PluginEntr
     shutil.rmtree(d, ignore_errors=True)
     d.parent.mkdir(exist_ok=True)
     _plugin(d.parent, "demo", GOOD.replace("/srv/titan/data/**", glob))
-    return load_plugin(d, settings)[0]
+    return load_plugin(d, settings.plugin)[0]
 
 
 @pytest.mark.parametrize("glob", ["/work/**", "/var/**", "/home/**", "/tmp/**", "/opt/**",

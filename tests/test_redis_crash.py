@@ -234,7 +234,7 @@ def test_a_pending_run_whose_message_never_reached_the_broker_is_sent_again(
 
     mine, registry = isolated(settings, conn, sweep_grace_s=0)
     dispatcher = Dispatcher(wired(conn, mine), make_celery(mine.broker))
-    req = registry.get("echo").request(Event(new_id(), "test.v1", "ping"), mine, "api",
+    req = registry.get("echo").request(Event(new_id(), "test.v1", "ping"), mine.plugin, "api",
                                        "vanished" + new_id())
     dispatcher.records.create(InvocationRecord.from_request(req), 0)
     sweeper = Sweeper(wired(conn, mine), dispatcher)

@@ -79,7 +79,7 @@ class Rig:
 
     def request(self, plugin: str) -> RunRequest:
         entry = self.registry.get(plugin)
-        req = entry.request(Event(uuid.uuid4().hex, "test.v1", "x"), self.settings, "api")
+        req = entry.request(Event(uuid.uuid4().hex, "test.v1", "x"), self.settings.plugin, "api")
         self.wiring.records.create(InvocationRecord.from_request(req, Status.QUEUED), 60)
         return req
 

@@ -48,7 +48,7 @@ class Rig:
     def run(self, plugin: str = "echo", sent: bool = True) -> RunRequest:
         """A run past its deadline: recorded (pending), and sent (queued) unless not."""
         req = self.registry.get(plugin).request(Event(new_id(), "test.v1", "ping"),
-                                                self.settings, "api", "sw" + new_id())
+                                                self.settings.plugin, "api", "sw" + new_id())
         self.dispatcher.records.create(InvocationRecord.from_request(req), 0)
         if sent:
             self.dispatcher.send(req)  # no worker consumes this test's queue

@@ -52,7 +52,7 @@ class Dispatcher:
         sending); API triggers always make a new run. `charge` is counted against the
         fan-out budget with the record (BudgetExceeded when spent); `owed`: see send()."""
         now = time.time()
-        request = replace(plugin.request(event, self.settings, origin), dispatched_at=now)
+        request = replace(plugin.request(event, self.settings.plugin, origin), dispatched_at=now)
         record = InvocationRecord.from_request(request, Status.PENDING, now)
         dedup = self.keys.dispatched(event.event_id, plugin.name) if origin == "bus" else None
         made = self.records.create(record, PENDING_GRACE_S, dedup, charge)

@@ -89,13 +89,14 @@ def validate(ctx: click.Context, directory: str | None, every: bool) -> None:
         root = Path(directory) if directory else settings.plugins_dir
         if not root.is_dir():
             raise click.BadParameter(f"{directory} is not a directory")
-        found = discover(root.resolve(), settings).found
+        found = discover(root.resolve(), settings.plugin).found
         entries = [checked(e, engine, settings.runtime) for e, _ in found.values()]
     else:
         if directory is None:
             raise click.UsageError("give a plugin DIRECTORY, or --all")
         path = plugin_dir(directory, settings.plugins_dir)
-        entries = [checked(load_plugin(path.resolve(), settings)[0], engine, settings.runtime)]
+        entry = load_plugin(path.resolve(), settings.plugin)[0]
+        entries = [checked(entry, engine, settings.runtime)]
     data: Any = [e.public() for e in entries] if every else entries[0].public()
     ctx.obj["out"](data, "\n".join(entry_line(e) for e in entries))
     if not entries or any(not e.valid for e in entries):
@@ -124,7 +125,7 @@ def new(ctx: click.Context, name: str, topic: str, event_type: str, every: str |
                           timer_clock(every, cron))
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    entry, _ = load_plugin(target, settings)
+    entry, _ = load_plugin(target, settings.plugin)
     rel = _shown(target)
     text = (f"created {rel}/ (plugin.yaml, main.py, event.json, README.md): "
             f"{entry.status.value}\nnext:\n"
@@ -146,14 +147,14 @@ def run_local(ctx: click.Context, directory: str, event: str) -> None:
     the same sandbox as a worker (no Redis)."""
     settings = Settings.from_env()
     entry, bundle = load_plugin(plugin_dir(directory, settings.plugins_dir).resolve(),
-                                settings)
+                                settings.plugin)
     if not entry.valid or entry.manifest is None or bundle is None:
         raise click.ClickException(entry_line(entry))
     try:
         ev = Event.decode(read_event(event))
     except EventError as exc:
         raise click.BadParameter(exc.message, param_hint="-e") from None
-    req = entry.request(ev, settings, "cli")
+    req = entry.request(ev, settings.plugin, "cli")
     if req.net_allow or req.secrets:  # the stack's proxy and secret store give them
         click.echo("note: a local run has no network and no secrets (permissions.net and "
                    "secrets: are given by the stack: publish or trigger)", err=True)

@@ -127,8 +127,7 @@ class Settings(BaseSettings):
     nofile_limit: int = 256
     fsize_bytes: int = 32 * 1024**2  # below the tmpfs size, so one file cannot fill /tmp
     max_results: int = 100
-    # A payload file is copied for its run: refused by its size (sparse or not) above this.
-    max_payload_bytes: int = 128 * 1024**2
+    max_payload_bytes: int = 128 * 1024**2  # a payload file's copy, sparse or not
     max_manifest_bytes: int = 64 * 1024
     max_bundle_bytes: int = 32 * 1024**2
     max_plugin_files: int = 2000
@@ -286,6 +285,7 @@ class Settings(BaseSettings):
     identity = property(run_groups.IdentitySettings.of)
     cache = property(run_groups.CacheSettings.of)
     engine = property(run_groups.EngineSettings.of)
+    plugin = property(run_groups.PluginSettings.of)
 
     @property
     def keys(self) -> Keys:

@@ -1,5 +1,7 @@
-"""Settings of a run's path on a worker host, by the part that needs them (as
-manager.core.groups): what a run may write back OutputSettings (workers.run_loop,
+"""Settings of a plugin's way from its directory to its container, by the part that needs
+them (as manager.core.groups): how a plugin is checked and what its runs are decided
+under PluginSettings (manager.plugins.loader, manager.plugins.discovery); what a run may
+write back OutputSettings (workers.run_loop,
 workers.attempt, workers.classify); the runs' uids IdentitySettings (workers.identity);
 the code and requirements cache CacheSettings (workers.plugin_cache,
 manager.plugins.janitor); the engine and its launches EngineSettings (workers.engine)."""
@@ -11,7 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from manager.core.events import Limits
-from manager.core.groups import InstallSettings, PrewarmSettings, SandboxSettings
+from manager.core.groups import (
+    FsSettings,
+    InstallSettings,
+    LimitSettings,
+    PrewarmSettings,
+    RuntimeSettings,
+    SandboxSettings,
+)
 from manager.core.paths import RUN_DIR
 
 
@@ -81,3 +90,26 @@ class EngineSettings:
         return cls(s.instance, s.worker_name, s.runtime_image, SandboxSettings.of(s),
                    PrewarmSettings.of(s), s.cache_dir, s.secret_files_dir,
                    IdentitySettings.of(s))
+
+
+@dataclass(frozen=True)
+class PluginSettings:
+    """What a plugin directory is checked against when it loads (its size, its manifest,
+    the operator's ceilings, the hosts and files it may be granted, how its requirements
+    install), and what its runs are decided under (the ceilings, gVisor for all)."""
+
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
+    fs: FsSettings = field(default_factory=FsSettings)
+    install: InstallSettings = field(default_factory=InstallSettings)
+    egress_allow: tuple[str, ...] = ()
+    max_bundle_bytes: int = 32 * 1024**2
+    max_plugin_files: int = 2000
+    max_manifest_bytes: int = 64 * 1024
+    settle_ms: int = 300  # a reload reads a changed directory again after this
+
+    @classmethod
+    def of(cls, s: Any) -> PluginSettings:
+        return cls(LimitSettings.of(s), RuntimeSettings.of(s), FsSettings.of(s),
+                   InstallSettings.of(s), tuple(s.egress_allow), s.max_bundle_bytes,
+                   s.max_plugin_files, s.max_manifest_bytes, s.reload_settle_ms)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from manager.core.config import Settings
+from manager.core.run_groups import PluginSettings
 from manager.plugins.loader import PluginEntry, PluginStatus, load_files, read_plugin
 from manager.plugins.safefs import TreeFile
 
@@ -55,13 +55,13 @@ def _fingerprint(read: list[TreeFile] | PluginEntry) -> Any:
     return [(f.path, f.executable, hashlib.sha256(f.data).digest()) for f in read]
 
 
-def discover(plugins_dir: Path, settings: Settings) -> Discovery:
+def discover(plugins_dir: Path, settings: PluginSettings) -> Discovery:
     """Loads every plugin directory that has settled: two reads `reload_settle_ms` apart
     with the same content, whatever the clocks and mtimes say (a file dated in the future
     would otherwise never look quiet). One bad plugin never stops the others. Directories
     still changing are read again, up to SETTLE_TRIES times; the caller retries the rest
     later (manager.plugins.watch.SettleRetry)."""
-    settle = settings.reload_settle_ms / 1000
+    settle = settings.settle_ms / 1000
     dirs = plugin_dirs(plugins_dir)
     result = Discovery({n: (d, None) for n, d in dirs.items() if isinstance(d, PluginEntry)})
     pending = [n for n, d in dirs.items() if isinstance(d, Path)]

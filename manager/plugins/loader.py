@@ -23,10 +23,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from manager.core.config import Settings
 from manager.core.errors import DependencyError, ManifestError
 from manager.core.events import Event
 from manager.core.groups import RuntimeSettings
+from manager.core.run_groups import PluginSettings
 from manager.core.runs import Isolation, RunRequest
 from manager.plugins.deps import install_requirements
 from manager.plugins.manifest import MANIFEST_NAME, NAME_RE, Manifest, manifest_from_files
@@ -137,7 +137,7 @@ class PluginEntry:
     def ref(self) -> dict[str, Any]:
         return {"version": self.version, "digest": self.digest}
 
-    def request(self, event: Event, settings: Settings, origin: str,
+    def request(self, event: Event, settings: PluginSettings, origin: str,
                 invocation_id: str | None = None) -> RunRequest:
         """A run of this version on `event`, with everything the worker needs decided now
         from the checked manifest (never from the bundle's own plugin.yaml)."""
@@ -179,7 +179,7 @@ def plugin_requirements(files: list[TreeFile]) -> Requirements | None:
     return None if data is None else parse_requirements(data)
 
 
-def read_plugin(plugin_dir: Path, settings: Settings) -> list[TreeFile] | PluginEntry:
+def read_plugin(plugin_dir: Path, settings: PluginSettings) -> list[TreeFile] | PluginEntry:
     """The plugin's files, or an invalid entry saying why they cannot be read."""
     name = plugin_dir.name
     if not re.fullmatch(NAME_RE, name):
@@ -194,7 +194,7 @@ def read_plugin(plugin_dir: Path, settings: Settings) -> list[TreeFile] | Plugin
         return PluginEntry(name, PluginStatus.INVALID, str(plugin_dir), errors=(f"files: {exc}",))
 
 
-def load_plugin(plugin_dir: Path, settings: Settings,
+def load_plugin(plugin_dir: Path, settings: PluginSettings,
                 install: bool = True) -> tuple[PluginEntry, bytes | None]:
     """Validates one plugin directory from one read; never raises for a bad plugin."""
     files = read_plugin(plugin_dir, settings)
@@ -203,7 +203,7 @@ def load_plugin(plugin_dir: Path, settings: Settings,
     return load_files(plugin_dir, files, settings, install)
 
 
-def load_files(plugin_dir: Path, files: list[TreeFile], settings: Settings,
+def load_files(plugin_dir: Path, files: list[TreeFile], settings: PluginSettings,
                install: bool = True) -> tuple[PluginEntry, bytes | None]:
     """Validates a plugin's files (as read): manifest, limits, globs, requirements."""
     name = plugin_dir.name

@@ -51,7 +51,7 @@ class Registry:
     def reload(self, plugins_dir: Path | None = None) -> dict[str, list[Any]]:
         """Discovers plugins and publishes them; returns what changed. A plugin whose
         directory is still being written keeps its old version (`unsettled`)."""
-        found = discover(plugins_dir or self.settings.plugins_dir, self.settings)
+        found = discover(plugins_dir or self.settings.plugins_dir, self.settings.plugin)
         old = self.entries(fresh=True)
         engines = self.worker_engines()
         changes: dict[str, list[Any]] = {"added": [], "updated": [], "removed": [],
