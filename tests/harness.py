@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import docker
 import redis
 from hoststate import own_interface, session_instance
 
@@ -543,13 +544,24 @@ def make_bridge(name: str) -> None:
     subprocess.run(["ip", "addr", "add", f"{prefix}.1/24", "dev", name], check=True)
 
 
+def processes(container: Any, columns: str) -> list[list[str]]:
+    """`docker top` of a container listed a moment ago: none when it has stopped or gone
+    since (the engine answers 409 or 404), as a run that just ended has."""
+    try:
+        return container.top(ps_args=f"-eo {columns}")["Processes"] or []
+    except docker.errors.APIError as exc:
+        if exc.status_code in (404, 409):
+            return []
+        raise
+
+
 def running_a_plugin(container: Any, event_id: str | None = None) -> bool:
     """Whether a (runc) container's plugin process runs now (with `event_id`: for that
     event). A cold container's is `python main.py`; a prewarmed one's interpreter was
     started ahead (`python /titan/zygote.py`, as in an idle one), so it runs a plugin once
     its inbox holds an event and until the launcher has ended the run (only the launcher
     is left then; on a loaded machine, a moment after the run's record is stored)."""
-    args = [" ".join(p) for p in container.top(ps_args="-eo pid,args")["Processes"] or []]
+    args = [" ".join(p) for p in processes(container, "pid,args")]
     mounts = {m.get("Destination"): m["Source"] for m in container.attrs.get("Mounts", [])}
     if any("main.py" in a for a in args):  # cold: its event file is mounted
         return event_id is None or event_of(mounts.get(EVENT_PATH)) == event_id

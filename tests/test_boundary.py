@@ -15,7 +15,14 @@ from typing import Any
 import pytest
 from lanes import Lane, report
 
-from harness import SYSTEM_PYTHON, WorkerProcess, new_id, running_a_plugin, wait_until
+from harness import (
+    SYSTEM_PYTHON,
+    WorkerProcess,
+    new_id,
+    processes,
+    running_a_plugin,
+    wait_until,
+)
 from workers.identity import RunIds
 from workers.options import LABEL_POOL
 
@@ -61,8 +68,7 @@ def host_processes(container: Any, lane: Lane) -> list[tuple[int, int]]:
         container.reload()
         pid = int(container.attrs["State"]["Pid"])
         return [(pid, os.stat(f"/proc/{pid}").st_uid)]
-    top = container.top(ps_args="-eo pid,uid")
-    return [(int(pid), int(uid)) for pid, uid in top["Processes"]]
+    return [(int(pid), int(uid)) for pid, uid in processes(container, "pid,uid")]
 
 
 def busy(docker_client: Any, lane: Lane) -> list[Any]:
