@@ -88,9 +88,13 @@ def busy(docker_client: Any, lane: Lane) -> list[Any]:
 def test_no_host_identity_reaches_into_a_run(lane: Lane, docker_client) -> None:
     ids = RunIds.parse(lane.settings.run_ids)
     events = [new_id("linger") for _ in range(2)]
+    # Both runs must be seen in flight at once. Under runc that is by their processes, and
+    # the second run may start cold seconds after the first (a loaded CI machine): they
+    # linger 7 s (the plugin's timeout is 10). Under gVisor their containers are counted.
+    seconds = 3 if lane.gvisor else 7
     for event_id in events:
         lane.bus.publish({"event_id": event_id, "topic": "hostile.v1", "event_type": "attack",
-                          "payload": {"attack": "linger", "seconds": 3}})
+                          "payload": {"attack": "linger", "seconds": seconds}})
     if lane.gvisor and lane.warm:  # both prewarmed sandboxes serve now: probe every one
         running = wait_until(lambda: (c := lane_containers(docker_client, lane))
                              and len(c) >= 2 and c, 60, "two gVisor sandboxes")
