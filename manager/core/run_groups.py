@@ -1,10 +1,10 @@
 """Settings of a plugin's way from its directory to its container, by the part that needs
 them (as manager.core.groups): how a plugin is checked and what its runs are decided
 under PluginSettings (manager.plugins.loader, manager.plugins.discovery); what a run may
-write back OutputSettings (workers.run_loop,
-workers.attempt, workers.classify); the runs' uids IdentitySettings (workers.identity);
-the code and requirements cache CacheSettings (workers.plugin_cache,
-manager.plugins.janitor); the engine and its launches EngineSettings (workers.engine)."""
+write back OutputSettings (workers.run_loop, workers.attempt, workers.classify); the
+runs' uids IdentitySettings (workers.identity); the code and requirements cache
+CacheSettings (workers.plugin_cache, manager.plugins.janitor); the engine and its
+launches EngineSettings (workers.engine)."""
 
 from __future__ import annotations
 
