@@ -76,8 +76,8 @@ test: test-deps ## every test: the fast layer, then integration with real Redis,
 	@$(MAKE) --no-print-directory unit
 	@bash scripts/services.sh docker
 	@bash scripts/image.sh
-	@$(PY) -m pytest -q -m integration -n $(TEST_STREAMS) --dist loadfile --timeout 600 \
-		--durations=20 $(PYTEST_ARGS)
+	@$(PY) -m pytest -q -m integration -n $(TEST_STREAMS) --dist loadfile --no-loadscope-reorder \
+		--timeout 600 --durations=20 $(PYTEST_ARGS)
 
 # The fast layer: pure logic and the Lua scripts on a real (private) Redis; no Docker, no
 # Celery workers (no engine is reachable: a test that reaches for one fails).

@@ -41,10 +41,9 @@ class Lane:
 
 
 @pytest.fixture(scope="module", params=["warm", "cold", "gvisor-warm", "gvisor-cold"])
-def lane(request, conn, settings, worker, listener) -> Iterator[Lane]:
-    if request.param == "warm":
-        yield Lane("warm", Bus(conn, settings), settings, worker)
-        return
+def lane(request, conn, settings) -> Iterator[Lane]:
+    """Each lane has its own stream, queue, listener and worker, so that what one test
+    file left running on the session's worker never holds a lane's slots."""
     name = request.param
     mine = settings.with_(event_stream=f"{settings.event_stream}.{name}",
                           task_queue=f"{settings.task_queue}.{name}",
