@@ -32,7 +32,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from harness import RedisServer, private_settings, wired  # noqa: E402
 from manager.api.app import create_app  # noqa: E402
 from manager.bus.dispatch import Dispatcher  # noqa: E402
-from manager.bus.listener import Listener, ensure_group  # noqa: E402
+from manager.bus.group import ensure_group  # noqa: E402
+from manager.bus.listener import Listener  # noqa: E402
 from manager.core.config import Settings  # noqa: E402
 from manager.core.contract import make_celery  # noqa: E402
 from manager.plugins.registry import Registry  # noqa: E402

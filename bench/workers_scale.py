@@ -36,7 +36,8 @@ from harness import (  # noqa: E402
     wired,
 )
 from manager.bus.dispatch import Dispatcher  # noqa: E402
-from manager.bus.listener import Listener, ensure_group  # noqa: E402
+from manager.bus.group import ensure_group  # noqa: E402
+from manager.bus.listener import Listener  # noqa: E402
 from manager.core.contract import make_celery  # noqa: E402
 from manager.plugins.registry import Registry  # noqa: E402
 

@@ -34,7 +34,8 @@ from harness import (
 )
 from manager.api.app import create_app
 from manager.bus.dispatch import Dispatcher
-from manager.bus.listener import Listener, ensure_group
+from manager.bus.group import ensure_group
+from manager.bus.listener import Listener
 from manager.core.contract import make_celery
 from manager.core.errors import BundleError, PermissionDenied
 from manager.core.events import Event

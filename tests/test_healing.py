@@ -25,7 +25,8 @@ from harness import (
     wired,
 )
 from manager.bus.dispatch import Dispatcher
-from manager.bus.listener import Listener, ensure_group
+from manager.bus.group import ensure_group
+from manager.bus.listener import Listener
 from manager.core.contract import make_celery
 from manager.core.events import Event
 from manager.plugins.loader import PluginEntry

@@ -14,6 +14,7 @@ from manager.api.context import ApiContext, publish_event
 from manager.api.context import api_context as ctx
 from manager.api.models import DeadLetters, EntryOutcome, EventIn, LimitQuery, Published
 from manager.api.openapi import ERRORS, api
+from manager.bus.group import acknowledged
 from manager.core.errors import DeadLetterNotFound, EventError
 from manager.core.events import Event, from_outside
 
@@ -78,13 +79,16 @@ def entry_outcome(entry_id: str) -> Any:
     """What the listener did with a published entry: not yet handled, dead-lettered (with
     its reason), or the run each matching plugin got, or the earlier run it duplicates.
     Kept for a few minutes after the entry was handled."""
+    # The group first: the listener writes an entry's account before it acknowledges it,
+    # so an entry found acknowledged has its account (if any) in place for the read after.
+    acked = acknowledged(ctx().conn, ctx().settings.stream, entry_id)
     raw = ctx().conn.hgetall(ctx().keys.entry_outcome(entry_id))
     fields = {k.decode(): v.decode() for k, v in raw.items()}
     runs = [{"plugin": name, **json.loads(value)} for name, value in sorted(fields.items())
             if not name.startswith("_")]
     dead = json.loads(fields["_dead"]) if "_dead" in fields else None
-    return jsonify({"entry_id": entry_id, "handled": "_done" in fields, "dead": dead,
-                    "runs": runs})
+    handled = "_done" in fields or acked
+    return jsonify({"entry_id": entry_id, "handled": handled, "dead": dead, "runs": runs})
 
 
 def dead_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> dict[str, Any]:

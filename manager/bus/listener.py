@@ -23,6 +23,7 @@ from typing import Any
 import redis
 
 from manager.bus.dispatch import Dispatcher, Owed
+from manager.bus.group import ensure_group
 from manager.bus.index import TriggerIndex
 from manager.core.clients import describe
 from manager.core.errors import BudgetExceeded, EventError
@@ -37,15 +38,6 @@ from manager.plugins.registry import Registry
 
 log = logging.getLogger(__name__)
 ENTRY_OUTCOME_TTL_S = 900  # how long `publish --wait` can learn what became of an entry
-
-
-def ensure_group(conn: redis.Redis, stream: StreamSettings) -> None:
-    """Creates the consumer group (and the stream) if missing."""
-    try:
-        conn.xgroup_create(stream.events, stream.group, id="0", mkstream=True)
-    except redis.ResponseError as exc:
-        if "BUSYGROUP" not in str(exc):
-            raise
 
 
 def dead_letter(conn: redis.Redis, stream: StreamSettings, raw: bytes | str, reason: str,
@@ -74,6 +66,7 @@ class Listener:
         self.registry = registry
         self.dispatcher = dispatcher
         self.owed: list[Owed] = []  # writes that ride in the next read's pipeline
+        self.acked: list[str] = []  # entries acknowledged, in one XACK after those writes
         self.keys = wiring.keys
         self.consumer = consumer or f"{settings.worker_name}-{id(self):x}"
         self.limits = settings.event_limits
@@ -137,6 +130,7 @@ class Listener:
         pipe.get(self.keys.registry_version)
         *replies, reply, version = pipe.execute(raise_on_error=False)
         self.owed.clear()
+        self.acked.clear()
         for failed in [r for r in (*replies, reply, version) if isinstance(r, Exception)]:
             if failed is reply or failed is version:
                 raise failed
@@ -145,15 +139,20 @@ class Listener:
 
     def flush(self) -> None:
         """Sends what is owed now (on the way out; tests that drive poll() by hand)."""
-        if self.owed:
+        if self.owed or self.acked:
             self.owed_pipeline().execute()
             self.owed.clear()
+            self.acked.clear()
 
     def owed_pipeline(self) -> redis.client.Pipeline:
-        """A pipeline holding what is owed (kept in `owed` until Redis has taken it)."""
+        """A pipeline holding what is owed (kept in `owed` and `acked` until Redis has
+        taken it): the writes first, then one acknowledgement of every entry they were for
+        (an entry is never acknowledged ahead of what became of it)."""
         pipe = self.conn.pipeline(transaction=False)
         for owed in self.owed:
             owed(pipe)
+        if self.acked:
+            pipe.xack(self.stream.events, self.stream.group, *self.acked)
         return pipe
 
     def handle_batch(self, entries: list[tuple[bytes, dict[bytes, bytes]]],
@@ -268,15 +267,18 @@ class Listener:
                  plugin, invocation_id)
 
     def ack(self, entry_id: str, outcome: dict[str, str]) -> None:
-        """Acknowledges the entry and keeps, briefly, what was done with it (`publish
-        --wait` reads it); a redelivered entry keeps the first delivery's account. Sent
-        with the next read (read())."""
+        """Acknowledges the entry and keeps, briefly, what was done with it, if anything
+        (`publish --wait` reads it; an entry that matched nothing is known as handled
+        from the consumer group alone, so it costs no write of its own); a redelivered
+        entry keeps the first delivery's account. Sent with the next read (read())."""
+        self.acked.append(entry_id)
+        if not outcome:
+            return
         key = self.keys.entry_outcome(entry_id)
 
         def owed(pipe: redis.client.Pipeline) -> None:
             for name, value in {**outcome, "_done": "1"}.items():
                 pipe.hsetnx(key, name, value)
             pipe.expire(key, ENTRY_OUTCOME_TTL_S)
-            pipe.xack(self.stream.events, self.stream.group, entry_id)
 
         self.owed.append(owed)

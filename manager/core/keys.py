@@ -114,7 +114,8 @@ class Keys:
     def entry_outcome(self, entry_id: str) -> str:
         """Hash (short TTL): what the listener did with one stream entry, for `publish
         --wait`: plugin -> {"invocation_id", "duplicate"}, `_dead` -> the reason it was
-        dead-lettered, `_done` once it was handled."""
+        dead-lettered, `_done` once it was handled. An entry that matched nothing has
+        none: the consumer group says it was handled (manager.bus.group)."""
         return f"{self.prefix}:entry:{entry_id}"
 
     def budget(self, correlation_id: str) -> str:
