@@ -18,6 +18,9 @@ command -v setfacl >/dev/null || need+=(acl)
 # The egress proxy (manager/egress): Debian's Squid, run by services.sh as its own uid;
 # installed without starting the distribution's service (which would listen on :3128).
 command -v squid >/dev/null || need+=(squid)
+# A C compiler and static libc: the prewarm launcher (workers/launcher.c) is built here.
+command -v gcc >/dev/null || need+=(gcc)
+compgen -G "/usr/lib/*/libc.a" >/dev/null || need+=(libc6-dev)
 # libfaketime: the tests run workers on skewed clocks (tests/test_clocks.py).
 compgen -G "/usr/lib/*/faketime/libfaketime.so.1" >/dev/null || need+=(libfaketime)
 # Chromium, for the console's browser tests (`make test` asks: Playwright drives Debian's
@@ -51,4 +54,13 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$PY" -m pip install -q --disable-pip-version-check --upgrade pip
   "$PY" -m pip install -q --disable-pip-version-check --config-settings editable_mode=compat -e "$ROOT[dev]"
   echo "$want" >"$stamp"
+fi
+
+# The launcher every prewarmed container runs as PID 1 (mounted read-only from here):
+# static, so that it needs nothing of the image it runs in.
+LAUNCHER="$ROOT/workers/titan-launcher"
+if [ ! -x "$LAUNCHER" ] || [ "$ROOT/workers/launcher.c" -nt "$LAUNCHER" ]; then
+  say "building the prewarm launcher (workers/launcher.c)"
+  gcc -static -Os -s -Wall -Wextra -Werror -o "$LAUNCHER.tmp" "$ROOT/workers/launcher.c"
+  mv -f "$LAUNCHER.tmp" "$LAUNCHER"
 fi

@@ -68,7 +68,8 @@ build() {
   if ! docker image inspect "$TITAN_SERVICE_IMAGE" >/dev/null 2>&1 ||
      [ "$(cat "$STAMP" 2>/dev/null)" != "$(service_stamp)" ]; then
     say "building the project's wheels (pip wheel)"
-    rm -f build/wheels/titan_plugin_manager-*.whl
+    # (build/lib is setuptools' copy of the tree: a module deleted since would ride along)
+    rm -rf build/lib build/bdist.* build/wheels/titan_plugin_manager-*.whl
     # async-timeout: redis-py needs it on the image's Python (Debian's 3.11.2), not here
     "$PY" -m pip wheel -q --disable-pip-version-check -w build/wheels ".[flower]" \
       "async-timeout>=4.0.3" 2>&1 |
@@ -91,7 +92,7 @@ build() {
 
 service_stamp() {  # what the service image is made of
   { cat setup.cfg pyproject.toml celeryconfig.py deploy/Dockerfile
-    find manager workers -name '*.py' | sort | xargs cat; } | sha256sum | cut -c1-16
+    find manager workers -name '*.py' -o -name '*.c' | sort | xargs cat; } | sha256sum | cut -c1-16
 }
 
 secrets() {  # generated once into .env (0600): Redis password, API key, Flower's login

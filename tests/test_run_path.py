@@ -15,8 +15,8 @@ from manager.core.run_end import End, Exit, RunEnd
 from manager.core.run_groups import OutputSettings
 from manager.core.runs import RunLimits, RunRequest
 from workers.classify import Verdict, conclude, verdict
+from workers.handover import TAIL, ClosingLine, WarmBroken
 from workers.run_spec import Capture, PoolConfig, RunSpec
-from workers.warm import TAIL, ClosingLine, WarmBroken
 
 TOKEN = "ab" * 16
 LIMITS = RunLimits(timeout=5, memory_bytes=64 * 2**20, cpu_millis=500, pids=64)

@@ -36,7 +36,7 @@ def test_runs_as_non_root_without_capabilities(report: dict, settings) -> None:
 def test_limits_are_in_force_inside_the_container(report: dict, settings) -> None:
     assert report["pids_max"] == str(settings.pids_limit)
     # the plugin's 96Mi, and in a prewarmed container what its launcher holds besides
-    memory = 96 * 1024**2 + (HEADROOM_BYTES if "/titan/launcher.py" in report["pid1"] else 0)
+    memory = 96 * 1024**2 + (HEADROOM_BYTES if "/titan/launcher" in report["pid1"] else 0)
     assert int(report["memory_limit"]) == memory
     # no swap beyond memory; where the kernel keeps no swap accounting, the engine was
     # still told so, and then there is no such file on the host either
@@ -47,7 +47,7 @@ def test_limits_are_in_force_inside_the_container(report: dict, settings) -> Non
     assert report["nofile"] == settings.nofile_limit
     assert report["fsize"] == settings.fsize_bytes
     assert report["core"] == 0
-    assert "docker-init" in report["pid1"] or "/titan/launcher.py" in report["pid1"]  # warm
+    assert "docker-init" in report["pid1"] or "/titan/launcher" in report["pid1"]  # warm
 
 
 def test_filesystem_is_read_only_but_tmp(report: dict, settings) -> None:

@@ -9,6 +9,7 @@ from manager.core.groups import PrewarmSettings
 from manager.core.runs import RunLimits
 from manager.plugins.permissions import PayloadFile
 from workers.files import place, takes_payload
+from workers.handover import WarmBroken, request_of
 from workers.run_spec import PoolConfig
 from workers.warm import interpreter
 
@@ -57,3 +58,17 @@ def test_which_payloads_a_prewarmed_container_can_take() -> None:
     assert not takes_payload(config(), PayloadFile("/srv/files/a.md", "/srv/files/a.md", 7))
     over_own = config(payload_dirs=("/tmp/files",))  # never mounted over the container's /tmp
     assert not takes_payload(over_own, PayloadFile("/tmp/files/a", "/tmp/files/a", 7))
+
+
+def test_the_launchers_request_is_its_length_then_nul_separated_fields() -> None:
+    """What workers/launcher.c reads: a decimal length and a newline, then the token, the
+    argv's length, the argv and the environment; a NUL (which exec could not pass
+    either) is refused before anything is sent."""
+    sent = request_of("ab" * 16, ("python", "main.py", "--x=ü"), {"A": "1", "B": "x=y"})
+    length, _, data = sent.partition(b"\n")
+    assert int(length) == len(data)
+    assert data.split(b"\0") == [b"ab" * 16, b"3", b"python", b"main.py",
+                                 "--x=ü".encode(), b"A=1", b"B=x=y"]
+    for argv, env in ((("python", "a\0b"), {}), (("python",), {"K": "v\0EVIL=1"})):
+        with pytest.raises(WarmBroken, match="NUL"):
+            request_of("t", argv, env)

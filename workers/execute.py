@@ -13,10 +13,11 @@ from manager.core.run_end import RunEnd
 from workers.cold import launched_cold
 from workers.engine import Engine
 from workers.files import takes_payload
+from workers.handover import WarmBroken
 from workers.pool import WarmPool
 from workers.prepare import Prepared
 from workers.run_loop import follow
-from workers.warm import WarmBroken, handed_over
+from workers.warm import handed_over
 
 
 def run_container(prepared: Prepared, engine: Engine, pool: WarmPool | None,

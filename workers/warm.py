@@ -3,18 +3,18 @@ its configuration's mounts, a uid of its own) waits in the product's launcher, a
 Python entrypoint with the plugin's interpreter already started (workers/zygote.py); a
 run is handed to it (`handed_over`): its event written into the container's read-only
 inbox, its payload file's checked copy into the private directory mounted where that
-file lies, a one-line request with a per-run token sent to the launcher, which says GO
-(with the token) before it starts the plugin and, once the plugin and all it left behind
-are gone, ends both streams with a closing line (the token, the exit status, whether the
-OOM killer struck): over without waiting for the engine's exit path. A container that
-ends before its GO never started the plugin: WarmBroken, and the run goes cold. The pool
-(workers.pool) decides which containers exist, and removes each after its one run.
+file lies, one request with a per-run token sent to the launcher (workers.handover),
+which says GO (with the token) before it starts the plugin and, once the plugin and all
+it left behind are gone, ends both streams with a closing line (the token, the exit
+status, whether the OOM killer struck): over without waiting for the engine's exit path.
+A container that ends before its GO never started the plugin: WarmBroken, and the run
+goes cold. The pool (workers.pool) decides which containers exist, and removes each after
+its one run.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import secrets
@@ -29,13 +29,12 @@ from typing import Any
 from manager.core.config import ROOT
 from manager.core.errors import TitanError
 from manager.core.groups import PrewarmSettings, SandboxSettings
-from manager.core.run_end import Exit
 from manager.core.runs import RunUser
 from manager.egress.grants import pin
 from manager.plugins.permissions import PayloadFile
 from manager.plugins.safefs import mkdirs, private_root
 from workers import options
-from workers.container import STDERR, STDOUT, ContainerHandle
+from workers.container import ContainerHandle
 from workers.engine import Engine
 from workers.files import (
     SECRETS_PATH,
@@ -45,27 +44,28 @@ from workers.files import (
     write_event,
     write_secrets,
 )
+from workers.handover import READY, ClosingLine, WarmBroken, request_of
 from workers.oom import OomWatch
 from workers.run_loop import Launched
 from workers.run_spec import PoolConfig, RunSpec
 
-# Copied into the cache (a path the engine sees), mounted read-only at /titan.
-LAUNCHER_PATH = "/titan/launcher.py"
-ZYGOTE_PATH = "/titan/zygote.py"  # (workers/launcher.py's ZYGOTE: it imports nothing of ours)
-TOOLS = {LAUNCHER_PATH: ROOT / "workers" / "launcher.py",
+# Copied into the cache (a path the engine sees), mounted read-only at /titan: the
+# launcher (built from workers/launcher.c by make up) and the zygote (launcher.c's ZYGOTE:
+# it imports nothing of ours).
+LAUNCHER_PATH = "/titan/launcher"
+ZYGOTE_PATH = "/titan/zygote.py"
+TOOLS = {LAUNCHER_PATH: ROOT / "workers" / "titan-launcher",
          ZYGOTE_PATH: ROOT / "workers" / "zygote.py"}
 INBOX = "/titan/in"
 # `python main.py` and the like: what the plugin's interpreter, started ahead, can run.
 PYTHON_RE = re.compile(r"python(3(\.\d+)?)?\Z")
 # Memory the launcher and the preloaded interpreter hold, added to a prewarmed container's
-# limit so that the plugin has what it declared (measured idle: 5 MiB for the launcher
-# under runc, 7 MiB under gVisor, 5 MiB for the modules preloaded). Without it a plugin
-# that fills its /tmp (half its memory) under gVisor was OOM-killed instead of ENOSPC.
+# limit so that the plugin has what it declared (measured idle: under 1 MiB for the
+# launcher, 5 MiB for the modules preloaded; sized when the launcher was an interpreter of
+# 5 MiB, 7 under gVisor, and kept). Without it a plugin that fills its /tmp (half its
+# memory) under gVisor was OOM-killed instead of ENOSPC.
 HEADROOM_BYTES = 16 * 1024**2
-READY = b"\x00TITAN-READY\n"
 READY_TIMEOUT_S = 15
-TAIL = 160  # bytes held back per stream until it is known they are not the closing line
-END_RE = re.compile(rb"\x00TITAN-END:([0-9a-f]{32}):(-?\d+):([01])\n\Z")
 
 
 @dataclass
@@ -96,14 +96,8 @@ class Warm:
         return not self.container.readable(0)
 
 
-class WarmBroken(TitanError):
-    """A prewarmed container could not be handed its run (nothing ran): go cold."""
-
-    code = "warm_broken"
-
-
 class WarmUnavailable(TitanError):
-    """The image cannot run the launcher (no python3, or it exited at once)."""
+    """No launcher answered (it is not built, or it exited at once)."""
 
     code = "warm_unavailable"
 
@@ -147,7 +141,7 @@ def warm_options(engine: Engine, config: PoolConfig, home: Path, user: RunUser,
     opts["labels"][options.LABEL_POOL] = "1"
     opts["mem_limit"] += HEADROOM_BYTES
     opts["memswap_limit"] += HEADROOM_BYTES
-    command = ["python3", "-I", LAUNCHER_PATH]
+    command = [LAUNCHER_PATH]
     python = interpreter(config, engine.settings.prewarm)
     if python:
         command += ["--zygote", python, *(["--net"] if config.network else [])]
@@ -158,13 +152,17 @@ def tools_copy(settings: SandboxSettings) -> Path:
     """The launcher and the zygote at paths the Docker engine can see: the worker's cache
     is at the same path on the host and in a worker container, its code is not."""
     directory = mkdirs(private_root(settings.cache_dir) / "tools", 0o755)
-    for name in (Path(target).name for target in TOOLS):
-        source = (ROOT / "workers" / name).read_bytes()
-        target = directory / name
+    for name, origin in TOOLS.items():
+        try:
+            source = origin.read_bytes()
+        except FileNotFoundError:
+            raise WarmUnavailable(f"{origin} is missing (make up builds the launcher from "
+                                  "workers/launcher.c)") from None
+        target = directory / Path(name).name
         if not target.exists() or target.read_bytes() != source:
             tmp = target.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
             tmp.write_bytes(source)
-            tmp.chmod(0o444)
+            tmp.chmod(0o555)
             os.replace(tmp, target)
     return directory
 
@@ -222,10 +220,8 @@ def handed_over(warm: Warm, spec: RunSpec, payload: PayloadFile | None) -> Itera
     if payload is not None and payload.handle is not None:
         stage_payload(warm, payload)
     token = secrets.token_hex(16)
-    request = json.dumps({"token": token, "argv": list(spec.config.argv),
-                          "env": options.run_env(spec)}) + "\n"
     try:
-        warm.container.send(request.encode())
+        warm.container.send(request_of(token, spec.config.argv, options.run_env(spec)))
     except OSError as exc:
         raise WarmBroken(f"the prewarmed container's stream is gone: {exc}") from exc
     ending = ClosingLine(token)
@@ -247,54 +243,3 @@ def stage_payload(warm: Warm, payload: PayloadFile) -> None:
         target.mkdir(mode=0o755, exist_ok=True)
         os.chmod(target, 0o755)  # whatever the umask: the run's uid passes through
     payload.stage(target / Path(relative).name, warm.user)
-
-
-class ClosingLine:
-    """Reads the run's frames from the launcher's line that takes the run (GO, with this
-    run's token; a stream that ends before it raises WarmBroken: nothing ran) until its
-    closing line has ended both stdout and stderr, holding back each stream's tail until
-    it is known not to be that line, and never passing either line on."""
-
-    def __init__(self, token: str) -> None:
-        self.token = token.encode()
-        self.go = b"\x00TITAN-GO:" + self.token + b"\n"
-        self.started = False
-        self.tails = {STDOUT: b"", STDERR: b""}
-        self.ends: dict[int, tuple[int, int]] = {}
-
-    def frames(self, frames: Iterator[tuple[int, bytes]]) -> Iterator[tuple[int, bytes]]:
-        for stream, data in frames:
-            if stream not in self.tails or stream in self.ends:
-                continue
-            if stream == STDOUT and not self.started:
-                data = self.tails[STDOUT] + data
-                self.tails[STDOUT] = b""
-                if len(data) < len(self.go) and self.go.startswith(data):
-                    self.tails[STDOUT] = data  # the line is still arriving
-                    continue
-                self.started = True  # the launcher's: anything else means it ran already
-                data = data.removeprefix(self.go)
-            buf = self.tails[stream] + data
-            match = END_RE.search(buf)
-            if match and match.group(1) == self.token:
-                self.ends[stream] = (int(match.group(2)), int(match.group(3)))
-                buf, self.tails[stream] = buf[:match.start()], b""
-            else:
-                buf, self.tails[stream] = buf[:-TAIL], buf[-TAIL:]
-            if buf:
-                yield stream, buf
-            if len(self.ends) == 2:
-                return
-        if not self.started:
-            raise WarmBroken("the prewarmed container ended before its launcher took the "
-                             "run")
-        for stream, tail in self.tails.items():  # the stream ended without the closing line
-            if tail:
-                yield stream, tail
-
-    def state(self) -> Exit | None:
-        """The exit the launcher reported on both streams, or None."""
-        if len(self.ends) != 2 or self.ends[STDOUT] != self.ends[STDERR]:
-            return None
-        code, oom = self.ends[STDOUT]
-        return Exit(code, bool(oom))

@@ -1,5 +1,5 @@
 """The plugin's interpreter, started before its event (mounted read-only into a prewarmed
-container; standard library only). The launcher (workers/launcher.py) starts it, as the
+container; standard library only). The launcher (workers/launcher.c) starts it, as the
 container's user and with the container's environment, before it has read anything of a
 run: so no run's data ever reaches it but its own.
 
