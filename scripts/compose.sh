@@ -61,9 +61,9 @@ build() {
        'python3 -m pip --version && command -v squid' >/dev/null 2>&1; then
     docker rmi -f "$TITAN_BASE_IMAGE" "$TITAN_SERVICE_IMAGE" >/dev/null 2>&1 || true
   fi
+  bash "$ROOT/scripts/image.sh"  # first: the base is built on it
   bash "$ROOT/scripts/image.sh" "$TITAN_BASE_IMAGE" \
     "python3,python3-venv,python3-pip,python-is-python3,redis-server,squid,procps,ca-certificates"
-  bash "$ROOT/scripts/image.sh"
   mkdir -p build/wheels build/plugin-wheels
   if ! docker image inspect "$TITAN_SERVICE_IMAGE" >/dev/null 2>&1 ||
      [ "$(cat "$STAMP" 2>/dev/null)" != "$(service_stamp)" ]; then

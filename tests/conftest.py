@@ -52,7 +52,7 @@ BUILTINS = ("file_watcher", "shell_runner")
 # stream starts is a short one and no stream runs alone at the end (longest processing
 # time first: 1 to 1.5 minutes off the integration layer's 11.5 to 13).
 SECONDS = {
-    "test_hostile.py": 438, "test_compose.py": 269, "test_healing.py": 249,
+    "test_hostile.py": 438, "test_healing.py": 249, "test_compose.py": 140,
     "test_delivery.py": 122, "test_boundary.py": 113, "test_made_up.py": 100,
     "test_redis_ha.py": 95, "test_zygote.py": 95, "test_timers.py": 94, "test_egress.py": 90,
     "test_crowd.py": 83, "test_redis_crash.py": 78, "test_pool.py": 75,
