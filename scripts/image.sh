@@ -18,25 +18,24 @@ if docker image inspect "$NAME" >/dev/null 2>&1; then
   exit 0
 fi
 
-build_from_registry() {
-  say "trying a registry for debian:bookworm-slim (20 s at most)"
-  timeout 20 docker pull -q debian:bookworm-slim >/dev/null 2>&1 || return 1
-  say "building $NAME FROM debian:bookworm-slim"
-  printf 'FROM debian:bookworm-slim\nRUN apt-get update && apt-get install -y --no-install-recommends %s && rm -rf /var/lib/apt/lists/*\nCMD ["python3"]\n' \
-    "${PACKAGES//,/ }" | docker build -q -t "$NAME" - >/dev/null
+build_on() {  # FROM $1, the packages added with apt
+  local out
+  say "building $NAME FROM $1 (apt-get install)"
+  # --force-rm: a step that fails leaves no container behind; then another way is tried
+  out="$(printf 'FROM %s\nRUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends %s >/dev/null && rm -rf /var/lib/apt/lists/*\nCMD ["python3"]\n' \
+    "$1" "${PACKAGES//,/ }" | docker build --force-rm -q -t "$NAME" - 2>&1)" && return
+  say "that failed ($(grep -v -E '^ *$|DEPRECATED|buildx|BuildKit' <<<"$out" | tail -1)): trying another way"
+  return 1
 }
 
 build_on_runtime() {
-  [ "$NAME" != "$RUNTIME_IMAGE" ] && docker image inspect "$RUNTIME_IMAGE" >/dev/null 2>&1 ||
-    return 1
-  say "building $NAME FROM $RUNTIME_IMAGE (apt-get install)"
-  local out
-  # --force-rm: a step that fails leaves no container behind; then another way is tried
-  out="$(printf 'FROM %s\nRUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends %s >/dev/null && rm -rf /var/lib/apt/lists/*\n' \
-    "$RUNTIME_IMAGE" "${PACKAGES//,/ }" | docker build --force-rm -q -t "$NAME" - 2>&1)" &&
-    return
-  say "that failed ($(grep -v -E '^ *$|DEPRECATED|buildx|BuildKit' <<<"$out" | tail -1)): trying another way"
-  return 1
+  [ "$NAME" != "$RUNTIME_IMAGE" ] && docker image inspect "$RUNTIME_IMAGE" >/dev/null 2>&1 &&
+    build_on "$RUNTIME_IMAGE"
+}
+
+build_from_registry() {
+  say "trying a registry for debian:bookworm-slim (20 s at most)"
+  timeout 20 docker pull -q debian:bookworm-slim >/dev/null 2>&1 && build_on debian:bookworm-slim
 }
 
 build_with_debootstrap() {

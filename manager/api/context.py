@@ -13,7 +13,7 @@ import redis
 from flask import Response, current_app, jsonify
 
 from manager.bus.dispatch import Dispatcher
-from manager.core.clients import check_replicated, confirm_replicated
+from manager.core.clients import check_replicated, confirm_replicated, text
 from manager.core.config import Settings
 from manager.core.events import Event, Limits
 from manager.core.groups import RedisSettings, StreamSettings
@@ -61,7 +61,7 @@ def publish_event(conn: redis.Redis, stream: StreamSettings, redis_settings: Red
               approximate=True)
     confirm_replicated(pipe, redis_settings)
     (entry,) = check_replicated(pipe.execute(), redis_settings, f"event {event.event_id}")
-    return entry.decode() if isinstance(entry, bytes) else entry
+    return text(entry)
 
 
 def reload_registry(c: ApiContext) -> dict[str, Any]:

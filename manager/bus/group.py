@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import redis
 
+from manager.core.clients import text
 from manager.core.groups import StreamSettings
 
 
@@ -30,13 +31,9 @@ def acknowledged(conn: redis.Redis, stream: StreamSettings, entry_id: str) -> bo
     except redis.ResponseError:  # not a stream id, or no stream yet
         return False
     last = next((g["last-delivered-id"] for g in groups
-                 if _text(g["name"]) == stream.group), None)
-    return (bool(present) and _text(present[0][0]) == entry_id and not pending
-            and last is not None and _order(_text(last)) >= _order(entry_id))
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+                 if text(g["name"]) == stream.group), None)
+    return (bool(present) and text(present[0][0]) == entry_id and not pending
+            and last is not None and _order(text(last)) >= _order(entry_id))
 
 
 def _order(entry_id: str) -> tuple[int, int]:

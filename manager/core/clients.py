@@ -31,6 +31,11 @@ RETRY = Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), retries=3)
 FAILOVER_RETRY = Retry(ExponentialWithJitterBackoff(cap=2.0, base=0.1), retries=12)
 
 
+def text(reply: bytes | str) -> str:
+    """A reply as text, whether the client decodes replies or not."""
+    return reply.decode() if isinstance(reply, bytes) else reply
+
+
 def password_and_db(settings: RedisSettings) -> tuple[str | None, int]:
     """The password and db of redis_url: redis://[user:pw@]host:port/DB, or
     unix://[user:pw@]/path/to/redis.sock?db=DB."""

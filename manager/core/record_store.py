@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 import redis
 
-from manager.core.clients import check_replicated, confirm_replicated
+from manager.core.clients import check_replicated, confirm_replicated, text
 from manager.core.errors import BudgetExceeded
 from manager.core.events import Event
 from manager.core.groups import RecordSettings
@@ -58,7 +58,7 @@ class Written:
 
     @classmethod
     def of(cls, reply: list[Any]) -> Written:
-        found = reply[1].decode() if isinstance(reply[1], bytes) else reply[1]
+        found = text(reply[1]) if reply[1] else None
         return cls(bool(reply[0]), Status(found) if found else None)
 
 
@@ -131,9 +131,8 @@ class RecordStore:
                 f"runs (TITAN_FANOUT_BUDGET, counted for {s.fanout_ttl}s); send the event "
                 "with a new event_id or correlation_id",
                 correlation_id=charge.correlation if charge else None)
-        found = Status(status.decode() if isinstance(status, bytes) else status) \
-            if status else None
-        return Created(inv.decode() if isinstance(inv, bytes) else inv, bool(created), found,
+        found = Status(text(status)) if status else None
+        return Created(text(inv), bool(created), found,
                        int(ahead[0]) if ahead else 0)
 
     def get(self, invocation_id: str) -> InvocationRecord | None:

@@ -26,6 +26,7 @@ from typing import Any
 import redis
 
 from manager.core.beats import TTL_S
+from manager.core.clients import text
 from manager.core.keys import Keys
 from manager.core.scripts import Scripts, named
 
@@ -46,7 +47,7 @@ class SlotGrant(StrEnum):
 
 
 def grant_of(reply: bytes | str) -> SlotGrant:
-    return SlotGrant(reply.decode() if isinstance(reply, bytes) else reply)
+    return SlotGrant(text(reply))
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ class Slots:
     def holder(self, invocation_id: str) -> str | None:
         """Who holds a run right now (its lease), or None."""
         held = self.conn.get(self.keys.lease(invocation_id))
-        return held.decode() if isinstance(held, bytes) else held
+        return None if held is None else text(held)
 
     def let_go(self, plugin: str, invocation_id: str) -> None:
         """This delivery no longer holds the run (it goes back to the queue, or it failed
